@@ -1,0 +1,3 @@
+from edgebundle.cli import main
+
+main()

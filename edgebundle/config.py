@@ -1,0 +1,153 @@
+"""Settings, resolved flag > environment > config file > default.
+
+Environment variables are ``EDGEBUNDLE_<FIELD>`` (``EDGEBUNDLE_REDIS_URL``,
+``EDGEBUNDLE_HOME``, ``EDGEBUNDLE_DEVICE_ID``, ``EDGEBUNDLE_API_KEY``, ...). The config
+file is ``<home>/config.toml`` with the same field names as top-level keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edgebundle.errors import ConfigError
+from edgebundle.layout import Layout, default_home
+
+RUNTIMES = ("auto", "wasmedge", "embedded")
+ENV_PREFIX = "EDGEBUNDLE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    runtime: str = "auto"
+    model: Path | None = None
+    app: Path | None = None
+    template: str | None = None
+    system_prompt: str | None = None
+    ctx_size: int = 4096
+    redis_url: str | None = None
+    device_id: str | None = None
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    wasmedge: Path | None = None  # explicit wasmedge binary; else <home>/runtime/current, PATH
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.home)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-able values, secrets masked (for logs and --debug)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "api_key" and value:
+                value = "***"
+            elif f.name == "redis_url" and value:
+                value = redact_url(value)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, so it can be printed."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
+
+
+def validate_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"bad Redis URL {redact_url(url)!r}: use redis://[user:password@]host:port[/db], "
+            "rediss:// for TLS, or unix:///path/to/socket"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"bad Redis URL {redact_url(url)!r}: the port is not a number") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"bad Redis URL {redact_url(url)!r}: no host")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"bad Redis URL {redact_url(url)!r}: port out of range")
+    return url
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    if value is None or value == "":
+        return None
+    target = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if "Path" in str(target):
+            return Path(str(value)).expanduser()
+        if target == "int" or "int" in str(target):
+            number = int(value)
+            if number <= 0:
+                raise ValueError
+            return number
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be a positive whole number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
+    return value
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    known = {f.name for f in fields(Settings)} - {"home"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve every setting from flags (None = not given), environment, config file."""
+    env = os.environ if environ is None else environ
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    home = Path(given["home"]).expanduser() if "home" in given else default_home(dict(env))
+    settings = Settings(home=home)
+    file_values = _read_config_file(Layout(home).config_file)
+    updates: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "home":
+            continue
+        env_name = ENV_PREFIX + f.name.upper()
+        if f.name in given:
+            value = _coerce(f.name, given[f.name], f"--{f.name.replace('_', '-')}")
+        elif env.get(env_name):
+            value = _coerce(f.name, env[env_name], env_name)
+        elif f.name in file_values:
+            value = _coerce(f.name, file_values[f.name], str(Layout(home).config_file))
+        else:
+            continue
+        if value is not None:
+            updates[f.name] = value
+    settings = replace(settings, **updates)
+    if settings.runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {settings.runtime!r}")
+    if settings.redis_url:
+        validate_redis_url(settings.redis_url)
+    return settings

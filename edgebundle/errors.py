@@ -1,0 +1,75 @@
+"""Every error edgebundle raises on purpose, in one tree.
+
+The CLI boundary turns these into one clear line on stderr and an exit code; nothing
+below it prints or exits. Each error's message says what is wrong *and* how to fix
+it, because it is what the user reads.
+
+::
+
+    EdgebundleError                 exit 1   base; anything the job could not do
+    ├── UsageError                  exit 2   the command line or its inputs are wrong
+    │   ├── ConfigError             exit 2   a config file, URL or option value is invalid
+    │   └── PinError                exit 2   a lock file (pins) is malformed or names nothing usable
+    ├── UnverifiedPinError          exit 1   a pin has no known sha256 and --allow-unverified was not given
+    ├── DownloadError               exit 1   a download failed (network, HTTP status, missing bundle file)
+    │   └── ChecksumMismatchError   exit 1   downloaded bytes do not match the pinned sha256
+    ├── InstallError                exit 1   unpacking or switching an installation failed
+    ├── RuntimeNotFoundError        exit 1   no usable runtime (wasmedge binary, embedded deps)
+    ├── ModelError                  exit 1   a model file is missing, not GGUF, or truncated
+    ├── SupervisorError             exit 1   the supervised process could not be started or kept up
+    └── RedisError                  exit 1   the sync Redis cannot be reached or refused us
+"""
+
+from __future__ import annotations
+
+
+class EdgebundleError(Exception):
+    """Base of every deliberate edgebundle error."""
+
+    exit_code = 1
+
+
+class UsageError(EdgebundleError):
+    """The command line or one of its inputs is wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration value (file, URL, option) is invalid."""
+
+
+class PinError(UsageError):
+    """A lock file is malformed, or names no asset for this platform."""
+
+
+class UnverifiedPinError(EdgebundleError):
+    """A pin without a known sha256 was asked for without --allow-unverified."""
+
+
+class DownloadError(EdgebundleError):
+    """A download could not be completed."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """Downloaded bytes differ from the pinned sha256; the file was discarded."""
+
+
+class InstallError(EdgebundleError):
+    """Unpacking or activating an installation failed; the previous one stays active."""
+
+
+class RuntimeNotFoundError(EdgebundleError):
+    """No usable runtime was found."""
+
+
+class ModelError(EdgebundleError):
+    """A model file is missing or not a usable GGUF file."""
+
+
+class SupervisorError(EdgebundleError):
+    """The supervised runtime could not be started or kept running."""
+
+
+class RedisError(EdgebundleError):
+    """The sync Redis could not be reached, or refused the connection."""

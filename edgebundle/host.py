@@ -1,0 +1,117 @@
+"""Facts about the device: OS, CPU architecture and features, CUDA, memory, disk.
+
+Every probe reads from paths it is given (defaulting to the real ``/proc``), so tests
+and doctor can describe a fabricated machine without patching globals.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROC_CPUINFO = Path("/proc/cpuinfo")
+PROC_MEMINFO = Path("/proc/meminfo")
+
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+
+
+def normalize_arch(machine: str, os_name: str) -> str:
+    """Arch names as release assets spell them: linux uses aarch64, darwin arm64."""
+    arch = _ARCH_ALIASES.get(machine.lower(), machine.lower())
+    if os_name == "darwin" and arch == "aarch64":
+        return "arm64"
+    return arch
+
+
+def cpu_flags(cpuinfo: Path = PROC_CPUINFO) -> frozenset[str]:
+    """CPU feature flags of the first processor ('flags' on x86, 'Features' on arm)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def memory_kib(meminfo: Path = PROC_MEMINFO) -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in KiB, or None where /proc/meminfo is absent."""
+    try:
+        text = meminfo.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key.strip()] = int(parts[0])
+    if "MemTotal" not in values:
+        return None
+    return values["MemTotal"], values.get("MemAvailable", values.get("MemFree", 0))
+
+
+def has_cuda12() -> bool:
+    """True when the CUDA 12 runtime library the cuda-12 plugin links against is loadable."""
+    return ctypes.util.find_library("cudart") is not None and _cudart_major() == 12
+
+
+def _cudart_major() -> int | None:
+    for directory in ("/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"):
+        path = Path(directory)
+        if path.is_dir():
+            for candidate in path.glob("libcudart.so.*"):
+                major = candidate.name.split(".so.", 1)[1].split(".", 1)[0]
+                if major.isdigit():
+                    return int(major)
+    return None
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    os: str
+    arch: str
+    flags: frozenset[str] = field(default_factory=frozenset)
+    cuda12: bool = False
+
+    @property
+    def has_avx(self) -> bool:
+        return "avx" in self.flags
+
+    def auto_variant(self) -> str:
+        """The plugin variant this machine should run: cuda-12, cpu or noavx."""
+        if self.os == "darwin":
+            return "metal" if self.arch == "arm64" else "cpu"
+        if self.arch == "x86_64":
+            if self.cuda12:
+                return "cuda-12"
+            return "cpu" if self.has_avx else "noavx"
+        return "cpu"
+
+
+def detect(cpuinfo: Path = PROC_CPUINFO) -> HostInfo:
+    os_name = platform.system().lower()
+    return HostInfo(
+        os=os_name,
+        arch=normalize_arch(platform.machine(), os_name),
+        flags=cpu_flags(cpuinfo),
+        cuda12=os_name == "linux" and has_cuda12(),
+    )
+
+
+def disk_free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

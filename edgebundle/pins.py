@@ -1,0 +1,273 @@
+"""Pins: the exact runtime, plugin, apps and models a device may run.
+
+Two lock files, both TOML (schema 1):
+
+- ``plugins/wasmedge.lock.toml``: ``[wasmedge]`` version, ``[plugin]`` name, library,
+  version and GGML build, and ``[[asset]]`` rows (component ``wasmedge`` or
+  ``plugin``; os; arch; variant for plugins; url; sha256).
+- ``wasm/pins.toml``: ``[[app]]`` rows (name, version, kind, url, sha256,
+  model_alias) and ``[[model]]`` rows (name, url, sha256, template, ctx_size).
+
+A sha256 is 64 lowercase hex digits or the word ``unknown``: a checksum that could
+not be read from a published source is never invented. An unknown pin is refused
+at install time unless the caller allows unverified downloads.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgebundle.errors import PinError, UnverifiedPinError
+
+UNKNOWN_SHA256 = "unknown"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SCHEMA = 1
+COMPONENTS = ("wasmedge", "plugin")
+APP_KINDS = ("llama-api-server", "llama-chat", "edgechat")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Something to download: where from, and the sha256 it must have."""
+
+    name: str
+    url: str
+    sha256: str
+    source: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return self.sha256 != UNKNOWN_SHA256
+
+    @property
+    def filename(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def require_verified(self, allow_unverified: bool) -> None:
+        if not self.verified and not allow_unverified:
+            raise UnverifiedPinError(
+                f"{self.name}: no published sha256 is pinned for {self.url}; refusing to "
+                "install it unverified (pass --allow-unverified, or install from a bundle "
+                "made by `edgebundle bundle build`)"
+            )
+
+
+@dataclass(frozen=True)
+class Asset(Artifact):
+    component: str = "wasmedge"
+    os: str = "linux"
+    arch: str = "x86_64"
+    variant: str | None = None
+    archive_root: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeLock:
+    path: Path
+    wasmedge_version: str
+    plugin_name: str
+    plugin_library: str
+    plugin_version: str
+    plugin_build: str
+    assets: tuple[Asset, ...]
+
+    def variants(self, os_name: str, arch: str) -> list[str]:
+        return [
+            a.variant
+            for a in self.assets
+            if a.component == "plugin" and a.os == os_name and a.arch == arch and a.variant
+        ]
+
+    def runtime_asset(self, os_name: str, arch: str) -> Asset:
+        for asset in self.assets:
+            if asset.component == "wasmedge" and asset.os == os_name and asset.arch == arch:
+                return asset
+        raise PinError(f"{self.path}: no WasmEdge asset pinned for {os_name}/{arch}")
+
+    def plugin_asset(self, os_name: str, arch: str, variant: str) -> Asset:
+        for asset in self.assets:
+            if (
+                asset.component == "plugin"
+                and asset.os == os_name
+                and asset.arch == arch
+                and asset.variant == variant
+            ):
+                return asset
+        known = ", ".join(self.variants(os_name, arch)) or "none"
+        raise PinError(
+            f"{self.path}: no WASI-NN plugin pinned for {os_name}/{arch} variant "
+            f"{variant!r} (pinned variants: {known})"
+        )
+
+
+@dataclass(frozen=True)
+class AppPin(Artifact):
+    version: str = ""
+    kind: str = "llama-api-server"
+    model_alias: str = "default"
+
+
+@dataclass(frozen=True)
+class ModelPin(Artifact):
+    template: str = ""
+    ctx_size: int = 4096
+
+
+@dataclass(frozen=True)
+class AppPins:
+    path: Path
+    apps: tuple[AppPin, ...]
+    models: tuple[ModelPin, ...]
+
+    def app(self, name: str) -> AppPin:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        known = ", ".join(a.name for a in self.apps) or "none"
+        raise PinError(f"{self.path}: no app pinned as {name!r} (pinned: {known})")
+
+    def model(self, name: str) -> ModelPin:
+        for model in self.models:
+            if model.name == name:
+                return model
+        known = ", ".join(m.name for m in self.models) or "none"
+        raise PinError(f"{self.path}: no model pinned as {name!r} (pinned: {known})")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PinError(f"{path}: lock file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PinError(f"{path}: cannot read lock file ({exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PinError(f"{path}: not valid TOML: {exc}") from None
+    if data.get("schema") != SCHEMA:
+        raise PinError(f"{path}: schema must be {SCHEMA}, found {data.get('schema')!r}")
+    return data
+
+
+class _Fields:
+    """Typed access to one TOML table, with errors that name file and key path."""
+
+    def __init__(self, path: Path, where: str, table: object) -> None:
+        if not isinstance(table, Mapping):
+            raise PinError(f"{path}: {where} must be a table")
+        self.path, self.where, self.table = path, where, table
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.table.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise PinError(f"{self.path}: {self.where}.{key} must be a non-empty string")
+        return value
+
+    def optional(self, key: str) -> str | None:
+        return self.text(key) if key in self.table else None
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.table.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise PinError(f"{self.path}: {self.where}.{key} must be a positive integer")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.text(key)
+        if value not in choices:
+            raise PinError(
+                f"{self.path}: {self.where}.{key} is {value!r}; expected one of {', '.join(choices)}"
+            )
+        return value
+
+    def url(self) -> str:
+        value = self.text("url")
+        if not re.match(r"^(https?|file)://", value):
+            raise PinError(f"{self.path}: {self.where}.url must be an http(s) or file URL")
+        return value
+
+    def sha256(self) -> str:
+        value = self.text("sha256")
+        if value != UNKNOWN_SHA256 and not _SHA256.match(value):
+            raise PinError(
+                f"{self.path}: {self.where}.sha256 must be 64 lowercase hex digits or "
+                f"{UNKNOWN_SHA256!r}"
+            )
+        return value
+
+
+def _rows(path: Path, data: Mapping[str, Any], key: str) -> list[_Fields]:
+    rows = data.get(key, [])
+    if not isinstance(rows, list):
+        raise PinError(f"{path}: {key} must be an array of tables ([[{key}]])")
+    return [_Fields(path, f"{key}[{i}]", row) for i, row in enumerate(rows)]
+
+
+def load_runtime_lock(path: Path) -> RuntimeLock:
+    data = _read_toml(path)
+    wasmedge = _Fields(path, "wasmedge", data.get("wasmedge"))
+    plugin = _Fields(path, "plugin", data.get("plugin"))
+    version = wasmedge.text("version")
+    assets = []
+    for row in _rows(path, data, "asset"):
+        component = row.choice("component", COMPONENTS)
+        variant = row.text("variant") if component == "plugin" else None
+        assets.append(
+            Asset(
+                name=f"{component} {row.text('os')}/{row.text('arch')}"
+                + (f" {variant}" if variant else ""),
+                url=row.url(),
+                sha256=row.sha256(),
+                source=row.table.get("source", ""),
+                component=component,
+                os=row.text("os"),
+                arch=row.text("arch"),
+                variant=variant,
+                archive_root=row.optional("archive_root"),
+            )
+        )
+    if not any(a.component == "wasmedge" for a in assets):
+        raise PinError(f"{path}: no [[asset]] with component = \"wasmedge\"")
+    return RuntimeLock(
+        path=path,
+        wasmedge_version=version,
+        plugin_name=plugin.text("name"),
+        plugin_library=plugin.text("library"),
+        plugin_version=plugin.text("version"),
+        plugin_build=plugin.text("build"),
+        assets=tuple(assets),
+    )
+
+
+def load_app_pins(path: Path) -> AppPins:
+    data = _read_toml(path)
+    apps = tuple(
+        AppPin(
+            name=row.text("name"),
+            url=row.url(),
+            sha256=row.sha256(),
+            source=row.table.get("source", ""),
+            version=row.text("version"),
+            kind=row.choice("kind", APP_KINDS),
+            model_alias=row.text("model_alias", "default"),
+        )
+        for row in _rows(path, data, "app")
+    )
+    models = tuple(
+        ModelPin(
+            name=row.text("name"),
+            url=row.url(),
+            sha256=row.sha256(),
+            source=row.table.get("source", ""),
+            template=row.text("template"),
+            ctx_size=row.integer("ctx_size", 4096),
+        )
+        for row in _rows(path, data, "model")
+    )
+    return AppPins(path=path, apps=apps, models=models)

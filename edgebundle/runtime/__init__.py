@@ -1,0 +1,1 @@
+"""Runtimes that execute the chat wasm: the real wasmedge binary, or the embedded one."""

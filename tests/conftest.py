@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server child process on a free port, stopped by pid afterwards."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server_with_password(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis-auth", password="s3cret-pass").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty EDGEBUNDLE_HOME for the test, so nothing touches the user's real one."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("EDGEBUNDLE_HOME", str(path))
+    for name in ("EDGEBUNDLE_REDIS_URL", "EDGEBUNDLE_MODEL", "EDGEBUNDLE_APP", "EDGEBUNDLE_RUNTIME",
+                 "EDGEBUNDLE_WASMEDGE", "WASMEDGE_PLUGIN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    return path

@@ -1,0 +1,1 @@
+"""Test helpers that start real processes (redis-server) or stand in at a process boundary."""
