@@ -37,6 +37,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     wasmedge: Path | None = None  # explicit wasmedge binary; else <home>/runtime/current, PATH
+    app_kind: str | None = None  # pins.APP_KINDS; None = guess from the app's file name
 
     @property
     def layout(self) -> Layout:

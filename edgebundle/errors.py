@@ -17,6 +17,7 @@ it, because it is what the user reads.
     ├── RuntimeNotFoundError        exit 1   no usable runtime (wasmedge binary, embedded deps)
     ├── ModelError                  exit 1   a model file is missing, not GGUF, or truncated
     ├── SupervisorError             exit 1   the supervised process could not be started or kept up
+    │   └── GuestProtocolError      exit 1   the chat guest wrote something that is not its protocol
     └── RedisError                  exit 1   the sync Redis cannot be reached or refused us
 """
 
@@ -69,6 +70,10 @@ class ModelError(EdgebundleError):
 
 class SupervisorError(EdgebundleError):
     """The supervised runtime could not be started or kept running."""
+
+
+class GuestProtocolError(SupervisorError):
+    """The chat guest's stdout broke the protocol (edgebundle.guest_protocol)."""
 
 
 class RedisError(EdgebundleError):

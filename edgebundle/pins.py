@@ -75,6 +75,9 @@ class RuntimeLock:
     plugin_version: str
     plugin_build: str
     assets: tuple[Asset, ...]
+    # What `wasmedge --version` prints for the plugin ("0.1.25" for "0.1.25.0"); None
+    # where no genuine transcript of this build was seen, so doctor cannot compare it.
+    plugin_reported_version: str | None = None
 
     def variants(self, os_name: str, arch: str) -> list[str]:
         return [
@@ -242,6 +245,7 @@ def load_runtime_lock(path: Path) -> RuntimeLock:
         plugin_version=plugin.text("version"),
         plugin_build=plugin.text("build"),
         assets=tuple(assets),
+        plugin_reported_version=plugin.optional("reported_version"),
     )
 
 

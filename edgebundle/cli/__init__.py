@@ -53,6 +53,7 @@ cli.add_command(doctor.doctor)
 cli.add_command(run.run)
 cli.add_command(install.install)
 cli.add_command(install.bundle)
+cli.add_command(install.runtime)
 
 
 def main() -> None:

@@ -1,9 +1,106 @@
-"""`edgebundle doctor` (being written)."""
+"""`edgebundle doctor`: resolve settings, run the checks, render a table or JSON.
+
+Exit 0 when no check fails, 1 when one does; bad options and settings exit 2 through
+the CLI's error boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
 
 import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from edgebundle.config import RUNTIMES, load_settings
+from edgebundle.doctor import Report, Status, run_doctor
+
+PIPED_WIDTH = 120
+# status -> (symbol, fallback for terminals that cannot print it, rich style)
+_LOOK: dict[Status, tuple[str, str, str]] = {
+    "ok": ("✓", "ok", "green"),
+    "warn": ("!", "warn", "yellow"),
+    "fail": ("✗", "FAIL", "bold red"),
+    "skip": ("-", "skip", "dim"),
+}
 
 
 @click.command()
-def doctor() -> None:
-    """(not yet implemented)"""
-    raise click.UsageError("doctor is not implemented yet")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Runtime to check (default auto).")
+@click.option("--model", metavar="PATH", help="GGUF model file.")
+@click.option("--app", metavar="PATH", help="wasm app file.")
+@click.option("--template", metavar="NAME", help="Chat template name.")
+@click.option(
+    "--redis-url", metavar="URL", help="Sync Redis, redis://[user:password@]host:port/db."
+)
+@click.option(
+    "--wasmedge", metavar="PATH", help="wasmedge binary to check instead of the installed one."
+)
+@click.pass_context
+def doctor(
+    ctx: click.Context,
+    as_json: bool,
+    runtime: str | None,
+    model: str | None,
+    app: str | None,
+    template: str | None,
+    redis_url: str | None,
+    wasmedge: str | None,
+) -> None:
+    """Check this device: runtime, plugin, model, app, Redis, CPU, memory, disk."""
+    flags: dict[str, Any] = {
+        "home": (ctx.obj or {}).get("home"),
+        "runtime": runtime,
+        "model": model,
+        "app": app,
+        "template": template,
+        "redis_url": redis_url,
+        "wasmedge": wasmedge,
+    }
+    report = run_doctor(load_settings(flags))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        render(report, _console())
+    ctx.exit(0 if report.ok else 1)
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped into a log or a ticket: wider than rich's 80 so paths wrap less.
+        console.width = PIPED_WIDTH
+    return console
+
+
+def render(report: Report, console: Console) -> None:
+    """The report as a table, each problem's fix on an indented line under it."""
+    fancy = console.encoding.lower().replace("-", "").startswith("utf")
+    table = Table(show_edge=False, box=None, pad_edge=False, header_style="bold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("summary", overflow="fold")
+    for check in report.checks:
+        symbol, word, style = _LOOK[check.status]
+        summary = Text(check.summary)
+        if check.fix and check.status != "ok":
+            summary.append("\n  fix: ", style="bold")
+            summary.append(check.fix)
+        table.add_row(Text(symbol if fancy else word, style=style), check.id, summary)
+    with console.capture() as captured:
+        console.print(table)
+    # Cells are padded to the column width; trailing blanks only clutter logs and diffs.
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    console.print(verdict(report))
+
+
+def verdict(report: Report) -> str:
+    failed, warned = report.count("fail"), report.count("warn")
+    counts = f"{failed} failed, {warned} warning{'s' if warned != 1 else ''}"
+    if failed:
+        return f"doctor: NOT READY ({counts}); run would use the {report.runtime} runtime"
+    return f"doctor: ready ({counts}); run will use the {report.runtime} runtime"

@@ -1,9 +1,44 @@
-"""`edgebundle run` (being written)."""
+"""`edgebundle run`: start the chat app under a supervisor (or print it with --dry-run)."""
+
+from __future__ import annotations
+
+import json
 
 import click
 
+from edgebundle.config import RUNTIMES, load_settings
+from edgebundle.pins import APP_KINDS
+from edgebundle.runtime.launch import resolve_launch
+from edgebundle.runtime.serve import ServeInfo, serve
+
+
+def _announce(info: ServeInfo) -> None:
+    where = f" on {info.url}" if info.url else ""
+    click.echo(
+        f"serving {info.app}{where} (runtime {info.runtime}, pid {info.pid}, logs: {info.log_path})"
+    )
+
 
 @click.command()
-def run() -> None:
-    """(not yet implemented)"""
-    raise click.UsageError("run is not implemented yet")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Runtime (default auto).")
+@click.option("--model", type=click.Path(dir_okay=False), help="GGUF model file.")
+@click.option("--app", type=click.Path(dir_okay=False), help="App wasm (llama-api-server.wasm).")
+@click.option("--app-kind", type=click.Choice(APP_KINDS), help="App kind if the name does not say.")
+@click.option("--template", help="Prompt template, e.g. llama-3-chat.")
+@click.option("--system-prompt", help="System prompt (llama-chat).")
+@click.option("--ctx-size", type=click.IntRange(min=1), help="Context size (default 4096).")
+@click.option("--redis-url", help="Sync Redis, redis://[user:password@]host:port[/db].")
+@click.option("--device-id", help="This device's id.")
+@click.option("--host", help="Address to serve on (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to serve on (default 8080).")
+@click.option("--wasmedge", type=click.Path(dir_okay=False), help="wasmedge binary to use.")
+@click.option("--dry-run", is_flag=True, help="Print the command as JSON and start nothing.")
+@click.option("--no-preflight", is_flag=True, help="Start without running doctor's checks first.")
+@click.pass_context
+def run(ctx: click.Context, /, dry_run: bool, no_preflight: bool, **flags: object) -> None:
+    """Start the chat app under a supervisor until Ctrl-C or SIGTERM."""
+    settings = load_settings({**flags, "home": (ctx.obj or {}).get("home")})
+    if dry_run:
+        click.echo(json.dumps(resolve_launch(settings).to_json(), indent=2))
+        return
+    serve(settings, preflight=not no_preflight, on_ready=_announce)

@@ -13,6 +13,8 @@ time is steered by environment variables:
 - STANDIN_EXIT=<n>: exit with n right after recording (default: run until SIGTERM)
 - STANDIN_READY_FILE=<file>: touch this file once "ready"
 - STANDIN_IGNORE_TERM=1: ignore SIGTERM (so a supervisor must SIGKILL)
+- STANDIN_LISTEN=1: listen on the address after ``--socket-addr`` (as llama-api-server
+  does), so a TCP readiness probe can succeed
 """
 
 from __future__ import annotations
@@ -61,9 +63,21 @@ if os.environ.get("STANDIN_IGNORE_TERM"):
 ready = os.environ.get("STANDIN_READY_FILE")
 if ready:
     open(ready, "w").close()
+listener = None
+if os.environ.get("STANDIN_LISTEN") and "--socket-addr" in args:
+    import socket
+    host, _, port = args[args.index("--socket-addr") + 1].rpartition(":")
+    listener = socket.create_server((host.strip("[]"), int(port)))
+    listener.settimeout(0.1)
 print("standin wasmedge running", flush=True)
 while True:
-    time.sleep(0.1)
+    if listener is None:
+        time.sleep(0.1)
+        continue
+    try:
+        listener.accept()[0].close()
+    except socket.timeout:
+        pass
 '''
 
 

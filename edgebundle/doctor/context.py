@@ -1,0 +1,94 @@
+"""The facts every check reads, gathered once per doctor run.
+
+Which runtime ``run`` would use is decided here, the same way ``run`` decides it:
+``auto`` means the wasmedge binary when one is located, else the embedded runtime.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgebundle.config import Settings
+from edgebundle.host import HostInfo
+from edgebundle.layout import Layout
+from edgebundle.pins import AppPins, RuntimeLock
+from edgebundle.runtime.wasmedge import WasmEdgeSetup
+
+# Written by install.sh next to bin/ and plugin/ of an installed runtime.
+RUNTIME_MARKER = "edgebundle-runtime.json"
+
+
+@dataclass(frozen=True)
+class RuntimeMarker:
+    """What the installer recorded about the runtime it installed."""
+
+    wasmedge_version: str | None
+    plugin_version: str | None
+    plugin_build: str | None
+    variant: str | None
+    os: str | None
+    arch: str | None
+
+
+def read_runtime_marker(layout: Layout) -> RuntimeMarker | None:
+    """The marker of ``<home>/runtime/current``; None when absent or unreadable."""
+    path = layout.runtime_current / RUNTIME_MARKER
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) and value else None
+
+    return RuntimeMarker(
+        wasmedge_version=text("wasmedge_version"),
+        plugin_version=text("plugin_version"),
+        plugin_build=text("plugin_build"),
+        variant=text("variant"),
+        os=text("os"),
+        arch=text("arch"),
+    )
+
+
+def resolve_runtime(requested: str, setup: WasmEdgeSetup | None) -> str:
+    """The runtime `run` would use for ``requested`` (auto|wasmedge|embedded)."""
+    if requested == "auto":
+        return "wasmedge" if setup is not None else "embedded"
+    return requested
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    environ: Mapping[str, str]
+    host: HostInfo
+    requested: str  # auto | wasmedge | embedded, as asked
+    runtime: str  # wasmedge | embedded, as resolved
+    setup: WasmEdgeSetup | None  # the located wasmedge, whatever the runtime
+    lock: RuntimeLock
+    app_pins: AppPins
+    online: bool
+    meminfo: Path
+    version_timeout: float = 5.0
+
+    @property
+    def layout(self) -> Layout:
+        return self.settings.layout
+
+    @property
+    def uses_wasmedge(self) -> bool:
+        return self.runtime == "wasmedge"
+
+    @property
+    def marker(self) -> RuntimeMarker | None:
+        """The installer's marker, only when `run` would start that installed runtime."""
+        if self.setup is None or self.setup.source != "installed":
+            return None
+        return read_runtime_marker(self.layout)

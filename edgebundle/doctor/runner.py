@@ -1,0 +1,73 @@
+"""``run_doctor``: gather the facts once, run every check, return the report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from edgebundle import resources
+from edgebundle.config import RUNTIMES, Settings
+from edgebundle.doctor import (
+    app_checks,
+    host_checks,
+    model_checks,
+    redis_checks,
+    runtime_checks,
+    wasmedge_checks,
+)
+from edgebundle.doctor.context import Context, resolve_runtime
+from edgebundle.doctor.report import CheckResult, Report, assemble
+from edgebundle.errors import UsageError
+from edgebundle.host import PROC_MEMINFO, HostInfo, detect
+from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
+from edgebundle.runtime.wasmedge import locate
+
+# In report order; each returns results for its own stable ids.
+AREAS: tuple[Callable[[Context], list[CheckResult]], ...] = (
+    wasmedge_checks.checks,
+    runtime_checks.checks,
+    model_checks.checks,
+    app_checks.checks,
+    redis_checks.checks,
+    host_checks.checks,
+)
+
+
+def run_doctor(
+    settings: Settings,
+    *,
+    runtime: str | None = None,
+    host: HostInfo | None = None,
+    environ: Mapping[str, str] | None = None,
+    online: bool = True,
+    lock: RuntimeLock | None = None,
+    app_pins: AppPins | None = None,
+    meminfo: Path = PROC_MEMINFO,
+) -> Report:
+    """Check everything ``run`` depends on and say, per stable id, what is wrong.
+
+    ``runtime`` overrides ``settings.runtime``; ``host``, ``environ`` and ``meminfo``
+    describe the machine (default: this one); ``online=False`` leaves the network
+    alone (Redis is skipped). ``lock`` / ``app_pins`` default to the shipped pins.
+    Raises PinError (exit 2) when a shipped lock file is malformed.
+    """
+    requested = runtime or settings.runtime
+    if requested not in RUNTIMES:
+        raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    env = dict(os.environ) if environ is None else environ
+    setup = locate(settings.layout, settings.wasmedge, env)
+    ctx = Context(
+        settings=settings,
+        environ=env,
+        host=host or detect(),
+        requested=requested,
+        runtime=resolve_runtime(requested, setup),
+        setup=setup,
+        lock=lock or load_runtime_lock(resources.runtime_lock_file()),
+        app_pins=app_pins or load_app_pins(resources.app_pins_file()),
+        online=online,
+        meminfo=meminfo,
+    )
+    results = [result for area in AREAS for result in area(ctx)]
+    return assemble(ctx.runtime, results)

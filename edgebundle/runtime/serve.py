@@ -1,0 +1,120 @@
+"""``edgebundle run`` without the CLI: preflight, supervise, serve until signalled.
+
+SIGINT and SIGTERM only set a stop event (when called on the main thread); the child
+is then stopped in order by the supervisor (SIGTERM, grace, SIGKILL of its own pid)
+and :func:`serve` returns normally.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from edgebundle import apps
+from edgebundle.config import Settings
+from edgebundle.errors import EdgebundleError, SupervisorError
+from edgebundle.runtime.launch import LaunchSpec, resolve_launch
+from edgebundle.runtime.supervisor import Supervisor
+
+READY_TIMEOUT = 600.0  # loading a multi-GB model on a small device takes minutes
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    """What is running, for the one line the CLI prints once it is ready."""
+
+    app: str
+    url: str | None  # None for apps that do not listen (llama-chat)
+    runtime: str
+    pid: int | None
+    log_path: Path
+
+
+def serve(
+    settings: Settings,
+    *,
+    preflight: bool = True,
+    on_ready: Callable[[ServeInfo], None] | None = None,
+    stop: threading.Event | None = None,
+    environ: Mapping[str, str] | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+) -> None:
+    """Start the app under a supervisor and keep it up until ``stop`` or a signal."""
+    spec = resolve_launch(settings, environ)
+    if preflight:
+        run_preflight(settings, spec, environ)
+    probe = apps.readiness_probe(spec.kind, settings.host, settings.port)
+    if probe is not None and probe():
+        # Someone else answers there: the probe would pass for the wrong server.
+        raise SupervisorError(
+            f"{settings.host}:{settings.port} is already in use by another process: stop it, "
+            "or pass --port N"
+        )
+    stop_event = stop if stop is not None else threading.Event()
+    supervisor = Supervisor(
+        spec,
+        log_path=settings.layout.logs / f"{spec.kind}.log",
+        ready=probe,
+        settle=apps.SETTLE_SECONDS,
+    )
+    with _stop_on_signals(stop_event):
+        supervisor.start()
+        try:
+            if not supervisor.wait_ready(ready_timeout, cancel=stop_event):
+                return
+            if on_ready is not None:
+                on_ready(_info(settings, spec, supervisor))
+            supervisor.run_until(stop_event)
+        finally:
+            supervisor.stop()
+
+
+def run_preflight(
+    settings: Settings, spec: LaunchSpec, environ: Mapping[str, str] | None = None
+) -> None:
+    """Raise EdgebundleError (exit 1) naming the failed doctor checks."""
+    from edgebundle.doctor import run_doctor  # doctor imports much; only needed here
+
+    report = run_doctor(settings, runtime=spec.runtime, environ=environ)
+    if report.ok:
+        return
+    failed = [check.id for check in report.checks if check.status == "fail"]
+    raise EdgebundleError(
+        f"preflight failed: {', '.join(failed) or 'doctor reported problems'}; run "
+        "`edgebundle doctor` for the fixes (or pass --no-preflight to start anyway)"
+    )
+
+
+def _info(settings: Settings, spec: LaunchSpec, supervisor: Supervisor) -> ServeInfo:
+    listens = apps.readiness_probe(spec.kind, settings.host, settings.port) is not None
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return ServeInfo(
+        app=spec.app.name if spec.app is not None else spec.argv[0],
+        url=f"http://{host}:{settings.port}" if listens else None,
+        runtime=spec.runtime,
+        pid=supervisor.pid,
+        log_path=supervisor.log_path,
+    )
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into ``stop.set()`` for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Set up edgebundle on this device: a venv with the package, then the pinned WasmEdge
+# runtime + WASI-NN plugin (`edgebundle install`). Idempotent: run it again at any time.
+# Run ./install.sh --help for the options.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: ./install.sh [OPTIONS]
+
+Installs edgebundle into <home>/venv and the pinned WasmEdge + WASI-NN GGML plugin into
+<home>/runtime (versioned directories, a `current` link), and writes <home>/env.
+Every download resumes, shows progress and is sha256-checked before use. Where
+WasmEdge cannot be downloaded, edgebundle says so and uses its embedded runtime.
+
+Options:
+  --home DIR            state directory (default: $EDGEBUNDLE_HOME or ~/.edgebundle)
+  --bundle DIR          install offline from a bundle made by `edgebundle bundle build DIR`
+  --variant V           plugin variant: auto (default; detects AVX/CUDA), cpu, noavx, cuda-12
+  --app NAME            also install this pinned app (e.g. llama-api-server); repeatable
+  --model NAME          also install this pinned model; repeatable
+  --lock FILE           runtime lock file (default: the one edgebundle ships)
+  --pins FILE           app/model pins file (default: the one edgebundle ships)
+  --allow-unverified    accept pins that have no published sha256
+  --require-wasmedge    fail when WasmEdge cannot be installed (no embedded fallback)
+  --no-runtime          skip WasmEdge; install the package (and apps/models) only
+  --dev                 editable install of this checkout with test tools (.[dev])
+  --with-redis          apt-get install redis-server if it is missing (root or sudo)
+  --python PY           Python >= 3.11 to build the venv with (default: python3)
+  --update-profile      append `. <home>/env` to ~/.bashrc (never done otherwise)
+  -h, --help            show this help
+
+Afterwards:  . <home>/env && edgebundle doctor
+EOF
+}
+
+usage_error() {
+  echo "install.sh: $*; see ./install.sh --help" >&2
+  exit 2
+}
+
+reported=0
+doing=""
+
+die() {
+  echo "install.sh: error: $*" >&2
+  reported=1
+  exit 1
+}
+
+step() {
+  doing="$*"
+  echo "==> $*" >&2
+}
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+home="${EDGEBUNDLE_HOME:-$HOME/.edgebundle}"
+python="python3"
+bundle=""
+dev=0
+with_redis=0
+update_profile=0
+install_args=()
+
+while [[ $# -gt 0 ]]; do
+  arg="$1"
+  shift
+  value=""
+  case "$arg" in
+    --*=*)
+      value="${arg#*=}"
+      arg="${arg%%=*}"
+      set -- "$value" "$@"
+      ;;
+  esac
+  case "$arg" in
+    --home | --bundle | --variant | --app | --model | --lock | --pins | --python)
+      [[ $# -gt 0 && -n "$1" ]] || usage_error "$arg needs a value"
+      value="$1"
+      shift
+      ;;
+  esac
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    --home) home="$value" ;;
+    --bundle) bundle="$value" ;;
+    --python) python="$value" ;;
+    --variant | --app | --model | --lock | --pins) install_args+=("$arg" "$value") ;;
+    --allow-unverified | --require-wasmedge | --no-runtime) install_args+=("$arg") ;;
+    --dev) dev=1 ;;
+    --with-redis) with_redis=1 ;;
+    --update-profile) update_profile=1 ;;
+    *) usage_error "unknown option $arg" ;;
+  esac
+done
+
+# ---------------------------------------------------------------- Python
+
+command -v "$python" >/dev/null 2>&1 || die "$python not found; install Python >= 3.11 or pass --python PATH"
+if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  found="$("$python" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo unknown)"
+  die "$python is Python $found; edgebundle needs Python >= 3.11 (pass --python PATH)"
+fi
+"$python" -c 'import venv, ensurepip' 2>/dev/null \
+  || die "$python cannot create virtual environments (on Debian/Ubuntu: apt-get install python3-venv)"
+
+if [[ -n "$bundle" ]]; then
+  [[ -f "$bundle/bundle.json" ]] || usage_error "$bundle is not a bundle directory (no bundle.json)"
+  bundle="$(cd "$bundle" && pwd)"
+fi
+
+# ---------------------------------------------------------------- Redis (optional)
+
+if [[ $with_redis -eq 1 ]]; then
+  if command -v redis-server >/dev/null 2>&1; then
+    step "redis-server is already installed"
+  elif ! command -v apt-get >/dev/null 2>&1; then
+    die "--with-redis needs apt-get (Debian/Ubuntu); install redis-server with this system's package manager"
+  else
+    if [[ $(id -u) -eq 0 ]]; then
+      sudo=()
+    elif command -v sudo >/dev/null 2>&1; then
+      sudo=(sudo)
+    else
+      die "--with-redis needs root or sudo to run apt-get install redis-server"
+    fi
+    step "installing redis-server (apt-get)"
+    ${sudo[@]+"${sudo[@]}"} apt-get update -qq
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+fi
+
+# ---------------------------------------------------------------- venv + package
+
+mkdir -p "$home"
+home="$(cd "$home" && pwd)"
+venv="$home/venv"
+created_venv=""
+
+cleanup() {
+  local status=$?
+  if [[ $status -ne 0 && $reported -eq 0 && -n "$doing" ]]; then
+    echo "install.sh: error: $doing failed (exit $status)" >&2
+  fi
+  if [[ $status -ne 0 && -n "$created_venv" ]]; then
+    rm -rf -- "$created_venv"
+    echo "install.sh: removed the unfinished $created_venv" >&2
+  fi
+}
+trap cleanup EXIT
+
+if [[ -x "$venv/bin/python" ]]; then
+  step "reusing $venv"
+else
+  step "creating $venv"
+  created_venv="$venv"
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+if [[ -n "$bundle" ]]; then
+  step "checking the bundle's wheels against $bundle/bundle.json"
+  "$python" - "$bundle" <<'PY'
+import hashlib, json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+files = json.loads((root / "bundle.json").read_text())["files"]
+wheels = {rel: sha for rel, sha in files.items() if rel.startswith("wheels/")}
+if not wheels:
+    sys.exit(f"install.sh: error: {root} has no wheels; rebuild it without --no-wheels")
+for rel, sha in sorted(wheels.items()):
+    path = root / rel
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        sys.exit(f"install.sh: error: {path}: missing or sha256 mismatch; rebuild the bundle")
+PY
+  step "installing edgebundle from $bundle/wheels (offline)"
+  "${pip[@]}" install -q --upgrade --no-index --find-links "$bundle/wheels" edgebundle
+elif [[ $dev -eq 1 ]]; then
+  step "installing $repo (editable, with the dev extra)"
+  "${pip[@]}" install -q -e "$repo[dev]"
+else
+  step "installing $repo"
+  "${pip[@]}" install -q "$repo"
+fi
+"$venv/bin/edgebundle" --version >/dev/null
+
+# ---------------------------------------------------------------- runtime, apps, env file
+
+step "installing the runtime (edgebundle install)"
+bundle_args=()
+[[ -n "$bundle" ]] && bundle_args=(--bundle "$bundle")
+"$venv/bin/edgebundle" --home "$home" install \
+  ${bundle_args[@]+"${bundle_args[@]}"} ${install_args[@]+"${install_args[@]}"}
+
+if [[ $update_profile -eq 1 ]]; then
+  line=". $(printf '%q' "$home/env")"
+  if grep -qxF "$line" "$HOME/.bashrc" 2>/dev/null; then
+    step "~/.bashrc already loads $home/env"
+  else
+    printf '\n# edgebundle\n%s\n' "$line" >>"$HOME/.bashrc"
+    step "added '$line' to ~/.bashrc"
+  fi
+fi
+
+created_venv=""  # finished: the venv is no longer "unfinished"
+cat <<EOF
+
+edgebundle is installed in $home. Next:
+  . $(printf '%q' "$home/env")
+  edgebundle doctor
+EOF

@@ -1,0 +1,306 @@
+"""A local release server and fabricated WasmEdge release archives.
+
+GitHub releases are unreachable from these machines, so the tests serve fabricated
+archives from a real HTTP server on 127.0.0.1 instead. Everything else is real:
+urllib downloads over TCP, Range requests and 206 answers, dropped connections,
+tarfile extraction, symlinks, bash sourcing the env file. The archives mimic the
+layouts of the pinned releases (WasmEdge 0.14.1: ``WasmEdge-<v>-Linux/{bin,lib}``;
+the WASI-NN plugin archive: ``libwasmedgePluginWasiNN.so`` at its root), with the
+stand-in ``wasmedge`` script (a test double at the process boundary) as the binary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from edgebundle.host import detect
+from tests.support.standin_wasmedge import fake_plugin, write_standin
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    range: str | None
+    status: int
+
+
+@dataclass
+class ReleaseServer:
+    """Serves files below ``root`` on a free 127.0.0.1 port, with Range support."""
+
+    root: Path
+    requests: list[Request] = field(default_factory=list)
+    ignore_ranges: bool = False  # answer 200 with the whole file even to a Range request
+    _drops: dict[str, int] = field(default_factory=dict)
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> ReleaseServer:
+        handler = _make_handler(self)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return int(self._server.server_address[1])
+
+    def url(self, relpath: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{relpath}"
+
+    def drop_after(self, relpath: str, nbytes: int) -> None:
+        """The next GET of ``relpath`` sends ``nbytes`` of its body, then drops the connection."""
+        with self._lock:
+            self._drops["/" + relpath] = nbytes
+
+    def gets(self, relpath: str | None = None) -> list[Request]:
+        with self._lock:
+            return [
+                r
+                for r in self.requests
+                if r.method == "GET" and (relpath is None or r.path == "/" + relpath)
+            ]
+
+    def _take_drop(self, path: str) -> int | None:
+        with self._lock:
+            return self._drops.pop(path, None)
+
+    def _record(self, request: Request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+
+def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # quiet test output
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            file = (server.root / path.lstrip("/")).resolve()
+            wanted = self.headers.get("Range")
+            if not file.is_file() or server.root.resolve() not in file.parents:
+                server._record(Request("GET", path, wanted, 404))
+                self.send_error(404)
+                return
+            data = file.read_bytes()
+            start, status = 0, 200
+            match = _RANGE.match(wanted or "")
+            if match and not server.ignore_ranges:
+                start = int(match.group(1))
+                if start >= len(data):
+                    server._record(Request("GET", path, wanted, 416))
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                status = 206
+            body = data[start:]
+            server._record(Request("GET", path, wanted, status))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            drop = server._take_drop(path)
+            if drop is not None:
+                self.wfile.write(body[:drop])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+    return Handler
+
+
+def closed_port_url(relpath: str = "x.tar.gz") -> str:
+    """A URL on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{relpath}"
+
+
+# ---------------------------------------------------------------- fabricated releases
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_runtime_archive(directory: Path, version: str, *, top_dir: bool = True) -> Path:
+    """A WasmEdge release tarball: ``WasmEdge-<v>-Linux/{bin/wasmedge, lib/libwasmedge.so*}``."""
+    staging = directory / f"staging-runtime-{version}"
+    write_standin(staging / "bin" / "wasmedge", version=version, plugin_version=f"{version}.0")
+    lib = staging / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    (lib / "libwasmedge.so.0").write_bytes(b"\x7fELF fake libwasmedge " + version.encode())
+    (lib / "libwasmedge.so").symlink_to("libwasmedge.so.0")
+    archive = directory / f"WasmEdge-{version}-ubuntu20.04_x86_64.tar.gz"
+    prefix = f"WasmEdge-{version}-Linux" if top_dir else "."
+    with tarfile.open(archive, "w:gz") as tar:
+        for item in sorted(staging.rglob("*")):
+            tar.add(
+                item, arcname=f"{prefix}/{item.relative_to(staging).as_posix()}", recursive=False
+            )
+    return archive
+
+
+def make_plugin_archive(
+    directory: Path, version: str, variant: str = "cpu", *, in_dir: bool = False
+) -> Path:
+    """A WASI-NN GGML plugin tarball: ``libwasmedgePluginWasiNN.so`` at its root (or in a dir)."""
+    suffix = "" if variant == "cpu" else f"-{variant}"
+    plugin = fake_plugin(
+        directory / f"staging-plugin-{version}{suffix}" / "libwasmedgePluginWasiNN.so"
+    )
+    archive = (
+        directory / f"WasmEdge-plugin-wasi_nn-ggml{suffix}-{version}-ubuntu20.04_x86_64.tar.gz"
+    )
+    name = "plugin/libwasmedgePluginWasiNN.so" if in_dir else "libwasmedgePluginWasiNN.so"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(plugin, arcname=name)
+    return archive
+
+
+def make_evil_archive(directory: Path, name: str = "evil.tar.gz") -> Path:
+    """A tarball whose entry climbs out of the extraction directory."""
+    archive = directory / name
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        payload = b"outside"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return archive
+
+
+@dataclass(frozen=True)
+class Release:
+    """One fabricated WasmEdge release served by a ReleaseServer, and its lock file."""
+
+    version: str
+    runtime: Path
+    plugin: Path
+    lock: Path
+    pins: Path
+
+
+def publish_release(
+    server: ReleaseServer,
+    workdir: Path,
+    version: str = "0.14.1",
+    *,
+    known_sha: bool = True,
+    runtime_sha: str | None = None,
+    variants: tuple[str, ...] = ("cpu", "noavx"),
+    app_bytes: bytes = b"\0asm\x01\0\0\0 fake llama-chat",
+    platform: tuple[str, str] | None = None,
+) -> Release:
+    """Build archives for ``version`` under the server root and write a lock + pins for them.
+
+    The assets are pinned for ``platform`` (default: this machine's os/arch), so the CLI's
+    own host detection finds them.
+    """
+    this = detect()
+    os_name, arch = platform or (this.os, this.arch)
+    root = server.root
+    root.mkdir(parents=True, exist_ok=True)
+    runtime = make_runtime_archive(root, version)
+    plugins = {v: make_plugin_archive(root, version, v) for v in variants}
+    app = root / f"llama-chat-{version}.wasm"
+    app.write_bytes(app_bytes)
+    model = root / "tiny.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+
+    def pin(path: Path) -> str:
+        return sha256(path) if known_sha else "unknown"
+
+    rows = [
+        _asset(
+            os_name,
+            arch,
+            "wasmedge",
+            None,
+            server.url(runtime.name),
+            runtime_sha or pin(runtime),
+            f"WasmEdge-{version}-Linux",
+        ),
+        *(
+            _asset(os_name, arch, "plugin", v, server.url(p.name), pin(p), None)
+            for v, p in plugins.items()
+        ),
+    ]
+    lock = workdir / f"lock-{version}.toml"
+    lock.write_text(
+        "schema = 1\n"
+        f'[wasmedge]\nversion = "{version}"\nsource = "fabricated for tests"\n'
+        f'[plugin]\nname = "wasi_nn"\nlibrary = "libwasmedgePluginWasiNN.so"\n'
+        f'version = "{version}"\nbuild = "b0001"\n' + "".join(rows),
+        encoding="utf-8",
+    )
+    pins = workdir / f"pins-{version}.toml"
+    pins.write_text(
+        "schema = 1\n"
+        f'[[app]]\nname = "llama-chat"\nversion = "{version}"\nkind = "llama-chat"\n'
+        f'url = "{server.url(app.name)}"\nsha256 = "{pin(app)}"\nsource = "fabricated"\n'
+        f'[[model]]\nname = "tiny"\nurl = "{server.url(model.name)}"\nsha256 = "{pin(model)}"\n'
+        'template = "llama-3-chat"\n',
+        encoding="utf-8",
+    )
+    return Release(version, runtime, plugins[variants[0]], lock, pins)
+
+
+def _asset(
+    os_name: str,
+    arch: str,
+    component: str,
+    variant: str | None,
+    url: str,
+    sha: str,
+    root: str | None,
+) -> str:
+    text = f'[[asset]]\ncomponent = "{component}"\nos = "{os_name}"\narch = "{arch}"\n'
+    if variant:
+        text += f'variant = "{variant}"\n'
+    text += f'url = "{url}"\nsha256 = "{sha}"\nsource = "fabricated for tests"\n'
+    if root:
+        text += f'archive_root = "{root}"\n'
+    return text
+
+
+def repin(lock: Path, root: Path) -> None:
+    """Rewrite the lock's sha256s to match the files now under ``root`` (after swapping one)."""
+    from edgebundle.pins import load_runtime_lock
+
+    text = lock.read_text(encoding="utf-8")
+    for asset in load_runtime_lock(lock).assets:
+        if asset.verified:
+            text = text.replace(asset.sha256, sha256(root / asset.filename))
+    lock.write_text(text, encoding="utf-8")

@@ -1,0 +1,197 @@
+"""Downloads: resume, verification before use, one-line errors, log-friendly progress.
+
+GitHub releases are unreachable here, so a real HTTP server on 127.0.0.1
+(tests/support/release_server.py) serves the bytes; urllib, TCP, Range/206 and the
+dropped connections are real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgebundle.download import fetch, terminal_progress
+from edgebundle.errors import ChecksumMismatchError, ConfigError, DownloadError
+from tests.support.release_server import ReleaseServer, closed_port_url
+
+SIZE = 300_000
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ReleaseServer]:
+    srv = ReleaseServer(tmp_path / "srv").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def blob(server: ReleaseServer) -> tuple[str, bytes, str]:
+    data = os.urandom(SIZE)
+    server.root.mkdir(parents=True, exist_ok=True)
+    (server.root / "blob.bin").write_bytes(data)
+    return "blob.bin", data, hashlib.sha256(data).hexdigest()
+
+
+def test_fetch_verifies_and_reports_progress(
+    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    seen: list[tuple[int, int | None]] = []
+    got = fetch(
+        server.url(name),
+        tmp_path / "out" / "b.bin",
+        sha256=sha,
+        downloads_dir=tmp_path / "dl",
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert got.path.read_bytes() == data and got.sha256 == sha and got.size == SIZE
+    assert seen[-1] == (SIZE, SIZE)
+    assert list((tmp_path / "dl").iterdir()) == []  # the partial file became the result
+
+
+def test_dropped_connection_resumes_with_range(
+    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    server.drop_after(name, 100_000)
+    got = fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl")
+    assert got.path.read_bytes() == data
+    assert got.resumed_from == 100_000
+    gets = server.gets(name)
+    assert [(r.range, r.status) for r in gets] == [(None, 200), ("bytes=100000-", 206)]
+
+
+def test_failed_run_keeps_partial_and_next_run_resumes(
+    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    server.drop_after(name, 50_000)
+    with pytest.raises(DownloadError, match="resume from 50000 bytes"):
+        fetch(
+            server.url(name),
+            tmp_path / "b.bin",
+            sha256=sha,
+            downloads_dir=tmp_path / "dl",
+            retries=1,
+        )
+    assert not (tmp_path / "b.bin").exists()
+    (part,) = (tmp_path / "dl").iterdir()
+    assert part.stat().st_size == 50_000
+    got = fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl")
+    assert got.sha256 == sha and got.resumed_from == 50_000
+    assert server.gets(name)[-1].range == "bytes=50000-"
+
+
+def test_server_without_ranges_restarts_cleanly(
+    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    server.ignore_ranges = True
+    server.drop_after(name, 70_000)
+    got = fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl")
+    assert got.path.read_bytes() == data and got.resumed_from == 0
+    assert [r.status for r in server.gets(name)] == [200, 200]
+
+
+def test_checksum_mismatch_discards_everything(
+    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, _, sha = blob
+    wrong = "0" * 64
+    with pytest.raises(ChecksumMismatchError) as err:
+        fetch(server.url(name), tmp_path / "b.bin", sha256=wrong, downloads_dir=tmp_path / "dl")
+    assert f"expected {wrong}" in str(err.value) and f"got {sha}" in str(err.value)
+    assert not (tmp_path / "b.bin").exists()
+    assert list((tmp_path / "dl").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_unverified_fetch_returns_actual_sha(
+    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, _, sha = blob
+    got = fetch(server.url(name), tmp_path / "b.bin", sha256=None, downloads_dir=tmp_path / "dl")
+    assert got.sha256 == sha
+
+
+def test_refused_connection_is_one_line_and_not_retried(tmp_path: Path) -> None:
+    url = closed_port_url("WasmEdge.tar.gz")
+    with pytest.raises(DownloadError) as err:
+        fetch(url, tmp_path / "x", sha256=None, downloads_dir=tmp_path / "dl")
+    message = str(err.value)
+    assert message.startswith(url) and "unreachable (connection refused)" in message
+    assert "\n" not in message
+
+
+def test_unknown_host_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"no-such-host\.invalid unreachable"):
+        fetch(
+            "http://no-such-host.invalid/x.tar.gz",
+            tmp_path / "x",
+            sha256=None,
+            downloads_dir=tmp_path / "dl",
+        )
+
+
+def test_http_404_is_one_line(server: ReleaseServer, tmp_path: Path) -> None:
+    server.root.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(
+            server.url("missing.tar.gz"), tmp_path / "x", sha256=None, downloads_dir=tmp_path / "dl"
+        )
+    assert len(server.gets("missing.tar.gz")) == 1  # a 404 is final: no retries
+
+
+def test_local_paths_and_file_urls_are_copied_and_verified(tmp_path: Path) -> None:
+    source = tmp_path / "bundle" / "a.bin"
+    source.parent.mkdir()
+    source.write_bytes(b"bundled bytes")
+    sha = hashlib.sha256(b"bundled bytes").hexdigest()
+    assert fetch(source, tmp_path / "o1", sha256=sha, downloads_dir=tmp_path).sha256 == sha
+    got = fetch(source.as_uri(), tmp_path / "o2", sha256=sha, downloads_dir=tmp_path)
+    assert got.path.read_bytes() == b"bundled bytes"
+    with pytest.raises(ChecksumMismatchError):
+        fetch(source, tmp_path / "o3", sha256="f" * 64, downloads_dir=tmp_path)
+    assert not (tmp_path / "o3").exists()
+    with pytest.raises(DownloadError, match="file not found"):
+        fetch(tmp_path / "nope", tmp_path / "o4", sha256=None, downloads_dir=tmp_path)
+
+
+def test_unsupported_scheme_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unsupported URL scheme 'ftp'"):
+        fetch("ftp://example.org/x", tmp_path / "x", sha256=None, downloads_dir=tmp_path)
+
+
+def test_plain_progress_prints_a_line_per_ten_percent() -> None:
+    stream = io.StringIO()  # not a TTY, like a CI log
+    with terminal_progress("WasmEdge 0.14.1", stream) as update:
+        for done in range(0, 1_000_001, 25_000):
+            update(done, 1_000_000)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "WasmEdge 0.14.1: 10% of 1.0 MB"
+    assert lines[-1] == "WasmEdge 0.14.1: 100% of 1.0 MB"
+    assert len(lines) == 10
+
+
+def test_silent_server_times_out_after_retries(tmp_path: Path) -> None:
+    with socket.socket() as listener:  # accepts TCP connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.tar.gz"
+        with pytest.raises(DownloadError, match=r"timed out \(gave up after 2 attempts"):
+            fetch(
+                url,
+                tmp_path / "x",
+                sha256=None,
+                downloads_dir=tmp_path / "dl",
+                timeout=0.2,
+                retries=2,
+            )

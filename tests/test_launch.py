@@ -1,0 +1,216 @@
+"""The launcher: what `run` would start, resolved from settings (no process is started).
+
+WasmEdge cannot be installed on these machines, so the `wasmedge` binaries here are the
+stand-in script of tests/support/standin_wasmedge.py (a test double at the process
+boundary) plus fake ELF plugin files; the launcher only needs them to exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgebundle.config import load_settings
+from edgebundle.errors import RuntimeNotFoundError, UsageError
+from edgebundle.runtime.launch import resolve_launch
+from tests.support.standin_wasmedge import fake_plugin, write_standin
+
+
+def install_runtime(home: Path) -> Path:
+    """The installer's layout: <home>/runtime/wasmedge-<v>-<variant>, `current` link to it."""
+    prefix = home / "runtime" / "wasmedge-0.14.1-cpu"
+    write_standin(prefix / "bin" / "wasmedge")
+    fake_plugin(prefix / "plugin" / "libwasmedgePluginWasiNN.so")
+    (prefix / "lib").mkdir()
+    (home / "runtime" / "current").symlink_to(prefix.name)
+    return home / "runtime" / "current" / "bin" / "wasmedge"
+
+
+def files(tmp_path: Path, app_name: str = "llama-api-server.wasm") -> tuple[Path, Path]:
+    model = tmp_path / "models" / "tiny.gguf"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    app = tmp_path / "apps" / app_name
+    app.parent.mkdir(parents=True, exist_ok=True)
+    app.write_bytes(b"\0asm\x01\0\0\0")
+    return model, app
+
+
+def env_with_path(*dirs: Path) -> dict[str, str]:
+    return {"PATH": os.pathsep.join([*map(str, dirs), "/usr/bin", "/bin"])}
+
+
+def value_after(argv: list[str] | tuple[str, ...], flag: str) -> str:
+    return argv[list(argv).index(flag) + 1]
+
+
+def test_dry_run_spec_has_the_api_shape(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double at the process boundary) in the installed layout."""
+    binary = install_runtime(home)
+    model, app = files(tmp_path)
+    settings = load_settings(
+        {"model": str(model), "app": str(app), "template": "llama-3-chat", "port": 8181},
+        environ={"EDGEBUNDLE_HOME": str(home)},
+    )
+    spec = resolve_launch(settings, environ=env_with_path())
+    data = spec.to_json()
+
+    assert set(data) == {"runtime", "argv", "env", "cwd"}
+    assert data["runtime"] == "wasmedge"
+    assert data["argv"] == [
+        str(binary), "--dir", ".:.", "--nn-preload", f"default:GGML:AUTO:{model}", str(app),
+        "--prompt-template", "llama-3-chat", "--ctx-size", "4096", "--model-name", "tiny",
+        "--model-alias", "default", "--socket-addr", "127.0.0.1:8181",
+    ]  # fmt: skip
+    current = home / "runtime" / "current"
+    assert data["env"]["WASMEDGE_PLUGIN_PATH"] == str(current / "plugin")
+    assert data["env"]["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(current / "lib")
+    assert data["env"]["PATH"].split(os.pathsep)[0] == str(current / "bin")
+    assert data["cwd"] == str(home)
+    # The preload name is the alias the app is told to look its model up by.
+    assert value_after(spec.argv, "--nn-preload").split(":")[0] == value_after(
+        spec.argv, "--model-alias"
+    )
+
+
+def test_installed_runtime_is_preferred_over_path(home: Path, tmp_path: Path) -> None:
+    """Two stand-in wasmedge scripts (test doubles): one installed, one on PATH."""
+    installed = install_runtime(home)
+    on_path = write_standin(tmp_path / "elsewhere" / "bin" / "wasmedge")
+    model, app = files(tmp_path)
+    settings = load_settings({"model": str(model), "app": str(app), "template": "chatml"})
+    spec = resolve_launch(settings, environ=env_with_path(on_path.parent))
+    assert spec.argv[0] == str(installed)
+
+
+def test_wasmedge_on_path_gets_an_explicit_plugin_path(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double) found on PATH, no installed runtime."""
+    on_path = write_standin(tmp_path / "opt" / "bin" / "wasmedge")
+    fake_plugin(tmp_path / "opt" / "plugin" / "libwasmedgePluginWasiNN.so")
+    model, app = files(tmp_path)
+    settings = load_settings({"model": str(model), "app": str(app), "template": "chatml"})
+
+    spec = resolve_launch(settings, environ=env_with_path(on_path.parent))
+    assert spec.argv[0] == str(on_path)
+    assert spec.env == {"WASMEDGE_PLUGIN_PATH": str(tmp_path / "opt" / "plugin")}
+
+    chosen = tmp_path / "plugins-a"
+    environ = {**env_with_path(on_path.parent), "WASMEDGE_PLUGIN_PATH": str(chosen)}
+    assert resolve_launch(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == str(chosen)
+
+
+def test_explicit_wasmedge_wins_and_a_missing_one_is_named(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge scripts (test doubles at the process boundary)."""
+    install_runtime(home)
+    explicit = write_standin(tmp_path / "mine" / "wasmedge")
+    model, app = files(tmp_path)
+    flags = {"model": str(model), "app": str(app), "template": "chatml"}
+    settings = load_settings({**flags, "wasmedge": str(explicit)})
+    spec = resolve_launch(settings, environ=env_with_path())
+    assert spec.argv[0] == str(explicit)
+
+    missing = tmp_path / "nope" / "wasmedge"
+    with pytest.raises(RuntimeNotFoundError, match=r"nope/wasmedge.*--wasmedge"):
+        resolve_launch(load_settings({**flags, "wasmedge": str(missing)}), environ=env_with_path())
+
+
+def test_llama_chat_gets_system_prompt_and_no_socket(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double) in the installed layout."""
+    install_runtime(home)
+    model, app = files(tmp_path, "llama-chat.wasm")
+    settings = load_settings(
+        {"model": str(model), "app": str(app), "template": "llama-3-chat", "ctx_size": 2048,
+         "system_prompt": "You are terse."}
+    )  # fmt: skip
+    spec = resolve_launch(settings, environ=env_with_path())
+    assert spec.kind == "llama-chat"
+    tail = list(spec.argv[spec.argv.index(str(app)) + 1 :])
+    assert tail == [
+        "--prompt-template", "llama-3-chat", "--ctx-size", "2048", "--model-name", "tiny",
+        "--model-alias", "default", "--system-prompt", "You are terse.",
+    ]  # fmt: skip
+
+
+def test_app_kind_from_name_or_setting(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double) in the installed layout."""
+    install_runtime(home)
+    model, app = files(tmp_path, "server.wasm")
+    flags = {"model": str(model), "app": str(app), "template": "chatml"}
+    with pytest.raises(UsageError, match=r"cannot tell which app server.wasm is.*--app-kind"):
+        resolve_launch(load_settings(flags), environ=env_with_path())
+    spec = resolve_launch(load_settings({**flags, "app_kind": "llama-api-server"}), environ={})
+    assert spec.kind == "llama-api-server" and "--socket-addr" in spec.argv
+
+    with pytest.raises(UsageError, match="edgechat app is not supported by this build yet"):
+        resolve_launch(load_settings({**flags, "app_kind": "edgechat"}), environ={})
+    _, edgechat = files(tmp_path, "edgechat.wasm")
+    with pytest.raises(UsageError, match="edgechat"):
+        resolve_launch(load_settings({**flags, "app": str(edgechat)}), environ={})
+
+
+def test_missing_inputs_name_the_flag_and_variable(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double) in the installed layout."""
+    install_runtime(home)
+    model, app = files(tmp_path)
+    with pytest.raises(UsageError, match=r"--model.*EDGEBUNDLE_MODEL"):
+        resolve_launch(load_settings({"app": str(app), "template": "t"}), environ={})
+    gone = tmp_path / "gone.gguf"
+    with pytest.raises(UsageError, match=rf"model file not found: {gone}.*--model"):
+        resolve_launch(load_settings({"model": str(gone), "app": str(app)}), environ={})
+    with pytest.raises(UsageError, match=r"no app given.*--app.*EDGEBUNDLE_APP"):
+        resolve_launch(load_settings({"model": str(model), "template": "t"}), environ={})
+    with pytest.raises(UsageError, match=r"app file not found.*--app"):
+        missing_app = load_settings({"model": str(model), "app": str(tmp_path / "x.wasm")})
+        resolve_launch(missing_app, environ={})
+    with pytest.raises(UsageError, match=r"--template NAME.*EDGEBUNDLE_TEMPLATE"):
+        resolve_launch(load_settings({"model": str(model), "app": str(app)}), environ={})
+
+
+def test_settings_come_from_the_environment(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double) in the installed layout."""
+    install_runtime(home)
+    model, app = files(tmp_path)
+    environ = {
+        "EDGEBUNDLE_HOME": str(home), "EDGEBUNDLE_MODEL": str(model), "EDGEBUNDLE_APP": str(app),
+        "EDGEBUNDLE_TEMPLATE": "phi-3-chat", "EDGEBUNDLE_PORT": "9001",
+    }  # fmt: skip
+    spec = resolve_launch(load_settings({}, environ=environ), environ=environ)
+    assert value_after(spec.argv, "--prompt-template") == "phi-3-chat"
+    assert value_after(spec.argv, "--socket-addr") == "127.0.0.1:9001"
+
+
+def test_no_runtime_errors_say_how_to_fix(home: Path, tmp_path: Path) -> None:
+    """No wasmedge anywhere (PATH holds only /usr/bin:/bin, which have none here)."""
+    model, app = files(tmp_path)
+    flags = {"model": str(model), "app": str(app), "template": "chatml"}
+    empty = env_with_path(tmp_path / "empty-bin")
+    with pytest.raises(RuntimeNotFoundError, match=r"no wasmedge found.*install\.sh.*--wasmedge"):
+        resolve_launch(load_settings({**flags, "runtime": "wasmedge"}), environ=empty)
+    with pytest.raises(RuntimeNotFoundError, match="embedded fallback is not part of this build"):
+        resolve_launch(load_settings({**flags, "runtime": "auto"}), environ=empty)
+    install_runtime(home)  # even with wasmedge installed, embedded is not available yet
+    with pytest.raises(RuntimeNotFoundError, match="embedded runtime is not part of this build"):
+        resolve_launch(load_settings({**flags, "runtime": "embedded"}), environ=empty)
+
+
+def test_pinned_app_and_model_fill_in_app_and_template(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double); the app and model names are the pinned ones."""
+    install_runtime(home)
+    pinned_app = home / "apps" / "llama-api-server-0.22.1.wasm"
+    pinned_app.parent.mkdir()
+    pinned_app.write_bytes(b"\0asm\x01\0\0\0")
+    model = tmp_path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    model.write_bytes(b"GGUF")
+    spec = resolve_launch(load_settings({"model": str(model)}), environ={})
+    assert spec.argv[5] == str(pinned_app)
+    assert value_after(spec.argv, "--prompt-template") == "llama-3-chat"
+
+
+def test_ipv6_host_is_bracketed(home: Path, tmp_path: Path) -> None:
+    """Stand-in wasmedge (test double) in the installed layout."""
+    install_runtime(home)
+    model, app = files(tmp_path)
+    settings = load_settings({"model": str(model), "app": str(app), "template": "t", "host": "::1"})
+    assert value_after(resolve_launch(settings, environ={}).argv, "--socket-addr") == "[::1]:8080"
