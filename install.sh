@@ -24,7 +24,9 @@ Options:
   --allow-unverified    accept pins that have no published sha256
   --require-wasmedge    fail when WasmEdge cannot be installed (no embedded fallback)
   --no-runtime          skip WasmEdge; install the package (and apps/models) only
-  --dev                 editable install of this checkout with test tools (.[dev])
+  --dev                 editable install of this checkout with test tools (.[dev]),
+                        plus redis-server and the wasm32-wasi C toolchain (apt)
+  --no-embedded         skip the embedded runtime (wasmtime + llama-cpp-python)
   --with-redis          apt-get install redis-server if it is missing (root or sudo)
   --python PY           Python >= 3.11 to build the venv with (default: python3)
   --update-profile      append `. <home>/env` to ~/.bashrc (never done otherwise)
@@ -59,6 +61,8 @@ python="python3"
 bundle=""
 dev=0
 with_redis=0
+with_toolchain=0
+embedded=1
 update_profile=0
 install_args=()
 
@@ -87,7 +91,8 @@ while [[ $# -gt 0 ]]; do
     --python) python="$value" ;;
     --variant | --app | --model | --lock | --pins) install_args+=("$arg" "$value") ;;
     --allow-unverified | --require-wasmedge | --no-runtime) install_args+=("$arg") ;;
-    --dev) dev=1 ;;
+    --dev) dev=1 with_redis=1 with_toolchain=1 ;;
+    --no-embedded) embedded=0 ;;
     --with-redis) with_redis=1 ;;
     --update-profile) update_profile=1 ;;
     *) usage_error "unknown option $arg" ;;
@@ -109,25 +114,40 @@ if [[ -n "$bundle" ]]; then
   bundle="$(cd "$bundle" && pwd)"
 fi
 
-# ---------------------------------------------------------------- Redis (optional)
+# ---------------------------------------------------------------- system packages (optional)
 
-if [[ $with_redis -eq 1 ]]; then
-  if command -v redis-server >/dev/null 2>&1; then
-    step "redis-server is already installed"
-  elif ! command -v apt-get >/dev/null 2>&1; then
-    die "--with-redis needs apt-get (Debian/Ubuntu); install redis-server with this system's package manager"
-  else
-    if [[ $(id -u) -eq 0 ]]; then
-      sudo=()
-    elif command -v sudo >/dev/null 2>&1; then
-      sudo=(sudo)
-    else
-      die "--with-redis needs root or sudo to run apt-get install redis-server"
-    fi
-    step "installing redis-server (apt-get)"
-    ${sudo[@]+"${sudo[@]}"} apt-get update -qq
-    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+apt_packages=()
+if [[ $with_redis -eq 1 ]] && ! command -v redis-server >/dev/null 2>&1; then
+  apt_packages+=(redis-server)
+fi
+# The guest (wasm/edgechat) is C built with clang for wasm32-wasi; tests rebuild it.
+wasm_toolchain_works() {
+  command -v clang >/dev/null 2>&1 || return 1
+  local probe
+  probe="$(mktemp -d)"
+  printf '#include <stdio.h>\nint main(void) { puts("ok"); return 0; }\n' >"$probe/probe.c"
+  clang --target=wasm32-wasi -O2 -o "$probe/probe.wasm" "$probe/probe.c" >/dev/null 2>&1
+  local status=$?
+  rm -rf -- "$probe"
+  return $status
+}
+if [[ $with_toolchain -eq 1 ]] && ! wasm_toolchain_works; then
+  apt_packages+=(clang lld wasi-libc libclang-rt-14-dev-wasm32)
+fi
+if [[ ${#apt_packages[@]} -gt 0 ]]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    die "needs apt-get (Debian/Ubuntu) to install ${apt_packages[*]}; install them with this system's package manager"
   fi
+  if [[ $(id -u) -eq 0 ]]; then
+    sudo=()
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+  else
+    die "needs root or sudo to run apt-get install ${apt_packages[*]}"
+  fi
+  step "installing ${apt_packages[*]} (apt-get)"
+  ${sudo[@]+"${sudo[@]}"} apt-get update -qq
+  ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 # ---------------------------------------------------------------- venv + package
@@ -157,6 +177,8 @@ else
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+extra=""
+[[ $embedded -eq 1 ]] && extra="[embedded]"
 
 if [[ -n "$bundle" ]]; then
   step "checking the bundle's wheels against $bundle/bundle.json"
@@ -173,13 +195,14 @@ for rel, sha in sorted(wheels.items()):
         sys.exit(f"install.sh: error: {path}: missing or sha256 mismatch; rebuild the bundle")
 PY
   step "installing edgebundle from $bundle/wheels (offline)"
-  "${pip[@]}" install -q --upgrade --no-index --find-links "$bundle/wheels" edgebundle
+  "${pip[@]}" install -q --upgrade --no-index --find-links "$bundle/wheels" "edgebundle$extra"
 elif [[ $dev -eq 1 ]]; then
-  step "installing $repo (editable, with the dev extra)"
+  step "installing $repo (editable, with the dev extra; llama-cpp-python builds from source the first time: ~3 min)"
   "${pip[@]}" install -q -e "$repo[dev]"
 else
-  step "installing $repo"
-  "${pip[@]}" install -q "$repo"
+  [[ -n "$extra" ]] && step "llama-cpp-python builds from source the first time (~3 min); --no-embedded skips it"
+  step "installing $repo$extra"
+  "${pip[@]}" install -q "$repo$extra"
 fi
 "$venv/bin/edgebundle" --version >/dev/null
 

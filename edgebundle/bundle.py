@@ -309,7 +309,8 @@ def _build_wheels(project: Path, wheel_dir: Path, log: Log) -> dict[str, str]:
     log(f"building wheels for {project} into {wheel_dir} (pip wheel)")
     wheel_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pip", "wheel", "--quiet"]
-    argv += ["--wheel-dir", str(wheel_dir), str(project)]
+    # With the embedded extra, so an offline device gets the zero-install runtime too.
+    argv += ["--wheel-dir", str(wheel_dir), f"{project}[embedded]"]
     completed = subprocess.run(argv, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         lines = (completed.stderr or completed.stdout).strip().splitlines()

@@ -5,8 +5,8 @@ Two lock files, both TOML (schema 1):
 - ``plugins/wasmedge.lock.toml``: ``[wasmedge]`` version, ``[plugin]`` name, library,
   version and GGML build, and ``[[asset]]`` rows (component ``wasmedge`` or
   ``plugin``; os; arch; variant for plugins; url; sha256).
-- ``wasm/pins.toml``: ``[[app]]`` rows (name, version, kind, url, sha256,
-  model_alias) and ``[[model]]`` rows (name, url, sha256, template, ctx_size).
+- ``wasm/pins.toml``: ``[[app]]`` rows (name, version, kind, url — or path, for a
+  file shipped beside the pins —, sha256, model_alias) and ``[[model]]`` rows (name, url, sha256, template, ctx_size).
 
 A sha256 is 64 lowercase hex digits or the word ``unknown``: a checksum that could
 not be read from a published source is never invented. An unknown pin is refused
@@ -190,6 +190,9 @@ class _Fields:
         return value
 
     def url(self) -> str:
+        if "path" in self.table and "url" not in self.table:
+            # A file shipped beside the pins (our own guest): a file URL to it.
+            return (self.path.parent / self.text("path")).resolve().as_uri()
         value = self.text("url")
         if not re.match(r"^(https?|file)://", value):
             raise PinError(f"{self.path}: {self.where}.url must be an http(s) or file URL")

@@ -85,7 +85,7 @@ def test_flags_reach_the_checks(home: Path, tmp_path: Path) -> None:
     assert report["runtime"] == "embedded"
     assert "not a GGUF file" in checks["model.file"]["summary"]
     assert "a.wasm does not exist" in checks["app.wasm"]["summary"]
-    assert "not implemented yet" in checks["model.template"]["summary"]
+    assert "--template chatml" in checks["model.template"]["summary"]
     assert str(other_home) in checks["host.disk"]["summary"]
 
 

@@ -73,9 +73,11 @@ def test_model_with_an_unknown_tensor_type_warns(home: Path, tmp_path: Path) -> 
 
 def test_template_checks_are_skipped_honestly(home: Path) -> None:
     without = diagnose(home)
-    assert without.check("model.template").summary == "no template configured"
+    assert without.check("model.template").summary == (
+        "no model configured: run and ask use the built-in demo model"
+    )
     with_template = diagnose(home, template="llama-3-chat")
     for check_id in ("model.template", "model.stop_tokens"):
         check = with_template.check(check_id)
         assert check.status == "skip"
-        assert "not implemented yet" in check.summary
+        assert "no model configured" in check.summary

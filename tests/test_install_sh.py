@@ -123,6 +123,7 @@ def test_install_from_checkout_then_rerun(
         str(home),
         "--python",
         sys.executable,
+        "--no-embedded",  # the package alone must work without the llama.cpp build
         "--lock",
         str(release.lock),
         "--pins",

@@ -1,0 +1,254 @@
+"""The wasi_ephemeral_nn host functions, called directly as a guest would call them.
+
+The guest's linear memory is a bytearray (edgebundle's BytesMemory); inference is
+real llama.cpp on scripted GGUF models generated here. These cover what the
+edgechat guest never calls (compute, reverse prompt, n-predict, small buffers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from edgebundle.errors import UsageError
+from edgebundle.runtime.embedded import ggml
+from edgebundle.runtime.embedded.preload import Preload, parse_preload
+from edgebundle.runtime.embedded.wasi_nn import BytesMemory, WasiNn
+from tests.support.guest import llama3_prompt
+
+REPLY = "Certainly, this tiny model answers quickly."
+TALK_REPLY = "Fine, thanks."
+TALK_AFTER = "Human: another question follows"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nn-models")
+    return {
+        "chat": write_scripted_model(root / "chat.gguf", ScriptedModelSpec(reply=REPLY)),
+        "talk": write_scripted_model(root / "talk.gguf", ScriptedModelSpec(
+            reply=TALK_REPLY, eot_is_special=False, after_end=TALK_AFTER)),
+    }
+
+
+class Guest:
+    """Calls the host functions with pointers into a bytearray 'linear memory'."""
+
+    def __init__(self, preloads: list[Preload]) -> None:
+        self.log = io.StringIO()
+        self.nn = WasiNn(preloads, log=self.log)
+        self.mem = BytesMemory(bytearray(1 << 20))
+        self.top = 64
+
+    def put(self, data: bytes) -> int:
+        ptr = self.top
+        self.mem.write(ptr, data)
+        self.top += (len(data) + 7) // 8 * 8 + 8
+        return ptr
+
+    def u32(self, ptr: int) -> int:
+        value: int = struct.unpack("<I", self.mem.read(ptr, 4))[0]
+        return value
+
+    def load(self, name: str, config: str | None = None) -> tuple[int, int]:
+        out = self.put(bytes(4))
+        raw = name.encode()
+        if config is None:
+            errno = self.nn.load_by_name(self.mem, self.put(raw), len(raw), out)
+        else:
+            errno = self.nn.load_by_name_with_config(self.mem, self.put(raw), len(raw),
+                                                     self.put(config.encode()), len(config), out)
+        return errno, self.u32(out)
+
+    def context(self, name: str = "default", config: str | None = None) -> int:
+        errno, graph = self.load(name, config)
+        assert errno == 0, self.log.getvalue()
+        out = self.put(bytes(4))
+        assert self.nn.init_execution_context(self.mem, graph, out) == 0
+        return self.u32(out)
+
+    def set_input(self, ctx: int, index: int, data: bytes, kind: int = 3) -> int:
+        dims = self.put(struct.pack("<I", 1))
+        tensor = self.put(struct.pack("<IIB3xII", dims, 1, kind, self.put(data), len(data)))
+        return self.nn.set_input(self.mem, ctx, index, tensor)
+
+    def output(self, ctx: int, index: int, cap: int = 4096,
+               single: bool = False) -> tuple[int, bytes, int]:
+        buf, written = self.put(bytes(cap)), self.put(bytes(4))
+        fetch = self.nn.get_output_single if single else self.nn.get_output
+        errno = fetch(self.mem, ctx, index, buf, cap, written)
+        size = self.u32(written)
+        return errno, self.mem.read(buf, min(size, cap)) if errno == 0 else b"", size
+
+    def generate(self, ctx: int, prompt: bytes, metadata: dict[str, object] | None = None) -> int:
+        if metadata is not None:
+            assert self.set_input(ctx, 1, json.dumps(metadata).encode()) == 0
+        assert self.set_input(ctx, 0, prompt) == 0
+        return self.nn.compute(ctx)
+
+
+@pytest.fixture
+def chat(models: dict[str, Path]) -> Guest:
+    return Guest([Preload("default", "ggml", "auto", str(models["chat"]))])
+
+
+@pytest.fixture
+def talk(models: dict[str, Path]) -> Guest:
+    return Guest([Preload("default", "ggml", "auto", str(models["talk"]))])
+
+
+def test_compute_includes_the_eog_piece(chat: Guest) -> None:
+    ctx = chat.context()
+    assert chat.generate(ctx, llama3_prompt("hello")) == 0  # end-of-sequence mapped to success
+    errno, text, size = chat.output(ctx, 0)
+    assert (errno, text) == (0, (REPLY + "<|eot_id|>").encode()) and size == len(text)
+    errno, info, _ = chat.output(ctx, 1)
+    n_out = len(REPLY.split()) + 1
+    assert info == (b'{"input_tokens": %d, "output_tokens": %d, "llama_build_number": 0, '
+                    b'"llama_commit": "unknown"}' % (json.loads(info)["input_tokens"], n_out))
+
+
+def test_compute_honours_n_predict_but_compute_single_does_not(chat: Guest) -> None:
+    ctx = chat.context()
+    assert chat.generate(ctx, llama3_prompt("hello"), {"n-predict": 2}) == 0
+    assert chat.output(ctx, 0)[1] == b"Certainly, this"
+    assert chat.set_input(ctx, 0, llama3_prompt("again")) == 0
+    pieces = []
+    while (errno := chat.nn.compute_single(ctx)) == 0:
+        pieces.append(chat.output(ctx, 0, single=True)[1])
+    assert errno == 100 and b"".join(pieces) == REPLY.encode()
+    assert chat.nn.fini_single(ctx) == 0
+
+
+def test_reverse_prompt_stops_a_model_that_talks_to_itself(talk: Guest) -> None:
+    ctx = talk.context()
+    assert talk.generate(ctx, llama3_prompt("hi")) == 0
+    assert talk.output(ctx, 0)[1].decode() == \
+        f"{TALK_REPLY}<|eot_id|>{TALK_AFTER}<|end_of_text|>"
+    assert talk.generate(ctx, llama3_prompt("hi"), {"reverse-prompt": "<|eot_id|>"}) == 0
+    assert talk.output(ctx, 0)[1].decode() == f"{TALK_REPLY}<|eot_id|>"
+
+
+def test_compute_single_ignores_the_reverse_prompt(talk: Guest) -> None:
+    ctx = talk.context()
+    assert talk.set_input(ctx, 1, b'{"reverse-prompt": "<|eot_id|>"}') == 0
+    assert talk.set_input(ctx, 0, llama3_prompt("hi")) == 0
+    text = b""
+    while talk.nn.compute_single(ctx) == 0:
+        text += talk.output(ctx, 0, single=True)[1]
+    assert text.decode() == f"{TALK_REPLY}<|eot_id|>{TALK_AFTER}"
+
+
+def test_small_output_buffer_answers_7_with_the_needed_size(chat: Guest) -> None:
+    ctx = chat.context()
+    assert chat.generate(ctx, llama3_prompt("hello")) == 0
+    need = len(REPLY) + len("<|eot_id|>")
+    assert chat.output(ctx, 0, cap=8) == (7, b"", need)
+    assert chat.output(ctx, 0, cap=need)[0] == 0
+    assert chat.output(ctx, 1, cap=4)[0] == 7
+    assert f"GGML backend: output buffer too small, need {need} bytes but got 8." \
+        in chat.log.getvalue()
+
+
+def test_invalid_metadata_json_is_2_and_a_wrong_type_is_1(chat: Guest) -> None:
+    ctx = chat.context()
+    assert chat.set_input(ctx, 1, b"{not json") == 2
+    assert chat.set_input(ctx, 1, b'{"ctx-size": "big"}') == 1
+    assert chat.set_input(ctx, 1, b'{"some-future-key": 1, "temp": -3}') == 0  # ignored, clamped
+    assert chat.nn.contexts[ctx] is not None
+    assert chat.nn.contexts[ctx].graph.settings.sampling.temp == 0.0
+    assert "[error] [WASI-NN] GGML backend: setInput: failed to parse metadata." \
+        in chat.log.getvalue()
+
+
+def test_a_python_exception_becomes_errno_5(chat: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = chat.context()
+    assert chat.set_input(ctx, 0, llama3_prompt("hello")) == 0
+
+    def broken(self: ggml.ExecutionContext) -> int:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(ggml.ExecutionContext, "compute_single", broken)
+    assert chat.nn.compute_single(ctx) == 5
+    assert "GGML backend: compute_single: unexpected RuntimeError: simulated bug" \
+        in chat.log.getvalue()
+
+
+def test_prompt_too_long_follows_ctx_size_from_the_load_config(chat: Guest) -> None:
+    ctx = chat.context(config='{"ctx-size": 256}')
+    assert chat.nn.contexts[ctx] is not None
+    assert chat.nn.contexts[ctx].graph.n_ctx == 256
+    assert chat.generate(ctx, llama3_prompt("x" * 300)) == 102
+    assert "compute: the prompt is too long." in chat.log.getvalue()
+
+
+def test_names_load_once_unknown_is_8_missing_file_is_103(tmp_path: Path, chat: Guest) -> None:
+    first, second = chat.load("default"), chat.load("default")
+    assert first == second == (0, 0)
+    assert chat.load("nope")[0] == 8
+    guest = Guest([Preload("gone", "ggml", "auto", str(tmp_path / "gone.gguf"))])
+    assert guest.load("gone")[0] == 103
+    assert "load: model file not found." in guest.log.getvalue()
+
+
+def test_load_with_a_preload_builder_and_encodings(chat: Guest, models: dict[str, Path]) -> None:
+    raw = f"preload:{models['chat']}".encode()
+    builders = chat.put(struct.pack("<II", chat.put(raw), len(raw)))
+    out = chat.put(bytes(4))
+    assert chat.nn.load(chat.mem, builders, 1, 0, 0, out) == 2  # OpenVINO: not here
+    assert chat.nn.load(chat.mem, builders, 1, 6, 3, out) == 0  # GGML, AUTO
+    graph = chat.u32(out)
+    ctx_out = chat.put(bytes(4))
+    assert chat.nn.init_execution_context(chat.mem, graph, ctx_out) == 0
+    ctx = chat.u32(ctx_out)
+    assert chat.generate(ctx, llama3_prompt("hey")) == 0
+    assert chat.nn.finalize_execution_context(ctx) == 0
+    assert chat.nn.compute(ctx) == 1
+    assert chat.nn.unload(graph) == 0
+    assert chat.nn.init_execution_context(chat.mem, graph, ctx_out) == 1
+
+
+def test_bad_pointers_and_tensor_types_are_invalid_arguments(chat: Guest) -> None:
+    ctx = chat.context()
+    assert chat.nn.set_input(chat.mem, ctx, 0, (1 << 20) - 4) == 1
+    assert chat.set_input(ctx, 0, b"hi", kind=9) == 1
+    assert chat.nn.compute(ctx) == 1  # no input yet
+    assert chat.nn.compute(99) == 1
+
+
+def test_preload_flag_is_parsed_like_the_plugin() -> None:
+    assert parse_preload("default:ggml:auto:/m/a:b.gguf") == \
+        Preload("default", "ggml", "auto", "/m/a:b.gguf")
+    assert parse_preload("x:GGML:CPU:m.gguf").target == "cpu"
+    with pytest.raises(UsageError, match="GGML models only"):
+        parse_preload("x:openvino:cpu:m.xml")
+    with pytest.raises(UsageError, match="unknown target"):
+        parse_preload("x:ggml:npu:m.gguf")
+    with pytest.raises(UsageError, match="NAME:ENCODING:TARGET:PATH"):
+        parse_preload("m.gguf")
+
+
+@pytest.mark.parametrize("metadata", [
+    {"mirostat": 2}, {"mirostat": 1}, {"dry-multipier": 0.8}, {"temp": 0},
+    {"top-k": 1, "top-p": 0.5, "min-p": 0.2, "typ-p": 0.9, "seed": 42, "repeat-penalty": 1.1},
+])
+def test_sampler_options_build_working_chains(chat: Guest, metadata: dict[str, object]) -> None:
+    ctx = chat.context()
+    assert chat.generate(ctx, llama3_prompt("hello"), metadata) == 0, chat.log.getvalue()
+    assert chat.output(ctx, 0)[1] == (REPLY + "<|eot_id|>").encode()
+
+
+def test_grammar_and_json_schema_constrain_compute(chat: Guest) -> None:
+    ctx = chat.context()
+    assert chat.generate(ctx, llama3_prompt("hello"), {"grammar": 'root ::= "Certainly,"'}) == 0
+    assert chat.output(ctx, 0)[1].startswith(b"Certainly,<|")  # then only an EOG may follow
+    schema = json.dumps({"type": "string"})
+    assert chat.generate(ctx, llama3_prompt("hello"), {"grammar": "", "json-schema": schema,
+                                                       "n-predict": 3}) == 0
+    assert chat.output(ctx, 0)[1].startswith(b'"')
+    assert chat.set_input(ctx, 1, b'{"json-schema": "{not a schema"}') == 1
