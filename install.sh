@@ -117,8 +117,12 @@ fi
 # ---------------------------------------------------------------- system packages (optional)
 
 apt_packages=()
-if [[ $with_redis -eq 1 ]] && ! command -v redis-server >/dev/null 2>&1; then
-  apt_packages+=(redis-server)
+if [[ $with_redis -eq 1 ]]; then
+  if command -v redis-server >/dev/null 2>&1; then
+    step "redis-server is already installed"
+  else
+    apt_packages+=(redis-server)
+  fi
 fi
 # The guest (wasm/edgechat) is C built with clang for wasm32-wasi; tests rebuild it.
 wasm_toolchain_works() {
