@@ -1,5 +1,11 @@
 """The wasm apps ``run`` can start, and how each one is invoked and probed.
 
+The default app is edgebundle's own chat guest, ``edgechat.wasm`` (wasm/edgechat/):
+its tail is ``--model-alias NAME --config JSON`` (the GGML load options), and it
+speaks the stdin/stdout protocol of :mod:`edgebundle.guest_protocol`, so it has no
+network side; ``run`` puts the HTTP gateway in front of it. The LlamaEdge apps
+below are still supported on WasmEdge.
+
 An app runs as ``wasmedge --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm>
 <tail>``; this module owns the tail and the readiness probe for each app kind
 (:data:`edgebundle.pins.APP_KINDS`).
@@ -23,6 +29,7 @@ shows up at the first request.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,17 +76,17 @@ def app_kind(app: Path, explicit: str | None = None) -> str:
                 "llama-chat*.wasm, or pass --app-kind llama-api-server|llama-chat"
             )
         kind = guessed
-    if kind == "edgechat":
-        # Our own guest needs the embedded runtime's host side; it lands with it.
-        raise UsageError(
-            "the edgechat app is not supported by this build yet; run a LlamaEdge app "
-            "(--app llama-api-server.wasm or llama-chat.wasm)"
-        )
     return kind
 
 
 def app_args(kind: str, options: AppOptions) -> list[str]:
     """The arguments after ``<app.wasm>`` for an app of ``kind``."""
+    if kind == "edgechat":
+        # Prompt template and system prompt live in the orchestrator, not the guest.
+        return [
+            "--model-alias", options.model_alias,
+            "--config", json.dumps(load_config(options.ctx_size), separators=(",", ":")),
+        ]  # fmt: skip
     common = [
         "--prompt-template", options.template,
         "--ctx-size", str(options.ctx_size),
@@ -93,6 +100,15 @@ def app_args(kind: str, options: AppOptions) -> list[str]:
         extra = ["--system-prompt", options.system_prompt] if options.system_prompt else []
         return [*common, *extra]
     raise UsageError(f"no launch recipe for app kind {kind!r}")
+
+
+def load_config(ctx_size: int) -> dict[str, int]:
+    """The GGML plugin options edgechat loads its model with (load_by_name_with_config).
+
+    ctx-size must be given at load: the plugin builds the llama context then, and a
+    later metadata ctx-size does not rebuild it.
+    """
+    return {"ctx-size": ctx_size}
 
 
 def socket_addr(host: str, port: int) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from edgebundle.config import load_settings
 from edgebundle.errors import RuntimeNotFoundError, UsageError
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.runtime.launch import DEMO_MODEL_NOTE, default_app, resolve_launch, wasmedge_launch
 from tests.support.standin_wasmedge import fake_plugin, write_standin
 
 
@@ -117,14 +117,20 @@ def test_explicit_wasmedge_wins_and_a_missing_one_is_named(home: Path, tmp_path:
 
 
 def test_llama_chat_gets_system_prompt_and_no_socket(home: Path, tmp_path: Path) -> None:
-    """Stand-in wasmedge (test double) in the installed layout."""
+    """Stand-in wasmedge (test double) in the installed layout.
+
+    `run` refuses llama-chat (it is interactive and run gives it no terminal), but its
+    command line is still built right for whoever starts it.
+    """
     install_runtime(home)
     model, app = files(tmp_path, "llama-chat.wasm")
     settings = load_settings(
         {"model": str(model), "app": str(app), "template": "llama-3-chat", "ctx_size": 2048,
          "system_prompt": "You are terse."}
     )  # fmt: skip
-    spec = resolve_launch(settings, environ=env_with_path())
+    with pytest.raises(UsageError, match=r"interactive terminal app.*edgebundle exec"):
+        resolve_launch(settings, environ=env_with_path())
+    spec = wasmedge_launch(settings, app=app, model=model, environ=env_with_path())
     assert spec.kind == "llama-chat"
     tail = list(spec.argv[spec.argv.index(str(app)) + 1 :])
     assert tail == [
@@ -143,29 +149,43 @@ def test_app_kind_from_name_or_setting(home: Path, tmp_path: Path) -> None:
     spec = resolve_launch(load_settings({**flags, "app_kind": "llama-api-server"}), environ={})
     assert spec.kind == "llama-api-server" and "--socket-addr" in spec.argv
 
-    with pytest.raises(UsageError, match="edgechat app is not supported by this build yet"):
-        resolve_launch(load_settings({**flags, "app_kind": "edgechat"}), environ={})
+    # The chat guest's tail: the alias and the load options; the template stays outside.
+    spec = resolve_launch(load_settings({**flags, "app_kind": "edgechat"}), environ={})
+    assert spec.kind == "edgechat"
+    assert list(spec.argv[spec.argv.index(str(app)) + 1 :]) == [
+        "--model-alias", "default", "--config", '{"ctx-size":4096}'
+    ]  # fmt: skip
     _, edgechat = files(tmp_path, "edgechat.wasm")
-    with pytest.raises(UsageError, match="edgechat"):
-        resolve_launch(load_settings({**flags, "app": str(edgechat)}), environ={})
+    spec = resolve_launch(load_settings({**flags, "app": str(edgechat)}), environ={})
+    assert spec.kind == "edgechat"
 
 
 def test_missing_inputs_name_the_flag_and_variable(home: Path, tmp_path: Path) -> None:
     """Stand-in wasmedge (test double) in the installed layout."""
     install_runtime(home)
     model, app = files(tmp_path)
-    with pytest.raises(UsageError, match=r"--model.*EDGEBUNDLE_MODEL"):
-        resolve_launch(load_settings({"app": str(app), "template": "t"}), environ={})
     gone = tmp_path / "gone.gguf"
     with pytest.raises(UsageError, match=rf"model file not found: {gone}.*--model"):
         resolve_launch(load_settings({"model": str(gone), "app": str(app)}), environ={})
-    with pytest.raises(UsageError, match=r"no app given.*--app.*EDGEBUNDLE_APP"):
-        resolve_launch(load_settings({"model": str(model), "template": "t"}), environ={})
     with pytest.raises(UsageError, match=r"app file not found.*--app"):
         missing_app = load_settings({"model": str(model), "app": str(tmp_path / "x.wasm")})
         resolve_launch(missing_app, environ={})
     with pytest.raises(UsageError, match=r"--template NAME.*EDGEBUNDLE_TEMPLATE"):
         resolve_launch(load_settings({"model": str(model), "app": str(app)}), environ={})
+
+
+def test_no_model_and_no_app_mean_the_demo_model_and_the_chat_guest(
+    home: Path, tmp_path: Path
+) -> None:
+    """Stand-in wasmedge (test double) in the installed layout."""
+    install_runtime(home)
+    spec = resolve_launch(load_settings({"runtime": "wasmedge"}), environ={})
+    assert spec.notes == (DEMO_MODEL_NOTE,)
+    assert spec.model is not None and spec.model.parent == home / "models"
+    assert spec.model.is_file()  # generated on first use
+    assert spec.app == default_app() and spec.kind == "edgechat"
+    assert spec.argv[5] == str(default_app())
+    assert value_after(spec.argv, "--config") == '{"ctx-size":512}'  # the demo model's context
 
 
 def test_settings_come_from_the_environment(home: Path, tmp_path: Path) -> None:
@@ -188,14 +208,17 @@ def test_no_runtime_errors_say_how_to_fix(home: Path, tmp_path: Path) -> None:
     empty = env_with_path(tmp_path / "empty-bin")
     with pytest.raises(RuntimeNotFoundError, match=r"no wasmedge found.*install\.sh.*--wasmedge"):
         resolve_launch(load_settings({**flags, "runtime": "wasmedge"}), environ=empty)
-    with pytest.raises(RuntimeNotFoundError, match="embedded fallback is not part of this build"):
+    # llama-api-server has no embedded fallback (it needs WasmEdge's sockets) ...
+    with pytest.raises(RuntimeNotFoundError, match=r"no wasmedge found.*runs only on WasmEdge"):
         resolve_launch(load_settings({**flags, "runtime": "auto"}), environ=empty)
-    install_runtime(home)  # even with wasmedge installed, embedded is not available yet
-    with pytest.raises(RuntimeNotFoundError, match="embedded runtime is not part of this build"):
+    with pytest.raises(UsageError, match=r"cannot run on the embedded runtime.*--runtime wasmedge"):
         resolve_launch(load_settings({**flags, "runtime": "embedded"}), environ=empty)
+    # ... the chat guest has: auto falls back to the embedded runtime and says why.
+    spec = resolve_launch(load_settings({"model": str(model)}), environ=empty)
+    assert (spec.runtime, spec.reason) == ("embedded", "auto: no wasmedge found")
 
 
-def test_pinned_app_and_model_fill_in_app_and_template(home: Path, tmp_path: Path) -> None:
+def test_pinned_model_fills_in_the_template(home: Path, tmp_path: Path) -> None:
     """Stand-in wasmedge (test double); the app and model names are the pinned ones."""
     install_runtime(home)
     pinned_app = home / "apps" / "llama-api-server-0.22.1.wasm"
@@ -203,9 +226,11 @@ def test_pinned_app_and_model_fill_in_app_and_template(home: Path, tmp_path: Pat
     pinned_app.write_bytes(b"\0asm\x01\0\0\0")
     model = tmp_path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
     model.write_bytes(b"GGUF")
-    spec = resolve_launch(load_settings({"model": str(model)}), environ={})
+    spec = resolve_launch(load_settings({"model": str(model), "app": str(pinned_app)}), environ={})
     assert spec.argv[5] == str(pinned_app)
     assert value_after(spec.argv, "--prompt-template") == "llama-3-chat"
+    # An installed LlamaEdge app is used only when asked for: the default is the chat guest.
+    assert resolve_launch(load_settings({"model": str(model)}), environ={}).kind == "edgechat"
 
 
 def test_ipv6_host_is_bracketed(home: Path, tmp_path: Path) -> None:

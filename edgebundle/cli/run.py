@@ -1,4 +1,4 @@
-"""`edgebundle run`: start the chat app under a supervisor (or print it with --dry-run)."""
+"""`edgebundle run`: serve the chat (gateway + supervised guest), or print it with --dry-run."""
 
 from __future__ import annotations
 
@@ -13,19 +13,30 @@ from edgebundle.runtime.serve import ServeInfo, serve
 
 
 def _announce(info: ServeInfo) -> None:
+    if info.template:  # the chat guest behind the gateway
+        click.echo(
+            f"serving {info.model} with {info.template} on {info.url} "
+            f"(runtime {info.runtime}: {info.reason})"
+        )
+        return
     where = f" on {info.url}" if info.url else ""
     click.echo(
         f"serving {info.app}{where} (runtime {info.runtime}, pid {info.pid}, logs: {info.log_path})"
     )
 
 
+def _note(text: str) -> None:
+    click.echo(f"edgebundle: {text}", err=True)
+
+
 @click.command()
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="Runtime (default auto).")
 @click.option("--model", type=click.Path(dir_okay=False), help="GGUF model file.")
-@click.option("--app", type=click.Path(dir_okay=False), help="App wasm (llama-api-server.wasm).")
+@click.option("--app", type=click.Path(dir_okay=False),
+              help="App wasm (default: the built-in edgechat.wasm).")
 @click.option("--app-kind", type=click.Choice(APP_KINDS), help="App kind if the name does not say.")
 @click.option("--template", help="Prompt template, e.g. llama-3-chat.")
-@click.option("--system-prompt", help="System prompt (llama-chat).")
+@click.option("--system-prompt", help="System prompt for every conversation.")
 @click.option("--ctx-size", type=click.IntRange(min=1), help="Context size (default 4096).")
 @click.option("--redis-url", help="Sync Redis, redis://[user:password@]host:port[/db].")
 @click.option("--device-id", help="This device's id.")
@@ -36,9 +47,12 @@ def _announce(info: ServeInfo) -> None:
 @click.option("--no-preflight", is_flag=True, help="Start without running doctor's checks first.")
 @click.pass_context
 def run(ctx: click.Context, /, dry_run: bool, no_preflight: bool, **flags: object) -> None:
-    """Start the chat app under a supervisor until Ctrl-C or SIGTERM."""
+    """Serve the chat over an OpenAI-compatible API until Ctrl-C or SIGTERM."""
     settings = load_settings({**flags, "home": (ctx.obj or {}).get("home")})
     if dry_run:
-        click.echo(json.dumps(resolve_launch(settings).to_json(), indent=2))
+        spec = resolve_launch(settings)
+        for note in spec.notes:
+            _note(note)
+        click.echo(json.dumps(spec.to_json(), indent=2))
         return
-    serve(settings, preflight=not no_preflight, on_ready=_announce)
+    serve(settings, preflight=not no_preflight, on_ready=_announce, on_note=_note)

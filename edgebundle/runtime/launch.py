@@ -1,34 +1,44 @@
-"""What ``run`` starts: one :class:`LaunchSpec` (argv, env, cwd), resolved from Settings.
+"""What ``run`` and ``ask`` start: one :class:`LaunchSpec` (argv, env, cwd), resolved from Settings.
 
 ``run --dry-run`` prints exactly the spec the supervisor would start, so the two can
-never disagree. For the ``wasmedge`` runtime the command is::
+never disagree. Both runtimes run the same app with the same argv tail::
 
-    <wasmedge> --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <app args>
+    <wasmedge> --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <tail>
+    <python> -m edgebundle exec --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <tail>
 
-with absolute paths, the working directory ``EDGEBUNDLE_HOME`` (what ``--dir .:.``
-maps), and ``WASMEDGE_PLUGIN_PATH`` always set explicitly (plus PATH and
-LD_LIBRARY_PATH for the installed runtime), because WasmEdge otherwise loads whichever
-plugin copy it meets first.
+(``edgebundle exec`` takes wasmedge's flags and runs the app on the embedded
+runtime), with absolute paths and the working directory ``EDGEBUNDLE_HOME`` (what
+``--dir .:.`` maps). For wasmedge, ``WASMEDGE_PLUGIN_PATH`` is always set explicitly
+(plus PATH and LD_LIBRARY_PATH for the installed runtime), because WasmEdge
+otherwise loads whichever plugin copy it meets first.
+
+The app defaults to the packaged chat guest ``edgechat.wasm`` and the model to the
+built-in demo model; ``--runtime auto`` uses wasmedge when doctor's wasmedge checks
+pass, else the embedded runtime. Every such choice is reported in ``reason`` /
+``notes``, so the user reads which runtime and model run, and why.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgebundle import apps
+from edgebundle import apps, resources
 from edgebundle.config import Settings
-from edgebundle.errors import RuntimeNotFoundError, UsageError
+from edgebundle.demo_model import demo_model_path
+from edgebundle.errors import EdgebundleError, RuntimeNotFoundError, UsageError
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.runtime import wasmedge
 
-EMBEDDED_UNAVAILABLE = (
-    "the embedded runtime is not part of this build yet; install WasmEdge with "
-    "./install.sh or pass --runtime wasmedge"
+DEFAULT_APP = "edgechat.wasm"
+DEMO_MODEL_NOTE = (
+    "no model configured: using the built-in demo model (it only says one sentence); "
+    "pass --model FILE.gguf"
 )
 
 
@@ -42,6 +52,10 @@ class LaunchSpec:
     cwd: Path
     kind: str = ""  # app kind (apps.APP_KINDS); decides the readiness probe
     app: Path | None = None
+    model: Path | None = None
+    ctx_size: int = 0  # the context size the app loads the model with
+    reason: str = ""  # why this runtime, e.g. "auto: no wasmedge found"
+    notes: tuple[str, ...] = ()  # what the user must be told (e.g. the demo model is used)
 
     def to_json(self) -> dict[str, Any]:
         """The ``run --dry-run`` object of API.md."""
@@ -53,28 +67,110 @@ class LaunchSpec:
         }
 
 
+def default_app() -> Path:
+    """The packaged chat guest."""
+    return resources.wasm_dir() / DEFAULT_APP
+
+
 def resolve_launch(settings: Settings, environ: Mapping[str, str] | None = None) -> LaunchSpec:
-    """The one spec ``run`` starts for these settings (inputs checked before the runtime)."""
+    """The one spec ``run`` / ``ask`` start for these settings (inputs checked first)."""
     env = os.environ if environ is None else environ
-    model = _require_model(settings)
-    app = settings.app if settings.app is not None else _installed_default_app(settings)
-    if app is None:
-        raise UsageError(
-            "no app given: pass --app PATH to llama-api-server.wasm or llama-chat.wasm, "
-            "set EDGEBUNDLE_APP, or install the pinned app with ./install.sh"
-        )
+    notes: list[str] = []
+    model = settings.model
+    if model is None:
+        model = _demo_model(settings)
+        notes.append(DEMO_MODEL_NOTE)
+    app = settings.app if settings.app is not None else default_app()
     model, app = _existing_inputs(model, app)
     kind = apps.app_kind(app, settings.app_kind)
-    if settings.runtime == "embedded":
-        raise RuntimeNotFoundError(EMBEDDED_UNAVAILABLE)
-    found = wasmedge.locate(settings.layout, settings.wasmedge, env)
-    if settings.runtime == "auto" and found is None:
-        # auto falls back to the embedded runtime where no wasmedge is installed.
-        raise RuntimeNotFoundError(
-            f"{_no_wasmedge_message(settings)} (the embedded fallback is not part of this "
-            "build yet)"
+    if kind == "llama-chat":
+        raise UsageError(
+            f"{app.name} is an interactive terminal app and `run` has no terminal to give it: "
+            "use `edgebundle ask`, or start it yourself with `edgebundle exec` / `wasmedge` "
+            "(same flags); `run` serves the edgechat app or llama-api-server"
         )
-    return wasmedge_launch(settings, app=app, model=model, kind=kind, environ=env)
+    runtime, reason = choose_runtime(settings, kind=kind, model=model, app=app, environ=env)
+    if runtime == "embedded":
+        spec = embedded_launch(settings, app=app, model=model, kind=kind)
+    else:
+        spec = wasmedge_launch(settings, app=app, model=model, kind=kind, environ=env)
+    return replace(spec, reason=reason, notes=tuple(notes))
+
+
+def _demo_model(settings: Settings) -> Path:
+    try:
+        return demo_model_path(settings.layout.models)
+    except ImportError as exc:  # gguf/numpy come with the embedded extra
+        raise RuntimeNotFoundError(
+            f"no model configured, and the built-in demo model cannot be generated here "
+            f"({exc.name or exc} is not installed): pass --model FILE.gguf, or install "
+            "edgebundle[embedded]"
+        ) from None
+
+
+def choose_runtime(
+    settings: Settings, *, kind: str, model: Path, app: Path, environ: Mapping[str, str]
+) -> tuple[str, str]:
+    """``(runtime, why)`` for ``settings.runtime``; raises when none can run ``kind``."""
+    if settings.runtime == "wasmedge":
+        return "wasmedge", "chosen with --runtime"
+    if settings.runtime == "embedded":
+        _require_embeddable(kind, "--runtime embedded")
+        return "embedded", "chosen with --runtime"
+    setup = wasmedge.locate(settings.layout, settings.wasmedge, environ)
+    if kind != "edgechat":
+        # LlamaEdge's apps need WasmEdge's socket extension: there is nothing to fall back to.
+        if setup is None:
+            raise RuntimeNotFoundError(
+                f"{_no_wasmedge_message(settings)} ({kind} runs only on WasmEdge; the built-in "
+                "edgechat app also runs without it: drop --app)"
+            )
+        return "wasmedge", f"auto: {kind} runs only on WasmEdge"
+    if setup is None:
+        return "embedded", "auto: no wasmedge found"
+    failed = _failed_wasmedge_checks(
+        replace(settings, model=model, app=app), environ
+    )
+    if failed:
+        return "embedded", f"auto: wasmedge fails doctor's {', '.join(failed)} check(s)"
+    return "wasmedge", "auto: doctor's wasmedge checks pass"
+
+
+def _failed_wasmedge_checks(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    from edgebundle.doctor import run_doctor  # doctor imports much; only auto needs it
+
+    report = run_doctor(settings, runtime="wasmedge", environ=environ, online=False)
+    return [c.id for c in report.checks if c.id.startswith("wasmedge.") and c.status == "fail"]
+
+
+def _require_embeddable(kind: str, why: str) -> None:
+    if kind != "edgechat":
+        raise UsageError(
+            f"{why}: {kind} cannot run on the embedded runtime (it needs WasmEdge's socket "
+            "extension); pass --runtime wasmedge, or drop --app to serve the built-in edgechat app"
+        )
+
+
+def embedded_launch(settings: Settings, *, app: Path, model: Path, kind: str) -> LaunchSpec:
+    """``python -m edgebundle exec …``: the app on the embedded runtime, wasmedge's argv."""
+    model, app = _existing_inputs(model, app)
+    _require_embeddable(kind, "the embedded runtime")
+    options = _options(settings, app=app, model=model, kind=kind)
+    argv = (
+        sys.executable, "-m", "edgebundle", "exec",
+        *_runtime_args(options, model), str(app), *apps.app_args(kind, options),
+    )  # fmt: skip
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return LaunchSpec(
+        runtime="embedded",
+        argv=argv,
+        env={},
+        cwd=_absolute(settings.home),
+        kind=kind,
+        app=app,
+        model=model,
+        ctx_size=options.ctx_size,
+    )
 
 
 def wasmedge_launch(
@@ -92,21 +188,10 @@ def wasmedge_launch(
     setup = wasmedge.locate(settings.layout, settings.wasmedge, env)
     if setup is None:
         raise RuntimeNotFoundError(_no_wasmedge_message(settings))
-    options = apps.AppOptions(
-        template=_template(settings, model, app_kind),
-        ctx_size=settings.ctx_size,
-        model_name=model.stem,
-        host=settings.host,
-        port=settings.port,
-        model_alias=_model_alias(app),
-        system_prompt=settings.system_prompt,
-    )
+    options = _options(settings, app=app, model=model, kind=app_kind)
     argv = (
         str(_absolute(setup.binary)),
-        "--dir", ".:.",
-        "--nn-preload", f"{options.model_alias}:GGML:AUTO:{model}",
-        str(app),
-        *apps.app_args(app_kind, options),
+        *_runtime_args(options, model), str(app), *apps.app_args(app_kind, options),
     )  # fmt: skip
     launch_env = dict(setup.env)
     # Explicit even when empty: an inherited value would silently pick other plugins.
@@ -119,7 +204,39 @@ def wasmedge_launch(
         cwd=_absolute(settings.home),
         kind=app_kind,
         app=app,
+        model=model,
+        ctx_size=options.ctx_size,
     )
+
+
+def _runtime_args(options: apps.AppOptions, model: Path) -> tuple[str, ...]:
+    """wasmedge's own flags, the same for ``wasmedge`` and ``edgebundle exec``."""
+    return ("--dir", ".:.", "--nn-preload", f"{options.model_alias}:GGML:AUTO:{model}")
+
+
+def _options(settings: Settings, *, app: Path, model: Path, kind: str) -> apps.AppOptions:
+    chat_guest = kind == "edgechat"
+    return apps.AppOptions(
+        # edgechat is handed rendered prompts; the LlamaEdge apps render themselves.
+        template="" if chat_guest else _template(settings, model, kind),
+        ctx_size=effective_ctx_size(settings.ctx_size, model) if chat_guest else settings.ctx_size,
+        model_name=model.stem,
+        host=settings.host,
+        port=settings.port,
+        model_alias=_model_alias(app),
+        system_prompt=settings.system_prompt,
+    )
+
+
+def effective_ctx_size(requested: int, model: Path) -> int:
+    """``requested``, clipped to the context the model was trained for (if it says)."""
+    from edgebundle.model_info import load_model_info
+
+    try:
+        trained = load_model_info(model).context_length
+    except (EdgebundleError, OSError, ValueError):
+        return requested  # unreadable metadata: the guest reports the broken model itself
+    return min(requested, trained) if trained else requested
 
 
 def _absolute(path: Path) -> Path:
@@ -137,14 +254,6 @@ def _existing_inputs(model: Path, app: Path) -> tuple[Path, Path]:
     return model, app
 
 
-def _require_model(settings: Settings) -> Path:
-    if settings.model is None:
-        raise UsageError(
-            "no model given: pass --model PATH to a .gguf file or set EDGEBUNDLE_MODEL"
-        )
-    return settings.model
-
-
 def _no_wasmedge_message(settings: Settings) -> str:
     if settings.wasmedge is not None:
         return (
@@ -156,15 +265,6 @@ def _no_wasmedge_message(settings: Settings) -> str:
         f"no wasmedge found (looked at {installed} and PATH): install it with ./install.sh, "
         "put wasmedge on PATH, or pass --wasmedge PATH"
     )
-
-
-def _installed_default_app(settings: Settings) -> Path | None:
-    """The pinned llama-api-server the installer put under <home>/apps, if it is there."""
-    for pin in load_app_pins(app_pins_file()).apps:
-        candidate = settings.layout.apps / f"{pin.name}-{pin.version}.wasm"
-        if pin.kind == "llama-api-server" and candidate.is_file():
-            return candidate
-    return None
 
 
 def _template(settings: Settings, model: Path, kind: str) -> str:

@@ -1,17 +1,22 @@
 """``edgebundle run`` without the CLI: preflight, supervise, serve until signalled.
 
-SIGINT and SIGTERM only set a stop event (when called on the main thread); the child
-is then stopped in order by the supervisor (SIGTERM, grace, SIGKILL of its own pid)
-and :func:`serve` returns normally.
+The edgechat app (the default) is served through the HTTP gateway
+(:mod:`edgebundle.gateway`): /healthz answers 503 at once, 200 once the guest is
+ready. A LlamaEdge llama-api-server serves HTTP itself and is only supervised.
+
+SIGINT and SIGTERM only set a stop event (when called on the main thread); the
+gateway and the child are then stopped in order (the supervisor sends SIGTERM,
+waits, then SIGKILLs its own pid) and :func:`serve` returns normally.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -33,6 +38,9 @@ class ServeInfo:
     runtime: str
     pid: int | None
     log_path: Path
+    model: str = ""  # the model's name in the API (edgechat)
+    template: str = ""  # the prompt template (edgechat)
+    reason: str = ""  # why this runtime
 
 
 def serve(
@@ -43,11 +51,23 @@ def serve(
     stop: threading.Event | None = None,
     environ: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    on_note: Callable[[str], None] | None = None,
 ) -> None:
-    """Start the app under a supervisor and keep it up until ``stop`` or a signal."""
+    """Start the app under a supervisor and keep it up until ``stop`` or a signal.
+
+    ``on_note`` gets what the user must be told first (e.g. the demo model is used);
+    ``on_ready`` gets the :class:`ServeInfo` once it serves (edgechat: once the
+    gateway listens, while the model may still load).
+    """
     spec = resolve_launch(settings, environ)
+    for note in spec.notes:
+        if on_note is not None:
+            on_note(note)
     if preflight:
-        run_preflight(settings, spec, environ)
+        run_preflight(replace(settings, model=spec.model, app=spec.app), spec, environ)
+    if spec.kind == "edgechat":
+        _serve_chat(settings, spec, on_ready=on_ready, stop=stop, ready_timeout=ready_timeout)
+        return
     probe = apps.readiness_probe(spec.kind, settings.host, settings.port)
     if probe is not None and probe():
         # Someone else answers there: the probe would pass for the wrong server.
@@ -72,6 +92,40 @@ def serve(
             supervisor.run_until(stop_event)
         finally:
             supervisor.stop()
+
+
+def _serve_chat(
+    settings: Settings,
+    spec: LaunchSpec,
+    *,
+    on_ready: Callable[[ServeInfo], None] | None,
+    stop: threading.Event | None,
+    ready_timeout: float,
+) -> None:
+    """The edgechat guest behind the HTTP gateway, until ``stop`` or a signal."""
+    from edgebundle.chat import chat_setup  # the gateway stack is only needed here
+    from edgebundle.gateway import Listening, run_gateway
+
+    setup = chat_setup(settings, spec)
+
+    def listening(event: Listening) -> None:
+        if on_ready is not None:
+            on_ready(ServeInfo(
+                app=spec.app.name if spec.app is not None else spec.argv[0],
+                url=event.url,
+                runtime=spec.runtime,
+                pid=event.engine.pid,
+                log_path=event.engine.log_path,
+                model=setup.model_id,
+                template=setup.template.name,
+                reason=spec.reason,
+            ))  # fmt: skip
+
+    stop_event = stop if stop is not None else threading.Event()
+    with _stop_on_signals(stop_event):
+        asyncio.run(run_gateway(
+            settings, setup, stop=stop_event, on_listening=listening, ready_timeout=ready_timeout
+        ))  # fmt: skip
 
 
 def run_preflight(
@@ -99,6 +153,7 @@ def _info(settings: Settings, spec: LaunchSpec, supervisor: Supervisor) -> Serve
         runtime=spec.runtime,
         pid=supervisor.pid,
         log_path=supervisor.log_path,
+        reason=spec.reason,
     )
 
 

@@ -12,6 +12,10 @@ Rules that matter on a shared device:
   timestamped lines ("started pid N: …", "exited with code N, restarting in X s").
 - A crash loop backs off exponentially and, after too many restarts in a window,
   gives up with a :class:`SupervisorError` instead of spinning forever.
+- Pipe mode (``pipes=True``, for the chat guest): the child's stdin and stdout are
+  pipes that belong to whoever talks to it (``on_spawn`` hands over each new child),
+  only its stderr goes to the log, and readiness is whatever ``ready`` says (the
+  guest's READY line). The supervisor never reads or writes those pipes.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ class Supervisor:
     """Runs ``spec`` as a child process and keeps it running until :meth:`stop`.
 
     ``ready`` is the readiness probe; None means "ready once it stayed up ``settle``
-    seconds" (for apps with nothing to probe).
+    seconds" (for apps with nothing to probe). With ``pipes`` the child's stdin and
+    stdout are pipes and ``on_spawn`` is called with every child right after it
+    started (from the thread that started it); its owner closes those pipes.
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class Supervisor:
         restart_limit: RestartLimit = RestartLimit(),
         stop_grace: float = 10.0,
         settle: float = 1.0,
+        pipes: bool = False,
+        on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
     ) -> None:
         self.spec = spec
         self.log_path = log_path
@@ -81,6 +89,8 @@ class Supervisor:
         self._limit = restart_limit
         self._stop_grace = stop_grace
         self._settle = settle
+        self._pipes = pipes
+        self._on_spawn = on_spawn
         self._lock = threading.Lock()  # guards _proc against stop() racing a restart
         self._log_lock = threading.Lock()
         self._stop_lock = threading.Lock()
@@ -203,10 +213,11 @@ class Supervisor:
                         list(self.spec.argv),
                         env={**os.environ, **self.spec.env},
                         cwd=self.spec.cwd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.PIPE if self._pipes else subprocess.DEVNULL,
+                        stdout=subprocess.PIPE if self._pipes else log,
+                        stderr=log if self._pipes else subprocess.STDOUT,
                         start_new_session=True,
+                        bufsize=0,
                     )
             except OSError as exc:
                 message = f"cannot start {self.spec.argv[0]}: {exc.strerror or exc}"
@@ -216,6 +227,8 @@ class Supervisor:
             self._proc = proc
             self._started_at = time.monotonic()
             self._note(f"started pid {proc.pid}: {shlex.join(self.spec.argv)}")
+            if self._on_spawn is not None:
+                self._on_spawn(proc)
         return True
 
     def _monitor(self) -> None:
@@ -276,6 +289,10 @@ class Supervisor:
 
     def _name(self) -> str:
         return Path(self.spec.argv[0]).name
+
+    def note(self, text: str) -> None:
+        """Add a timestamped line of ours to the log (e.g. what the child said on a pipe)."""
+        self._note(text)
 
     def _note(self, text: str) -> None:
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

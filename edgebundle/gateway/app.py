@@ -1,0 +1,194 @@
+"""The HTTP gateway: an OpenAI-compatible API in front of one chat engine (Starlette).
+
+Routes (shared/API.md): ``GET /healthz`` (503 while the model loads), ``GET
+/v1/models``, ``POST /v1/chat/completions`` (stream or not). With an API key every
+route but /healthz needs ``Authorization: Bearer <key>``. A bad request is a 400
+with OpenAI's error object and changes nothing; a client that goes away mid-stream
+cancels its generation (the engine stops the guest and moves on).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgebundle.chat import ChatService, Finished, TextDelta, Usage
+from edgebundle.engine import Engine
+from edgebundle.errors import UsageError
+from edgebundle.gateway.openai_api import (
+    BadRequest,
+    ChatRequest,
+    Completion,
+    error_body,
+    parse_chat_request,
+)
+
+OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (probes)
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    """What the routes serve: the engine, the chat on top of it, and how to name them."""
+
+    engine: Engine
+    chat: ChatService
+    model_id: str
+    runtime: str
+
+
+def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
+    """The ASGI app for ``state``; ``api_key`` None = no authentication."""
+
+    async def healthz(request: Request) -> Response:
+        if state.engine.ready:
+            return JSONResponse({"status": "ok", "model": state.model_id,
+                                 "runtime": state.runtime})
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({
+            "object": "list",
+            "data": [{"id": state.model_id, "object": "model", "created": 0,
+                      "owned_by": "edgebundle"}],
+        })  # fmt: skip
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return _error(400, "the request body is not valid JSON")
+        try:
+            parsed = parse_chat_request(body)
+            events = state.chat.complete(parsed.messages, parsed.params)
+            first = await anext(events)  # renders first: a bad conversation is still a 400
+        except BadRequest as exc:
+            return _error(400, exc.message, exc.param, exc.code)
+        except UsageError as exc:
+            return _error(400, str(exc), "messages")
+        if isinstance(first, Finished) and first.reason in ("prompt_too_long", "error"):
+            await events.aclose()
+            return _failed(first)
+        completion = Completion(parsed.model or state.model_id)
+        if parsed.stream:
+            return StreamingResponse(
+                _stream(completion, parsed, first, events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await _whole(completion, first, events)
+
+    app = Starlette(routes=[
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ])  # fmt: skip
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    return app
+
+
+async def _whole(
+    completion: Completion,
+    first: TextDelta | Finished,
+    events: AsyncGenerator[TextDelta | Finished, None],
+) -> Response:
+    pieces: list[str] = []
+    finished: Finished | None = None
+    async with aclosing(events):
+        event: TextDelta | Finished | None = first
+        while event is not None:
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+            else:
+                finished = event
+                break
+            event = await anext(events, None)
+    if finished is None:
+        finished = Finished("error", Usage(), "the reply ended without a reason")
+    if finished.reason == "error":
+        return _failed(finished)
+    return JSONResponse(completion.message("".join(pieces), finished.reason, finished.usage))
+
+
+async def _stream(
+    completion: Completion,
+    request: ChatRequest,
+    first: TextDelta | Finished,
+    events: AsyncGenerator[TextDelta | Finished, None],
+) -> AsyncIterator[str]:
+    """SSE: the role, the content deltas, the finish reason, (usage), then [DONE]."""
+    usage = request.include_usage
+    async with aclosing(events):
+        yield _sse(completion.chunk({"role": "assistant", "content": ""}, include_usage=usage))
+        event: TextDelta | Finished | None = first
+        while event is not None:
+            if isinstance(event, Finished):
+                if event.reason == "error":
+                    # Text already sent stays; the client learns the reply broke off.
+                    yield _sse(error_body(event.detail or "generation failed", "server_error"))
+                else:
+                    yield _sse(completion.chunk({}, event.reason, include_usage=usage))
+                    if usage:
+                        yield _sse(completion.usage_chunk(event.usage))
+                break
+            yield _sse(completion.chunk({"content": event.text}, include_usage=usage))
+            event = await anext(events, None)
+    yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _failed(finished: Finished) -> Response:
+    if finished.reason == "prompt_too_long":
+        return _error(
+            400,
+            f"the prompt is {finished.usage.input_tokens} tokens, more than the model's context "
+            "allows: shorten the conversation",
+            "messages",
+            "context_length_exceeded",
+        )
+    return _error(500, finished.detail or "generation failed", kind="server_error")
+
+
+def _error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = "invalid_request_error",
+) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+class BearerAuth:
+    """Every route but :data:`OPEN_PATHS` needs ``Authorization: Bearer <api_key>``."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                response = _error(
+                    401,
+                    "missing or wrong API key: send the header Authorization: Bearer <key>",
+                    kind="invalid_request_error",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

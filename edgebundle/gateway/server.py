@@ -1,0 +1,125 @@
+"""Serve the gateway with uvicorn while the engine loads and runs behind it.
+
+Order matters for probes: the socket is bound first (a taken port is one clear
+error before anything starts), the HTTP server answers /healthz with 503 at once,
+then the guest starts and /healthz turns 200 when it said READY. Stopping reverses
+it: the HTTP server stops (in-flight replies get a short grace), then the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+
+from edgebundle.chat import ChatService, ChatSetup
+from edgebundle.config import Settings
+from edgebundle.engine import READY_TIMEOUT, Engine
+from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
+from edgebundle.gateway.app import GatewayState, create_app
+
+GRACEFUL_SHUTDOWN = 3  # seconds in-flight requests get once a stop was asked for
+_TICK = 0.05
+
+
+@dataclass(frozen=True)
+class Listening:
+    """The gateway accepts connections; the model may still be loading."""
+
+    url: str
+    engine: Engine
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; one clear error if that is not possible."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise SupervisorError(
+                f"{host}:{port} is already in use by another process: stop it, or pass --port N"
+            ) from None
+        raise UsageError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host / --port"
+        ) from None
+
+
+def url_for(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def run_gateway(
+    settings: Settings,
+    setup: ChatSetup,
+    *,
+    stop: threading.Event,
+    on_listening: Callable[[Listening], None] | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM); raise if the guest cannot run."""
+    sock = bind(settings.host, settings.port)
+    engine = Engine(
+        setup.spec, log_path=settings.layout.logs / "edgechat.log", ready_timeout=ready_timeout
+    )
+    chat = ChatService(
+        engine, setup.template, setup.model_info, settings.system_prompt, setup.spec.ctx_size
+    )
+    state = GatewayState(engine=engine, chat=chat, model_id=setup.model_id,
+                         runtime=setup.spec.runtime)
+    config = uvicorn.Config(
+        create_app(state, api_key=settings.api_key),
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    starting: asyncio.Task[None] | None = None
+    failure: BaseException | None = None
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if serving.done():
+            serving.result()  # it could not start: raise why
+            return
+        if on_listening is not None:
+            on_listening(Listening(url_for(settings.host, settings.port), engine))
+        starting = asyncio.create_task(engine.start())
+        while not serving.done():
+            if stop.is_set():
+                server.should_exit = True
+            if failure is None:
+                failure = _failure(starting, engine)
+                if failure is not None:
+                    server.should_exit = True
+            await asyncio.wait({serving}, timeout=_TICK)
+        serving.result()
+    finally:
+        server.should_exit = True
+        if not serving.done():
+            await asyncio.wait({serving})
+        sock.close()
+        if starting is not None and not starting.done():
+            starting.cancel()
+        await engine.stop()
+    if failure is not None:
+        raise failure
+
+
+def _failure(starting: asyncio.Task[None], engine: Engine) -> BaseException | None:
+    """Why serving cannot go on: the guest did not start, or keeps crashing."""
+    if starting.done() and not starting.cancelled():
+        error = starting.exception()
+        if error is not None:
+            return error if isinstance(error, EdgebundleError) else SupervisorError(
+                f"the chat engine failed: {error}"
+            )
+    return engine.failure
