@@ -28,14 +28,14 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from edgebundle import __version__
-from edgebundle.download import ProgressFactory, fetch, progress_for, sha256_file
+from edgebundle.download import Log, ProgressFactory, fetch, progress_for, sha256_file
 from edgebundle.errors import ChecksumMismatchError, DownloadError, InstallError, UsageError
 from edgebundle.pins import (
     AppPins,
@@ -56,7 +56,6 @@ WHEELS = "wheels"
 Platform = tuple[str, str, str]
 """(os, arch, plugin variant), e.g. ("linux", "x86_64", "cpu")."""
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class Settings:
         return out
 
 
+_ANNOTATIONS = {f.name: str(f.type) for f in fields(Settings)}
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, so it can be printed."""
     parts = urlsplit(url)
@@ -88,17 +91,17 @@ def validate_redis_url(url: str) -> str:
 def _coerce(name: str, value: Any, source: str) -> Any:
     if value is None or value == "":
         return None
-    target = {f.name: f.type for f in fields(Settings)}[name]
-    try:
-        if "Path" in str(target):
-            return Path(str(value)).expanduser()
-        if target == "int" or "int" in str(target):
+    annotation = _ANNOTATIONS[name]  # a string: this module uses postponed annotations
+    if annotation.startswith("Path"):
+        return Path(str(value)).expanduser()
+    if annotation == "int":
+        try:
             number = int(value)
-            if number <= 0:
-                raise ValueError
-            return number
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be a positive whole number, got {value!r}") from None
+        except (TypeError, ValueError):
+            number = 0
+        if isinstance(value, bool) or number <= 0:
+            raise ConfigError(f"{source}: {name} must be a positive whole number, got {value!r}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
     return value

@@ -45,6 +45,9 @@ Progress = Callable[[int, int | None], None]
 ProgressFactory = Callable[[str], AbstractContextManager[Progress]]
 """Makes the progress callback for one labelled download; leaving the context ends it."""
 
+Log = Callable[[str], None]
+"""Where installers and bundle builders say what they do, one line at a time."""
+
 CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(?P<start>\d+)-\d+/(?P<total>\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(?P<total>\d+)")

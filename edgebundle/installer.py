@@ -28,14 +28,14 @@ import stat
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgebundle import resources
 from edgebundle.bundle import Bundle, open_bundle
-from edgebundle.download import ProgressFactory, fetch, progress_for, sha256_file
+from edgebundle.download import Log, ProgressFactory, fetch, progress_for, sha256_file
 from edgebundle.errors import (
     EdgebundleError,
     InstallError,
@@ -58,7 +58,6 @@ from edgebundle.runtime.wasmedge import PLUGIN_PATH_ENV, WASI_NN_LIBRARIES, runt
 MARKER = "edgebundle-runtime.json"
 AUTO = "auto"
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

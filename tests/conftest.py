@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.redis_server import RedisServer
+from tests.support.release_server import ReleaseServer
 
 
 @pytest.fixture
@@ -37,3 +38,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                  "EDGEBUNDLE_WASMEDGE", "WASMEDGE_PLUGIN_PATH"):
         monkeypatch.delenv(name, raising=False)
     return path
+
+
+@pytest.fixture
+def release_server(tmp_path: Path) -> Iterator[ReleaseServer]:
+    """A local HTTP server standing in for GitHub releases (unreachable here)."""
+    server = ReleaseServer(tmp_path / "srv").start()
+    try:
+        yield server
+    finally:
+        server.stop()

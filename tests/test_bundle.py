@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,6 @@ from tests.support.release_server import Release, ReleaseServer, publish_release
 
 HOST = detect()
 AVX_HOST = HostInfo(os=HOST.os, arch=HOST.arch, flags=frozenset({"avx"}))
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ReleaseServer]:
-    srv = ReleaseServer(tmp_path / "srv").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -69,9 +59,9 @@ def build(
 
 
 def test_build_fills_unknown_sha_then_installs_offline(
-    server: ReleaseServer, tmp_path: Path
+    release_server: ReleaseServer, tmp_path: Path
 ) -> None:
-    release = publish_release(server, tmp_path, known_sha=False)
+    release = publish_release(release_server, tmp_path, known_sha=False)
     dest = tmp_path / "bundle"
     done = cli(
         "bundle",
@@ -112,7 +102,7 @@ def test_build_fills_unknown_sha_then_installs_offline(
         assert sha256(dest / relpath) == digest
     assert f"assets/{release.runtime.name}" in manifest["files"]
 
-    server.stop()  # the device is offline from here on
+    release_server.stop()  # the device is offline from here on
     home = tmp_path / "home"
     done = cli(
         "--home",
@@ -134,25 +124,25 @@ def test_build_fills_unknown_sha_then_installs_offline(
     marker = json.loads((home / "runtime" / "current" / "edgebundle-runtime.json").read_text())
     assert marker["assets"]["wasmedge"]["sha256"] == sha256(release.runtime)
     assert (home / "apps" / "llama-chat-0.14.1.wasm").read_bytes() == (
-        server.root / "llama-chat-0.14.1.wasm"
+        release_server.root / "llama-chat-0.14.1.wasm"
     ).read_bytes()
 
 
-def test_rebuild_reuses_verified_files(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path, known_sha=False)
+def test_rebuild_reuses_verified_files(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path, known_sha=False)
     first, _ = build(release, tmp_path / "b")
-    fetched = len(server.gets())
+    fetched = len(release_server.gets())
     again, log = build(release, tmp_path / "b")
-    assert len(server.gets()) == fetched
+    assert len(release_server.gets()) == fetched
     assert again.files == first.files
     assert sum("already in the bundle" in line for line in log) == 4
 
 
-def test_tampered_bundle_file_is_refused(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_tampered_bundle_file_is_refused(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     dest = tmp_path / "bundle"
     build(release, dest)
-    server.stop()
+    release_server.stop()
     archive = dest / "assets" / release.runtime.name
     archive.write_bytes(archive.read_bytes() + b"tampered")
     home = tmp_path / "home"
@@ -167,8 +157,8 @@ def test_tampered_bundle_file_is_refused(server: ReleaseServer, tmp_path: Path) 
     assert "not installed (" in line and "sha256 mismatch" in line and "embedded runtime" in line
 
 
-def test_tampered_bundle_lock_is_refused(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_tampered_bundle_lock_is_refused(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     dest = tmp_path / "bundle"
     build(release, dest)
     lock = dest / "plugins" / "wasmedge.lock.toml"
@@ -179,8 +169,8 @@ def test_tampered_bundle_lock_is_refused(server: ReleaseServer, tmp_path: Path) 
     assert line.startswith(f"edgebundle: error: {lock}: sha256 mismatch")
 
 
-def test_manifest_and_lock_must_agree(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_manifest_and_lock_must_agree(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     dest = tmp_path / "bundle"
     build(release, dest)
     data = json.loads((dest / "bundle.json").read_text())
@@ -192,8 +182,10 @@ def test_manifest_and_lock_must_agree(server: ReleaseServer, tmp_path: Path) -> 
         opened.asset(runtime)
 
 
-def test_bundle_without_this_variant_says_rebuild(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_bundle_without_this_variant_says_rebuild(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(release_server, tmp_path)
     dest = tmp_path / "bundle"
     build(release, dest)
     plan = installer.make_plan(AVX_HOST, bundle=dest, variant="noavx", require_wasmedge=True)
@@ -212,8 +204,8 @@ def test_not_a_bundle_and_lock_with_bundle_are_usage_errors(tmp_path: Path) -> N
         installer.make_plan(AVX_HOST, bundle=tmp_path, lock_file=tmp_path / "x.toml")
 
 
-def test_all_takes_every_pinned_asset(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_all_takes_every_pinned_asset(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     manifest = bundle.build_bundle(
         tmp_path / "b",
         load_runtime_lock(release.lock),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import free_port, gone
 from tests.support.standin_wasmedge import fake_plugin, write_standin
 
 
@@ -39,13 +40,6 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return model, app
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def edgebundle(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgebundle", *args],
@@ -58,14 +52,6 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     assert ready, "no output in time"
     return proc.stdout.readline()
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_dry_run_prints_the_spec_and_starts_nothing(

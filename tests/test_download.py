@@ -11,7 +11,6 @@ import hashlib
 import io
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,29 +23,20 @@ SIZE = 300_000
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ReleaseServer]:
-    srv = ReleaseServer(tmp_path / "srv").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def blob(server: ReleaseServer) -> tuple[str, bytes, str]:
+def blob(release_server: ReleaseServer) -> tuple[str, bytes, str]:
     data = os.urandom(SIZE)
-    server.root.mkdir(parents=True, exist_ok=True)
-    (server.root / "blob.bin").write_bytes(data)
+    release_server.root.mkdir(parents=True, exist_ok=True)
+    (release_server.root / "blob.bin").write_bytes(data)
     return "blob.bin", data, hashlib.sha256(data).hexdigest()
 
 
 def test_fetch_verifies_and_reports_progress(
-    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
     name, data, sha = blob
     seen: list[tuple[int, int | None]] = []
     got = fetch(
-        server.url(name),
+        release_server.url(name),
         tmp_path / "out" / "b.bin",
         sha256=sha,
         downloads_dir=tmp_path / "dl",
@@ -58,25 +48,27 @@ def test_fetch_verifies_and_reports_progress(
 
 
 def test_dropped_connection_resumes_with_range(
-    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
     name, data, sha = blob
-    server.drop_after(name, 100_000)
-    got = fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl")
+    release_server.drop_after(name, 100_000)
+    got = fetch(
+        release_server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl"
+    )
     assert got.path.read_bytes() == data
     assert got.resumed_from == 100_000
-    gets = server.gets(name)
+    gets = release_server.gets(name)
     assert [(r.range, r.status) for r in gets] == [(None, 200), ("bytes=100000-", 206)]
 
 
 def test_failed_run_keeps_partial_and_next_run_resumes(
-    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
     name, data, sha = blob
-    server.drop_after(name, 50_000)
+    release_server.drop_after(name, 50_000)
     with pytest.raises(DownloadError, match="resume from 50000 bytes"):
         fetch(
-            server.url(name),
+            release_server.url(name),
             tmp_path / "b.bin",
             sha256=sha,
             downloads_dir=tmp_path / "dl",
@@ -85,29 +77,38 @@ def test_failed_run_keeps_partial_and_next_run_resumes(
     assert not (tmp_path / "b.bin").exists()
     (part,) = (tmp_path / "dl").iterdir()
     assert part.stat().st_size == 50_000
-    got = fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl")
+    got = fetch(
+        release_server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl"
+    )
     assert got.sha256 == sha and got.resumed_from == 50_000
-    assert server.gets(name)[-1].range == "bytes=50000-"
+    assert release_server.gets(name)[-1].range == "bytes=50000-"
 
 
 def test_server_without_ranges_restarts_cleanly(
-    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
     name, data, sha = blob
-    server.ignore_ranges = True
-    server.drop_after(name, 70_000)
-    got = fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl")
+    release_server.ignore_ranges = True
+    release_server.drop_after(name, 70_000)
+    got = fetch(
+        release_server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl"
+    )
     assert got.path.read_bytes() == data and got.resumed_from == 0
-    assert [r.status for r in server.gets(name)] == [200, 200]
+    assert [r.status for r in release_server.gets(name)] == [200, 200]
 
 
 def test_checksum_mismatch_discards_everything(
-    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
     name, _, sha = blob
     wrong = "0" * 64
     with pytest.raises(ChecksumMismatchError) as err:
-        fetch(server.url(name), tmp_path / "b.bin", sha256=wrong, downloads_dir=tmp_path / "dl")
+        fetch(
+            release_server.url(name),
+            tmp_path / "b.bin",
+            sha256=wrong,
+            downloads_dir=tmp_path / "dl",
+        )
     assert f"expected {wrong}" in str(err.value) and f"got {sha}" in str(err.value)
     assert not (tmp_path / "b.bin").exists()
     assert list((tmp_path / "dl").iterdir()) == []
@@ -115,10 +116,12 @@ def test_checksum_mismatch_discards_everything(
 
 
 def test_unverified_fetch_returns_actual_sha(
-    server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
     name, _, sha = blob
-    got = fetch(server.url(name), tmp_path / "b.bin", sha256=None, downloads_dir=tmp_path / "dl")
+    got = fetch(
+        release_server.url(name), tmp_path / "b.bin", sha256=None, downloads_dir=tmp_path / "dl"
+    )
     assert got.sha256 == sha
 
 
@@ -141,13 +144,16 @@ def test_unknown_host_is_one_line(tmp_path: Path) -> None:
         )
 
 
-def test_http_404_is_one_line(server: ReleaseServer, tmp_path: Path) -> None:
-    server.root.mkdir(parents=True, exist_ok=True)
+def test_http_404_is_one_line(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release_server.root.mkdir(parents=True, exist_ok=True)
     with pytest.raises(DownloadError, match="HTTP 404"):
         fetch(
-            server.url("missing.tar.gz"), tmp_path / "x", sha256=None, downloads_dir=tmp_path / "dl"
+            release_server.url("missing.tar.gz"),
+            tmp_path / "x",
+            sha256=None,
+            downloads_dir=tmp_path / "dl",
         )
-    assert len(server.gets("missing.tar.gz")) == 1  # a 404 is final: no retries
+    assert len(release_server.gets("missing.tar.gz")) == 1  # a 404 is final: no retries
 
 
 def test_local_paths_and_file_urls_are_copied_and_verified(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from edgebundle.errors import SupervisorError
 from edgebundle.runtime.launch import LaunchSpec, resolve_launch
 from edgebundle.runtime.supervisor import Backoff
 from tests.support.guest import llama3_prompt
-from tests.support.serving import LoopThread, gone, wait_for
+from tests.support.processes import gone
+from tests.support.serving import LoopThread, wait_for
 
 REPLY = "Certainly, the engine streams this scripted sentence word by word."
 ENDLESS = "Looping forever"  # then "forever" again and again, until a limit stops it

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.serving import RunProcess
+from tests.support.serving import RunProcess, healthy_run
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,15 +32,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunProcess]:
     root = tmp_path_factory.mktemp("gateway")
     model = write_scripted_model(root / "endless.gguf", ScriptedModelSpec(
         reply="Looping forever", end_token=None, context_length=4096))  # fmt: skip
-    run = RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model)],
-                     home=root / "home", env={"EDGEBUNDLE_API_KEY": KEY})
-    try:
-        run.read_line()
-        run.wait_healthy()
+    with healthy_run(["--runtime", "embedded", "--no-preflight", "--model", str(model)],
+                     home=root / "home", env={"EDGEBUNDLE_API_KEY": KEY}) as run:
         yield run
-        assert run.stop() == 0, run.stderr()
-    finally:
-        run.close()
 
 
 def chat(server: RunProcess, body: Any, headers: dict[str, str] = AUTH) -> httpx.Response:

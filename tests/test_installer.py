@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,15 +44,6 @@ HOST = detect()
 AVX_HOST = HostInfo(os=HOST.os, arch=HOST.arch, flags=frozenset({"avx", "avx2"}))
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ReleaseServer]:
-    srv = ReleaseServer(tmp_path / "srv").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 class Lines(list[str]):
     def __call__(self, line: str) -> None:
         self.append(line)
@@ -82,8 +72,8 @@ def runtime_entries(home: Path) -> list[str]:
     return sorted(p.name for p in (home / "runtime").iterdir())
 
 
-def test_install_end_to_end(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_install_end_to_end(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     home = tmp_path / "my 'home"  # quoting in the env file must hold
     result, _ = run_install(release.lock, release.pins, home)
     layout = Layout(home)
@@ -93,7 +83,7 @@ def test_install_end_to_end(server: ReleaseServer, tmp_path: Path) -> None:
     assert marker["wasmedge_version"] == "0.14.1" and marker["plugin_build"] == "b0001"
     assert marker["variant"] == "cpu" and (marker["os"], marker["arch"]) == (HOST.os, HOST.arch)
     assert marker["assets"]["wasmedge"]["sha256"] == sha256(release.runtime)
-    assert marker["assets"]["plugin"]["url"] == server.url(release.plugin.name)
+    assert marker["assets"]["plugin"]["url"] == release_server.url(release.plugin.name)
     assert (layout.runtime_current / "lib" / "libwasmedge.so.0").is_file()
     assert runtime_entries(home) == ["current", "wasmedge-0.14.1-cpu"]  # no temp leftovers
 
@@ -115,13 +105,15 @@ def test_install_end_to_end(server: ReleaseServer, tmp_path: Path) -> None:
     assert f"PP={layout.runtime_current / 'plugin'}" in out.stdout
 
 
-def test_rerun_is_idempotent_and_downloads_nothing(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_rerun_is_idempotent_and_downloads_nothing(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(release_server, tmp_path)
     home = tmp_path / "home"
     first, _ = run_install(release.lock, release.pins, home, apps=["llama-chat"], models=["tiny"])
-    requests = len(server.gets())
+    requests = len(release_server.gets())
     again, log = run_install(release.lock, release.pins, home, apps=["llama-chat"], models=["tiny"])
-    assert len(server.gets()) == requests
+    assert len(release_server.gets()) == requests
     assert first.unpacked and not again.unpacked and again.downloaded == ()
     assert again.active == "wasmedge-0.14.1-cpu"
     assert any("already installed; activating it" in line for line in log)
@@ -129,11 +121,13 @@ def test_rerun_is_idempotent_and_downloads_nothing(server: ReleaseServer, tmp_pa
     assert again.models["tiny"].read_bytes().startswith(b"GGUF")
 
 
-def test_checksum_mismatch_keeps_previous_runtime(server: ReleaseServer, tmp_path: Path) -> None:
+def test_checksum_mismatch_keeps_previous_runtime(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
     home = tmp_path / "home"
-    good = publish_release(server, tmp_path, "0.14.1")
+    good = publish_release(release_server, tmp_path, "0.14.1")
     run_install(good.lock, good.pins, home)
-    bad = publish_release(server, tmp_path, "0.15.0", runtime_sha="0" * 64)
+    bad = publish_release(release_server, tmp_path, "0.15.0", runtime_sha="0" * 64)
     with pytest.raises(
         ChecksumMismatchError, match=f"expected {'0' * 64}, got {sha256(bad.runtime)}"
     ):
@@ -147,17 +141,21 @@ def test_checksum_mismatch_keeps_previous_runtime(server: ReleaseServer, tmp_pat
     assert "continuing with the installed wasmedge-0.14.1-cpu" in line
 
 
-def test_dropped_download_resumes_during_install(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
-    server.drop_after(release.runtime.name, 1000)
+def test_dropped_download_resumes_during_install(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(release_server, tmp_path)
+    release_server.drop_after(release.runtime.name, 1000)
     result, _ = run_install(release.lock, release.pins, tmp_path / "home")
     assert result.active == "wasmedge-0.14.1-cpu"
-    ranges = [r.range for r in server.gets(release.runtime.name)]
+    ranges = [r.range for r in release_server.gets(release.runtime.name)]
     assert ranges == [None, "bytes=1000-"]
 
 
-def test_unknown_sha_is_refused_unless_allowed(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path, known_sha=False)
+def test_unknown_sha_is_refused_unless_allowed(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(release_server, tmp_path, known_sha=False)
     home = tmp_path / "home"
     result, log = run_install(release.lock, release.pins, home)
     assert result.runtime == "embedded" and result.active is None
@@ -165,7 +163,7 @@ def test_unknown_sha_is_refused_unless_allowed(server: ReleaseServer, tmp_path: 
     assert (
         "no published sha256 is pinned" in line and "continuing with the embedded runtime" in line
     )
-    assert server.gets() == []  # refused before any byte was fetched
+    assert release_server.gets() == []  # refused before any byte was fetched
     assert "WASMEDGE_PLUGIN_PATH" not in (home / "env").read_text()
     with pytest.raises(UnverifiedPinError):
         run_install(release.lock, release.pins, home, require_wasmedge=True)
@@ -177,17 +175,19 @@ def test_unknown_sha_is_refused_unless_allowed(server: ReleaseServer, tmp_path: 
     assert marker["assets"]["wasmedge"]["sha256"] == sha256(release.runtime)
 
 
-def test_unpinned_platform_falls_back(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path, platform=("linux", "riscv64"))
+def test_unpinned_platform_falls_back(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path, platform=("linux", "riscv64"))
     result, log = run_install(release.lock, release.pins, tmp_path / "home")
     assert result.runtime == "embedded"
     assert "nothing pinned for this" in log[0]
 
 
-def test_upgrade_then_rollback_switches_the_link(server: ReleaseServer, tmp_path: Path) -> None:
+def test_upgrade_then_rollback_switches_the_link(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
     home = tmp_path / "home"
-    old = publish_release(server, tmp_path, "0.14.1")
-    new = publish_release(server, tmp_path, "0.15.0")
+    old = publish_release(release_server, tmp_path, "0.14.1")
+    new = publish_release(release_server, tmp_path, "0.15.0")
     run_install(old.lock, old.pins, home)
     env_before = (home / "env").read_text()
     result, _ = run_install(new.lock, new.pins, home)
@@ -218,16 +218,16 @@ def test_upgrade_then_rollback_switches_the_link(server: ReleaseServer, tmp_path
     ]
 
 
-def test_other_archive_layouts(server: ReleaseServer, tmp_path: Path) -> None:
+def test_other_archive_layouts(release_server: ReleaseServer, tmp_path: Path) -> None:
     """0.15+ runtimes have no top directory and lib64/; some plugin archives use a dir."""
-    release = publish_release(server, tmp_path, "0.15.0")
+    release = publish_release(release_server, tmp_path, "0.15.0")
     flat = make_runtime_archive(tmp_path / "flat", "0.15.0", top_dir=False)
     with tarfile.open(flat) as tar:
         assert not any(n.startswith("WasmEdge-") for n in tar.getnames())
     release.runtime.write_bytes(flat.read_bytes())
     nested = make_plugin_archive(tmp_path / "nested", "0.15.0", in_dir=True)
     release.plugin.write_bytes(nested.read_bytes())
-    repin(release.lock, server.root)
+    repin(release.lock, release_server.root)
     result, _ = run_install(release.lock, release.pins, tmp_path / "home")
     current = tmp_path / "home" / "runtime" / "current"
     assert result.active == "wasmedge-0.15.0-cpu"
@@ -235,11 +235,11 @@ def test_other_archive_layouts(server: ReleaseServer, tmp_path: Path) -> None:
     assert (current / "plugin" / "libwasmedgePluginWasiNN.so").is_file()
 
 
-def test_unsafe_archive_is_refused(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_unsafe_archive_is_refused(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     evil = make_evil_archive(tmp_path)
     release.runtime.write_bytes(evil.read_bytes())
-    repin(release.lock, server.root)
+    repin(release.lock, release_server.root)
     home = tmp_path / "home"
     with pytest.raises(InstallError, match=r"refusing archive entry '\.\./escaped\.txt'"):
         run_install(release.lock, release.pins, home, require_wasmedge=True)
@@ -247,8 +247,8 @@ def test_unsafe_archive_is_refused(server: ReleaseServer, tmp_path: Path) -> Non
     assert runtime_entries(home) == []
 
 
-def test_variants(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_variants(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     lock = load_runtime_lock(release.lock)
     with pytest.raises(PinError, match="variant 'cuda-12' is not pinned .* one of: cpu, noavx"):
         installer.resolve_variant(lock, AVX_HOST, "cuda-12")
@@ -262,10 +262,10 @@ def test_variants(server: ReleaseServer, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the CLI
 
 
-def test_cli_unreachable_download_falls_back(tmp_path: Path, server: ReleaseServer) -> None:
-    release = publish_release(server, tmp_path)
+def test_cli_unreachable_download_falls_back(tmp_path: Path, release_server: ReleaseServer) -> None:
+    release = publish_release(release_server, tmp_path)
     text = release.lock.read_text().replace(
-        server.url(release.runtime.name), closed_port_url(release.runtime.name)
+        release_server.url(release.runtime.name), closed_port_url(release.runtime.name)
     )
     release.lock.write_text(text)
     home = tmp_path / "home"
@@ -286,8 +286,8 @@ def test_cli_unreachable_download_falls_back(tmp_path: Path, server: ReleaseServ
     assert not (home / "runtime" / "current").exists()
 
 
-def test_cli_install_summary_and_env(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_cli_install_summary_and_env(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     home = tmp_path / "home"
     done = cli(
         home,
@@ -310,8 +310,8 @@ def test_cli_install_summary_and_env(server: ReleaseServer, tmp_path: Path) -> N
     assert (home / "apps" / "llama-chat-0.14.1.wasm").is_file()
 
 
-def test_cli_env_vars_name_the_lock(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_cli_env_vars_name_the_lock(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
     env.update(
         EDGEBUNDLE_LOCK=str(release.lock),
@@ -339,8 +339,8 @@ def test_cli_malformed_lock_is_exit_2_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "home" / "runtime").exists()
 
 
-def test_cli_unknown_variant_is_exit_2(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_cli_unknown_variant_is_exit_2(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     done = cli(
         tmp_path / "home",
         "install",
@@ -356,11 +356,11 @@ def test_cli_unknown_variant_is_exit_2(server: ReleaseServer, tmp_path: Path) ->
         f"edgebundle: error: variant 'cuda-13' is not pinned for {HOST.os}/{HOST.arch} in "
         f"{release.lock}; use --variant auto or one of: cpu, noavx"
     ]
-    assert server.gets() == []
+    assert release_server.gets() == []
 
 
-def test_cli_unknown_app_is_exit_2(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_cli_unknown_app_is_exit_2(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
     done = cli(
         tmp_path / "home",
         "install",
@@ -375,16 +375,18 @@ def test_cli_unknown_app_is_exit_2(server: ReleaseServer, tmp_path: Path) -> Non
     assert "no app pinned as 'nope' (pinned: llama-chat)" in done.stderr
 
 
-def test_apps_fail_loudly_without_fallback(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
-    (server.root / "llama-chat-0.14.1.wasm").write_bytes(b"tampered")
+def test_apps_fail_loudly_without_fallback(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path)
+    (release_server.root / "llama-chat-0.14.1.wasm").write_bytes(b"tampered")
     with pytest.raises(ChecksumMismatchError):
         run_install(release.lock, release.pins, tmp_path / "home", apps=["llama-chat"])
     assert not (tmp_path / "home" / "apps" / "llama-chat-0.14.1.wasm").exists()
 
 
-def test_download_error_type_for_missing_asset(server: ReleaseServer, tmp_path: Path) -> None:
-    release = publish_release(server, tmp_path)
+def test_download_error_type_for_missing_asset(
+    release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(release_server, tmp_path)
     release.plugin.unlink()
     with pytest.raises(DownloadError, match="HTTP 404"):
         run_install(release.lock, release.pins, tmp_path / "home", require_wasmedge=True)

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.serving import RunProcess
+from tests.support.serving import RunProcess, healthy_run
 
 # Non-ASCII on purpose: text goes through the guest as bytes and is decoded on our side.
 REPLY = "Hello from the scripted model, grüße aus Köln — answering through OpenAI's own client."
@@ -24,15 +24,9 @@ KEY = "x"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunProcess]:
     root = tmp_path_factory.mktemp("openai")
     model = write_scripted_model(root / "scripted.gguf", ScriptedModelSpec(reply=REPLY))
-    run = RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model)],
-                     home=root / "home", env={"EDGEBUNDLE_API_KEY": KEY})
-    try:
-        run.read_line()
-        run.wait_healthy()
+    with healthy_run(["--runtime", "embedded", "--no-preflight", "--model", str(model)],
+                     home=root / "home", env={"EDGEBUNDLE_API_KEY": KEY}) as run:
         yield run
-        assert run.stop() == 0, run.stderr()
-    finally:
-        run.close()
 
 
 @pytest.fixture

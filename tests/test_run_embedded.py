@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import DEMO_REPLY
-from tests.support.serving import RunProcess, free_port, gone, wait_for
+from tests.support.processes import free_port, gone
+from tests.support.serving import RunProcess, wait_for
 
 
 def started_pids(log: Path) -> list[int]:

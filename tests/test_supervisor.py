@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from edgebundle.config import load_settings
 from edgebundle.errors import SupervisorError
 from edgebundle.runtime.launch import LaunchSpec, resolve_launch
 from edgebundle.runtime.supervisor import Backoff, RestartLimit, Supervisor
+from tests.support.processes import free_port, gone
 from tests.support.standin_wasmedge import fake_plugin, write_standin
 
 FAST = Backoff(initial=0.05, factor=2.0, maximum=1.0)
@@ -37,13 +37,6 @@ def install_runtime(home: Path) -> None:
     write_standin(prefix / "bin" / "wasmedge")
     fake_plugin(prefix / "plugin" / "libwasmedgePluginWasiNN.so")
     (home / "runtime" / "current").symlink_to(prefix.name)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -87,14 +80,6 @@ def wait_for(condition: Any, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_starts_exactly_the_spec_and_logs_to_the_file(

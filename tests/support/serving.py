@@ -11,32 +11,20 @@ import asyncio
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
+from tests.support.processes import free_port
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def wait_for(condition: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
@@ -115,3 +103,17 @@ class RunProcess:
         if not self._stderr.closed:
             self._stderr.flush()
         return self.stderr_path.read_text(errors="replace")
+
+
+@contextmanager
+def healthy_run(args: Sequence[str], *, home: Path,
+                env: Mapping[str, str] | None = None) -> Iterator[RunProcess]:
+    """``edgebundle run ARGS`` serving (healthz 200); afterwards it must stop with exit 0."""
+    run = RunProcess(args, home=home, env=env)
+    try:
+        run.read_line()
+        run.wait_healthy()
+        yield run
+        assert run.stop() == 0, run.stderr()
+    finally:
+        run.close()
