@@ -374,6 +374,7 @@ class Engine:
                 for event in events:
                     if isinstance(event, protocol.Ready):
                         guest.ready = True
+                        self._supervisor.mark_ready()
                     elif isinstance(event, protocol.Fatal):
                         guest.fatal = event
                         self._supervisor.note(f"guest: FATAL {event.errno} {event.message}")

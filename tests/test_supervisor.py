@@ -184,6 +184,23 @@ def test_exit_before_ready_fails_with_the_log_tail(
     assert starts(record) == []  # it failed before it got to run the app
 
 
+def test_a_child_that_was_ready_then_crashed_is_not_a_startup_failure(
+    spec: LaunchSpec, record: Path, tmp_path: Path, supervisors: list[Supervisor]
+) -> None:
+    """Stand-in wasmedge (test double) that said it was ready, then died before
+    wait_ready looked: the supervisor restarts it, and wait_ready reports ready."""
+    bare = LaunchSpec(
+        runtime=spec.runtime, argv=spec.argv, env={"WASMEDGE_PLUGIN_PATH": str(tmp_path / "none")},
+        cwd=spec.cwd, kind=spec.kind,
+    )  # fmt: skip
+    sup = Supervisor(bare, log_path=tmp_path / "app.log", ready=lambda: False, backoff=FAST)
+    supervisors.append(sup)
+    sup.start()
+    sup.mark_ready()  # as the engine does when the guest's READY line arrives
+    wait_for(lambda: sup.last_exit_code is not None)
+    assert sup.wait_ready(5.0) is True
+
+
 def test_not_ready_in_time_is_an_error(
     spec: LaunchSpec, record: Path, tmp_path: Path, supervisors: list[Supervisor]
 ) -> None:

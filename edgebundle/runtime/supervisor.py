@@ -102,6 +102,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._failure: SupervisorError | None = None
         self._exits = 0
+        self._ready_seen = threading.Event()
         self.restarts = 0
         self.delays: list[float] = []  # every backoff delay used, in order
         self.last_exit_code: int | None = None
@@ -141,6 +142,11 @@ class Supervisor:
         waiter = cancel if cancel is not None else threading.Event()
         deadline = time.monotonic() + timeout
         while True:
+            # Readiness first: a child that was ready and then died is a crash to restart
+            # from (the monitor does), not a start-up failure; run_until reports give-ups.
+            if self._ready_seen.is_set() or self._is_ready():
+                self._ready_seen.set()
+                return True
             if self._failure is not None:
                 raise self._failure
             if self._exits:
@@ -148,8 +154,6 @@ class Supervisor:
                     f"{self._name()} {describe_exit(self.last_exit_code)} before it was ready; "
                     f"{self._log_hint()}"
                 )
-            if self._is_ready():
-                return True
             if waiter.is_set():
                 return False
             if time.monotonic() >= deadline:
@@ -157,6 +161,11 @@ class Supervisor:
                     f"{self._name()} was not ready after {timeout:g} s; {self._log_hint()}"
                 )
             waiter.wait(_POLL)
+
+    def mark_ready(self) -> None:
+        """Record that a child became ready (for probes that learn it from the child's
+        own words, e.g. a READY line, the moment it happens rather than at the next poll)."""
+        self._ready_seen.set()
 
     def run_until(self, stop: threading.Event) -> None:
         """Keep supervising until ``stop`` is set; raise if the supervisor gave up."""
