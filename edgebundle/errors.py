@@ -18,10 +18,21 @@ it, because it is what the user reads.
     ├── ModelError                  exit 1   a model file is missing, not GGUF, or truncated
     ├── SupervisorError             exit 1   the supervised process could not be started or kept up
     │   └── GuestProtocolError      exit 1   the chat guest wrote something that is not its protocol
-    └── RedisError                  exit 1   the sync Redis cannot be reached or refused us
+    ├── RedisError                  exit 1   the sync Redis cannot be reached or refused us
+    └── SyncError                   exit 1   a sync operation on a thread could not be done
+        ├── ThreadNotFoundError     exit 1   the thread does not exist (expired or never created)
+        ├── RunNotFoundError        exit 1   the run does not exist in the thread (or expired)
+        ├── EpochMismatchError      exit 1   the client's epoch is not the thread's (.epoch)
+        ├── ThreadBusyError         exit 1   a run is active and the policy is reject (.retry_after)
+        └── LeaseLostError          exit 1   the run no longer holds the thread; nothing was written
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgebundle.sync.models import Run
 
 
 class EdgebundleError(Exception):
@@ -78,3 +89,45 @@ class GuestProtocolError(SupervisorError):
 
 class RedisError(EdgebundleError):
     """The sync Redis could not be reached, or refused the connection."""
+
+
+class SyncError(EdgebundleError):
+    """A sync operation on a thread could not be done (see edgebundle.sync)."""
+
+
+class ThreadNotFoundError(SyncError):
+    """The thread does not exist: it expired (sliding TTL) or was never created."""
+
+
+class RunNotFoundError(SyncError):
+    """The run does not exist in the thread (unknown id, or it expired with the thread)."""
+
+
+class EpochMismatchError(SyncError):
+    """The client's epoch is not the thread's: resync in full, or re-seed if ``epoch`` is None.
+
+    ``epoch`` is the thread's current epoch, or None when the thread is gone (expired).
+    """
+
+    def __init__(self, message: str, epoch: str | None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+class ThreadBusyError(SyncError):
+    """A run is generating on the thread and the policy said reject: retry after ``retry_after`` s.
+
+    ``active_run`` is the run in the way (the active one, or the next queued one).
+    """
+
+    def __init__(self, message: str, active_run: Run | None, retry_after: int) -> None:
+        super().__init__(message)
+        self.active_run = active_run
+        self.retry_after = retry_after
+
+
+class LeaseLostError(SyncError):
+    """The run no longer holds the thread (lease expired, cancelled, interrupted).
+
+    Nothing of the write that raised it was stored.
+    """

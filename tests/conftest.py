@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.release_server import ReleaseServer
 
@@ -48,3 +49,33 @@ def release_server(tmp_path: Path) -> Iterator[ReleaseServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def standalone_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole session (tests use their own thread ids)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-standalone")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real 3-node Redis Cluster for the whole session."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def sync_redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a real Redis: each sync test runs on standalone and on a 3-node cluster."""
+    if request.param == "standalone":
+        server: RedisServer = request.getfixturevalue("standalone_redis")
+        return server.url
+    cluster: RedisCluster = request.getfixturevalue("cluster_redis")
+    return cluster.url

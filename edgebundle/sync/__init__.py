@@ -1,0 +1,1 @@
+"""Sync: one conversation in Redis, continued from any device (see service.SyncService)."""

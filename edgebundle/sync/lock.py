@@ -1,0 +1,257 @@
+"""Taking a thread for a run, and writing the run's output only while holding it.
+
+One inference per thread. :func:`acquire` runs the acquire script: when the lock is
+free (or reserved for this run) and the run is first in line, it sets the lock to a
+random token with a lease (``SET … PX``), takes a fence from ``INCR`` and starts the
+run, all in one step. Otherwise it waits with ``BLPOP`` on the run's own wake-up
+list: the script that ends the run ahead pushes a token there the moment it ends
+(no sleep-polling). The wait is bounded by what is left of the holder's lease, so a
+holder that died is noticed when its lease runs out; the acquire script then ends
+that run as incomplete (its text so far kept) and goes on.
+
+:class:`RunLease` is the holder's side: a watchdog task renews the lease every
+``renew_ms``; text is batched (``delta_batch_ms`` / ``delta_batch_chars``) into
+``message.delta`` events; with batching off each piece is its own event, written
+behind the caller: pieces that arrive while a write is in flight go out together in
+the next script call (one round trip, many events) and ``flush()`` waits for them.
+``finish`` / ``fail`` end the run and release the lock by compare-and-delete in the
+same script. Every one of those writes is checked in Lua
+against the token and the fence, so a holder whose lease ran out (stalled,
+partitioned) or whose run was cancelled or interrupted writes nothing: it gets
+:class:`LeaseLostError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError as _RedisPyError
+
+from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
+from edgebundle.sync import keys
+from edgebundle.sync.backend import Backend, lease_lost, parse_message, parse_run, raise_for
+from edgebundle.sync.models import Message, Run, dumps
+from edgebundle.sync.runs import RunTicket
+
+_MIN_WAIT = 0.005  # s; BLPOP's timeout 0 would mean forever
+_MAX_PENDING = 512  # unwritten pieces before delta() waits for the writer (backpressure)
+
+
+async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = None) -> RunLease:
+    """Wait until ``ticket``'s run holds its thread; the lease (watchdog running).
+
+    With a ``timeout`` (seconds) the run is cancelled and :class:`ThreadBusyError`
+    raised if its turn has not come by then. A run that was cancelled (or failed)
+    before it could start raises :class:`LeaseLostError`.
+    """
+    run = ticket.run
+    thread_id = run.thread_id
+    token = secrets.token_hex(16)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    wakeup = keys.run_wakeup(thread_id, run.id)
+    while True:
+        reply = await backend.call(backend.scripts.acquire, thread_id, run.id, run.id, token)
+        raise_for(reply, thread_id, run.id)
+        if reply[0] == "ok":
+            return RunLease(backend, parse_run(reply[1]), parse_message(reply[2]),
+                            int(reply[3]), token)
+        if reply[0] == "ended":
+            ended = parse_run(reply[1])
+            raise LeaseLostError(
+                f"run {run.id} can no longer start: it is {ended.status} "
+                f"({ended.reason or 'no reason'}); start a new run")
+        wait = max(int(reply[1]) / 1000, _MIN_WAIT)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                await backend.call(backend.scripts.cancel, thread_id, run.id, run.id,
+                                   run.device_id or "acquire", "0", "")
+                raise ThreadBusyError(
+                    f"run {run.id} did not get thread {thread_id} within {timeout} s and was "
+                    "withdrawn: retry later", active_run=None,
+                    retry_after=backend.settings.retry_after)
+            wait = max(min(wait, left), _MIN_WAIT)
+        await backend.redis.blpop([wakeup], timeout=wait)
+
+
+class RunLease:
+    """This process holds the thread for ``run``: write its output, then finish or fail.
+
+    Use it as an async context manager: leaving the block without finish/fail fails
+    the run (with the exception's text, if any) and always stops the watchdog.
+    """
+
+    def __init__(self, backend: Backend, run: Run, message: Message, fence: int,
+                 token: str) -> None:
+        self.run = run
+        self.fence = fence
+        self.message = message  # the assistant message, as created (in_progress)
+        self._backend = backend
+        self._token = token
+        self._buffer: list[str] = []
+        self._buffered = 0
+        self._flushing = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._write_error: _RedisPyError | OSError | None = None  # from the write-behind
+        self._failure: LeaseLostError | None = None  # from a background flush or renewal
+        self._ended = False
+        self._watchdog = asyncio.create_task(self._renew_forever())
+
+    @property
+    def lost(self) -> bool:
+        """True once a write or renewal found the lease gone (stop generating)."""
+        return self._failure is not None
+
+    async def delta(self, text: str) -> None:
+        """Add generated text; written by a background writer, fenced in Lua."""
+        self._check_open()
+        if not text:
+            return
+        self._buffer.append(text)
+        self._buffered += len(text)
+        settings = self._backend.settings
+        if self._unbatched:
+            # Write-behind: the writer sends what piled up meanwhile in one call;
+            # flush() is the barrier for "everything so far is stored".
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_pending())
+            if len(self._buffer) >= _MAX_PENDING:
+                await asyncio.shield(self._writer)
+        elif self._buffered >= settings.delta_batch_chars:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_later(settings.delta_batch_ms / 1000))
+
+    async def flush(self) -> None:
+        """Write buffered text now, in one script call: the barrier for "all of it is
+        stored"; raises what a write behind the caller met (e.g. LeaseLostError)."""
+        self._raise_pending()
+        async with self._flushing:
+            texts = self._take_buffer()
+            if not texts:
+                return
+            reply = await self._call(self._backend.scripts.delta, self.message.id, *texts)
+            self._raise_if_lost(reply)
+
+    @property
+    def _unbatched(self) -> bool:
+        return self._backend.settings.delta_batch_ms == 0
+
+    def _take_buffer(self) -> list[str]:
+        """The buffered pieces as event texts: each its own, or one batch."""
+        pieces, self._buffer, self._buffered = self._buffer, [], 0
+        if self._unbatched or not pieces:
+            return pieces
+        return ["".join(pieces)]
+
+    async def _write_pending(self) -> None:
+        """Write behind the caller; what goes wrong is raised by the caller's next call."""
+        try:
+            while self._buffer:
+                await self.flush()
+        except LeaseLostError:
+            pass  # kept in _failure
+        except (_RedisPyError, OSError) as exc:
+            self._write_error = exc
+
+    async def finish(self, reason: str, usage: Mapping[str, int]) -> Run:
+        """The run completed: its message lands (new version); lock released, next woken."""
+        if not isinstance(reason, str) or not reason:
+            raise UsageError(f"finish needs a reason such as 'eos', not {reason!r}")
+        return await self._end("completed", reason, dumps(dict(usage)), "")
+
+    async def fail(self, error: str) -> Run:
+        """The run failed: its text so far stays (incomplete); lock released, next woken."""
+        return await self._end("failed", "error", "null", str(error))
+
+    async def _end(self, outcome: str, reason: str, usage: str, error: str) -> Run:
+        self._check_open()
+        async with self._flushing:
+            texts = self._take_buffer()
+            self._ended = True
+            await self._stop_watchdog()
+            reply = await self._call(self._backend.scripts.finish, self.message.id,
+                                     outcome, reason, usage, error, *texts)
+            self._raise_if_lost(reply)
+        self.run = parse_run(reply[1])
+        return self.run
+
+    async def _call(self, script: AsyncScript, *args: str) -> list[Any]:
+        return await self._backend.call(script, self.run.thread_id, self.run.id, self.run.id,
+                                        self._token, str(self.fence), *args)
+
+    def _raise_if_lost(self, reply: list[Any]) -> None:
+        if self._note_if_lost(reply):
+            assert self._failure is not None
+            raise self._failure
+
+    def _note_if_lost(self, reply: list[Any]) -> bool:
+        if reply[0] != "lost":
+            return False
+        self._failure = lease_lost(self.run.thread_id, self.run.id)
+        return True
+
+    def _check_open(self) -> None:
+        self._raise_pending()
+        if self._ended:
+            raise UsageError(f"run {self.run.id} already ended: start a new run")
+
+    def _raise_pending(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._timer = None
+        with contextlib.suppress(LeaseLostError):  # kept in _failure, raised by the next call
+            await self.flush()
+
+    async def _renew_forever(self) -> None:
+        every = self._backend.settings.renew_ms / 1000
+        while True:
+            await asyncio.sleep(every)
+            try:
+                reply = await self._call(self._backend.scripts.renew)
+            except (_RedisPyError, OSError):
+                continue  # a blip: try again next period; the lease has room for that
+            if self._note_if_lost(reply):
+                return
+
+    async def _stop_watchdog(self) -> None:
+        self._watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watchdog
+
+    async def close(self) -> None:
+        """Stop the watchdog (and a pending flush timer or writer) without writing more."""
+        await self._stop_watchdog()
+        for task in (self._timer, self._writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LeaseLostError):
+                    await task
+        self._timer = self._writer = None
+
+    async def __aenter__(self) -> RunLease:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if not self._ended and self._failure is None:
+                detail = f"{type(exc).__name__}: {exc}" if exc else "the run ended without a result"
+                with contextlib.suppress(LeaseLostError):
+                    await self.fail(detail)
+        finally:
+            await self.close()

@@ -1,0 +1,588 @@
+"""The Lua scripts behind every multi-key change of a thread, and their shared helpers.
+
+Every script is one atomic step on the node that owns the thread's hash slot. They
+all see the same ``KEYS`` layout (:func:`script_keys`) and the same first three
+``ARGV``; each script's own comment block lists the rest::
+
+    KEYS[1..8]  eb:{T}:meta, :msgs, :changes, :mids, :lock, :fence, :queue, :runs
+    KEYS[9..12] eb:{T}:run:<R>, :run:<R>:events, :run:<R>:go, :run:<R>:text (one run's)
+    ARGV[1]     the caller's clock in seconds (only ever stored as created_at)
+    ARGV[2]     the sliding session TTL in ms
+    ARGV[3]     the lock lease in ms (also the time a queued run gets to take its turn)
+
+Keys of *other* runs (the active run an edit interrupts, the next queued run a
+finished run wakes, every run whose TTL a touch refreshes) are found through the
+runs zset, the queue or meta's ``active_run`` and touched undeclared. That is safe
+on Redis Cluster: they carry the same ``{T}`` hash tag, so they live in the slot of
+the declared keys (Redis refuses only keys of another slot).
+
+The helpers are shared by string composition (:data:`PRELUDE` + a script body), so
+ending a run is ONE function (``end_run``) whether it finishes, fails, is cancelled,
+is interrupted by an edit or a new run, or lost its lease and is taken over.
+
+Conventions inside Redis: JSON only (cjson); versions come from ``HINCRBY`` on meta,
+never from a clock; replies are arrays whose first element says what happened
+(``ok``, ``gone``, ``epoch``, ``busy``, ``lost``, ``norun``, ``wait``, ``ended``,
+``duplicate``).
+
+The lock holds either a holder's random token or ``reserved:<run id>``: when the
+thread frees up, the next queued run is woken (a token RPUSHed on its ``go`` list,
+which its ``acquire`` BLPOPs) and the thread is reserved for it for one lease. A run
+whose reservation ran out (its device went away before taking its turn) is failed by
+the next run that wants the thread, exactly like a holder whose lease ran out.
+"""
+
+from __future__ import annotations
+
+import json
+import os.path
+
+from redis.commands.core import AsyncScript
+
+from edgebundle.sync import keys
+from edgebundle.sync.client import Client
+
+
+def script_keys(thread_id: str, run_id: str | None = None) -> list[str]:
+    """The ``KEYS`` of a script call: the thread's fixed keys, then the run's if any."""
+    fixed = [
+        keys.meta(thread_id),
+        keys.messages(thread_id),
+        keys.changes(thread_id),
+        keys.mutation_ids(thread_id),
+        keys.lock(thread_id),
+        keys.fence(thread_id),
+        keys.queue(thread_id),
+        keys.runs(thread_id),
+    ]
+    if run_id is None:
+        return fixed
+    return fixed + [
+        keys.run(thread_id, run_id),
+        keys.run_events(thread_id, run_id),
+        keys.run_wakeup(thread_id, run_id),
+        keys.run_text(thread_id, run_id),
+    ]
+
+
+def _key_layout() -> dict[str, str]:
+    """How Lua builds keys of runs it finds by id, taken from :mod:`keys` (one place)."""
+    thread, run = "T", "RUN0ID"
+    tag = os.path.commonprefix([keys.meta(thread), keys.lock(thread), keys.run(thread, run)])
+    layout = {"META_SUFFIX_LEN": str(len(keys.meta(thread)) - len(tag))}
+    for name, key in (("RUN", keys.run(thread, run)), ("EVENTS", keys.run_events(thread, run)),
+                      ("GO", keys.run_wakeup(thread, run)), ("TEXT", keys.run_text(thread, run))):
+        before, _, after = key[len(tag):].partition(run)
+        layout[f"{name}_PRE"] = json.dumps(before)  # a JSON string is a valid Lua literal here
+        layout[f"{name}_POST"] = json.dumps(after)
+    return layout
+
+
+_PRELUDE_TEMPLATE = r"""
+local META, MSGS, CHANGES, MIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local LOCK, FENCE, QUEUE, RUNS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local TAG = string.sub(META, 1, #META - @META_SUFFIX_LEN@)
+local NOW = tonumber(ARGV[1])
+local TTL = math.floor(tonumber(ARGV[2]))
+local LEASE = math.floor(tonumber(ARGV[3]))
+-- run keys are refreshed once per SLACK (not on every access: a long thread has many
+-- runs) and live SLACK longer, so they never expire before the thread itself
+local SLACK = math.min(math.floor(TTL / 10), 60000)
+local RUN_TTL = TTL + SLACK
+local RESERVED = 'reserved:'
+
+local function run_key(id) return TAG .. @RUN_PRE@ .. id .. @RUN_POST@ end
+local function events_key(id) return TAG .. @EVENTS_PRE@ .. id .. @EVENTS_POST@ end
+local function go_key(id) return TAG .. @GO_PRE@ .. id .. @GO_POST@ end
+local function text_key(id) return TAG .. @TEXT_PRE@ .. id .. @TEXT_POST@ end
+
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function keep_run(id)
+  redis.call('PEXPIRE', run_key(id), RUN_TTL)
+  redis.call('PEXPIRE', events_key(id), RUN_TTL)
+  redis.call('PEXPIRE', go_key(id), RUN_TTL)
+  redis.call('PEXPIRE', text_key(id), RUN_TTL)
+end
+
+-- Sliding TTL: every fixed key (not the lock: it has its lease) and the declared run
+-- keys now; every run of the thread (via RUNS) when SLACK has passed since last time.
+local function touch()
+  for i = 1, 8 do
+    if i ~= 5 then redis.call('PEXPIRE', KEYS[i], TTL) end
+  end
+  for i = 9, #KEYS do redis.call('PEXPIRE', KEYS[i], RUN_TTL) end
+  local now = clock_ms()
+  local last = tonumber(redis.call('HGET', META, 'touched_at') or '0')
+  if now - last >= SLACK then
+    redis.call('HSET', META, 'touched_at', now)
+    for _, id in ipairs(redis.call('ZRANGE', RUNS, 0, -1)) do keep_run(id) end
+  end
+end
+
+local function load_run(id)
+  local raw = redis.call('HGET', run_key(id), 'run')
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function emit(run_id, kind, data)
+  return redis.call('XADD', events_key(run_id), '*', 'type', kind, 'data', data)
+end
+
+-- A position for a message: the one it asks for, or the next free one.
+local function claim_position(pos)
+  local free = tonumber(redis.call('HGET', META, 'next_position') or '1')
+  if pos == nil or pos == cjson.null then
+    redis.call('HSET', META, 'next_position', free + 1)
+    return free
+  end
+  if pos >= free then redis.call('HSET', META, 'next_position', math.floor(pos) + 1) end
+  return pos
+end
+
+-- Every change of a message: bump the thread's version, stamp the message with it,
+-- store it and index it for diffs. Returns the stored JSON.
+local function bump_and_write(msg)
+  local version = redis.call('HINCRBY', META, 'version', 1)
+  msg.version = version
+  local raw = cjson.encode(msg)
+  redis.call('HSET', MSGS, msg.id, raw)
+  redis.call('ZADD', CHANGES, version, msg.id)
+  return raw
+end
+
+-- The thread is free (lock deleted): reserve it for the next queued run for one lease
+-- and wake that run's acquire (BLPOP on its go list).
+local function wake_next()
+  local head = redis.call('LINDEX', QUEUE, 0)
+  if head then
+    redis.call('SET', LOCK, RESERVED .. head, 'PX', LEASE)
+    redis.call('RPUSH', go_key(head), '1')
+    redis.call('PEXPIRE', go_key(head), RUN_TTL)
+  end
+end
+
+-- Ends a run, whoever ends it: finish, fail, cancel, interrupt, takeover of a dead
+-- holder, or a queued run that never took its turn. status is completed, failed,
+-- cancelled or incomplete; text the assistant message's final content (nil: the text
+-- generated so far). A generating run's message lands in the thread with a new
+-- version; the run's terminal events and 'done' are added; if it held (or had the
+-- thread reserved) the lock is deleted and the next queued run woken.
+local function end_run(run, status, reason, text, info)
+  if run.status ~= 'queued' and run.status ~= 'in_progress' then return cjson.encode(run) end
+  local was_queued = run.status == 'queued'
+  if was_queued then
+    redis.call('LREM', QUEUE, 0, run.id)
+  else
+    if text == nil then text = redis.call('GET', text_key(run.id)) or '' end
+    redis.call('SET', text_key(run.id), text, 'KEEPTTL')
+    local raw = redis.call('HGET', MSGS, run.message_id)
+    if raw then
+      local msg = cjson.decode(raw)
+      msg.content = text
+      if status == 'completed' then msg.status = 'completed' else msg.status = 'incomplete' end
+      emit(run.id, 'message.completed', '{"message":' .. bump_and_write(msg) .. '}')
+    end
+  end
+  run.status = status
+  run.reason = reason
+  if info.usage ~= nil then run.usage = info.usage end
+  local run_raw = cjson.encode(run)
+  redis.call('HSET', run_key(run.id), 'run', run_raw)
+  local data = '{"run":' .. run_raw .. ',"reason":' .. cjson.encode(reason or cjson.null)
+  if status == 'completed' then
+    local usage = cjson.encode(run.usage or cjson.null)
+    emit(run.id, 'run.completed', data .. ',"usage":' .. usage .. '}')
+  elseif status == 'failed' then
+    emit(run.id, 'run.failed', data .. ',"error":' .. cjson.encode(info.error or '') .. '}')
+  else
+    emit(run.id, 'run.cancelled', data .. ',"cause":' .. cjson.encode(info.cause or '') .. '}')
+  end
+  emit(run.id, 'done', '{}')
+  if was_queued then redis.call('RPUSH', go_key(run.id), '1') end  -- its waiter looks again
+  keep_run(run.id)
+  if redis.call('HGET', META, 'active_run') == run.id then
+    redis.call('HSET', META, 'active_run', '')
+    redis.call('DEL', LOCK)
+    wake_next()
+  elseif redis.call('GET', LOCK) == RESERVED .. run.id then
+    redis.call('DEL', LOCK)
+    wake_next()
+  end
+  return run_raw
+end
+
+-- A run is marked active but nobody holds the lock: its holder's lease ran out
+-- (stalled, partitioned, dead). It ends incomplete with the text it had written.
+local function reap()
+  if redis.call('EXISTS', LOCK) == 1 then return end
+  local active = redis.call('HGET', META, 'active_run')
+  if not active or active == '' then return end
+  local dead = load_run(active)
+  if dead and dead.status == 'in_progress' then
+    end_run(dead, 'incomplete', 'interrupted', nil, {cause = 'lease_expired'})
+  else
+    redis.call('HSET', META, 'active_run', '')
+    wake_next()
+  end
+end
+
+-- Only the holder of this lock acquisition may write: same token, same fence.
+local function fenced(run_id, token, fence)
+  return redis.call('GET', LOCK) == token
+    and redis.call('GET', FENCE) == fence
+    and redis.call('HGET', run_key(run_id), 'fence') == fence
+end
+
+local function append_delta(run_id, message_id, text)
+  local seq = redis.call('HINCRBY', run_key(run_id), 'seq', 1)
+  redis.call('APPEND', text_key(run_id), text)
+  emit(run_id, 'message.delta', cjson.encode({message_id = message_id, seq = seq, text = text}))
+  return seq
+end
+
+local function create_meta(epoch)
+  redis.call('HSET', META, 'epoch', epoch, 'version', 0, 'floor', 0, 'created_at', ARGV[1],
+             'active_run', '', 'next_position', 1)
+end
+
+local function hmget_all(key, ids)
+  local out = {}
+  for i = 1, #ids, 500 do
+    local chunk = redis.call('HMGET', key, unpack(ids, i, math.min(i + 499, #ids)))
+    for _, v in ipairs(chunk) do if v then out[#out + 1] = v end end
+  end
+  return out
+end
+
+-- The sync object: what changed since (epoch, since), or everything (tombstones too)
+-- when the epoch differs or since cannot be diffed. {'ok', epoch, version, full,
+-- active run JSON or '', {queued run JSON...}, {message JSON...}}
+local function snapshot(client_epoch, since)
+  local m = redis.call('HMGET', META, 'epoch', 'version', 'floor', 'active_run')
+  local epoch, version, floor = m[1], tonumber(m[2]), tonumber(m[3] or '0')
+  local full = client_epoch ~= epoch or since < floor or since > version
+  local ids
+  if full then
+    ids = redis.call('ZRANGE', CHANGES, 0, -1)
+  else
+    ids = redis.call('ZRANGEBYSCORE', CHANGES, '(' .. since, '+inf')
+  end
+  local active = ''
+  if m[4] and m[4] ~= '' then active = redis.call('HGET', run_key(m[4]), 'run') or '' end
+  local queued = {}
+  for _, id in ipairs(redis.call('LRANGE', QUEUE, 0, -1)) do
+    local raw = redis.call('HGET', run_key(id), 'run')
+    if raw then queued[#queued + 1] = raw end
+  end
+  return {'ok', epoch, version, full and 1 or 0, active, queued, hmget_all(MSGS, ids)}
+end
+"""
+
+
+def _prelude() -> str:
+    text = _PRELUDE_TEMPLATE
+    for name, value in _key_layout().items():
+        text = text.replace(f"@{name}@", value)
+    return text
+
+
+PRELUDE = _prelude()
+
+CREATE = r"""
+-- create: make the thread unless it exists; answer its full state.
+-- KEYS[1..8] fixed thread keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] epoch for a new thread
+if redis.call('EXISTS', META) == 0 then create_meta(ARGV[4]) end
+reap()
+touch()
+return snapshot('', 0)
+"""
+
+SYNC = r"""
+-- sync: the diff since (epoch, since), or the full state.
+-- KEYS[1..8] fixed thread keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch ('' = none); ARGV[5] since
+if redis.call('EXISTS', META) == 0 then return {'gone'} end
+reap()
+touch()
+return snapshot(ARGV[4], tonumber(ARGV[5]))
+"""
+
+PUSH = r"""
+-- push: apply a device's mutations exactly once (the last applied mid per device is
+-- stored in this same step), client wins; an edit or delete of an existing message
+-- while a run generates interrupts that run first (its text so far kept). Answers
+-- the diff since the client's version.
+-- KEYS[1..8] fixed thread keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] device id; ARGV[5] client epoch;
+-- ARGV[6] since; ARGV[7] '1' = reseed; ARGV[8] the new epoch if reseeding;
+-- ARGV[9..] one mutation JSON each: {"mid": n, "op": "put"|"delete", "message": {...}}
+local device = ARGV[4]
+if redis.call('EXISTS', META) == 0 then
+  if ARGV[7] ~= '1' then return {'epoch', ''} end
+  create_meta(ARGV[8])
+else
+  local epoch = redis.call('HGET', META, 'epoch')
+  if epoch ~= ARGV[5] then return {'epoch', epoch} end
+  reap()
+end
+
+local FIELDS = {'role', 'content', 'status', 'position', 'created_at', 'run_id'}
+local function differs(current, incoming)
+  if current.deleted then return true end
+  for _, f in ipairs(FIELDS) do
+    if incoming[f] ~= nil and incoming[f] ~= current[f] then return true end
+  end
+  return false
+end
+
+local last = tonumber(redis.call('HGET', MIDS, device) or '0')
+local interrupted = false
+for i = 9, #ARGV do
+  local m = cjson.decode(ARGV[i])
+  if m.mid > last then
+    last = m.mid
+    local incoming = m.message
+    local raw = redis.call('HGET', MSGS, incoming.id)
+    local current = nil
+    if raw then current = cjson.decode(raw) end
+    local edits = current ~= nil and ((m.op == 'delete' and not current.deleted)
+                                      or (m.op == 'put' and differs(current, incoming)))
+    if edits and not interrupted then
+      interrupted = true
+      local active = redis.call('HGET', META, 'active_run')
+      if active ~= '' then
+        local run = load_run(active)
+        if run then
+          end_run(run, 'incomplete', 'interrupted', nil, {cause = 'edit'})
+          current = cjson.decode(redis.call('HGET', MSGS, incoming.id))
+        end
+      end
+    end
+    if m.op == 'put' and (current == nil or edits) then
+      local msg = current
+      if msg == nil then
+        msg = {id = incoming.id, role = 'user', content = '', status = 'completed',
+               created_at = NOW, run_id = cjson.null}
+        msg.position = claim_position(incoming.position)
+      elseif incoming.position ~= nil then
+        msg.position = claim_position(incoming.position)
+      end
+      for _, f in ipairs(FIELDS) do
+        if f ~= 'position' and incoming[f] ~= nil then msg[f] = incoming[f] end
+      end
+      msg.deleted = false
+      bump_and_write(msg)
+    elseif m.op == 'delete' and edits then
+      current.deleted = true
+      current.content = ''
+      bump_and_write(current)
+    end
+  end
+end
+redis.call('HSET', MIDS, device, last)
+touch()
+return snapshot(ARGV[5], tonumber(ARGV[6]))
+"""
+
+START_RUN = r"""
+-- start_run: the user's input message lands in the thread (new version) and a run is
+-- queued behind the active one (enqueue), put first in line after cancelling the
+-- active one (interrupt), or refused while the thread is busy (reject). Answers
+-- {'ok', run JSON, sync object...} with the diff since the client's version.
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] the new run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch; ARGV[5] since;
+-- ARGV[6] policy enqueue|reject|interrupt; ARGV[7] run JSON (status queued);
+-- ARGV[8] input message JSON (position may be null)
+if redis.call('EXISTS', META) == 0 then return {'epoch', ''} end
+local epoch = redis.call('HGET', META, 'epoch')
+if epoch ~= ARGV[4] then return {'epoch', epoch} end
+reap()
+local run = cjson.decode(ARGV[7])
+local input = cjson.decode(ARGV[8])
+if redis.call('HEXISTS', MSGS, input.id) == 1 then return {'duplicate', input.id} end
+local active = redis.call('HGET', META, 'active_run')
+local policy = ARGV[6]
+if policy == 'reject' then
+  local blocker = active
+  if blocker == '' then blocker = redis.call('LINDEX', QUEUE, 0) end
+  if blocker then
+    touch()
+    return {'busy', redis.call('HGET', run_key(blocker), 'run') or ''}
+  end
+end
+input.position = claim_position(input.position)
+local input_raw = bump_and_write(input)
+redis.call('ZADD', RUNS, redis.call('HGET', META, 'version'), run.id)
+local run_raw = cjson.encode(run)
+redis.call('HSET', run_key(run.id), 'run', run_raw, 'seq', 0, 'fence', '')
+emit(run.id, 'run.queued', '{"run":' .. run_raw .. '}')
+emit(run.id, 'message.created', '{"message":' .. input_raw .. '}')
+if policy == 'interrupt' then
+  redis.call('LPUSH', QUEUE, run.id)
+  local current = nil
+  if active ~= '' then current = load_run(active) end
+  if current then
+    end_run(current, 'incomplete', 'interrupted', nil, {cause = 'interrupt'})
+  else
+    local lock = redis.call('GET', LOCK)
+    if not lock or string.sub(lock, 1, #RESERVED) == RESERVED then
+      redis.call('DEL', LOCK)
+      wake_next()
+    end
+  end
+else
+  redis.call('RPUSH', QUEUE, run.id)
+  if redis.call('EXISTS', LOCK) == 0 and redis.call('LLEN', QUEUE) == 1 then wake_next() end
+end
+touch()
+local reply = snapshot(ARGV[4], tonumber(ARGV[5]))
+table.insert(reply, 2, redis.call('HGET', run_key(run.id), 'run'))
+return reply
+"""
+
+ACQUIRE = r"""
+-- acquire: take the thread for this run if the lock is free (or reserved for it) and
+-- it is first in line: SET lock token PX lease, fence = INCR, run in_progress, active
+-- run set, the assistant message created (in_progress, new version), run.started and
+-- message.created added. A holder whose lease ran out is ended (incomplete) first; so
+-- are queued runs ahead that never took their reserved turn. Otherwise answers
+-- {'wait', ms until the lock's lease or reservation runs out}.
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] this run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token
+if redis.call('EXISTS', META) == 0 then return {'gone'} end
+local id, token = ARGV[4], ARGV[5]
+local run = load_run(id)
+if not run then return {'norun'} end
+if run.status ~= 'queued' then return {'ended', cjson.encode(run)} end
+reap()
+local lock = redis.call('GET', LOCK)
+if not lock then
+  local head = redis.call('LINDEX', QUEUE, 0)
+  while head and head ~= id do
+    local ahead = load_run(head)
+    if ahead then
+      end_run(ahead, 'failed', 'error', nil,
+              {error = 'the run did not take its turn within the lease (its device went away)'})
+    else
+      redis.call('LPOP', QUEUE)
+    end
+    head = redis.call('LINDEX', QUEUE, 0)
+  end
+elseif lock ~= RESERVED .. id then
+  touch()
+  return {'wait', redis.call('PTTL', LOCK)}
+end
+redis.call('LREM', QUEUE, 0, id)
+redis.call('SET', LOCK, token, 'PX', LEASE)
+local fence = redis.call('INCR', FENCE)
+run.status = 'in_progress'
+run.fence = fence
+local run_raw = cjson.encode(run)
+redis.call('HSET', KEYS[9], 'run', run_raw, 'fence', fence, 'seq', 0)
+redis.call('SET', KEYS[12], '')
+redis.call('HSET', META, 'active_run', id)
+local msg = {id = run.message_id, role = 'assistant', content = '', status = 'in_progress',
+             position = claim_position(nil), created_at = NOW, deleted = false, run_id = id}
+local msg_raw = bump_and_write(msg)
+emit(id, 'run.started', '{"run":' .. run_raw .. '}')
+emit(id, 'message.created', '{"message":' .. msg_raw .. '}')
+redis.call('DEL', KEYS[11])
+touch()
+return {'ok', run_raw, msg_raw, fence}
+"""
+
+DELTA = r"""
+-- delta: one batch of generated text, fenced: appended to the run's text and added as
+-- message.delta {message_id, seq, text}. Nothing is written unless this holder still
+-- has the lock (token) and the fence of its acquisition.
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence;
+-- ARGV[7] message id; ARGV[8..] texts, in order: one message.delta event each (pieces
+-- that arrived while the previous write was in flight travel in one call)
+if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
+local seq
+for i = 8, #ARGV do seq = append_delta(ARGV[4], ARGV[7], ARGV[i]) end
+return {'ok', seq}
+"""
+
+RENEW = r"""
+-- renew: the watchdog extends the lease (fenced) and refreshes the thread's TTL.
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence
+if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
+redis.call('PEXPIRE', LOCK, LEASE)
+touch()
+return {'ok'}
+"""
+
+FINISH = r"""
+-- finish: the holder ends its run (fenced): the last text batch, then the assistant
+-- message lands (new version), terminal events + done, the lock is released
+-- (compare-and-delete: the token was checked in this same step) and the next queued
+-- run woken.
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence;
+-- ARGV[7] message id; ARGV[8] completed|failed; ARGV[9] reason; ARGV[10] usage JSON;
+-- ARGV[11] error text (failed); ARGV[12..] the last texts, one message.delta each
+if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
+for i = 12, #ARGV do append_delta(ARGV[4], ARGV[7], ARGV[i]) end
+local run = load_run(ARGV[4])
+local raw = end_run(run, ARGV[8], ARGV[9], nil,
+                    {usage = cjson.decode(ARGV[10]), error = ARGV[11]})
+touch()
+return {'ok', raw}
+"""
+
+CANCEL = r"""
+-- cancel: stop a run from any device. A generating run ends cancelled and its message
+-- keeps exactly content_seen (what the user saw) or, without it, the text so far; a
+-- queued run is taken out of line. The holder's next fenced write fails.
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] device id;
+-- ARGV[6] '1' if content_seen is given; ARGV[7] content_seen
+if redis.call('EXISTS', META) == 0 then return {'gone'} end
+local run = load_run(ARGV[4])
+if not run then return {'norun'} end
+local text = nil
+if ARGV[6] == '1' then text = ARGV[7] end
+local raw = end_run(run, 'cancelled', 'cancelled', text, {cause = 'cancel'})
+touch()
+return {'ok', raw}
+"""
+
+READ_RUN = r"""
+-- read_run: the run object (after ending the active run if its holder's lease ran out).
+-- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id
+if redis.call('EXISTS', META) == 0 then return {'gone'} end
+reap()
+local raw = redis.call('HGET', KEYS[9], 'run')
+if not raw then return {'norun'} end
+touch()
+return {'ok', raw}
+"""
+
+
+class Scripts:
+    """Every script, registered once on a client (EVALSHA, loaded again on NOSCRIPT)."""
+
+    def __init__(self, redis: Client) -> None:
+        def register(body: str) -> AsyncScript:
+            return redis.register_script(PRELUDE + body)
+
+        self.create = register(CREATE)
+        self.sync = register(SYNC)
+        self.push = register(PUSH)
+        self.start_run = register(START_RUN)
+        self.acquire = register(ACQUIRE)
+        self.delta = register(DELTA)
+        self.renew = register(RENEW)
+        self.finish = register(FINISH)
+        self.cancel = register(CANCEL)
+        self.read_run = register(READ_RUN)

@@ -1,0 +1,96 @@
+"""Runs: one inference on a thread, queued, started, cancelled, looked up.
+
+Starting a run puts the user's input message in the thread (a new version) and the
+run in the thread's FIFO queue, in one script that also answers the client's diff
+(so a device's turn opens with whatever other devices did). Who generates is then
+decided by :mod:`edgebundle.sync.lock`. Busy-thread policies:
+
+- ``enqueue`` (default): wait in line; the run starts the moment the one before
+  it ends (woken through Redis, no polling).
+- ``reject``: :class:`ThreadBusyError` with ``retry_after`` (3 s) while a run is
+  active or waiting.
+- ``interrupt``: the active run is ended (incomplete, its text so far kept) and
+  this run goes first.
+
+Cancelling works from any device: a generating run keeps exactly ``content_seen``
+(what the user saw is what the model will see next), or else the text so far.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from edgebundle.errors import ThreadBusyError, UsageError
+from edgebundle.sync import keys
+from edgebundle.sync.backend import Backend, new_id, parse_run, parse_state, raise_for
+from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState, dumps
+from edgebundle.sync.store import check_since
+
+
+@dataclass(frozen=True)
+class RunTicket:
+    """A started (queued) run and the client's diff at that moment; give it to acquire."""
+
+    run: Run
+    sync: SyncState
+
+
+class RunStore:
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    async def start(self, thread_id: str, device_id: str, *, epoch: str, since: int,
+                    content: str, input_id: str | None = None,
+                    multitask: str = "enqueue") -> RunTicket:
+        keys.check_id("thread", thread_id)
+        keys.check_id("device", device_id)
+        if multitask not in MULTITASK_POLICIES:
+            raise UsageError(f"multitask must be one of {', '.join(MULTITASK_POLICIES)}, "
+                             f"not {multitask!r}")
+        if not isinstance(content, str):
+            raise UsageError("the run's input content must be a string")
+        now = time.time()
+        run = Run(id=new_id("run"), thread_id=thread_id, device_id=device_id,
+                  message_id=new_id("msg"),
+                  input_message_id=keys.check_id("message", input_id or new_id("msg")),
+                  created_at=now)
+        message = Message(id=run.input_message_id or "", role="user", content=content,
+                          created_at=now).to_json()
+        message["position"] = None  # the next free position, given by the script
+        reply = await self._backend.call(
+            self._backend.scripts.start_run, thread_id, run.id,
+            epoch or "", check_since(since), multitask, dumps(run.to_json()), dumps(message),
+        )
+        raise_for(reply, thread_id, run.id)
+        if reply[0] == "duplicate":
+            raise UsageError(f"message {reply[1]} already exists in thread {thread_id}: "
+                             "give the run's input a new id")
+        if reply[0] == "busy":
+            blocker = parse_run(reply[1]) if reply[1] else None
+            retry = self._backend.settings.retry_after
+            raise ThreadBusyError(
+                f"thread {thread_id} is busy with run {blocker.id if blocker else '?'}: "
+                f"retry after {retry} s, or start the run with multitask=enqueue",
+                active_run=blocker, retry_after=retry)
+        return RunTicket(run=parse_run(reply[1]), sync=parse_state(thread_id, reply[2:]))
+
+    async def cancel(self, thread_id: str, run_id: str, device_id: str,
+                     content_seen: str | None = None) -> Run:
+        keys.check_id("thread", thread_id)
+        keys.check_id("device", device_id)
+        if content_seen is not None and not isinstance(content_seen, str):
+            raise UsageError("content_seen must be a string")
+        reply = await self._backend.call(
+            self._backend.scripts.cancel, thread_id, keys.check_id("run", run_id),
+            run_id, device_id, "0" if content_seen is None else "1", content_seen or "",
+        )
+        raise_for(reply, thread_id, run_id)
+        return parse_run(reply[1])
+
+    async def get(self, thread_id: str, run_id: str) -> Run:
+        keys.check_id("thread", thread_id)
+        reply = await self._backend.call(self._backend.scripts.read_run, thread_id,
+                                         keys.check_id("run", run_id), run_id)
+        raise_for(reply, thread_id, run_id)
+        return parse_run(reply[1])

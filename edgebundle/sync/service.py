@@ -1,0 +1,103 @@
+"""The sync core's one entry point: threads, pushes, runs and their events over Redis.
+
+The gateway (and the tests) use :class:`SyncService`; it works the same on a
+standalone Redis and on Redis Cluster (every key of a thread shares its hash tag).
+The pieces behind it, one per noun: :mod:`~edgebundle.sync.store` (threads, diffs,
+pushes), :mod:`~edgebundle.sync.runs` (start, cancel, look up),
+:mod:`~edgebundle.sync.lock` (taking the thread, the lease, fenced writes),
+:mod:`~edgebundle.sync.events` (replay + follow), :mod:`~edgebundle.sync.lua` (the
+scripts).
+
+A typical turn on one device::
+
+    ticket = await sync.start_run(thread, device, epoch=e, since=v, content="Hi")
+    # ticket.sync: what other devices did since v (the stream opens with it)
+    async with await sync.acquire(ticket) as lease:
+        async for piece in model.generate(...):
+            await lease.delta(piece)
+        await lease.finish("eos", {"input_tokens": 12, "output_tokens": 40})
+
+and any device follows it with ``async for event in sync.events(thread, run_id)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from edgebundle.sync.backend import Backend, SyncSettings
+from edgebundle.sync.client import Client
+from edgebundle.sync.events import RunEvent, follow
+from edgebundle.sync.lock import RunLease, acquire
+from edgebundle.sync.models import Run, SyncState
+from edgebundle.sync.runs import RunStore, RunTicket
+from edgebundle.sync.store import ThreadStore
+
+__all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings"]
+
+
+class SyncService:
+    def __init__(self, redis: Client, *, session_ttl: int = 1800, lease_ms: int = 30000,
+                 renew_ms: int = 10000, delta_batch_ms: int = 20, delta_batch_chars: int = 256,
+                 retry_after: int = 3) -> None:
+        self.settings = SyncSettings(
+            session_ttl=session_ttl, lease_ms=lease_ms, renew_ms=renew_ms,
+            delta_batch_ms=delta_batch_ms, delta_batch_chars=delta_batch_chars,
+            retry_after=retry_after,
+        )
+        self.redis = redis
+        self._backend = Backend(redis, self.settings)
+        self._threads = ThreadStore(self._backend)
+        self._runs = RunStore(self._backend)
+
+    async def create_thread(self, thread_id: str | None = None) -> SyncState:
+        """Create a thread (a random id if none), or join an existing one: its full state."""
+        return await self._threads.create(thread_id)
+
+    async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
+        """What changed since (epoch, since), tombstones included; the full state
+        (every message, tombstones too, ``full=True``) if the epoch differs or ``since``
+        cannot be diffed. ThreadNotFoundError if the thread is gone (expired)."""
+        return await self._threads.sync(thread_id, epoch, since)
+
+    async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
+                   mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False) -> SyncState:
+        """Apply ``[{"mid", "op": "put"|"delete", "message"}]`` once each (per device
+        mid), client wins; answers the server's diff since ``since``.
+
+        An edit or delete of an existing message interrupts a generating run first
+        (its text so far kept, incomplete). A gone thread or another epoch raises
+        EpochMismatchError(epoch=<server epoch or None>); ``reseed=True`` re-creates a
+        gone thread under a new epoch from the client's full history.
+        """
+        return await self._threads.push(thread_id, device_id, epoch, since, mutations,
+                                        reseed=reseed)
+
+    async def start_run(self, thread_id: str, device_id: str, *, epoch: str, since: int,
+                        content: str, input_id: str | None = None,
+                        multitask: str = "enqueue") -> RunTicket:
+        """Queue a turn (the input message lands now); the ticket carries the diff."""
+        return await self._runs.start(thread_id, device_id, epoch=epoch, since=since,
+                                      content=content, input_id=input_id, multitask=multitask)
+
+    async def acquire(self, ticket: RunTicket, timeout: float | None = None) -> RunLease:
+        """Wait for the run's turn (woken by Redis, no polling); the holder's lease.
+
+        LeaseLostError if the run ended before it could start (cancelled, or skipped
+        because it did not take its turn within a lease); with ``timeout`` (s), the run
+        is withdrawn (cancelled) and ThreadBusyError raised when its turn did not come.
+        """
+        return await acquire(self._backend, ticket, timeout)
+
+    async def cancel_run(self, thread_id: str, run_id: str, device_id: str,
+                         content_seen: str | None = None) -> Run:
+        """Stop a run; a generating one keeps exactly ``content_seen`` (or its text so far)."""
+        return await self._runs.cancel(thread_id, run_id, device_id, content_seen)
+
+    async def get_run(self, thread_id: str, run_id: str) -> Run:
+        return await self._runs.get(thread_id, run_id)
+
+    def events(self, thread_id: str, run_id: str, after: str | None = None
+               ) -> AsyncIterator[RunEvent]:
+        """Replay (after ``after``, exclusive) then follow live until ``done``."""
+        return follow(self._backend, thread_id, run_id, after)

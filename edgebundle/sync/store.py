@@ -1,0 +1,118 @@
+"""Threads: create, diff by (epoch, version), and pushes of client changes.
+
+A thread is a random epoch plus a version counter (``HINCRBY``, never a device
+clock). Every change stamps the message with the new version and indexes it in the
+changes zset, so the diff since V is the messages scored above V; deletes are
+tombstones so they diff too. A client that has another epoch, or a version the
+server cannot diff from, gets the full state instead: never a silent gap.
+
+Pushes carry per-device mutation ids: a mutation whose ``mid`` is not above the
+last one applied for that device is skipped, and the last applied ``mid`` is stored
+in the same script as the change, so a retried push applies once. Client edits
+win. The answer is the server's diff since the client's version, from the same
+atomic step.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgebundle.errors import UsageError
+from edgebundle.sync import keys
+from edgebundle.sync.backend import Backend, new_id, parse_state, raise_for
+from edgebundle.sync.models import MESSAGE_STATUSES, ROLES, SyncState, dumps
+
+OPS = ("put", "delete")
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+def check_since(since: int) -> int:
+    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+        raise UsageError(f"since must be a version (a whole number >= 0), not {since!r}")
+    return since
+
+
+class ThreadStore:
+    """The static state of threads: meta, messages, the version index, mutation ids."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    async def create(self, thread_id: str | None = None) -> SyncState:
+        """Create the thread, or join it if it exists; its full state either way."""
+        thread_id = keys.check_id("thread", thread_id or new_id("thr"))
+        reply = await self._backend.call(self._backend.scripts.create, thread_id, None,
+                                         new_epoch())
+        return parse_state(thread_id, reply[1:])
+
+    async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
+        """The diff since (epoch, since); the full state if it cannot be a diff."""
+        keys.check_id("thread", thread_id)
+        reply = await self._backend.call(self._backend.scripts.sync, thread_id, None,
+                                         epoch or "", check_since(since))
+        raise_for(reply, thread_id)
+        return parse_state(thread_id, reply[1:])
+
+    async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
+                   mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False) -> SyncState:
+        """Apply the device's mutations once each; the server's diff since ``since``."""
+        keys.check_id("thread", thread_id)
+        keys.check_id("device", device_id)
+        encoded = [dumps(check_mutation(m)) for m in mutations]
+        reply = await self._backend.call(
+            self._backend.scripts.push, thread_id, None,
+            device_id, epoch or "", check_since(since), "1" if reseed else "0", new_epoch(),
+            *encoded,
+        )
+        raise_for(reply, thread_id)
+        return parse_state(thread_id, reply[1:])
+
+
+def check_mutation(mutation: Mapping[str, Any]) -> dict[str, Any]:
+    """The mutation as the push script expects it; UsageError saying what is wrong."""
+    if not isinstance(mutation, Mapping):
+        raise UsageError(f"a mutation must be an object, not {mutation!r}")
+    mid, op, message = mutation.get("mid"), mutation.get("op"), mutation.get("message")
+    if not isinstance(mid, int) or isinstance(mid, bool) or mid < 1:
+        raise UsageError(f"mutation mid must be a whole number >= 1, not {mid!r}")
+    if op not in OPS:
+        raise UsageError(f"mutation {mid}: op must be 'put' or 'delete', not {op!r}")
+    if not isinstance(message, Mapping):
+        raise UsageError(f"mutation {mid}: message must be an object")
+    clean: dict[str, Any] = {"id": keys.check_id("message", message.get("id", ""))}
+    if op == "put":
+        clean.update(_put_fields(mid, message))
+    return {"mid": mid, "op": op, "message": clean}
+
+
+def _put_fields(mid: int, message: Mapping[str, Any]) -> dict[str, Any]:
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise UsageError(f"mutation {mid}: role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not isinstance(content, str):
+        raise UsageError(f"mutation {mid}: content must be a string")
+    fields: dict[str, Any] = {"role": role, "content": content}
+    status = message.get("status")
+    if status is not None:
+        if status not in MESSAGE_STATUSES:
+            raise UsageError(f"mutation {mid}: status must be one of "
+                             f"{', '.join(MESSAGE_STATUSES)}, not {status!r}")
+        fields["status"] = status
+    for name in ("position", "created_at"):
+        value = message.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
+                value) or value < 0:
+            raise UsageError(f"mutation {mid}: {name} must be a number >= 0, not {value!r}")
+        fields[name] = value
+    run_id = message.get("run_id")
+    if run_id is not None:
+        fields["run_id"] = keys.check_id("run", run_id)
+    return fields

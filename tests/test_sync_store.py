@@ -1,0 +1,260 @@
+"""Threads, diffs and pushes against a real Redis (standalone and a 3-node cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edgebundle.errors import EpochMismatchError, ThreadNotFoundError, UsageError
+from edgebundle.sync import keys
+from edgebundle.sync.models import SyncState
+from tests.support.redis_server import RedisServer
+from tests.support.sync import delete, new_thread_id, put, sync_service
+
+
+def by_id(state: SyncState) -> dict[str, tuple[str, int, bool]]:
+    return {m.id: (m.content, m.version, m.deleted) for m in state.messages}
+
+
+def test_scenario_1_client_edits_are_applied_and_answered_with_the_server_diff(
+    sync_redis_url: str,
+) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            created = await sync.create_thread(new_thread_id())
+            tid, epoch = created.id, created.epoch
+            assert (created.version, created.full, created.messages) == (0, True, ())
+
+            a1 = await sync.push(tid, "phone", epoch, 0,
+                                 [put(1, "m1", "hello"), put(2, "m2", "wrold")])
+            assert (a1.version, a1.full) == (2, False)
+            assert by_id(a1) == {"m1": ("hello", 1, False), "m2": ("wrold", 2, False)}
+            assert [m.position for m in a1.messages] == [1, 2]
+
+            # the laptop, still at version 0, pushes its own message: its answer is the
+            # server's diff since 0 (the phone's two messages) plus its own, stamped
+            b1 = await sync.push(tid, "laptop", epoch, 0, [put(1, "m3", "again")])
+            assert b1.version == 3
+            assert by_id(b1) == {"m1": ("hello", 1, False), "m2": ("wrold", 2, False),
+                                 "m3": ("again", 3, False)}
+
+            # the phone edits and deletes (client wins); its answer has the laptop's m3
+            a2 = await sync.push(tid, "phone", epoch, a1.version,
+                                 [put(3, "m2", "world"), delete(4, "m1")])
+            assert a2.version == 5
+            assert by_id(a2) == {"m3": ("again", 3, False), "m2": ("world", 4, False),
+                                 "m1": ("", 5, True)}  # a tombstone diffs too
+
+            full = await sync.sync(tid, None, 0)
+            assert full.full and full.version == 5
+            assert by_id(full) == by_id(a2)
+            nothing = await sync.sync(tid, epoch, 5)
+            assert (nothing.full, nothing.messages, nothing.version) == (False, (), 5)
+
+    asyncio.run(main())
+
+
+def test_each_push_answer_is_one_atomic_cut_of_the_thread(sync_redis_url: str) -> None:
+    """Concurrent pushes: every answer (a diff since 0) holds exactly the messages the
+    thread had at the answer's version, no more, no less."""
+
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+
+            async def device(n: int) -> list[SyncState]:
+                answers = []
+                for mid in range(1, 6):
+                    answers.append(await sync.push(state.id, f"dev{n}", state.epoch, 0,
+                                                   [put(mid, f"d{n}-m{mid}", f"{n}/{mid}")]))
+                return answers
+
+            answers = [a for group in await asyncio.gather(*(device(n) for n in range(8)))
+                       for a in group]
+            final = {m.id: m.version for m in (await sync.sync(state.id, None, 0)).messages}
+            assert len(final) == 40 and sorted(final.values()) == list(range(1, 41))
+            for answer in answers:
+                expected = {i for i, v in final.items() if v <= answer.version}
+                assert {m.id for m in answer.messages} == expected
+
+    asyncio.run(main())
+
+
+def test_a_retried_push_applies_once(sync_redis_url: str) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            batch = [put(1, "a", "one"), put(2, "b", "two")]
+            first = await sync.push(state.id, "kiosk", state.epoch, 0, batch)
+            again = await sync.push(state.id, "kiosk", state.epoch, 0, batch)
+            assert first.version == again.version == 2
+            assert by_id(again) == by_id(first)
+
+            # a retry that carries one more mutation applies only the new one
+            more = await sync.push(state.id, "kiosk", state.epoch, 2,
+                                   [*batch, put(3, "a", "one, edited")])
+            assert (more.version, by_id(more)) == (3, {"a": ("one, edited", 3, False)})
+            # an old mid of the same device never re-applies, another device's does
+            stale = await sync.push(state.id, "kiosk", state.epoch, 3, [put(2, "b", "late")])
+            assert (stale.version, stale.messages) == (3, ())
+            other = await sync.push(state.id, "phone", state.epoch, 3, [put(2, "b", "mine")])
+            assert by_id(other) == {"b": ("mine", 4, False)}
+
+    asyncio.run(main())
+
+
+def test_another_epoch_gets_a_full_resync_and_a_push_from_it_is_refused(
+    sync_redis_url: str,
+) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            pushed = await sync.push(state.id, "d", state.epoch, 0,
+                                     [put(1, "x", "x"), put(2, "y", "y"), delete(3, "x")])
+            resync = await sync.sync(state.id, "an-old-epoch", 2)
+            assert resync.full and resync.epoch == state.epoch and resync.version == 3
+            assert by_id(resync) == {"x": ("", 3, True), "y": ("y", 2, False)}
+            with pytest.raises(EpochMismatchError) as caught:
+                await sync.push(state.id, "d", "an-old-epoch", 3, [put(4, "z", "z")])
+            assert caught.value.epoch == state.epoch
+            # a version the server cannot diff from (below the floor, or from the
+            # future) answers full too
+            assert (await sync.sync(state.id, state.epoch, pushed.version + 5)).full
+            await sync.redis.hset(keys.meta(state.id), "floor", 2)
+            assert (await sync.sync(state.id, state.epoch, 1)).full
+            assert not (await sync.sync(state.id, state.epoch, 2)).full
+
+    asyncio.run(main())
+
+
+def test_an_expired_thread_is_reseeded_under_a_new_epoch(sync_redis_url: str) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url, session_ttl=1) as sync:
+            state = await sync.create_thread(new_thread_id())
+            history = [put(1, "q", "question"), put(2, "a", "answer", role="assistant")]
+            kept = await sync.push(state.id, "phone", state.epoch, 0, history)
+            await asyncio.sleep(1.3)
+
+            with pytest.raises(ThreadNotFoundError):
+                await sync.sync(state.id, state.epoch, kept.version)
+            with pytest.raises(EpochMismatchError) as caught:
+                await sync.push(state.id, "phone", state.epoch, kept.version,
+                                [put(3, "q2", "more")])
+            assert caught.value.epoch is None
+            assert not await sync.redis.exists(*keys.thread_keys(state.id))
+
+            reseeded = await sync.push(
+                state.id, "phone", state.epoch, kept.version,
+                [put(mid, m.id, m.content, role=m.role, position=m.position)
+                 for mid, m in enumerate(kept.messages, start=3)], reseed=True)
+            assert reseeded.full and reseeded.epoch != state.epoch
+            assert [(m.id, m.content, m.position) for m in reseeded.messages] == [
+                ("q", "question", 1), ("a", "answer", 2)]
+
+            # another device still on the old epoch: a full resync, its push refused
+            laptop = await sync.sync(state.id, state.epoch, kept.version)
+            assert laptop.full and laptop.epoch == reseeded.epoch
+            with pytest.raises(EpochMismatchError) as refused:
+                await sync.push(state.id, "laptop", state.epoch, 2, [put(1, "z", "z")])
+            assert refused.value.epoch == reseeded.epoch
+            # ... and so is its own re-seed: the thread exists again
+            with pytest.raises(EpochMismatchError):
+                await sync.push(state.id, "laptop", state.epoch, 0, [put(1, "z", "z")],
+                                reseed=True)
+
+    asyncio.run(main())
+
+
+def test_every_access_slides_the_ttl_of_all_thread_keys(sync_redis_url: str) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url, session_ttl=2) as sync:
+            state = await sync.create_thread(new_thread_id())
+            tid = state.id
+            await sync.push(tid, "d", state.epoch, 0, [put(1, "m", "hi")])
+            ticket = await sync.start_run(tid, "d", epoch=state.epoch, since=1, content="go")
+            run_keys = [keys.run(tid, ticket.run.id), keys.run_events(tid, ticket.run.id)]
+            watched = [keys.meta(tid), keys.messages(tid), keys.changes(tid),
+                       keys.mutation_ids(tid), keys.queue(tid), keys.runs(tid), *run_keys]
+
+            async def ttls() -> list[int]:
+                return [await sync.redis.pttl(key) for key in watched]
+
+            assert all(t > 1800 for t in await ttls())
+            await asyncio.sleep(0.45)
+            later = await ttls()
+            assert all(0 < t < 1800 for t in later)
+            await sync.sync(tid, state.epoch, 0)  # a read is an access too
+            again = await ttls()
+            assert all(t > before + 300 for t, before in zip(again, later, strict=True))
+            await sync.cancel_run(tid, ticket.run.id, "d")
+
+    asyncio.run(main())
+
+
+def test_create_joins_an_existing_thread(sync_redis_url: str) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            tid = new_thread_id()
+            first = await sync.create_thread(tid)
+            await sync.push(tid, "d", first.epoch, 0, [put(1, "m", "hi")])
+            joined = await sync.create_thread(tid)
+            assert (joined.epoch, joined.version, joined.full) == (first.epoch, 1, True)
+            assert by_id(joined) == {"m": ("hi", 1, False)}
+            generated = await sync.create_thread()
+            assert generated.id != tid and generated.version == 0
+
+    asyncio.run(main())
+
+
+def test_invalid_ids_and_mutations_are_usage_errors(sync_redis_url: str) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            tid, epoch = state.id, state.epoch
+            bad_calls = [
+                sync.create_thread("a}b{c"),
+                sync.sync("", None, 0),
+                sync.sync(tid, epoch, -1),
+                sync.push(tid, "bad device", epoch, 0, []),
+                sync.push(tid, "d", epoch, 0, [put(1, "x" * 129, "long id")]),
+                sync.push(tid, "d", epoch, 0, [{"mid": 0, "op": "put", "message": {}}]),
+                sync.push(tid, "d", epoch, 0, [{"mid": 1, "op": "move", "message": {"id": "m"}}]),
+                sync.push(tid, "d", epoch, 0, [put(1, "m", "x", role="robot")]),
+                sync.start_run(tid, "d", epoch=epoch, since=0, content="x", input_id="a b"),
+                sync.start_run(tid, "d", epoch=epoch, since=0, content="x", multitask="later"),
+                sync.get_run(tid, "run/1"),
+                sync.cancel_run(tid, "run:1", "dev ice"),
+            ]
+            for call in bad_calls:
+                with pytest.raises(UsageError):
+                    await call
+            with pytest.raises(UsageError):
+                await anext(sync.events(tid, "r1", after="not-an-id"))
+            # nothing was written by any of them
+            assert (await sync.sync(tid, epoch, 0)).version == 0
+
+    asyncio.run(main())
+
+
+def test_every_key_carries_the_thread_hash_tag(standalone_redis: RedisServer) -> None:
+    """All keys on the session's standalone server (every sync test's) start with eb:{."""
+
+    async def main() -> None:
+        async with sync_service(standalone_redis.url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            tid = state.id
+            await sync.push(tid, "d", state.epoch, 0, [put(1, "m", "hi"), delete(2, "m")])
+            first = await sync.start_run(tid, "d", epoch=state.epoch, since=0, content="a")
+            second = await sync.start_run(tid, "d", epoch=state.epoch, since=0, content="b")
+            lease = await sync.acquire(first)
+            async with lease:
+                await lease.delta("x")
+                await lease.finish("eos", {})
+            await sync.cancel_run(tid, second.run.id, "d")
+            mine = [key async for key in sync.redis.scan_iter(match=f"*{tid}*")]
+            assert mine and all(key.startswith(f"eb:{{{tid}}}:") for key in mine)
+            everything = [key async for key in sync.redis.scan_iter()]
+            assert [key for key in everything if not key.startswith("eb:{")] == []
+
+    asyncio.run(main())
