@@ -52,10 +52,12 @@ def test_run_serves_health_503_then_200_and_stops_cleanly(
         assert run.stop(stop_signal) == 0, run.stderr()
         assert gone(guest)
         assert f"stopping pid {guest} (SIGTERM)" in log.read_text()
-        assert run.stderr() == (
+        demo_note, redis_note = run.stderr().splitlines()
+        assert demo_note == (
             "edgebundle: no model configured: using the built-in demo model (it only says one "
-            "sentence); pass --model FILE.gguf\n"
+            "sentence); pass --model FILE.gguf"
         )
+        assert redis_note.startswith("edgebundle: no --redis-url: started a private redis-server")
     finally:
         run.close()
 
@@ -76,7 +78,8 @@ def test_a_model_the_guest_cannot_load_fails_run_with_one_line(tmp_path: Path) -
     try:
         assert run.read_line().startswith("serving broken with chatml on ")
         assert run.proc.wait(30) == 1
-        lines = run.stderr().splitlines()
+        # The first line says run started its private redis-server (no --redis-url).
+        lines = run.stderr().splitlines()[1:]
         assert len(lines) == 1 and lines[0].startswith("edgebundle: error: the chat guest could "
                                                        "not load its model: ")
     finally:
@@ -147,5 +150,25 @@ def test_the_guest_is_restarted_after_a_crash(tmp_path: Path) -> None:
             "messages": [{"role": "user", "content": "again"}]})  # fmt: skip
         assert reply.json()["choices"][0]["message"]["content"] == DEMO_REPLY
         assert run.stop() == 0
+    finally:
+        run.close()
+
+
+def test_without_redis_server_run_serves_the_chat_without_sync(tmp_path: Path) -> None:
+    """A device with no redis-server and no --redis-url still chats, and says why sync is off."""
+    home = tmp_path / "home"
+    bare_path = tmp_path / "bin"  # a PATH with no redis-server on it
+    bare_path.mkdir()
+    run = RunProcess(["--runtime", "embedded", "--no-preflight"], home=home,
+                     env={"PATH": str(bare_path)})
+    try:
+        run.read_line()
+        run.wait_healthy()
+        reply = httpx.post(f"{run.base_url}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert reply.json()["choices"][0]["message"]["content"] == DEMO_REPLY
+        assert httpx.post(f"{run.base_url}/v1/threads", json={}, timeout=10).status_code == 404
+        assert run.stop() == 0
+        assert "serving the chat without sync" in run.stderr()
     finally:
         run.close()

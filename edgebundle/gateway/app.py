@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,6 +33,10 @@ from edgebundle.gateway.openai_api import (
     parse_chat_request,
 )
 
+if TYPE_CHECKING:
+    from edgebundle.gateway.sync_api import RunGenerator
+    from edgebundle.sync.service import SyncService
+
 OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (probes)
 
 
@@ -44,6 +48,9 @@ class GatewayState:
     chat: ChatService
     model_id: str
     runtime: str
+    sync: SyncService | None = None  # the sync routes are served when set
+    device_id: str = ""  # this device (generates the runs started here)
+    runs: RunGenerator | None = None  # generates them (stopped by the server, in order)
 
 
 def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
@@ -92,6 +99,11 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ])  # fmt: skip
+    if state.sync is not None:
+        from edgebundle.gateway.sync_api import sync_routes
+
+        app.router.routes.extend(sync_routes(state.sync, state.chat, state.device_id,
+                                              state.runs))
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     return app

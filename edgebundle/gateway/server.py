@@ -22,6 +22,9 @@ from edgebundle.config import Settings
 from edgebundle.engine import READY_TIMEOUT, Engine
 from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
 from edgebundle.gateway.app import GatewayState, create_app
+from edgebundle.gateway.sync_api import RunGenerator
+from edgebundle.sync.client import connect
+from edgebundle.sync.service import SyncService
 
 GRACEFUL_SHUTDOWN = 3  # seconds in-flight requests get once a stop was asked for
 _TICK = 0.05
@@ -62,17 +65,30 @@ async def run_gateway(
     stop: threading.Event,
     on_listening: Callable[[Listening], None] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    redis_url: str | None = None,
+    device_id: str = "",
 ) -> None:
-    """Serve until ``stop`` is set (or SIGINT/SIGTERM); raise if the guest cannot run."""
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM); raise if the guest cannot run.
+
+    With ``redis_url`` the sync API is served too, this device being ``device_id``.
+    """
     sock = bind(settings.host, settings.port)
+    sync: SyncService | None = None
+    if redis_url:
+        try:
+            sync = SyncService(await connect(redis_url))
+        except BaseException:
+            sock.close()
+            raise
     engine = Engine(
         setup.spec, log_path=settings.layout.logs / "edgechat.log", ready_timeout=ready_timeout
     )
     chat = ChatService(
         engine, setup.template, setup.model_info, settings.system_prompt, setup.spec.ctx_size
     )
+    runs = RunGenerator(sync, chat) if sync is not None else None
     state = GatewayState(engine=engine, chat=chat, model_id=setup.model_id,
-                         runtime=setup.spec.runtime)
+                         runtime=setup.spec.runtime, sync=sync, device_id=device_id, runs=runs)
     config = uvicorn.Config(
         create_app(state, api_key=settings.api_key),
         lifespan="off",
@@ -109,7 +125,11 @@ async def run_gateway(
         sock.close()
         if starting is not None and not starting.done():
             starting.cancel()
+        if runs is not None:  # while Redis is still there: their runs end as failed
+            await runs.close()
         await engine.stop()
+        if sync is not None:
+            await sync.redis.aclose()
     if failure is not None:
         raise failure
 

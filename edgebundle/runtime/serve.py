@@ -66,7 +66,8 @@ def serve(
     if preflight:
         run_preflight(replace(settings, model=spec.model, app=spec.app), spec, environ)
     if spec.kind == "edgechat":
-        _serve_chat(settings, spec, on_ready=on_ready, stop=stop, ready_timeout=ready_timeout)
+        _serve_chat(settings, spec, on_ready=on_ready, stop=stop, ready_timeout=ready_timeout,
+                    on_note=on_note)
         return
     probe = apps.readiness_probe(spec.kind, settings.host, settings.port)
     if probe is not None and probe():
@@ -101,10 +102,16 @@ def _serve_chat(
     on_ready: Callable[[ServeInfo], None] | None,
     stop: threading.Event | None,
     ready_timeout: float,
+    on_note: Callable[[str], None] | None = None,
 ) -> None:
-    """The edgechat guest behind the HTTP gateway, until ``stop`` or a signal."""
+    """The edgechat guest behind the HTTP gateway, until ``stop`` or a signal.
+
+    The gateway serves the sync API over ``settings.redis_url``, or, without one, over
+    a private redis-server started here (AOF on) and stopped when serving ends.
+    """
     from edgebundle.chat import chat_setup  # the gateway stack is only needed here
     from edgebundle.gateway import Listening, run_gateway
+    from edgebundle.sync.local_server import LocalRedis, device_id
 
     setup = chat_setup(settings, spec)
 
@@ -122,10 +129,30 @@ def _serve_chat(
             ))  # fmt: skip
 
     stop_event = stop if stop is not None else threading.Event()
+    device = device_id(settings)
     with _stop_on_signals(stop_event):
-        asyncio.run(run_gateway(
-            settings, setup, stop=stop_event, on_listening=listening, ready_timeout=ready_timeout
-        ))  # fmt: skip
+        local: LocalRedis | None = None
+        redis_url = settings.redis_url
+        if not redis_url and not LocalRedis.installed():
+            # The chat itself needs no Redis: serve it, and say what is missing for sync.
+            if on_note is not None:
+                on_note("no --redis-url and no redis-server installed: serving the chat "
+                        "without sync (no /v1/threads); install redis-server "
+                        "(./install.sh --with-redis) or pass --redis-url")
+        elif not redis_url:
+            local = LocalRedis(settings.layout.state / "redis").start()
+            redis_url = local.url
+            if on_note is not None:
+                on_note(f"no --redis-url: started a private redis-server (pid {local.pid}, "
+                        f"AOF on) on {local.url}, data in {local.directory}")
+        try:
+            asyncio.run(run_gateway(
+                settings, setup, stop=stop_event, on_listening=listening,
+                ready_timeout=ready_timeout, redis_url=redis_url, device_id=device,
+            ))  # fmt: skip
+        finally:
+            if local is not None:
+                local.stop()
 
 
 def run_preflight(

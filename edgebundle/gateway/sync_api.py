@@ -1,0 +1,468 @@
+"""The sync routes of the gateway (shared/API.md): threads, pushes, runs and their events.
+
+Mounted by :func:`edgebundle.gateway.app.create_app` when the gateway has a
+:class:`~edgebundle.sync.service.SyncService`. Every device serves the same routes
+over the same Redis, so a thread started on one device continues on any other.
+
+The device that starts a run also generates it (:class:`RunGenerator`): in a task of
+its own, not tied to the HTTP request, because other devices may be watching the run
+and a client whose connection drops rejoins it through ``…/events``. The task waits
+for the run's turn (queued runs wait), renders the prompt from the synced thread on
+this device (every device renders the same messages with the same template) and
+streams the engine's text into the run. A run cancelled or interrupted elsewhere
+makes the next write fail (LeaseLostError); the engine request is then stopped.
+
+Errors are JSON ``{"error": code, "message": …}`` (plus the fields the client needs:
+``epoch`` for ``epoch_mismatch``, ``active_run`` for ``thread_busy``). A request is
+checked completely before anything is written, so a bad one changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+from redis.exceptions import RedisError as RedisPyError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta
+from edgebundle.errors import (
+    EdgebundleError,
+    EpochMismatchError,
+    LeaseLostError,
+    RedisError,
+    RunNotFoundError,
+    ThreadBusyError,
+    ThreadNotFoundError,
+    UsageError,
+)
+from edgebundle.sync import keys
+from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run
+from edgebundle.sync.runs import RunTicket
+from edgebundle.sync.service import RunEvent, SyncService
+from edgebundle.templates import Message as PromptMessage
+
+log = logging.getLogger(__name__)
+
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# The chat's finish reasons in the run's words: a stop string ends the turn like eos.
+_RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full": "context_full"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """A request the sync API refuses: HTTP ``status``, ``code`` and one-line message."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": self.code, "message": self.message, **self.extra}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _api_error(exc: EdgebundleError) -> ApiError:
+    """The HTTP answer for an error of the sync core."""
+    if isinstance(exc, EpochMismatchError):
+        return ApiError(409, "epoch_mismatch", str(exc), epoch=exc.epoch)
+    if isinstance(exc, ThreadBusyError):
+        error = ApiError(409, "thread_busy", str(exc),
+                         active_run=exc.active_run.to_json() if exc.active_run else None)
+        error.headers["Retry-After"] = str(exc.retry_after)
+        return error
+    if isinstance(exc, ThreadNotFoundError):
+        return ApiError(404, "thread_not_found", str(exc))
+    if isinstance(exc, RunNotFoundError):
+        return ApiError(404, "run_not_found", str(exc))
+    if isinstance(exc, LeaseLostError):
+        return ApiError(409, "run_ended", str(exc))
+    if isinstance(exc, UsageError):
+        return ApiError(400, "invalid_request", str(exc))
+    if isinstance(exc, RedisError):
+        return ApiError(503, "redis_unavailable", str(exc))
+    return ApiError(500, "sync_error", str(exc))
+
+
+# -- request parsing (all checks before any write) ------------------------------------
+
+
+async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if optional and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    return body
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
+
+
+def _id(kind: str, value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{field} must be a string id")
+    try:
+        return keys.check_id(kind, value)
+    except UsageError as exc:
+        raise _bad(f"{field}: {exc}") from None
+
+
+def _int(body: dict[str, Any], field: str, default: int | None = None, low: int = 0) -> int:
+    value = body.get(field, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{field} must be an integer")
+    if value < low:
+        raise _bad(f"{field} must be at least {low}, got {value}")
+    return value
+
+
+def _epoch(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _bad("epoch must be a string (the epoch of the client's last sync)")
+    return value
+
+
+def _since_query(request: Request) -> int:
+    raw = request.query_params.get("since", "0")
+    if not raw.isdigit():
+        raise _bad(f"since must be a non-negative integer version, not {raw!r}")
+    return int(raw)
+
+
+def _mutations(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _bad("mutations must be a list of {mid, op, message} objects")
+    for index, item in enumerate(value):
+        where = f"mutations[{index}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be an object with mid, op and message")
+        mid = item.get("mid")
+        if isinstance(mid, bool) or not isinstance(mid, int) or mid < 1:
+            raise _bad(f"{where}.mid must be a positive integer")
+        if item.get("op") not in ("put", "delete"):
+            raise _bad(f"{where}.op must be put or delete")
+        message = item.get("message")
+        if not isinstance(message, dict):
+            raise _bad(f"{where}.message must be an object")
+        _id("message", message.get("id"), f"{where}.message.id")
+        if item["op"] == "put":
+            if message.get("role") not in ("system", "user", "assistant"):
+                raise _bad(f"{where}.message.role must be system, user or assistant")
+            if not isinstance(message.get("content"), str):
+                raise _bad(f"{where}.message.content must be a string")
+    return value
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    device_id: str
+    epoch: str | None
+    since: int
+    content: str
+    input_id: str | None
+    multitask: str
+    params: ChatParams
+    stream: bool
+
+
+def parse_run_request(body: dict[str, Any], default_device: str) -> RunRequest:
+    device = body.get("device_id", default_device)
+    given = body.get("input")
+    if not isinstance(given, dict) or not isinstance(given.get("content"), str):
+        raise _bad('input must be an object {"content": "…"} with the user\'s message')
+    if not given["content"].strip():
+        raise _bad("input.content is empty: send the user's message")
+    input_id = given.get("id")
+    multitask = body.get("multitask", "enqueue")
+    if multitask not in MULTITASK_POLICIES:
+        raise _bad(f"multitask must be one of {', '.join(MULTITASK_POLICIES)}, "
+                   f"not {multitask!r}")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise _bad("stream must be a boolean")
+    return RunRequest(
+        device_id=_id("device", device, "device_id"),
+        epoch=_epoch(body.get("epoch")),
+        since=_int(body, "since", 0),
+        content=given["content"],
+        input_id=None if input_id is None else _id("message", input_id, "input.id"),
+        multitask=multitask,
+        params=_params(body.get("params")),
+        stream=stream,
+    )
+
+
+def _params(value: Any) -> ChatParams:
+    if value is None:
+        return ChatParams()
+    if not isinstance(value, dict):
+        raise _bad("params must be an object such as {\"max_tokens\": 256}")
+    max_tokens = value.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise _bad("params.max_tokens must be a positive integer")
+    temperature = value.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool)
+                                    or not isinstance(temperature, int | float)
+                                    or not 0 <= temperature <= 2):
+        raise _bad("params.temperature must be a number between 0 and 2")
+    return ChatParams(max_tokens=max_tokens,
+                      temperature=None if temperature is None else float(temperature))
+
+
+# -- generating runs on this device --------------------------------------------------
+
+
+def prompt_messages(messages: tuple[Message, ...], skip: str) -> list[PromptMessage]:
+    """The thread as the model sees it: visible messages by position, minus ``skip``
+    (the assistant message being written) and replies stopped before any text (the
+    person saw nothing of them)."""
+    visible = [m for m in messages if not m.deleted and m.id != skip
+               and (m.content or m.role != "assistant")]
+    visible.sort(key=lambda m: m.position)
+    return [PromptMessage(m.role, m.content) for m in visible]
+
+
+class RunGenerator:
+    """Generates this device's runs in background tasks (see the module docstring)."""
+
+    def __init__(self, sync: SyncService, chat: ChatService) -> None:
+        self.sync = sync
+        self.chat = chat
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, ticket: RunTicket, params: ChatParams) -> None:
+        task = asyncio.get_running_loop().create_task(self._generate(ticket, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop every run generating here (each ends failed, its text kept)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _generate(self, ticket: RunTicket, params: ChatParams) -> None:
+        thread_id, run_id = ticket.run.thread_id, ticket.run.id
+        try:
+            await self._hold_and_write(ticket, params)
+        except (EdgebundleError, RedisPyError, OSError) as exc:
+            # Nobody awaits this task: say it in the log. Redis unreachable: the run's
+            # lease runs out and the next acquire (or a reader) ends it as incomplete.
+            log.warning("run %s of thread %s: %s", run_id, thread_id, exc)
+
+    async def _hold_and_write(self, ticket: RunTicket, params: ChatParams) -> None:
+        try:
+            lease = await self.sync.acquire(ticket)
+        except LeaseLostError:
+            return  # cancelled before its turn came
+        async with lease:
+            try:
+                await self._write(lease, params)
+            except LeaseLostError:
+                pass  # cancelled or interrupted elsewhere: the engine request was stopped
+            except EdgebundleError as exc:
+                with contextlib.suppress(LeaseLostError):
+                    await lease.fail(str(exc))
+
+    async def _write(self, lease: Any, params: ChatParams) -> None:
+        state = await self.sync.sync(lease.run.thread_id, None, 0)
+        messages = prompt_messages(state.messages, lease.message.id)
+        try:
+            events = self.chat.complete(messages, params)
+            first = await anext(events)
+        except UsageError as exc:
+            await lease.fail(f"the thread cannot be rendered as a prompt: {exc}")
+            return
+        finished: Finished | None = None
+        async with aclosing(events):  # leaving early stops the engine request
+            event: TextDelta | Finished | None = first
+            while event is not None:
+                if isinstance(event, Finished):
+                    finished = event
+                    break
+                await lease.delta(event.text)
+                if lease.lost:
+                    raise LeaseLostError("the run ended elsewhere")
+                event = await anext(events, None)
+        if finished is None or finished.reason not in _RUN_REASONS:
+            reason = finished.reason if finished else "no result"
+            detail = finished.detail if finished and finished.detail else reason
+            if finished is not None and finished.reason == "prompt_too_long":
+                detail = (f"the thread is {finished.usage.input_tokens} tokens, more than the "
+                          "model's context allows")
+            await lease.fail(detail)
+            return
+        usage = {"input_tokens": finished.usage.input_tokens,
+                 "output_tokens": finished.usage.output_tokens}
+        await lease.finish(_RUN_REASONS[finished.reason], usage)
+
+
+# -- routes ---------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Turn ApiError and the sync core's errors into JSON answers."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except EdgebundleError as exc:
+            return _api_error(exc).response()
+
+    return wrapped
+
+
+def _sse(event_type: str, data: Any, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _events(sync: SyncService, thread_id: str, run_id: str,
+            after: str | None) -> AsyncGenerator[RunEvent, None]:
+    # SyncService.events is an async generator: close it when the client goes away.
+    return cast("AsyncGenerator[RunEvent, None]", sync.events(thread_id, run_id, after))
+
+
+async def _relay(sync: SyncService, thread_id: str, run_id: str,
+                 after: str | None) -> AsyncIterator[str]:
+    """The run's events as SSE, replay then live, until ``done``."""
+    try:
+        async with aclosing(_events(sync, thread_id, run_id, after)) as events:
+            async for event in events:
+                yield _sse(event.type, event.data, event.id)
+    except EdgebundleError as exc:  # the thread expired or Redis went away mid-stream
+        error = _api_error(exc)
+        yield _sse("error", {"error": error.code, "message": error.message})
+
+
+async def _last_run(sync: SyncService, thread_id: str, run_id: str) -> Run:
+    """Wait for the run's end (through its events), then the run object."""
+    async with aclosing(_events(sync, thread_id, run_id, None)) as events:
+        async for _ in events:
+            pass
+    return await sync.get_run(thread_id, run_id)
+
+
+def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
+                generator: RunGenerator | None = None) -> list[Route]:
+    """The routes of the sync API for this device (``device_id`` generates its runs)."""
+    runner = generator or RunGenerator(sync, chat)
+
+    async def create_thread(request: Request) -> Response:
+        body = await _body(request, optional=True)
+        thread_id = body.get("id")
+        if thread_id is not None:
+            thread_id = _id("thread", thread_id, "id")
+        state = await sync.create_thread(thread_id)
+        return JSONResponse(state.to_json(), status_code=201)
+
+    async def get_thread(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        epoch = _epoch(request.query_params.get("epoch"))
+        state = await sync.sync(thread_id, epoch, _since_query(request))
+        return JSONResponse(state.to_json())
+
+    async def push(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        body = await _body(request)
+        reseed = body.get("reseed", False)
+        if not isinstance(reseed, bool):
+            raise _bad("reseed must be a boolean")
+        epoch = _epoch(body.get("epoch"))
+        if epoch is None and not reseed:
+            raise _bad("epoch is missing: send the epoch of your last sync (or reseed: true)")
+        state = await sync.push(
+            thread_id, _id("device", body.get("device_id"), "device_id"), epoch or "",
+            _int(body, "since", 0), _mutations(body.get("mutations")), reseed=reseed,
+        )
+        return JSONResponse(state.to_json())
+
+    async def start_run(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        parsed = parse_run_request(await _body(request), device_id)
+        epoch, since = parsed.epoch, parsed.since
+        if epoch is None:  # a client new to the thread (curl): it gets the whole history
+            epoch, since = (await sync.sync(thread_id, None, 0)).epoch, 0
+        ticket = await sync.start_run(
+            thread_id, parsed.device_id, epoch=epoch, since=since,
+            content=parsed.content, input_id=parsed.input_id, multitask=parsed.multitask,
+        )
+        opening = ticket.sync if parsed.epoch else replace(ticket.sync, full=True)
+        runner.start(ticket, parsed.params)
+        run_id = ticket.run.id
+        if not parsed.stream:
+            run = await _last_run(sync, thread_id, run_id)
+            return JSONResponse(run.to_json())
+
+        async def stream() -> AsyncIterator[str]:
+            yield _sse("sync", opening.to_json())
+            async for chunk in _relay(sync, thread_id, run_id, None):
+                yield chunk
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def get_run(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        run = await sync.get_run(thread_id, _id("run", request.path_params["run_id"], "run id"))
+        return JSONResponse(run.to_json())
+
+    async def run_events(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        run_id = _id("run", request.path_params["run_id"], "run id")
+        after = request.headers.get("last-event-id") or request.query_params.get("after")
+        if after is not None and not _EVENT_ID.match(after):
+            raise _bad(f"invalid event id {after!r}: resume with the id of an event you got "
+                       "(such as 1712345678901-0)")
+        await sync.get_run(thread_id, run_id)  # an unknown run is a 404, not an empty stream
+        return StreamingResponse(_relay(sync, thread_id, run_id, after),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def cancel_run(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        run_id = _id("run", request.path_params["run_id"], "run id")
+        body = await _body(request, optional=True)
+        seen = body.get("content_seen")
+        if seen is not None and not isinstance(seen, str):
+            raise _bad("content_seen must be a string (the text the user saw)")
+        device = _id("device", body.get("device_id", device_id), "device_id")
+        run = await sync.cancel_run(thread_id, run_id, device, seen)
+        return JSONResponse(run.to_json())
+
+    base = "/v1/threads/{thread_id}"
+    return [
+        Route("/v1/threads", _guarded(create_thread), methods=["POST"]),
+        Route(base, _guarded(get_thread), methods=["GET"]),
+        Route(f"{base}/push", _guarded(push), methods=["POST"]),
+        Route(f"{base}/runs", _guarded(start_run), methods=["POST"]),
+        Route(f"{base}/runs/{{run_id}}", _guarded(get_run), methods=["GET"]),
+        Route(f"{base}/runs/{{run_id}}/events", _guarded(run_events), methods=["GET"]),
+        Route(f"{base}/runs/{{run_id}}/cancel", _guarded(cancel_run), methods=["POST"]),
+    ]
