@@ -397,8 +397,9 @@ def test_twenty_devices_converge_on_one_thread(sync_redis_url: str) -> None:
     checked = oracle.checked
     assert checked["completed"] >= 5, checked
     assert checked["text_so_far"] >= 5 and checked["never_started"] >= 3, checked
-    # cancels that carried content_seen (what that device showed, possibly nothing yet)
-    assert checked["content_seen"] + checked["content_seen_empty"] >= 1, checked
+    # Cancels with content_seen are checked exactly whenever the mix produces one, but
+    # whether a cancel lands before its run ends is timing; the deterministic proof is
+    # test_sync_runs.py::test_cancel_with_content_seen_stores_exactly_what_the_user_saw.
     assert oracle.retried >= 10 and oracle.readers >= 10 and oracle.rejected >= 1
     assert oracle.duplicates >= 5, oracle.duplicates
     assert len(oracle.writes) >= 100
