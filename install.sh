@@ -25,7 +25,8 @@ Options:
   --require-wasmedge    fail when WasmEdge cannot be installed (no embedded fallback)
   --no-runtime          skip WasmEdge; install the package (and apps/models) only
   --dev                 editable install of this checkout with test tools (.[dev]),
-                        plus redis-server and the wasm32-wasi C toolchain (apt)
+                        plus redis-server, the wasm32-wasi C toolchain and
+                        Chromium with ChromeDriver for the web page tests (apt)
   --no-embedded         skip the embedded runtime (wasmtime + llama-cpp-python)
   --with-redis          apt-get install redis-server if it is missing (root or sudo)
   --python PY           Python >= 3.11 to build the venv with (default: python3)
@@ -137,6 +138,10 @@ wasm_toolchain_works() {
 }
 if [[ $with_toolchain -eq 1 ]] && ! wasm_toolchain_works; then
   apt_packages+=(clang lld wasi-libc libclang-rt-14-dev-wasm32)
+fi
+# The web chat page is tested in a real headless Chromium driven by selenium.
+if [[ $with_toolchain -eq 1 ]] && ! command -v chromedriver >/dev/null 2>&1; then
+  apt_packages+=(chromium chromium-driver)
 fi
 if [[ ${#apt_packages[@]} -gt 0 ]]; then
   if ! command -v apt-get >/dev/null 2>&1; then
