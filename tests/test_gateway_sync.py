@@ -212,6 +212,39 @@ def test_b_joins_a_live_run_resumes_without_repeats_and_reject_is_409(
             assert list(read_sse(again)) == seen_b[cut + 1:]
 
 
+def test_watching_a_thread_on_b_sees_each_change_made_on_a(
+    devices: tuple[Device, Device],
+) -> None:
+    a, b = devices
+    thread = new_thread(a)
+    tid, epoch = thread["id"], thread["epoch"]
+    with b.http.stream("GET", f"/v1/threads/{tid}/watch",
+                       params={"epoch": epoch, "since": thread["version"]}) as watch:
+        assert watch.status_code == 200
+        changes = read_sse(watch)
+        opening = next(changes)
+        assert (opening["event"], opening["data"]["full"], opening["data"]["messages"]) == (
+            "sync", False, [])
+
+        turn = a.run_turn(tid, "seen from afar", epoch=epoch, since=thread["version"],
+                          params={"max_tokens": 3})
+        run_id = turn[1]["data"]["run"]["id"]
+        final = a.http.get(f"/v1/threads/{tid}").json()
+        merged: dict[str, dict[str, Any]] = {}
+        version = opening["data"]["version"]
+        while version < final["version"]:  # diffs arrive until B has what A stored
+            change = next(changes)
+            assert change["event"] == "sync" and change["data"]["version"] > version
+            version = change["data"]["version"]
+            merged.update({m["id"]: m for m in change["data"]["messages"]})
+    assert sorted(merged.values(), key=lambda m: m["position"]) == final["messages"]
+    assert [m["content"] for m in final["messages"]] == ["seen from afar", text_of(turn)]
+    assert final["messages"][1]["run_id"] == run_id
+
+    gone = b.http.get("/v1/threads/thr-never-made/watch")
+    assert gone.status_code == 404 and gone.json()["error"] == "thread_not_found"
+
+
 def test_a_push_with_a_stale_epoch_is_409_epoch_mismatch(devices: tuple[Device, Device]) -> None:
     a, b = devices
     thread = new_thread(a)

@@ -46,7 +46,7 @@ from edgebundle.errors import (
     UsageError,
 )
 from edgebundle.sync import keys
-from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run
+from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
 from edgebundle.sync.service import RunEvent, SyncService
 from edgebundle.templates import Message as PromptMessage
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # The chat's finish reasons in the run's words: a stop string ends the turn like eos.
 _RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full": "context_full"}
+WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -390,6 +391,36 @@ def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
         state = await sync.sync(thread_id, epoch, _since_query(request))
         return JSONResponse(state.to_json())
 
+    async def watch_thread(request: Request) -> Response:
+        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        epoch = _epoch(request.query_params.get("epoch"))
+        since = _since_query(request)
+        changes = cast("AsyncGenerator[SyncState, None]", sync.watch(thread_id, epoch, since))
+        first = await anext(changes)  # an unknown thread is a 404, not an empty stream
+
+        async def stream() -> AsyncIterator[str]:
+            yield _sse("sync", first.to_json())
+            step: asyncio.Future[SyncState] | None = None
+            try:
+                while True:
+                    # One pending step, waited on in slices: cancelling a generator's step
+                    # would end the generator, so the keep-alive must not time it out.
+                    step = asyncio.ensure_future(anext(changes))
+                    while not (await asyncio.wait({step}, timeout=WATCH_KEEPALIVE))[0]:
+                        yield ": keep-alive\n\n"  # proxies close silent streams
+                    yield _sse("sync", step.result().to_json())
+            except EdgebundleError as exc:
+                error = _api_error(exc)
+                yield _sse("error", {"error": error.code, "message": error.message})
+            finally:  # the client went away (or the thread did): stop polling Redis
+                if step is not None and not step.done():
+                    step.cancel()
+                    with contextlib.suppress(BaseException):
+                        await step
+                await changes.aclose()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
     async def push(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         body = await _body(request)
@@ -460,6 +491,7 @@ def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
     return [
         Route("/v1/threads", _guarded(create_thread), methods=["POST"]),
         Route(base, _guarded(get_thread), methods=["GET"]),
+        Route(f"{base}/watch", _guarded(watch_thread), methods=["GET"]),
         Route(f"{base}/push", _guarded(push), methods=["POST"]),
         Route(f"{base}/runs", _guarded(start_run), methods=["POST"]),
         Route(f"{base}/runs/{{run_id}}", _guarded(get_run), methods=["GET"]),

@@ -60,6 +60,12 @@ class SyncService:
         cannot be diffed. ThreadNotFoundError if the thread is gone (expired)."""
         return await self._threads.sync(thread_id, epoch, since)
 
+    def watch(self, thread_id: str, epoch: str | None, since: int,
+              interval: float = 0.25) -> AsyncIterator[SyncState]:
+        """The diff since (epoch, since), then a diff each time the thread changes
+        (a message lands or changes, a run starts or ends); until the caller stops."""
+        return self._threads.watch(thread_id, epoch, since, interval)
+
     async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
                    mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False) -> SyncState:
         """Apply ``[{"mid", "op": "put"|"delete", "message"}]`` once each (per device
