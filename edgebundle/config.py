@@ -121,7 +121,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     known = {f.name for f in fields(Settings)} - {"home"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
     return data
 
 

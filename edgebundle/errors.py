@@ -10,8 +10,8 @@ it, because it is what the user reads.
     ├── UsageError                  exit 2   the command line or its inputs are wrong
     │   ├── ConfigError             exit 2   a config file, URL or option value is invalid
     │   └── PinError                exit 2   a lock file (pins) is malformed or names nothing usable
-    ├── UnverifiedPinError          exit 1   a pin has no known sha256 and --allow-unverified was not given
-    ├── DownloadError               exit 1   a download failed (network, HTTP status, missing bundle file)
+    ├── UnverifiedPinError          exit 1   a pin has no known sha256 (no --allow-unverified)
+    ├── DownloadError               exit 1   a download failed (network, HTTP status, bundle file)
     │   └── ChecksumMismatchError   exit 1   downloaded bytes do not match the pinned sha256
     ├── InstallError                exit 1   unpacking or switching an installation failed
     ├── RuntimeNotFoundError        exit 1   no usable runtime (wasmedge binary, embedded deps)

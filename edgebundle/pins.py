@@ -6,7 +6,8 @@ Two lock files, both TOML (schema 1):
   version and GGML build, and ``[[asset]]`` rows (component ``wasmedge`` or
   ``plugin``; os; arch; variant for plugins; url; sha256).
 - ``wasm/pins.toml``: ``[[app]]`` rows (name, version, kind, url — or path, for a
-  file shipped beside the pins —, sha256, model_alias) and ``[[model]]`` rows (name, url, sha256, template, ctx_size).
+  file shipped beside the pins —, sha256, model_alias) and ``[[model]]`` rows (name, url,
+  sha256, template, ctx_size).
 
 A sha256 is 64 lowercase hex digits or the word ``unknown``: a checksum that could
 not be read from a published source is never invented. An unknown pin is refused
@@ -185,7 +186,8 @@ class _Fields:
         value = self.text(key)
         if value not in choices:
             raise PinError(
-                f"{self.path}: {self.where}.{key} is {value!r}; expected one of {', '.join(choices)}"
+                f"{self.path}: {self.where}.{key} is {value!r}; "
+                f"expected one of {', '.join(choices)}"
             )
         return value
 

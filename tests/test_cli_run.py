@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,11 +41,9 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return model, app
 
 
-def edgebundle(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgebundle", *args],
-        capture_output=True, text=True, timeout=30, env=dict(os.environ), **kwargs,  # type: ignore[call-overload]
-    )  # fmt: skip
+def edgebundle(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgebundle", *args], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ), **kwargs)
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from tests.support.doctor_env import diagnose
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.processes import free_port
+from tests.support.redis_server import RedisServer
 
 
 def test_reachable_redis_passes(home: Path, redis_server: RedisServer) -> None:

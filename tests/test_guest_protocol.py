@@ -81,6 +81,6 @@ def test_usable_from_asyncio_streams() -> None:
 
 
 def test_end_reasons_are_plain_strings() -> None:
-    assert EndReason.CONTEXT_FULL == "context_full"
+    assert str(EndReason.CONTEXT_FULL) == "context_full"
     assert {r.value for r in EndReason} == {"eos", "length", "context_full", "prompt_too_long",
                                             "cancelled", "error"}

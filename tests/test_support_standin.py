@@ -12,7 +12,8 @@ def test_standin_lists_only_first_plugin(tmp_path: Path) -> None:
     first = fake_plugin(tmp_path / "a" / "libwasmedgePluginWasiNN.so")
     fake_plugin(tmp_path / "b" / "libwasmedgePluginWasiNN.so")
     env = standin_env(WASMEDGE_PLUGIN_PATH=f"{tmp_path / 'a'}:{tmp_path / 'b'}")
-    out = subprocess.run([str(binary), "--version"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([str(binary), "--version"], env=env, capture_output=True, text=True,
+                         check=True)
     info = parse_version_output(out.stdout)
     assert info is not None and info.version == "0.14.1"
     nn = info.plugin("wasi_nn")

@@ -160,8 +160,9 @@ def test_invalid_metadata_json_is_2_and_a_wrong_type_is_1(chat: Guest) -> None:
     assert chat.set_input(ctx, 1, b"{not json") == 2
     assert chat.set_input(ctx, 1, b'{"ctx-size": "big"}') == 1
     assert chat.set_input(ctx, 1, b'{"some-future-key": 1, "temp": -3}') == 0  # ignored, clamped
-    assert chat.nn.contexts[ctx] is not None
-    assert chat.nn.contexts[ctx].graph.settings.sampling.temp == 0.0
+    context = chat.nn.contexts[ctx]
+    assert context is not None
+    assert context.graph.settings.sampling.temp == 0.0
     assert "[error] [WASI-NN] GGML backend: setInput: failed to parse metadata." \
         in chat.log.getvalue()
 
@@ -181,8 +182,9 @@ def test_a_python_exception_becomes_errno_5(chat: Guest, monkeypatch: pytest.Mon
 
 def test_prompt_too_long_follows_ctx_size_from_the_load_config(chat: Guest) -> None:
     ctx = chat.context(config='{"ctx-size": 256}')
-    assert chat.nn.contexts[ctx] is not None
-    assert chat.nn.contexts[ctx].graph.n_ctx == 256
+    context = chat.nn.contexts[ctx]
+    assert context is not None
+    assert context.graph.n_ctx == 256
     assert chat.generate(ctx, llama3_prompt("x" * 300)) == 102
     assert "compute: the prompt is too long." in chat.log.getvalue()
 

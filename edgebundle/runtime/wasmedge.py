@@ -67,7 +67,8 @@ def parse_version_output(text: str) -> VersionInfo | None:
         if plugin:
             path = plugin.group("path")
             plugins.append(
-                PluginInfo(plugin.group("name"), plugin.group("version"), Path(path) if path else None)
+                PluginInfo(plugin.group("name"), plugin.group("version"),
+                           Path(path) if path else None)
             )
             continue
         if version is None:

@@ -55,7 +55,8 @@ if any(a.startswith("--nn-preload") for a in args) and first_plugin() is None:
 record = os.environ.get("STANDIN_RECORD")
 if record:
     with open(record, "a") as fh:
-        fh.write(json.dumps({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}}) + "\n")
+        fh.write(json.dumps({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(),
+                             "pid": os.getpid()}}) + "\n")
 if "STANDIN_EXIT" in os.environ:
     sys.exit(int(os.environ["STANDIN_EXIT"]))
 if os.environ.get("STANDIN_IGNORE_TERM"):
