@@ -218,10 +218,11 @@ def measure(model: Path, threads: int, rounds: int) -> tuple[list[float], list[f
         direct.close()
 
 
-def pick_model(root: Path, threads: int) -> tuple[Path, ScriptedModelSpec, float]:
+def pick_model(root: Path, threads: int, words: int = 60
+               ) -> tuple[Path, ScriptedModelSpec, float]:
     """8 layers x 512, widened until one token takes >= 5 ms on this machine."""
     for width in (512, 768, 1024, 1536, 2048):
-        spec = ScriptedModelSpec(layers=8, width=width, reply=reply_words(60))
+        spec = ScriptedModelSpec(layers=8, width=width, reply=reply_words(words))
         path = write_scripted_model(root / f"bench-8x{width}.gguf", spec)
         direct = Direct(path, threads)
         try:
