@@ -19,7 +19,7 @@ it, because it is what the user reads.
     ├── SupervisorError             exit 1   the supervised process could not be started or kept up
     │   └── GuestProtocolError      exit 1   the chat guest wrote something that is not its protocol
     ├── RedisError                  exit 1   the sync Redis cannot be reached or refused us
-    ├── GatewayError                exit 1   a gateway (`edgebundle run`) cannot be reached or refused a request
+    ├── GatewayError                exit 1   the chat's gateway cannot be reached or refused us
     └── SyncError                   exit 1   a sync operation on a thread could not be done
         ├── ThreadNotFoundError     exit 1   the thread does not exist (expired or never created)
         ├── RunNotFoundError        exit 1   the run does not exist in the thread (or expired)

@@ -26,12 +26,12 @@ import pytest
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
-from tests.support.serving import RunProcess, wait_for
+from tests.support.serving import RunProcess, healthy_run, wait_for
 from tests.support.tcp_proxy import TcpProxy
 
 ENDLESS = "Looping forever"
 CONTEXT = 16384  # the scripted tokenizer spells a prompt word in ~10 tokens: room for turns
-LONG = 6000  # max_tokens of a reply that is stopped or cut long before it would end
+LONG = 2000  # max_tokens of a reply that is stopped or cut long before it would end
 TIMEOUT = 90.0  # generous: four helpers share two cores
 
 
@@ -116,11 +116,15 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def devices(redis: RedisServer,
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
+                                ScriptedModelSpec(reply=ENDLESS, end_token=None,
+                                                  context_length=CONTEXT))
+
+
+@pytest.fixture(scope="module")
+def devices(redis: RedisServer, model: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunProcess, RunProcess]]:
-    model = write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
-                                 ScriptedModelSpec(reply=ENDLESS, end_token=None,
-                                                   context_length=CONTEXT))
     common = ["--runtime", "embedded", "--no-preflight", "--model", str(model),
               "--template", "llama-3-chat", "--ctx-size", str(CONTEXT),
               "--redis-url", redis.url]
@@ -289,8 +293,9 @@ def test_ctrl_c_mid_reply_keeps_exactly_the_text_shown_and_the_chat_goes_on(
         chat.wait_output(partial_reply(turn))
         chat.interrupt()
         shown = chat.wait_output(reply_line("assistant", turn))
-        wait_for(lambda: len(stored(a, thread)) == 2 * turn and
-                 stored(a, thread)[-1]["status"] != "in_progress", timeout=TIMEOUT)
+        count = 2 * turn
+        wait_for(lambda: len(stored(a, thread)) == count  # noqa: B023 (used at once)
+                 and stored(a, thread)[-1]["status"] != "in_progress", timeout=TIMEOUT)
         messages = stored(a, thread)
         answer = messages[-1]
         assert (answer["role"], answer["status"]) == ("assistant", "incomplete")
@@ -315,3 +320,24 @@ def test_an_unreachable_gateway_is_one_line_and_exit_1(
     assert line.startswith(f"edgebundle: error: cannot reach the gateway at {url} (")
     assert line.endswith("): start it with `edgebundle run`, or pass --server URL")
     assert chat.output() == ""
+
+
+def test_with_an_api_key_the_chat_sends_it_and_never_shows_it(
+    redis: RedisServer, model: Path, chats: Callable[..., ChatProcess], tmp_path: Path,
+) -> None:
+    key = "s3cret-k3y"
+    args = ["--runtime", "embedded", "--no-preflight", "--model", str(model),
+            "--redis-url", redis.url]
+    with healthy_run(args, home=tmp_path / "gw", env={"EDGEBUNDLE_API_KEY": key}) as gateway:
+        refused = chats("--server", gateway.base_url)
+        assert refused.wait() == 1
+        assert refused.stderr() == (f"edgebundle: error: the gateway at {gateway.base_url} "
+                                    "needs an API key: set EDGEBUNDLE_API_KEY (or api_key "
+                                    "in config.toml) to its key\n")
+        allowed = chats("--server", gateway.base_url, "--max-tokens", "2",
+                        env={"EDGEBUNDLE_API_KEY": key})
+        allowed.send("hi")
+        assert allowed.wait_output(reply_line("assistant")) == "Looping forever"
+        allowed.end_input()
+        assert allowed.wait() == 0, allowed.stderr()
+        assert key not in allowed.output() + allowed.stderr()
