@@ -19,6 +19,7 @@ it, because it is what the user reads.
     ├── SupervisorError             exit 1   the supervised process could not be started or kept up
     │   └── GuestProtocolError      exit 1   the chat guest wrote something that is not its protocol
     ├── RedisError                  exit 1   the sync Redis cannot be reached or refused us
+    ├── GatewayError                exit 1   the chat's gateway cannot be reached or refused us
     └── SyncError                   exit 1   a sync operation on a thread could not be done
         ├── ThreadNotFoundError     exit 1   the thread does not exist (expired or never created)
         ├── RunNotFoundError        exit 1   the run does not exist in the thread (or expired)
@@ -89,6 +90,11 @@ class GuestProtocolError(SupervisorError):
 
 class RedisError(EdgebundleError):
     """The sync Redis could not be reached, or refused the connection."""
+
+
+class GatewayError(EdgebundleError):
+    """A gateway this process is a client of (``edgebundle chat``) cannot be reached,
+    or refused a request."""
 
 
 class SyncError(EdgebundleError):

@@ -202,3 +202,33 @@ def test_any_text_survives_the_round_trip_exactly(sync_redis_url: str) -> None:
             assert [m.content for m in state.messages] == [texts[0], "".join(texts)]
 
     asyncio.run(main())
+
+
+def test_a_reader_and_a_queued_run_wait_longer_than_the_redis_read_timeout(
+    sync_redis_url: str,
+) -> None:
+    """redis-py gives every connection a read timeout (5 s by default in 8.x): a
+    blocking XREAD / BLPOP longer than it must not fail the reader or the queued run."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url, delta_batch_ms=0) as sync:
+            first, lease = await begin(sync)
+            tid = first.run.thread_id
+            state = await sync.sync(tid, None, 0)
+            second = await sync.start_run(tid, "tablet", epoch=state.epoch,
+                                          since=state.version, content="next")
+            reading = asyncio.ensure_future(collect(sync, tid, first.run.id))
+            waiting = asyncio.ensure_future(sync.acquire(second))
+            await asyncio.sleep(6.5)  # nothing happens on the thread for longer than 5 s
+            assert not reading.done() and not waiting.done()
+            await lease.delta("late")
+            await lease.finish("eos", {"input_tokens": 1, "output_tokens": 1})
+            await lease.close()
+            events = await asyncio.wait_for(reading, timeout=10)
+            assert [e.type for e in events[-4:]] == ["message.delta", "message.completed",
+                                                     "run.completed", "done"]
+            next_lease = await asyncio.wait_for(waiting, timeout=10)
+            assert next_lease.run.id == second.run.id
+            await next_lease.finish("eos", {"input_tokens": 1, "output_tokens": 0})
+            await next_lease.close()
+
+    asyncio.run(main())

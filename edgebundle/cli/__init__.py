@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from edgebundle import __version__
-from edgebundle.cli import ask, doctor, exec_, install, run
+from edgebundle.cli import ask, chat, doctor, exec_, install, run
 from edgebundle.errors import EdgebundleError
 
 
@@ -52,6 +52,7 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 cli.add_command(doctor.doctor)
 cli.add_command(run.run)
 cli.add_command(ask.ask)
+cli.add_command(chat.chat)
 cli.add_command(install.install)
 cli.add_command(install.bundle)
 cli.add_command(exec_.exec_cmd)

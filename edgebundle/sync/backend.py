@@ -28,6 +28,11 @@ from edgebundle.sync.client import Client
 from edgebundle.sync.lua import Scripts, script_keys
 from edgebundle.sync.models import Message, Run, SyncState
 
+# The longest one blocking command (XREAD BLOCK, BLPOP) may wait, in s: redis-py gives
+# every connection a read timeout (5 s by default in redis-py 8.x) that a longer block
+# would trip. Longer waits are made of several of these.
+BLOCK_SLICE = 2.0
+
 
 @dataclass(frozen=True)
 class SyncSettings:

@@ -6,9 +6,10 @@ what is already there (XRANGE, exclusive of the cursor) and then follows with
 ``XREAD BLOCK``, so two readers see the same events in the same order. Reading
 works the same after the run ended (the stream lives as long as the thread).
 
-A follower wakes at least once per lease even when nothing is written; it then
-looks at the run (the read_run script), which ends a run whose holder's lease ran
-out, so a reader of a dead holder's run still gets its terminal events and ``done``.
+A follower wakes at least once per lease (or per ``BLOCK_SLICE``, if shorter) even
+when nothing is written; it then looks at the run (the read_run script), which ends a
+run whose holder's lease ran out, so a reader of a dead holder's run still gets its
+terminal events and ``done``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from edgebundle.errors import UsageError
 from edgebundle.sync import keys
-from edgebundle.sync.backend import Backend
+from edgebundle.sync.backend import BLOCK_SLICE, Backend
 from edgebundle.sync.runs import RunStore
 
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -82,6 +83,7 @@ async def follow(backend: Backend, thread_id: str, run_id: str,
         if len(entries) == _PAGE:  # still replaying: the next page
             entries = await _page(backend, stream, cursor)
             continue
-        entries = await _wait(backend, stream, cursor, backend.settings.lease_ms)
+        block_ms = min(backend.settings.lease_ms, int(BLOCK_SLICE * 1000))
+        entries = await _wait(backend, stream, cursor, block_ms)
         if not entries:
             await runs.get(thread_id, run_id)  # ends a dead holder's run; raises if gone

@@ -36,7 +36,14 @@ from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
 from edgebundle.sync import keys
-from edgebundle.sync.backend import Backend, lease_lost, parse_message, parse_run, raise_for
+from edgebundle.sync.backend import (
+    BLOCK_SLICE,
+    Backend,
+    lease_lost,
+    parse_message,
+    parse_run,
+    raise_for,
+)
 from edgebundle.sync.models import Message, Run, dumps
 from edgebundle.sync.runs import RunTicket
 
@@ -78,7 +85,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
                     "withdrawn: retry later", active_run=None,
                     retry_after=backend.settings.retry_after)
             wait = max(min(wait, left), _MIN_WAIT)
-        await backend.redis.blpop([wakeup], timeout=wait)
+        await backend.redis.blpop([wakeup], timeout=min(wait, BLOCK_SLICE))
 
 
 class RunLease:
