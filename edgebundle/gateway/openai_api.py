@@ -4,7 +4,8 @@ Shapes follow OpenAI's API reference (chat.completion, chat.completion.chunk, th
 error object ``{"error": {"message", "type", "param", "code"}}``), which the official
 clients parse. Validation is strict about what we use and quiet about the rest:
 unknown fields are ignored (clients send many), but a field we use with a wrong type
-or range is a 400 naming the field.
+or range is a 400 naming the field. One extension: ``thread_id`` names a synced thread
+the exchange belongs to (see :mod:`edgebundle.gateway.thread_chat`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgebundle.chat import ChatParams, Usage
+from edgebundle.errors import UsageError
+from edgebundle.sync import keys
 from edgebundle.templates import Message
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -48,6 +51,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    thread_id: str | None = None  # the extension: the exchange is a turn of this thread
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -87,7 +91,19 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         model=model,
+        thread_id=_thread_id(body.get("thread_id")),
     )
+
+
+def _thread_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("thread_id must be a string (the id of a synced thread)", "thread_id")
+    try:
+        return keys.check_id("thread", value)
+    except UsageError as exc:
+        raise BadRequest(f"thread_id: {exc}", "thread_id") from None
 
 
 def _optional(body: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:
