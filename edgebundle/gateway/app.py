@@ -36,6 +36,7 @@ from edgebundle.gateway.openai_api import (
     Completion,
     error_body,
     parse_chat_request,
+    parse_json,
 )
 from edgebundle.gateway.openapi import build_spec
 from edgebundle.gateway.sync_api import ApiError, RunGenerator, sync_routes
@@ -86,9 +87,10 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
+            body = parse_json(await request.body())
         except ValueError:
-            return _error(400, "the request body is not valid JSON")
+            return _error(400, "the request body is not valid JSON (or holds a lone UTF-16 "
+                          "surrogate such as \\ud800)")
         try:
             parsed = parse_chat_request(body)
             if parsed.thread_id is None:

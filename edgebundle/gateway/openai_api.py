@@ -10,6 +10,7 @@ the exchange belongs to (see :mod:`edgebundle.gateway.thread_chat`).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 
 from edgebundle.chat import ChatParams, Usage
 from edgebundle.errors import UsageError
+from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
 from edgebundle.templates import Message
 
@@ -42,6 +44,15 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error object; ``kind`` is its ``type`` (invalid_request_error, …)."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON; ValueError if it is not JSON, or holds text that is not
+    Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON escapes allow
+    but nothing downstream can encode)."""
+    value = json.loads(raw)
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError: a ValueError
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     max_tokens = _optional(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", int)
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest("max_tokens must be at least 1", "max_tokens")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
+        raise BadRequest(f"max_tokens must be between 1 and {MAX_TOKENS}", "max_tokens")
     params = ChatParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),

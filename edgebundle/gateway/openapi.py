@@ -15,6 +15,7 @@ from typing import Any
 
 from edgebundle import __version__
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
+from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync.models import (
     MESSAGE_STATUSES,
     MULTITASK_POLICIES,
@@ -129,8 +130,9 @@ def _schemas() -> dict[str, Schema]:
         "model": {"type": "string", "description": "Ignored: the device serves one model."},
         "stream": {"type": "boolean"},
         "stream_options": _object({"include_usage": {"type": "boolean"}}),
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
+        "max_completion_tokens": {"type": "integer", "minimum": 1,
+                                  "maximum": MAX_TOKENS},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "seed": {"type": "integer"},
@@ -163,7 +165,8 @@ def _schemas() -> dict[str, Schema]:
         "input": _object({"id": ID, "content": {"type": "string", "pattern": NOT_BLANK}},
                          ("content",)),
         "multitask": {"enum": list(MULTITASK_POLICIES)},
-        "params": _object({"max_tokens": {"type": "integer", "minimum": 1},
+        "params": _object({"max_tokens": {"type": "integer", "minimum": 1,
+                                          "maximum": MAX_TOKENS},
                            "temperature": {"type": "number", "minimum": 0, "maximum": 2}}),
         "stream": {"type": "boolean", "description": "false: wait and answer the run object."},
     }, ("input",))

@@ -46,6 +46,8 @@ from edgebundle.errors import (
     ThreadNotFoundError,
     UsageError,
 )
+from edgebundle.gateway.openai_api import parse_json
+from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
@@ -110,9 +112,10 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
     if optional and not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError:
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON (or holds a "
+                       "lone UTF-16 surrogate such as \\ud800)") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
     return body
@@ -225,8 +228,8 @@ def _params(value: Any) -> ChatParams:
         raise _bad("params must be an object such as {\"max_tokens\": 256}")
     max_tokens = value.get("max_tokens")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 1):
-        raise _bad("params.max_tokens must be a positive integer")
+                                   or not 1 <= max_tokens <= MAX_TOKENS):
+        raise _bad(f"params.max_tokens must be an integer between 1 and {MAX_TOKENS}")
     temperature = value.get("temperature")
     if temperature is not None and (isinstance(temperature, bool)
                                     or not isinstance(temperature, int | float)
