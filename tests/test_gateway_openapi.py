@@ -192,7 +192,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_answers_match_the_spec(
     checks = [not_a_server_error, *(CONFORMANCE if mode is GenerationMode.POSITIVE else [])]
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=8, deadline=None, database=None,
+    @settings(max_examples=25, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # a real device is slow on purpose
     def fuzz(case: Any) -> None:
         case.call_and_validate(headers=AUTH, timeout=60, checks=checks)

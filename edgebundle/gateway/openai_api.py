@@ -85,8 +85,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     max_tokens = _optional(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", int)
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
-        raise BadRequest(f"max_tokens must be between 1 and {MAX_TOKENS}", "max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest("max_tokens must be at least 1", "max_tokens")
+    if max_tokens is not None and max_tokens > MAX_TOKENS:
+        raise BadRequest(f"max_tokens must be at most {MAX_TOKENS}", "max_tokens")
     params = ChatParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),

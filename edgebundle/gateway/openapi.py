@@ -43,11 +43,6 @@ def _json(schema: Schema, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _sse(description: str) -> Schema:
-    return {"description": description,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
-
-
 def _object(properties: dict[str, Schema], required: tuple[str, ...] = (),
             description: str = "") -> Schema:
     schema: Schema = {"type": "object", "properties": properties}
@@ -56,6 +51,16 @@ def _object(properties: dict[str, Schema], required: tuple[str, ...] = (),
     if description:
         schema["description"] = description
     return schema
+
+
+# One server-sent event, as SSE parsers (and schemathesis) see it: its fields, data a string.
+SSE_EVENT: Schema = _object({"event": {"type": "string"}, "data": {"type": "string"},
+                             "id": {"type": "string"}, "retry": {"type": "integer"}},
+                            description="One server-sent event.")
+
+
+def _sse(description: str) -> Schema:
+    return {"description": description, "content": {"text/event-stream": {"schema": SSE_EVENT}}}
 
 
 ID = {"type": "string", "pattern": ID_PATTERN}
@@ -267,7 +272,7 @@ def _sync_paths() -> dict[str, Schema]:
                 "200": {"description": "SSE: a `sync` event (the diff since the client's "
                         "version), then the run's events (see the events route); with "
                         "stream false the ended run as JSON.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}},
+                        "content": {"text/event-stream": {"schema": SSE_EVENT},
                                     "application/json": {"schema": _ref("Run")}}},
                 "400": bad,
                 "404": not_found,
@@ -353,7 +358,7 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
                 "200": {"description": "A chat.completion, or with stream true SSE "
                         "`data:` lines of chat.completion.chunk ending in `data: [DONE]`.",
                         "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                                    "text/event-stream": {"schema": SSE_EVENT}}},
                 **chat_errors,
             },
         }},
