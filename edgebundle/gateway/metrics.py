@@ -36,6 +36,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
                     120.0, 300.0)
 REDIS_PING_TIMEOUT = 0.5  # seconds: a scrape must not hang on an unreachable Redis
 UNMATCHED = "unmatched"  # the route label of a path no route serves
+# HTTP allows any token as a method: others share one label, so labels stay bounded.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Labels = tuple[str, ...]
 
@@ -273,5 +275,6 @@ class MetricsMiddleware:
         finally:
             if streaming:
                 self.metrics.sse_open.add(-1)
-            self.metrics.requests.inc(route, scope["method"], str(status))
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.requests.inc(route, method, str(status))
             self.metrics.duration.observe(time.monotonic() - started, route)
