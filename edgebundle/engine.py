@@ -144,6 +144,8 @@ class Engine:
         self._active: _Request | None = None
         self._stopping = threading.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self.input_tokens = 0  # prompt tokens evaluated, all requests so far (metrics)
+        self.output_tokens = 0  # tokens generated, all requests so far, abandoned ones too
 
     # -- state ---------------------------------------------------------------------
 
@@ -242,10 +244,12 @@ class Engine:
                         yield Delta(text)
                 elif isinstance(event, protocol.End | _Exited):
                     self._finish(request)
+                    end = self._end(event, request)
+                    self._count(end.input_tokens, end.output_tokens)
                     tail = decoder.decode(b"", final=True)
                     if tail:
                         yield Delta(tail)
-                    yield self._end(event, request)
+                    yield end
                     return
         finally:
             if request is None:
@@ -315,6 +319,10 @@ class Engine:
             f"{self.log_path})",
         )
 
+    def _count(self, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
     def _finish(self, request: _Request) -> None:
         """The request is over: let the next one in (exactly once)."""
         if request.done:
@@ -333,8 +341,11 @@ class Engine:
     async def _drain(self, request: _Request) -> None:
         try:
             await asyncio.to_thread(self._send_stop, request.guest)
-            while not isinstance(await request.queue.get(), protocol.End | _Exited):
-                pass
+            while not isinstance(event := await request.queue.get(), protocol.End | _Exited):
+                if isinstance(event, protocol.Delta):
+                    request.pieces += 1
+            end = self._end(event, request)
+            self._count(end.input_tokens, end.output_tokens)
         finally:
             self._finish(request)
 

@@ -25,6 +25,7 @@ from edgebundle.errors import GuestProtocolError
 
 # A header line longer than this is not the protocol (the guest's own limit is 128).
 _MAX_HEADER = 1024
+MAX_TOKENS = 2**31 - 1  # the guest's u32, and the plugin's n-predict (an int32)
 
 
 class EndReason(StrEnum):
@@ -81,8 +82,10 @@ def encode_request(prompt: bytes, metadata: bytes, max_tokens: int) -> bytes:
 
     ``max_tokens`` 0 means no limit from the guest (the model or context ends it).
     """
-    if max_tokens < 0:
-        raise ValueError("max_tokens must be >= 0")
+    if not 0 <= max_tokens <= MAX_TOKENS:
+        # The guest reads a u32: a bigger number is a malformed header, and the guest
+        # would then take the request's bytes for the next header.
+        raise ValueError(f"max_tokens must be between 0 and {MAX_TOKENS}")
     header = f"REQ {len(prompt)} {len(metadata)} {max_tokens}\n".encode("ascii")
     return header + prompt + metadata
 

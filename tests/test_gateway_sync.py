@@ -7,7 +7,6 @@ until max_tokens or a cancel stops it), real HTTP and SSE.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,42 +15,12 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from tests.support.devices import Device, read_sse
 from tests.support.processes import gone
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
 
 ENDLESS = "Looping forever"  # then "forever" again and again, until a limit stops it
-
-
-class Device:
-    def __init__(self, run: RunProcess, device_id: str) -> None:
-        self.run = run
-        self.id = device_id
-        self.http = httpx.Client(base_url=run.base_url, timeout=30)
-
-    def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
-        return self.http.post(path, json=body, **kw)
-
-    def run_turn(self, thread: str, content: str, **body: Any) -> list[dict[str, Any]]:
-        payload = {"device_id": self.id, "input": {"content": content}, **body}
-        with self.http.stream("POST", f"/v1/threads/{thread}/runs", json=payload) as response:
-            assert response.status_code == 200, response.read()
-            assert response.headers["content-type"].startswith("text/event-stream")
-            return list(read_sse(response))
-
-
-def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    """The SSE events of ``response``: {"id", "event", "data"} each."""
-    event: dict[str, Any] = {}
-    for line in response.iter_lines():
-        if not line:
-            if event:
-                event["data"] = json.loads(event["data"])
-                yield event
-                event = {}
-            continue
-        name, _, value = line.partition(": ")
-        event[name] = value
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ import pytest
 
 from edgebundle.demo_model import DEMO_REPLY
 from tests.support.processes import free_port, gone
-from tests.support.serving import RunProcess, wait_for
-
-
-def started_pids(log: Path) -> list[int]:
-    return [int(line.split("started pid ")[1].split(":")[0])
-            for line in log.read_text().splitlines() if "edgebundle: started pid " in line]
+from tests.support.serving import RunProcess, started_pids, wait_for
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])

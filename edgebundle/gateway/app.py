@@ -1,8 +1,12 @@
 """The HTTP gateway: an OpenAI-compatible API in front of one chat engine (Starlette).
 
 Routes (shared/API.md): ``GET /healthz`` (503 while the model loads), ``GET
-/v1/models``, ``POST /v1/chat/completions`` (stream or not). With an API key every
-route but /healthz needs ``Authorization: Bearer <key>``. A bad request is a 400
+/metrics`` (Prometheus, :mod:`.metrics`), ``GET /openapi.json`` (the spec of every
+route, :mod:`.openapi`), ``GET /v1/models``, ``POST /v1/chat/completions`` (stream or
+not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_chat`), and the sync
+routes (:mod:`.sync_api`) when sync is on. With an API key every route but /healthz
+needs ``Authorization: Bearer <key>`` (the spec too, as API.md says; it holds no data,
+but a device answers nothing but its probe to strangers). A bad request is a 400
 with OpenAI's error object and changes nothing; a client that goes away mid-stream
 cancels its generation (the engine stops the guest and moves on).
 """
@@ -25,16 +29,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgebundle.chat import ChatService, Finished, TextDelta, Usage
 from edgebundle.engine import Engine
 from edgebundle.errors import UsageError
+from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from edgebundle.gateway.openai_api import (
     BadRequest,
     ChatRequest,
     Completion,
     error_body,
     parse_chat_request,
+    parse_json,
 )
+from edgebundle.gateway.openapi import build_spec
+from edgebundle.gateway.sync_api import ApiError, RunGenerator, sync_routes
+from edgebundle.gateway.thread_chat import ThreadChat
 
 if TYPE_CHECKING:
-    from edgebundle.gateway.sync_api import RunGenerator
     from edgebundle.sync.service import SyncService
 
 OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (probes)
@@ -55,6 +63,14 @@ class GatewayState:
 
 def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
     """The ASGI app for ``state``; ``api_key`` None = no authentication."""
+    metrics = GatewayMetrics()
+    runner: RunGenerator | None = None
+    thread_chat: ThreadChat | None = None
+    if state.sync is not None:
+        runner = state.runs or RunGenerator(state.sync, state.chat)
+        thread_chat = ThreadChat(runner, state.device_id)
+    spec = build_spec(state.model_id, sync=state.sync is not None,
+                      api_key=bool(api_key))  # fmt: skip
 
     async def healthz(request: Request) -> Response:
         if state.engine.ready:
@@ -71,17 +87,27 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
+            body = parse_json(await request.body())
         except ValueError:
-            return _error(400, "the request body is not valid JSON")
+            return _error(400, "the request body is not valid JSON (or holds a lone UTF-16 "
+                          "surrogate such as \\ud800)")
         try:
             parsed = parse_chat_request(body)
-            events = state.chat.complete(parsed.messages, parsed.params)
+            if parsed.thread_id is None:
+                events = state.chat.complete(parsed.messages, parsed.params)
+            elif thread_chat is None:
+                raise BadRequest("thread_id needs sync, and this device serves without it: "
+                                 "start `edgebundle run` with --redis-url (or install "
+                                 "redis-server), or leave thread_id out", "thread_id")
+            else:
+                events = thread_chat.complete(parsed)
             first = await anext(events)  # renders first: a bad conversation is still a 400
         except BadRequest as exc:
             return _error(400, exc.message, exc.param, exc.code)
         except UsageError as exc:
             return _error(400, str(exc), "messages")
+        except ApiError as exc:  # the sync store refused the thread's turn
+            return _sync_error(exc)
         if isinstance(first, Finished) and first.reason in ("prompt_too_long", "error"):
             await events.aclose()
             return _failed(first)
@@ -94,19 +120,47 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
             )
         return await _whole(completion, first, events)
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(spec)
+
     app = Starlette(routes=[
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ])  # fmt: skip
+    _collect_from(metrics, state, runner)
     if state.sync is not None:
-        from edgebundle.gateway.sync_api import sync_routes
-
-        app.router.routes.extend(sync_routes(state.sync, state.chat, state.device_id,
-                                              state.runs))
+        app.router.routes.extend(sync_routes(state.sync, state.chat, state.device_id, runner))
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    # Outermost: a request refused for its key is counted too.
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     return app
+
+
+def _collect_from(metrics: GatewayMetrics, state: GatewayState,
+                  runner: RunGenerator | None) -> None:
+    """What /metrics reads at scrape time from the parts that count it themselves."""
+
+    async def engine() -> None:
+        metrics.engine_ready.set(1 if state.engine.ready else 0)
+        metrics.restarts.set_total(total=state.engine.restarts)
+        metrics.tokens.set_total(total=state.engine.output_tokens)
+        metrics.prompt_tokens.set_total(total=state.engine.input_tokens)
+
+    metrics.add_collector(engine)
+    if runner is not None:
+        ended = runner.ended
+
+        async def runs() -> None:
+            for status, count in ended.items():
+                metrics.runs.set_total(status, total=count)
+
+        metrics.add_collector(runs)
+    if state.sync is not None:
+        metrics.watch_redis(state.sync.redis.ping)
 
 
 async def _whole(
@@ -166,12 +220,19 @@ def _failed(finished: Finished) -> Response:
     if finished.reason == "prompt_too_long":
         return _error(
             400,
-            f"the prompt is {finished.usage.input_tokens} tokens, more than the model's context "
-            "allows: shorten the conversation",
+            finished.detail or f"the prompt is {finished.usage.input_tokens} tokens, more than "
+            "the model's context allows: shorten the conversation",
             "messages",
             "context_length_exceeded",
         )
     return _error(500, finished.detail or "generation failed", kind="server_error")
+
+
+def _sync_error(exc: ApiError) -> JSONResponse:
+    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    response = _error(exc.status, exc.message, code=exc.code, kind=kind)
+    response.headers.update(exc.headers)
+    return response
 
 
 def _error(

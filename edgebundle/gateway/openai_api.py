@@ -4,11 +4,13 @@ Shapes follow OpenAI's API reference (chat.completion, chat.completion.chunk, th
 error object ``{"error": {"message", "type", "param", "code"}}``), which the official
 clients parse. Validation is strict about what we use and quiet about the rest:
 unknown fields are ignored (clients send many), but a field we use with a wrong type
-or range is a 400 naming the field.
+or range is a 400 naming the field. One extension: ``thread_id`` names a synced thread
+the exchange belongs to (see :mod:`edgebundle.gateway.thread_chat`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgebundle.chat import ChatParams, Usage
+from edgebundle.errors import UsageError
+from edgebundle.guest_protocol import MAX_TOKENS
+from edgebundle.sync import keys
 from edgebundle.templates import Message
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -41,6 +46,15 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON; ValueError if it is not JSON, or holds text that is not
+    Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON escapes allow
+    but nothing downstream can encode)."""
+    value = json.loads(raw)
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError: a ValueError
+    return value
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]
@@ -48,6 +62,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    thread_id: str | None = None  # the extension: the exchange is a turn of this thread
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -72,6 +87,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         max_tokens = _optional(body, "max_tokens", int)
     if max_tokens is not None and max_tokens < 1:
         raise BadRequest("max_tokens must be at least 1", "max_tokens")
+    if max_tokens is not None and max_tokens > MAX_TOKENS:
+        raise BadRequest(f"max_tokens must be at most {MAX_TOKENS}", "max_tokens")
     params = ChatParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -87,7 +104,19 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         model=model,
+        thread_id=_thread_id(body.get("thread_id")),
     )
+
+
+def _thread_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("thread_id must be a string (the id of a synced thread)", "thread_id")
+    try:
+        return keys.check_id("thread", value)
+    except UsageError as exc:
+        raise BadRequest(f"thread_id: {exc}", "thread_id") from None
 
 
 def _optional(body: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -45,6 +46,8 @@ from edgebundle.errors import (
     ThreadNotFoundError,
     UsageError,
 )
+from edgebundle.gateway.openai_api import parse_json
+from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
@@ -56,6 +59,9 @@ log = logging.getLogger(__name__)
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # The chat's finish reasons in the run's words: a stop string ends the turn like eos.
 _RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full": "context_full"}
+# The end of a run's error when the thread does not fit the model's context (a failed
+# run carries only its message; chat completions answer that one with a 400).
+TOO_LONG = "more than the model's context allows"
 WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -76,7 +82,7 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def _api_error(exc: EdgebundleError) -> ApiError:
+def api_error(exc: EdgebundleError) -> ApiError:
     """The HTTP answer for an error of the sync core."""
     if isinstance(exc, EpochMismatchError):
         return ApiError(409, "epoch_mismatch", str(exc), epoch=exc.epoch)
@@ -106,9 +112,10 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
     if optional and not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError:
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON (or holds a "
+                       "lone UTF-16 surrogate such as \\ud800)") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
     return body
@@ -221,8 +228,8 @@ def _params(value: Any) -> ChatParams:
         raise _bad("params must be an object such as {\"max_tokens\": 256}")
     max_tokens = value.get("max_tokens")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 1):
-        raise _bad("params.max_tokens must be a positive integer")
+                                   or not 1 <= max_tokens <= MAX_TOKENS):
+        raise _bad(f"params.max_tokens must be an integer between 1 and {MAX_TOKENS}")
     temperature = value.get("temperature")
     if temperature is not None and (isinstance(temperature, bool)
                                     or not isinstance(temperature, int | float)
@@ -252,6 +259,7 @@ class RunGenerator:
         self.sync = sync
         self.chat = chat
         self._tasks: set[asyncio.Task[None]] = set()
+        self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
 
     def start(self, ticket: RunTicket, params: ChatParams) -> None:
         task = asyncio.get_running_loop().create_task(self._generate(ticket, params))
@@ -270,6 +278,7 @@ class RunGenerator:
         thread_id, run_id = ticket.run.thread_id, ticket.run.id
         try:
             await self._hold_and_write(ticket, params)
+            self.ended[(await self.sync.get_run(thread_id, run_id)).status] += 1
         except (EdgebundleError, RedisPyError, OSError) as exc:
             # Nobody awaits this task: say it in the log. Redis unreachable: the run's
             # lease runs out and the next acquire (or a reader) ends it as incomplete.
@@ -313,13 +322,32 @@ class RunGenerator:
             reason = finished.reason if finished else "no result"
             detail = finished.detail if finished and finished.detail else reason
             if finished is not None and finished.reason == "prompt_too_long":
-                detail = (f"the thread is {finished.usage.input_tokens} tokens, more than the "
-                          "model's context allows")
+                detail = f"the thread is {finished.usage.input_tokens} tokens, {TOO_LONG}"
             await lease.fail(detail)
             return
         usage = {"input_tokens": finished.usage.input_tokens,
                  "output_tokens": finished.usage.output_tokens}
         await lease.finish(_RUN_REASONS[finished.reason], usage)
+
+
+async def start_turn(runner: RunGenerator, thread_id: str,
+                     request: RunRequest) -> tuple[RunTicket, SyncState]:
+    """Start a turn on the thread and generate it on this device: the ticket, and the
+    sync object its stream opens with (the whole thread for a client without an epoch).
+
+    What ``POST /v1/threads/{id}/runs`` and chat completions with ``thread_id`` share.
+    """
+    sync = runner.sync
+    epoch, since = request.epoch, request.since
+    if epoch is None:  # a client new to the thread (curl): it gets the whole history
+        epoch, since = (await sync.sync(thread_id, None, 0)).epoch, 0
+    ticket = await sync.start_run(
+        thread_id, request.device_id, epoch=epoch, since=since,
+        content=request.content, input_id=request.input_id, multitask=request.multitask,
+    )
+    runner.start(ticket, request.params)
+    opening = ticket.sync if request.epoch else replace(ticket.sync, full=True)
+    return ticket, opening
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -336,7 +364,7 @@ def _guarded(handler: Handler) -> Handler:
         except ApiError as exc:
             return exc.response()
         except EdgebundleError as exc:
-            return _api_error(exc).response()
+            return api_error(exc).response()
 
     return wrapped
 
@@ -360,7 +388,7 @@ async def _relay(sync: SyncService, thread_id: str, run_id: str,
             async for event in events:
                 yield _sse(event.type, event.data, event.id)
     except EdgebundleError as exc:  # the thread expired or Redis went away mid-stream
-        error = _api_error(exc)
+        error = api_error(exc)
         yield _sse("error", {"error": error.code, "message": error.message})
 
 
@@ -410,7 +438,7 @@ def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
                         yield ": keep-alive\n\n"  # proxies close silent streams
                     yield _sse("sync", step.result().to_json())
             except EdgebundleError as exc:
-                error = _api_error(exc)
+                error = api_error(exc)
                 yield _sse("error", {"error": error.code, "message": error.message})
             finally:  # the client went away (or the thread did): stop polling Redis
                 if step is not None and not step.done():
@@ -439,15 +467,7 @@ def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
     async def start_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         parsed = parse_run_request(await _body(request), device_id)
-        epoch, since = parsed.epoch, parsed.since
-        if epoch is None:  # a client new to the thread (curl): it gets the whole history
-            epoch, since = (await sync.sync(thread_id, None, 0)).epoch, 0
-        ticket = await sync.start_run(
-            thread_id, parsed.device_id, epoch=epoch, since=since,
-            content=parsed.content, input_id=parsed.input_id, multitask=parsed.multitask,
-        )
-        opening = ticket.sync if parsed.epoch else replace(ticket.sync, full=True)
-        runner.start(ticket, parsed.params)
+        ticket, opening = await start_turn(runner, thread_id, parsed)
         run_id = ticket.run.id
         if not parsed.stream:
             run = await _last_run(sync, thread_id, run_id)

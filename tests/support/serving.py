@@ -34,6 +34,12 @@ def wait_for(condition: Any, timeout: float = 10.0, interval: float = 0.02) -> N
         time.sleep(interval)
 
 
+def started_pids(log: Path) -> list[int]:
+    """The pids the supervisor started, from its log (edgechat.log), oldest first."""
+    return [int(line.split("started pid ")[1].split(":")[0])
+            for line in log.read_text().splitlines() if "edgebundle: started pid " in line]
+
+
 class LoopThread:
     """One asyncio loop in a daemon thread; :meth:`run` runs a coroutine on it."""
 

@@ -1,0 +1,165 @@
+"""Chat completions that are turns of a synced thread: ``"thread_id"`` in the body of
+``POST /v1/chat/completions`` (the extension of shared/API.md).
+
+What it means, so that any OpenAI client (stateless by nature) can take part in a
+conversation that several devices share:
+
+- The LAST message of the request must be a ``user`` message: it is the run's input,
+  the new turn. It lands in the thread like the input of ``POST …/runs``.
+- The prompt is rendered from the synced thread, not from the request: the thread's
+  history wins, because every device renders the same prompt from it. For a thread
+  that exists, the request's earlier messages are ignored.
+- A thread that does not exist yet is created with that id and seeded with the
+  request's earlier messages (system messages left out: the device's own system
+  prompt applies), in one atomic step (a push with ``reseed``), so a stateless
+  client works from its first call. If another client creates the thread at the same
+  moment, its history wins and the seed is dropped.
+- The run is started with the ``enqueue`` policy (a busy thread makes it wait its
+  turn) and generated on this device exactly as ``POST /v1/threads/{id}/runs`` does
+  (:func:`~edgebundle.gateway.sync_api.start_turn`): other devices can watch or join
+  it, and its text is stored in the thread.
+- The answer is OpenAI's: a ``chat.completion`` with ``usage``, or with ``stream``
+  ``chat.completion.chunk`` events ending in ``[DONE]`` (the usage chunk with
+  ``stream_options.include_usage``), produced by the same code as without a thread.
+- A streaming client that goes away cancels the run; the thread keeps exactly the
+  text that was sent to it (what the user saw is what the model sees next).
+- Errors are OpenAI error objects: ``thread_id`` on a device without sync, an invalid
+  id or a last message that is not the user's: 400. A thread that no longer fits the
+  context: 400 ``context_length_exceeded``; any other failed run: 500
+  ``server_error`` (in a stream: an error chunk, then ``[DONE]``), as without a
+  thread. Errors of the sync store keep their status (409, 503 …) with the sync API's
+  error code as ``code``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any, cast
+
+from redis.exceptions import RedisError as RedisPyError
+
+from edgebundle.chat import Finished, TextDelta, Usage
+from edgebundle.errors import EdgebundleError, EpochMismatchError, ThreadNotFoundError
+from edgebundle.gateway.openai_api import BadRequest, ChatRequest
+from edgebundle.gateway.sync_api import (
+    TOO_LONG,
+    ApiError,
+    RunGenerator,
+    RunRequest,
+    api_error,
+    start_turn,
+)
+from edgebundle.sync.backend import new_id
+from edgebundle.sync.models import SyncState
+from edgebundle.sync.service import RunEvent
+from edgebundle.templates import Message
+
+# Who the seeding push is made as. Mutation ids are kept per device and thread, so the
+# seed must not use a real device's id: that device's own first pushes (mid 1, 2 …)
+# would then be taken for repeats and skipped.
+SEED_DEVICE = "chat-completions-seed"
+
+
+class ThreadChat:
+    """Chat completions as turns of synced threads, generated on this device."""
+
+    def __init__(self, runner: RunGenerator, device_id: str) -> None:
+        self.runner = runner
+        self.sync = runner.sync
+        self.device_id = device_id
+        self._cancels: set[asyncio.Task[None]] = set()
+
+    async def complete(self, request: ChatRequest) -> AsyncGenerator[TextDelta | Finished, None]:
+        """The reply to ``request`` (which has a ``thread_id``), as the chat's events.
+
+        Raises (at the first event, before anything is written) BadRequest for a
+        request that cannot be a turn, ApiError for an error of the sync store.
+        """
+        thread_id = request.thread_id
+        assert thread_id is not None
+        where = f"messages[{len(request.messages) - 1}]"
+        last = request.messages[-1]
+        if last.role != "user":
+            raise BadRequest("with thread_id the last message must be the user's new message "
+                             f"(role user), not {last.role}", f"{where}.role")
+        if not last.content.strip():
+            raise BadRequest("with thread_id the last message is the new turn and it is "
+                             "empty: send the user's message", f"{where}.content")
+        try:
+            state = await self._join_or_seed(thread_id, request.messages[:-1])
+            ticket, _ = await start_turn(self.runner, thread_id, RunRequest(
+                device_id=self.device_id, epoch=state.epoch, since=state.version,
+                content=last.content, input_id=None, multitask="enqueue",
+                params=request.params, stream=request.stream,
+            ))  # fmt: skip
+        except EdgebundleError as exc:
+            raise api_error(exc) from None
+        except (RedisPyError, OSError) as exc:
+            raise ApiError(503, "redis_unavailable", f"the sync Redis failed: {exc}") from None
+
+        run_id = ticket.run.id
+        sent: list[str] = []
+        ended = False
+        events = cast("AsyncGenerator[RunEvent, None]", self.sync.events(thread_id, run_id))
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if event.type == "message.delta":
+                        sent.append(event.data["text"])
+                        yield TextDelta(event.data["text"])
+                    elif event.type in ("run.completed", "run.failed", "run.cancelled"):
+                        ended = True
+                        yield _finished(event)
+                        return
+        except EdgebundleError as exc:  # the thread expired or Redis went away meanwhile
+            ended = True
+            yield Finished("error", Usage(), api_error(exc).message)
+        finally:
+            if not ended:  # the client went away mid-reply
+                self._cancel_later(thread_id, run_id, "".join(sent))
+
+    async def _join_or_seed(self, thread_id: str, earlier: Sequence[Message]) -> SyncState:
+        """The thread's state; a missing thread is created, seeded with ``earlier``."""
+        try:
+            return await self.sync.sync(thread_id, None, 0)
+        except ThreadNotFoundError:
+            pass
+        seed = [m for m in earlier if m.role != "system"]
+        mutations = [{"mid": mid, "op": "put",
+                      "message": {"id": new_id("msg"), "role": m.role, "content": m.content}}
+                     for mid, m in enumerate(seed, 1)]  # fmt: skip
+        try:
+            return await self.sync.push(thread_id, SEED_DEVICE, "", 0, mutations, reseed=True)
+        except EpochMismatchError:  # created by someone else meanwhile: its history wins
+            return await self.sync.sync(thread_id, None, 0)
+
+    def _cancel_later(self, thread_id: str, run_id: str, content_seen: str) -> None:
+        """Cancel the run in a task of its own: the request's task is being cancelled."""
+
+        async def cancel() -> None:
+            with contextlib.suppress(EdgebundleError, RedisPyError, OSError):
+                await self.sync.cancel_run(thread_id, run_id, self.device_id, content_seen)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+
+def _finished(event: RunEvent) -> Finished:
+    """A run's terminal event as the chat's Finished."""
+    data: dict[str, Any] = event.data
+    if event.type == "run.completed":
+        usage = data.get("usage") or {}
+        return Finished(data.get("reason") or "eos",
+                        Usage(int(usage.get("input_tokens", 0)),
+                              int(usage.get("output_tokens", 0))))
+    if event.type == "run.failed":
+        error = str(data.get("error") or "the run failed")
+        if error.endswith(TOO_LONG):
+            return Finished("prompt_too_long", Usage(),
+                            f"{error}: delete older messages of the thread or start a new one")
+        return Finished("error", Usage(), error)
+    return Finished("cancelled", Usage())  # stopped by another client, or an edit

@@ -1,0 +1,74 @@
+"""A device under test (a real `edgebundle run` child with sync) and an SSE reader.
+
+Shared by the tests that drive devices over HTTP: :class:`Device` wraps a
+:class:`~tests.support.serving.RunProcess` with an httpx client (and the API key,
+if any), :func:`read_sse` parses a streamed response's events.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.serving import RunProcess
+
+
+class Device:
+    def __init__(self, run: RunProcess, device_id: str, api_key: str | None = None) -> None:
+        self.run = run
+        self.id = device_id
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=run.base_url, timeout=30, headers=headers)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
+        return self.http.post(path, json=body, **kw)
+
+    def run_turn(self, thread: str, content: str, **body: Any) -> list[dict[str, Any]]:
+        payload = {"device_id": self.id, "input": {"content": content}, **body}
+        with self.http.stream("POST", f"/v1/threads/{thread}/runs", json=payload) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return list(read_sse(response))
+
+
+def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The SSE events of ``response``: {"id", "event", "data"} each."""
+    event: dict[str, Any] = {}
+    for line in response.iter_lines():
+        if not line:
+            if event:
+                event["data"] = json.loads(event["data"])
+                yield event
+                event = {}
+            continue
+        name, _, value = line.partition(": ")
+        event[name] = value
+
+
+@contextmanager
+def sync_devices(redis_url: str, model: Path, homes: Sequence[Path], *,
+                 api_key: str | None = None,
+                 template: str = "llama-3-chat") -> Iterator[list[Device]]:
+    """One healthy ``edgebundle run`` device per home (ids dev0, dev1 …) on ``redis_url``,
+    embedded runtime; each must stop with exit 0 afterwards."""
+    env = {"EDGEBUNDLE_API_KEY": api_key} if api_key else {}
+    runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
+                        "--template", template, "--redis-url", redis_url,
+                        "--device-id", f"dev{index}"], home=home, env=env)
+            for index, home in enumerate(homes)]  # fmt: skip
+    try:
+        for run in runs:
+            run.read_line()
+        for run in runs:
+            run.wait_healthy()
+        yield [Device(run, f"dev{index}", api_key) for index, run in enumerate(runs)]
+        for run in runs:
+            assert run.stop() == 0, run.stderr()
+    finally:
+        for run in runs:
+            run.close()
