@@ -14,12 +14,14 @@ move to tests/support/ with it).
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_py
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from tests.support.processes import children, cmdline
@@ -171,7 +173,14 @@ def test_redis_killed_between_turns_loses_no_acknowledged_message_and_both_devic
     before = a.http.get(f"/v1/threads/{tid}").json()
     assert len(before["messages"]) == 5
 
-    redis_up.kill()  # no shutdown: only what was fsynced before each reply survives
+    watch = b.http.stream("GET", f"/v1/threads/{tid}/watch",
+                          params={"epoch": before["epoch"], "since": before["version"]})
+    with watch as response:
+        changes = read_sse(response)
+        assert next(changes)["event"] == "sync"
+        redis_up.kill()  # no shutdown: only what was fsynced before each reply survives
+        told = list(changes)  # a watcher is told, and its stream ends
+    assert [(e["event"], e["data"]["error"]) for e in told] == [("error", "redis_unavailable")]
     assert_unavailable(a, tid)
     assert_unavailable(b, tid)
     refused = a.post(f"/v1/threads/{tid}/runs", {"device_id": "devA", "input": {"content": "x"}})
@@ -209,15 +218,24 @@ def test_redis_killed_mid_run_ends_it_incomplete_with_what_was_acknowledged(
             if deltas(seen) == 5:
                 break
         run_id = seen[1]["data"]["run"]["id"]
+        # B's turn waits in line behind A's (its client leaves; B keeps waiting for it).
+        later = {"device_id": "devB", "input": {"content": "me next"}, "params": {"max_tokens": 2}}
+        with b.http.stream("POST", f"/v1/threads/{tid}/runs", json=later) as queued:
+            opening = read_sse(queued)
+            assert [next(opening)["event"], (waiting := next(opening))["event"]] == [
+                "sync", "run.queued"]
+        queued_id = waiting["data"]["run"]["id"]
         redis_up.kill()
         assert_unavailable(b, tid)
         seen.extend(events)  # the reader cannot follow any more: it is told so, and ends
     assert seen[-1]["event"] == "error", types(seen)[-3:]
     assert seen[-1]["data"]["error"] == "redis_unavailable"
     read_before_crash = text_of(seen)
-    # Down long enough for the generating device to give up writing (a shorter outage
+    # Down long enough for both devices to give up their Redis calls (a shorter outage
     # is bridged by the client's reconnect attempts and the run just goes on).
     wait_for(lambda: f"run {run_id} of thread {tid}: Redis is unavailable" in a.run.stderr(),
+             timeout=60, interval=0.1)
+    wait_for(lambda: f"run {queued_id} of thread {tid}: waiting for its turn" in b.run.stderr(),
              timeout=60, interval=0.1)
 
     redis_up.start()
@@ -233,7 +251,7 @@ def test_redis_killed_mid_run_ends_it_incomplete_with_what_was_acknowledged(
         everything = list(read_sse(replay))
     assert types(everything)[-2:] == ["run.cancelled", "done"]
     assert everything[-2]["data"]["cause"] == "redis_unavailable"  # ended by its device
-    question, partial = messages_of(b, tid)
+    question, partial, *_ = messages_of(b, tid)
     assert (partial["status"], partial["content"]) == ("incomplete", text_of(everything))
     # What the reader had been sent (acknowledged by Redis) survived the SIGKILL.
     assert partial["content"].startswith(read_before_crash) and read_before_crash
@@ -244,8 +262,37 @@ def test_redis_killed_mid_run_ends_it_incomplete_with_what_was_acknowledged(
         rest = list(read_sse(rejoined))
     assert [e for e in seen[1:] if "id" in e] + rest == everything
 
+    # B's queued turn got the thread once A's run ended, and B generated it.
+    wait_for(lambda: b.http.get(f"/v1/threads/{tid}/runs/{queued_id}").json()["status"]
+             not in ("queued", "in_progress"), timeout=60, interval=0.2)
+    assert b.http.get(f"/v1/threads/{tid}/runs/{queued_id}").json()["status"] == "completed"
+
     for device in (b, a):
         turn = device.run_turn(tid, f"still there, {device.id}?", params={"max_tokens": 2})
         assert types(turn)[-2:] == ["run.completed", "done"], turn[-2:]
-    assert [m["content"] for m in messages_of(a, tid)][:2] == [question["content"],
-                                                               partial["content"]]
+    assert [(m["role"], m["content"]) for m in messages_of(a, tid)][:4] == [
+        ("user", question["content"]), ("assistant", partial["content"]),
+        ("user", "me next"), ("assistant", "Looping forever")]
+
+
+def test_the_private_redis_of_run_fsyncs_each_write_before_it_answers(tmp_path: Path) -> None:
+    """What makes "acknowledged" mean "on disk" for a device without --redis-url."""
+    run = RunProcess(["--runtime", "embedded", "--no-preflight"], home=tmp_path / "home")
+    try:
+        run.read_line()
+        [note] = [line for line in run.stderr().splitlines() if "redis-server (pid " in line]
+        pid = int(note.split("(pid ")[1].split(",")[0])
+        assert pid in children(run.proc.pid)
+        listening = re.search(r"127\.0\.0\.1:(\d+)", " ".join(cmdline(pid)))  # its title
+        assert listening, cmdline(pid)
+        client = redis_py.Redis(port=int(listening.group(1)), decode_responses=True)
+        try:
+            assert client.config_get("append*") == {"appendonly": "yes",
+                                                    "appendfsync": "always",
+                                                    "appendfilename": "appendonly.aof",
+                                                    "appenddirname": "appendonlydir"}
+        finally:
+            client.close()
+        assert run.stop() == 0, run.stderr()
+    finally:
+        run.close()

@@ -292,7 +292,7 @@ class RunGenerator:
 
     async def _hold_and_write(self, ticket: RunTicket, params: ChatParams) -> None:
         try:
-            lease = await self.sync.acquire(ticket)
+            lease = await self._acquire(ticket)
         except LeaseLostError:
             return  # cancelled before its turn came
         async with lease:
@@ -306,6 +306,25 @@ class RunGenerator:
             except EdgebundleError as exc:
                 with contextlib.suppress(LeaseLostError):
                     await lease.fail(str(exc))
+
+    async def _acquire(self, ticket: RunTicket) -> RunLease:
+        """Wait for the run's turn; through a Redis outage too (a queued run whose device
+        stopped waiting would keep its place in line until someone ended it)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # from the first failure: waiting in line is no outage
+        delay, longest = OUTAGE_RETRY
+        while True:
+            try:
+                return await self.sync.acquire(ticket)
+            except RedisError as exc:
+                if deadline is None:
+                    deadline = loop.time() + 2 * self.sync.settings.lease_ms / 1000
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("run %s of thread %s: waiting for its turn: %s; retrying",
+                            ticket.run.id, ticket.run.thread_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
 
     async def _end_after_outage(self, lease: RunLease, error: Exception) -> None:
         """End a run whose writes failed as incomplete, once Redis answers again."""
