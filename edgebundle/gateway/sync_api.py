@@ -12,6 +12,19 @@ this device (every device renders the same messages with the same template) and
 streams the engine's text into the run. A run cancelled or interrupted elsewhere
 makes the next write fail (LeaseLostError); the engine request is then stopped.
 
+When the run cannot go on, it ends ``incomplete`` (its text kept, the next turn
+builds on it) rather than waiting for its lease to run out:
+
+- the guest died (or the engine broke off) mid-reply: the text so far is written and
+  the run interrupted (cause ``engine_error``); the supervisor restarts the guest.
+- Redis went away mid-run (writes fail after the client's reconnect attempts): the
+  engine request is stopped at once and the run is ended with the text Redis had
+  acknowledged (cause ``redis_unavailable``), retried with backoff until Redis
+  answers. The generating device does it because it is the one that knows the run
+  stopped: a reader would have to wait for the 30 s lease. If Redis stays away
+  longer than two leases the device gives up; the next reader or run then ends it
+  (lease expired), as for a device that died.
+
 Errors are JSON ``{"error": code, "message": …}`` (plus the fields the client needs:
 ``epoch`` for ``epoch_mismatch``, ``active_run`` for ``thread_busy``). A request is
 checked completely before anything is written, so a bad one changes nothing.
@@ -49,6 +62,7 @@ from edgebundle.errors import (
 from edgebundle.gateway.openai_api import parse_json
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
+from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
 from edgebundle.sync.service import RunEvent, SyncService
@@ -64,6 +78,7 @@ _RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full":
 TOO_LONG = "more than the model's context allows"
 WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OUTAGE_RETRY = (0.2, 2.0)  # s: first and longest wait between attempts to end a run
 
 
 class ApiError(Exception):
@@ -286,7 +301,7 @@ class RunGenerator:
 
     async def _hold_and_write(self, ticket: RunTicket, params: ChatParams) -> None:
         try:
-            lease = await self.sync.acquire(ticket)
+            lease = await self._acquire(ticket)
         except LeaseLostError:
             return  # cancelled before its turn came
         async with lease:
@@ -294,11 +309,62 @@ class RunGenerator:
                 await self._write(lease, params)
             except LeaseLostError:
                 pass  # cancelled or interrupted elsewhere: the engine request was stopped
+            except (RedisError, RedisPyError, OSError) as exc:
+                # Leaving _write stopped the engine request; Redis must hear the end.
+                await self._end_after_outage(lease, exc)
             except EdgebundleError as exc:
                 with contextlib.suppress(LeaseLostError):
                     await lease.fail(str(exc))
 
-    async def _write(self, lease: Any, params: ChatParams) -> None:
+    async def _acquire(self, ticket: RunTicket) -> RunLease:
+        """Wait for the run's turn; through a Redis outage too (a queued run whose device
+        stopped waiting would keep its place in line until someone ended it)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # from the first failure: waiting in line is no outage
+        delay, longest = OUTAGE_RETRY
+        while True:
+            try:
+                return await self.sync.acquire(ticket)
+            except RedisError as exc:
+                if deadline is None:
+                    deadline = loop.time() + 2 * self.sync.settings.lease_ms / 1000
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("run %s of thread %s: waiting for its turn: %s; retrying",
+                            ticket.run.id, ticket.run.thread_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
+
+    async def _end_after_outage(self, lease: RunLease, error: Exception) -> None:
+        """End a run whose writes failed as incomplete, once Redis answers again."""
+        thread_id, run_id = lease.run.thread_id, lease.run.id
+        log.warning("run %s of thread %s: Redis is unavailable (%s); its generation was "
+                    "stopped and it ends as incomplete when Redis is back", run_id, thread_id,
+                    error)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.sync.settings.lease_ms / 1000
+        delay, longest = OUTAGE_RETRY
+        while True:
+            try:
+                await lease.interrupt("redis_unavailable", keep_pending=False)
+                log.warning("run %s of thread %s: ended as incomplete after the Redis outage",
+                            run_id, thread_id)
+                return
+            except LeaseLostError:
+                # Its lease ran out meanwhile (or it was cancelled): reading the run ends
+                # it now if nobody did yet, instead of at the next reader or run.
+                with contextlib.suppress(EdgebundleError):
+                    await self.sync.get_run(thread_id, run_id)
+                return
+            except (RedisPyError, OSError) as exc:
+                if loop.time() + delay > deadline:
+                    log.warning("run %s of thread %s: Redis still unavailable (%s); the run "
+                                "ends when its lease runs out", run_id, thread_id, exc)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
+
+    async def _write(self, lease: RunLease, params: ChatParams) -> None:
         state = await self.sync.sync(lease.run.thread_id, None, 0)
         messages = prompt_messages(state.messages, lease.message.id)
         try:
@@ -318,6 +384,13 @@ class RunGenerator:
                 if lease.lost:
                     raise LeaseLostError("the run ended elsewhere")
                 event = await anext(events, None)
+        if finished is not None and finished.reason == "error":
+            # The guest died (it is restarted) or broke off mid-reply: what it wrote so far
+            # stays, and the next turn builds on it like on a stopped reply.
+            log.warning("run %s of thread %s: the engine broke off: %s", lease.run.id,
+                        lease.run.thread_id, finished.detail or "no detail")
+            await lease.interrupt("engine_error")
+            return
         if finished is None or finished.reason not in _RUN_REASONS:
             reason = finished.reason if finished else "no result"
             detail = finished.detail if finished and finished.detail else reason

@@ -3,8 +3,19 @@
 Without ``--redis-url`` a device still needs somewhere to keep its threads: it starts
 its own redis-server as a child process under ``<home>/state/redis`` with the
 append-only file on (threads survive a restart of the device), listening on the
-loopback only, on a free port. Never daemonized: it is our child, stopped by its pid
-when ``run`` ends.
+loopback only, on a free port.
+
+Durability: ``appendfsync always``: Redis writes and fsyncs the AOF before it
+replies, so a write it acknowledged (a message, a batch of generated text, the end
+of a run) survives a crash of the server (SIGKILL) and a power cut or kernel crash
+of the device too. With Redis's default ``everysec`` a killed server usually loses
+nothing (the write reached the OS before the reply), but a power cut loses up to
+the last second, and a busy disk lets Redis postpone its writes by up to two
+seconds, when even a kill loses them. The price is one fsync per write; a turn
+writes a few times per second (text is batched every 20 ms), which a device's
+storage affords.
+
+Never daemonized: it is our child, stopped by its pid when ``run`` ends.
 
 :func:`device_id` is the device's identity in the sync protocol: the configured one,
 else one generated on first use and kept in ``<home>/state/device-id``.
@@ -88,6 +99,7 @@ class LocalRedis:
             "--protected-mode", "yes",
             "--dir", str(self.directory),
             "--appendonly", "yes",
+            "--appendfsync", "always",  # acknowledged = on disk (module docstring)
             "--save", "",
             "--daemonize", "no",
             "--pidfile", str(self.pidfile),

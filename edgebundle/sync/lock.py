@@ -14,17 +14,25 @@ that run as incomplete (its text so far kept) and goes on.
 ``message.delta`` events; with batching off each piece is its own event, written
 behind the caller: pieces that arrive while a write is in flight go out together in
 the next script call (one round trip, many events) and ``flush()`` waits for them.
-``finish`` / ``fail`` end the run and release the lock by compare-and-delete in the
-same script. Every one of those writes is checked in Lua
+``finish`` / ``fail`` / ``interrupt`` end the run and release the lock by
+compare-and-delete in the same script. Every one of those writes is checked in Lua
 against the token and the fence, so a holder whose lease ran out (stalled,
 partitioned) or whose run was cancelled or interrupted writes nothing: it gets
 :class:`LeaseLostError`.
+
+When Redis goes away (a restart, a network cut) nothing here dies silently: a
+background write that fails keeps its error for the caller's next call, and the
+watchdog logs and tries again next period (the lease has room for a blip). The
+holder then stops generating and ends the run with :meth:`RunLease.interrupt` once
+Redis answers again; the text it ends with is what Redis had stored (acknowledged),
+never pieces written after a lost one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -46,6 +54,8 @@ from edgebundle.sync.backend import (
 )
 from edgebundle.sync.models import Message, Run, dumps
 from edgebundle.sync.runs import RunTicket
+
+log = logging.getLogger(__name__)
 
 _MIN_WAIT = 0.005  # s; BLPOP's timeout 0 would mean forever
 _MAX_PENDING = 512  # unwritten pieces before delta() waits for the writer (backpressure)
@@ -179,6 +189,33 @@ class RunLease:
         """The run failed: its text so far stays (incomplete); lock released, next woken."""
         return await self._end("failed", "error", "null", str(error))
 
+    async def interrupt(self, cause: str, *, keep_pending: bool = True) -> Run:
+        """End the run as incomplete, interrupted by ``cause`` (such as ``engine_error``
+        or ``redis_unavailable``): its message keeps the text written so far, plus the
+        pieces not yet written when ``keep_pending`` (pass False after a failed write:
+        text written after a lost piece would leave a hole). The lock is released and
+        the next run woken. After a Redis error nothing was ended: call it again.
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self._ended:
+            raise UsageError(f"run {self.run.id} already ended: start a new run")
+        self._write_error = None  # the reason we are here; the end is what matters now
+        async with self._flushing:
+            if not keep_pending:
+                self._buffer, self._buffered = [], 0
+            await self._stop_watchdog()
+            # Peeked, not taken: if this call fails, the next attempt sends them again.
+            pieces = self._buffer if self._unbatched or not self._buffer \
+                else ["".join(self._buffer)]
+            reply = await self._call(self._backend.scripts.finish, self.message.id,
+                                     "incomplete", "interrupted", "null", cause, *pieces)
+            self._buffer, self._buffered = [], 0
+            self._raise_if_lost(reply)
+            self._ended = True
+        self.run = parse_run(reply[1])
+        return self.run
+
     async def _end(self, outcome: str, reason: str, usage: str, error: str) -> Run:
         self._check_open()
         async with self._flushing:
@@ -221,8 +258,12 @@ class RunLease:
     async def _flush_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._timer = None
-        with contextlib.suppress(LeaseLostError):  # kept in _failure, raised by the next call
+        try:
             await self.flush()
+        except LeaseLostError:
+            pass  # kept in _failure, raised by the next call
+        except (_RedisPyError, OSError) as exc:
+            self._write_error = exc  # raised by the caller's next call
 
     async def _renew_forever(self) -> None:
         every = self._backend.settings.renew_ms / 1000
@@ -230,8 +271,11 @@ class RunLease:
             await asyncio.sleep(every)
             try:
                 reply = await self._call(self._backend.scripts.renew)
-            except (_RedisPyError, OSError):
-                continue  # a blip: try again next period; the lease has room for that
+            except (_RedisPyError, OSError) as exc:
+                # A blip: try again next period; the lease has room for that.
+                log.warning("run %s: renewing its lease failed (%s); retrying in %g s",
+                            self.run.id, exc, every)
+                continue
             if self._note_if_lost(reply):
                 return
 

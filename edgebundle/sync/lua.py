@@ -528,13 +528,15 @@ FINISH = r"""
 -- run woken.
 -- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence;
--- ARGV[7] message id; ARGV[8] completed|failed; ARGV[9] reason; ARGV[10] usage JSON;
--- ARGV[11] error text (failed); ARGV[12..] the last texts, one message.delta each
+-- ARGV[7] message id; ARGV[8] completed|failed|incomplete; ARGV[9] reason;
+-- ARGV[10] usage JSON; ARGV[11] error text (failed) or what interrupted it (incomplete:
+-- the cause of its run.cancelled event); ARGV[12..] the last texts, one message.delta each
 if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
 for i = 12, #ARGV do append_delta(ARGV[4], ARGV[7], ARGV[i]) end
 local run = load_run(ARGV[4])
-local raw = end_run(run, ARGV[8], ARGV[9], nil,
-                    {usage = cjson.decode(ARGV[10]), error = ARGV[11]})
+local info = {usage = cjson.decode(ARGV[10]), error = ARGV[11]}
+if ARGV[8] == 'incomplete' then info = {cause = ARGV[11]} end
+local raw = end_run(run, ARGV[8], ARGV[9], nil, info)
 touch()
 return {'ok', raw}
 """

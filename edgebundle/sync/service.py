@@ -18,13 +18,27 @@ A typical turn on one device::
         await lease.finish("eos", {"input_tokens": 12, "output_tokens": 40})
 
 and any device follows it with ``async for event in sync.events(thread, run_id)``.
+
+Redis unavailable (down, restarting, unreachable after the client's own reconnect
+attempts, see :mod:`~edgebundle.sync.client`): every method here, and every step of
+``events`` and ``watch``, raises :class:`~edgebundle.errors.RedisError` with one line
+saying so, never a driver exception; the next call reconnects by itself. A
+:class:`RunLease` (the holder's side) raises the driver's errors as they are: its
+holder decides what to do with a run it cannot write (see
+:meth:`RunLease.interrupt`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
+from redis.exceptions import ClusterDownError
+from redis.exceptions import ConnectionError as _ConnectionError
+from redis.exceptions import TimeoutError as _TimeoutError
+
+from edgebundle.errors import RedisError
 from edgebundle.sync.backend import Backend, SyncSettings
 from edgebundle.sync.client import Client
 from edgebundle.sync.events import RunEvent, follow
@@ -34,6 +48,41 @@ from edgebundle.sync.runs import RunStore, RunTicket
 from edgebundle.sync.store import ThreadStore
 
 __all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings"]
+
+T = TypeVar("T")
+
+# What the driver raises when Redis is not there (OSError: a socket error it let through).
+UNAVAILABLE = (_ConnectionError, _TimeoutError, ClusterDownError, OSError)
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn the driver's "Redis is not there" errors into one clear RedisError."""
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise RedisError(f"Redis is unavailable ({exc or type(exc).__name__}): it is retried "
+                         "by itself when it is back; check the Redis server") from exc
+
+
+async def _checked(call: Awaitable[T]) -> T:
+    with redis_errors():
+        return await call
+
+
+async def _checked_steps(steps: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    try:
+        while True:
+            with redis_errors():
+                try:
+                    item = await anext(steps)
+                except StopAsyncIteration:
+                    return
+            yield item
+    finally:  # closing this closes the generator underneath (it stops reading Redis)
+        close = getattr(steps, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class SyncService:
@@ -52,19 +101,19 @@ class SyncService:
 
     async def create_thread(self, thread_id: str | None = None) -> SyncState:
         """Create a thread (a random id if none), or join an existing one: its full state."""
-        return await self._threads.create(thread_id)
+        return await _checked(self._threads.create(thread_id))
 
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
         """What changed since (epoch, since), tombstones included; the full state
         (every message, tombstones too, ``full=True``) if the epoch differs or ``since``
         cannot be diffed. ThreadNotFoundError if the thread is gone (expired)."""
-        return await self._threads.sync(thread_id, epoch, since)
+        return await _checked(self._threads.sync(thread_id, epoch, since))
 
     def watch(self, thread_id: str, epoch: str | None, since: int,
               interval: float = 0.25) -> AsyncIterator[SyncState]:
         """The diff since (epoch, since), then a diff each time the thread changes
         (a message lands or changes, a run starts or ends); until the caller stops."""
-        return self._threads.watch(thread_id, epoch, since, interval)
+        return _checked_steps(self._threads.watch(thread_id, epoch, since, interval))
 
     async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
                    mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False) -> SyncState:
@@ -76,15 +125,16 @@ class SyncService:
         EpochMismatchError(epoch=<server epoch or None>); ``reseed=True`` re-creates a
         gone thread under a new epoch from the client's full history.
         """
-        return await self._threads.push(thread_id, device_id, epoch, since, mutations,
-                                        reseed=reseed)
+        return await _checked(self._threads.push(thread_id, device_id, epoch, since, mutations,
+                                                 reseed=reseed))
 
     async def start_run(self, thread_id: str, device_id: str, *, epoch: str, since: int,
                         content: str, input_id: str | None = None,
                         multitask: str = "enqueue") -> RunTicket:
         """Queue a turn (the input message lands now); the ticket carries the diff."""
-        return await self._runs.start(thread_id, device_id, epoch=epoch, since=since,
-                                      content=content, input_id=input_id, multitask=multitask)
+        return await _checked(self._runs.start(
+            thread_id, device_id, epoch=epoch, since=since, content=content, input_id=input_id,
+            multitask=multitask))
 
     async def acquire(self, ticket: RunTicket, timeout: float | None = None) -> RunLease:
         """Wait for the run's turn (woken by Redis, no polling); the holder's lease.
@@ -93,17 +143,17 @@ class SyncService:
         because it did not take its turn within a lease); with ``timeout`` (s), the run
         is withdrawn (cancelled) and ThreadBusyError raised when its turn did not come.
         """
-        return await acquire(self._backend, ticket, timeout)
+        return await _checked(acquire(self._backend, ticket, timeout))
 
     async def cancel_run(self, thread_id: str, run_id: str, device_id: str,
                          content_seen: str | None = None) -> Run:
         """Stop a run; a generating one keeps exactly ``content_seen`` (or its text so far)."""
-        return await self._runs.cancel(thread_id, run_id, device_id, content_seen)
+        return await _checked(self._runs.cancel(thread_id, run_id, device_id, content_seen))
 
     async def get_run(self, thread_id: str, run_id: str) -> Run:
-        return await self._runs.get(thread_id, run_id)
+        return await _checked(self._runs.get(thread_id, run_id))
 
     def events(self, thread_id: str, run_id: str, after: str | None = None
                ) -> AsyncIterator[RunEvent]:
         """Replay (after ``after``, exclusive) then follow live until ``done``."""
-        return follow(self._backend, thread_id, run_id, after)
+        return _checked_steps(follow(self._backend, thread_id, run_id, after))

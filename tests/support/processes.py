@@ -20,3 +20,28 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the live children of ``pid`` (from /proc, every thread's list)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                found += [int(child) for child in listing.read().split()]
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+    return sorted(set(found))
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of process ``pid`` (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as raw:
+            return [part.decode(errors="replace") for part in raw.read().split(b"\0") if part]
+    except FileNotFoundError:
+        return []

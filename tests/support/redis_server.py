@@ -1,6 +1,9 @@
 """Real redis-server processes for tests: started as children on free ports, stopped by pid.
 
 Never daemonized and never stopped by name: each server is our own child process.
+A server keeps its port and directory, so it can be stopped (SIGTERM, or ``kill()``
+for SIGKILL) and started again on them: with ``aof=True`` (append-only file,
+``appendfsync always``) it comes back with every write it acknowledged.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     password: str | None = None
     extra: tuple[str, ...] = ()
+    aof: bool = False  # append-only file, fsynced before every reply
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,7 +47,8 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.aof else "no",
+            "--appendfsync", "always",
             "--logfile", str(self.directory / "redis.log"),
         ]
         if self.password:
@@ -62,6 +67,17 @@ class RedisServer:
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError("redis-server did not start listening within 10 s")
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last write (what a crash or a power cut does)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
