@@ -6,9 +6,6 @@ fixed port and directory so it can be killed and started again; two real
 `python -m edgebundle run` children on the embedded runtime with a scripted endless
 model ("Looping forever forever …" until max_tokens, a full context or a stop); real
 HTTP and SSE. Nothing here waits a fixed time: every wait is on a condition.
-
-Device, read_sse and the small event helpers come from tests.test_gateway_sync (to
-move to tests/support/ with it).
 """
 
 from __future__ import annotations
@@ -24,10 +21,10 @@ import pytest
 import redis as redis_py
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from tests.support.devices import ENDLESS, Device, new_thread, read_sse, text_of, types
 from tests.support.processes import children, cmdline
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
-from tests.test_gateway_sync import ENDLESS, Device, new_thread, read_sse, text_of, types
 
 CONTEXT = 16384  # the scripted tokenizer spells a prompt word in ~10 tokens: room for a
 # second turn whose prompt carries seconds of generated text

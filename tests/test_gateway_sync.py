@@ -15,12 +15,10 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import Device, read_sse
+from tests.support.devices import ENDLESS, Device, new_thread, read_sse, text_of, types
 from tests.support.processes import gone
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
-
-ENDLESS = "Looping forever"  # then "forever" again and again, until a limit stops it
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +58,6 @@ def devices(redis: RedisServer, model: Path,
     finally:
         for run in runs:
             run.close()
-
-
-def new_thread(device: Device) -> dict[str, Any]:
-    response = device.post("/v1/threads", {})
-    assert response.status_code == 201, response.text
-    return dict(response.json())
-
-
-def types(events: list[dict[str, Any]]) -> list[str]:
-    return [e["event"] for e in events]
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    return "".join(e["data"]["text"] for e in events if e["event"] == "message.delta")
 
 
 def test_a_turn_on_a_opens_b_next_run_and_b_answers_from_the_whole_history(

@@ -17,6 +17,8 @@ import httpx
 
 from tests.support.serving import RunProcess
 
+ENDLESS = "Looping forever"  # then "forever" again and again, until a limit stops it
+
 
 class Device:
     def __init__(self, run: RunProcess, device_id: str, api_key: str | None = None) -> None:
@@ -48,6 +50,20 @@ def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
             continue
         name, _, value = line.partition(": ")
         event[name] = value
+
+
+def new_thread(device: Device) -> dict[str, Any]:
+    response = device.post("/v1/threads", {})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["event"] for e in events]
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"]["text"] for e in events if e["event"] == "message.delta")
 
 
 @contextmanager
