@@ -32,12 +32,15 @@ from edgebundle.gateway.openai_api import (
     error_body,
     parse_chat_request,
 )
+from edgebundle.gateway.web import WEB_PATHS, web_routes
 
 if TYPE_CHECKING:
     from edgebundle.gateway.sync_api import RunGenerator
     from edgebundle.sync.service import SyncService
 
-OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (probes)
+# Reachable without the API key: probes, and the web page with its assets (they hold no
+# data; the page's API calls send the key the user entered).
+OPEN_PATHS = frozenset({"/healthz"}) | WEB_PATHS
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *web_routes(),
     ])  # fmt: skip
     if state.sync is not None:
         from edgebundle.gateway.sync_api import sync_routes
