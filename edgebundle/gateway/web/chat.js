@@ -84,8 +84,13 @@ async function* sseEvents(response) {
 
 function sleep(ms, signal) {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done);
   });
 }
 
@@ -219,8 +224,8 @@ async function followRun(t, runId) {
       const after = t.cursors.get(runId);
       const query = after ? `?after=${encodeURIComponent(after)}` : "";
       try {
-        const response = await api("GET", `${t.path}/runs/${runId}/events${query}`,
-          undefined, t.abort.signal);
+        const path = `${t.path}/runs/${encodeURIComponent(runId)}/events${query}`;
+        const response = await api("GET", path, undefined, t.abort.signal);
         if ((await consume(t, response, runId)).done) return;
       } catch (error) {
         if (t.abort.signal.aborted || error.status === 401 || error.status === 404) return;
@@ -266,12 +271,12 @@ async function openThread(id) {
   if (current) current.abort.abort();
   const t = newThreadState(id);
   current = t;
-  rememberThread(id);
   scheduleRender();
   try {
     // Joins the thread, or starts it under this id (an id is a shared session name).
     const response = await api("POST", "/v1/threads", { id }, t.abort.signal);
     applySync(t, await response.json());
+    rememberThread(id);
     scheduleRender();
     ensureFollowing(t);
   } catch (error) {
@@ -321,9 +326,11 @@ async function stop() {
     t.frozen.set(run.message_id, body.content_seen);
   }
   try {
-    const response = await api("POST", `${t.path}/runs/${run.id}/cancel`, body, t.abort.signal);
+    const path = `${t.path}/runs/${encodeURIComponent(run.id)}/cancel`;
+    const response = await api("POST", path, body, t.abort.signal);
     mergeRun(t, await response.json());
   } catch (error) {
+    t.frozen.delete(run.message_id); // it goes on: keep showing it
     if (!t.abort.signal.aborted) setStatus(`Could not stop the reply: ${error.message}`);
   }
   scheduleRender();
@@ -356,9 +363,14 @@ function knownThreads() {
 function rememberThread(id) {
   const ids = [id, ...knownThreads().filter((known) => known !== id)].slice(0, 50);
   localStorage.setItem(THREADS_STORE, JSON.stringify(ids));
-  const select = $("thread-select");
-  select.replaceChildren(...ids.map((known) => new Option(known, known, false, known === id)));
-  $("share-link").href = `#thread=${encodeURIComponent(id)}`;
+  showThreads(id);
+}
+
+function showThreads(selected) {
+  const options = knownThreads().map((id) => new Option(id, id, false, id === selected));
+  if (!selected) options.unshift(new Option("(choose a thread)", "", true, true));
+  $("thread-select").replaceChildren(...options);
+  $("share-link").href = selected ? `#thread=${encodeURIComponent(selected)}` : "#";
 }
 
 function deviceOf(t, message) {
@@ -367,7 +379,7 @@ function deviceOf(t, message) {
   if (run) return run.device_id;
   if (!t.lookups.has(message.run_id)) { // a reply from before this page opened
     t.lookups.add(message.run_id);
-    api("GET", `${t.path}/runs/${message.run_id}`, undefined, t.abort.signal)
+    api("GET", `${t.path}/runs/${encodeURIComponent(message.run_id)}`, undefined, t.abort.signal)
       .then((response) => response.json())
       .then((found) => { mergeRun(t, found); scheduleRender(); })
       .catch(() => {}); // only a label: the reply itself is shown anyway
@@ -471,7 +483,7 @@ function start() {
 
   window.addEventListener("hashchange", openFromHash);
   $("thread-select").addEventListener("change", (event) => {
-    location.hash = `thread=${encodeURIComponent(event.target.value)}`;
+    if (event.target.value) location.hash = `thread=${encodeURIComponent(event.target.value)}`;
   });
   $("new-thread").addEventListener("click", newThread);
   $("join-form").addEventListener("submit", (event) => {
@@ -482,7 +494,8 @@ function start() {
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("input").value;
-    if (current && text.trim()) send(text);
+    if (!current) setStatus("Open a thread first: start a new one, or join one by its id.");
+    else if (text.trim()) send(text);
   });
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -497,14 +510,14 @@ function start() {
     $("key-input").value = "";
     $("key-form").hidden = true;
     const id = current ? current.id : threadFromHash();
-    current = null;
-    if (id) openThread(id);
+    if (id) openThread(id); // again, now with the key
   });
   $("forget-key").addEventListener("click", () => {
     localStorage.removeItem(KEY_STORE);
     $("key-input").value = "";
   });
 
+  showThreads(threadFromHash());
   const [last] = knownThreads();
   if (threadFromHash()) openFromHash();
   else if (last) location.hash = `thread=${encodeURIComponent(last)}`;
