@@ -64,9 +64,14 @@ return [...document.querySelectorAll('#messages > li')].map(li => ({
 """
 
 
+# Read the reply, keep the page busy for half a second (the device writes on; the page
+# falls behind like a slow phone), then press Stop: the reply must keep the text read,
+# not the device's newer text.
 _STOP_AND_READ = """
 const replies = document.querySelectorAll('#messages > li.assistant');
 const text = replies[replies.length - 1].querySelector('.content').textContent;
+const until = performance.now() + 500;
+while (performance.now() < until) {}
 document.getElementById('stop').click();
 return text;
 """
@@ -204,7 +209,9 @@ def assert_streamed_in_order(page: Page, reply: str) -> None:
     """Each text the page showed while the reply was written is a start of the reply."""
     assert page.streamed, "the page never showed the reply while it was written"
     for text in page.streamed:
-        assert reply.startswith(text), f"shown mid-reply: {text!r}, stored: {reply!r}"
+        assert reply.startswith(text), (
+            f"shown mid-reply: …{text[-80:]!r}, not the start of the stored reply "
+            f"…{reply[max(0, len(text) - 80):len(text)]!r}")
 
 
 def test_a_message_sent_on_a_streams_on_a_and_live_on_b(
@@ -239,7 +246,7 @@ def test_stop_on_a_mid_reply_keeps_exactly_the_text_shown(
     a, b, thread_id = pages
     a.send("say a lot")
     eventually(lambda: a.reply("in_progress", min_chars=40), "A to show some of the reply")
-    # Read the reply and press Stop in one turn of the page: nothing can paint in between.
+    # Read the reply and press Stop in one turn of the page: nothing paints in between.
     shown_at_stop = a.driver.execute_script(_STOP_AND_READ)
     stopped = eventually(lambda: a.reply("incomplete"), "A to show the reply stopped")
     kept = stored(devices[1], thread_id)[-1]
