@@ -205,6 +205,14 @@ def as_shown(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             for m in messages]
 
 
+def assert_no_script_errors(*pages: Page) -> None:
+    """No uncaught error in the pages' scripts (the browser log since the last look)."""
+    for page in pages:
+        errors = [entry["message"] for entry in page.driver.get_log("browser")
+                  if entry.get("source") == "javascript"]
+        assert errors == []
+
+
 def assert_streamed_in_order(page: Page, reply: str) -> None:
     """Each text the page showed while the reply was written is a start of the reply."""
     assert page.streamed, "the page never showed the reply while it was written"
@@ -238,6 +246,7 @@ def test_a_message_sent_on_a_streams_on_a_and_live_on_b(
     assert_streamed_in_order(b, reply)
     assert done_b["device"] == done_a["device"] == "from devA"
     assert b.element("stop").get_attribute("disabled") is not None
+    assert_no_script_errors(a, b)
 
 
 def test_stop_on_a_mid_reply_keeps_exactly_the_text_shown(
@@ -259,6 +268,7 @@ def test_stop_on_a_mid_reply_keeps_exactly_the_text_shown(
     assert on_b["text"] == stopped["text"]
     assert as_shown(b.shown()) == as_shown(stored(devices[0], thread_id))
     assert_streamed_in_order(a, stopped["text"])
+    assert_no_script_errors(a, b)
 
 
 def test_reloading_b_mid_stream_resumes_without_repeating_text(
@@ -277,6 +287,7 @@ def test_reloading_b_mid_stream_resumes_without_repeating_text(
     assert done["text"] == final[-1]["content"]
     assert_streamed_in_order(b, done["text"])  # after the reload too: no part twice
     assert as_shown(b.shown()) == as_shown(final) == as_shown(a.shown())
+    assert_no_script_errors(a, b)
 
 
 def test_with_an_api_key_the_page_is_open_and_its_calls_send_the_key(
