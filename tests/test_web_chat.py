@@ -208,8 +208,8 @@ def as_shown(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 def assert_no_script_errors(*pages: Page) -> None:
     """No uncaught error in the pages' scripts (the browser log since the last look)."""
     for page in pages:
-        errors = [entry["message"] for entry in page.driver.get_log("browser")
-                  if entry.get("source") == "javascript"]
+        log: list[dict[str, Any]] = page.driver.get_log("browser")  # type: ignore[no-untyped-call]
+        errors = [entry["message"] for entry in log if entry.get("source") == "javascript"]
         assert errors == []
 
 
