@@ -41,11 +41,14 @@ from edgebundle.gateway.openai_api import (
 from edgebundle.gateway.openapi import build_spec
 from edgebundle.gateway.sync_api import ApiError, RunGenerator, sync_routes
 from edgebundle.gateway.thread_chat import ThreadChat
+from edgebundle.gateway.web import WEB_PATHS, web_routes
 
 if TYPE_CHECKING:
     from edgebundle.sync.service import SyncService
 
-OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (probes)
+# Reachable without the API key: probes, and the web page with its assets (they hold no
+# data; the page's API calls send the key the user entered).
+OPEN_PATHS = frozenset({"/healthz"}) | WEB_PATHS
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *web_routes(),
     ])  # fmt: skip
     _collect_from(metrics, state, runner)
     if state.sync is not None:
