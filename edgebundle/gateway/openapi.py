@@ -16,6 +16,7 @@ from typing import Any
 
 from edgebundle import __version__
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
+from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync.models import (
     MESSAGE_STATUSES,
@@ -364,6 +365,13 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
             },
         }},
     }
+    for path, media_type in WEB_MEDIA_TYPES.items():
+        paths[path] = {"get": {
+            "summary": "The web chat page" if path == "/" else "An asset of the web chat page",
+            "security": [],  # no data in them: the page's own API calls send the key
+            "responses": {"200": {"description": "The file.", "content": {
+                media_type.split(";")[0]: {"schema": {"type": "string"}}}}},
+        }}
     if sync:
         paths.update(_sync_paths())
     return paths
@@ -371,7 +379,8 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
 
 def build_spec(model_id: str, *, sync: bool, api_key: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway serving ``model_id``; the sync routes only
-    when ``sync``; with ``api_key`` every operation but /healthz needs the bearer key."""
+    when ``sync``; with ``api_key`` every operation but the open ones (/healthz, the web page) needs the
+    bearer key."""
     paths = _paths(model_id, sync)
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -384,8 +393,8 @@ def build_spec(model_id: str, *, sync: bool, api_key: bool) -> dict[str, Any]:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]
         unauthorized = {"401": _openai_error("Missing or wrong API key (code invalid_api_key).")}
-        for path, operations in paths.items():
+        for operations in paths.values():
             for operation in operations.values():
-                if path != "/healthz":
+                if operation.get("security") != []:  # not an open path
                     operation["responses"].update(unauthorized)
     return spec

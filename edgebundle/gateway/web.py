@@ -24,6 +24,7 @@ _FILES = {
     "/web/chat.css": ("chat.css", "text/css; charset=utf-8"),
 }
 WEB_PATHS = frozenset(_FILES)
+WEB_MEDIA_TYPES = {path: media_type for path, (_, media_type) in _FILES.items()}
 
 _HEADERS = {
     # Revalidate each load, so a device that upgraded serves its new page at once.
