@@ -379,8 +379,8 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
 
 def build_spec(model_id: str, *, sync: bool, api_key: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway serving ``model_id``; the sync routes only
-    when ``sync``; with ``api_key`` every operation but the open ones (/healthz, the web page) needs the
-    bearer key."""
+    when ``sync``; with ``api_key`` every operation but the open ones (/healthz, the web
+    page) needs the bearer key."""
     paths = _paths(model_id, sync)
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
