@@ -16,8 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import Device, read_sse, sync_devices
+from tests.support.devices import Device, endless_model, read_sse, sync_devices
 from tests.support.redis_server import RedisServer
 from tests.support.serving import started_pids, wait_for
 
@@ -26,17 +25,9 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def device(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
     root = tmp_path_factory.mktemp("metrics")
-    model = write_scripted_model(root / "endless.gguf", ScriptedModelSpec(
-        reply="Looping forever", end_token=None, context_length=4096))
+    model = endless_model(root)
     with sync_devices(redis.url, model, [root / "home"], api_key=KEY) as [started]:
         yield started
 

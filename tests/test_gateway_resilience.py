@@ -20,8 +20,16 @@ from typing import Any
 import pytest
 import redis as redis_py
 
-from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import ENDLESS, Device, new_thread, read_sse, text_of, types
+from tests.support.devices import (
+    ENDLESS,
+    Device,
+    endless_model,
+    new_thread,
+    read_sse,
+    sync_devices,
+    text_of,
+    types,
+)
 from tests.support.processes import children, cmdline
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
@@ -39,30 +47,18 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
-                                ScriptedModelSpec(reply=ENDLESS, end_token=None,
-                                                  context_length=CONTEXT))
+    return endless_model(tmp_path_factory.mktemp("models"), CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def devices(redis: RedisServer, model: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Device, Device]]:
-    common = ["--runtime", "embedded", "--no-preflight", "--model", str(model),
-              "--template", "llama-3-chat", "--ctx-size", str(CONTEXT), "--redis-url", redis.url]
-    runs = [RunProcess([*common, "--device-id", name], home=tmp_path_factory.mktemp(name))
-            for name in ("devA", "devB")]
-    try:
-        for run in runs:
-            run.read_line()
-        for run in runs:
-            run.wait_healthy()
-        yield Device(runs[0], "devA"), Device(runs[1], "devB")
-        for run in runs:
-            assert run.stop() == 0, run.stderr()
-            assert "Traceback" not in run.stderr(), run.stderr()
-    finally:
-        for run in runs:
-            run.close()
+    homes = [tmp_path_factory.mktemp(name) for name in ("devA", "devB")]
+    with sync_devices(redis.url, model, homes, ids=("devA", "devB"),
+                      extra_args=("--ctx-size", str(CONTEXT))) as (a, b):
+        yield a, b
+    for device in (a, b):  # every failure above was handled, none crashed a device
+        assert "Traceback" not in device.run.stderr(), device.run.stderr()
 
 
 @pytest.fixture

@@ -14,26 +14,24 @@ from typing import Any
 import httpx
 import pytest
 
-from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import ENDLESS, Device, new_thread, read_sse, text_of, types
+from tests.support.devices import (
+    Device,
+    endless_model,
+    new_thread,
+    read_sse,
+    serving,
+    text_of,
+    types,
+)
 from tests.support.processes import gone
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 4096 tokens of context at ~2 ms a token: seconds of generation to join and stop.
-    return write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
-                                ScriptedModelSpec(reply=ENDLESS, end_token=None,
-                                                  context_length=4096))
+    return endless_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +45,8 @@ def devices(redis: RedisServer, model: Path,
         RunProcess(common, home=tmp_path_factory.mktemp("devB"),
                    env={"EDGEBUNDLE_REDIS_URL": redis.url, "EDGEBUNDLE_DEVICE_ID": "devB"}),
     ]
-    try:
-        for run in runs:
-            run.read_line()
-        for run in runs:
-            run.wait_healthy()
+    with serving(runs):
         yield Device(runs[0], "devA"), Device(runs[1], "devB")
-        for run in runs:
-            assert run.stop() == 0, run.stderr()
-    finally:
-        for run in runs:
-            run.close()
 
 
 def test_a_turn_on_a_opens_b_next_run_and_b_answers_from_the_whole_history(
@@ -366,8 +355,7 @@ def test_stopping_run_mid_turn_ends_the_run_in_redis_and_the_next_start_continue
     home = tmp_path / "home"
     # The scripted tokenizer spells a word of a prompt in ~10 tokens: a big context
     # leaves room for the next turn after seconds of generated text.
-    model = write_scripted_model(tmp_path / "wide.gguf", ScriptedModelSpec(
-        reply=ENDLESS, end_token=None, context_length=16384))
+    model = endless_model(tmp_path, 16384)
     args = ["--runtime", "embedded", "--no-preflight", "--model", str(model),
             "--ctx-size", "16384"]
     run = RunProcess(args, home=home)

@@ -17,33 +17,26 @@ import httpx
 import openai
 import pytest
 
-from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import Device, sync_devices
+from tests.support.devices import ENDLESS, Device, endless_model, sync_devices
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
 
 KEY = "thread-key"
-ENDLESS = "Looping forever"
 Messages = list[openai.types.chat.ChatCompletionMessageParam]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 4096 tokens of context: seconds of generation, time for a client to walk away.
-    return write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
-                                ScriptedModelSpec(reply=ENDLESS, end_token=None,
-                                                  context_length=4096))
+    return endless_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
-def devices(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Device]]:
-    redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        homes = [tmp_path_factory.mktemp(f"dev{i}") for i in range(2)]
-        with sync_devices(redis.url, model, homes, api_key=KEY) as started:
-            yield started
-    finally:
-        redis.stop()
+def devices(redis: RedisServer, model: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Device]]:
+    homes = [tmp_path_factory.mktemp(f"dev{i}") for i in range(2)]
+    with sync_devices(redis.url, model, homes, api_key=KEY) as started:
+        yield started
 
 
 def client_of(device: Device) -> openai.OpenAI:

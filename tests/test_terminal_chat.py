@@ -23,16 +23,15 @@ from typing import Any
 import httpx
 import pytest
 
-from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from tests.support.devices import ENDLESS, endless_model, sync_devices
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, healthy_run, wait_for
 from tests.support.tcp_proxy import TcpProxy
 
-ENDLESS = "Looping forever"
 CONTEXT = 16384  # the scripted tokenizer spells a prompt word in ~10 tokens: room for turns
 LONG = 2000  # max_tokens of a reply that is stopped or cut long before it would end
-TIMEOUT = 90.0  # generous: four helpers share two cores
+TIMEOUT = 90.0  # generous: CI machines have two cores
 
 
 class ChatProcess:
@@ -109,38 +108,17 @@ class ChatProcess:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
-                                ScriptedModelSpec(reply=ENDLESS, end_token=None,
-                                                  context_length=CONTEXT))
+    return endless_model(tmp_path_factory.mktemp("models"), CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def devices(redis: RedisServer, model: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunProcess, RunProcess]]:
-    common = ["--runtime", "embedded", "--no-preflight", "--model", str(model),
-              "--template", "llama-3-chat", "--ctx-size", str(CONTEXT),
-              "--redis-url", redis.url]
-    runs = [RunProcess([*common, "--device-id", name], home=tmp_path_factory.mktemp(name))
-            for name in ("devA", "devB")]
-    try:
-        for run in runs:
-            run.read_line()
-        for run in runs:
-            run.wait_healthy()
-        yield runs[0], runs[1]
-        for run in runs:
-            assert run.stop() == 0, run.stderr()
-    finally:
-        for run in runs:
-            run.close()
+    homes = [tmp_path_factory.mktemp(name) for name in ("devA", "devB")]
+    with sync_devices(redis.url, model, homes, ids=("devA", "devB"),
+                      extra_args=("--ctx-size", str(CONTEXT))) as (a, b):
+        yield a.run, b.run
 
 
 @pytest.fixture
@@ -189,8 +167,9 @@ def test_a_reply_streams_as_stored_and_joining_again_shows_the_history(
     a, _ = devices
     chat = chats("--server", a.base_url, "--max-tokens", "6", "--device-id", "laptop")
     thread = thread_of(chat)
-    assert f"continue it on another device: edgebundle chat --server {a.base_url} " \
-           f"--thread {thread}\n" in chat.output()
+    hint = (f"continue it on another device: edgebundle chat --server {a.base_url} "
+            f"--thread {thread}\n")
+    chat.wait_output(lambda out: hint in out)  # printed after the thread line
     chat.send("hello there")
     shown = chat.wait_output(reply_line("assistant"))
     chat.end_input()  # Ctrl-D at the prompt

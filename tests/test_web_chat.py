@@ -22,6 +22,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from tests.support.devices import serving
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
 
@@ -125,13 +126,6 @@ def chromium() -> webdriver.Chrome:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_scripted_model(tmp_path_factory.mktemp("models") / "endless.gguf",
                                 ScriptedModelSpec(reply=" ".join(WORDS), end_token=None,
@@ -148,17 +142,8 @@ def devices(redis: RedisServer, model: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunProcess, RunProcess]]:
     runs = [RunProcess(device_args(model, redis, name), home=tmp_path_factory.mktemp(name))
             for name in ("devA", "devB")]
-    try:
-        for run in runs:
-            run.read_line()
-        for run in runs:
-            run.wait_healthy()
+    with serving(runs):
         yield runs[0], runs[1]
-        for run in runs:
-            assert run.stop() == 0, run.stderr()
-    finally:
-        for run in runs:
-            run.close()
 
 
 @pytest.fixture(scope="module")

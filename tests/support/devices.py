@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from tests.support.serving import RunProcess
 
 ENDLESS = "Looping forever"  # then "forever" again and again, until a limit stops it
@@ -66,25 +67,42 @@ def text_of(events: list[dict[str, Any]]) -> str:
     return "".join(e["data"]["text"] for e in events if e["event"] == "message.delta")
 
 
+def endless_model(directory: Path, context_length: int = 4096) -> Path:
+    """The scripted model that says ENDLESS, then "forever" again and again until
+    max_tokens, a full context or a stop (real llama.cpp inference, ~2 ms a token)."""
+    return write_scripted_model(directory / "endless.gguf", ScriptedModelSpec(
+        reply=ENDLESS, end_token=None, context_length=context_length))
+
+
 @contextmanager
-def sync_devices(redis_url: str, model: Path, homes: Sequence[Path], *,
-                 api_key: str | None = None,
-                 template: str = "llama-3-chat") -> Iterator[list[Device]]:
-    """One healthy ``edgebundle run`` device per home (ids dev0, dev1 …) on ``redis_url``,
-    embedded runtime; each must stop with exit 0 afterwards."""
-    env = {"EDGEBUNDLE_API_KEY": api_key} if api_key else {}
-    runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
-                        "--template", template, "--redis-url", redis_url,
-                        "--device-id", f"dev{index}"], home=home, env=env)
-            for index, home in enumerate(homes)]  # fmt: skip
+def serving(runs: Sequence[RunProcess]) -> Iterator[list[RunProcess]]:
+    """The started ``runs`` once each serves (healthz 200); each must stop with exit 0
+    afterwards, and is killed if the test failed first."""
     try:
         for run in runs:
             run.read_line()
         for run in runs:
             run.wait_healthy()
-        yield [Device(run, f"dev{index}", api_key) for index, run in enumerate(runs)]
+        yield list(runs)
         for run in runs:
             assert run.stop() == 0, run.stderr()
     finally:
         for run in runs:
             run.close()
+
+
+@contextmanager
+def sync_devices(redis_url: str, model: Path, homes: Sequence[Path], *,
+                 api_key: str | None = None, template: str = "llama-3-chat",
+                 ids: Sequence[str] | None = None,
+                 extra_args: Sequence[str] = ()) -> Iterator[list[Device]]:
+    """One healthy ``edgebundle run`` device per home (ids ``ids``, default dev0, dev1 …)
+    on ``redis_url``, embedded runtime; each must stop with exit 0 afterwards."""
+    names = list(ids) if ids is not None else [f"dev{index}" for index in range(len(homes))]
+    env = {"EDGEBUNDLE_API_KEY": api_key} if api_key else {}
+    runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
+                        "--template", template, "--redis-url", redis_url,
+                        "--device-id", name, *extra_args], home=home, env=env)
+            for name, home in zip(names, homes, strict=True)]  # fmt: skip
+    with serving(runs):
+        yield [Device(run, name, api_key) for name, run in zip(names, runs, strict=True)]
