@@ -1,0 +1,164 @@
+"""The fleet's documents in Redis (JSON only), shared by the agent and the controller.
+
+- :class:`Revision`: one immutable version of what a fleet runs (the manifest's
+  ``spec.runtime``, ``spec.model``, ``spec.app``, ``spec.sync`` as plain JSON), named
+  by a hash of its content, so applying the same manifest twice is the same revision.
+- :class:`DesiredState` (per device, written by the controller): the revision the
+  device must run and a ``generation`` that grows by one on every change, so the
+  agent and the controller can tell "not yet seen" from "tried and failed" without
+  clocks. Durable: the nudge on pub/sub is only a hint, agents also re-read it.
+- :class:`ActualState` (per device, written by the agent): the generation it last
+  worked on, the revision it runs, its status, attempts, last error and doctor result.
+- :class:`Heartbeat` (per device, with a TTL): the device is online while it exists.
+- :class:`Rollout` (per fleet, written by the controller): where a rollout is, so a
+  controller that restarts continues where the last one stopped.
+
+Field names are the wire format: add fields freely, never rename them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgebundle.errors import UsageError
+
+DEVICE_STATUSES = ("pending", "applying", "healthy", "failed")
+ROLLOUT_STATUSES = ("progressing", "paused", "complete", "rolling_back", "rolled_back",
+                    "frozen", "failed")
+HEARTBEAT_INTERVAL = 5.0  # s between an agent's heartbeats
+HEARTBEAT_TTL = 15  # s a heartbeat lives: three missed beats = offline
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def loads(raw: str | bytes | None, what: str) -> dict[str, Any] | None:
+    """A JSON object from Redis, None if the key is missing; UsageError if corrupt."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise UsageError(f"{what} in Redis is not valid JSON: rewrite it (fleet apply)") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} in Redis is not a JSON object: rewrite it (fleet apply)")
+    return value
+
+
+@dataclass(frozen=True)
+class Revision:
+    """What a fleet runs: ``spec`` = {"runtime", "model", "app", "sync"} of the manifest."""
+
+    id: str
+    fleet: str
+    spec: dict[str, Any]
+    created_at: float = 0.0
+    manifest: str = ""  # where it came from (file name), for people reading status
+
+    @staticmethod
+    def id_for(spec: dict[str, Any]) -> str:
+        return "rev-" + hashlib.sha256(dumps(spec).encode()).hexdigest()[:12]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Revision:
+        return cls(id=data["id"], fleet=data["fleet"], spec=data["spec"],
+                   created_at=float(data.get("created_at", 0.0)),
+                   manifest=str(data.get("manifest", "")))
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    generation: int
+    revision: str
+    spec: dict[str, Any]  # the revision's spec, with this device's pins applied
+    written_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DesiredState:
+        return cls(generation=int(data["generation"]), revision=str(data["revision"]),
+                   spec=dict(data["spec"]), written_at=float(data.get("written_at", 0.0)))
+
+
+@dataclass(frozen=True)
+class ActualState:
+    generation: int = 0  # the desired generation this report is about
+    revision: str | None = None  # the revision running now (None: nothing yet)
+    status: str = "pending"  # DEVICE_STATUSES
+    attempts: int = 0  # tries of this generation so far
+    last_error: str | None = None
+    doctor_ok: bool | None = None
+    doctor_failed: list[str] = field(default_factory=list)  # ids of failing checks
+    running_since: float = 0.0  # when the running revision started
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ActualState:
+        status = data.get("status", "pending")
+        if status not in DEVICE_STATUSES:
+            raise UsageError(f"unknown device status {status!r} in Redis")
+        return cls(generation=int(data.get("generation", 0)), revision=data.get("revision"),
+                   status=status, attempts=int(data.get("attempts", 0)),
+                   last_error=data.get("last_error"), doctor_ok=data.get("doctor_ok"),
+                   doctor_failed=list(data.get("doctor_failed", [])),
+                   running_since=float(data.get("running_since", 0.0)),
+                   updated_at=float(data.get("updated_at", 0.0)))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    at: float
+    generation: int = 0
+    revision: str | None = None
+    doctor_ok: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Heartbeat:
+        return cls(at=float(data["at"]), generation=int(data.get("generation", 0)),
+                   revision=data.get("revision"), doctor_ok=data.get("doctor_ok"))
+
+
+@dataclass(frozen=True)
+class Rollout:
+    revision: str  # rolling out to this
+    previous: str | None  # what the fleet ran before (the rollback target)
+    status: str = "progressing"  # ROLLOUT_STATUSES
+    phase: int = 0  # index into the manifest's rollout phases
+    phase_started_at: float = 0.0
+    started_at: float = 0.0
+    deadline_at: float = 0.0  # progress deadline (0 = none)
+    rollout: dict[str, Any] = field(default_factory=dict)  # the manifest's spec.rollout
+    groups: list[dict[str, Any]] = field(default_factory=list)  # the manifest's spec.groups
+    pins: dict[str, Any] = field(default_factory=dict)  # the manifest's spec.devices
+    message: str = ""  # why it stopped, for status
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Rollout:
+        status = data.get("status", "progressing")
+        if status not in ROLLOUT_STATUSES:
+            raise UsageError(f"unknown rollout status {status!r} in Redis")
+        return cls(revision=data["revision"], previous=data.get("previous"), status=status,
+                   phase=int(data.get("phase", 0)),
+                   phase_started_at=float(data.get("phase_started_at", 0.0)),
+                   started_at=float(data.get("started_at", 0.0)),
+                   deadline_at=float(data.get("deadline_at", 0.0)),
+                   rollout=dict(data.get("rollout", {})), groups=list(data.get("groups", [])),
+                   pins=dict(data.get("pins", {})), message=str(data.get("message", "")))
