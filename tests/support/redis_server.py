@@ -3,7 +3,9 @@
 Never daemonized and never stopped by name: each server is our own child process.
 A server keeps its port and directory, so it can be stopped (SIGTERM, or ``kill()``
 for SIGKILL) and started again on them: with ``aof=True`` (append-only file,
-``appendfsync always``) it comes back with every write it acknowledged.
+``appendfsync always``) it comes back with every write it acknowledged. With
+``aclfile=True`` its ACL users are kept in ``users.acl`` in its directory (``ACL SAVE``
+writes it, a restart loads it); ``password`` is then the admin (default user)'s.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class RedisServer:
     password: str | None = None
     extra: tuple[str, ...] = ()
     aof: bool = False  # append-only file, fsynced before every reply
+    aclfile: bool = False  # ACL users saved to / loaded from <directory>/users.acl
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +54,10 @@ class RedisServer:
             "--appendfsync", "always",
             "--logfile", str(self.directory / "redis.log"),
         ]
+        if self.aclfile:
+            acl_path = self.directory / "users.acl"
+            acl_path.touch()
+            argv += ["--aclfile", str(acl_path)]
         if self.password:
             argv += ["--requirepass", self.password]
         argv += list(self.extra)

@@ -1,0 +1,377 @@
+"""Per-device Redis ACL users on a real redis-server with an admin password and an aclfile.
+
+A device user can do what the agent and the sync core do (its own keys, SADD on the
+fleet set, read the fleet's state, the sync Lua scripts end to end, its nudge channel)
+and gets NOPERM for everything else: other devices' keys, the fleet's writable state,
+KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, PUBLISH, other channels, and scripts that try
+any of it. Re-provisioning rotates the password, revoking deletes the user, the users
+survive a restart through the aclfile, and the CLI writes a 0600 credentials file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.exceptions import NoPermissionError, ResponseError
+
+from edgebundle.errors import RedisError, UsageError
+from edgebundle.fleet import acl, keys
+from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
+from edgebundle.sync.client import Client, connect
+from edgebundle.sync.service import SyncService
+from tests.support.redis_server import RedisServer
+from tests.support.sync import collect, new_thread_id, put
+
+FLEET = "shops"
+ADMIN_PASSWORD = "admin-s3cret"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server whose default user is the admin, keeping ACL users in an aclfile
+    (DEBUG enabled, so that refusing it to devices is the ACL's doing)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-acl"), password=ADMIN_PASSWORD,
+                         aclfile=True, extra=("--enable-debug-command", "yes")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def provisioned(server: RedisServer, *device_ids: str,
+                      revoke: tuple[str, ...] = ()) -> acl.ProvisionResult:
+    admin = await connect(server.url)
+    try:
+        return await acl.provision(admin, FLEET, device_ids, base_url=server.url,
+                                   revoke_ids=revoke)
+    finally:
+        await admin.aclose()
+
+
+async def denied(call: Awaitable[Any]) -> str:
+    """The NOPERM message of a command the device may not run (fails if it may)."""
+    with pytest.raises(NoPermissionError) as caught:
+        await call
+    return str(caught.value)
+
+
+async def script_denied(call: Awaitable[Any]) -> None:
+    """A script refused by the ACL: at the call (declared keys) or inside it."""
+    with pytest.raises(ResponseError, match=r"no permissions|user executing the script can't"):
+        await call
+
+
+def url_of(result: acl.ProvisionResult, device_id: str) -> str:
+    return next(c.redis_url for c in result.credentials if c.device_id == device_id)
+
+
+def test_the_device_user_can_do_what_the_agent_does(acl_redis: RedisServer) -> None:
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-1")
+        assert result.persisted  # the server has an aclfile
+        creds = result.credentials[0]
+        assert creds.user == "dev:kiosk-1" and len(creds.password) >= 40
+        admin = await connect(acl_redis.url)
+        device = await connect(creds.redis_url)
+        try:
+            assert await device.execute_command("ACL", "WHOAMI") == "dev:kiosk-1"
+            revision = Revision(id="rev-0123456789ab", fleet=FLEET, spec={"model": {}})
+            await admin.hset(keys.revisions(FLEET), revision.id, dumps(revision.to_json()))
+            await admin.set(keys.rollout(FLEET), dumps({"revision": revision.id}))
+            await admin.set(keys.paused(FLEET), "1")
+            desired = DesiredState(generation=3, revision=revision.id, spec={"model": {}})
+            await admin.set(keys.desired("kiosk-1"), dumps(desired.to_json()))
+
+            # register, heartbeat, report: the agent's writes
+            await device.hset(keys.device_info("kiosk-1"),
+                              mapping={"fleet": FLEET, "labels": "{}", "agent_version": "1"})
+            assert await device.sadd(keys.fleet_devices(FLEET), "kiosk-1") == 1
+            await device.set(keys.heartbeat("kiosk-1"), dumps(Heartbeat(at=1.0).to_json()),
+                             ex=15)
+            await device.set(keys.actual("kiosk-1"), dumps({"generation": 3}))
+            assert 0 < await device.ttl(keys.heartbeat("kiosk-1")) <= 15
+            # read what the controller wrote
+            raw_desired = await device.get(keys.desired("kiosk-1"))
+            assert raw_desired is not None and json.loads(raw_desired)["generation"] == 3
+            assert await device.hget(keys.revisions(FLEET), revision.id) is not None
+            assert await device.get(keys.rollout(FLEET)) is not None
+            assert await device.exists(keys.paused(FLEET)) == 1
+            # and the admin sees the device's writes
+            assert await admin.sismember(keys.fleet_devices(FLEET), "kiosk-1")
+            assert await admin.get(keys.actual("kiosk-1")) == dumps({"generation": 3})
+        finally:
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_device_user_gets_its_nudges_and_no_other_channel(acl_redis: RedisServer) -> None:
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-2")
+        admin = await connect(acl_redis.url)
+        device = await connect(url_of(result, "kiosk-2"))
+        pubsub = device.pubsub()
+        try:
+            await pubsub.subscribe(keys.nudge("kiosk-2"))
+            assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+            assert await admin.publish(keys.nudge("kiosk-2"), "1") == 1
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
+            assert message is not None and message["data"] == "1"
+            other = device.pubsub()
+            try:  # the refusal is the reply to SUBSCRIBE, read like any message
+                await other.subscribe(keys.nudge("kiosk-1"))
+                await denied(other.get_message(timeout=5))
+            finally:
+                await other.aclose()  # type: ignore[no-untyped-call]
+            await denied(device.publish(keys.nudge("kiosk-2"), "1"))
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+def test_everything_else_is_refused(acl_redis: RedisServer) -> None:
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-3", "kiosk-4")
+        admin = await connect(acl_redis.url)
+        await admin.set(keys.desired("kiosk-4"), "{}")
+        await admin.set(keys.rollout(FLEET), "{}")
+        device = await connect(url_of(result, "kiosk-3"))
+        try:
+            other = keys.desired("kiosk-4")
+            await denied(device.get(other))
+            await denied(device.set(other, "{}"))
+            await denied(device.set(keys.heartbeat("kiosk-4"), "{}", ex=15))
+            await denied(device.hset(keys.device_info("kiosk-4"), "fleet", FLEET))
+            # the fleet's state is read-only, its device set is SADD-only
+            await denied(device.hset(keys.revisions(FLEET), "rev-x", "{}"))
+            await denied(device.set(keys.rollout(FLEET), "{}"))
+            await denied(device.delete(keys.rollout(FLEET)))
+            await denied(device.set(keys.paused(FLEET), "1"))
+            await denied(device.srem(keys.fleet_devices(FLEET), "kiosk-4"))
+            await denied(device.smembers(keys.fleet_devices(FLEET)))
+            await denied(device.get(keys.controller_lock(FLEET)))
+            await denied(device.get(keys.rollout("other-fleet")))
+            # commands that key patterns cannot limit, and the server's controls
+            await denied(device.scan(0))
+            await denied(device.keys("*"))
+            await denied(device.flushall())
+            await denied(device.flushdb())
+            await denied(device.config_get("*"))
+            await denied(device.execute_command("DEBUG", "SLEEP", "0"))
+            await denied(device.execute_command("ACL", "LIST"))
+            await denied(device.execute_command("ACL", "SETUSER", "dev:kiosk-3", "+@all"))
+            await denied(device.info("memory"))
+            await denied(device.execute_command("CLIENT", "KILL", "USER", "dev:kiosk-4"))
+            await denied(device.execute_command("SHUTDOWN", "NOSAVE"))
+            await denied(device.execute_command("MODULE", "LIST"))
+            # a script runs under the same rules, keys it did not declare included
+            await script_denied(device.eval("return redis.call('GET', KEYS[1])", 1, other))
+            await script_denied(device.eval(f"return redis.call('GET', '{other}')", 1,
+                                            "eb:{t}:meta"))
+            await script_denied(device.eval("return redis.call('KEYS', '*')", 0))
+            await script_denied(device.eval("return redis.call('FLUSHALL')", 0))
+            assert await admin.get(other) == "{}" and await admin.get(keys.rollout(FLEET)) == "{}"
+            assert (await device.info("cluster"))["cluster_enabled"] == 0  # connect's probe
+        finally:
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> None:
+    """Every sync script (create, push, start, acquire, delta, renew, finish, cancel,
+    read) and the direct reads (watch's HMGET, events' XRANGE/XREAD, acquire's BLPOP),
+    on two device users sharing one thread."""
+
+    async def main() -> None:
+        result = await provisioned(acl_redis, "phone", "laptop")
+        phone_redis = await connect(url_of(result, "phone"))
+        laptop_redis = await connect(url_of(result, "laptop"))
+        try:
+            phone = SyncService(phone_redis, renew_ms=50, delta_batch_ms=0)
+            laptop = SyncService(laptop_redis)
+            created = await phone.create_thread(new_thread_id())
+            tid = created.id
+            pushed = await phone.push(tid, "phone", created.epoch, 0,
+                                      [put(1, "s", "be brief", role="system")])
+            watch = laptop.watch(tid, None, 0, interval=0.05)
+            first = await anext(watch)
+            assert [m.content for m in first.messages] == ["be brief"]
+
+            ticket = await phone.start_run(tid, "phone", epoch=pushed.epoch,
+                                           since=pushed.version, content="What is Redis?")
+            lease = await phone.acquire(ticket)
+            queued = await laptop.start_run(tid, "laptop", epoch=pushed.epoch,
+                                            since=pushed.version, content="And Valkey?")
+            waiting = asyncio.create_task(laptop.acquire(queued))  # BLPOPs its wake-up
+            async with lease:
+                await lease.delta("An in-memory")
+                await asyncio.sleep(0.3)  # the watchdog renews the lease (renew script)
+                await lease.delta(" data store.")
+                await lease.finish("eos", {"input_tokens": 3, "output_tokens": 4})
+            changed = await asyncio.wait_for(anext(watch), 30)
+            assert any(m.content == "What is Redis?" for m in changed.messages)
+            await watch.aclose()  # type: ignore[attr-defined]
+
+            second = await asyncio.wait_for(waiting, 30)
+            await second.delta("A fork.")
+            await second.flush()
+            cancelled = await phone.cancel_run(tid, queued.run.id, "phone")
+            assert cancelled.status == "cancelled"
+            await second.close()
+
+            events = await collect(laptop, tid, ticket.run.id)
+            assert [e.type for e in events if e.type == "message.delta"] == ["message.delta"] * 2
+            assert events[-2].type == "run.completed" and events[-1].type == "done"
+            assert (await laptop.get_run(tid, ticket.run.id)).status == "completed"
+            state = await laptop.sync(tid, None, 0)
+            in_order = sorted(state.messages, key=lambda m: m.position)
+            assert [(m.role, m.content) for m in in_order] == [
+                ("system", "be brief"), ("user", "What is Redis?"),
+                ("assistant", "An in-memory data store."), ("user", "And Valkey?"),
+                ("assistant", "A fork.")]
+        finally:
+            await phone_redis.aclose()
+            await laptop_redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_reprovisioning_rotates_and_revoke_deletes(acl_redis: RedisServer) -> None:
+    async def main() -> None:
+        first = await provisioned(acl_redis, "kiosk-5")
+        old = await connect(url_of(first, "kiosk-5"))
+        second = await provisioned(acl_redis, "kiosk-5")
+        assert second.credentials[0].password != first.credentials[0].password
+        with pytest.raises(RedisError, match="refused the password"):
+            await connect(url_of(first, "kiosk-5"))
+        new = await connect(url_of(second, "kiosk-5"))
+        await new.set(keys.actual("kiosk-5"), "{}")
+        await denied(new.get(keys.actual("kiosk-4")))  # same rules after the rotation
+
+        revoked = await provisioned(acl_redis, revoke=("kiosk-5", "never-there"))
+        assert revoked.revoked == ["kiosk-5"] and revoked.credentials == []
+        for client in (old, new):  # deleting the user closed its connections
+            with pytest.raises(Exception):  # noqa: B017 - closed, then refused on reconnect
+                await client.ping()
+            await client.aclose()
+        with pytest.raises(RedisError, match="refused the password"):
+            await connect(url_of(second, "kiosk-5"))
+        again = await provisioned(acl_redis, revoke=("kiosk-5",))
+        assert again.revoked == []  # idempotent
+
+    asyncio.run(main())
+
+
+def test_users_survive_a_restart_through_the_aclfile(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", password=ADMIN_PASSWORD, aclfile=True).start()
+    try:
+        result = asyncio.run(provisioned(server, "kiosk-6"))
+        assert result.persisted
+        server.stop()
+        server.start()
+
+        async def still_fenced() -> None:
+            device = await connect(url_of(result, "kiosk-6"))
+            try:
+                await device.set(keys.heartbeat("kiosk-6"), "{}", ex=15)
+                await denied(device.keys("*"))
+            finally:
+                await device.aclose()
+
+        asyncio.run(still_fenced())
+    finally:
+        server.stop()
+
+
+def test_without_an_aclfile_the_result_says_not_persisted(redis_server: RedisServer) -> None:
+    result = asyncio.run(provisioned(redis_server, "kiosk-7"))
+    assert not result.persisted and result.credentials[0].device_id == "kiosk-7"
+
+
+def test_a_user_without_acl_rights_cannot_provision(acl_redis: RedisServer) -> None:
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-8")
+        device: Client = await connect(url_of(result, "kiosk-8"))
+        try:
+            with pytest.raises(RedisError, match="may not manage ACL users"):
+                await acl.provision(device, FLEET, ["kiosk-9"], base_url=acl_redis.url)
+        finally:
+            await device.aclose()
+
+    asyncio.run(main())
+
+
+def test_credentials_urls_and_device_lists() -> None:
+    url = acl.device_url("redis://:admin@redis.example:6380/2", "dev:k:1", "p-_w")
+    assert url == "redis://dev%3Ak%3A1:p-_w@redis.example:6380/2"
+    with pytest.raises(UsageError, match="unix socket"):
+        acl.device_url("unix:///run/redis.sock", "dev:k", "p")
+    with pytest.raises(UsageError, match="invalid device id"):
+        acl.user_name("a b")
+    rules = acl.device_rules(FLEET, "k1")
+    assert rules[0] == "-@all" and "~*" not in rules and "allkeys" not in rules
+    assert not {"+keys", "+scan", "+flushall", "+config", "+debug", "+publish"} & set(rules)
+
+
+def test_read_device_ids_reports_the_bad_line(tmp_path: Path) -> None:
+    listing = tmp_path / "devices.txt"
+    listing.write_text("# shop 1\nkiosk-1\n\nkiosk-2  # the back door\nbad id\n")
+    with pytest.raises(UsageError, match=r"devices.txt:5: invalid device id 'bad id'"):
+        acl.read_device_ids(listing)
+    listing.write_text("# shop 1\nkiosk-1\n\nkiosk-2  # the back door\n")
+    assert acl.read_device_ids(listing) == ["kiosk-1", "kiosk-2"]
+
+
+def edgebundle(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGEBUNDLE_HOME": str(home)}
+    env.pop("EDGEBUNDLE_REDIS_URL", None)
+    return subprocess.run([sys.executable, "-m", "edgebundle", *args], env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_cli_writes_a_private_credentials_file(acl_redis: RedisServer, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    listing = tmp_path / "devices.txt"
+    listing.write_text("kiosk-11\nkiosk-12\n")
+    done = edgebundle("fleet", "provision", FLEET, "--device", "kiosk-10", "--devices-from",
+                      str(listing), "--redis-url", acl_redis.url, home=home)
+    assert done.returncode == 0, done.stderr
+    path = home / "fleet" / f"{FLEET}.credentials.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    document = json.loads(path.read_text())
+    assert sorted(document["devices"]) == ["kiosk-10", "kiosk-11", "kiosk-12"]
+    for creds in document["devices"].values():  # secrets are in the file, not on screen
+        assert creds["password"] not in done.stdout + done.stderr
+    assert "kiosk-10: Redis user dev:kiosk-10" in done.stdout
+
+    revoked = edgebundle("fleet", "provision", FLEET, "--revoke", "kiosk-11", "--json",
+                         "--redis-url", acl_redis.url, home=home)
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["revoked"] == ["kiosk-11"]
+    assert sorted(json.loads(path.read_text())["devices"]) == ["kiosk-10", "kiosk-12"]
+
+    rotated = edgebundle("fleet", "provision", FLEET, "--device", "kiosk-10", "--json",
+                         "--redis-url", acl_redis.url, home=home)
+    shown = json.loads(rotated.stdout)["provisioned"][0]
+    assert shown["password"] != document["devices"]["kiosk-10"]["password"]
+    assert json.loads(path.read_text())["devices"]["kiosk-10"]["password"] == shown["password"]
+
+    nothing = edgebundle("fleet", "provision", FLEET, "--redis-url", acl_redis.url, home=home)
+    assert nothing.returncode == 2 and "no devices" in nothing.stderr
+    assert len(nothing.stderr.strip().splitlines()) == 1  # one line, no traceback
