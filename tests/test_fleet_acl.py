@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
 from edgebundle.errors import RedisError, UsageError
 from edgebundle.fleet import acl, keys
 from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
-from tests.support.sync import collect, new_thread_id, put
+from tests.support.sync import collect, new_thread_id, put, turn
 
 FLEET = "shops"
 ADMIN_PASSWORD = "admin-s3cret"
@@ -252,6 +253,43 @@ def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> No
     asyncio.run(main())
 
 
+def test_on_a_cluster_every_node_gets_the_user(cluster_redis: RedisCluster) -> None:
+    """ACL users are per node: a device's cluster client reaches every node under its
+    user (CLUSTER SLOTS, COMMAND, then keys in every slot), fenced the same way."""
+
+    async def main() -> None:
+        admin = await connect(cluster_redis.url)
+        try:
+            result = await acl.provision(admin, FLEET, ["kiosk-c1"], base_url=cluster_redis.url)
+            device = await connect(url_of(result, "kiosk-c1"))
+            try:
+                await device.set(keys.heartbeat("kiosk-c1"), "{}", ex=15)
+                await denied(device.get(keys.heartbeat("kiosk-c2")))
+                sync = SyncService(device)
+                threads = [new_thread_id() for _ in range(6)]  # spread over the slots
+                for thread_id in threads:
+                    await turn(sync, (await sync.create_thread(thread_id)).id, "kiosk-c1",
+                               "Hi", "Hello there")
+                assert {(await sync.sync(t, None, 0)).version for t in threads} == {3}
+            finally:
+                await device.aclose()
+            done = await acl.provision(admin, FLEET, [], base_url=cluster_redis.url,
+                                       revoke_ids=["kiosk-c1"])
+            assert done.revoked == ["kiosk-c1"]
+            for node in cluster_redis.nodes:  # gone from every node
+                with pytest.raises(RedisError, match="refused the password"):
+                    await connect(device_url_on(node, result))
+        finally:
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+def device_url_on(node: RedisServer, result: acl.ProvisionResult) -> str:
+    creds = result.credentials[0]
+    return acl.device_url(node.url, creds.user, creds.password)
+
+
 def test_reprovisioning_rotates_and_revoke_deletes(acl_redis: RedisServer) -> None:
     async def main() -> None:
         first = await provisioned(acl_redis, "kiosk-5")
@@ -327,6 +365,13 @@ def test_credentials_urls_and_device_lists() -> None:
     rules = acl.device_rules(FLEET, "k1")
     assert rules[0] == "-@all" and "~*" not in rules and "allkeys" not in rules
     assert not {"+keys", "+scan", "+flushall", "+config", "+debug", "+publish"} & set(rules)
+
+
+def test_errors_never_show_the_password() -> None:
+    """redis-py quotes whole commands in some errors (a cluster that cannot route one)."""
+    quoted = RedisClusterException("Command: ('SETUSER', 'dev:k', 'on', '>hunter2-xyz')")
+    error = acl._refused(quoted, "hunter2-xyz")
+    assert "hunter2-xyz" not in str(error) and "***" in str(error)
 
 
 def test_read_device_ids_reports_the_bad_line(tmp_path: Path) -> None:

@@ -140,20 +140,23 @@ def device_url(base_url: str, user: str, password: str) -> str:
 async def _acl(redis: Client, *args: str) -> Any:
     """One ACL command, on every node of a cluster (ACL users are per node)."""
     if isinstance(redis, RedisCluster):
-        return await redis.execute_command("ACL", *args,
-                                           target_nodes=RedisCluster.ALL_NODES)
+        return await redis.execute_command("ACL", *args, target_nodes=redis.get_nodes())
     # raw rules: redis-py's acl_setuser cannot express selectors or %R~ patterns
     return await redis.execute_command("ACL", *args)  # type: ignore[no-untyped-call]
 
 
 def _refused(exc: Exception, secret: str | None = None) -> RedisError:
+    """The error to show for ``exc``, never with ``secret`` in it (redis-py's messages
+    may quote the whole command)."""
     text = str(exc)
     if secret:
         text = text.replace(secret, "***")
     if isinstance(exc, NoPermissionError):
         return RedisError(f"the Redis user may not manage ACL users ({text}): "
                           "pass --redis-url with an admin user's credentials")
-    return RedisError(f"Redis refused to change ACL users: {text}")
+    if isinstance(exc, ResponseError):
+        return RedisError(f"Redis refused to change ACL users: {text}")
+    return RedisError(f"cannot provision devices on Redis: {text}")
 
 
 async def _save(redis: Client) -> bool:
@@ -165,6 +168,11 @@ async def _save(redis: Client) -> bool:
             return False
         raise _refused(exc) from None
     return True
+
+
+def _counts(reply: Any) -> list[int]:
+    """ACL DELUSER's count, per node on a cluster."""
+    return [int(n) for n in (reply.values() if isinstance(reply, dict) else [reply])]
 
 
 async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, base_url: str,
@@ -183,31 +191,24 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
         raise UsageError(f"device {both[0]} is both provisioned and revoked: pick one")
     credentials: list[DeviceCredentials] = []
     revoked: list[str] = []
+    for device_id in wanted:
+        user = user_name(device_id)
+        password = secrets.token_urlsafe(PASSWORD_BYTES)
+        url = device_url(base_url, user, password)
+        try:
+            # reset first: the rules and password below are all the user has, in one step
+            await _acl(redis, "SETUSER", user, "reset", "on", f">{password}",
+                       *device_rules(fleet, device_id))
+        except _RedisPyError as exc:
+            raise _refused(exc, password) from None
+        credentials.append(DeviceCredentials(device_id, user, password, url))
     try:
-        for device_id in wanted:
-            user = user_name(device_id)
-            password = secrets.token_urlsafe(PASSWORD_BYTES)
-            try:
-                # reset first: the rules and password below are all the user has, in one step
-                await _acl(redis, "SETUSER", user, "reset", "on", f">{password}",
-                           *device_rules(fleet, device_id))
-            except ResponseError as exc:
-                raise _refused(exc, password) from None
-            credentials.append(DeviceCredentials(device_id, user, password,
-                                                 device_url(base_url, user, password)))
         for device_id in unwanted:
-            try:
-                deleted = await _acl(redis, "DELUSER", user_name(device_id))
-            except ResponseError as exc:
-                raise _refused(exc) from None
-            counts = deleted.values() if isinstance(deleted, dict) else [deleted]
-            if any(int(count) for count in counts):
+            if any(_counts(await _acl(redis, "DELUSER", user_name(device_id)))):
                 revoked.append(device_id)
         persisted = await _save(redis)
     except _RedisPyError as exc:
-        if isinstance(exc, ResponseError):
-            raise _refused(exc) from None
-        raise RedisError(f"cannot reach Redis to provision devices: {exc}") from None
+        raise _refused(exc) from None
     return ProvisionResult(fleet, credentials, revoked, persisted)
 
 
