@@ -28,8 +28,18 @@ from edgebundle.fleet import acl, keys
 from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
+from tests.support.devices import (
+    Device,
+    endless_model,
+    new_thread,
+    read_sse,
+    serving,
+    text_of,
+    types,
+)
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
+from tests.support.serving import RunProcess
 from tests.support.sync import collect, new_thread_id, put, turn
 
 FLEET = "shops"
@@ -251,6 +261,41 @@ def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> No
             await laptop_redis.aclose()
 
     asyncio.run(main())
+
+
+def test_two_edgebundle_run_devices_share_a_thread_under_their_own_users(
+    acl_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """The real gateways (`edgebundle run`, sync on, real llama.cpp inference on the
+    scripted model) work under the device users: a turn on one, the next on the other,
+    the other's watch; no NOPERM and no password in their logs."""
+    result = asyncio.run(provisioned(acl_redis, "till-1", "till-2"))
+    model = endless_model(tmp_path / "models")
+    runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
+                        "--template", "llama-3-chat", "--device-id", creds.device_id],
+                       home=tmp_path / creds.device_id,
+                       env={"EDGEBUNDLE_REDIS_URL": creds.redis_url})
+            for creds in result.credentials]
+    with serving(runs):
+        one, two = (Device(run, creds.device_id)
+                    for run, creds in zip(runs, result.credentials, strict=True))
+        thread = new_thread(one)
+        tid = thread["id"]
+        first = one.run_turn(tid, "first question", params={"max_tokens": 3})
+        assert types(first)[-2:] == ["run.completed", "done"]
+        assert text_of(first) == "Looping forever forever"
+        with two.http.stream("GET", f"/v1/threads/{tid}/watch") as watching:
+            opening = next(e for e in read_sse(watching) if e["event"] == "sync")
+        assert [m["content"] for m in opening["data"]["messages"]] == [
+            "first question", "Looping forever forever"]
+        second = two.run_turn(tid, "second question", params={"max_tokens": 2})
+        assert types(second)[-2:] == ["run.completed", "done"]
+        assert second[-2]["data"]["run"]["device_id"] == "till-2"
+        final = one.http.get(f"/v1/threads/{tid}").json()
+        assert [m["role"] for m in final["messages"]] == ["user", "assistant"] * 2
+    for run, creds in zip(runs, result.credentials, strict=True):
+        logs = run.stderr()
+        assert "NOPERM" not in logs and creds.password not in logs
 
 
 def test_on_a_cluster_every_node_gets_the_user(cluster_redis: RedisCluster) -> None:
