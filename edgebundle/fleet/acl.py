@@ -184,8 +184,8 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
     users and rules with new passwords.
     """
     sync_keys.check_id("fleet", fleet)
-    wanted = list(dict.fromkeys(device_ids))
-    unwanted = list(dict.fromkeys(revoke_ids))
+    wanted = [sync_keys.check_id("device", d) for d in dict.fromkeys(device_ids)]
+    unwanted = [sync_keys.check_id("device", d) for d in dict.fromkeys(revoke_ids)]
     both = sorted(set(wanted) & set(unwanted))
     if both:
         raise UsageError(f"device {both[0]} is both provisioned and revoked: pick one")
