@@ -806,3 +806,45 @@ def cross_checks(data: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
                              f"{previous[1]}%: percents are cumulative, so each is larger"))
         previous = (index, percent)
     return problems
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The outcome of validating one manifest file (``fleet validate``)."""
+
+    file: str
+    manifest: Manifest | None
+    problems: Sequence[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest is not None and not self.problems
+
+    def summary(self) -> str:
+        if self.manifest is None:
+            return "\n".join(str(p) for p in self.problems)
+        phases = len(self.manifest.spec.rollout.phases)
+        return (f"{self.file}: ok (fleet {self.manifest.name}, {phases} "
+                f"phase{'s' if phases != 1 else ''}, revision {self.manifest.revision_id()})")
+
+    def to_json(self) -> dict[str, Any]:
+        manifest = self.manifest
+        return {
+            "file": self.file,
+            "ok": self.ok,
+            "fleet": manifest.name if manifest else None,
+            "phases": len(manifest.spec.rollout.phases) if manifest else None,
+            "revision": manifest.revision_id() if manifest else None,
+            "errors": [p.to_json() for p in self.problems],
+        }
+
+
+def validate_files(paths: Sequence[str | Path]) -> list[Validation]:
+    """Validate each manifest file; every file is read, whatever the others hold."""
+    results: list[Validation] = []
+    for path in paths:
+        try:
+            results.append(Validation(str(path), load_manifest(path), ()))
+        except ManifestError as exc:
+            results.append(Validation(str(path), None, tuple(exc.problems)))
+    return results
