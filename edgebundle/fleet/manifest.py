@@ -573,7 +573,11 @@ def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line, column = _mark(mark) if mark is not None else (1, 1)
-            what = ": ".join(p for p in (exc.context, exc.problem) if p)
+            what = exc.problem or exc.context or "unreadable"
+            if exc.problem and exc.context:
+                opened = exc.context_mark
+                at = f" at {opened.line + 1}:{opened.column + 1}" if opened else ""
+                what += f" ({exc.context}{at})"
             raise _error(source, [Problem(source, line, column, "",
                                           f"invalid YAML: {what}")]) from None
         except yaml.YAMLError as exc:
