@@ -153,6 +153,18 @@ MALFORMED = {
         _edit("      window: 20s", "      windw: 20s"),
         "f.yaml:20:7: spec.rollout.health.windw: unknown key (did you mean window?); "
         "allowed: window, failure_threshold"),
+    "unknown key in a list item": (
+        _edit("      selector: {ring: canary}", "      selectr: {ring: canary}"),
+        "f.yaml:12:7: spec.groups[0].selectr: unknown key (did you mean selector?); "
+        "allowed: name, selector"),
+    "unknown key in a device entry": (
+        BASE + "  devices:\n    kiosk-7: {pin: rev-0123456789ab, pinned: true}\n",
+        "f.yaml:22:38: spec.devices.kiosk-7.pinned: unknown key (did you mean pin?); "
+        "allowed: pin, runtime, model, app, sync"),
+    "bad max_unavailable percent": (
+        _edit("    health:\n", "    max_unavailable: 0%\n    health:\n"),
+        "f.yaml:19:22: spec.rollout.max_unavailable: '0%' is not a count or a percent: use a "
+        "number (at least 1) or \"N%\" with N in 1..100"),
     "wrong type (a number for a string)": (
         _edit("  name: shops", "  name: 12"),
         "f.yaml:4:9: metadata.name: expected a string, got 12 (YAML reads it as a number: "
@@ -206,6 +218,10 @@ MALFORMED = {
         _edit("  name: shops", "  name: shops!"),
         "f.yaml:4:9: metadata.name: 'shops!' is not a valid id: use 1-128 letters, digits, "
         "'_', '.', ':' or '-'"),
+    "bad device id (a key)": (
+        BASE + "  devices:\n    kiosk 7: {pin: rev-0123456789ab}\n",
+        "f.yaml:22:5: spec.devices.kiosk 7: 'kiosk 7' is not a valid id: use 1-128 letters, "
+        "digits, '_', '.', ':' or '-'"),
     "percent not increasing": (
         _edit("percent: 100", "percent: 40"),
         "f.yaml:18:18: spec.rollout.phases[2].percent: 40% does not grow past phase 1's 50%: "

@@ -183,11 +183,11 @@ def _count_or_percent(minimum: int) -> Any:
             return value
         if isinstance(value, str) and (match := _PERCENT.match(value.strip())):
             number = int(match.group(1))
-            if max(minimum, 0) <= number <= 100 and (minimum == 0 or number >= 1):
+            if minimum <= number <= 100:
                 return f"{number}%"
         raise ValueError(
             f"{value!r} is not a count or a percent: use a number (at least {minimum}) "
-            f"or \"N%\" with N in {max(minimum, 0)}..100"
+            f"or \"N%\" with N in {minimum}..100"
         )
 
     return check
@@ -713,12 +713,11 @@ def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
     """The keys the schema allows in the mapping at ``loc`` (for unknown-key hints)."""
     current: Any = Manifest
     for part in loc:
-        current = _model_of(current)
-        if current is None:
-            return []
-        if isinstance(part, int):
-            current = _item_type(current, list)
-        elif issubclass(current, BaseModel):
+        current = _unwrap(current)
+        origin = get_origin(current)
+        if origin is list and isinstance(part, int) or origin is dict:
+            current = get_args(current)[-1]  # a list's item, a dict's value
+        elif isinstance(current, type) and issubclass(current, BaseModel):
             field = next((f for n, f in current.model_fields.items()
                           if (f.alias or n) == part), None)
             if field is None:
@@ -726,32 +725,25 @@ def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
             current = field.annotation
         else:
             return []
-        if current is None:
-            return []
-    model = _model_of(current)
-    if model is None:
+    model = _unwrap(current)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return []
     return [field.alias or name for name, field in model.model_fields.items()]
 
 
-def _model_of(annotation: Any) -> Any:
-    """The BaseModel class inside an annotation (through Optional, list, dict)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = get_origin(annotation)
-    if origin in (list, dict):
+def _unwrap(annotation: Any) -> Any:
+    """``annotation`` without Annotated[...] and Optional: a model, list[...] or dict[...]."""
+    if get_origin(annotation) in (list, dict) or isinstance(annotation, type):
         return annotation
     for arg in get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
+        if arg is type(None):
+            continue
+        found = _unwrap(arg)
+        if get_origin(found) in (list, dict) or (
+            isinstance(found, type) and issubclass(found, BaseModel)
+        ):
             return found
-    return None
-
-
-def _item_type(annotation: Any, container: type) -> Any:
-    if get_origin(annotation) is container:
-        return get_args(annotation)[-1]
-    return None
+    return annotation
 
 
 def cross_checks(data: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
