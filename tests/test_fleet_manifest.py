@@ -119,7 +119,8 @@ def test_normal_forms_of_durations_percents_and_pins() -> None:
                  "    max_unavailable: 25%\n    progress_deadline: 90\n"
                  "  sync: {session_ttl: 2h}\n"
                  "  devices:\n    kiosk-7: {pin: rev-0123456789ab}\n"
-                 "    kiosk-9: {model: {ctx_size: 2048}}\n")
+                 "    kiosk-9: {model: {ctx_size: 2048}}\n"
+                 "    kiosk-11: {runtime: {kind: embedded}}\n")
     text = text.replace("percent: 50", 'percent: "50%"')
     manifest = parse_manifest(text, "f.yaml")
     rollout = manifest.rollout_json()
@@ -128,7 +129,10 @@ def test_normal_forms_of_durations_percents_and_pins() -> None:
     assert rollout["phases"][1]["percent"] == 50
     assert manifest.revision_spec()["sync"]["session_ttl"] == 7200
     assert manifest.pins_json() == {"kiosk-7": {"pin": "rev-0123456789ab"},
-                                    "kiosk-9": {"model": {"ctx_size": 2048}}}
+                                    "kiosk-9": {"model": {"ctx_size": 2048}},
+                                    "kiosk-11": {"runtime": {"kind": "embedded",
+                                                             "wasmedge": None,
+                                                             "plugin": None}}}
 
 
 def test_same_spec_is_same_revision_and_a_change_is_a_new_one() -> None:

@@ -53,6 +53,8 @@ from pydantic import (
 
 from edgebundle.errors import ManifestError, UsageError
 from edgebundle.fleet.state import Revision
+from edgebundle.pins import load_app_pins
+from edgebundle.resources import app_pins_file
 from edgebundle.sync.keys import check_id
 from edgebundle.templates import DEFAULT_TEMPLATE, TEMPLATES
 
@@ -454,21 +456,27 @@ class Manifest(_Strict):
         return self.spec.rollout.model_dump(mode="json")
 
     def pins_json(self) -> dict[str, Any]:
-        """spec.devices as plain JSON (Rollout.pins), only the keys each device sets."""
-        return {
-            device_id: device.model_dump(mode="json", exclude_none=True)
-            for device_id, device in self.spec.devices.items()
-        }
+        """spec.devices as plain JSON (Rollout.pins), only the keys each device sets.
+
+        A runtime override is whole (it replaces the fleet's), like revision_spec's.
+        """
+        pins: dict[str, Any] = {}
+        for device_id, device in self.spec.devices.items():
+            entry = device.model_dump(mode="json", exclude_none=True)
+            if device.runtime is not None:
+                entry["runtime"] = device.runtime.model_dump(mode="json")
+            pins[device_id] = entry
+        return pins
+
+
+def builtin_app() -> dict[str, Any]:
+    """The app a revision runs when the manifest has no spec.app: the shipped edgechat."""
+    return {"name": BUILTIN_APP, "url": f"builtin:{BUILTIN_APP}", "sha256": _builtin_sha256()}
 
 
 @functools.cache
-def builtin_app() -> dict[str, Any]:
-    """The app a revision runs when the manifest has no spec.app: the shipped edgechat."""
-    from edgebundle.pins import load_app_pins
-    from edgebundle.resources import app_pins_file
-
-    pin = load_app_pins(app_pins_file()).app(BUILTIN_APP)
-    return {"name": BUILTIN_APP, "url": f"builtin:{BUILTIN_APP}", "sha256": pin.sha256}
+def _builtin_sha256() -> str:
+    return load_app_pins(app_pins_file()).app(BUILTIN_APP).sha256
 
 
 # ---- loading with positions -----------------------------------------------------------
