@@ -376,11 +376,12 @@ class Agent:
         sha256 = item.get("sha256")
         if not isinstance(sha256, str) or not sha256:
             raise ConfigError(f"the revision's {what} has no sha256; refusing an unverified file")
+        source = self._source(str(item["url"]))  # a bad URL fails even if the bytes are here
         local = self._already_have(sha256, dest.name)
         if local is not None:  # same bytes in another revision (e.g. a prompt-only change)
             os.link(local, dest)
             return
-        fetch(self._source(str(item["url"])), dest, sha256=sha256.lower(),
+        fetch(source, dest, sha256=sha256.lower(),
               downloads_dir=self.settings.layout.downloads)
 
     def _already_have(self, sha256: str, name: str) -> Path | None:
