@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis as redis_sync
 
@@ -26,9 +27,10 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.fleet import keys
 from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
+from tests.support.processes import free_port, gone
 from tests.support.redis_server import RedisServer
 from tests.support.release_server import ReleaseServer, sha256
-from tests.support.serving import wait_for
+from tests.support.serving import LoopThread, wait_for
 
 FLEET = "shops"
 DEADLINE = 60.0  # generous: two cores shared with other test runs
@@ -398,3 +400,65 @@ def test_agent_without_a_fleet_is_a_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip() == ("edgebundle: error: no fleet: pass --fleet NAME or set "
                                    "EDGEBUNDLE_FLEET")
+
+
+def ask(port: int, prompt: str) -> str:
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+        "model": "default", "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16})
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_serve_restarts_edgebundle_run_on_the_new_revision(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    home = tmp_path / "home"
+    first = scripted_model(tmp_path / "one", "first revision speaking")
+    second = scripted_model(tmp_path / "two", "second revision speaking")
+    port = free_port()
+    agent = Agent(Settings(home=home, port=port), redis_server.url, "kiosk-1", FLEET,
+                  serve=True)
+    loop = LoopThread()
+    try:
+        desire(client, "kiosk-1", 1, spec_for(first.as_uri(), sha256(first), redis_server.url))
+        loop.run(agent.step(), timeout=300)
+        assert agent.actual.status == "healthy", agent.actual
+        assert agent.child is not None
+        first_pid = agent.child.pid
+        assert ask(port, "hi") == "first revision speaking"
+
+        desire(client, "kiosk-1", 2, spec_for(second.as_uri(), sha256(second), redis_server.url))
+        loop.run(agent.step(), timeout=300)
+        assert agent.actual.status == "healthy", agent.actual
+        assert agent.child is not None and agent.child.pid != first_pid
+        assert gone(first_pid)
+        assert ask(port, "hi") == "second revision speaking"
+        second_pid = agent.child.pid
+    finally:
+        loop.run(agent.close(), timeout=60)
+        loop.close()
+    assert gone(second_pid)
+
+
+def test_an_agent_process_registers_and_reports_again_after_redis_lost_everything(
+        tmp_path: Path, redis_server: RedisServer, agents: list[AgentProcess]) -> None:
+    model = scripted_model(tmp_path / "m", "durable model")
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    agents.append(AgentProcess(tmp_path / "home", "kiosk-1", redis_server.url))
+    desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+    before = wait_status(client, "kiosk-1", 1, "healthy")
+    client.close()
+
+    redis_server.stop()  # no persistence: it comes back empty
+    time.sleep(1.0)
+    redis_server.start()
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        wait_for(lambda: client.sismember(keys.fleet_devices(FLEET), "kiosk-1") == 1,
+                 DEADLINE, interval=0.2)
+        wait_for(lambda: client.exists(keys.heartbeat("kiosk-1")) == 1, DEADLINE, interval=0.2)
+        wait_for(lambda: actual(client, "kiosk-1") is not None, DEADLINE, interval=0.2)
+        assert actual(client, "kiosk-1") == before
+        assert agents[0].proc.poll() is None, agents[0].stderr()
+    finally:
+        client.close()

@@ -55,7 +55,7 @@ from edgebundle import __version__
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, run_doctor
 from edgebundle.download import fetch
-from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError
+from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
 from edgebundle.fleet import keys
 from edgebundle.fleet.state import (
     HEARTBEAT_INTERVAL,
@@ -107,7 +107,13 @@ async def register(redis: Client, device_id: str, fleet: str, labels: Mapping[st
 
 async def read_desired(redis: Client, device_id: str) -> DesiredState | None:
     data = loads(await redis.get(keys.desired(device_id)), f"desired state of {device_id}")
-    return DesiredState.from_json(data) if data is not None else None
+    if data is None:
+        return None
+    try:
+        return DesiredState.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"desired state of {device_id} in Redis lacks or mangles {exc}: "
+                         "rewrite it (fleet apply)") from None
 
 
 def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -229,7 +235,10 @@ class Agent:
                  asyncio.create_task(self._nudge_loop())]
         try:
             while True:
-                await self.step()
+                try:
+                    await self.step()
+                except EdgebundleError as exc:  # e.g. a corrupt desired state: wait for a fix
+                    self.log(f"cannot reconcile: {exc}")
                 self._nudged.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._nudged.wait(), self.poll_interval)
@@ -264,6 +273,8 @@ class Agent:
         try:
             client = await self._client()
             desired = await read_desired(client, self.device_id)
+        except UsageError:
+            raise  # the controller wrote something unreadable; Redis itself is fine
         except _REDIS_DOWN as exc:
             self._note_redis_down(exc)
             return
@@ -544,10 +555,17 @@ class Agent:
                 self.paths.pending_report.unlink()
 
     async def _ensure_registered(self) -> None:
-        if not self.registered:
-            await register(await self._client(), self.device_id, self.fleet, self.labels)
-            self.registered = True
-            self.log(f"registered in fleet {self.fleet} with labels {self.labels}")
+        """Register, and again whenever Redis lost our info (a restart without persistence,
+        shorter than the client's retries, is otherwise invisible to us)."""
+        client = await self._client()
+        if self.registered and await client.exists(keys.device_info(self.device_id)):
+            return
+        await register(client, self.device_id, self.fleet, self.labels)
+        if self.pending is None and self.actual.updated_at:
+            # Redis may have lost our last report too: send it again, unchanged.
+            self.pending = self.actual
+        self.registered = True
+        self.log(f"registered in fleet {self.fleet} with labels {self.labels}")
 
     async def _beat_once(self) -> None:
         await beat(await self._client(), self.device_id, Heartbeat(
