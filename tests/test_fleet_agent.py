@@ -462,3 +462,35 @@ def test_an_agent_process_registers_and_reports_again_after_redis_lost_everythin
         assert agents[0].proc.poll() is None, agents[0].stderr()
     finally:
         client.close()
+
+
+def test_run_on_a_fleet_device_serves_the_revision_the_controller_assigns(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    model = scripted_model(tmp_path / "m", "fleet assigned reply")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'fleet = "{FLEET}"\ndevice_id = "kiosk-1"\n')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
+    env.update(EDGEBUNDLE_HOME=str(home), EDGEBUNDLE_REDIS_URL=redis_server.url)
+
+    refused = subprocess.run([sys.executable, "-m", "edgebundle", "run", "--model", str(model)],
+                             capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert refused.returncode == 2
+    assert "--model: this device is in fleet shops" in refused.stderr
+
+    desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+    with (tmp_path / "run.stderr").open("wb") as err:
+        run = subprocess.Popen([sys.executable, "-m", "edgebundle", "run", "--port", str(port)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                               env=env)
+    try:
+        state = wait_status(client, "kiosk-1", 1, "healthy")
+        assert state.revision == Revision.id_for(spec_for(model.as_uri(), sha256(model),
+                                                          redis_server.url))
+        assert ask(port, "hi") == "fleet assigned reply"
+    finally:
+        run.terminate()
+        assert run.wait(30) == 0, (tmp_path / "run.stderr").read_text()
+    with pytest.raises(httpx.ConnectError):  # the served child stopped with the agent
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)

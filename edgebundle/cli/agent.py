@@ -8,15 +8,13 @@ desired revision failed). One line per state change on stderr.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from pathlib import Path
 
 import click
 
 from edgebundle.config import load_settings
 from edgebundle.errors import ConfigError
-from edgebundle.fleet.agent import Agent, agent_device_id, parse_labels
+from edgebundle.fleet.agent import Agent, agent_device_id, parse_labels, run_until_stopped
 
 
 @click.command()
@@ -48,17 +46,7 @@ def agent(ctx: click.Context, device_id: str | None, redis_url: str | None,
     if once:
         state = asyncio.run(the_agent.once())
         ctx.exit(1 if state.status == "failed" else 0)
-    asyncio.run(_until_stopped(the_agent))
-
-
-async def _until_stopped(the_agent: Agent) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await the_agent.run_forever()
+    asyncio.run(run_until_stopped(the_agent))
 
 
 def _log(line: str) -> None:

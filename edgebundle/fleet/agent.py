@@ -480,7 +480,8 @@ class Agent:
         """Stop the running ``edgebundle run`` child, start one for ``revision``, wait healthy."""
         self._stop_child()
         settings = self.revision_settings(self.paths.revision(revision), spec)
-        argv = [sys.executable, "-m", "edgebundle", "run", "--runtime", settings.runtime,
+        argv = [sys.executable, "-m", "edgebundle", "run", "--no-fleet",
+                "--runtime", settings.runtime,
                 "--model", str(settings.model), "--ctx-size", str(settings.ctx_size),
                 "--device-id", self.device_id, "--host", settings.host,
                 "--port", str(settings.port)]
@@ -631,6 +632,29 @@ class Agent:
             if data is not None:
                 return ActualState.from_json(data)
         return None
+
+
+async def run_until_stopped(agent: Agent) -> None:
+    """``agent.run_forever()`` until SIGTERM or Ctrl-C, then a clean stop (child included)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run_forever()
+
+
+def fleet_managed_run(settings: Settings, log: Log) -> None:
+    """``edgebundle run`` on a device of a fleet: the agent serves the fleet's revision."""
+    if not settings.redis_url or not settings.fleet:
+        raise ConfigError("a fleet needs its Redis: pass --redis-url URL or set "
+                          "EDGEBUNDLE_REDIS_URL (or unset EDGEBUNDLE_FLEET)")
+    agent = Agent(settings, settings.redis_url, agent_device_id(settings), settings.fleet,
+                  serve=True, log=log)
+    if agent.paths.current_revision() is None:
+        log(f"fleet {settings.fleet}: nothing to serve until its controller assigns a revision")
+    asyncio.run(run_until_stopped(agent))
 
 
 def revision_failures(doctor: Report) -> list[CheckResult]:
