@@ -214,6 +214,12 @@ def test_new_generations_are_fetched_verified_switched_and_reported_healthy(
             == (revisions / gen1.revision / "model.gguf").stat().st_ino)
     assert len(release_server.gets("v1/m.gguf")) == 1
 
+    # Generation 4 goes back to revision 1 (a rollback): switched back, nothing fetched.
+    desire(client, "kiosk-1", 4, spec1)
+    assert wait_status(client, "kiosk-1", 4, "healthy").revision == gen1.revision
+    assert current_target(home) == f"revisions/{gen1.revision}"
+    assert len(release_server.gets("v1/m.gguf")) == 1
+
 
 def test_wrong_sha256_fails_after_the_retries_and_the_previous_revision_stays(
         tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
@@ -432,6 +438,22 @@ def test_serve_restarts_edgebundle_run_on_the_new_revision(
         assert agent.actual.status == "healthy", agent.actual
         assert agent.child is not None and agent.child.pid != first_pid
         assert gone(first_pid)
+        assert ask(port, "hi") == "second revision speaking"
+        second_pid = agent.child.pid
+        running_since = agent.actual.running_since
+
+        # The same revision again under a new generation: no restart, same clock.
+        desire(client, "kiosk-1", 3, spec_for(second.as_uri(), sha256(second), redis_server.url))
+        loop.run(agent.step(), timeout=300)
+        assert (agent.actual.generation, agent.actual.status) == (3, "healthy")
+        assert agent.child is not None and agent.child.pid == second_pid
+        assert agent.actual.running_since == running_since
+
+        # The served process dies between switches: the agent starts it again.
+        agent.child.kill()
+        agent.child.wait()
+        loop.run(agent._keep_child_up(), timeout=300)
+        assert agent.child is not None and agent.child.pid != second_pid
         assert ask(port, "hi") == "second revision speaking"
         second_pid = agent.child.pid
     finally:

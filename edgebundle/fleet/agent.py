@@ -242,6 +242,7 @@ class Agent:
                 self._nudged.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._nudged.wait(), self.poll_interval)
+                await self._keep_child_up()
         finally:
             for task in tasks:
                 task.cancel()
@@ -339,10 +340,13 @@ class Agent:
         except OSError as exc:
             raise AttemptFailed(f"cannot place revision {desired.revision}: {exc}") from None
         previous = self.paths.current_revision()
+        unchanged = previous == desired.revision and self.actual.running_since > 0 and (
+            not self.serve or (self.child is not None and self.child.poll() is None))
+        # Same revision again (a re-sent generation): it keeps running, and so does its clock.
+        started = self.actual.running_since if unchanged else time.time()
         self._switch(desired.revision)
-        started = time.time()
         try:
-            if self.serve:
+            if self.serve and not unchanged:
                 await self._restart_runtime(desired.revision, desired.spec)
             doctor = await asyncio.to_thread(self._doctor, rev_dir, desired.spec)
             failing = revision_failures(doctor)
@@ -511,6 +515,20 @@ class Agent:
             await asyncio.sleep(0.2)
         raise SupervisorError(f"edgebundle run did not answer {url} within {HEALTHZ_TIMEOUT:.0f} s")
 
+    async def _keep_child_up(self) -> None:
+        """Start ``edgebundle run`` again if it died between switches."""
+        if not self.serve or self.child is None or self.child.poll() is None:
+            return
+        running = self.paths.current_revision()
+        spec = self._revision_spec(running) if running is not None else None
+        if running is None or spec is None:
+            return
+        self.log(f"{running}: edgebundle run exited with {self.child.returncode}; restarting it")
+        try:
+            await self._restart_runtime(running, spec)
+        except EdgebundleError as exc:
+            self.log(f"{running}: {exc}")
+
     def _stop_child(self) -> None:
         child, self.child = self.child, None
         if child is None or child.poll() is not None:
@@ -532,8 +550,6 @@ class Agent:
     async def _report(self, state: ActualState) -> None:
         """Record ``state`` locally, then send it; keep it for later if Redis is down."""
         state = replace(state, updated_at=time.time())
-        if state.status != self.actual.status:
-            self.log(f"status {state.status} (generation {state.generation})")
         self.actual = state
         _write_json_atomic(self.paths.state_file, state.to_json())
         self.pending = state
