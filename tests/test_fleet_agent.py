@@ -27,12 +27,15 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.fleet import keys
 from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
+from edgebundle.pins import load_app_pins
+from edgebundle.resources import app_pins_file
 from tests.support.processes import free_port, gone
 from tests.support.redis_server import RedisServer
 from tests.support.release_server import ReleaseServer, sha256
 from tests.support.serving import LoopThread, wait_for
 
 FLEET = "shops"
+EDGECHAT_SHA256 = load_app_pins(app_pins_file()).app("edgechat").sha256  # the shipped guest
 DEADLINE = 60.0  # generous: two cores shared with other test runs
 
 
@@ -45,7 +48,7 @@ def spec_for(url: str, digest: str, redis_url: str, *, prompt: str = "Be brief."
     return {"runtime": {"kind": "embedded"},
             "model": {"name": "shop-model", "url": url, "sha256": digest,
                       "template": "llama-3-chat", "system_prompt": prompt, "ctx_size": 2048},
-            "app": None,
+            "app": {"name": "edgechat", "url": "builtin:edgechat", "sha256": EDGECHAT_SHA256},
             "sync": {"redis_url": redis_url, "session_ttl": 1800, "multitask": "enqueue"}}
 
 
@@ -516,3 +519,34 @@ def test_run_on_a_fleet_device_serves_the_revision_the_controller_assigns(
         assert run.wait(30) == 0, (tmp_path / "run.stderr").read_text()
     with pytest.raises(httpx.ConnectError):  # the served child stopped with the agent
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_device(
+        tmp_path: Path, redis_server_with_password: RedisServer) -> None:
+    server = redis_server_with_password
+    assert server.password is not None
+    shared_url = server.url.replace(f":{server.password}@", "")  # manifests carry no password
+    model = scripted_model(tmp_path / "m", "model")
+    client = redis_sync.Redis.from_url(server.url, decode_responses=True)
+    lines: list[str] = []
+    agent = Agent(Settings(home=tmp_path / "home"), server.url, "kiosk-1", FLEET,
+                  log=lines.append)
+
+    async def scenario() -> tuple[ActualState, ActualState]:
+        desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), shared_url))
+        await agent.step()
+        ok = agent.actual
+        other_build = spec_for(model.as_uri(), sha256(model), shared_url)
+        other_build["app"]["sha256"] = "e" * 64
+        desire(client, "kiosk-1", 2, other_build, retries=1)
+        await agent.step()
+        await agent.close()
+        return ok, agent.actual
+
+    ok, other = asyncio.run(scenario())
+    client.close()
+    # doctor reached the sync Redis as this device: the password came from --redis-url
+    assert (ok.status, ok.doctor_ok, ok.doctor_failed) == ("healthy", True, [])
+    assert other.status == "failed"
+    assert other.last_error is not None and "upgrade edgebundle" in other.last_error
+    assert server.password not in "\n".join(lines)

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from redis.exceptions import RedisError as _RedisPyError
 
@@ -66,6 +66,8 @@ from edgebundle.fleet.state import (
     dumps,
     loads,
 )
+from edgebundle.pins import load_app_pins
+from edgebundle.resources import app_pins_file
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.keys import check_id
 
@@ -76,6 +78,7 @@ HEALTHZ_TIMEOUT = 120.0  # s a restarted runtime gets to load its model
 DEVICE_ID_FILE = "agent-device-id"
 MODEL_FILE = "model.gguf"
 APP_FILE = "app.wasm"
+BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
 REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
 ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
 
@@ -324,7 +327,8 @@ class Agent:
                 continue
             await self._report(ActualState(
                 generation=desired.generation, revision=desired.revision, status="healthy",
-                attempts=attempt, last_error=None, doctor_ok=True, doctor_failed=[],
+                attempts=attempt, last_error=None, doctor_ok=True,
+                doctor_failed=[c.id for c in doctor.checks if c.status == "fail"],
                 running_since=started))
             self.log(f"{desired.revision} (generation {desired.generation}): healthy")
             return
@@ -375,7 +379,9 @@ class Agent:
         try:
             self._place(model, work / MODEL_FILE, "model")
             app = spec.get("app")
-            if isinstance(app, dict) and app.get("url"):
+            if isinstance(app, dict) and str(app.get("url", "")).startswith(BUILTIN):
+                check_builtin_app(app)  # shipped with edgebundle: nothing to place
+            elif isinstance(app, dict) and app.get("url"):
                 self._place(app, work / APP_FILE, "app")
             _write_json_atomic(work / REVISION_FILE, {
                 "revision": desired.revision, "spec": spec, "placed_at": time.time()})
@@ -471,7 +477,8 @@ class Agent:
             template=model.get("template") or self.settings.template,
             system_prompt=model.get("system_prompt") or self.settings.system_prompt,
             ctx_size=int(model.get("ctx_size") or self.settings.ctx_size),
-            redis_url=sync.get("redis_url") or self.settings.redis_url,
+            redis_url=with_credentials(sync.get("redis_url"), self.redis_url)
+            or self.settings.redis_url,
             device_id=self.device_id,
         )
 
@@ -671,6 +678,31 @@ def fleet_managed_run(settings: Settings, log: Log) -> None:
     if agent.paths.current_revision() is None:
         log(f"fleet {settings.fleet}: nothing to serve until its controller assigns a revision")
     asyncio.run(run_until_stopped(agent))
+
+
+def check_builtin_app(app: Mapping[str, Any]) -> None:
+    """A ``builtin:<name>`` app must be the build this edgebundle ships (same sha256)."""
+    name = str(app["url"])[len(BUILTIN):]
+    try:
+        shipped = load_app_pins(app_pins_file()).app(name).sha256
+    except EdgebundleError as exc:
+        raise ConfigError(f"builtin:{name}: {exc}") from None
+    wanted = str(app.get("sha256") or "").lower()
+    if wanted and wanted != shipped.lower():
+        raise ConfigError(f"builtin:{name}: this device ships sha256 {shipped[:12]}…, the "
+                          f"revision wants {wanted[:12]}…; upgrade edgebundle on the device")
+
+
+def with_credentials(url: str | None, own: str) -> str | None:
+    """``url`` logged in as this device: manifests carry no passwords (each device has its
+    own ACL user, see fleet provision), so the agent's own credentials are used."""
+    if not url:
+        return None
+    parts, mine = urlsplit(url), urlsplit(own)
+    if parts.username or parts.password or not (mine.username or mine.password):
+        return url
+    auth = f"{quote(mine.username or '', safe='')}:{quote(mine.password or '', safe='')}@"
+    return parts._replace(netloc=auth + parts.netloc).geturl()
 
 
 def revision_failures(doctor: Report) -> list[CheckResult]:
