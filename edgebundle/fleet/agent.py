@@ -497,11 +497,13 @@ class Agent:
                 "--device-id", self.device_id, "--host", settings.host,
                 "--port", str(settings.port)]
         for flag, value in (("--app", settings.app), ("--template", settings.template),
-                            ("--system-prompt", settings.system_prompt),
-                            ("--redis-url", settings.redis_url)):
+                            ("--system-prompt", settings.system_prompt)):
             if value:
                 argv += [flag, str(value)]
         env = {**os.environ, "EDGEBUNDLE_HOME": str(self.settings.home)}
+        env.pop("EDGEBUNDLE_REDIS_URL", None)
+        if settings.redis_url:  # by environment: a password in argv is visible to ps
+            env["EDGEBUNDLE_REDIS_URL"] = settings.redis_url
         self.settings.layout.logs.mkdir(parents=True, exist_ok=True)
         with (self.settings.layout.logs / "agent-run.log").open("ab") as out:
             self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
