@@ -332,10 +332,12 @@ class Controller:
     """One fleet's controller; ``token`` is its lease token (None: acts without a lease,
     as the operator's commands do)."""
 
-    def __init__(self, redis: Client, fleet: str, token: str | None = None) -> None:
+    def __init__(self, redis: Client, fleet: str, token: str | None = None,
+                 lease_ms: int = LEASE_MS) -> None:
         self.redis = redis
         self.fleet = fleet
         self.token = token
+        self.lease_ms = lease_ms
         self._write_desired = redis.register_script(_WRITE_DESIRED)
         self._write_rollout = redis.register_script(_WRITE_ROLLOUT)
         self._hold_lease = redis.register_script(_HOLD_LEASE)
@@ -344,12 +346,12 @@ class Controller:
 
     # lease
 
-    async def hold_lease(self, lease_ms: int = LEASE_MS) -> bool:
+    async def hold_lease(self) -> bool:
         """Take or renew the lease; False when another controller holds it."""
         if self.token is None:
             raise UsageError("this controller has no lease token")
         held = await self._hold_lease(keys=[keys.controller_lock(self.fleet)],
-                                      args=[self.token, lease_ms])
+                                      args=[self.token, self.lease_ms])
         return bool(int(held))
 
     async def release_lease(self) -> None:
@@ -788,7 +790,7 @@ async def run_controller(redis: Client, fleet: str, *, interval: float = TICK_IN
     Without the lease (another controller acts) it only tries to take it each pass.
     A pass that fails on Redis is logged and retried next pass.
     """
-    controller = Controller(redis, fleet, token=secrets.token_hex(16))
+    controller = Controller(redis, fleet, token=secrets.token_hex(16), lease_ms=lease_ms)
     stop = stop or asyncio.Event()
     try:
         while not stop.is_set():
