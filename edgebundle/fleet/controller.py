@@ -32,10 +32,12 @@ the rules can be driven step by step:
   ``pinned``   ``spec.devices[id].pin``: kept on that revision, outside the rollout.
 
   Phases are cumulative (:mod:`edgebundle.fleet.selection`). A phase opens ``after``
-  its predecessor completed and must complete within ``progress_deadline`` of
-  opening; only devices that are online and not healthy make the deadline pass (a
-  phase that only waits for offline devices waits). A pause (the ``paused`` key) makes
-  a tick do nothing; resume shifts the deadline by the time spent paused.
+  its predecessor completed and must make progress within ``progress_deadline``: the
+  clock starts when the phase opens and restarts on every pass that moves devices or
+  finds only offline devices to wait for (a phase waiting for offline devices waits;
+  it does not fail), so it runs out only on online devices stuck short of healthy.
+  A pause (the ``paused`` key) makes a tick do nothing; resume shifts the deadline by
+  the time spent paused.
 - :func:`run_controller` ticks in a loop while holding the lease ``controller_lock``
   (``SET NX PX``, renewed each pass), so two controllers never act at once: every
   Rollout write checks the lease in the same script, and every DesiredState write is a
@@ -256,9 +258,18 @@ def _manifest_rollout(manifest: Mapping[str, Any], now: float, revision: str,
     return replace(rollout, deadline_at=_deadline(rollout, now))
 
 
+def _window(rollout: Rollout) -> float:
+    return selection.duration_seconds((rollout.rollout.get("health") or {}).get("window"),
+                                      "rollout.health.window")
+
+
+def _progress_deadline(rollout: Rollout) -> float:
+    return selection.duration_seconds(rollout.rollout.get("progress_deadline"),
+                                      "rollout.progress_deadline")
+
+
 def _deadline(rollout: Rollout, phase_started_at: float) -> float:
-    limit = selection.duration_seconds(rollout.rollout.get("progress_deadline"),
-                                       "rollout.progress_deadline")
+    limit = _progress_deadline(rollout)
     if limit <= 0:
         return 0.0
     return phase_started_at + _after(rollout, rollout.phase) + limit
@@ -292,36 +303,68 @@ async def _get_many(redis: Client, names: Sequence[str]) -> list[str | None]:
     return values
 
 
-async def read_devices(redis: Client, fleet: str) -> list[DeviceView]:
-    """Every device registered in the fleet, sorted by id, in a handful of round trips."""
+ParseMemo = dict[tuple[str, str], tuple[str, Any]]  # (kind, device) -> (raw JSON, parsed)
+
+
+async def read_devices(redis: Client, fleet: str, *, labels: bool = True,
+                       memo: ParseMemo | None = None) -> list[DeviceView]:
+    """Every device registered in the fleet, sorted by id, in a handful of round trips
+    (``labels=False``: without their labels, when no group selects devices).
+
+    ``memo`` (kept by a long-running controller) skips re-parsing documents whose JSON
+    did not change since the last pass: most of them, most of the time.
+    """
     ids = sorted(str(device) for device in await redis.smembers(keys.fleet_devices(fleet)))
     pipe = redis.pipeline(transaction=False)
-    for device in ids:
+    for device in ids if labels else ():
         pipe.hget(keys.device_info(device), "labels")
     labels_raw, desired_raw, actual_raw, heartbeat_raw = await asyncio.gather(
-        pipe.execute(),
+        pipe.execute() if labels else _nothing(len(ids)),
         _get_many(redis, [keys.desired(device) for device in ids]),
         _get_many(redis, [keys.actual(device) for device in ids]),
         _get_many(redis, [keys.heartbeat(device) for device in ids]),
     )
+    memo = {} if memo is None else memo
+    fresh: ParseMemo = {}
+
+    def parsed(kind: str, device: str, raw: str | None, parse: Callable[[str], Any]) -> Any:
+        if raw is None:
+            return None
+        known = memo.get((kind, device))
+        value = known[1] if known is not None and known[0] == raw else parse(raw)
+        fresh[(kind, device)] = (raw, value)
+        return value
+
     views = []
     for index, device in enumerate(ids):
         view = DeviceView(id=device, labels={}, desired=None, actual=None,
                           online=heartbeat_raw[index] is not None)
         try:
-            view.labels = _labels(labels_raw[index])
-            desired = loads(desired_raw[index], f"desired state of {device}")
-            view.desired = DesiredState.from_json(desired) if desired else None
-            actual = loads(actual_raw[index], f"actual state of {device}")
-            view.actual = ActualState.from_json(actual) if actual else None
+            view.labels = parsed("labels", device, labels_raw[index], _labels) or {}
+            view.desired = parsed("desired", device, desired_raw[index], _desired)
+            view.actual = parsed("actual", device, actual_raw[index], _actual)
         except (UsageError, KeyError, ValueError, TypeError) as exc:
-            view.unreadable = str(exc)
+            view.unreadable = f"{device}: {exc}"
         views.append(view)
+    memo.clear()
+    memo.update(fresh)
     return views
 
 
-def _labels(raw: str | None) -> dict[str, str]:
-    value = loads(raw, "device labels") if raw else None
+def _desired(raw: str) -> DesiredState:
+    return DesiredState.from_json(loads(raw, "desired state") or {})
+
+
+def _actual(raw: str) -> ActualState:
+    return ActualState.from_json(loads(raw, "actual state") or {})
+
+
+async def _nothing(count: int) -> list[None]:
+    return [None] * count
+
+
+def _labels(raw: str) -> dict[str, str]:
+    value = loads(raw, "device labels")
     return {str(key): str(item) for key, item in (value or {}).items()}
 
 
@@ -343,6 +386,7 @@ class Controller:
         self._hold_lease = redis.register_script(_HOLD_LEASE)
         self._release_lease = redis.register_script(_RELEASE_LEASE)
         self.last_rollout_raw = ""  # the Rollout JSON this controller last wrote
+        self._memo: ParseMemo = {}  # parsed device documents of the last pass
 
     # lease
 
@@ -426,7 +470,8 @@ class Controller:
         if await self.redis.exists(keys.paused(self.fleet)):
             summary.message = "paused: `edgebundle fleet resume` continues"
             return summary
-        views = await read_devices(self.redis, self.fleet)
+        grouped = any("group" in phase for phase in selection.rollout_phases(rollout.rollout))
+        views = await read_devices(self.redis, self.fleet, labels=grouped, memo=self._memo)
         summary.acted = True
         if rollout.status in ("rolling_back", "rolled_back"):
             return await self._roll_back(raw, rollout, views, now, summary, rollout.message)
@@ -497,13 +542,19 @@ class Controller:
         if not waiting:
             return await self._advance(raw, rollout, now, summary)
         stuck = [device for device in waiting if by_id[device].online]
-        if rollout.deadline_at and now > rollout.deadline_at and stuck:
+        if rollout.deadline_at and now > rollout.deadline_at and stuck and not summary.moved:
             message = (f"progress deadline passed in phase {rollout.phase}: "
                        f"{len(stuck)} device(s) not healthy: {', '.join(stuck[:10])}")
             return await self._on_failure(raw, rollout, views, now, summary, message, deadline=True)
         offline = len(waiting) - len(stuck)
-        summary.message = (f"phase {rollout.phase}: waiting for {len(stuck)} updating and "
-                           f"{offline} offline device(s)")
+        message = (f"phase {rollout.phase}: waiting for {len(stuck)} updating and "
+                   f"{offline} offline device(s)")
+        progress_deadline = _progress_deadline(rollout)
+        if progress_deadline and (summary.moved or not stuck):
+            # progress (a move), or only offline devices to wait for: the clock restarts
+            return await self._store(raw, replace(rollout, deadline_at=now + progress_deadline,
+                                                  message=message), summary)
+        summary.message = message
         return summary
 
     def device_state(self, view: DeviceView, rollout: Rollout, target: Revision,
@@ -513,7 +564,8 @@ class Controller:
             return "pinned"
         desired, actual = view.desired, view.actual
         if (desired is None or desired.revision != target.id
-                or desired.spec != selection.device_spec(target.spec, entry)):
+                or desired.spec != (selection.device_spec(target.spec, entry) if entry
+                                    else target.spec)):
             return "old"
         current = actual is not None and actual.generation == desired.generation
         if current and actual is not None and actual.status == "failed":
@@ -521,11 +573,9 @@ class Controller:
             return "old" if desired.written_at < rollout.started_at else "failed"
         if not view.online:
             return "offline"
-        window = selection.duration_seconds((rollout.rollout.get("health") or {}).get("window"),
-                                            "rollout.health.window")
         if (current and actual is not None and actual.status == "healthy"
                 and actual.revision == target.id and actual.doctor_ok
-                and now - actual.running_since >= window):
+                and now - actual.running_since >= _window(rollout)):
             return "healthy"
         return "updating"
 
