@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,13 +37,14 @@ IDS = ["c1"] + [f"d{n:02d}" for n in range(1, 10)]  # c1 sorts first: 50% = c1, 
 
 
 def manifest(model: str, *, phases: list[dict[str, Any]] | None = None,
-             devices: dict[str, Any] | None = None, **rollout: Any) -> dict[str, Any]:
+             devices: dict[str, Any] | None = None, fleet: str = FLEET,
+             **rollout: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {"phases": phases or [{"percent": 100}],
                                 "max_unavailable": "100%",
                                 "health": {"window": "20s", "failure_threshold": 0},
                                 "offline": "wait", "on_failure": "rollback"}
     settings.update(rollout)
-    return {"apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": FLEET},
+    return {"apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": fleet},
             "spec": {"runtime": {"kind": "embedded"},
                      "model": {"name": model, "url": f"file:///models/{model}.gguf",
                                "sha256": "0" * 64, "template": "llama-3-chat",
@@ -56,14 +58,15 @@ def manifest(model: str, *, phases: list[dict[str, Any]] | None = None,
 class Agent:
     """A simulated device agent: the documents of edgebundle.fleet.state, written directly."""
 
-    def __init__(self, redis: Client, device_id: str, labels: dict[str, str]) -> None:
-        self.redis, self.id, self.labels = redis, device_id, labels
+    def __init__(self, redis: Client, device_id: str, labels: dict[str, str],
+                 fleet: str = FLEET) -> None:
+        self.redis, self.id, self.labels, self.fleet = redis, device_id, labels, fleet
 
     async def register(self) -> None:
         await self.redis.hset(keys.device_info(self.id), mapping={
-            "fleet": FLEET, "labels": json.dumps(self.labels), "agent_version": "test",
+            "fleet": self.fleet, "labels": json.dumps(self.labels), "agent_version": "test",
             "registered_at": str(T0)})
-        await self.redis.sadd(keys.fleet_devices(FLEET), self.id)
+        await self.redis.sadd(keys.fleet_devices(self.fleet), self.id)
         await self.beat()
 
     async def beat(self) -> None:
@@ -449,6 +452,34 @@ def test_one_pass_over_ten_thousand_devices_moves_exactly_the_budget(
             assert summary.moved == ids[:500]
             assert summary.counts == {"old": 10_000}
             assert (await Controller(redis, FLEET).tick(now=T0 + 1)).moved == []
+        finally:
+            await redis.aclose()
+    asyncio.run(main())
+
+
+def test_a_rollout_and_its_rollback_work_the_same_on_a_redis_cluster(
+        sync_redis_url: str) -> None:
+    async def main() -> None:
+        redis = await connect(sync_redis_url)
+        fleet = f"cl-{uuid.uuid4().hex[:8]}"  # the Redis is shared by the session
+        try:
+            agents = [Agent(redis, f"{fleet}-{n}", {"ring": "main"}, fleet) for n in range(6)]
+            for agent in agents:
+                await agent.register()
+            ctl = Controller(redis, fleet, token="only")
+            rev_a = (await controller.apply(redis, manifest(
+                "model-a", fleet=fleet, health={"window": 0}), now=T0)).revision
+            assert len((await ctl.tick(now=T0)).moved) == 6
+            for agent in agents:
+                await agent.converge(T0)
+            assert (await ctl.tick(now=T0 + 1)).status == "complete"
+            await controller.apply(redis, manifest("model-b", fleet=fleet, max_unavailable=2),
+                                   now=T0 + 2)
+            assert len((await ctl.tick(now=T0 + 2)).moved) == 2
+            await agents[0].report("failed", T0 + 3, error="doctor failed")
+            summary = await ctl.tick(now=T0 + 4)
+            assert (summary.status, len(summary.rolled_back)) == ("rolled_back", 2)
+            assert {(await agent.desired()).revision for agent in agents} == {rev_a}  # type: ignore[union-attr]
         finally:
             await redis.aclose()
     asyncio.run(main())

@@ -77,6 +77,7 @@ LEASE_MS = 15_000  # the controller's lease; renewed every pass (TICK_INTERVAL)
 TICK_INTERVAL = 2.0  # s between passes of run_controller
 READ_CHUNK = 1000  # keys per MGET when reading the fleet
 DEFAULT_MAX_UNAVAILABLE = 1
+CLUSTER_CONCURRENCY = 200  # script calls in flight at once on a Redis Cluster
 CAS_ATTEMPTS = 5  # an operator command retries its compare-and-set this often
 ACTIVE = ("progressing", "rolling_back")
 FINISHED = ("complete", "rolled_back", "frozen", "failed")
@@ -441,16 +442,26 @@ class Controller:
         the ids written (a device someone else wrote in between is left for next pass)."""
         if not moves:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        calls: list[tuple[list[str], list[str | int]]] = []
         for view, revision, spec in moves:
             generation = view.desired.generation if view.desired else 0
             document = DesiredState(generation=generation + 1, revision=revision.id, spec=spec,
                                     written_at=now)
-            await self._write_desired(keys=[keys.desired(view.id)],
-                                      args=[generation, dumps(document.to_json()),
-                                            keys.nudge(view.id)],
-                                      client=pipe)  # type: ignore[arg-type]
-        results = await pipe.execute()
+            calls.append(([keys.desired(view.id)],
+                          [generation, dumps(document.to_json()), keys.nudge(view.id)]))
+        if isinstance(self.redis, RedisCluster):
+            # a cluster client cannot pipeline scripts: concurrent calls, a chunk at a time
+            results: list[Any] = []
+            for start in range(0, len(calls), CLUSTER_CONCURRENCY):
+                results.extend(await asyncio.gather(*(
+                    self._write_desired(keys=call_keys, args=call_args)
+                    for call_keys, call_args in calls[start:start + CLUSTER_CONCURRENCY])))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for call_keys, call_args in calls:
+                await self._write_desired(keys=call_keys, args=call_args,
+                                          client=pipe)
+            results = await pipe.execute()
         return [view.id for (view, _, _), ok in zip(moves, results, strict=True) if int(ok) == 1]
 
     # one pass
