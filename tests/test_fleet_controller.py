@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -536,3 +539,53 @@ def test_cli_status_table_json_apply_plan_pause_and_errors(
     assert "pass --redis-url or set EDGEBUNDLE_REDIS_URL" in missing.output
     bad = runner.invoke(cli, ["fleet", "apply", str(tmp_path / "nope.yaml"), *url])
     assert bad.exit_code == 2 and "cannot read manifest" in bad.output
+
+
+def test_the_controller_command_rolls_out_while_apply_wait_waits_for_complete(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Real processes: `fleet controller` loops (lease, ticks), `fleet apply --wait` returns
+    0 once the simulated agents are healthy; SIGTERM stops the loop and frees the lease."""
+    async def register() -> None:
+        async with fleet_of(redis_server, ["c1", "d01", "d02"]):
+            pass
+    asyncio.run(register())
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(manifest("model-a", health={"window": 0})))
+    url = ["--redis-url", redis_server.url]
+    logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("controller", "apply")}
+    ctl = subprocess.Popen([sys.executable, "-m", "edgebundle", "fleet", "controller", FLEET,
+                            "--interval", "0.2", *url], stdout=logs["controller"],
+                           stderr=subprocess.STDOUT)
+    applying = subprocess.Popen([sys.executable, "-m", "edgebundle", "fleet", "apply", str(path),
+                                 "--wait", "--timeout", "120", *url], stdout=logs["apply"],
+                                stderr=subprocess.STDOUT)
+    try:
+        async def agents_apply_until_done() -> None:
+            redis = await connect(redis_server.url)
+            try:
+                agents = {d: Agent(redis, d, {}) for d in ("c1", "d01", "d02")}
+                while applying.poll() is None:
+                    await converge_online(agents, time.time())
+                    await asyncio.sleep(0.1)
+            finally:
+                await redis.aclose()
+        asyncio.run(asyncio.wait_for(agents_apply_until_done(), timeout=150))
+        logs["apply"].seek(0)
+        output = logs["apply"].read()
+        assert applying.returncode == 0, output
+        assert "rolling out rev-" in output and "complete" in output
+    finally:
+        for process in (applying, ctl):
+            if process.poll() is None:
+                process.terminate()
+        assert ctl.wait(timeout=30) == 0
+        applying.wait(timeout=30)
+    logs["controller"].seek(0)
+    assert "moved c1, d01, d02" in logs["controller"].read()
+    async def lease_gone() -> bool:
+        redis = await connect(redis_server.url)
+        try:
+            return await redis.get(keys.controller_lock(FLEET)) is None
+        finally:
+            await redis.aclose()
+    assert asyncio.run(lease_gone())

@@ -59,7 +59,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError as _RedisPyError
 
-from edgebundle.errors import UsageError
+from edgebundle.errors import EdgebundleError, UsageError
 from edgebundle.fleet import keys, selection
 from edgebundle.fleet.state import (
     ActualState,
@@ -511,6 +511,8 @@ class Controller:
             selection.rollout_phases(settings), rollout.groups,
             {view.id: view.labels for view in views})
         complete = rollout.status == "complete"
+        if not complete and rollout.phase >= len(window_phases):  # re-applied with fewer phases
+            rollout = replace(rollout, phase=len(window_phases) - 1)
         in_phase = set(rollable) if complete else window_phases[rollout.phase] & set(rollable)
 
         if not complete:
@@ -849,7 +851,7 @@ async def run_controller(redis: Client, fleet: str, *, interval: float = TICK_IN
     """Tick every ``interval`` s while holding the fleet's lease, until ``stop`` is set.
 
     Without the lease (another controller acts) it only tries to take it each pass.
-    A pass that fails on Redis is logged and retried next pass.
+    A pass that fails (Redis unreachable, a corrupt document) is logged and retried next pass.
     """
     controller = Controller(redis, fleet, token=secrets.token_hex(16), lease_ms=lease_ms)
     stop = stop or asyncio.Event()
@@ -861,6 +863,8 @@ async def run_controller(redis: Client, fleet: str, *, interval: float = TICK_IN
                     on_tick(summary)
             except (_RedisPyError, OSError) as exc:
                 log.warning("fleet %s: pass failed, retrying: %s", fleet, exc)
+            except EdgebundleError as exc:  # e.g. a corrupt document: fixed by a new apply
+                log.error("fleet %s: pass failed, retrying: %s", fleet, exc)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
     finally:
