@@ -164,14 +164,15 @@ def test_a_rollout_moves_the_canary_then_half_then_everyone_waiting_for_health_a
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            applied = await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES),
-                                             now=T0)
+            applied = await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES,
+                                                             retries=4), now=T0)
             rev_b = applied.revision
             assert (applied.changed, applied.previous) == (True, rev_a)
 
             # phase 0: only the canary group
             assert (await tick(redis_server, T0)).moved == ["c1"]
             assert (await revisions(agents))["c1"] == (rev_b, 2)
+            assert (await agents["c1"].desired()).retries == 4  # type: ignore[union-attr]
             assert (await revisions(agents))["d01"] == (rev_a, 1)
             await agents["c1"].converge(T0 + 1)
             # healthy, but not for the whole 20 s window yet: the phase holds
@@ -193,8 +194,8 @@ def test_a_rollout_moves_the_canary_then_half_then_everyone_waiting_for_health_a
             assert done.status == "complete"
             assert await revisions(agents) == {device: (rev_b, 2) for device in IDS}
             assert (await rollout_of(redis))["previous"] == rev_a
-            again = await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES),
-                                           now=T0 + 200)
+            again = await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES,
+                                                           retries=4), now=T0 + 200)
             assert not again.changed and "no change" in again.message
     asyncio.run(main())
 

@@ -62,6 +62,7 @@ from redis.exceptions import RedisError as _RedisPyError
 from edgebundle.errors import EdgebundleError, UsageError
 from edgebundle.fleet import keys, selection
 from edgebundle.fleet.state import (
+    DEFAULT_RETRIES,
     ActualState,
     DesiredState,
     Revision,
@@ -259,6 +260,10 @@ def _manifest_rollout(manifest: Mapping[str, Any], now: float, revision: str,
     return replace(rollout, deadline_at=_deadline(rollout, now))
 
 
+def _retries(rollout: Rollout) -> int:
+    return int(rollout.rollout.get("retries", DEFAULT_RETRIES))
+
+
 def _window(rollout: Rollout) -> float:
     return selection.duration_seconds((rollout.rollout.get("health") or {}).get("window"),
                                       "rollout.health.window")
@@ -437,7 +442,7 @@ class Controller:
         return found
 
     async def write_desired(self, moves: Sequence[tuple[DeviceView, Revision, dict[str, Any]]],
-                            now: float) -> list[str]:
+                            now: float, retries: int = DEFAULT_RETRIES) -> list[str]:
         """Give each device its revision (generation + 1, compare-and-set) and nudge it;
         the ids written (a device someone else wrote in between is left for next pass)."""
         if not moves:
@@ -446,7 +451,7 @@ class Controller:
         for view, revision, spec in moves:
             generation = view.desired.generation if view.desired else 0
             document = DesiredState(generation=generation + 1, revision=revision.id, spec=spec,
-                                    written_at=now)
+                                    written_at=now, retries=retries)
             calls.append(([keys.desired(view.id)],
                           [generation, dumps(document.to_json()), keys.nudge(view.id)]))
         if isinstance(self.redis, RedisCluster):
@@ -538,7 +543,7 @@ class Controller:
             moves = [(by_id[device], target,
                       selection.device_spec(target.spec, rollout.pins.get(device)))
                      for device in chosen]
-            summary.moved = await self.write_desired(moves, now)
+            summary.moved = await self.write_desired(moves, now, _retries(rollout))
             for device in summary.moved:
                 states[device] = "updating"
         if complete:
@@ -608,7 +613,7 @@ class Controller:
             spec = selection.device_spec(revision.spec, entry)
             if view.desired is None or view.desired.revision != pin or view.desired.spec != spec:
                 moves.append((view, revision, spec))
-        return await self.write_desired(moves, now)
+        return await self.write_desired(moves, now, _retries(rollout))
 
     async def _advance(self, raw: str, rollout: Rollout, now: float,
                        summary: TickSummary) -> TickSummary:
@@ -663,7 +668,7 @@ class Controller:
                  for view in views
                  if view.desired is not None and view.desired.revision == rollout.revision
                  and not selection.pinned_revision(rollout.pins.get(view.id))]
-        summary.rolled_back = await self.write_desired(moves, now)
+        summary.rolled_back = await self.write_desired(moves, now, _retries(rollout))
         if len(summary.rolled_back) < len(moves):  # someone wrote in between: next pass
             summary.status, summary.message = rollout.status, rollout.message
             return summary
