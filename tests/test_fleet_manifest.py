@@ -102,9 +102,9 @@ def test_base_manifest_is_valid_and_defaults_are_filled() -> None:
     assert len(spec["app"]["sha256"]) == 64
     assert spec["sync"] == {"redis_url": None, "session_ttl": 1800, "multitask": "enqueue"}
     rollout = manifest.rollout_json()
-    assert rollout["phases"] == [{"group": "canary", "percent": None, "after": 0.0},
-                                 {"group": None, "percent": 50, "after": 30.0},
-                                 {"group": None, "percent": 100, "after": 0.0}]
+    assert rollout["phases"] == [{"group": "canary", "after": 0.0},
+                                 {"percent": 50, "after": 30.0},
+                                 {"percent": 100, "after": 0.0}]
     assert rollout["health"] == {"window": 20.0, "failure_threshold": 0}
     assert (rollout["max_unavailable"], rollout["retries"], rollout["offline"],
             rollout["on_failure"], rollout["progress_deadline"]) == (1, 2, "wait", "rollback",

@@ -452,8 +452,21 @@ class Manifest(_Strict):
         return [group.model_dump(mode="json") for group in self.spec.groups]
 
     def rollout_json(self) -> dict[str, Any]:
-        """spec.rollout in normal form (Rollout.rollout): seconds, int percents."""
-        return self.spec.rollout.model_dump(mode="json")
+        """spec.rollout in normal form (Rollout.rollout): seconds, int percents; a phase
+        has only the keys it sets (group or percent)."""
+        rollout = self.spec.rollout.model_dump(mode="json")
+        rollout["phases"] = [{k: v for k, v in phase.items() if v is not None}
+                             for phase in rollout["phases"]]
+        return rollout
+
+    def document(self) -> dict[str, Any]:
+        """The validated manifest as plain JSON in normal form, defaults filled: what the
+        controller plans and applies (its spec's runtime, model, app and sync are
+        exactly :meth:`revision_spec`, so the revision id is the one validate prints)."""
+        return {"apiVersion": "edgebundle/v1", "kind": "Fleet",
+                "metadata": {"name": self.metadata.name},
+                "spec": {**self.revision_spec(), "groups": self.groups_json(),
+                         "rollout": self.rollout_json(), "devices": self.pins_json()}}
 
     def pins_json(self) -> dict[str, Any]:
         """spec.devices as plain JSON (Rollout.pins), only the keys each device sets.
