@@ -29,12 +29,12 @@ from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
+from tests.support.fleet import FLEET, AgentProcess
 from tests.support.processes import free_port, gone
 from tests.support.redis_server import RedisServer
 from tests.support.release_server import ReleaseServer, sha256
 from tests.support.serving import LoopThread, wait_for
 
-FLEET = "shops"
 EDGECHAT_SHA256 = load_app_pins(app_pins_file()).app("edgechat").sha256  # the shipped guest
 DEADLINE = 60.0  # generous: two cores shared with other test runs
 
@@ -80,34 +80,6 @@ def wait_status(client: redis_sync.Redis, device: str, generation: int,
 
 def current_target(home: Path) -> str:
     return os.readlink(home / "fleet" / "current")
-
-
-class AgentProcess:
-    """``python -m edgebundle agent …`` as a child process, stopped by its own pid."""
-
-    def __init__(self, home: Path, device: str, redis_url: str, *extra: str) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        self.stderr_path = home / "agent.stderr"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
-        env["EDGEBUNDLE_HOME"] = str(home)
-        with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgebundle", "agent", "--device-id", device,
-                 "--redis-url", redis_url, "--fleet", FLEET, *extra],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 def run_once(home: Path, device: str, redis_url: str,
