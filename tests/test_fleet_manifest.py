@@ -12,12 +12,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 
 from edgebundle.errors import ManifestError, UsageError
-from edgebundle.fleet import plan
+from edgebundle.fleet import selection
 from edgebundle.fleet.manifest import (
     Multitask,
     load_manifest,
@@ -367,9 +367,9 @@ def test_cli_validate_without_a_file_is_a_usage_error(tmp_path: Path) -> None:
     assert "Missing argument" in result.stderr
 
 
-# ---- plan.py: pure helpers --------------------------------------------------------------
+# ---- selection.py: the controller's pure helpers, on what the manifest gives ---------
 
-DEVICES = {
+LABELS = {
     "d05": {"ring": "canary", "site": "north"},
     "d01": {"site": "north"},
     "d03": {"site": "south"},
@@ -379,75 +379,60 @@ DEVICES = {
 GROUPS = [{"name": "canary", "selector": {"ring": "canary"}},
           {"name": "north-canary", "selector": {"ring": "canary", "site": "north"}},
           {"name": "everyone", "selector": {}}]
-ROLLOUT = {"phases": [{"group": "canary", "percent": None, "after": 0.0},
-                      {"group": None, "percent": 50, "after": 30.0},
-                      {"group": None, "percent": 100, "after": 30.0}]}
+PHASES: list[dict[str, Any]] = [{"group": "canary", "after": 0.0},
+                                {"percent": 50, "after": 30.0},
+                                {"percent": 100, "after": 30.0}]
 
 
 def test_group_selection_needs_every_label() -> None:
-    assert plan.group_devices(GROUPS, "canary", DEVICES) == ["d02", "d05"]
-    assert plan.group_devices(GROUPS, "north-canary", DEVICES) == ["d05"]
-    assert plan.group_devices(GROUPS, "everyone", DEVICES) == sorted(DEVICES)
-    assert not plan.matches({"ring": "canary"}, {"ring": "Canary"})
-    with pytest.raises(UsageError, match="no such group"):
-        plan.group_devices(GROUPS, "west", DEVICES)
+    assert selection.group_devices("canary", GROUPS, LABELS) == {"d02", "d05"}
+    assert selection.group_devices("north-canary", GROUPS, LABELS) == {"d05"}
+    assert selection.group_devices("everyone", GROUPS, LABELS) == set(LABELS)
+    assert not selection.matches({"ring": "Canary"}, {"ring": "canary"})
+    with pytest.raises(UsageError, match="does not define"):
+        selection.group_devices("west", GROUPS, LABELS)
 
 
 def test_percent_phases_are_stable_and_cumulative() -> None:
-    half = plan.phase_devices(ROLLOUT, GROUPS, DEVICES, 1)
-    assert half == ["d01", "d02", "d03"]  # 50% of 5, rounded up, first by id
-    shuffled = dict(reversed(list(DEVICES.items())))
-    assert plan.phase_devices(ROLLOUT, GROUPS, shuffled, 1) == half
-    everyone = plan.phase_devices(ROLLOUT, GROUPS, DEVICES, 2)
-    assert set(half) <= set(everyone) and everyone == sorted(DEVICES)
-    assert plan.devices_through(ROLLOUT, GROUPS, DEVICES, 0) == ["d02", "d05"]
-    assert plan.devices_through(ROLLOUT, GROUPS, DEVICES, 1) == ["d01", "d02", "d03", "d05"]
+    half = selection.phase_devices(PHASES[1], GROUPS, LABELS)
+    assert half == {"d01", "d02", "d03"}  # 50% of 5, rounded up, first by id
+    shuffled = dict(reversed(list(LABELS.items())))
+    assert selection.phase_devices(PHASES[1], GROUPS, shuffled) == half
+    cumulative = selection.cumulative_phases(PHASES, GROUPS, LABELS)
+    assert cumulative == [{"d02", "d05"}, {"d01", "d02", "d03", "d05"}, set(LABELS)]
+    assert selection.first_phase_of("d03", cumulative) == 1
     # A new device joins: earlier picks by id stay picked unless it sorts before them.
-    grown = {**DEVICES, "d06": {}}
-    assert plan.phase_devices(ROLLOUT, GROUPS, grown, 1) == ["d01", "d02", "d03"]
-    assert plan.percent_count(1, 10) == 1 and plan.percent_count(100, 7) == 7
-    assert plan.phase_devices(ROLLOUT, GROUPS, {}, 1) == []
-    with pytest.raises(UsageError, match="no phase 3"):
-        plan.phase_devices(ROLLOUT, GROUPS, DEVICES, 3)
+    grown = {**LABELS, "d06": {}}
+    assert selection.phase_devices(PHASES[1], GROUPS, grown) == {"d01", "d02", "d03"}
+    assert selection.phase_devices(PHASES[1], GROUPS, {}) == set()
 
 
-def test_resolve_count_of_numbers_and_percents() -> None:
-    assert plan.resolve_count(3, 100) == 3
-    assert plan.resolve_count("25%", 10) == 2  # rounded down
-    assert plan.resolve_count("10%", 5, at_least=1) == 1
-    assert plan.resolve_count("0%", 5) == 0
+def test_counts_of_numbers_and_percents() -> None:
+    assert selection.count_or_percent(3, 100, "max_unavailable", round_up=False) == 3
+    assert selection.count_or_percent("25%", 10, "max_unavailable", round_up=False) == 2
+    assert selection.count_or_percent("25%", 10, "max_unavailable", round_up=True) == 3
+    assert selection.count_or_percent("0%", 5, "failure_threshold", round_up=False) == 0
 
 
-def test_desired_spec_applies_pins_and_overrides() -> None:
+def test_a_device_spec_applies_its_overrides_and_pins_are_read() -> None:
     fleet_spec = parse_manifest(BASE).revision_spec()
-    old_spec = {**fleet_spec, "model": {**fleet_spec["model"], "name": "old"}}
-    old = Revision.id_for(old_spec)
-    new = Revision.id_for(fleet_spec)
-    pins = {"kiosk-7": {"pin": old},
-            "kiosk-9": {"model": {"ctx_size": 2048},
-                        "runtime": {"kind": "wasmedge", "wasmedge": "0.14.1",
-                                    "plugin": {"name": "wasi_nn-ggml", "build": "b5593",
-                                               "variant": "cpu"}}}}
-    known = {old: old_spec, new: fleet_spec}
-    assert plan.desired_for("kiosk-1", new, fleet_spec, pins, known) == (new, fleet_spec)
-    assert plan.desired_for("kiosk-7", new, fleet_spec, pins, known) == (old, old_spec)
-    revision, spec = plan.desired_for("kiosk-9", new, fleet_spec, pins, known)
-    assert revision == new
+    wasmedge = {"kind": "wasmedge", "wasmedge": "0.14.1",
+                "plugin": {"name": "wasi_nn-ggml", "build": "b5593", "variant": "cpu"}}
+    entry = {"model": {"ctx_size": 2048}, "runtime": wasmedge}
+    spec = selection.device_spec(fleet_spec, entry)
     assert spec["model"] == {**fleet_spec["model"], "ctx_size": 2048}
-    assert spec["runtime"]["kind"] == "wasmedge" and spec["app"] == fleet_spec["app"]
+    assert spec["runtime"] == wasmedge and spec["app"] == fleet_spec["app"]
     assert fleet_spec["model"]["ctx_size"] == 4096  # the fleet's spec is not changed
-    assert plan.pinned_revision(pins, "kiosk-7") == old
-    assert plan.pinned_revision(pins, "kiosk-9") is None
-    with pytest.raises(UsageError, match="never applied"):
-        plan.desired_for("kiosk-7", new, fleet_spec, pins, {new: fleet_spec})
+    back = selection.device_spec(spec, {"runtime": {"kind": "embedded"}})
+    assert back["runtime"] == {"kind": "embedded"}  # replaced whole, nothing left over
+    assert selection.pinned_revision({"pin": "rev-0123456789ab"}) == "rev-0123456789ab"
+    assert selection.pinned_revision(entry) is None and selection.pinned_revision(None) is None
 
 
-def test_manifest_pins_feed_plan_unchanged() -> None:
+def test_manifest_overrides_feed_the_device_spec_unchanged() -> None:
     text = BASE + ("  devices:\n    kiosk-9:\n      model: {url: \"bundle:assets/b.gguf\", "
                    f"sha256: \"{'cd' * 32}\"}}\n")
     manifest = parse_manifest(text)
-    spec = manifest.revision_spec()
-    _, desired = plan.desired_for("kiosk-9", manifest.revision_id(), spec,
-                                  manifest.pins_json(), {})
+    desired = selection.device_spec(manifest.revision_spec(), manifest.pins_json()["kiosk-9"])
     assert desired["model"]["url"] == "bundle:assets/b.gguf"
     assert desired["model"]["sha256"] == "cd" * 32 and desired["model"]["name"] == "m"

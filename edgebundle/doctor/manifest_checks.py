@@ -16,7 +16,7 @@ from edgebundle.doctor.app_checks import configured_app, sha256_file
 from edgebundle.doctor.context import Context
 from edgebundle.doctor.report import CheckResult, fail, ok, skip
 from edgebundle.fleet.manifest import Manifest
-from edgebundle.fleet.plan import apply_overrides
+from edgebundle.fleet.selection import device_spec
 from edgebundle.runtime.launch import default_app
 
 MODEL = "manifest.model"
@@ -28,9 +28,7 @@ AGENT_FIX = "let the fleet agent apply the revision (edgebundle agent), or insta
 
 def wanted_spec(manifest: Manifest, device_id: str | None) -> dict[str, Any]:
     """What this device must run: the fleet's spec with the device's own overrides."""
-    spec = manifest.revision_spec()
-    entry = manifest.pins_json().get(device_id or "", {})
-    return apply_overrides(spec, entry) if entry else spec
+    return device_spec(manifest.revision_spec(), manifest.pins_json().get(device_id or ""))
 
 
 def checks(ctx: Context, manifest: Manifest) -> list[CheckResult]:

@@ -16,7 +16,7 @@ Normal forms (what :meth:`Manifest.revision_spec` and the ``*_json`` helpers giv
 controller and the agent, as plain JSON): durations are seconds (float;
 ``session_ttl`` an int), a phase's percent an int 1..100, ``max_unavailable`` and
 ``failure_threshold`` an int count or an ``"N%"`` string (see
-:func:`edgebundle.fleet.plan.resolve_count`). When ``spec.app`` is left out the
+:func:`edgebundle.fleet.selection.count_or_percent`). When ``spec.app`` is left out the
 revision runs the built-in chat guest: ``{"name": "edgechat", "url":
 "builtin:edgechat", "sha256": <sha256 of the shipped edgechat.wasm>}``.
 

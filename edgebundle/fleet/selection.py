@@ -128,7 +128,9 @@ def pinned_revision(device_entry: Mapping[str, Any] | None) -> str | None:
 
 def device_spec(revision_spec: Mapping[str, Any], device_entry: Mapping[str, Any] | None
                 ) -> dict[str, Any]:
-    """The revision's spec with the device's overrides (``spec.devices[id]``) merged over it."""
+    """The revision's spec with the device's overrides (``spec.devices[id]``): a runtime
+    override replaces the fleet's runtime whole (it is a complete runtime of its own
+    kind); model, app and sync overrides are merged over the fleet's."""
     spec = {part: _copy(value) for part, value in revision_spec.items()}
     for part, override in (device_entry or {}).items():
         if part == "pin":
@@ -137,7 +139,10 @@ def device_spec(revision_spec: Mapping[str, Any], device_entry: Mapping[str, Any
             raise UsageError(f"spec.devices may override {', '.join(SPEC_PARTS)} or set pin, "
                              f"not {part!r}")
         base = spec.get(part)
-        spec[part] = _merge(base, override) if isinstance(base, dict) else _copy(override)
+        if part == "runtime" or not isinstance(base, dict):
+            spec[part] = _copy(override)
+        else:
+            spec[part] = _merge(base, override)
     return spec
 
 
