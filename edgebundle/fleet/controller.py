@@ -61,6 +61,7 @@ from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle.errors import EdgebundleError, UsageError
 from edgebundle.fleet import keys, selection
+from edgebundle.fleet.manifest import builtin_app
 from edgebundle.fleet.state import (
     DEFAULT_RETRIES,
     ActualState,
@@ -236,13 +237,15 @@ def fleet_name(manifest: Mapping[str, Any]) -> str:
 
 
 def revision_spec(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The revision's spec: the manifest's runtime, model, app and sync (defaults filled)."""
+    """The revision's spec: the manifest's runtime, model, app and sync. A validated
+    manifest (Manifest.document()) has every default filled; for a bare dict the
+    runtime and app default as the manifest schema's do."""
     spec = manifest.get("spec") or {}
     if "model" not in spec:
         raise UsageError("the manifest has no spec.model: say which model the fleet runs")
     return {"runtime": spec.get("runtime") or {"kind": "embedded"},
             "model": spec["model"],
-            "app": spec.get("app") or {"name": "edgechat"},
+            "app": spec.get("app") or builtin_app(),
             "sync": spec.get("sync") or {}}
 
 
