@@ -38,6 +38,7 @@ class Settings:
     port: int = 8080
     wasmedge: Path | None = None  # explicit wasmedge binary; else <home>/runtime/current, PATH
     app_kind: str | None = None  # pins.APP_KINDS; None = guess from the app's file name
+    fleet: str | None = None  # the fleet this device belongs to (edgebundle agent)
 
     @property
     def layout(self) -> Layout:

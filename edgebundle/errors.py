@@ -9,7 +9,10 @@ it, because it is what the user reads.
     EdgebundleError                 exit 1   base; anything the job could not do
     ├── UsageError                  exit 2   the command line or its inputs are wrong
     │   ├── ConfigError             exit 2   a config file, URL or option value is invalid
-    │   └── PinError                exit 2   a lock file (pins) is malformed or names nothing usable
+    │   ├── PinError                exit 2   a lock file (pins) is malformed or names nothing usable
+    │   └── ManifestError           exit 2   a fleet manifest is invalid (.problems: every one,
+    │                                        file:line:column: key.path: what is wrong); the
+    │                                        check `fleet validate` reports them and exits 1
     ├── UnverifiedPinError          exit 1   a pin has no known sha256 (no --allow-unverified)
     ├── DownloadError               exit 1   a download failed (network, HTTP status, bundle file)
     │   └── ChecksumMismatchError   exit 1   downloaded bytes do not match the pinned sha256
@@ -33,6 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from edgebundle.fleet.manifest import Problem
     from edgebundle.sync.models import Run
 
 
@@ -54,6 +58,18 @@ class ConfigError(UsageError):
 
 class PinError(UsageError):
     """A lock file is malformed, or names no asset for this platform."""
+
+
+class ManifestError(UsageError):
+    """A fleet manifest is invalid: ``problems`` lists every one, in file order.
+
+    A usage error (exit 2) for the commands that act on a manifest (plan, apply):
+    the input file is wrong. ``fleet validate`` is a check and exits 1 instead.
+    """
+
+    def __init__(self, message: str, problems: list[Problem]) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 class UnverifiedPinError(EdgebundleError):

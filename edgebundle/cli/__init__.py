@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from edgebundle import __version__
-from edgebundle.cli import ask, chat, doctor, exec_, fleet, install, run
+from edgebundle.cli import agent, ask, chat, doctor, exec_, fleet, install, run
 from edgebundle.errors import EdgebundleError
 
 
@@ -58,6 +58,7 @@ cli.add_command(install.bundle)
 cli.add_command(exec_.exec_cmd)
 cli.add_command(install.runtime)
 cli.add_command(fleet.fleet)
+cli.add_command(agent.agent)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from edgebundle.config import RUNTIMES, load_settings
 from edgebundle.doctor import Report, Status, run_doctor
+from edgebundle.fleet.manifest import load_manifest
 
 PIPED_WIDTH = 120
 # status -> (symbol, fallback for terminals that cannot print it, rich style)
@@ -40,6 +41,8 @@ _LOOK: dict[Status, tuple[str, str, str]] = {
 @click.option(
     "--wasmedge", metavar="PATH", help="wasmedge binary to check instead of the installed one."
 )
+@click.option("--manifest", metavar="FILE",
+              help="Also compare this device with what a fleet manifest says it must run.")
 @click.pass_context
 def doctor(
     ctx: click.Context,
@@ -50,6 +53,7 @@ def doctor(
     template: str | None,
     redis_url: str | None,
     wasmedge: str | None,
+    manifest: str | None,
 ) -> None:
     """Check this device: runtime, plugin, model, app, Redis, CPU, memory, disk."""
     flags: dict[str, Any] = {
@@ -61,7 +65,8 @@ def doctor(
         "redis_url": redis_url,
         "wasmedge": wasmedge,
     }
-    report = run_doctor(load_settings(flags))
+    wanted = load_manifest(manifest) if manifest else None  # a bad manifest: exit 2
+    report = run_doctor(load_settings(flags), manifest=wanted)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

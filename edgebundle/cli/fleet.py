@@ -1,4 +1,14 @@
-"""`edgebundle fleet …`: manifests and rollouts of a fleet of devices.
+"""`edgebundle fleet …`: validate manifests, roll them out to a fleet and watch it.
+
+Each command parses its options, calls one core function of :mod:`edgebundle.fleet`
+and renders the result; errors go through the CLI's boundary (one line, exit 2 for
+usage, 1 for the rest).
+
+``fleet validate FILE…`` is a check, like ``doctor``: it prints
+``FILE: ok (fleet NAME, N phases, revision rev-…)`` or every problem as
+``file:line:column: key.path: what is wrong`` and exits 0 when every file is valid,
+1 when one is not (2 only for a wrong command line). Commands that act on a manifest
+(plan, apply) refuse an invalid one with exit 2 (ManifestError, a usage error).
 
 ``fleet provision NAME --device ID…`` gives each device its own Redis ACL user
 (:mod:`edgebundle.fleet.acl`) and writes their credentials to a file only its owner
@@ -8,19 +18,234 @@ can read; passwords reach stdout only with ``--json``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from edgebundle.config import load_settings
-from edgebundle.errors import UsageError
+from edgebundle.errors import ConfigError, UsageError
+from edgebundle.fleet import controller
 from edgebundle.fleet.acl import default_credentials_path, provision_fleet, read_device_ids
+from edgebundle.fleet.manifest import load_manifest as validated_manifest
+from edgebundle.fleet.manifest import validate_files
+from edgebundle.sync.client import Client, connect
+
+T = TypeVar("T")
+PIPED_WIDTH = 160
+WAIT_POLL = 2.0  # s between status reads of `apply --wait`
+
+_redis_option = click.option(
+    "--redis-url", metavar="URL", envvar="EDGEBUNDLE_REDIS_URL",
+    help="The fleet's Redis (default: EDGEBUNDLE_REDIS_URL, then the manifest's spec.sync).")
+
+
+def load_manifest(path: str) -> dict[str, Any]:
+    """The validated manifest in normal form (ManifestError, exit 2, if it is not valid)."""
+    return validated_manifest(path).document()
+
+
+def _url(flag: str | None, manifest: dict[str, Any] | None = None) -> str:
+    if flag:
+        return flag
+    from_manifest = ((manifest or {}).get("spec") or {}).get("sync", {}) or {}
+    if from_manifest.get("redis_url"):
+        return str(from_manifest["redis_url"])
+    raise ConfigError("no Redis for the fleet: pass --redis-url or set EDGEBUNDLE_REDIS_URL")
+
+
+def _with_redis(url: str, work: Callable[[Client], Awaitable[T]]) -> T:
+    async def main() -> T:
+        redis = await connect(url)
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+    return asyncio.run(main())
+
+
+def _console() -> Console:
+    return Console(width=None if os.isatty(1) else PIPED_WIDTH, highlight=False)
 
 
 @click.group()
 def fleet() -> None:
-    """Manifests and staged rollouts of a fleet of devices."""
+    """Roll revisions out to a fleet of devices, in phases, and watch them."""
+
+
+@fleet.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE…",
+                type=click.Path(dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+def validate(ctx: click.Context, files: tuple[str, ...], as_json: bool) -> None:
+    """Check fleet manifests: every problem as file:line:column: key.path: what is wrong."""
+    results = validate_files(files)
+    ok = all(result.ok for result in results)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "files": [r.to_json() for r in results]}, indent=2))
+    else:
+        for result in results:
+            click.echo(result.summary())
+    ctx.exit(0 if ok else 1)
+
+
+@fleet.command("plan")
+@click.argument("manifest_file", metavar="FILE", type=click.Path(dir_okay=False))
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(manifest_file: str, redis_url: str | None, as_json: bool) -> None:
+    """Show what `fleet apply FILE` would change, per device."""
+    manifest = load_manifest(manifest_file)
+    result = _with_redis(_url(redis_url, manifest), lambda r: controller.plan(r, manifest))
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    table = Table("DEVICE", "DESIRED NOW", "NEW", "PHASE", "ACTION", box=None)
+    for change in result.changes:
+        table.add_row(change.device, change.current or "-", change.new or "-",
+                      "-" if change.phase is None else str(change.phase), change.action)
+    console = _console()
+    console.print(f"fleet {result.fleet}: {result.message}")
+    console.print(table)
+
+
+@fleet.command("apply")
+@click.argument("manifest_file", metavar="FILE", type=click.Path(dir_okay=False))
+@_redis_option
+@click.option("--wait", is_flag=True, help="Wait until the rollout completes, rolls back or stops.")
+@click.option("--timeout", type=float, default=0.0, metavar="SECONDS",
+              help="With --wait: give up after this long (0 = no limit).")
+def apply_cmd(manifest_file: str, redis_url: str | None, wait: bool, timeout: float) -> None:
+    """Store the manifest's revision and start rolling it out (the controller moves devices)."""
+    manifest = load_manifest(manifest_file)
+    url = _url(redis_url, manifest)
+    result = _with_redis(url, lambda r: controller.apply(r, manifest, source=manifest_file))
+    click.echo(f"fleet {result.fleet}: {result.message}")
+    if not wait:
+        return
+    click.echo(f"waiting for the controller (edgebundle fleet controller {result.fleet}) …")
+    final = _with_redis(url, lambda r: _wait(r, result.fleet, result.revision, timeout))
+    click.echo(f"fleet {result.fleet}: {final.get('status')}: {final.get('message')}")
+    if final.get("status") != "complete":
+        raise click.exceptions.Exit(1)
+
+
+async def _wait(redis: Client, fleet_id: str, revision: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while True:
+        rollout = (await controller.status(redis, fleet_id)).rollout or {}
+        if rollout.get("revision") != revision:
+            return {"status": "replaced", "message": f"another revision was applied: "
+                                                     f"{rollout.get('revision')}"}
+        if rollout.get("status") in controller.FINISHED:
+            return rollout
+        if deadline is not None and time.monotonic() > deadline:
+            return {"status": "timeout", "message": f"still {rollout.get('status')} after "
+                                                    f"{timeout:g}s (phase {rollout.get('phase')})"}
+        await asyncio.sleep(WAIT_POLL)
+
+
+@fleet.command("status")
+@click.argument("name")
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_cmd(name: str, redis_url: str | None, as_json: bool) -> None:
+    """Per device: what it should run and what it runs; and the rollout."""
+    result = _with_redis(_url(redis_url), lambda r: controller.status(r, name))
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    console = _console()
+    console.print(_rollout_line(result))
+    table = Table("DEVICE", "LABELS", "DESIRED", "ACTUAL", "STATE", "ONLINE", "LAST ERROR",
+                  box=None)
+    for device in result.devices:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(device["labels"].items())) or "-"
+        desired = (f"{device['desired_revision']}/{device['desired_generation']}"
+                   if device["desired_revision"] else "-")
+        actual = (f"{device['actual_revision'] or '-'}/{device['actual_status']}"
+                  if device["actual_status"] else "-")
+        table.add_row(device["device"], labels, desired, actual, device["state"] or "-",
+                      "yes" if device["online"] else "no", device["last_error"] or "")
+    console.print(table)
+
+
+def _rollout_line(result: controller.FleetStatus) -> str:
+    rollout = result.rollout
+    if rollout is None:
+        return f"fleet {result.fleet}: no rollout (edgebundle fleet apply FILE)"
+    line = (f"fleet {result.fleet}: {rollout['revision']} {rollout['status']}, "
+            f"phase {rollout['phase']}, previous {rollout['previous'] or '-'}")
+    if result.paused:
+        line += " (PAUSED)"
+    return line + (f": {rollout['message']}" if rollout["message"] else "")
+
+
+@fleet.command("pause")
+@click.argument("name")
+@_redis_option
+def pause_cmd(name: str, redis_url: str | None) -> None:
+    """Pause the rollout: the controller moves nothing until resume."""
+    paused = _with_redis(_url(redis_url), lambda r: controller.pause(r, name))
+    click.echo(f"fleet {name}: " + ("paused" if paused else "was already paused"))
+
+
+@fleet.command("resume")
+@click.argument("name")
+@_redis_option
+def resume_cmd(name: str, redis_url: str | None) -> None:
+    """Resume a paused rollout (time spent paused does not count against its deadline)."""
+    resumed = _with_redis(_url(redis_url), lambda r: controller.resume(r, name))
+    click.echo(f"fleet {name}: " + ("resumed" if resumed else "was not paused"))
+
+
+@fleet.command("rollback")
+@click.argument("name")
+@_redis_option
+def rollback_cmd(name: str, redis_url: str | None) -> None:
+    """Move every device of the rollout back to the previous revision now."""
+    summary = _with_redis(_url(redis_url), lambda r: controller.rollback(r, name))
+    click.echo(f"fleet {name}: {summary.status}: {summary.message} "
+               f"({len(summary.rolled_back)} device(s) moved back this time)")
+
+
+@fleet.command("controller")
+@click.argument("name")
+@_redis_option
+@click.option("--interval", type=float, default=controller.TICK_INTERVAL, show_default=True,
+              metavar="SECONDS", help="Time between passes over the fleet.")
+def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
+    """Run the fleet's controller until interrupted (one acts at a time; others stand by)."""
+    url = _url(redis_url)
+    last: list[str] = []
+
+    def report(summary: controller.TickSummary) -> None:
+        line = (f"{summary.status or '-'} phase {summary.phase}: {summary.message}"
+                + (f"; moved {', '.join(summary.moved)}" if summary.moved else "")
+                + (f"; rolled back {', '.join(summary.rolled_back)}"
+                   if summary.rolled_back else ""))
+        if last[-1:] != [line]:
+            click.echo(f"fleet {name}: {line}")
+            last[:] = [line]
+
+    async def run(redis: Client) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await controller.run_controller(redis, name, interval=interval, stop=stop,
+                                        on_tick=report)
+
+    _with_redis(url, run)
 
 
 @fleet.command()

@@ -1,4 +1,8 @@
-"""`edgebundle run`: serve the chat (gateway + supervised guest), or print it with --dry-run."""
+"""`edgebundle run`: serve the chat (gateway + supervised guest), or print it with --dry-run.
+
+On a device of a fleet (the ``fleet`` setting: config.toml or EDGEBUNDLE_FLEET) the
+fleet agent runs instead and serves the revision the fleet's controller assigns.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import json
 import click
 
 from edgebundle.config import RUNTIMES, load_settings
+from edgebundle.errors import ConfigError
+from edgebundle.fleet.agent import fleet_managed_run
 from edgebundle.pins import APP_KINDS
 from edgebundle.runtime.launch import resolve_launch
 from edgebundle.runtime.serve import ServeInfo, serve
@@ -23,6 +29,10 @@ def _announce(info: ServeInfo) -> None:
     click.echo(
         f"serving {info.app}{where} (runtime {info.runtime}, pid {info.pid}, logs: {info.log_path})"
     )
+
+
+# What a fleet's revision sets; the same flag on a fleet device would be silently lost.
+FLEET_DECIDES = ("runtime", "model", "app", "app_kind", "template", "system_prompt", "ctx_size")
 
 
 def _note(text: str) -> None:
@@ -45,10 +55,22 @@ def _note(text: str) -> None:
 @click.option("--wasmedge", type=click.Path(dir_okay=False), help="wasmedge binary to use.")
 @click.option("--dry-run", is_flag=True, help="Print the command as JSON and start nothing.")
 @click.option("--no-preflight", is_flag=True, help="Start without running doctor's checks first.")
+# The fleet agent's own children: serve exactly these settings, even on a fleet device.
+@click.option("--no-fleet", is_flag=True, hidden=True)
 @click.pass_context
-def run(ctx: click.Context, /, dry_run: bool, no_preflight: bool, **flags: object) -> None:
+def run(ctx: click.Context, /, dry_run: bool, no_preflight: bool, no_fleet: bool,
+        **flags: object) -> None:
     """Serve the chat over an OpenAI-compatible API until Ctrl-C or SIGTERM."""
     settings = load_settings({**flags, "home": (ctx.obj or {}).get("home")})
+    if settings.fleet and not no_fleet and not dry_run:
+        decided = [name for name in FLEET_DECIDES if flags.get(name) is not None]
+        if decided:
+            option = "--" + decided[0].replace("_", "-")
+            raise ConfigError(f"{option}: this device is in fleet {settings.fleet}, whose "
+                              f"revision decides it; drop {option} (or unset EDGEBUNDLE_FLEET "
+                              "and fleet in config.toml)")
+        fleet_managed_run(settings, _note)
+        return
     if dry_run:
         spec = resolve_launch(settings)
         for note in spec.notes:

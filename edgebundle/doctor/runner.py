@@ -11,6 +11,7 @@ from edgebundle.config import RUNTIMES, Settings
 from edgebundle.doctor import (
     app_checks,
     host_checks,
+    manifest_checks,
     model_checks,
     redis_checks,
     runtime_checks,
@@ -19,6 +20,7 @@ from edgebundle.doctor import (
 from edgebundle.doctor.context import Context, resolve_runtime
 from edgebundle.doctor.report import CheckResult, Report, assemble
 from edgebundle.errors import UsageError
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.host import PROC_MEMINFO, HostInfo, detect
 from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
 from edgebundle.runtime.wasmedge import locate
@@ -44,12 +46,15 @@ def run_doctor(
     lock: RuntimeLock | None = None,
     app_pins: AppPins | None = None,
     meminfo: Path = PROC_MEMINFO,
+    manifest: Manifest | None = None,
 ) -> Report:
     """Check everything ``run`` depends on and say, per stable id, what is wrong.
 
     ``runtime`` overrides ``settings.runtime``; ``host``, ``environ`` and ``meminfo``
     describe the machine (default: this one); ``online=False`` leaves the network
     alone (Redis is skipped). ``lock`` / ``app_pins`` default to the shipped pins.
+    With ``manifest`` the device is also compared with what that fleet manifest says
+    it must run (the ``manifest.*`` checks).
     Raises PinError (exit 2) when a shipped lock file is malformed.
     """
     requested = runtime or settings.runtime
@@ -70,4 +75,6 @@ def run_doctor(
         meminfo=meminfo,
     )
     results = [result for area in AREAS for result in area(ctx)]
+    if manifest is not None:
+        results.extend(manifest_checks.checks(ctx, manifest))
     return assemble(ctx.runtime, results)

@@ -30,6 +30,7 @@ ROLLOUT_STATUSES = ("progressing", "paused", "complete", "rolling_back", "rolled
                     "frozen", "failed")
 HEARTBEAT_INTERVAL = 5.0  # s between an agent's heartbeats
 HEARTBEAT_TTL = 15  # s a heartbeat lives: three missed beats = offline
+DEFAULT_RETRIES = 2  # an agent's attempts per generation when the manifest does not say
 
 
 def dumps(value: Any) -> str:
@@ -79,6 +80,7 @@ class DesiredState:
     revision: str
     spec: dict[str, Any]  # the revision's spec, with this device's pins applied
     written_at: float = 0.0
+    retries: int = DEFAULT_RETRIES  # the agent's attempts at this generation (spec.rollout.retries)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +88,8 @@ class DesiredState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DesiredState:
         return cls(generation=int(data["generation"]), revision=str(data["revision"]),
-                   spec=dict(data["spec"]), written_at=float(data.get("written_at", 0.0)))
+                   spec=dict(data["spec"]), written_at=float(data.get("written_at", 0.0)),
+                   retries=int(data.get("retries", DEFAULT_RETRIES)))
 
 
 @dataclass(frozen=True)

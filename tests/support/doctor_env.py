@@ -17,6 +17,7 @@ import numpy as np
 
 from edgebundle.config import Settings
 from edgebundle.doctor import Report, run_doctor
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.host import HostInfo
 from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
 from tests.support.standin_wasmedge import fake_plugin, write_standin
@@ -182,6 +183,7 @@ def diagnose(
     app_pins: AppPins | None = None,
     online: bool = False,
     meminfo: Path | None = None,
+    manifest: Manifest | None = None,
     **settings: object,
 ) -> Report:
     """run_doctor on a fabricated device below ``home`` (pins written next to it)."""
@@ -195,4 +197,5 @@ def diagnose(
         lock=lock or write_lock(pins_dir),
         app_pins=app_pins or write_app_pins(pins_dir),
         meminfo=meminfo or write_meminfo(pins_dir, 8 * 1024 * 1024, 6 * 1024 * 1024),
+        manifest=manifest,
     )

@@ -1,0 +1,726 @@
+"""The device agent: makes this device run what the fleet's controller wants it to run.
+
+The agent talks to the central Redis only through its own device keys (and the
+fleet's device set), so a per-device ACL user is enough:
+
+- **register**: ``HSET info`` {fleet, labels, agent_version, registered_at} and
+  ``SADD`` the fleet's device set; again after an outage (Redis may have lost it).
+- **heartbeat**: every :data:`HEARTBEAT_INTERVAL` ``SET hb … EX HEARTBEAT_TTL``; the
+  key expiring is how the controller learns the device is offline.
+- **watch desired**: ``SUBSCRIBE nudge`` wakes the agent at once, but the nudge is
+  only a hint (pub/sub loses messages while disconnected): ``GET desired`` every
+  ``poll_interval`` is the source of truth.
+- **reconcile** a new generation: fetch the model (and app) of the revision
+  (http(s)://, file://, or bundle:<path> under ``--bundle DIR`` for air-gapped
+  devices), verify its sha256 *before* anything uses it, place it in
+  ``<home>/fleet/revisions/<rev>/``, switch ``<home>/fleet/current`` atomically
+  (a new symlink renamed over the old one), restart the runtime (``serve``), run
+  doctor's checks on the new revision. A failed attempt puts the previous revision
+  back and is retried with backoff up to the generation's ``retries``; then the
+  device reports ``failed`` and keeps running the previous revision.
+- **report** an :class:`ActualState` after every step. A report Redis cannot take is
+  kept (in memory and in ``<home>/fleet/pending-report.json``) and sent when Redis
+  is back; only the newest one is kept, because ``actual`` holds one state, not a log.
+
+What the agent has handled survives a restart (``<home>/fleet/state.json``): a
+restarted agent does not redo a generation it finished (healthy or failed).
+
+:func:`report` and :func:`beat` are the two writes of the protocol, exported so tests
+of the controller can play many agents in-process with the agent's own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from redis.exceptions import RedisError as _RedisPyError
+
+from edgebundle import __version__
+from edgebundle.config import Settings, redact_url
+from edgebundle.doctor import CheckResult, Report, run_doctor
+from edgebundle.download import fetch
+from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
+from edgebundle.fleet import keys
+from edgebundle.fleet.state import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TTL,
+    ActualState,
+    DesiredState,
+    Heartbeat,
+    dumps,
+    loads,
+)
+from edgebundle.pins import load_app_pins
+from edgebundle.resources import app_pins_file
+from edgebundle.sync.client import Client, connect
+from edgebundle.sync.keys import check_id
+
+POLL_INTERVAL = 3.0  # s between reads of desired (the nudge only makes it sooner)
+BACKOFF_BASE = 1.0  # s before the second attempt; doubles per attempt
+BACKOFF_CAP = 30.0
+HEALTHZ_TIMEOUT = 120.0  # s a restarted runtime gets to load its model
+DEVICE_ID_FILE = "agent-device-id"
+MODEL_FILE = "model.gguf"
+APP_FILE = "app.wasm"
+BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
+REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
+ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
+
+Log = Callable[[str], None]
+
+# What a Redis call can raise when the server is down or refuses us.
+_REDIS_DOWN = (_RedisPyError, OSError, EdgebundleError)
+
+
+async def report(redis: Client, device_id: str, state: ActualState) -> None:
+    """Publish a device's actual state (what the controller reads)."""
+    await redis.set(keys.actual(device_id), dumps(state.to_json()))
+
+
+async def beat(redis: Client, device_id: str, heartbeat: Heartbeat,
+               ttl: int = HEARTBEAT_TTL) -> None:
+    """One heartbeat: the device counts as online while this key lives."""
+    await redis.set(keys.heartbeat(device_id), dumps(heartbeat.to_json()), ex=ttl)
+
+
+async def register(redis: Client, device_id: str, fleet: str, labels: Mapping[str, str]) -> None:
+    """Announce the device to its fleet (its info hash and the fleet's device set)."""
+    await redis.hset(keys.device_info(device_id), mapping={
+        "fleet": fleet, "labels": dumps(dict(labels)), "agent_version": __version__,
+        "registered_at": str(time.time()),
+    })
+    await redis.sadd(keys.fleet_devices(fleet), device_id)
+
+
+async def read_desired(redis: Client, device_id: str) -> DesiredState | None:
+    data = loads(await redis.get(keys.desired(device_id)), f"desired state of {device_id}")
+    if data is None:
+        return None
+    try:
+        return DesiredState.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"desired state of {device_id} in Redis lacks or mangles {exc}: "
+                         "rewrite it (fleet apply)") from None
+
+
+def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``k=v`` items (from ``--label``) as a dict; ConfigError on a malformed one."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--label {item!r}: use key=value, e.g. --label ring=canary")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def agent_device_id(settings: Settings) -> str:
+    """The configured device id, else one made once and kept in ``<home>/state``."""
+    if settings.device_id:
+        return check_id("device", settings.device_id)
+    path = settings.layout.state / DEVICE_ID_FILE
+    with contextlib.suppress(OSError):
+        kept = path.read_text().strip()
+        if kept:
+            return check_id("device", kept)
+    made = f"dev-{secrets.token_hex(6)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(made + "\n")
+    return made
+
+
+@dataclass(frozen=True)
+class FleetPaths:
+    """Where the agent keeps revisions and its own state, below ``<home>/fleet``."""
+
+    root: Path
+
+    @property
+    def revisions(self) -> Path:
+        return self.root / "revisions"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def pending_report(self) -> Path:
+        return self.root / "pending-report.json"
+
+    def revision(self, revision: str) -> Path:
+        return self.revisions / check_id("revision", revision)
+
+    def current_revision(self) -> str | None:
+        """The revision ``current`` points at, None when there is none yet."""
+        try:
+            target = os.readlink(self.current)
+        except OSError:
+            return None
+        return Path(target).name
+
+
+class AttemptFailed(EdgebundleError):
+    """One attempt at a revision failed; ``doctor`` is set when doctor's checks did."""
+
+    def __init__(self, message: str, doctor: Report | None = None) -> None:
+        super().__init__(message)
+        self.doctor = doctor
+
+
+def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(dumps(value))
+    os.replace(tmp, path)
+
+
+class Agent:
+    """One device's agent: ``run_forever()``, or ``step()`` by step (``--once``, tests)."""
+
+    def __init__(self, settings: Settings, redis_url: str, device_id: str, fleet: str,
+                 labels: Mapping[str, str] | None = None, bundle_dir: Path | None = None,
+                 serve: bool = False, *, log: Log | None = None,
+                 poll_interval: float = POLL_INTERVAL, backoff: float = BACKOFF_BASE,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 online_doctor: bool = True) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.device_id = check_id("device", device_id)
+        self.fleet = check_id("fleet", fleet)
+        self.labels = dict(labels or {})
+        self.bundle_dir = bundle_dir
+        self.serve = serve
+        self.log: Log = log or (lambda line: None)
+        self.poll_interval = poll_interval
+        self.backoff = backoff
+        self.heartbeat_interval = heartbeat_interval
+        self.online_doctor = online_doctor
+        self.paths = FleetPaths(settings.home / "fleet")
+        self.actual = self._load_state()
+        self.pending: ActualState | None = self._load_pending()
+        self.redis: Client | None = None
+        self.registered = False
+        self.child: subprocess.Popen[bytes] | None = None
+        self._nudged = asyncio.Event()
+        self._redis_down = False
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """Heartbeat, watch desired and reconcile until cancelled (SIGTERM, Ctrl-C)."""
+        self.log(f"agent {self.device_id} of fleet {self.fleet}: "
+                 f"Redis {redact_url(self.redis_url)}")
+        running = self.paths.current_revision()
+        spec = self._revision_spec(running) if running is not None else None
+        if self.serve and running is not None and spec is not None:
+            await self._restart_runtime(running, spec)
+        tasks = [asyncio.create_task(self._heartbeat_loop()),
+                 asyncio.create_task(self._nudge_loop())]
+        try:
+            while True:
+                try:
+                    await self.step()
+                except EdgebundleError as exc:  # e.g. a corrupt desired state: wait for a fix
+                    self.log(f"cannot reconcile: {exc}")
+                self._nudged.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudged.wait(), self.poll_interval)
+                await self._keep_child_up()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
+
+    async def once(self) -> ActualState:
+        """Register, beat, reconcile what is desired now, report; for scripts and tests."""
+        try:
+            await self._ensure_registered()
+            await self._beat_once()
+            await self.step()
+            return self.actual
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self._stop_child()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+            self.redis = None
+
+    # --- one pass ------------------------------------------------------------------
+
+    async def step(self) -> None:
+        """Send a queued report, read desired, reconcile it if it is a new generation."""
+        await self._flush_pending()
+        try:
+            client = await self._client()
+            desired = await read_desired(client, self.device_id)
+        except UsageError:
+            raise  # the controller wrote something unreadable; Redis itself is fine
+        except _REDIS_DOWN as exc:
+            self._note_redis_down(exc)
+            return
+        self._note_redis_up()
+        if desired is None:
+            if self.actual.updated_at == 0.0:  # first contact: say we are here, idle
+                await self._report(replace(self.actual, revision=self.paths.current_revision()))
+            return
+        if desired.generation == self.actual.generation and self.actual.status in (
+                "healthy", "failed"):
+            return  # done already (a restart must not redo it)
+        await self.reconcile(desired)
+
+    async def reconcile(self, desired: DesiredState) -> None:
+        """Try ``desired`` up to its retries; report every attempt and the outcome."""
+        # Generations only grow, but a controller that lost Redis starts over at 1:
+        # any generation other than the handled one is new work.
+        first = 1
+        if desired.generation == self.actual.generation and self.actual.status == "applying":
+            first = self.actual.attempts + 1  # an attempt was cut short by a restart
+        attempts = max(1, desired.retries)
+        first = min(first, attempts)
+        for attempt in range(first, attempts + 1):
+            await self._report(ActualState(
+                generation=desired.generation, revision=self.paths.current_revision(),
+                status="applying", attempts=attempt, last_error=self.actual.last_error
+                if self.actual.generation == desired.generation else None,
+                doctor_ok=self.actual.doctor_ok, doctor_failed=list(self.actual.doctor_failed),
+                running_since=self.actual.running_since))
+            self.log(f"{desired.revision} (generation {desired.generation}): applying, "
+                     f"attempt {attempt}/{attempts}")
+            try:
+                doctor, started = await self._attempt(desired)
+            except AttemptFailed as exc:
+                failed = [c.id for c in revision_failures(exc.doctor)] if exc.doctor else []
+                final = attempt == attempts
+                await self._report(replace(
+                    self.actual, revision=self.paths.current_revision(),
+                    status="failed" if final else "applying", last_error=str(exc),
+                    doctor_ok=False if exc.doctor else self.actual.doctor_ok,
+                    doctor_failed=failed))
+                self.log(f"{desired.revision} (generation {desired.generation}): attempt "
+                         f"{attempt}/{attempts} failed: {exc}" + ("; giving up" if final else ""))
+                if not final:
+                    await asyncio.sleep(min(self.backoff * 2 ** (attempt - 1), BACKOFF_CAP))
+                continue
+            await self._report(ActualState(
+                generation=desired.generation, revision=desired.revision, status="healthy",
+                attempts=attempt, last_error=None, doctor_ok=True,
+                doctor_failed=[c.id for c in doctor.checks if c.status == "fail"],
+                running_since=started))
+            self.log(f"{desired.revision} (generation {desired.generation}): healthy")
+            return
+
+    # --- one attempt -----------------------------------------------------------------
+
+    async def _attempt(self, desired: DesiredState) -> tuple[Report, float]:
+        """Fetch, verify, switch, restart, check; on failure the previous revision is back."""
+        try:
+            rev_dir = await asyncio.to_thread(self._stage, desired)
+        except EdgebundleError as exc:
+            raise AttemptFailed(str(exc)) from None
+        except OSError as exc:
+            raise AttemptFailed(f"cannot place revision {desired.revision}: {exc}") from None
+        previous = self.paths.current_revision()
+        unchanged = previous == desired.revision and self.actual.running_since > 0 and (
+            not self.serve or (self.child is not None and self.child.poll() is None))
+        # Same revision again (a re-sent generation): it keeps running, and so does its clock.
+        started = self.actual.running_since if unchanged else time.time()
+        self._switch(desired.revision)
+        try:
+            if self.serve and not unchanged:
+                await self._restart_runtime(desired.revision, desired.spec)
+            doctor = await asyncio.to_thread(self._doctor, rev_dir, desired.spec)
+            failing = revision_failures(doctor)
+            if failing:
+                raise AttemptFailed("doctor: " + "; ".join(
+                    f"{c.id}: {c.summary}" for c in failing), doctor)
+        except (AttemptFailed, EdgebundleError) as exc:
+            await self._switch_back(previous)
+            if isinstance(exc, AttemptFailed):
+                raise
+            raise AttemptFailed(str(exc)) from None
+        return doctor, started
+
+    def _stage(self, desired: DesiredState) -> Path:
+        """``revisions/<rev>/`` with verified files; reused when an earlier run made it."""
+        target = self.paths.revision(desired.revision)
+        if (target / REVISION_FILE).is_file():
+            return target
+        spec = desired.spec
+        model = spec.get("model") or {}
+        if not isinstance(model, dict) or not model.get("url"):
+            raise ConfigError(f"revision {desired.revision} names no model url")
+        self.paths.revisions.mkdir(parents=True, exist_ok=True)
+        work = self.paths.revisions / f".{desired.revision}.{secrets.token_hex(4)}.tmp"
+        work.mkdir()
+        try:
+            self._place(model, work / MODEL_FILE, "model")
+            app = spec.get("app")
+            if isinstance(app, dict) and str(app.get("url", "")).startswith(BUILTIN):
+                check_builtin_app(app)  # shipped with edgebundle: nothing to place
+            elif isinstance(app, dict) and app.get("url"):
+                self._place(app, work / APP_FILE, "app")
+            _write_json_atomic(work / REVISION_FILE, {
+                "revision": desired.revision, "spec": spec, "placed_at": time.time()})
+            if target.exists():  # an incomplete dir of an interrupted run
+                shutil.rmtree(target)
+            os.replace(work, target)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    def _place(self, item: dict[str, Any], dest: Path, what: str) -> None:
+        sha256 = item.get("sha256")
+        if not isinstance(sha256, str) or not sha256:
+            raise ConfigError(f"the revision's {what} has no sha256; refusing an unverified file")
+        source = self._source(str(item["url"]))  # a bad URL fails even if the bytes are here
+        local = self._already_have(sha256, dest.name)
+        if local is not None:  # same bytes in another revision (e.g. a prompt-only change)
+            os.link(local, dest)
+            return
+        fetch(source, dest, sha256=sha256.lower(),
+              downloads_dir=self.settings.layout.downloads)
+
+    def _already_have(self, sha256: str, name: str) -> Path | None:
+        """A verified file with this sha256 in a completed revision dir, if any."""
+        if not self.paths.revisions.is_dir():
+            return None
+        for revision_file in self.paths.revisions.glob(f"*/{REVISION_FILE}"):
+            try:
+                spec = json.loads(revision_file.read_text())["spec"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            for part in ("model", "app"):
+                item = spec.get(part)
+                candidate = revision_file.parent / name
+                if (isinstance(item, dict) and str(item.get("sha256", "")).lower() == sha256.lower()
+                        and candidate.is_file()):
+                    return candidate
+        return None
+
+    def _source(self, url: str) -> str:
+        """http(s):// and file:// as they are; bundle:<path> below the bundle dir."""
+        if not url.startswith("bundle:"):
+            return url
+        if self.bundle_dir is None:
+            raise ConfigError(f"{url}: this revision comes from an offline bundle; "
+                              "start the agent with --bundle DIR")
+        relative = Path(unquote(url[len("bundle:"):]))
+        path = (self.bundle_dir / relative).resolve()
+        if relative.is_absolute() or not path.is_relative_to(self.bundle_dir.resolve()):
+            raise ConfigError(f"{url}: a bundle path must stay inside the bundle dir")
+        if not path.is_file():
+            raise ConfigError(f"{url}: {path} is not in the bundle; copy the bundle again")
+        return str(path)
+
+    def _switch(self, revision: str) -> None:
+        """Point ``current`` at ``revisions/<rev>`` in one rename (never a missing link)."""
+        link = self.paths.root / f".current.{secrets.token_hex(4)}"
+        os.symlink(Path("revisions") / revision, link)
+        os.replace(link, self.paths.current)
+
+    async def _switch_back(self, previous: str | None) -> None:
+        if previous is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.current.unlink()
+            self._stop_child()
+            return
+        self._switch(previous)
+        spec = self._revision_spec(previous)
+        if self.serve and spec is not None:
+            with contextlib.suppress(EdgebundleError):
+                await self._restart_runtime(previous, spec)
+
+    def _revision_spec(self, revision: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.paths.revision(revision) / REVISION_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        spec = data.get("spec") if isinstance(data, dict) else None
+        return spec if isinstance(spec, dict) else None
+
+    def revision_settings(self, rev_dir: Path, spec: Mapping[str, Any]) -> Settings:
+        """The settings ``run`` and doctor use for a placed revision."""
+        model = spec.get("model") or {}
+        sync = spec.get("sync") or {}
+        runtime = (spec.get("runtime") or {}).get("kind", self.settings.runtime)
+        app = rev_dir / APP_FILE
+        return replace(
+            self.settings,
+            runtime=runtime if runtime in ("wasmedge", "embedded") else self.settings.runtime,
+            model=rev_dir / MODEL_FILE,
+            app=app if app.is_file() else None,
+            template=model.get("template") or self.settings.template,
+            system_prompt=model.get("system_prompt") or self.settings.system_prompt,
+            ctx_size=int(model.get("ctx_size") or self.settings.ctx_size),
+            redis_url=with_credentials(sync.get("redis_url"), self.redis_url)
+            or self.settings.redis_url,
+            device_id=self.device_id,
+        )
+
+    def _doctor(self, rev_dir: Path, spec: Mapping[str, Any]) -> Report:
+        return run_doctor(self.revision_settings(rev_dir, spec), online=self.online_doctor)
+
+    # --- the runtime (serve=True) ------------------------------------------------------
+
+    async def _restart_runtime(self, revision: str, spec: Mapping[str, Any]) -> None:
+        """Stop the running ``edgebundle run`` child, start one for ``revision``, wait healthy."""
+        self._stop_child()
+        settings = self.revision_settings(self.paths.revision(revision), spec)
+        argv = [sys.executable, "-m", "edgebundle", "run", "--no-fleet",
+                "--runtime", settings.runtime,
+                "--model", str(settings.model), "--ctx-size", str(settings.ctx_size),
+                "--device-id", self.device_id, "--host", settings.host,
+                "--port", str(settings.port)]
+        for flag, value in (("--app", settings.app), ("--template", settings.template),
+                            ("--system-prompt", settings.system_prompt)):
+            if value:
+                argv += [flag, str(value)]
+        env = {**os.environ, "EDGEBUNDLE_HOME": str(self.settings.home)}
+        env.pop("EDGEBUNDLE_REDIS_URL", None)
+        if settings.redis_url:  # by environment: a password in argv is visible to ps
+            env["EDGEBUNDLE_REDIS_URL"] = settings.redis_url
+        self.settings.layout.logs.mkdir(parents=True, exist_ok=True)
+        with (self.settings.layout.logs / "agent-run.log").open("ab") as out:
+            self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=out, env=env)
+        self.log(f"{revision}: started edgebundle run (pid {self.child.pid}) on "
+                 f"{settings.host}:{settings.port}")
+        await self._wait_healthy(settings, self.child)
+
+    async def _wait_healthy(self, settings: Settings, child: subprocess.Popen[bytes]) -> None:
+        url = f"http://{settings.host}:{settings.port}/healthz"
+        deadline = time.monotonic() + HEALTHZ_TIMEOUT
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise SupervisorError(f"edgebundle run exited with {child.returncode}; see "
+                                      f"{self.settings.layout.logs / 'agent-run.log'}")
+            if await asyncio.to_thread(_healthz_ok, url):
+                return
+            await asyncio.sleep(0.2)
+        raise SupervisorError(f"edgebundle run did not answer {url} within {HEALTHZ_TIMEOUT:.0f} s")
+
+    async def _keep_child_up(self) -> None:
+        """Start ``edgebundle run`` again if it died between switches."""
+        if not self.serve or self.child is None or self.child.poll() is None:
+            return
+        running = self.paths.current_revision()
+        spec = self._revision_spec(running) if running is not None else None
+        if running is None or spec is None:
+            return
+        self.log(f"{running}: edgebundle run exited with {self.child.returncode}; restarting it")
+        try:
+            await self._restart_runtime(running, spec)
+        except EdgebundleError as exc:
+            self.log(f"{running}: {exc}")
+
+    def _stop_child(self) -> None:
+        child, self.child = self.child, None
+        if child is None or child.poll() is not None:
+            return
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    # --- Redis: reports, heartbeats, nudges ----------------------------------------------
+
+    async def _client(self) -> Client:
+        if self.redis is None:
+            self.redis = await connect(self.redis_url)
+        return self.redis
+
+    async def _report(self, state: ActualState) -> None:
+        """Record ``state`` locally, then send it; keep it for later if Redis is down."""
+        state = replace(state, updated_at=time.time())
+        self.actual = state
+        _write_json_atomic(self.paths.state_file, state.to_json())
+        self.pending = state
+        _write_json_atomic(self.paths.pending_report, state.to_json())
+        await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        try:
+            await report(await self._client(), self.device_id, pending)
+        except _REDIS_DOWN as exc:
+            self._note_redis_down(exc)
+            return
+        self._note_redis_up()
+        if self.pending is pending:
+            self.pending = None
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.pending_report.unlink()
+
+    async def _ensure_registered(self) -> None:
+        """Register, and again whenever Redis lost our info (a restart without persistence,
+        shorter than the client's retries, is otherwise invisible to us)."""
+        client = await self._client()
+        if self.registered and await client.exists(keys.device_info(self.device_id)):
+            return
+        await register(client, self.device_id, self.fleet, self.labels)
+        if self.pending is None and self.actual.updated_at:
+            # Redis may have lost our last report too: send it again, unchanged.
+            self.pending = self.actual
+        self.registered = True
+        self.log(f"registered in fleet {self.fleet} with labels {self.labels}")
+
+    async def _beat_once(self) -> None:
+        await beat(await self._client(), self.device_id, Heartbeat(
+            at=time.time(), generation=self.actual.generation,
+            revision=self.paths.current_revision(), doctor_ok=self.actual.doctor_ok))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self._ensure_registered()
+                await self._beat_once()
+                self._note_redis_up()
+                await self._flush_pending()
+            except _REDIS_DOWN as exc:
+                self.registered = False  # Redis may come back empty: register again
+                self._note_redis_down(exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _nudge_loop(self) -> None:
+        """Wake the reconcile loop on a nudge; resubscribe after an outage."""
+        while True:
+            pubsub = None
+            try:
+                pubsub = (await self._client()).pubsub()
+                await pubsub.subscribe(keys.nudge(self.device_id))
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=self.poll_interval)
+                    if message is not None:
+                        self._nudged.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 (the poll of desired covers any pub/sub trouble)
+                await asyncio.sleep(self.poll_interval)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _note_redis_down(self, exc: BaseException) -> None:
+        if not self._redis_down:
+            self._redis_down = True
+            self.log(f"Redis {redact_url(self.redis_url)} unreachable ({type(exc).__name__}); "
+                     "reports are kept until it is back")
+
+    def _note_redis_up(self) -> None:
+        if self._redis_down:
+            self._redis_down = False
+            self.log(f"Redis {redact_url(self.redis_url)} reachable again")
+
+    # --- local state -----------------------------------------------------------------------
+
+    def _load_state(self) -> ActualState:
+        with contextlib.suppress(OSError, ValueError, EdgebundleError, KeyError, TypeError):
+            data = loads(self.paths.state_file.read_text(), "agent state")
+            if data is not None:
+                return ActualState.from_json(data)
+        return ActualState(revision=self.paths.current_revision())
+
+    def _load_pending(self) -> ActualState | None:
+        with contextlib.suppress(OSError, ValueError, EdgebundleError, KeyError, TypeError):
+            data = loads(self.paths.pending_report.read_text(), "pending report")
+            if data is not None:
+                return ActualState.from_json(data)
+        return None
+
+
+async def run_until_stopped(agent: Agent) -> None:
+    """``agent.run_forever()`` until SIGTERM or Ctrl-C, then a clean stop (child included)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run_forever()
+
+
+def fleet_managed_run(settings: Settings, log: Log) -> None:
+    """``edgebundle run`` on a device of a fleet: the agent serves the fleet's revision."""
+    if not settings.redis_url or not settings.fleet:
+        raise ConfigError("a fleet needs its Redis: pass --redis-url URL or set "
+                          "EDGEBUNDLE_REDIS_URL (or unset EDGEBUNDLE_FLEET)")
+    agent = Agent(settings, settings.redis_url, agent_device_id(settings), settings.fleet,
+                  serve=True, log=log)
+    if agent.paths.current_revision() is None:
+        log(f"fleet {settings.fleet}: nothing to serve until its controller assigns a revision")
+    asyncio.run(run_until_stopped(agent))
+
+
+def check_builtin_app(app: Mapping[str, Any]) -> None:
+    """A ``builtin:<name>`` app must be the build this edgebundle ships (same sha256)."""
+    name = str(app["url"])[len(BUILTIN):]
+    try:
+        shipped = load_app_pins(app_pins_file()).app(name).sha256
+    except EdgebundleError as exc:
+        raise ConfigError(f"builtin:{name}: {exc}") from None
+    wanted = str(app.get("sha256") or "").lower()
+    if wanted and wanted != shipped.lower():
+        raise ConfigError(f"builtin:{name}: this device ships sha256 {shipped[:12]}…, the "
+                          f"revision wants {wanted[:12]}…; upgrade edgebundle on the device")
+
+
+def with_credentials(url: str | None, own: str) -> str | None:
+    """``url`` logged in as this device: manifests carry no passwords (each device has its
+    own ACL user, see fleet provision), so the agent's own credentials are used."""
+    if not url:
+        return None
+    parts, mine = urlsplit(url), urlsplit(own)
+    if parts.username or parts.password or not (mine.username or mine.password):
+        return url
+    auth = f"{quote(mine.username or '', safe='')}:{quote(mine.password or '', safe='')}@"
+    return parts._replace(netloc=auth + parts.netloc).geturl()
+
+
+def revision_failures(doctor: Report) -> list[CheckResult]:
+    """The failed checks that speak against the revision.
+
+    Redis being unreachable is the network's state, not the revision's: failing a
+    rollout over it would roll a fleet back for an outage, and the controller already
+    sees an unreachable device as offline (its heartbeat expires).
+    """
+    return [c for c in doctor.checks if c.status == "fail" and c.id not in ENVIRONMENT_CHECKS]
+
+
+def _healthz_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (our own http URL)
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+

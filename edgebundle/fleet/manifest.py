@@ -1,0 +1,867 @@
+"""The fleet manifest: its schema, and loading a YAML file with file:line:column errors.
+
+A manifest (``apiVersion: edgebundle/v1``, ``kind: Fleet``) says what every device of
+a fleet runs (``spec.runtime``, ``spec.model``, ``spec.app``, ``spec.sync``), how the
+devices are grouped by labels (``spec.groups``), how a change moves through them
+(``spec.rollout``) and which devices differ (``spec.devices``: a pin to a revision,
+or overrides of parts of the spec). Unknown keys are errors everywhere, because a
+typo in a rollout policy that is silently ignored moves a fleet the wrong way.
+
+:func:`load_manifest` reads the YAML with PyYAML's composer so every node keeps its
+line and column, validates it, and raises :class:`~edgebundle.errors.ManifestError`
+listing EVERY problem as ``file:line:column: key.path: what is wrong`` (the position
+of the offending key or value; for a missing key, of the mapping that lacks it).
+
+Normal forms (what :meth:`Manifest.revision_spec` and the ``*_json`` helpers give the
+controller and the agent, as plain JSON): durations are seconds (float;
+``session_ttl`` an int), a phase's percent an int 1..100, ``max_unavailable`` and
+``failure_threshold`` an int count or an ``"N%"`` string (see
+:func:`edgebundle.fleet.selection.count_or_percent`). When ``spec.app`` is left out the
+revision runs the built-in chat guest: ``{"name": "edgechat", "url":
+"builtin:edgechat", "sha256": <sha256 of the shipped edgechat.wasm>}``.
+
+Model and app URLs: ``https://…`` or ``http://…``, ``file:///absolute/path``, or
+``bundle:relative/path`` (a file of the offline bundle directory the agent was given,
+e.g. ``bundle:assets/m.gguf``, see :mod:`edgebundle.bundle`); apps also
+``builtin:edgechat``. ``spec.sync.redis_url`` carries no password: each device logs
+in as its own ACL user (``fleet provision``), with credentials kept on the device.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from edgebundle.errors import ManifestError, UsageError
+from edgebundle.fleet.state import Revision
+from edgebundle.pins import load_app_pins
+from edgebundle.resources import app_pins_file
+from edgebundle.sync.keys import check_id
+from edgebundle.templates import DEFAULT_TEMPLATE, TEMPLATES
+
+API_VERSION = "edgebundle/v1"
+KIND = "Fleet"
+BUILTIN_APP = "edgechat"
+PluginVariant = Literal["cpu", "noavx", "cuda-12", "metal"]  # plugins/wasmedge.lock.toml
+Multitask = Literal["enqueue", "reject", "interrupt"]  # edgebundle.sync.models
+
+KeyPath = tuple[str | int, ...]
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_REVISION = re.compile(r"^rev-[0-9a-f]{12}$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
+_PLUGIN_BUILD = re.compile(r"^b\d+$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:-]{0,63}$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PERCENT = re.compile(r"^(\d+)%$")
+
+
+# ---- value types: each raises ValueError with the sentence the user reads ----------
+
+
+def _id(value: str) -> str:
+    try:
+        return check_id("", value)
+    except UsageError:
+        raise ValueError(
+            f"{value!r} is not a valid id: use 1-128 letters, digits, '_', '.', ':' or '-'"
+        ) from None
+
+
+def _sha256(value: str) -> str:
+    if not _SHA256.match(value):
+        raise ValueError(f"{value!r} is not a sha256: expected 64 hex digits (sha256sum FILE)")
+    return value.lower()
+
+
+def _revision_id(value: str) -> str:
+    if not _REVISION.match(value):
+        raise ValueError(
+            f"{value!r} is not a revision id: expected rev- and 12 lowercase hex digits "
+            "(see edgebundle fleet status)"
+        )
+    return value
+
+
+def _version(value: str) -> str:
+    if not _VERSION.match(value):
+        raise ValueError(f"{value!r} is not a WasmEdge version: expected e.g. \"0.14.1\"")
+    return value
+
+
+def _plugin_build(value: str) -> str:
+    if not _PLUGIN_BUILD.match(value):
+        raise ValueError(f"{value!r} is not a llama.cpp build: expected b and digits, e.g. b5593")
+    return value
+
+
+def _template(value: str) -> str:
+    if value not in TEMPLATES:
+        raise ValueError(
+            f"unknown prompt template {value!r}; known: {', '.join(sorted(TEMPLATES))}"
+        )
+    return value
+
+
+def _label_key(value: str) -> str:
+    if not _LABEL_KEY.match(value):
+        raise ValueError(
+            f"{value!r} is not a label key: 1-63 letters, digits, '_', '.', '/' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _label_value(value: str) -> str:
+    if not _LABEL_VALUE.match(value):
+        raise ValueError(
+            f"{value!r} is not a label value: up to 63 letters, digits, '_', '.', ':' or '-'"
+        )
+    return value
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms`` or a number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or seconds")
+    if isinstance(value, str):
+        text = value.strip()
+        parts = _DURATION_PART.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or seconds")
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration: it must be 0 or more")
+    return seconds
+
+
+def _whole_seconds(value: Any) -> int:
+    seconds = parse_duration(value)
+    if seconds < 1 or seconds != int(seconds):
+        raise ValueError(f"{value!r} must be a whole number of seconds, at least 1")
+    return int(seconds)
+
+
+def _phase_percent(value: Any) -> int:
+    """A phase's share of the fleet: ``50`` or ``"50%"``, 1..100."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and (match := _PERCENT.match(value.strip())):
+        number = int(match.group(1))
+    if number is None or not 1 <= number <= 100:
+        raise ValueError(f"{value!r} is not a percent: use 1..100 or \"1%\"..\"100%\"")
+    return number
+
+
+def _count_or_percent(minimum: int) -> Any:
+    def check(value: Any) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < minimum:
+                raise ValueError(f"{value!r} is too small: at least {minimum}")
+            return value
+        if isinstance(value, str) and (match := _PERCENT.match(value.strip())):
+            number = int(match.group(1))
+            if minimum <= number <= 100:
+                return f"{number}%"
+        raise ValueError(
+            f"{value!r} is not a count or a percent: use a number (at least {minimum}) "
+            f"or \"N%\" with N in {minimum}..100"
+        )
+
+    return check
+
+
+def _url(*, builtin: bool) -> Any:
+    schemes = "https://, http://, file:///absolute/path, bundle:relative/path" + (
+        ", builtin:edgechat" if builtin else ""
+    )
+
+    def check(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return value
+        local = parts.netloc in ("", "localhost")
+        if parts.scheme == "file" and parts.path.startswith("/") and local:
+            return value
+        if parts.scheme == "bundle" and not value.startswith("bundle:/"):
+            relpath = value[len("bundle:"):]
+            if relpath and ".." not in relpath.split("/"):
+                return value
+            raise ValueError(
+                f"{value!r}: a bundle: URL names a file inside the bundle directory, "
+                "e.g. bundle:assets/m.gguf (no '..')"
+            )
+        if builtin and value == f"builtin:{BUILTIN_APP}":
+            return value
+        raise ValueError(f"{value!r} is not a usable URL: use {schemes}")
+
+    return check
+
+
+def _redis_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{value!r} is not a Redis URL: use redis://host:6379/0 or rediss://…")
+    if parts.password is not None or parts.username is not None:
+        raise ValueError(
+            "must not carry a user or password: every device logs in as its own ACL user "
+            "(edgebundle fleet provision) with credentials kept on the device"
+        )
+    return value
+
+
+Id = Annotated[str, AfterValidator(_id)]
+Sha256 = Annotated[str, AfterValidator(_sha256)]
+RevisionId = Annotated[str, AfterValidator(_revision_id)]
+Template = Annotated[str, AfterValidator(_template)]
+ModelUrl = Annotated[str, AfterValidator(_url(builtin=False))]
+AppUrl = Annotated[str, AfterValidator(_url(builtin=True))]
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Seconds = Annotated[int, BeforeValidator(_whole_seconds)]
+PhasePercent = Annotated[int, BeforeValidator(_phase_percent)]
+CtxSize = Annotated[int, Field(ge=128, le=1_048_576)]
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+LabelValue = Annotated[str, AfterValidator(_label_value)]
+
+
+# ---- the schema ---------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # strict: YAML already typed every scalar, so "4096" (quoted) is not a number and
+    # yes/no/on/off (YAML booleans) are not strings; the error says to quote or unquote.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class Metadata(_Strict):
+    name: Id
+
+
+class Plugin(_Strict):
+    name: Literal["wasi_nn-ggml"] = "wasi_nn-ggml"
+    build: Annotated[str, AfterValidator(_plugin_build)]
+    variant: PluginVariant = "cpu"
+
+
+class Runtime(_Strict):
+    """``embedded`` (wasmtime + llama.cpp in-process) or ``wasmedge`` (a pinned release)."""
+
+    kind: Literal["embedded", "wasmedge"] = "embedded"
+    wasmedge: Annotated[str, AfterValidator(_version)] | None = None
+    plugin: Plugin | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Runtime:
+        if self.kind == "wasmedge" and (self.wasmedge is None or self.plugin is None):
+            missing = [k for k in ("wasmedge", "plugin") if getattr(self, k) is None]
+            raise ValueError(
+                f"kind wasmedge needs {' and '.join(missing)} (e.g. wasmedge: \"0.14.1\", "
+                "plugin: {build: b5593, variant: cpu})"
+            )
+        if self.kind == "embedded" and (self.wasmedge is not None or self.plugin is not None):
+            raise ValueError("wasmedge and plugin only apply to kind wasmedge: remove them")
+        return self
+
+
+class Model(_Strict):
+    name: Id
+    url: ModelUrl
+    sha256: Sha256
+    template: Template = DEFAULT_TEMPLATE
+    system_prompt: str | None = None
+    ctx_size: CtxSize = 4096
+
+
+class App(_Strict):
+    name: Id
+    url: AppUrl
+    sha256: Sha256
+
+
+class Sync(_Strict):
+    redis_url: RedisUrl | None = None  # None: the agent's own --redis-url
+    session_ttl: Seconds = 1800
+    multitask: Multitask = "enqueue"
+
+
+class Group(_Strict):
+    name: Id
+    selector: dict[LabelKey, LabelValue] = Field(default_factory=dict)  # all must match
+
+
+class Phase(_Strict):
+    group: Id | None = None
+    percent: PhasePercent | None = None  # cumulative share of all devices, by device id
+    after: Duration = 0.0  # wait this long after the previous phase completed
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Phase:
+        if (self.group is None) == (self.percent is None):
+            raise ValueError(
+                "a phase names exactly one of group or percent, e.g. {group: canary} "
+                "or {percent: 50}"
+            )
+        return self
+
+
+class Health(_Strict):
+    window: Duration = 30.0  # a device must run (doctor ok, heartbeating) this long
+    failure_threshold: Annotated[int | str, BeforeValidator(_count_or_percent(0))] = 0
+
+
+def _default_phases() -> list[Phase]:
+    return [Phase(percent=100)]
+
+
+class Rollout(_Strict):
+    phases: list[Phase] = Field(default_factory=_default_phases, min_length=1)
+    max_unavailable: Annotated[int | str, BeforeValidator(_count_or_percent(1))] = 1
+    health: Health = Field(default_factory=Health)
+    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    offline: Literal["wait", "skip"] = "wait"
+    on_failure: Literal["rollback", "freeze"] = "rollback"
+    progress_deadline: Duration = 600.0  # 0: no deadline
+
+
+class _SourceOverride(_Strict):
+    @model_validator(mode="after")
+    def _url_with_sha256(self) -> _SourceOverride:
+        url, sha256 = getattr(self, "url", None), getattr(self, "sha256", None)
+        if (url is None) != (sha256 is None):
+            raise ValueError("override url and sha256 together (the sha256 is the url's file's)")
+        return self
+
+
+class ModelOverride(_SourceOverride):
+    name: Id | None = None
+    url: ModelUrl | None = None
+    sha256: Sha256 | None = None
+    template: Template | None = None
+    system_prompt: str | None = None
+    ctx_size: CtxSize | None = None
+
+
+class AppOverride(_SourceOverride):
+    name: Id | None = None
+    url: AppUrl | None = None
+    sha256: Sha256 | None = None
+
+
+class SyncOverride(_Strict):
+    redis_url: RedisUrl | None = None
+    session_ttl: Seconds | None = None
+    multitask: Multitask | None = None
+
+
+class Device(_Strict):
+    """One device that differs: ``pin`` to a revision, or overrides of spec parts.
+
+    ``runtime`` replaces the fleet's runtime; ``model``, ``app`` and ``sync`` change
+    only the keys they name.
+    """
+
+    pin: RevisionId | None = None
+    runtime: Runtime | None = None
+    model: ModelOverride | None = None
+    app: AppOverride | None = None
+    sync: SyncOverride | None = None
+
+    @model_validator(mode="after")
+    def _pin_or_override(self) -> Device:
+        overrides = [k for k in ("runtime", "model", "app", "sync") if getattr(self, k) is not None]
+        if self.pin is not None and overrides:
+            raise ValueError(
+                f"a pinned device runs that revision as it is: remove {', '.join(overrides)} "
+                "or the pin"
+            )
+        if self.pin is None and not overrides:
+            raise ValueError(
+                "say how this device differs: pin: rev-… or overrides of runtime, model, "
+                "app or sync"
+            )
+        return self
+
+
+class FleetSpec(_Strict):
+    runtime: Runtime = Field(default_factory=Runtime)
+    model: Model
+    app: App | None = None  # None: the built-in edgechat guest
+    sync: Sync = Field(default_factory=Sync)
+    groups: list[Group] = Field(default_factory=list)
+    rollout: Rollout = Field(default_factory=Rollout)
+    devices: dict[Id, Device] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    api_version: Literal["edgebundle/v1"] = Field(alias="apiVersion")
+    kind: Literal["Fleet"]
+    metadata: Metadata
+    spec: FleetSpec
+    _source: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def source(self) -> str:
+        """The file it was read from ("" when built in code)."""
+        return self._source
+
+    def revision_spec(self) -> dict[str, Any]:
+        """What every device runs, as plain JSON with defaults filled (Revision.spec)."""
+        spec = self.spec
+        app = spec.app.model_dump(mode="json") if spec.app else builtin_app()
+        return {
+            "runtime": spec.runtime.model_dump(mode="json"),
+            "model": spec.model.model_dump(mode="json"),
+            "app": app,
+            "sync": spec.sync.model_dump(mode="json"),
+        }
+
+    def revision_id(self) -> str:
+        return Revision.id_for(self.revision_spec())
+
+    def groups_json(self) -> list[dict[str, Any]]:
+        """spec.groups as plain JSON (Rollout.groups)."""
+        return [group.model_dump(mode="json") for group in self.spec.groups]
+
+    def rollout_json(self) -> dict[str, Any]:
+        """spec.rollout in normal form (Rollout.rollout): seconds, int percents; a phase
+        has only the keys it sets (group or percent)."""
+        rollout = self.spec.rollout.model_dump(mode="json")
+        rollout["phases"] = [{k: v for k, v in phase.items() if v is not None}
+                             for phase in rollout["phases"]]
+        return rollout
+
+    def document(self) -> dict[str, Any]:
+        """The validated manifest as plain JSON in normal form, defaults filled: what the
+        controller plans and applies (its spec's runtime, model, app and sync are
+        exactly :meth:`revision_spec`, so the revision id is the one validate prints)."""
+        return {"apiVersion": "edgebundle/v1", "kind": "Fleet",
+                "metadata": {"name": self.metadata.name},
+                "spec": {**self.revision_spec(), "groups": self.groups_json(),
+                         "rollout": self.rollout_json(), "devices": self.pins_json()}}
+
+    def pins_json(self) -> dict[str, Any]:
+        """spec.devices as plain JSON (Rollout.pins), only the keys each device sets.
+
+        A runtime override is whole (it replaces the fleet's), like revision_spec's.
+        """
+        pins: dict[str, Any] = {}
+        for device_id, device in self.spec.devices.items():
+            entry = device.model_dump(mode="json", exclude_none=True)
+            if device.runtime is not None:
+                entry["runtime"] = device.runtime.model_dump(mode="json")
+            pins[device_id] = entry
+        return pins
+
+
+def builtin_app() -> dict[str, Any]:
+    """The app a revision runs when the manifest has no spec.app: the shipped edgechat."""
+    return {"name": BUILTIN_APP, "url": f"builtin:{BUILTIN_APP}", "sha256": _builtin_sha256()}
+
+
+@functools.cache
+def _builtin_sha256() -> str:
+    return load_app_pins(app_pins_file()).app(BUILTIN_APP).sha256
+
+
+# ---- loading with positions -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest, where it is (1-based; None: the whole file)."""
+
+    source: str
+    line: int | None
+    column: int | None
+    path: str  # dotted key path, e.g. spec.rollout.phases[1].percent ("" = the file)
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.source, "line": self.line, "column": self.column,
+                "path": self.path, "message": self.message}
+
+
+@dataclass(frozen=True)
+class _Position:
+    value: tuple[int, int]  # where the node starts
+    key: tuple[int, int] | None  # where its key starts (mapping values only)
+    text: str | None = None  # an unquoted scalar as written (0123 is 83 to YAML 1.1)
+
+    @property
+    def anchor(self) -> tuple[int, int]:
+        return self.key or self.value
+
+
+def _mark(mark: yaml.Mark) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
+
+
+class _Reader:
+    """YAML node tree -> Python values, remembering each key path's position."""
+
+    def __init__(self, loader: yaml.SafeLoader) -> None:
+        self.loader = loader
+        self.positions: dict[KeyPath, _Position] = {}
+        self.problems: list[tuple[KeyPath, tuple[int, int], str]] = []
+        self._open: set[int] = set()
+
+    def read(self, node: yaml.Node, path: KeyPath, key: yaml.Node | None) -> Any:
+        plain = isinstance(node, yaml.ScalarNode) and node.style is None
+        self.positions[path] = _Position(_mark(node.start_mark),
+                                         _mark(key.start_mark) if key is not None else None,
+                                         str(node.value) if plain else None)
+        if id(node) in self._open:
+            self.problems.append((path, _mark(node.start_mark), "an alias refers to itself"))
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return self.loader.construct_object(node)
+            except (ValueError, TypeError, yaml.YAMLError) as exc:  # e.g. !!int x
+                why = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
+                self.problems.append((path, _mark(node.start_mark),
+                                      f"{node.tag} cannot read {node.value!r}: {why}"))
+                return None
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.read(item, (*path, i), None) for i, item in enumerate(node.value)]
+            assert isinstance(node, yaml.MappingNode)
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self.problems.append((path, _mark(key_node.start_mark),
+                                          "a key must be a plain word, not a list or mapping"))
+                    continue
+                name = str(key_node.value)  # as written: device ids like 1234 stay text
+                if name in result:
+                    self.problems.append(((*path, name), _mark(key_node.start_mark),
+                                          "duplicate key: it was already set above"))
+                result[name] = self.read(value_node, (*path, name), key_node)
+            return result
+        finally:
+            self._open.discard(id(node))
+
+
+def dotted(path: Sequence[str | int]) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
+    """A validated Manifest from YAML text; ManifestError lists every problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, column = _mark(mark) if mark is not None else (1, 1)
+            what = exc.problem or exc.context or "unreadable"
+            if exc.problem and exc.context:
+                opened = exc.context_mark
+                at = f" at {opened.line + 1}:{opened.column + 1}" if opened else ""
+                what += f" ({exc.context}{at})"
+            raise _error(source, [Problem(source, line, column, "",
+                                          f"invalid YAML: {what}")]) from None
+        except yaml.YAMLError as exc:
+            raise _error(source, [Problem(source, 1, 1, "", f"invalid YAML: {exc}")]) from None
+        if node is None:
+            raise _error(source, [Problem(source, 1, 1, "", "the file is empty: a manifest "
+                                          "has apiVersion, kind, metadata and spec")])
+        reader = _Reader(loader)
+        data = reader.read(node, (), None)
+    finally:
+        loader.dispose()
+
+    problems = [Problem(source, line, column, dotted(path), message)
+                for path, (line, column), message in reader.problems]
+    manifest: Manifest | None = None
+    if not isinstance(data, dict):
+        problems.append(Problem(source, *reader.positions[()].value, "",
+                                "a manifest is a mapping with apiVersion, kind, metadata "
+                                "and spec"))
+    else:
+        try:
+            manifest = Manifest.model_validate(data)
+        except ValidationError as exc:
+            problems.extend(_problem(source, reader.positions, error) for error in exc.errors())
+        for path, message in cross_checks(data):
+            position = _find(reader.positions, path)[1]
+            problems.append(Problem(source, *position.value, dotted(path), message))
+    if problems or manifest is None:
+        raise _error(source, problems)
+    manifest._source = source
+    return manifest
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file; ManifestError (exit 2) lists every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _error(source, [Problem(source, None, None, "",
+                                      f"cannot read the manifest: {reason}")]) from None
+    return parse_manifest(text, source)
+
+
+def _error(source: str, problems: list[Problem]) -> ManifestError:
+    ordered = sorted(problems, key=lambda p: (p.line or 0, p.column or 0, p.path, p.message))
+    return ManifestError("\n".join(str(p) for p in ordered), ordered)
+
+
+def _find(positions: Mapping[KeyPath, _Position],
+          loc: Sequence[str | int]) -> tuple[KeyPath, _Position]:
+    """The deepest prefix of ``loc`` that is in the file, and its position."""
+    path: KeyPath = ()
+    for part in loc:
+        if (*path, part) not in positions:
+            break
+        path = (*path, part)
+    return path, positions[path]
+
+
+def _problem(source: str, positions: Mapping[KeyPath, _Position],
+             error: Mapping[str, Any]) -> Problem:
+    loc: list[str | int] = list(error["loc"])
+    kind = error["type"]
+    on_key = bool(loc) and loc[-1] == "[key]"  # a dict key failed (pydantic's marker)
+    if on_key:
+        loc.pop()
+    found, position = _find(positions, loc)
+    message = _message(error, loc, position.text if found == tuple(loc) else None)
+    if on_key or kind == "extra_forbidden":
+        where = position.anchor
+    elif len(found) < len(loc):  # missing: point at the mapping that lacks the key
+        where = position.anchor
+    else:
+        where = position.value
+    return Problem(source, *where, dotted(loc), message)
+
+
+def _message(error: Mapping[str, Any], loc: Sequence[str | int], written: str | None) -> str:
+    kind, given = error["type"], error.get("input")
+    shown = written if written is not None and not isinstance(given, str) else _yaml_repr(given)
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key{hint}{listed}"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind == "literal_error":
+        return f"{given!r} is not allowed: use {error['ctx']['expected']}"
+    if kind in ("string_type", "str_type"):
+        return f"expected a string, got {shown}{_quote_hint(given)}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"expected a whole number, got {shown}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping (key: value), got {shown}"
+    if kind == "list_type":
+        return f"expected a list (- item), got {shown}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        return f"{given!r} is out of range: {error['msg'].lower().removeprefix('input ')}"
+    return f"{error['msg']} (got {shown})"
+
+
+def _yaml_repr(value: Any) -> str:
+    if value is None:
+        return "null (nothing)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _quote_hint(value: Any) -> str:
+    if isinstance(value, bool):
+        return " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
+    if isinstance(value, int | float):
+        return " (YAML reads it as a number: quote it)"
+    if value is None:
+        return " (an empty value is null to YAML: write a value or quote it)"
+    return ""
+
+
+def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
+    """The keys the schema allows in the mapping at ``loc`` (for unknown-key hints)."""
+    current: Any = Manifest
+    for part in loc:
+        current = _unwrap(current)
+        origin = get_origin(current)
+        if origin is list and isinstance(part, int) or origin is dict:
+            current = get_args(current)[-1]  # a list's item, a dict's value
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = next((f for n, f in current.model_fields.items()
+                          if (f.alias or n) == part), None)
+            if field is None:
+                return []
+            current = field.annotation
+        else:
+            return []
+    model = _unwrap(current)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``annotation`` without Annotated[...] and Optional: a model, list[...] or dict[...]."""
+    if get_origin(annotation) in (list, dict) or isinstance(annotation, type):
+        return annotation
+    for arg in get_args(annotation):
+        if arg is type(None):
+            continue
+        found = _unwrap(arg)
+        if get_origin(found) in (list, dict) or (
+            isinstance(found, type) and issubclass(found, BaseModel)
+        ):
+            return found
+    return annotation
+
+
+def cross_checks(data: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
+    """Problems that span keys (group references, duplicates, percent order).
+
+    Works on the raw data so they are reported together with the schema's problems;
+    parts whose type is wrong are skipped (the schema reports those).
+    """
+    problems: list[tuple[KeyPath, str]] = []
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        return problems
+    groups = spec.get("groups", [])
+    names: dict[str, int] = {}
+    if isinstance(groups, list):
+        for index, group in enumerate(groups):
+            name = group.get("name") if isinstance(group, dict) else None
+            if not isinstance(name, str):
+                continue
+            if name in names:
+                problems.append((("spec", "groups", index, "name"),
+                                 f"duplicate group name {name!r}: it is also "
+                                 f"spec.groups[{names[name]}]; group names are unique"))
+            else:
+                names[name] = index
+    rollout = spec.get("rollout")
+    phases = rollout.get("phases") if isinstance(rollout, dict) else None
+    if not isinstance(phases, list):
+        return problems
+    previous: tuple[int, int] | None = None  # (phase index, percent)
+    phase_of_group: dict[str, int] = {}
+    for index, phase in enumerate(phases):
+        if not isinstance(phase, dict):
+            continue
+        group = phase.get("group")
+        where: KeyPath = ("spec", "rollout", "phases", index)
+        if isinstance(group, str) and isinstance(groups, list):
+            if group not in names:
+                known = ", ".join(names) or "none: add spec.groups"
+                problems.append(((*where, "group"),
+                                 f"no group named {group!r} in spec.groups (known: {known})"))
+            elif group in phase_of_group:
+                problems.append(((*where, "group"), f"group {group!r} is already phase "
+                                 f"{phase_of_group[group]}: each group is one phase"))
+            else:
+                phase_of_group[group] = index
+        try:
+            percent = _phase_percent(phase["percent"]) if "percent" in phase else None
+        except ValueError:
+            percent = None
+        if percent is None:
+            continue
+        if previous is not None and percent <= previous[1]:
+            problems.append(((*where, "percent"),
+                             f"{percent}% does not grow past phase {previous[0]}'s "
+                             f"{previous[1]}%: percents are cumulative, so each is larger"))
+        previous = (index, percent)
+    return problems
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The outcome of validating one manifest file (``fleet validate``)."""
+
+    file: str
+    manifest: Manifest | None
+    problems: Sequence[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest is not None and not self.problems
+
+    def summary(self) -> str:
+        if self.manifest is None:
+            return "\n".join(str(p) for p in self.problems)
+        phases = len(self.manifest.spec.rollout.phases)
+        return (f"{self.file}: ok (fleet {self.manifest.name}, {phases} "
+                f"phase{'s' if phases != 1 else ''}, revision {self.manifest.revision_id()})")
+
+    def to_json(self) -> dict[str, Any]:
+        manifest = self.manifest
+        return {
+            "file": self.file,
+            "ok": self.ok,
+            "fleet": manifest.name if manifest else None,
+            "phases": len(manifest.spec.rollout.phases) if manifest else None,
+            "revision": manifest.revision_id() if manifest else None,
+            "errors": [p.to_json() for p in self.problems],
+        }
+
+
+def validate_files(paths: Sequence[str | Path]) -> list[Validation]:
+    """Validate each manifest file; every file is read, whatever the others hold."""
+    results: list[Validation] = []
+    for path in paths:
+        try:
+            results.append(Validation(str(path), load_manifest(path), ()))
+        except ManifestError as exc:
+            results.append(Validation(str(path), None, tuple(exc.problems)))
+    return results

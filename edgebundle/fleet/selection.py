@@ -1,0 +1,164 @@
+"""Pure rollout arithmetic: which devices a phase covers, budgets, durations, per-device specs.
+
+No Redis and no clock here, so the controller's decisions can be read (and tested) as
+plain functions of the registered devices and the manifest's ``spec`` (a plain dict
+of the shape in the fleet contract; the manifest schema fills defaults before this).
+
+- A group's devices: those whose labels contain every ``key: value`` of its selector
+  (an empty selector matches everyone).
+- A phase is ``{group: NAME}`` or ``{percent: P}``; phases are *cumulative*: phase k
+  covers every device of phases 0..k. ``percent: P`` is the first ceil(N * P / 100)
+  of all N registered devices sorted by id (a stable order, so a device keeps its
+  place while the fleet grows at the end of the alphabet).
+- A device's spec is the revision's spec with its ``spec.devices`` entry merged over it
+  (``pin`` is not part of the spec: a pinned device is left out of rollouts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgebundle.errors import UsageError
+
+SPEC_PARTS = ("runtime", "model", "app", "sync")
+DEFAULT_PHASES: list[dict[str, Any]] = [{"percent": 100}]
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration_seconds(value: Any, what: str) -> float:
+    """``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"`` or a number of seconds, as seconds."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be a duration like 30s, 5m or 1h, not {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise UsageError(f"{what} must not be negative (got {value})")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if match is None:
+        raise UsageError(f"{what} must be a duration like 30s, 5m or 1h, not {value!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def count_or_percent(value: Any, total: int, what: str, *, round_up: bool) -> int:
+    """An absolute count, or ``"25%"`` of ``total`` (rounded up or down)."""
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be a count or a percentage like 25%, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"{what} must not be negative (got {value})")
+        return value
+    text = str(value).strip()
+    if not text.endswith("%"):
+        raise UsageError(f"{what} must be a count or a percentage like 25%, not {value!r}")
+    try:
+        percent = float(text[:-1])
+    except ValueError:
+        raise UsageError(f"{what} must be a count or a percentage like 25%, "
+                         f"not {value!r}") from None
+    share = total * percent / 100.0
+    return math.ceil(share) if round_up else math.floor(share)
+
+
+def matches(labels: Mapping[str, str], selector: Mapping[str, Any]) -> bool:
+    """True when every ``key: value`` of the selector is among the labels."""
+    return all(labels.get(key) == str(value) for key, value in selector.items())
+
+
+def group_devices(group: str, groups: Sequence[Mapping[str, Any]],
+                  labels: Mapping[str, Mapping[str, str]]) -> set[str]:
+    """The devices (of ``labels``: id -> labels) a named group selects."""
+    for entry in groups:
+        if entry.get("name") == group:
+            selector = entry.get("selector") or {}
+            return {device for device, device_labels in labels.items()
+                    if matches(device_labels, selector)}
+    known = ", ".join(str(entry.get("name")) for entry in groups) or "none"
+    raise UsageError(f"rollout phase names group {group!r}, which spec.groups does not define "
+                     f"(groups: {known})")
+
+
+def phase_devices(phase: Mapping[str, Any], groups: Sequence[Mapping[str, Any]],
+                  labels: Mapping[str, Mapping[str, str]]) -> set[str]:
+    """The devices one phase names on its own (not cumulative)."""
+    if "group" in phase:
+        return group_devices(str(phase["group"]), groups, labels)
+    if "percent" in phase:
+        percent = float(phase["percent"])
+        ordered = sorted(labels)
+        return set(ordered[:math.ceil(len(ordered) * percent / 100.0)])
+    raise UsageError(f"a rollout phase needs `group` or `percent`, got {dict(phase)!r}")
+
+
+def cumulative_phases(phases: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]],
+                      labels: Mapping[str, Mapping[str, str]]) -> list[set[str]]:
+    """For each phase k, every device of phases 0..k."""
+    covered: set[str] = set()
+    result = []
+    for phase in phases:
+        covered = covered | phase_devices(phase, groups, labels)
+        result.append(set(covered))
+    return result
+
+
+def first_phase_of(device: str, cumulative: Sequence[set[str]]) -> int | None:
+    """The index of the first phase that covers the device (None: no phase does)."""
+    for index, devices in enumerate(cumulative):
+        if device in devices:
+            return index
+    return None
+
+
+def rollout_phases(rollout: Mapping[str, Any]) -> list[dict[str, Any]]:
+    phases = rollout.get("phases") or DEFAULT_PHASES
+    return [dict(phase) for phase in phases]
+
+
+def pinned_revision(device_entry: Mapping[str, Any] | None) -> str | None:
+    if not device_entry:
+        return None
+    pin = device_entry.get("pin")
+    return str(pin) if pin else None
+
+
+def device_spec(revision_spec: Mapping[str, Any], device_entry: Mapping[str, Any] | None
+                ) -> dict[str, Any]:
+    """The revision's spec with the device's overrides (``spec.devices[id]``): a runtime
+    override replaces the fleet's runtime whole (it is a complete runtime of its own
+    kind); model, app and sync overrides are merged over the fleet's."""
+    spec = {part: _copy(value) for part, value in revision_spec.items()}
+    for part, override in (device_entry or {}).items():
+        if part == "pin":
+            continue
+        if part not in SPEC_PARTS:
+            raise UsageError(f"spec.devices may override {', '.join(SPEC_PARTS)} or set pin, "
+                             f"not {part!r}")
+        base = spec.get(part)
+        if part == "runtime" or not isinstance(base, dict):
+            spec[part] = _copy(override)
+        else:
+            spec[part] = _merge(base, override)
+    return spec
+
+
+def _merge(base: dict[str, Any], override: Any) -> Any:
+    if not isinstance(override, dict):
+        return _copy(override)
+    merged = {key: _copy(value) for key, value in base.items()}
+    for key, value in override.items():
+        current = merged.get(key)
+        merged[key] = _merge(current, value) if isinstance(current, dict) else _copy(value)
+    return merged
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value

@@ -1,0 +1,524 @@
+"""The device agent against a real redis-server, real files and real agent processes.
+
+The test plays the controller: it writes DesiredState JSON to a device's ``desired``
+key and publishes its nudge, exactly as the controller does. Models are scripted tiny
+GGUF files (edgebundle.demo_model), served over HTTP by the release server or named by
+file:// and bundle: URLs; doctor's real checks run on what the agent placed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+
+from edgebundle.config import Settings
+from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from edgebundle.fleet import keys
+from edgebundle.fleet.agent import Agent
+from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
+from edgebundle.pins import load_app_pins
+from edgebundle.resources import app_pins_file
+from tests.support.fleet import FLEET, AgentProcess
+from tests.support.processes import free_port, gone
+from tests.support.redis_server import RedisServer
+from tests.support.release_server import ReleaseServer, sha256
+from tests.support.serving import LoopThread, wait_for
+
+EDGECHAT_SHA256 = load_app_pins(app_pins_file()).app("edgechat").sha256  # the shipped guest
+DEADLINE = 60.0  # generous: two cores shared with other test runs
+
+
+def scripted_model(directory: Path, reply: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_scripted_model(directory / "m.gguf", ScriptedModelSpec(reply=reply))
+
+
+def spec_for(url: str, digest: str, redis_url: str, *, prompt: str = "Be brief.") -> dict[str, Any]:
+    return {"runtime": {"kind": "embedded"},
+            "model": {"name": "shop-model", "url": url, "sha256": digest,
+                      "template": "llama-3-chat", "system_prompt": prompt, "ctx_size": 2048},
+            "app": {"name": "edgechat", "url": "builtin:edgechat", "sha256": EDGECHAT_SHA256},
+            "sync": {"redis_url": redis_url, "session_ttl": 1800, "multitask": "enqueue"}}
+
+
+def desire(client: redis_sync.Redis, device: str, generation: int, spec: dict[str, Any],
+           retries: int = 2) -> DesiredState:
+    """What the controller does: write the device's desired state, then nudge it."""
+    state = DesiredState(generation=generation, revision=Revision.id_for(spec), spec=spec,
+                         written_at=time.time(), retries=retries)
+    client.set(keys.desired(device), json.dumps(state.to_json()))
+    client.publish(keys.nudge(device), "1")
+    return state
+
+
+def actual(client: redis_sync.Redis, device: str) -> ActualState | None:
+    raw = client.get(keys.actual(device))
+    return ActualState.from_json(json.loads(raw)) if raw else None
+
+
+def wait_status(client: redis_sync.Redis, device: str, generation: int,
+                status: str) -> ActualState:
+    def done() -> bool:
+        state = actual(client, device)
+        return state is not None and state.generation == generation and state.status == status
+    wait_for(done, DEADLINE, interval=0.1)
+    state = actual(client, device)
+    assert state is not None
+    return state
+
+
+def current_target(home: Path) -> str:
+    return os.readlink(home / "fleet" / "current")
+
+
+def run_once(home: Path, device: str, redis_url: str,
+             *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
+    env["EDGEBUNDLE_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "edgebundle", "agent", "--device-id", device, "--redis-url",
+         redis_url, "--fleet", FLEET, "--once", *extra],
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis_sync.Redis]:
+    connection = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+def test_agent_registers_and_heartbeats_with_a_ttl(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        agents: list[AgentProcess]) -> None:
+    agents.append(AgentProcess(tmp_path / "home", "kiosk-1", redis_server.url,
+                               "--label", "ring=canary", "--label", "city=oslo"))
+    wait_for(lambda: client.exists(keys.heartbeat("kiosk-1")) == 1, DEADLINE, interval=0.1)
+
+    assert client.smembers(keys.fleet_devices(FLEET)) == {"kiosk-1"}
+    info = client.hgetall(keys.device_info("kiosk-1"))
+    assert info["fleet"] == FLEET
+    assert json.loads(info["labels"]) == {"ring": "canary", "city": "oslo"}
+    assert info["agent_version"] and float(info["registered_at"]) > 0
+    assert 0 < client.ttl(keys.heartbeat("kiosk-1")) <= HEARTBEAT_TTL
+    first = Heartbeat.from_json(json.loads(str(client.get(keys.heartbeat("kiosk-1")))))
+    # No desired state yet: the device says it is here and runs nothing.
+    wait_for(lambda: actual(client, "kiosk-1") is not None, DEADLINE, interval=0.1)
+    idle = actual(client, "kiosk-1")
+    assert idle is not None
+    assert (idle.generation, idle.revision, idle.status) == (0, None, "pending")
+
+    # It keeps beating: a later heartbeat replaces the first one, TTL renewed.
+    def beat_again() -> bool:
+        raw = client.get(keys.heartbeat("kiosk-1"))
+        return raw is not None and Heartbeat.from_json(json.loads(raw)).at > first.at
+    wait_for(beat_again, DEADLINE, interval=0.2)
+    assert 0 < client.ttl(keys.heartbeat("kiosk-1")) <= HEARTBEAT_TTL
+    assert "redis://127.0.0.1" in agents[0].stderr()
+
+
+def test_new_generations_are_fetched_verified_switched_and_reported_healthy(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer, agents: list[AgentProcess]) -> None:
+    home = tmp_path / "home"
+    first_model = scripted_model(release_server.root / "v1", "first model")
+    second_model = scripted_model(tmp_path / "local", "second model")
+    agents.append(AgentProcess(home, "kiosk-1", redis_server.url))
+
+    spec1 = spec_for(release_server.url("v1/m.gguf"), sha256(first_model), redis_server.url)
+    gen1 = desire(client, "kiosk-1", 1, spec1)
+    state1 = wait_status(client, "kiosk-1", 1, "healthy")
+    assert state1.revision == gen1.revision
+    assert state1.doctor_ok is True and state1.doctor_failed == []
+    assert state1.attempts == 1 and state1.last_error is None
+    assert current_target(home) == f"revisions/{gen1.revision}"
+    placed = home / "fleet" / "current" / "model.gguf"
+    assert sha256(placed) == sha256(first_model)
+    assert json.loads((home / "fleet" / "current" / "revision.json").read_text())["spec"] == spec1
+    assert len(release_server.gets("v1/m.gguf")) == 1
+
+    # Generation 2: another model by file://; the heartbeat follows the new revision.
+    spec2 = spec_for(second_model.as_uri(), sha256(second_model), redis_server.url)
+    gen2 = desire(client, "kiosk-1", 2, spec2)
+    state2 = wait_status(client, "kiosk-1", 2, "healthy")
+    assert state2.revision == gen2.revision != gen1.revision
+    assert state2.doctor_ok is True
+    assert state2.running_since > state1.running_since
+    assert current_target(home) == f"revisions/{gen2.revision}"
+    assert sha256(home / "fleet" / "current" / "model.gguf") == sha256(second_model)
+    # The previous revision is kept for a rollback.
+    assert (home / "fleet" / "revisions" / gen1.revision / "model.gguf").is_file()
+
+    def heartbeat_on_gen2() -> bool:
+        raw = client.get(keys.heartbeat("kiosk-1"))
+        return raw is not None and Heartbeat.from_json(json.loads(raw)).generation == 2
+    wait_for(heartbeat_on_gen2, DEADLINE, interval=0.2)
+    log = agents[0].stderr()
+    assert "applying" in log and "healthy" in log
+
+    # Generation 3 changes only the prompt: the verified model bytes are reused, not fetched.
+    spec3 = spec_for(release_server.url("v1/m.gguf"), sha256(first_model), redis_server.url,
+                     prompt="Be very brief.")
+    gen3 = desire(client, "kiosk-1", 3, spec3)
+    assert wait_status(client, "kiosk-1", 3, "healthy").revision == gen3.revision
+    revisions = home / "fleet" / "revisions"
+    assert ((revisions / gen3.revision / "model.gguf").stat().st_ino
+            == (revisions / gen1.revision / "model.gguf").stat().st_ino)
+    assert len(release_server.gets("v1/m.gguf")) == 1
+
+    # Generation 4 goes back to revision 1 (a rollback): switched back, nothing fetched.
+    desire(client, "kiosk-1", 4, spec1)
+    assert wait_status(client, "kiosk-1", 4, "healthy").revision == gen1.revision
+    assert current_target(home) == f"revisions/{gen1.revision}"
+    assert len(release_server.gets("v1/m.gguf")) == 1
+
+
+def test_wrong_sha256_fails_after_the_retries_and_the_previous_revision_stays(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    home = tmp_path / "home"
+    good = scripted_model(release_server.root / "good", "good model")
+    scripted_model(release_server.root / "bad", "other model")  # served; never matches 0…0
+    lines: list[str] = []
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, log=lines.append,
+                  backoff=0.05)
+
+    async def scenario() -> None:
+        desire(client, "kiosk-1", 1, spec_for(release_server.url("good/m.gguf"), sha256(good),
+                                               redis_server.url))
+        await agent.step()
+        desire(client, "kiosk-1", 2, spec_for(release_server.url("bad/m.gguf"), "0" * 64,
+                                               redis_server.url), retries=3)
+        await agent.step()
+        await agent.close()
+
+    asyncio.run(scenario())
+    state = actual(client, "kiosk-1")
+    assert state is not None
+    assert (state.generation, state.status, state.attempts) == (2, "failed", 3)
+    assert state.last_error is not None and "sha256" in state.last_error
+    good_rev = Revision.id_for(spec_for(release_server.url("good/m.gguf"), sha256(good),
+                                        redis_server.url))
+    assert state.revision == good_rev  # still running the previous revision
+    assert current_target(home) == f"revisions/{good_rev}"
+    assert len(release_server.gets("bad/m.gguf")) == 3  # one download per attempt
+    assert sorted(p.name for p in (home / "fleet" / "revisions").iterdir()) == [good_rev]
+    assert any("giving up" in line for line in lines)
+
+
+def test_doctor_failure_puts_the_previous_revision_back(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    home = tmp_path / "home"
+    good = scripted_model(tmp_path / "good", "good model")
+    not_gguf = tmp_path / "bad" / "m.gguf"
+    not_gguf.parent.mkdir()
+    not_gguf.write_bytes(b"this is not a model" * 100)  # verified bytes, unusable model
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, backoff=0.05)
+
+    async def scenario() -> None:
+        desire(client, "kiosk-1", 1, spec_for(good.as_uri(), sha256(good), redis_server.url))
+        await agent.step()
+        desire(client, "kiosk-1", 2, spec_for(not_gguf.as_uri(), sha256(not_gguf),
+                                               redis_server.url), retries=1)
+        await agent.step()
+        await agent.close()
+
+    asyncio.run(scenario())
+    state = actual(client, "kiosk-1")
+    assert state is not None
+    assert (state.generation, state.status, state.doctor_ok) == (2, "failed", False)
+    assert state.doctor_failed == ["model.file"]
+    assert state.last_error is not None and state.last_error.startswith("doctor: model.file")
+    good_rev = Revision.id_for(spec_for(good.as_uri(), sha256(good), redis_server.url))
+    assert state.revision == good_rev
+    assert current_target(home) == f"revisions/{good_rev}"
+
+
+def test_reports_made_while_redis_is_down_arrive_when_it_is_back(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    home = tmp_path / "home"
+    model = scripted_model(tmp_path / "m", "offline model")
+    spec = spec_for(model.as_uri(), sha256(model), redis_server.url)
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    lines: list[str] = []
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, log=lines.append)
+
+    async def while_down() -> None:
+        desired = desire(client, "kiosk-1", 1, spec)
+        await agent.step()  # connects, reads generation 1
+        await agent.close()
+        client.delete(keys.actual("kiosk-1"))
+        redis_server.stop()
+        await agent.reconcile(DesiredState(generation=2, revision=desired.revision, spec=spec))
+        await agent.close()
+
+    asyncio.run(while_down())
+    pending = json.loads((home / "fleet" / "pending-report.json").read_text())
+    assert (pending["generation"], pending["status"]) == (2, "healthy")
+    assert any("unreachable" in line for line in lines)
+
+    redis_server.start()  # same port, empty: the queued report must be re-sent
+    restarted = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET)  # a new process
+
+    async def when_back() -> None:
+        await restarted.step()
+        await restarted.close()
+
+    asyncio.run(when_back())
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    state = actual(client, "kiosk-1")
+    assert state is not None and (state.generation, state.status) == (2, "healthy")
+    assert not (home / "fleet" / "pending-report.json").exists()
+    client.close()
+
+
+def test_a_restarted_agent_keeps_its_generation_and_does_not_redo_it(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    home = tmp_path / "home"
+    model = scripted_model(release_server.root / "v1", "kept model")
+    desire(client, "kiosk-1", 1, spec_for(release_server.url("v1/m.gguf"), sha256(model),
+                                          redis_server.url))
+    first = run_once(home, "kiosk-1", redis_server.url)
+    assert first.returncode == 0, first.stderr
+    assert "applying" in first.stderr
+    before = actual(client, "kiosk-1")
+    assert before is not None and before.status == "healthy"
+    placed = home / "fleet" / "current" / "model.gguf"
+    inode = placed.stat().st_ino
+
+    again = run_once(home, "kiosk-1", redis_server.url)
+    assert again.returncode == 0, again.stderr
+    assert "applying" not in again.stderr
+    assert actual(client, "kiosk-1") == before  # not even re-reported
+    assert placed.stat().st_ino == inode
+    assert len(release_server.gets("v1/m.gguf")) == 1
+
+
+def test_once_exits_1_when_the_revision_failed(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    model = scripted_model(tmp_path / "m", "model")
+    desire(client, "kiosk-1", 1, spec_for(model.as_uri(), "f" * 64, redis_server.url), retries=1)
+    done = run_once(tmp_path / "home", "kiosk-1", redis_server.url)
+    assert done.returncode == 1, done.stderr
+    assert "sha256" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_three_agent_processes_reconcile_the_same_revision(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer, agents: list[AgentProcess]) -> None:
+    model = scripted_model(release_server.root / "v1", "fleet model")
+    devices = ("kiosk-1", "kiosk-2", "kiosk-3")
+    for device in devices:
+        agents.append(AgentProcess(tmp_path / device, device, redis_server.url,
+                                   "--label", "ring=everyone"))
+    wait_for(lambda: client.scard(keys.fleet_devices(FLEET)) == 3, DEADLINE, interval=0.1)
+    spec = spec_for(release_server.url("v1/m.gguf"), sha256(model), redis_server.url)
+    revision = Revision.id_for(spec)
+    for device in devices:
+        desire(client, device, 1, spec)
+    states = [wait_status(client, device, 1, "healthy") for device in devices]
+    assert all(s.revision == revision and s.doctor_ok for s in states)
+    for device in devices:
+        assert current_target(tmp_path / device) == f"revisions/{revision}"
+    assert len(release_server.gets("v1/m.gguf")) == 3
+
+
+def test_bundle_urls_are_read_from_the_bundle_dir_and_cannot_leave_it(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    bundle = tmp_path / "bundle"
+    model = scripted_model(bundle / "models", "air-gapped model")
+    home = tmp_path / "home"
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle)
+
+    async def scenario() -> tuple[ActualState, ActualState]:
+        desire(client, "kiosk-1", 1, spec_for("bundle:models/m.gguf", sha256(model),
+                                               redis_server.url))
+        await agent.step()
+        ok = agent.actual
+        desire(client, "kiosk-1", 2, spec_for("bundle:../outside.gguf", sha256(model),
+                                               redis_server.url), retries=1)
+        await agent.step()
+        await agent.close()
+        return ok, agent.actual
+
+    ok, escaped = asyncio.run(scenario())
+    assert ok.status == "healthy"
+    assert sha256(home / "fleet" / "current" / "model.gguf") == sha256(model)
+    assert escaped.status == "failed"
+    assert escaped.last_error is not None and "inside the bundle" in escaped.last_error
+
+
+def test_agent_without_a_fleet_is_a_usage_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
+    env["EDGEBUNDLE_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "edgebundle", "agent", "--redis-url",
+                           "redis://127.0.0.1:1/0"], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("edgebundle: error: no fleet: pass --fleet NAME or set "
+                                   "EDGEBUNDLE_FLEET")
+
+
+def ask(port: int, prompt: str) -> str:
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+        "model": "default", "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16})
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_serve_restarts_edgebundle_run_on_the_new_revision(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    home = tmp_path / "home"
+    first = scripted_model(tmp_path / "one", "first revision speaking")
+    second = scripted_model(tmp_path / "two", "second revision speaking")
+    port = free_port()
+    agent = Agent(Settings(home=home, port=port), redis_server.url, "kiosk-1", FLEET,
+                  serve=True)
+    loop = LoopThread()
+    try:
+        desire(client, "kiosk-1", 1, spec_for(first.as_uri(), sha256(first), redis_server.url))
+        loop.run(agent.step(), timeout=300)
+        assert agent.actual.status == "healthy", agent.actual
+        assert agent.child is not None
+        first_pid = agent.child.pid
+        assert ask(port, "hi") == "first revision speaking"
+
+        desire(client, "kiosk-1", 2, spec_for(second.as_uri(), sha256(second), redis_server.url))
+        loop.run(agent.step(), timeout=300)
+        assert agent.actual.status == "healthy", agent.actual
+        assert agent.child is not None and agent.child.pid != first_pid
+        assert gone(first_pid)
+        assert ask(port, "hi") == "second revision speaking"
+        second_pid = agent.child.pid
+        running_since = agent.actual.running_since
+
+        # The same revision again under a new generation: no restart, same clock.
+        desire(client, "kiosk-1", 3, spec_for(second.as_uri(), sha256(second), redis_server.url))
+        loop.run(agent.step(), timeout=300)
+        assert (agent.actual.generation, agent.actual.status) == (3, "healthy")
+        assert agent.child is not None and agent.child.pid == second_pid
+        assert agent.actual.running_since == running_since
+
+        # The served process dies between switches: the agent starts it again.
+        agent.child.kill()
+        agent.child.wait()
+        loop.run(agent._keep_child_up(), timeout=300)
+        assert agent.child is not None and agent.child.pid != second_pid
+        assert ask(port, "hi") == "second revision speaking"
+        second_pid = agent.child.pid
+    finally:
+        loop.run(agent.close(), timeout=60)
+        loop.close()
+    assert gone(second_pid)
+
+
+def test_an_agent_process_registers_and_reports_again_after_redis_lost_everything(
+        tmp_path: Path, redis_server: RedisServer, agents: list[AgentProcess]) -> None:
+    model = scripted_model(tmp_path / "m", "durable model")
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    agents.append(AgentProcess(tmp_path / "home", "kiosk-1", redis_server.url))
+    desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+    before = wait_status(client, "kiosk-1", 1, "healthy")
+    client.close()
+
+    redis_server.stop()  # no persistence: it comes back empty
+    time.sleep(1.0)
+    redis_server.start()
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        wait_for(lambda: client.sismember(keys.fleet_devices(FLEET), "kiosk-1") == 1,
+                 DEADLINE, interval=0.2)
+        wait_for(lambda: client.exists(keys.heartbeat("kiosk-1")) == 1, DEADLINE, interval=0.2)
+        wait_for(lambda: actual(client, "kiosk-1") is not None, DEADLINE, interval=0.2)
+        assert actual(client, "kiosk-1") == before
+        assert agents[0].proc.poll() is None, agents[0].stderr()
+    finally:
+        client.close()
+
+
+def test_run_on_a_fleet_device_serves_the_revision_the_controller_assigns(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    model = scripted_model(tmp_path / "m", "fleet assigned reply")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'fleet = "{FLEET}"\ndevice_id = "kiosk-1"\n')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
+    env.update(EDGEBUNDLE_HOME=str(home), EDGEBUNDLE_REDIS_URL=redis_server.url)
+
+    refused = subprocess.run([sys.executable, "-m", "edgebundle", "run", "--model", str(model)],
+                             capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert refused.returncode == 2
+    assert "--model: this device is in fleet shops" in refused.stderr
+
+    desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+    with (tmp_path / "run.stderr").open("wb") as err:
+        run = subprocess.Popen([sys.executable, "-m", "edgebundle", "run", "--port", str(port)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                               env=env)
+    try:
+        state = wait_status(client, "kiosk-1", 1, "healthy")
+        assert state.revision == Revision.id_for(spec_for(model.as_uri(), sha256(model),
+                                                          redis_server.url))
+        assert ask(port, "hi") == "fleet assigned reply"
+    finally:
+        run.terminate()
+        assert run.wait(30) == 0, (tmp_path / "run.stderr").read_text()
+    with pytest.raises(httpx.ConnectError):  # the served child stopped with the agent
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_device(
+        tmp_path: Path, redis_server_with_password: RedisServer) -> None:
+    server = redis_server_with_password
+    assert server.password is not None
+    shared_url = server.url.replace(f":{server.password}@", "")  # manifests carry no password
+    model = scripted_model(tmp_path / "m", "model")
+    client = redis_sync.Redis.from_url(server.url, decode_responses=True)
+    lines: list[str] = []
+    agent = Agent(Settings(home=tmp_path / "home"), server.url, "kiosk-1", FLEET,
+                  log=lines.append)
+
+    async def scenario() -> tuple[ActualState, ActualState]:
+        desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), shared_url))
+        await agent.step()
+        ok = agent.actual
+        other_build = spec_for(model.as_uri(), sha256(model), shared_url)
+        other_build["app"]["sha256"] = "e" * 64
+        desire(client, "kiosk-1", 2, other_build, retries=1)
+        await agent.step()
+        await agent.close()
+        return ok, agent.actual
+
+    ok, other = asyncio.run(scenario())
+    client.close()
+    # doctor reached the sync Redis as this device: the password came from --redis-url
+    assert (ok.status, ok.doctor_ok, ok.doctor_failed) == ("healthy", True, [])
+    assert other.status == "failed"
+    assert other.last_error is not None and "upgrade edgebundle" in other.last_error
+    assert server.password not in "\n".join(lines)
