@@ -18,8 +18,7 @@ Prints one JSON object per line (shared/API.md "Benchmarks"):
   Goal <= 2048.
 - ``fleet.tick_s``: one controller pass (``edgebundle.fleet.controller``) over the
   whole fleet right after a rollout of a new revision was applied (every device online,
-  healthy on the previous revision; the pass moves max_unavailable of them). Printed as
-  skipped, with the reason, while the controller module is not in this checkout.
+  healthy on the previous revision; the pass moves max_unavailable of them).
   ``fleet.tick_again_s``: the pass after it. Goal < 1 s.
 
 The redis-server is a child process on a free port (never daemonized), stopped by its
@@ -32,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import json
 import multiprocessing
 import shutil
 import subprocess
@@ -43,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from edgebundle.fleet import keys
+from edgebundle.fleet import controller, keys
 from edgebundle.fleet.state import (
     HEARTBEAT_TTL,
     ActualState,
@@ -219,29 +216,14 @@ async def bytes_per_device(client: Client, revision: Revision, now: float) -> No
 
 
 async def controller_tick(client: Client, now: float) -> None:
-    try:
-        controller = importlib.import_module("edgebundle.fleet.controller")
-    except ModuleNotFoundError:
-        skipped("edgebundle.fleet.controller is not in this checkout yet (the controller "
-                "helper's branch): the integrator wires it")
-        return
-    apply: Any = getattr(controller, "apply", None)
-    tick_function: Any = getattr(controller, "tick", None)
-    controller_class: Any = getattr(controller, "Controller", None)
-    if apply is None or (tick_function is None and controller_class is None):
-        skipped("edgebundle.fleet.controller has no apply() and tick() (or Controller.tick)")
-        return
     manifest = dict(MANIFEST)
     manifest["spec"] = {**MANIFEST["spec"],
                         "model": {**MANIFEST["spec"]["model"], "ctx_size": 8192}}
-    await apply(client, manifest, now=now)
+    await controller.apply(client, manifest, now=now)
 
     async def one_pass(at: float) -> float:
         started = time.perf_counter()
-        if tick_function is not None:
-            await tick_function(client, FLEET, at)
-        else:
-            await controller_class(client, FLEET).tick(at)
+        await controller.Controller(client, FLEET).tick(at)
         return time.perf_counter() - started
 
     first = await one_pass(now + 1)
@@ -251,10 +233,6 @@ async def controller_tick(client: Client, now: float) -> None:
          f"one pass over {DEVICES} devices after apply (moved {moved})", "< 1")
     emit("fleet.tick_again_s", await one_pass(now + 2), "s",
          f"the next pass over {DEVICES} devices", "< 1")
-
-
-def skipped(reason: str) -> None:
-    print(json.dumps({"bench": "fleet.tick_s", "skipped": reason}), flush=True)
 
 
 async def main(quick: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from edgebundle.errors import UsageError
@@ -31,6 +31,13 @@ ROLLOUT_STATUSES = ("progressing", "paused", "complete", "rolling_back", "rolled
 HEARTBEAT_INTERVAL = 5.0  # s between an agent's heartbeats
 HEARTBEAT_TTL = 15  # s a heartbeat lives: three missed beats = offline
 DEFAULT_RETRIES = 2  # an agent's attempts per generation when the manifest does not say
+
+
+def shallow_json(document: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict for serialising, nested values shared, not copied:
+    dataclasses.asdict deep-copies every spec, which costs a controller pass over
+    thousands of devices more than the JSON encoding itself."""
+    return {f.name: getattr(document, f.name) for f in fields(document)}
 
 
 def dumps(value: Any) -> str:
@@ -65,7 +72,7 @@ class Revision:
         return "rev-" + hashlib.sha256(dumps(spec).encode()).hexdigest()[:12]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return shallow_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Revision:
@@ -83,7 +90,7 @@ class DesiredState:
     retries: int = DEFAULT_RETRIES  # the agent's attempts at this generation (spec.rollout.retries)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return shallow_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DesiredState:
@@ -105,7 +112,7 @@ class ActualState:
     updated_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return shallow_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ActualState:
@@ -128,7 +135,7 @@ class Heartbeat:
     doctor_ok: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return shallow_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Heartbeat:
@@ -151,7 +158,7 @@ class Rollout:
     message: str = ""  # why it stopped, for status
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return shallow_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Rollout:
