@@ -238,7 +238,9 @@ def test_invalid_ids_and_mutations_are_usage_errors(sync_redis_url: str) -> None
 
 
 def test_every_key_carries_the_thread_hash_tag(standalone_redis: RedisServer) -> None:
-    """All keys on the session's standalone server (every sync test's) start with eb:{."""
+    """The thread's keys start with eb:{<thread>}:, and every key on the session's
+    standalone server (every sync and fleet test's) carries a hash tag: threads
+    eb:{T}:…, fleet devices eb:dev:{dev:D}:…, fleets eb:fleet:{fleet:F}:…."""
 
     async def main() -> None:
         async with sync_service(standalone_redis.url) as sync:
@@ -255,6 +257,7 @@ def test_every_key_carries_the_thread_hash_tag(standalone_redis: RedisServer) ->
             mine = [key async for key in sync.redis.scan_iter(match=f"*{tid}*")]
             assert mine and all(key.startswith(f"eb:{{{tid}}}:") for key in mine)
             everything = [key async for key in sync.redis.scan_iter()]
-            assert [key for key in everything if not key.startswith("eb:{")] == []
+            tagged = ("eb:{", "eb:dev:{dev:", "eb:fleet:{fleet:")
+            assert [key for key in everything if not key.startswith(tagged)] == []
 
     asyncio.run(main())
