@@ -263,8 +263,13 @@ def _install_runtime(
     downloaded: list[str],
     progress: ProgressFactory | None,
     log: Log,
+    make_current: bool = True,
 ) -> bool:
-    """Install (or reactivate) the pinned runtime; True when it was unpacked in this run."""
+    """Install (or reactivate) the pinned runtime; True when it was unpacked in this run.
+
+    ``make_current=False`` only installs: the caller switches ``current`` itself (the
+    fleet agent does, together with its revision link).
+    """
     lock, host = plan.lock, plan.host
     try:
         runtime_asset = lock.runtime_asset(host.os, host.arch)
@@ -274,8 +279,9 @@ def _install_runtime(
     target = layout.runtime_dir(lock.wasmedge_version, variant)
     wanted = _marker(lock, variant, host, runtime_asset, plugin_asset)
     if _marker_matches(_read_marker(target), wanted):
-        log(f"{target.name} is already installed; activating it")
-        _switch_current(layout, target.name)
+        if make_current:
+            log(f"{target.name} is already installed; activating it")
+            _switch_current(layout, target.name)
         return False
     for asset in (runtime_asset, plugin_asset):
         if bundle is not None:
@@ -315,9 +321,44 @@ def _install_runtime(
         raise InstallError(f"installing {target.name} failed: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _switch_current(layout, target.name)
-    log(f"installed {target.name} and made it current")
+    if make_current:
+        _switch_current(layout, target.name)
+        log(f"installed {target.name} and made it current")
+    else:
+        log(f"installed {target.name}")
     return True
+
+
+def install_runtime(
+    plan: InstallPlan,
+    layout: Layout,
+    *,
+    progress: ProgressFactory | None = None,
+    log: Log = lambda line: None,
+) -> tuple[Path, bool]:
+    """Install the plan's runtime without making it current; no fallback, errors raise.
+
+    Returns its versioned directory and whether it was unpacked now (False: it was
+    already installed, nothing was fetched). Same checks as :func:`install`: every
+    archive's sha256 is verified, an unknown pin is refused unless the bundle records
+    it or ``allow_unverified`` is set.
+    """
+    variant = resolve_variant(plan.lock, plan.host, plan.variant)
+    bundle = open_bundle(plan.bundle) if plan.bundle is not None else None
+    unpacked = _install_runtime(
+        plan, variant, layout, bundle, [], progress, log, make_current=False
+    )
+    return layout.runtime_dir(plan.lock.wasmedge_version, variant), unpacked
+
+
+def switch_current(layout: Layout, name: str | None) -> None:
+    """Point ``current`` at runtime dir ``name`` (None: remove the link), then rewrite env."""
+    if name is None:
+        if layout.runtime_current.is_symlink():
+            layout.runtime_current.unlink()
+    else:
+        _switch_current(layout, name)
+    write_env_file(layout)
 
 
 def _source(artifact: Artifact, plan: InstallPlan, bundle: Bundle | None) -> tuple[str, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,17 +23,24 @@ import httpx
 import pytest
 import redis as redis_sync
 
+from edgebundle.bundle import build_bundle
 from edgebundle.config import Settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.fleet import keys
 from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
-from edgebundle.pins import load_app_pins
-from edgebundle.resources import app_pins_file
+from edgebundle.host import detect
+from edgebundle.pins import load_app_pins, load_runtime_lock
+from edgebundle.resources import app_pins_file, runtime_lock_file
 from tests.support.fleet import FLEET, AgentProcess
 from tests.support.processes import free_port, gone
 from tests.support.redis_server import RedisServer
-from tests.support.release_server import ReleaseServer, sha256
+from tests.support.release_server import (
+    ReleaseServer,
+    make_runtime_archive,
+    publish_release,
+    sha256,
+)
 from tests.support.serving import LoopThread, wait_for
 
 EDGECHAT_SHA256 = load_app_pins(app_pins_file()).app("edgechat").sha256  # the shipped guest
@@ -522,3 +530,192 @@ def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_devi
     assert other.status == "failed"
     assert other.last_error is not None and "upgrade edgebundle" in other.last_error
     assert server.password not in "\n".join(lines)
+
+
+# --- revisions on WasmEdge: the runtime is installed and switched with the revision ----
+#
+# The WasmEdge archives are fabricated by tests/support/release_server.py (their
+# `wasmedge` is the recorded-output stand-in, a test double at a process boundary) and
+# carried in a real offline bundle (edgebundle.bundle.build_bundle), as an air-gapped
+# device gets them; the agent installs them with the installer's own code.
+
+HOST = detect()
+
+
+def wasmedge_spec(model: Path, redis_url: str, version: str) -> dict[str, Any]:
+    spec = spec_for(model.as_uri(), sha256(model), redis_url)
+    spec["runtime"] = {"kind": "wasmedge", "wasmedge": version,
+                       "plugin": {"name": "wasi_nn-ggml", "build": "b0001", "variant": "cpu"}}
+    return spec
+
+
+def runtime_bundle(server: ReleaseServer, workdir: Path, dest: Path, version: str, *,
+                   reports: str | None = None) -> Path:
+    """An offline bundle (in ``dest``, replacing what was there) of a fabricated WasmEdge
+    ``version`` + cpu plugin, pinned ``unknown`` as the shipped lock is: the bundle records
+    the sha256s. ``reports``: the version its `wasmedge --version` prints instead."""
+    release = publish_release(server, workdir, version, known_sha=False)
+    if reports is not None:
+        liar = make_runtime_archive(workdir / f"liar-{reports}", reports)
+        release.runtime.write_bytes(liar.read_bytes())
+    shutil.rmtree(dest, ignore_errors=True)
+    build_bundle(dest, load_runtime_lock(release.lock), load_app_pins(release.pins),
+                 platforms=[(HOST.os, HOST.arch, "cpu")], wheels=False)
+    return dest
+
+
+def runtime_link(home: Path) -> str:
+    return os.readlink(home / "runtime" / "current")
+
+
+def test_a_wasmedge_revision_installs_and_switches_its_runtime_and_rolls_back_offline(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    home, bundle = tmp_path / "home", tmp_path / "bundle"
+    model = scripted_model(tmp_path / "m", "wasmedge model")
+    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    fetched = len(release_server.gets())  # the bundle build; the device fetches nothing
+    lines: list[str] = []
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
+                  log=lines.append)
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+    spec2 = wasmedge_spec(model, redis_server.url, "0.14.2")
+    runtimes = home / "runtime"
+
+    async def step(generation: int, spec: dict[str, Any]) -> ActualState:
+        desire(client, "kiosk-1", generation, spec)
+        await agent.step()
+        return agent.actual
+
+    async def first() -> ActualState:
+        one = await step(1, spec1)
+        await agent.close()
+        return one
+
+    state1 = asyncio.run(first())
+    assert (state1.status, state1.doctor_ok, state1.doctor_failed) == ("healthy", True, [])
+    assert state1.runtime == "wasmedge-0.14.1-cpu"
+    assert runtime_link(home) == "wasmedge-0.14.1-cpu"
+    marker = json.loads((runtimes / "current" / "edgebundle-runtime.json").read_text())
+    assert (marker["wasmedge_version"], marker["plugin_build"], marker["variant"]) == (
+        "0.14.1", "b0001", "cpu")
+    assert (runtimes / "current" / "plugin" / "libwasmedgePluginWasiNN.so").is_file()
+    reported = actual(client, "kiosk-1")
+    assert reported is not None and reported.runtime == "wasmedge-0.14.1-cpu"
+    assert len(release_server.gets()) == fetched
+    binary_inode = (runtimes / "wasmedge-0.14.1-cpu" / "bin" / "wasmedge").stat().st_ino
+
+    # A new bundle arrives with WasmEdge 0.14.2; the next revision runs on it.
+    runtime_bundle(release_server, tmp_path, bundle, "0.14.2")
+    fetched = len(release_server.gets())
+
+    async def second_and_back() -> tuple[ActualState, ActualState, ActualState]:
+        two = await step(2, spec2)
+        assert runtime_link(home) == "wasmedge-0.14.2-cpu"
+        back = await step(3, spec1)  # a rollback: 0.14.1 is no longer in the bundle
+        embedded = await step(4, spec_for(model.as_uri(), sha256(model), redis_server.url))
+        await agent.close()
+        return two, back, embedded
+
+    state2, state3, state4 = asyncio.run(second_and_back())
+    assert (state2.status, state2.doctor_ok, state2.runtime) == (
+        "healthy", True, "wasmedge-0.14.2-cpu")
+    assert state2.revision == Revision.id_for(spec2)
+    assert (state3.status, state3.revision, state3.runtime) == (
+        "healthy", Revision.id_for(spec1), "wasmedge-0.14.1-cpu")
+    assert (runtimes / "wasmedge-0.14.1-cpu" / "bin" / "wasmedge").stat().st_ino == binary_inode
+    assert any("already installed" in line for line in lines)
+    # An embedded revision leaves the runtime link as it was.
+    assert (state4.status, state4.runtime) == ("healthy", "embedded")
+    assert runtime_link(home) == "wasmedge-0.14.1-cpu"
+    assert sorted(p.name for p in runtimes.iterdir()) == [
+        "current", "wasmedge-0.14.1-cpu", "wasmedge-0.14.2-cpu"]  # no temp dirs left
+    assert len(release_server.gets()) == fetched  # everything came from the bundle
+
+
+def test_a_wasmedge_archive_with_a_wrong_sha256_fails_and_current_stays(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    home, bundle = tmp_path / "home", tmp_path / "bundle"
+    model = scripted_model(tmp_path / "m", "wasmedge model")
+    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
+                  backoff=0.05)
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+
+    async def scenario() -> tuple[ActualState, ActualState]:
+        desire(client, "kiosk-1", 1, spec1)
+        await agent.step()
+        ok = agent.actual
+        runtime_bundle(release_server, tmp_path, bundle, "0.15.0")
+        archive = next((bundle / "assets").glob("WasmEdge-0.15.0-*.tar.gz"))
+        archive.write_bytes(archive.read_bytes() + b"tampered")  # after bundle.json was written
+        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0"),
+               retries=2)
+        await agent.step()
+        await agent.close()
+        return ok, agent.actual
+
+    ok, failed = asyncio.run(scenario())
+    assert (ok.status, ok.runtime) == ("healthy", "wasmedge-0.14.1-cpu")
+    assert (failed.generation, failed.status, failed.attempts) == (2, "failed", 2)
+    assert failed.last_error is not None and "sha256 mismatch" in failed.last_error
+    assert (failed.revision, failed.runtime) == (Revision.id_for(spec1), "wasmedge-0.14.1-cpu")
+    assert current_target(home) == f"revisions/{Revision.id_for(spec1)}"
+    assert runtime_link(home) == "wasmedge-0.14.1-cpu"
+    assert sorted(p.name for p in (home / "runtime").iterdir()) == [
+        "current", "wasmedge-0.14.1-cpu"]
+
+
+def test_doctor_checks_the_switched_wasmedge_and_a_failure_restores_both_links(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    home, bundle = tmp_path / "home", tmp_path / "bundle"
+    model = scripted_model(tmp_path / "m", "wasmedge model")
+    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle)
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+
+    async def scenario() -> ActualState:
+        desire(client, "kiosk-1", 1, spec1)
+        await agent.step()
+        assert agent.actual.status == "healthy", agent.actual
+        # Verified bytes, wrong contents: this "0.15.0" release's wasmedge is a 0.14.9.
+        runtime_bundle(release_server, tmp_path, bundle, "0.15.0", reports="0.14.9")
+        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0"),
+               retries=1)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    failed = asyncio.run(scenario())
+    assert (failed.status, failed.doctor_ok, failed.doctor_failed) == (
+        "failed", False, ["wasmedge.version"])
+    assert failed.last_error is not None
+    assert "wasmedge 0.14.9 is installed, the pin is 0.15.0" in failed.last_error
+    assert current_target(home) == f"revisions/{Revision.id_for(spec1)}"
+    assert runtime_link(home) == "wasmedge-0.14.1-cpu"
+    assert failed.runtime == "wasmedge-0.14.1-cpu"
+
+
+def test_the_shipped_locks_unknown_sha256s_are_refused_without_a_bundle(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    home = tmp_path / "home"
+    model = scripted_model(tmp_path / "m", "wasmedge model")
+    shipped = load_runtime_lock(runtime_lock_file())
+    assert not all(a.verified for a in shipped.assets)  # else this test proves nothing
+    spec = wasmedge_spec(model, redis_server.url, shipped.wasmedge_version)
+    spec["runtime"]["plugin"]["build"] = shipped.plugin_build
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET)
+
+    async def scenario() -> ActualState:
+        desire(client, "kiosk-1", 1, spec, retries=1)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    failed = asyncio.run(scenario())
+    assert failed.status == "failed"
+    assert failed.last_error is not None and "no published sha256" in failed.last_error
+    assert not (home / "runtime" / "current").exists()
+    assert not (home / "fleet" / "current").exists()

@@ -15,9 +15,15 @@ fleet's device set), so a per-device ACL user is enough:
   devices), verify its sha256 *before* anything uses it, place it in
   ``<home>/fleet/revisions/<rev>/``, switch ``<home>/fleet/current`` atomically
   (a new symlink renamed over the old one), restart the runtime (``serve``), run
-  doctor's checks on the new revision. A failed attempt puts the previous revision
-  back and is retried with backoff up to the generation's ``retries``; then the
-  device reports ``failed`` and keeps running the previous revision.
+  doctor's checks on the new revision. A revision on WasmEdge also gets its WasmEdge
+  version and plugin build installed by the installer's own code into
+  ``<home>/runtime/wasmedge-<version>-<variant>/`` (from the ``--bundle DIR`` when it is
+  a bundle built for that runtime, else by the shipped lock, whose unknown sha256s are
+  refused exactly as ``install`` refuses them; an installed one is reused), and
+  ``<home>/runtime/current`` is switched with the revision link. A failed attempt puts
+  the previous revision (and its runtime link) back and is retried with backoff up to
+  the generation's ``retries``; then the device reports ``failed`` and keeps running
+  the previous revision.
 - **report** an :class:`ActualState` after every step. A report Redis cannot take is
   kept (in memory and in ``<home>/fleet/pending-report.json``) and sent when Redis
   is back; only the newest one is kept, because ``actual`` holds one state, not a log.
@@ -51,7 +57,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from redis.exceptions import RedisError as _RedisPyError
 
-from edgebundle import __version__
+from edgebundle import __version__, installer
+from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, run_doctor
 from edgebundle.download import fetch
@@ -66,7 +73,8 @@ from edgebundle.fleet.state import (
     dumps,
     loads,
 )
-from edgebundle.pins import load_app_pins
+from edgebundle.host import detect
+from edgebundle.pins import RuntimeLock, load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.keys import check_id
@@ -177,6 +185,34 @@ class FleetPaths:
         except OSError:
             return None
         return Path(target).name
+
+
+@dataclass(frozen=True)
+class WantedRuntime:
+    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge)."""
+
+    version: str
+    build: str
+    variant: str
+
+    @property
+    def label(self) -> str:
+        return f"WasmEdge {self.version} with plugin build {self.build} ({self.variant})"
+
+    @staticmethod
+    def of(spec: Mapping[str, Any]) -> WantedRuntime | None:
+        """None for an embedded revision (which leaves ``runtime/current`` alone)."""
+        runtime = spec.get("runtime") or {}
+        if not isinstance(runtime, dict) or runtime.get("kind") != "wasmedge":
+            return None
+        plugin = runtime.get("plugin") or {}
+        version = runtime.get("wasmedge")
+        build = plugin.get("build") if isinstance(plugin, dict) else None
+        if not version or not build:
+            raise ConfigError("the revision's runtime is wasmedge but names no wasmedge version "
+                              "or plugin build; fix spec.runtime in the manifest")
+        variant = plugin.get("variant") or "cpu"
+        return WantedRuntime(str(version), str(build), str(variant))
 
 
 class AttemptFailed(EdgebundleError):
@@ -343,26 +379,99 @@ class Agent:
             raise AttemptFailed(str(exc)) from None
         except OSError as exc:
             raise AttemptFailed(f"cannot place revision {desired.revision}: {exc}") from None
+        try:  # installed (and verified) now, made current below with the revision
+            wanted = WantedRuntime.of(desired.spec)
+            runtime = (await asyncio.to_thread(self._install_runtime, wanted)
+                       if wanted is not None else None)
+        except EdgebundleError as exc:
+            raise AttemptFailed(str(exc)) from None
+        except OSError as exc:
+            raise AttemptFailed(f"cannot install the revision's WasmEdge: {exc}") from None
         previous = self.paths.current_revision()
+        previous_runtime = self._runtime_link()
         unchanged = previous == desired.revision and self.actual.running_since > 0 and (
             not self.serve or (self.child is not None and self.child.poll() is None))
         # Same revision again (a re-sent generation): it keeps running, and so does its clock.
         started = self.actual.running_since if unchanged else time.time()
         self._switch(desired.revision)
         try:
+            if runtime is not None:
+                installer.switch_current(self.settings.layout, runtime[0].name)
             if self.serve and not unchanged:
                 await self._restart_runtime(desired.revision, desired.spec)
-            doctor = await asyncio.to_thread(self._doctor, rev_dir, desired.spec)
+            doctor = await asyncio.to_thread(
+                self._doctor, rev_dir, desired.spec, runtime[1] if runtime else None)
             failing = revision_failures(doctor)
             if failing:
                 raise AttemptFailed("doctor: " + "; ".join(
                     f"{c.id}: {c.summary}" for c in failing), doctor)
         except (AttemptFailed, EdgebundleError) as exc:
-            await self._switch_back(previous)
+            await self._switch_back(previous, previous_runtime)
             if isinstance(exc, AttemptFailed):
                 raise
             raise AttemptFailed(str(exc)) from None
         return doctor, started
+
+    def _install_runtime(self, wanted: WantedRuntime) -> tuple[Path, RuntimeLock]:
+        """Install ``wanted`` in its versioned dir (not current yet) by the installer's code.
+
+        Returns the dir and the lock doctor compares the running WasmEdge with. The lock
+        comes from the bundle (``--bundle DIR`` with a bundle.json: sha256s recorded at
+        build time) or the shipped one; the installer refuses an unknown sha256 and
+        verifies every archive before unpacking it; an installed runtime is reused.
+        """
+        host = detect()
+        layout = self.settings.layout
+        plans = []
+        if self.bundle_dir is not None and (self.bundle_dir / BUNDLE_MANIFEST).is_file():
+            plans.append(installer.make_plan(host, bundle=self.bundle_dir,
+                                             require_wasmedge=True))
+        plans.append(installer.make_plan(host, require_wasmedge=True))
+        for plan in plans:
+            lock = plan.lock
+            if (lock.wasmedge_version, lock.plugin_build) != (wanted.version, wanted.build) or (
+                    wanted.variant not in lock.variants(host.os, host.arch)):
+                continue
+            target, unpacked = installer.install_runtime(
+                replace(plan, variant=wanted.variant), layout, log=self.log)
+            where = f"the bundle {self.bundle_dir}" if plan.bundle else f"the lock {lock.path}"
+            self.log(f"{wanted.label}: installed in {target} from {where}" if unpacked
+                     else f"{wanted.label}: already installed in {target}")
+            return target, lock
+        for installed in installer.list_runtimes(layout):  # pinned nowhere now, but here
+            if (installed.wasmedge_version, installed.plugin_build, installed.variant) == (
+                    wanted.version, wanted.build, wanted.variant):
+                self.log(f"{wanted.label}: already installed in {installed.path}")
+                shipped = plans[-1].lock
+                return installed.path, replace(
+                    shipped, wasmedge_version=wanted.version, plugin_build=wanted.build,
+                    plugin_reported_version=None)  # no lock says what this build prints
+        bundle = f" nor in the bundle {self.bundle_dir}" if len(plans) > 1 else ""
+        raise ConfigError(
+            f"{wanted.label} is pinned neither in the shipped lock{bundle}: build a bundle "
+            "for it (edgebundle bundle build) and start the agent with --bundle DIR")
+
+    def _runtime_link(self) -> str | None:
+        """Where ``<home>/runtime/current`` points now (None: no link)."""
+        try:
+            return os.readlink(self.settings.layout.runtime_current)
+        except OSError:
+            return None
+
+    def _running_runtime(self) -> str | None:
+        """What the running revision runs on, for reports (see ActualState.runtime)."""
+        running = self.paths.current_revision()
+        spec = self._revision_spec(running) if running is not None else None
+        if spec is None:
+            return None
+        try:
+            wanted = WantedRuntime.of(spec)
+        except ConfigError:
+            return None
+        if wanted is None:
+            return "embedded"
+        link = self._runtime_link()
+        return Path(link).name if link else None
 
     def _stage(self, desired: DesiredState) -> Path:
         """``revisions/<rev>/`` with verified files; reused when an earlier run made it."""
@@ -443,7 +552,10 @@ class Agent:
         os.symlink(Path("revisions") / revision, link)
         os.replace(link, self.paths.current)
 
-    async def _switch_back(self, previous: str | None) -> None:
+    async def _switch_back(self, previous: str | None, previous_runtime: str | None) -> None:
+        if self._runtime_link() != previous_runtime:
+            with contextlib.suppress(EdgebundleError, OSError):
+                installer.switch_current(self.settings.layout, previous_runtime)
         if previous is None:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.current.unlink()
@@ -472,6 +584,8 @@ class Agent:
         return replace(
             self.settings,
             runtime=runtime if runtime in ("wasmedge", "embedded") else self.settings.runtime,
+            # A WasmEdge revision runs the WasmEdge the agent installed, never another binary.
+            wasmedge=None if runtime == "wasmedge" else self.settings.wasmedge,
             model=rev_dir / MODEL_FILE,
             app=app if app.is_file() else None,
             template=model.get("template") or self.settings.template,
@@ -482,8 +596,11 @@ class Agent:
             device_id=self.device_id,
         )
 
-    def _doctor(self, rev_dir: Path, spec: Mapping[str, Any]) -> Report:
-        return run_doctor(self.revision_settings(rev_dir, spec), online=self.online_doctor)
+    def _doctor(self, rev_dir: Path, spec: Mapping[str, Any],
+                lock: RuntimeLock | None = None) -> Report:
+        """Doctor's checks of a revision; ``lock`` pins the WasmEdge it runs on."""
+        return run_doctor(self.revision_settings(rev_dir, spec), online=self.online_doctor,
+                          lock=lock)
 
     # --- the runtime (serve=True) ------------------------------------------------------
 
@@ -558,7 +675,7 @@ class Agent:
 
     async def _report(self, state: ActualState) -> None:
         """Record ``state`` locally, then send it; keep it for later if Redis is down."""
-        state = replace(state, updated_at=time.time())
+        state = replace(state, updated_at=time.time(), runtime=self._running_runtime())
         self.actual = state
         _write_json_atomic(self.paths.state_file, state.to_json())
         self.pending = state

@@ -110,6 +110,9 @@ class ActualState:
     doctor_failed: list[str] = field(default_factory=list)  # ids of failing checks
     running_since: float = 0.0  # when the running revision started
     updated_at: float = 0.0
+    # What the running revision runs on: "embedded" or the WasmEdge dir that
+    # <home>/runtime/current points at (e.g. "wasmedge-0.14.1-cpu"); None: nothing yet.
+    runtime: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return shallow_json(self)
@@ -124,7 +127,8 @@ class ActualState:
                    last_error=data.get("last_error"), doctor_ok=data.get("doctor_ok"),
                    doctor_failed=list(data.get("doctor_failed", [])),
                    running_since=float(data.get("running_since", 0.0)),
-                   updated_at=float(data.get("updated_at", 0.0)))
+                   updated_at=float(data.get("updated_at", 0.0)),
+                   runtime=data.get("runtime"))
 
 
 @dataclass(frozen=True)
