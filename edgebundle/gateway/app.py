@@ -103,7 +103,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
                                  "start `edgebundle run` with --redis-url (or install "
                                  "redis-server), or leave thread_id out", "thread_id")
             else:
-                events = thread_chat.complete(parsed)
+                events = thread_chat.complete(parsed, request.headers.get("idempotency-key"))
             first = await anext(events)  # renders first: a bad conversation is still a 400
         except BadRequest as exc:
             return _error(400, exc.message, exc.param, exc.code)

@@ -63,6 +63,7 @@ class ChatRequest:
     include_usage: bool
     model: str | None
     thread_id: str | None = None  # the extension: the exchange is a turn of this thread
+    input_id: str | None = None  # with thread_id: the turn's input id (a retry names it again)
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -105,7 +106,20 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage=include_usage,
         model=model,
         thread_id=_thread_id(body.get("thread_id")),
+        input_id=_input_id(body.get("input_id")),
     )
+
+
+def _input_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("input_id must be a string (the id of the turn's input message)",
+                         "input_id")
+    try:
+        return keys.check_id("message", value)
+    except UsageError as exc:
+        raise BadRequest(f"input_id: {exc}", "input_id") from None
 
 
 def _thread_id(value: Any) -> str | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -209,7 +210,19 @@ class RunRequest:
     stream: bool
 
 
-def parse_run_request(body: dict[str, Any], default_device: str) -> RunRequest:
+def idempotent_input_id(input_id: str | None, idempotency_key: str | None) -> str | None:
+    """The turn's input id: the one given, else one derived from an ``Idempotency-Key``
+    header (the same key names the same turn of a thread), else None (a new one)."""
+    if input_id is not None or idempotency_key is None:
+        return input_id
+    if not 1 <= len(idempotency_key) <= 255 or not idempotency_key.isprintable() \
+            or not idempotency_key.isascii():
+        raise _bad("the Idempotency-Key header must be 1-255 printable ASCII characters")
+    return "idem-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:40]
+
+
+def parse_run_request(body: dict[str, Any], default_device: str,
+                      idempotency_key: str | None = None) -> RunRequest:
     device = body.get("device_id", default_device)
     given = body.get("input")
     if not isinstance(given, dict) or not isinstance(given.get("content"), str):
@@ -229,7 +242,8 @@ def parse_run_request(body: dict[str, Any], default_device: str) -> RunRequest:
         epoch=_epoch(body.get("epoch")),
         since=_int(body, "since", 0),
         content=given["content"],
-        input_id=None if input_id is None else _id("message", input_id, "input.id"),
+        input_id=idempotent_input_id(
+            None if input_id is None else _id("message", input_id, "input.id"), idempotency_key),
         multitask=multitask,
         params=_params(body.get("params")),
         stream=stream,
@@ -257,12 +271,21 @@ def _params(value: Any) -> ChatParams:
 # -- generating runs on this device --------------------------------------------------
 
 
-def prompt_messages(messages: tuple[Message, ...], skip: str) -> list[PromptMessage]:
-    """The thread as the model sees it: visible messages by position, minus ``skip``
-    (the assistant message being written) and replies stopped before any text (the
-    person saw nothing of them)."""
-    visible = [m for m in messages if not m.deleted and m.id != skip
-               and (m.content or m.role != "assistant")]
+def prompt_messages(messages: tuple[Message, ...], run: Run) -> list[PromptMessage]:
+    """The thread as the model sees it for ``run``: the visible messages by position up
+    to and including the run's input, minus the reply being written and replies stopped
+    before any text (the person saw nothing of them).
+
+    Later messages (inputs of runs queued behind this one, messages pushed after it
+    started) are not part of this turn. UsageError if the input was deleted meanwhile.
+    """
+    by_id = {m.id: m for m in messages}
+    given = by_id.get(run.input_message_id or "")
+    if given is None or given.deleted:
+        raise UsageError(f"its input message {run.input_message_id} was deleted before the "
+                         "run's turn came")
+    visible = [m for m in messages if not m.deleted and m.id != run.message_id
+               and m.position <= given.position and (m.content or m.role != "assistant")]
     visible.sort(key=lambda m: m.position)
     return [PromptMessage(m.role, m.content) for m in visible]
 
@@ -273,19 +296,24 @@ class RunGenerator:
     def __init__(self, sync: SyncService, chat: ChatService) -> None:
         self.sync = sync
         self.chat = chat
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by run id
         self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
 
     def start(self, ticket: RunTicket, params: ChatParams) -> None:
+        """Generate the ticket's run here, unless this device already is."""
+        run_id = ticket.run.id
+        if run_id in self._tasks:
+            return
         task = asyncio.get_running_loop().create_task(self._generate(ticket, params))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
 
     async def close(self) -> None:
         """Stop every run generating here (each ends failed, its text kept)."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -365,9 +393,10 @@ class RunGenerator:
             delay = min(delay * 2, longest)
 
     async def _write(self, lease: RunLease, params: ChatParams) -> None:
-        state = await self.sync.sync(lease.run.thread_id, None, 0)
-        messages = prompt_messages(state.messages, lease.message.id)
+        thread_id = lease.run.thread_id
+        state = await lease.ride_out(lambda: self.sync.sync(thread_id, None, 0))
         try:
+            messages = prompt_messages(state.messages, lease.run)
             events = self.chat.complete(messages, params)
             first = await anext(events)
         except UsageError as exc:
@@ -408,6 +437,11 @@ async def start_turn(runner: RunGenerator, thread_id: str,
     """Start a turn on the thread and generate it on this device: the ticket, and the
     sync object its stream opens with (the whole thread for a client without an epoch).
 
+    A retry (the input id already started a run, ``ticket.again``) starts nothing new.
+    If that run is still waiting for its turn this device waits for it too: the device
+    that started it may have lost it (its Redis call failed after Redis had taken it),
+    and whichever device takes the turn first generates it, once (the lock decides).
+
     What ``POST /v1/threads/{id}/runs`` and chat completions with ``thread_id`` share.
     """
     sync = runner.sync
@@ -418,7 +452,8 @@ async def start_turn(runner: RunGenerator, thread_id: str,
         thread_id, request.device_id, epoch=epoch, since=since,
         content=request.content, input_id=request.input_id, multitask=request.multitask,
     )
-    runner.start(ticket, request.params)
+    if not ticket.again or ticket.run.status == "queued":
+        runner.start(ticket, request.params)
     opening = ticket.sync if request.epoch else replace(ticket.sync, full=True)
     return ticket, opening
 
@@ -440,6 +475,15 @@ def _guarded(handler: Handler) -> Handler:
             return api_error(exc).response()
 
     return wrapped
+
+
+def _resume_from(request: Request) -> str | None:
+    """The event id a client resumes after (``Last-Event-ID`` or ``?after=``), checked."""
+    after = request.headers.get("last-event-id") or request.query_params.get("after")
+    if after is not None and not _EVENT_ID.match(after):
+        raise _bad(f"invalid event id {after!r}: resume with the id of an event you got "
+                   "(such as 1712345678901-0)")
+    return after
 
 
 def _sse(event_type: str, data: Any, event_id: str | None = None) -> str:
@@ -539,19 +583,25 @@ def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
 
     async def start_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        parsed = parse_run_request(await _body(request), device_id)
+        after = _resume_from(request)
+        parsed = parse_run_request(await _body(request), device_id,
+                                   request.headers.get("idempotency-key"))
         ticket, opening = await start_turn(runner, thread_id, parsed)
         run_id = ticket.run.id
+        # A retry gets the run it started, never a second one (Stripe's header says so).
+        headers = {"Idempotent-Replayed": "true"} if ticket.again else {}
         if not parsed.stream:
             run = await _last_run(sync, thread_id, run_id)
-            return JSONResponse(run.to_json())
+            return JSONResponse(run.to_json(), headers=headers)
 
         async def stream() -> AsyncIterator[str]:
-            yield _sse("sync", opening.to_json())
-            async for chunk in _relay(sync, thread_id, run_id, None):
+            if after is None:  # a client resuming after an event id had the opening
+                yield _sse("sync", opening.to_json())
+            async for chunk in _relay(sync, thread_id, run_id, after):
                 yield chunk
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **headers})
 
     async def get_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
@@ -561,10 +611,7 @@ def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
     async def run_events(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         run_id = _id("run", request.path_params["run_id"], "run id")
-        after = request.headers.get("last-event-id") or request.query_params.get("after")
-        if after is not None and not _EVENT_ID.match(after):
-            raise _bad(f"invalid event id {after!r}: resume with the id of an event you got "
-                       "(such as 1712345678901-0)")
+        after = _resume_from(request)
         await sync.get_run(thread_id, run_id)  # an unknown run is a 404, not an empty stream
         return StreamingResponse(_relay(sync, thread_id, run_id, after),
                                  media_type="text/event-stream", headers=SSE_HEADERS)

@@ -21,8 +21,13 @@ conversation that several devices share:
 - The answer is OpenAI's: a ``chat.completion`` with ``usage``, or with ``stream``
   ``chat.completion.chunk`` events ending in ``[DONE]`` (the usage chunk with
   ``stream_options.include_usage``), produced by the same code as without a thread.
+- Retries are harmless: ``input_id`` in the body (the id of the turn's input message)
+  or an ``Idempotency-Key`` header names the turn, and a request naming a turn that
+  was already started answers with that run (from its start) instead of a second one.
 - A streaming client that goes away cancels the run; the thread keeps exactly the
-  text that was sent to it (what the user saw is what the model sees next).
+  text that was sent to it (what the user saw is what the model sees next). A request
+  that named its turn (``input_id`` or ``Idempotency-Key``) said it will come back:
+  its run goes on, and the retry gets it.
 - Errors are OpenAI error objects: ``thread_id`` on a device without sync, an invalid
   id or a last message that is not the user's: 400. A thread that no longer fits the
   context: 400 ``context_length_exceeded``; any other failed run: 500
@@ -50,6 +55,7 @@ from edgebundle.gateway.sync_api import (
     RunGenerator,
     RunRequest,
     api_error,
+    idempotent_input_id,
     start_turn,
 )
 from edgebundle.sync.backend import new_id
@@ -72,7 +78,8 @@ class ThreadChat:
         self.device_id = device_id
         self._cancels: set[asyncio.Task[None]] = set()
 
-    async def complete(self, request: ChatRequest) -> AsyncGenerator[TextDelta | Finished, None]:
+    async def complete(self, request: ChatRequest, idempotency_key: str | None = None,
+                       ) -> AsyncGenerator[TextDelta | Finished, None]:
         """The reply to ``request`` (which has a ``thread_id``), as the chat's events.
 
         Raises (at the first event, before anything is written) BadRequest for a
@@ -89,10 +96,11 @@ class ThreadChat:
             raise BadRequest("with thread_id the last message is the new turn and it is "
                              "empty: send the user's message", f"{where}.content")
         try:
+            input_id = idempotent_input_id(request.input_id, idempotency_key)
             state = await self._join_or_seed(thread_id, request.messages[:-1])
             ticket, _ = await start_turn(self.runner, thread_id, RunRequest(
                 device_id=self.device_id, epoch=state.epoch, since=state.version,
-                content=last.content, input_id=None, multitask="enqueue",
+                content=last.content, input_id=input_id, multitask="enqueue",
                 params=request.params, stream=request.stream,
             ))  # fmt: skip
         except EdgebundleError as exc:
@@ -118,7 +126,7 @@ class ThreadChat:
             ended = True
             yield Finished("error", Usage(), api_error(exc).message)
         finally:
-            if not ended:  # the client went away mid-reply
+            if not ended and input_id is None:  # the client went away mid-reply for good
                 self._cancel_later(thread_id, run_id, "".join(sent))
 
     async def _join_or_seed(self, thread_id: str, earlier: Sequence[Message]) -> SyncState:

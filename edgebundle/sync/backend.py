@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError
+from redis.exceptions import ConnectionError as _ConnectionError
+from redis.exceptions import TimeoutError as _TimeoutError
 
 from edgebundle.errors import (
     ConfigError,
@@ -32,6 +35,9 @@ from edgebundle.sync.models import Message, Run, SyncState
 # every connection a read timeout (5 s by default in redis-py 8.x) that a longer block
 # would trip. Longer waits are made of several of these.
 BLOCK_SLICE = 2.0
+
+# What the driver raises when Redis is not there (OSError: a socket error it let through).
+UNAVAILABLE = (_ConnectionError, _TimeoutError, ClusterDownError, OSError)
 
 
 @dataclass(frozen=True)

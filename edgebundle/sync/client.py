@@ -11,9 +11,9 @@ connection error or timeout, reconnecting, with exponential backoff (about 2.5 s
 all, see :data:`RETRIES`), so a restart or a blip is invisible to callers and a
 longer outage surfaces as an error after a few seconds (the gateway answers 503
 ``redis_unavailable`` then, and recovers by itself when Redis is back). A retried
-script call that the old server ran but could not answer runs twice; the scripts of
-the sync core tolerate that except a text batch (``delta``), which would then appear
-twice: a window of microseconds between the server's fsync and its reply.
+script call that the old server ran but could not answer runs twice; every script of
+the sync core makes that harmless: pushes by mutation id, a run's start by its input
+id, text batches by their seq, a run's end by its fence.
 """
 
 from __future__ import annotations

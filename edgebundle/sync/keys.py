@@ -11,7 +11,9 @@ them atomically and Redis Cluster keeps them in one slot (no CROSSSLOT)::
     eb:{T}:fence             string fencing counter, INCR on every acquisition
     eb:{T}:queue             list   queued run ids, FIFO (RPUSH / LPOP)
     eb:{T}:runs              zset   run ids scored by creation order (for TTL refresh)
-    eb:{T}:run:<R>           hash   the run object (JSON), its fence and last delta seq
+    eb:{T}:inputs            hash   input message id -> the run it started (idempotent turns)
+    eb:{T}:run:<R>           hash   the run object (JSON), fence, last delta seq, reply position,
+                                    the token of the holder that ended it
     eb:{T}:run:<R>:events    stream the run's events; ids double as resume cursors
     eb:{T}:run:<R>:text      string the run's text so far (APPEND per delta batch)
     eb:{T}:run:<R>:go        list   wake-up for a queued run (BLPOP; no sleep-polling)
@@ -74,6 +76,10 @@ def runs(thread_id: str) -> str:
     return f"{_tag(thread_id)}:runs"
 
 
+def turn_inputs(thread_id: str) -> str:
+    return f"{_tag(thread_id)}:inputs"
+
+
 def run(thread_id: str, run_id: str) -> str:
     return f"{_tag(thread_id)}:run:{check_id('run', run_id)}"
 
@@ -100,4 +106,5 @@ def thread_keys(thread_id: str) -> list[str]:
         fence(thread_id),
         queue(thread_id),
         runs(thread_id),
+        turn_inputs(thread_id),
     ]

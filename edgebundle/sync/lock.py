@@ -20,12 +20,18 @@ against the token and the fence, so a holder whose lease ran out (stalled,
 partitioned) or whose run was cancelled or interrupted writes nothing: it gets
 :class:`LeaseLostError`.
 
-When Redis goes away (a restart, a network cut) nothing here dies silently: a
-background write that fails keeps its error for the caller's next call, and the
-watchdog logs and tries again next period (the lease has room for a blip). The
-holder then stops generating and ends the run with :meth:`RunLease.interrupt` once
-Redis answers again; the text it ends with is what Redis had stored (acknowledged),
-never pieces written after a lost one.
+When Redis goes away (a restart, a network cut) the holder rides it out for as long
+as its lease lasts: every fenced write (a text batch, the renewal, the end) is sent
+again until Redis answers or the lease would have run out. That is safe because each
+of them is idempotent: a text batch carries the seq it starts after (the script skips
+what it already stored), and the end of a run is recognised by its fence. Redis
+restarted from its append-only file still has the lock with its absolute expiry, so
+a run interrupted by a restart of a few seconds goes on and completes as if nothing
+happened; readers rejoin from their last event id. Only when the lease is over does
+a write raise the driver's error (kept for the caller's next call if it was a
+background write); the holder then ends the run with :meth:`RunLease.interrupt` once
+Redis answers again (or someone else already ended it, lease expired). The text it
+ends with is what Redis had stored, never pieces written after a lost one.
 """
 
 from __future__ import annotations
@@ -35,17 +41,18 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError as _RedisPyError
 
-from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
+from edgebundle.errors import LeaseLostError, RedisError, ThreadBusyError, UsageError
 from edgebundle.sync import keys
 from edgebundle.sync.backend import (
     BLOCK_SLICE,
+    UNAVAILABLE,
     Backend,
     lease_lost,
     parse_message,
@@ -56,9 +63,11 @@ from edgebundle.sync.models import Message, Run, dumps
 from edgebundle.sync.runs import RunTicket
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MIN_WAIT = 0.005  # s; BLPOP's timeout 0 would mean forever
 _MAX_PENDING = 512  # unwritten pieces before delta() waits for the writer (backpressure)
+_OUTAGE_RETRY = (0.1, 1.0)  # s: first and longest wait between sends of a fenced write
 
 
 async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = None) -> RunLease:
@@ -114,12 +123,16 @@ class RunLease:
         self._token = token
         self._buffer: list[str] = []
         self._buffered = 0
+        self._seq = 0  # the seq of the last text batch Redis acknowledged
         self._flushing = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._write_error: _RedisPyError | OSError | None = None  # from the write-behind
         self._failure: LeaseLostError | None = None  # from a background flush or renewal
         self._ended = False
+        # Until when (loop time) Redis keeps our lock at the latest: writes are retried
+        # through an outage until then, never after.
+        self._lease_until = asyncio.get_running_loop().time() + backend.settings.lease_ms / 1000
         self._watchdog = asyncio.create_task(self._renew_forever())
 
     @property
@@ -155,8 +168,10 @@ class RunLease:
             texts = self._take_buffer()
             if not texts:
                 return
-            reply = await self._call(self._backend.scripts.delta, self.message.id, *texts)
+            reply = await self._fenced(self._backend.scripts.delta, self.message.id,
+                                       str(self._seq), *texts)
             self._raise_if_lost(reply)
+            self._seq = int(reply[1])
 
     @property
     def _unbatched(self) -> bool:
@@ -208,8 +223,9 @@ class RunLease:
             # Peeked, not taken: if this call fails, the next attempt sends them again.
             pieces = self._buffer if self._unbatched or not self._buffer \
                 else ["".join(self._buffer)]
-            reply = await self._call(self._backend.scripts.finish, self.message.id,
-                                     "incomplete", "interrupted", "null", cause, *pieces)
+            reply = await self._fenced(self._backend.scripts.finish, self.message.id,
+                                       "incomplete", "interrupted", "null", cause,
+                                       str(self._seq), *pieces)
             self._buffer, self._buffered = [], 0
             self._raise_if_lost(reply)
             self._ended = True
@@ -222,8 +238,8 @@ class RunLease:
             texts = self._take_buffer()
             self._ended = True
             await self._stop_watchdog()
-            reply = await self._call(self._backend.scripts.finish, self.message.id,
-                                     outcome, reason, usage, error, *texts)
+            reply = await self._fenced(self._backend.scripts.finish, self.message.id,
+                                       outcome, reason, usage, error, str(self._seq), *texts)
             self._raise_if_lost(reply)
         self.run = parse_run(reply[1])
         return self.run
@@ -231,6 +247,30 @@ class RunLease:
     async def _call(self, script: AsyncScript, *args: str) -> list[Any]:
         return await self._backend.call(script, self.run.thread_id, self.run.id, self.run.id,
                                         self._token, str(self.fence), *args)
+
+    async def _fenced(self, script: AsyncScript, *args: str) -> list[Any]:
+        """One fenced write, sent again through a Redis outage while the lease lasts
+        (the scripts make a repeat harmless); then the driver's error is raised."""
+        return await self.ride_out(lambda: self._call(script, *args))
+
+    async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, made again through a Redis outage for as long as this lease
+        lasts (the holder keeps its run); then the error is raised. Only for calls whose
+        repeat is harmless: reads, and the fenced scripts."""
+        loop = asyncio.get_running_loop()
+        delay, longest = _OUTAGE_RETRY
+        while True:
+            try:
+                return await call()
+            except (*UNAVAILABLE, RedisError) as exc:
+                left = self._lease_until - loop.time()
+                if left <= delay:
+                    raise
+                if delay == _OUTAGE_RETRY[0]:
+                    log.warning("run %s: Redis is unavailable (%s); holding the run, retrying "
+                                "for up to %.0f s (its lease)", self.run.id, exc, left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
 
     def _raise_if_lost(self, reply: list[Any]) -> None:
         if self._note_if_lost(reply):
@@ -266,18 +306,21 @@ class RunLease:
             self._write_error = exc  # raised by the caller's next call
 
     async def _renew_forever(self) -> None:
-        every = self._backend.settings.renew_ms / 1000
+        settings = self._backend.settings
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(settings.renew_ms / 1000)
+            sent = loop.time()
             try:
-                reply = await self._call(self._backend.scripts.renew)
+                reply = await self._fenced(self._backend.scripts.renew)
             except (_RedisPyError, OSError) as exc:
-                # A blip: try again next period; the lease has room for that.
-                log.warning("run %s: renewing its lease failed (%s); retrying in %g s",
-                            self.run.id, exc, every)
-                continue
+                # The lease is over: the holder's next write says so.
+                log.warning("run %s: its lease could not be renewed (%s)", self.run.id, exc)
+                self._write_error = exc
+                return
             if self._note_if_lost(reply):
                 return
+            self._lease_until = sent + settings.lease_ms / 1000
 
     async def _stop_watchdog(self) -> None:
         self._watchdog.cancel()

@@ -4,8 +4,8 @@ Every script is one atomic step on the node that owns the thread's hash slot. Th
 all see the same ``KEYS`` layout (:func:`script_keys`) and the same first three
 ``ARGV``; each script's own comment block lists the rest::
 
-    KEYS[1..8]  eb:{T}:meta, :msgs, :changes, :mids, :lock, :fence, :queue, :runs
-    KEYS[9..12] eb:{T}:run:<R>, :run:<R>:events, :run:<R>:go, :run:<R>:text (one run's)
+    KEYS[1..9]   eb:{T}:meta, :msgs, :changes, :mids, :lock, :fence, :queue, :runs, :inputs
+    KEYS[10..13] eb:{T}:run:<R>, :run:<R>:events, :run:<R>:go, :run:<R>:text (one run's)
     ARGV[1]     the caller's clock in seconds (only ever stored as created_at)
     ARGV[2]     the sliding session TTL in ms
     ARGV[3]     the lock lease in ms (also the time a queued run gets to take its turn)
@@ -54,6 +54,7 @@ def script_keys(thread_id: str, run_id: str | None = None) -> list[str]:
         keys.fence(thread_id),
         keys.queue(thread_id),
         keys.runs(thread_id),
+        keys.turn_inputs(thread_id),
     ]
     if run_id is None:
         return fixed
@@ -81,6 +82,9 @@ def _key_layout() -> dict[str, str]:
 _PRELUDE_TEMPLATE = r"""
 local META, MSGS, CHANGES, MIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local LOCK, FENCE, QUEUE, RUNS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local INPUTS = KEYS[9]
+local FIXED = 9  -- KEYS[FIXED + 1 ..] are the declared run's: hash, events, go, text
+local RUN, RUN_TEXT, RUN_GO = KEYS[10], KEYS[13], KEYS[12]
 local TAG = string.sub(META, 1, #META - @META_SUFFIX_LEN@)
 local NOW = tonumber(ARGV[1])
 local TTL = math.floor(tonumber(ARGV[2]))
@@ -111,10 +115,10 @@ end
 -- Sliding TTL: every fixed key (not the lock: it has its lease) and the declared run
 -- keys now; every run of the thread (via RUNS) when SLACK has passed since last time.
 local function touch()
-  for i = 1, 8 do
+  for i = 1, FIXED do
     if i ~= 5 then redis.call('PEXPIRE', KEYS[i], TTL) end
   end
-  for i = 9, #KEYS do redis.call('PEXPIRE', KEYS[i], RUN_TTL) end
+  for i = FIXED + 1, #KEYS do redis.call('PEXPIRE', KEYS[i], RUN_TTL) end
   local now = clock_ms()
   local last = tonumber(redis.call('HGET', META, 'touched_at') or '0')
   if now - last >= SLACK then
@@ -245,6 +249,17 @@ local function append_delta(run_id, message_id, text)
   return seq
 end
 
+-- ARGV[first ..] are text batches the holder numbered from base + 1. A call the client
+-- sends again (its reply was lost to a restart) finds some already written: those are
+-- skipped, so no text is ever stored twice. Returns the run's last seq.
+local function append_deltas(run_id, message_id, base, first)
+  local seq = tonumber(redis.call('HGET', run_key(run_id), 'seq') or '0')
+  for i = first + math.max(seq - base, 0), #ARGV do
+    seq = append_delta(run_id, message_id, ARGV[i])
+  end
+  return seq
+end
+
 local function create_meta(epoch)
   redis.call('HSET', META, 'epoch', epoch, 'version', 0, 'floor', 0, 'created_at', ARGV[1],
              'active_run', '', 'next_position', 1)
@@ -295,7 +310,7 @@ PRELUDE = _prelude()
 
 CREATE = r"""
 -- create: make the thread unless it exists; answer its full state.
--- KEYS[1..8] fixed thread keys
+-- KEYS[1..9] fixed thread keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] epoch for a new thread
 if redis.call('EXISTS', META) == 0 then create_meta(ARGV[4]) end
 reap()
@@ -305,7 +320,7 @@ return snapshot('', 0)
 
 SYNC = r"""
 -- sync: the diff since (epoch, since), or the full state.
--- KEYS[1..8] fixed thread keys
+-- KEYS[1..9] fixed thread keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch ('' = none); ARGV[5] since
 if redis.call('EXISTS', META) == 0 then return {'gone'} end
 reap()
@@ -318,7 +333,7 @@ PUSH = r"""
 -- stored in this same step), client wins; an edit or delete of an existing message
 -- while a run generates interrupts that run first (its text so far kept). Answers
 -- the diff since the client's version.
--- KEYS[1..8] fixed thread keys
+-- KEYS[1..9] fixed thread keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] device id; ARGV[5] client epoch;
 -- ARGV[6] since; ARGV[7] '1' = reseed; ARGV[8] the new epoch if reseeding;
 -- ARGV[9..] one mutation JSON each: {"mid": n, "op": "put"|"delete", "message": {...}}
@@ -391,20 +406,33 @@ return snapshot(ARGV[5], tonumber(ARGV[6]))
 """
 
 START_RUN = r"""
--- start_run: the user's input message lands in the thread (new version) and a run is
--- queued behind the active one (enqueue), put first in line after cancelling the
+-- start_run: the user's input message lands in the thread (new version), the position
+-- right after it is reserved for the reply, and a run is queued behind the active one
+-- (enqueue), put first in line after cancelling the
 -- active one (interrupt), or refused while the thread is busy (reject). Answers
--- {'ok', run JSON, sync object...} with the diff since the client's version.
--- KEYS[1..8] fixed thread keys; KEYS[9..12] the new run's keys
+-- {'ok', run JSON, sync object...} with the diff since the client's version. An input id
+-- that already started a run (a retry whose answer was lost) starts nothing: the
+-- answer is {'again', that run's JSON, sync object...}; an input id that names another
+-- message is {'duplicate', id}.
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] the new run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch; ARGV[5] since;
 -- ARGV[6] policy enqueue|reject|interrupt; ARGV[7] run JSON (status queued);
 -- ARGV[8] input message JSON (position may be null)
 if redis.call('EXISTS', META) == 0 then return {'epoch', ''} end
-local epoch = redis.call('HGET', META, 'epoch')
-if epoch ~= ARGV[4] then return {'epoch', epoch} end
 reap()
 local run = cjson.decode(ARGV[7])
 local input = cjson.decode(ARGV[8])
+local started = redis.call('HGET', INPUTS, input.id)
+local started_raw = started and redis.call('HGET', run_key(started), 'run')
+if started_raw then
+  touch()
+  local reply = snapshot(ARGV[4], tonumber(ARGV[5]))
+  reply[1] = 'again'
+  table.insert(reply, 2, started_raw)
+  return reply
+end
+local epoch = redis.call('HGET', META, 'epoch')
+if epoch ~= ARGV[4] then return {'epoch', epoch} end
 if redis.call('HEXISTS', MSGS, input.id) == 1 then return {'duplicate', input.id} end
 local active = redis.call('HGET', META, 'active_run')
 local policy = ARGV[6]
@@ -417,10 +445,15 @@ if policy == 'reject' then
   end
 end
 input.position = claim_position(input.position)
+-- The reply's place is taken now, right after its input: however the queue plays out,
+-- the transcript reads Q1 A1 Q2 A2 (see acquire).
+local reply_position = claim_position(nil)
 local input_raw = bump_and_write(input)
 redis.call('ZADD', RUNS, redis.call('HGET', META, 'version'), run.id)
+redis.call('HSET', INPUTS, input.id, run.id)
 local run_raw = cjson.encode(run)
-redis.call('HSET', run_key(run.id), 'run', run_raw, 'seq', 0, 'fence', '')
+redis.call('HSET', run_key(run.id), 'run', run_raw, 'seq', 0, 'fence', '',
+           'reply_position', reply_position)
 emit(run.id, 'run.queued', '{"run":' .. run_raw .. '}')
 emit(run.id, 'message.created', '{"message":' .. input_raw .. '}')
 if policy == 'interrupt' then
@@ -449,16 +482,22 @@ return reply
 ACQUIRE = r"""
 -- acquire: take the thread for this run if the lock is free (or reserved for it) and
 -- it is first in line: SET lock token PX lease, fence = INCR, run in_progress, active
--- run set, the assistant message created (in_progress, new version), run.started and
+-- run set, the assistant message created (in_progress, new version) at the position
+-- start_run reserved for it, run.started and
 -- message.created added. A holder whose lease ran out is ended (incomplete) first; so
 -- are queued runs ahead that never took their reserved turn. Otherwise answers
--- {'wait', ms until the lock's lease or reservation runs out}.
--- KEYS[1..8] fixed thread keys; KEYS[9..12] this run's keys
+-- {'wait', ms until the lock's lease or reservation runs out}. The same call again
+-- (same token) after it took the thread answers the same 'ok'.
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] this run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token
 if redis.call('EXISTS', META) == 0 then return {'gone'} end
 local id, token = ARGV[4], ARGV[5]
 local run = load_run(id)
 if not run then return {'norun'} end
+if run.status == 'in_progress' and redis.call('GET', LOCK) == token then
+  -- Sent again after its reply was lost: this caller holds the run already.
+  return {'ok', cjson.encode(run), redis.call('HGET', MSGS, run.message_id), run.fence}
+end
 if run.status ~= 'queued' then return {'ended', cjson.encode(run)} end
 reap()
 local lock = redis.call('GET', LOCK)
@@ -484,15 +523,17 @@ local fence = redis.call('INCR', FENCE)
 run.status = 'in_progress'
 run.fence = fence
 local run_raw = cjson.encode(run)
-redis.call('HSET', KEYS[9], 'run', run_raw, 'fence', fence, 'seq', 0)
-redis.call('SET', KEYS[12], '')
+redis.call('HSET', RUN, 'run', run_raw, 'fence', fence, 'seq', 0)
+redis.call('SET', RUN_TEXT, '')
 redis.call('HSET', META, 'active_run', id)
+local reply_position = tonumber(redis.call('HGET', RUN, 'reply_position') or '')
+if reply_position == nil then reply_position = claim_position(nil) end
 local msg = {id = run.message_id, role = 'assistant', content = '', status = 'in_progress',
-             position = claim_position(nil), created_at = NOW, deleted = false, run_id = id}
+             position = reply_position, created_at = NOW, deleted = false, run_id = id}
 local msg_raw = bump_and_write(msg)
 emit(id, 'run.started', '{"run":' .. run_raw .. '}')
 emit(id, 'message.created', '{"message":' .. msg_raw .. '}')
-redis.call('DEL', KEYS[11])
+redis.call('DEL', RUN_GO)
 touch()
 return {'ok', run_raw, msg_raw, fence}
 """
@@ -501,19 +542,18 @@ DELTA = r"""
 -- delta: one batch of generated text, fenced: appended to the run's text and added as
 -- message.delta {message_id, seq, text}. Nothing is written unless this holder still
 -- has the lock (token) and the fence of its acquisition.
--- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence;
--- ARGV[7] message id; ARGV[8..] texts, in order: one message.delta event each (pieces
--- that arrived while the previous write was in flight travel in one call)
+-- ARGV[7] message id; ARGV[8] the seq of the last text the holder had written before
+-- these; ARGV[9..] texts, in order: one message.delta event each (pieces that arrived
+-- while the previous write was in flight travel in one call)
 if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
-local seq
-for i = 8, #ARGV do seq = append_delta(ARGV[4], ARGV[7], ARGV[i]) end
-return {'ok', seq}
+return {'ok', append_deltas(ARGV[4], ARGV[7], tonumber(ARGV[8]), 9)}
 """
 
 RENEW = r"""
 -- renew: the watchdog extends the lease (fenced) and refreshes the thread's TTL.
--- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence
 if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
 redis.call('PEXPIRE', LOCK, LEASE)
@@ -526,17 +566,26 @@ FINISH = r"""
 -- message lands (new version), terminal events + done, the lock is released
 -- (compare-and-delete: the token was checked in this same step) and the next queued
 -- run woken.
--- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence;
 -- ARGV[7] message id; ARGV[8] completed|failed|incomplete; ARGV[9] reason;
 -- ARGV[10] usage JSON; ARGV[11] error text (failed) or what interrupted it (incomplete:
--- the cause of its run.cancelled event); ARGV[12..] the last texts, one message.delta each
-if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
-for i = 12, #ARGV do append_delta(ARGV[4], ARGV[7], ARGV[i]) end
+-- the cause of its run.cancelled event); ARGV[12] the seq of the last text written
+-- before; ARGV[13..] the last texts, one message.delta each.
+-- Sent again after its reply was lost, it finds its own end (the run hash keeps the
+-- token that ended it): that run is answered, not 'lost'.
+if not fenced(ARGV[4], ARGV[5], ARGV[6]) then
+  if redis.call('HGET', RUN, 'ended_by') == ARGV[5] then
+    return {'ok', redis.call('HGET', RUN, 'run')}
+  end
+  return {'lost'}
+end
+append_deltas(ARGV[4], ARGV[7], tonumber(ARGV[12]), 13)
 local run = load_run(ARGV[4])
 local info = {usage = cjson.decode(ARGV[10]), error = ARGV[11]}
 if ARGV[8] == 'incomplete' then info = {cause = ARGV[11]} end
 local raw = end_run(run, ARGV[8], ARGV[9], nil, info)
+redis.call('HSET', RUN, 'ended_by', ARGV[5])
 touch()
 return {'ok', raw}
 """
@@ -545,7 +594,7 @@ CANCEL = r"""
 -- cancel: stop a run from any device. A generating run ends cancelled and its message
 -- keeps exactly content_seen (what the user saw) or, without it, the text so far; a
 -- queued run is taken out of line. The holder's next fenced write fails.
--- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] device id;
 -- ARGV[6] '1' if content_seen is given; ARGV[7] content_seen
 if redis.call('EXISTS', META) == 0 then return {'gone'} end
@@ -560,11 +609,11 @@ return {'ok', raw}
 
 READ_RUN = r"""
 -- read_run: the run object (after ending the active run if its holder's lease ran out).
--- KEYS[1..8] fixed thread keys; KEYS[9..12] the run's keys
+-- KEYS[1..9] fixed thread keys; KEYS[10..13] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id
 if redis.call('EXISTS', META) == 0 then return {'gone'} end
 reap()
-local raw = redis.call('HGET', KEYS[9], 'run')
+local raw = redis.call('HGET', RUN, 'run')
 if not raw then return {'norun'} end
 touch()
 return {'ok', raw}

@@ -12,6 +12,11 @@ decided by :mod:`edgebundle.sync.lock`. Busy-thread policies:
 - ``interrupt``: the active run is ended (incomplete, its text so far kept) and
   this run goes first.
 
+Turns are idempotent by their input id: starting a run whose input id already started
+one (a retry after the answer was lost, on any device) starts nothing and returns
+that run's ticket (``again``), whatever became of it. An input id that names a message
+which is no turn's input is refused.
+
 Cancelling works from any device: a generating run keeps exactly ``content_seen``
 (what the user saw is what the model will see next), or else the text so far.
 """
@@ -30,10 +35,15 @@ from edgebundle.sync.store import check_since
 
 @dataclass(frozen=True)
 class RunTicket:
-    """A started (queued) run and the client's diff at that moment; give it to acquire."""
+    """A started (queued) run and the client's diff at that moment; give it to acquire.
+
+    ``again``: the run was started by an earlier request with the same input id (this
+    one is a retry); ``run`` is that run as it is now.
+    """
 
     run: Run
     sync: SyncState
+    again: bool = False
 
 
 class RunStore:
@@ -64,8 +74,8 @@ class RunStore:
         )
         raise_for(reply, thread_id, run.id)
         if reply[0] == "duplicate":
-            raise UsageError(f"message {reply[1]} already exists in thread {thread_id}: "
-                             "give the run's input a new id")
+            raise UsageError(f"message {reply[1]} already exists in thread {thread_id} and "
+                             "started no run: give the run's input a new id")
         if reply[0] == "busy":
             blocker = parse_run(reply[1]) if reply[1] else None
             retry = self._backend.settings.retry_after
@@ -73,7 +83,8 @@ class RunStore:
                 f"thread {thread_id} is busy with run {blocker.id if blocker else '?'}: "
                 f"retry after {retry} s, or start the run with multitask=enqueue",
                 active_run=blocker, retry_after=retry)
-        return RunTicket(run=parse_run(reply[1]), sync=parse_state(thread_id, reply[2:]))
+        return RunTicket(run=parse_run(reply[1]), sync=parse_state(thread_id, reply[2:]),
+                         again=reply[0] == "again")
 
     async def cancel(self, thread_id: str, run_id: str, device_id: str,
                      content_seen: str | None = None) -> Run:

@@ -34,12 +34,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, 
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from redis.exceptions import ClusterDownError
-from redis.exceptions import ConnectionError as _ConnectionError
-from redis.exceptions import TimeoutError as _TimeoutError
-
 from edgebundle.errors import RedisError
-from edgebundle.sync.backend import Backend, SyncSettings
+from edgebundle.sync.backend import UNAVAILABLE, Backend, SyncSettings
 from edgebundle.sync.client import Client
 from edgebundle.sync.events import RunEvent, follow
 from edgebundle.sync.lock import RunLease, acquire
@@ -50,9 +46,6 @@ from edgebundle.sync.store import ThreadStore
 __all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings"]
 
 T = TypeVar("T")
-
-# What the driver raises when Redis is not there (OSError: a socket error it let through).
-UNAVAILABLE = (_ConnectionError, _TimeoutError, ClusterDownError, OSError)
 
 
 @contextmanager
