@@ -16,12 +16,14 @@ prompt, stop it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
 from edgebundle.config import Settings
+from edgebundle.context_window import ESTIMATE_ATTEMPTS, ContextWindow
 from edgebundle.engine import Delta, Engine
 from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
 from edgebundle.model_info import ModelInfo, load_model_info, resolve_template
@@ -59,6 +61,8 @@ class ChatParams:
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
+    # Older messages the prompt left out to fit the context; None: not a windowed turn.
+    dropped_messages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,9 @@ class ChatService:
         self.system_prompt = system_prompt
         self.ctx_size = ctx_size
         self._specials = model_info.special_texts() if model_info is not None else ()
+        # The window policy of threads (nothing is loaded until a thread outgrows the
+        # byte bound); without a known context size there is nothing to fit.
+        self.window = ContextWindow.for_model(ctx_size, model_info) if ctx_size else None
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt for the next assistant turn; UsageError for a malformed conversation."""
@@ -156,14 +163,52 @@ class ChatService:
         return meta
 
     async def complete(
-        self, messages: Sequence[Message], params: ChatParams = ChatParams()
+        self, messages: Sequence[Message], params: ChatParams = ChatParams(), *,
+        fit_context: bool = False,
     ) -> AsyncGenerator[TextDelta | Finished, None]:
         """The reply to ``messages``: text as it comes, then one :class:`Finished`.
+
+        ``fit_context`` (a turn of a synced thread): the prompt is the context window of
+        ``messages`` (:mod:`edgebundle.context_window`), and the usage says how many
+        older messages it left out. Otherwise the whole conversation is the prompt and
+        one too long for the context ends ``prompt_too_long``.
 
         Raises UsageError (before anything runs) for a conversation the template
         cannot render.
         """
-        prompt = self.render(messages)
+        if not fit_context or self.window is None:
+            async with aclosing(self._generate(self.render(messages), params)) as events:
+                async for event in events:
+                    yield event
+            return
+        async with aclosing(self._complete_window(self.window, messages, params)) as events:
+            async for event in events:
+                yield event
+
+    async def _complete_window(
+        self, window: ContextWindow, messages: Sequence[Message], params: ChatParams
+    ) -> AsyncGenerator[TextDelta | Finished, None]:
+        for attempt in range(1, ESTIMATE_ATTEMPTS + 1):
+            # Counting may load the vocabulary and tokenize a few times: not on the loop.
+            fitted = await asyncio.to_thread(window.fit, messages, self.render,
+                                             params.max_tokens)
+            async with aclosing(self._generate(fitted.prompt, params)) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        window.learn(fitted, event.usage.input_tokens)
+                        if (event.reason == "prompt_too_long" and fitted.fits
+                                and window.estimated and attempt < ESTIMATE_ATTEMPTS):
+                            break  # the estimate was low: fit again with the guest's count
+                        event = replace(event, usage=replace(
+                            event.usage, dropped_messages=fitted.dropped))
+                    yield event
+                else:
+                    return
+
+    async def _generate(
+        self, prompt: str, params: ChatParams
+    ) -> AsyncGenerator[TextDelta | Finished, None]:
+        """The reply to a rendered prompt, stop strings applied."""
         scanner = StopScanner(self.stop_strings(params))
         stopped = False
         stream = self.engine.generate(prompt, self.metadata(params), params.max_tokens or 0)

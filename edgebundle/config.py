@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgebundle.context_window import check_policy
 from edgebundle.errors import ConfigError
 from edgebundle.layout import Layout, default_home
 
@@ -39,6 +40,9 @@ class Settings:
     wasmedge: Path | None = None  # explicit wasmedge binary; else <home>/runtime/current, PATH
     app_kind: str | None = None  # pins.APP_KINDS; None = guess from the app's file name
     fleet: str | None = None  # the fleet this device belongs to (edgebundle agent)
+    # A thread longer than the context: "window" leaves out its oldest messages,
+    # "fail" fails the run (edgebundle.context_window).
+    context_policy: str = "window"
 
     @property
     def layout(self) -> Layout:
@@ -137,23 +141,27 @@ def load_settings(
     settings = Settings(home=home)
     file_values = _read_config_file(Layout(home).config_file)
     updates: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each given value came from, for errors
     for f in fields(Settings):
         if f.name == "home":
             continue
         env_name = ENV_PREFIX + f.name.upper()
         if f.name in given:
-            value = _coerce(f.name, given[f.name], f"--{f.name.replace('_', '-')}")
+            source, raw = f"--{f.name.replace('_', '-')}", given[f.name]
         elif env.get(env_name):
-            value = _coerce(f.name, env[env_name], env_name)
+            source, raw = env_name, env[env_name]
         elif f.name in file_values:
-            value = _coerce(f.name, file_values[f.name], str(Layout(home).config_file))
+            source, raw = str(Layout(home).config_file), file_values[f.name]
         else:
             continue
+        value = _coerce(f.name, raw, source)
         if value is not None:
             updates[f.name] = value
+            sources[f.name] = source
     settings = replace(settings, **updates)
     if settings.runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {settings.runtime!r}")
+    check_policy(settings.context_policy, sources.get("context_policy", ""))
     if settings.redis_url:
         validate_redis_url(settings.redis_url)
     return settings

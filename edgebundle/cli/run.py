@@ -48,6 +48,9 @@ def _note(text: str) -> None:
 @click.option("--template", help="Prompt template, e.g. llama-3-chat.")
 @click.option("--system-prompt", help="System prompt for every conversation.")
 @click.option("--ctx-size", type=click.IntRange(min=1), help="Context size (default 4096).")
+@click.option("--context-policy", metavar="window|fail",
+              help="A synced thread longer than the context: window (default) leaves out "
+                   "its oldest messages, fail fails the run.")
 @click.option("--redis-url", help="Sync Redis, redis://[user:password@]host:port[/db].")
 @click.option("--device-id", help="This device's id.")
 @click.option("--host", help="Address to serve on (default 127.0.0.1).")

@@ -612,7 +612,7 @@ class Agent:
                 "--runtime", settings.runtime,
                 "--model", str(settings.model), "--ctx-size", str(settings.ctx_size),
                 "--device-id", self.device_id, "--host", settings.host,
-                "--port", str(settings.port)]
+                "--port", str(settings.port), "--context-policy", settings.context_policy]
         for flag, value in (("--app", settings.app), ("--template", settings.template),
                             ("--system-prompt", settings.system_prompt)):
             if value:

@@ -161,6 +161,8 @@ def _collect_from(metrics: GatewayMetrics, state: GatewayState,
         async def runs() -> None:
             for status, count in ended.items():
                 metrics.runs.set_total(status, total=count)
+            metrics.windowed_runs.set_total(total=runner.windowed_runs)
+            metrics.dropped_messages.set_total(total=runner.dropped_messages)
 
         metrics.add_collector(runs)
     if state.sync is not None:

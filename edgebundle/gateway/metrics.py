@@ -12,7 +12,8 @@ Two kinds of values:
   status; request durations by route; SSE streams open.
 - read at scrape time from what already counts them (:meth:`GatewayMetrics.collect`):
   the engine (ready, guest restarts, tokens), this device's run generator (runs by
-  final status) and a PING of the sync Redis with a short timeout.
+  final status, runs whose prompt left out older messages and how many) and a PING of
+  the sync Redis with a short timeout.
 
 Everything is single-threaded on the event loop, so no locks.
 """
@@ -184,6 +185,12 @@ class GatewayMetrics:
                               "Server-sent event streams open now.")
         self.runs = Counter("edgebundle_runs_total",
                             "Sync runs generated on this device, by final status.", ("status",))
+        self.windowed_runs = Counter("edgebundle_context_windowed_runs_total",
+                                     "Completed sync runs on this device whose prompt left out "
+                                     "older messages of the thread to fit the context.")
+        self.dropped_messages = Counter("edgebundle_context_dropped_messages_total",
+                                        "Older thread messages left out of the prompts of "
+                                        "completed sync runs on this device.")
         self.tokens = Counter("edgebundle_tokens_generated_total",
                               "Tokens the model generated on this device.")
         self.prompt_tokens = Counter("edgebundle_prompt_tokens_total",
@@ -225,7 +232,7 @@ class GatewayMetrics:
                                   self.tokens, self.prompt_tokens, self.engine_ready,
                                   self.restarts]
         if self._sync_on:
-            metrics.append(self.redis_up)
+            metrics += [self.windowed_runs, self.dropped_messages, self.redis_up]
         return "\n".join(line for metric in metrics for line in metric.render()) + "\n"
 
     async def endpoint(self, request: Request) -> Response:

@@ -216,11 +216,14 @@ def finish_reason(reason: str) -> str:
 
 
 def usage_body(usage: Usage) -> dict[str, int]:
-    return {
+    body = {
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.input_tokens + usage.output_tokens,
     }
+    if usage.dropped_messages is not None:  # a turn of a thread: what its prompt left out
+        body["dropped_messages"] = usage.dropped_messages
+    return body
 
 
 class Completion:

@@ -122,7 +122,11 @@ def _schemas() -> dict[str, Schema]:
     }, ("message", "type", "param", "code"))}, ("error",), "OpenAI's error object.")
     usage = _object({"prompt_tokens": {"type": "integer"},
                      "completion_tokens": {"type": "integer"},
-                     "total_tokens": {"type": "integer"}},
+                     "total_tokens": {"type": "integer"},
+                     "dropped_messages": {
+                         "type": "integer",
+                         "description": "With thread_id: older messages of the thread the "
+                                        "prompt left out to fit the context."}},
                     ("prompt_tokens", "completion_tokens", "total_tokens"))
     chat_message = _object({
         "role": {"enum": ["system", "developer", "user", "assistant"]},

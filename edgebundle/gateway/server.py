@@ -86,7 +86,7 @@ async def run_gateway(
     chat = ChatService(
         engine, setup.template, setup.model_info, settings.system_prompt, setup.spec.ctx_size
     )
-    runs = RunGenerator(sync, chat) if sync is not None else None
+    runs = RunGenerator(sync, chat, settings.context_policy) if sync is not None else None
     state = GatewayState(engine=engine, chat=chat, model_id=setup.model_id,
                          runtime=setup.spec.runtime, sync=sync, device_id=device_id, runs=runs)
     config = uvicorn.Config(

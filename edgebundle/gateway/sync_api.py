@@ -49,7 +49,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta
+from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta, Usage
+from edgebundle.context_window import check_policy
 from edgebundle.errors import (
     EdgebundleError,
     EpochMismatchError,
@@ -74,8 +75,8 @@ log = logging.getLogger(__name__)
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # The chat's finish reasons in the run's words: a stop string ends the turn like eos.
 _RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full": "context_full"}
-# The end of a run's error when the thread does not fit the model's context (a failed
-# run carries only its message; chat completions answer that one with a 400).
+# In a run's error when its prompt does not fit the model's context (a failed run
+# carries only its message; chat completions answer that one with a 400).
 TOO_LONG = "more than the model's context allows"
 WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -293,11 +294,17 @@ def prompt_messages(messages: tuple[Message, ...], run: Run) -> list[PromptMessa
 class RunGenerator:
     """Generates this device's runs in background tasks (see the module docstring)."""
 
-    def __init__(self, sync: SyncService, chat: ChatService) -> None:
+    def __init__(self, sync: SyncService, chat: ChatService,
+                 context_policy: str = "window") -> None:
         self.sync = sync
         self.chat = chat
+        # "window": a run's prompt leaves out the oldest messages that do not fit the
+        # context (edgebundle.context_window); "fail": the whole thread or prompt_too_long.
+        self.context_policy = check_policy(context_policy)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by run id
         self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
+        self.windowed_runs = 0  # completed runs whose prompt left messages out (metrics)
+        self.dropped_messages = 0  # the messages they left out, in all (metrics)
 
     def start(self, ticket: RunTicket, params: ChatParams) -> None:
         """Generate the ticket's run here, unless this device already is."""
@@ -397,7 +404,8 @@ class RunGenerator:
         state = await lease.ride_out(lambda: self.sync.sync(thread_id, None, 0))
         try:
             messages = prompt_messages(state.messages, lease.run)
-            events = self.chat.complete(messages, params)
+            events = self.chat.complete(messages, params,
+                                        fit_context=self.context_policy == "window")
             first = await anext(events)
         except UsageError as exc:
             await lease.fail(f"the thread cannot be rendered as a prompt: {exc}")
@@ -424,12 +432,27 @@ class RunGenerator:
             reason = finished.reason if finished else "no result"
             detail = finished.detail if finished and finished.detail else reason
             if finished is not None and finished.reason == "prompt_too_long":
-                detail = f"the thread is {finished.usage.input_tokens} tokens, {TOO_LONG}"
+                detail = too_long_detail(finished.usage)
             await lease.fail(detail)
             return
+        dropped = finished.usage.dropped_messages or 0
         usage = {"input_tokens": finished.usage.input_tokens,
-                 "output_tokens": finished.usage.output_tokens}
+                 "output_tokens": finished.usage.output_tokens,
+                 "dropped_messages": dropped}
         await lease.finish(_RUN_REASONS[finished.reason], usage)
+        if dropped:
+            self.windowed_runs += 1
+            self.dropped_messages += dropped
+
+
+def too_long_detail(usage: Usage) -> str:
+    """A failed run's error when its prompt does not fit the context (holds TOO_LONG)."""
+    if usage.dropped_messages is None:  # the whole thread was the prompt
+        return (f"the thread is {usage.input_tokens} tokens, {TOO_LONG}: delete older "
+                "messages of the thread or start a new one")
+    # Windowed: every older message was left out, and the rest still does not fit.
+    return (f"its input is {usage.input_tokens} tokens with the system prompt, {TOO_LONG} "
+            "even without the thread's older messages: shorten the message")
 
 
 async def start_turn(runner: RunGenerator, thread_id: str,

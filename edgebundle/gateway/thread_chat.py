@@ -21,6 +21,9 @@ conversation that several devices share:
 - The answer is OpenAI's: a ``chat.completion`` with ``usage``, or with ``stream``
   ``chat.completion.chunk`` events ending in ``[DONE]`` (the usage chunk with
   ``stream_options.include_usage``), produced by the same code as without a thread.
+  Its ``usage`` has one more field, the run's ``dropped_messages``: how many older
+  messages of the thread the prompt left out to fit the context (the device's
+  ``context_policy``, :mod:`edgebundle.context_window`).
 - Retries are harmless: ``input_id`` in the body (the id of the turn's input message)
   or an ``Idempotency-Key`` header names the turn, and a request naming a turn that
   was already started answers with that run (from its start) instead of a second one.
@@ -29,8 +32,10 @@ conversation that several devices share:
   that named its turn (``input_id`` or ``Idempotency-Key``) said it will come back:
   its run goes on, and the retry gets it.
 - Errors are OpenAI error objects: ``thread_id`` on a device without sync, an invalid
-  id or a last message that is not the user's: 400. A thread that no longer fits the
-  context: 400 ``context_length_exceeded``; any other failed run: 500
+  id or a last message that is not the user's: 400. A turn whose input does not fit
+  the context even without the thread's older messages (with ``context_policy``
+  ``fail``: a thread that no longer fits): 400 ``context_length_exceeded``; any other
+  failed run: 500
   ``server_error`` (in a stream: an error chunk, then ``[DONE]``), as without a
   thread. Errors of the sync store keep their status (409, 503 …) with the sync API's
   error code as ``code``.
@@ -163,11 +168,11 @@ def _finished(event: RunEvent) -> Finished:
         usage = data.get("usage") or {}
         return Finished(data.get("reason") or "eos",
                         Usage(int(usage.get("input_tokens", 0)),
-                              int(usage.get("output_tokens", 0))))
+                              int(usage.get("output_tokens", 0)),
+                              int(usage.get("dropped_messages", 0))))
     if event.type == "run.failed":
         error = str(data.get("error") or "the run failed")
-        if error.endswith(TOO_LONG):
-            return Finished("prompt_too_long", Usage(),
-                            f"{error}: delete older messages of the thread or start a new one")
+        if TOO_LONG in error:
+            return Finished("prompt_too_long", Usage(), error)
         return Finished("error", Usage(), error)
     return Finished("cancelled", Usage())  # stopped by another client, or an edit
