@@ -24,7 +24,9 @@ from tests.support.devices import (
     ENDLESS,
     Device,
     endless_model,
+    messages_of,
     new_thread,
+    prompt_tokens,
     read_sse,
     sync_devices,
     text_of,
@@ -84,20 +86,6 @@ def started_pids(device: Device) -> list[int]:
 
 def deltas(events: list[dict[str, Any]]) -> int:
     return types(events).count("message.delta")
-
-
-def messages_of(device: Device, thread_id: str) -> list[dict[str, Any]]:
-    response = device.http.get(f"/v1/threads/{thread_id}")
-    assert response.status_code == 200, response.text
-    return sorted(response.json()["messages"], key=lambda m: m["position"])
-
-
-def prompt_tokens(device: Device, messages: list[dict[str, Any]]) -> int:
-    """What the device's model counts for these messages, asked directly."""
-    direct = device.post("/v1/chat/completions", {"max_tokens": 1, "messages": [
-        {"role": m["role"], "content": m["content"]} for m in messages]})
-    assert direct.status_code == 200, direct.text
-    return int(direct.json()["usage"]["prompt_tokens"])
 
 
 def assert_unavailable(device: Device, thread_id: str) -> None:

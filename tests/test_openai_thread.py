@@ -188,7 +188,7 @@ def test_a_request_that_cannot_be_a_turn_is_a_400_and_writes_nothing(
         assert there.http.get(f"/v1/threads/{tid}").status_code == 404
 
 
-def test_a_thread_too_long_for_the_context_is_a_400_context_length_exceeded(
+def test_an_input_too_long_for_the_context_is_a_400_and_older_long_messages_are_left_out(
     devices: list[Device],
 ) -> None:
     here, there = devices
@@ -199,13 +199,22 @@ def test_a_thread_too_long_for_the_context_is_a_400_context_length_exceeded(
         with pytest.raises(openai.BadRequestError) as caught:
             client_of(here).chat.completions.create(
                 model="endless", stream=stream, max_tokens=2,
-                messages=[{"role": "user", "content": long_story},
-                          {"role": "user", "content": "summarise"}],
+                messages=[{"role": "user", "content": long_story}],
                 extra_body={"thread_id": tid})
         assert caught.value.code == "context_length_exceeded"
-        assert "more than the model's context allows" in caught.value.message
-    roles = [(m["role"], m["status"]) for m in stored(there, tid)]
-    assert roles[:2] == [("user", "completed"), ("user", "completed")]
+        assert "more than the model's context allows even without the thread's older " \
+               "messages" in caught.value.message
+    # The thread goes on: the next turn leaves both long inputs out (context_policy window).
+    completion = client_of(here).chat.completions.create(
+        model="endless", max_tokens=2, messages=[{"role": "user", "content": "summarise"}],
+        extra_body={"thread_id": tid})
+    assert completion.choices[0].message.content == "Looping forever"
+    assert completion.usage is not None
+    assert completion.usage.model_dump()["dropped_messages"] == 2
+    assert completion.usage.prompt_tokens == prompt_tokens(
+        there, [{"role": "user", "content": "summarise"}])
+    users = [m["content"] for m in stored(there, tid) if m["role"] == "user"]
+    assert users == [long_story, long_story, "summarise"]
 
 
 def test_thread_id_on_a_device_without_sync_is_a_400_saying_so(model: Path,

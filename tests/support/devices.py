@@ -53,6 +53,21 @@ def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
         event[name] = value
 
 
+def messages_of(device: Device, thread_id: str) -> list[dict[str, Any]]:
+    """The thread's messages as ``device`` reads them, in order."""
+    response = device.http.get(f"/v1/threads/{thread_id}")
+    assert response.status_code == 200, response.text
+    return sorted(response.json()["messages"], key=lambda m: m["position"])
+
+
+def prompt_tokens(device: Device, messages: list[dict[str, Any]]) -> int:
+    """What the device's model counts for these messages, asked directly."""
+    direct = device.post("/v1/chat/completions", {"max_tokens": 1, "messages": [
+        {"role": m["role"], "content": m["content"]} for m in messages]})
+    assert direct.status_code == 200, direct.text
+    return int(direct.json()["usage"]["prompt_tokens"])
+
+
 def new_thread(device: Device) -> dict[str, Any]:
     response = device.post("/v1/threads", {})
     assert response.status_code == 201, response.text
@@ -95,14 +110,17 @@ def serving(runs: Sequence[RunProcess]) -> Iterator[list[RunProcess]]:
 def sync_devices(redis_url: str, model: Path, homes: Sequence[Path], *,
                  api_key: str | None = None, template: str = "llama-3-chat",
                  ids: Sequence[str] | None = None,
-                 extra_args: Sequence[str] = ()) -> Iterator[list[Device]]:
+                 extra_args: Sequence[str] = (),
+                 device_args: Sequence[Sequence[str]] | None = None) -> Iterator[list[Device]]:
     """One healthy ``edgebundle run`` device per home (ids ``ids``, default dev0, dev1 …)
-    on ``redis_url``, embedded runtime; each must stop with exit 0 afterwards."""
+    on ``redis_url``, embedded runtime, with ``extra_args`` and its own ``device_args``;
+    each must stop with exit 0 afterwards."""
     names = list(ids) if ids is not None else [f"dev{index}" for index in range(len(homes))]
+    own = list(device_args) if device_args is not None else [()] * len(homes)
     env = {"EDGEBUNDLE_API_KEY": api_key} if api_key else {}
     runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
                         "--template", template, "--redis-url", redis_url,
-                        "--device-id", name, *extra_args], home=home, env=env)
-            for name, home in zip(names, homes, strict=True)]  # fmt: skip
+                        "--device-id", name, *extra_args, *args], home=home, env=env)
+            for name, home, args in zip(names, homes, own, strict=True)]  # fmt: skip
     with serving(runs):
         yield [Device(run, name, api_key) for name, run in zip(names, runs, strict=True)]
