@@ -8,6 +8,15 @@ import pytest
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.release_server import ReleaseServer
+from tests.support.serving import LoopThread
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    """One asyncio loop in a thread for a module's engines and chats."""
+    thread = LoopThread()
+    yield thread
+    thread.close()
 
 
 @pytest.fixture

@@ -66,13 +66,6 @@ def test_metadata_carries_every_sampling_option() -> None:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def talker(loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatService]:
     """A guest serving the model whose end-of-turn token does not end generation."""
     home = tmp_path_factory.mktemp("home")

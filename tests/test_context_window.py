@@ -214,13 +214,6 @@ def test_a_bad_policy_is_one_clear_config_error(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def guest(loop: LoopThread, model: Path, info: ModelInfo,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     home = tmp_path_factory.mktemp("home")
