@@ -42,6 +42,7 @@ sends the window's prompt and reports :attr:`Window.dropped`.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import threading
@@ -55,6 +56,8 @@ from edgebundle.templates import Message
 
 if TYPE_CHECKING:
     from edgebundle.model_info import ModelInfo
+
+log = logging.getLogger(__name__)
 
 CONTEXT_POLICIES = ("window", "fail")
 # The guest refuses a prompt of more than ctx_size - 4 tokens (the GGML plugin keeps
@@ -196,8 +199,7 @@ class VocabTokenCounter:
 
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
-        self._vocab: Any = None
-        self._model: Any = None
+        self._vocab: Any = None  # kept for the process's life, with its llama model
         self._lock = threading.Lock()  # one load; llama_tokenize on one vocab at a time
 
     @staticmethod
@@ -231,17 +233,8 @@ class VocabTokenCounter:
             if not model:
                 raise ModelError(f"{self.model_path}: llama.cpp cannot load its vocabulary "
                                  "to count prompt tokens")
-            self._model = model
             self._vocab = lib.llama_model_get_vocab(model)
         return self._vocab
-
-    def close(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                from edgebundle.runtime.embedded.ggml import llama
-
-                llama().llama_model_free(self._model)
-                self._model = self._vocab = None
 
 
 class TokenEstimate:
@@ -251,7 +244,8 @@ class TokenEstimate:
     nothing is refused; at one token per byte without one). Each count the guest
     reports (:meth:`learn`) raises the tokens-per-byte ratio to that prompt's, plus
     :data:`ESTIMATE_MARGIN`; the ratio only grows, so a prompt refused once is
-    estimated at least at its own ratio the next time.
+    estimated at least at its own ratio the next time. An estimate is never above the
+    bound, which no count exceeds.
     """
 
     def __init__(self, bound: TokenCount | None = None) -> None:
@@ -260,9 +254,11 @@ class TokenEstimate:
 
     def __call__(self, prompt: str) -> int:
         size = len(prompt.encode())
+        bound = self.bound(prompt) if self.bound is not None else None
         if self.ratio is None:
-            return self.bound(prompt) if self.bound is not None else size + 2
-        return math.ceil(size * self.ratio)
+            return bound if bound is not None else size + 2
+        learned = math.ceil(size * self.ratio)
+        return learned if bound is None else min(learned, bound)  # never above a sure bound
 
     def learn(self, prompt: str, tokens: int) -> None:
         """The guest counted ``tokens`` for ``prompt``."""
@@ -304,15 +300,21 @@ class ContextWindow:
     def fit(self, messages: Sequence[Message], render: Render,
             max_tokens: int | None = None) -> Window:
         """The window of ``messages`` for a reply of ``max_tokens`` (None: the reserve)."""
-        count: TokenCount = self.counter if self.counter is not None else self.estimate
-        return fit_window(messages, render, budget=prompt_budget(self.ctx_size, max_tokens),
-                          limit=guest_limit(self.ctx_size), count=count, bound=self.bound)
+        budget, limit = prompt_budget(self.ctx_size, max_tokens), guest_limit(self.ctx_size)
+        if self.counter is not None:
+            try:
+                return fit_window(messages, render, budget=budget, limit=limit,
+                                  count=self.counter, bound=self.bound)
+            except (ModelError, ImportError, OSError) as exc:
+                # A llama.cpp here that cannot read this model's vocabulary (the guest's
+                # WasmEdge plugin may be newer): estimate, as without llama-cpp-python.
+                log.warning("counting prompt tokens exactly failed (%s); estimating them "
+                            "from now on", exc)
+                self.counter = None
+        return fit_window(messages, render, budget=budget, limit=limit, count=self.estimate,
+                          bound=self.bound)
 
     def learn(self, window: Window, input_tokens: int) -> None:
         """The guest counted ``input_tokens`` for the window's prompt (estimates learn)."""
         if self.counter is None:
             self.estimate.learn(window.prompt, input_tokens)
-
-    def close(self) -> None:
-        if self.counter is not None:
-            self.counter.close()

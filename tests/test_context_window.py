@@ -194,6 +194,17 @@ def test_the_estimate_starts_at_the_bound_and_learns_the_guests_ratio() -> None:
     estimate.learn("z" * 100, 50)
     assert estimate("x" * 1000) == pytest.approx(550, abs=1)
     assert TokenEstimate()("abc") == 5  # no bound: one token a byte until it learns
+    estimate.learn("w" * 10, 20)  # 2 tokens a byte: past the bound, which no count exceeds
+    assert estimate("x" * 100) == 102
+
+
+def test_a_vocabulary_llama_cpp_cannot_read_falls_back_to_the_estimate(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    window = ContextWindow(512, broken, token_bound("gpt2", False), exact=True)
+    assert not window.estimated
+    fitted = window.fit(conversation(30), render)
+    assert window.estimated and fitted.dropped > 0  # the run goes on with estimates
 
 
 def test_a_bad_policy_is_one_clear_config_error(tmp_path: Path) -> None:

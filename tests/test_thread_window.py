@@ -10,7 +10,6 @@ token count of the messages it should hold, asked directly (no thread).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
