@@ -15,8 +15,9 @@ and diffs by version). Pass means:
 - every acknowledged push and turn is in the thread exactly once;
 - every run completed with the scripted reply, and the transcript reads Q A Q A:
   each reply right after its own input (queued turns keep the conversation's shape);
-- every run's prompt was its input and what came before it (its input tokens match
-  the count of exactly those messages on that model);
+- every run's prompt was its input and the newest messages before it that fit the
+  context (the thread outgrows the 2,048-token context several times over): its input
+  tokens match the count of exactly those messages on that model;
 - every device's replica equals the server's full state.
 """
 
@@ -37,13 +38,14 @@ import pytest
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.sync.models import Message, SyncState
 from edgebundle.sync.replica import Replica
-from tests.support.devices import Device, sync_devices
+from tests.support.devices import Device, messages_of, prompt_tokens, sync_devices
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 
 REPLY = "Noted, thank you."
 DEVICES = 20
-TURNS = 4
+TURNS = 10
+CONTEXT = 2048
 RETRYABLE = (500, 502, 503, 504)
 DEADLINE = 150.0  # s for the whole exchange; the test fails rather than hangs
 
@@ -164,7 +166,7 @@ def _sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
 
 def _model(directory: Path) -> Path:
     return write_scripted_model(directory / "stress.gguf", ScriptedModelSpec(
-        reply=REPLY, context_length=65536))
+        reply=REPLY, context_length=CONTEXT))
 
 
 def _drive(peers: list[Peer], on_progress: Callable[[int], None]) -> None:
@@ -223,19 +225,20 @@ def _check(peers: list[Peer], gateway: Device, thread_id: str) -> None:
         assert mine["messages"] == server, peer.name
 
 
-def _prompts_were_the_thread_up_to_each_input(gateway: Device, thread_id: str,
-                                              sample: list[str]) -> None:
-    """A run's input tokens = the count of the visible messages up to its input."""
-    full = gateway.http.get(f"/v1/threads/{thread_id}").json()
-    messages = sorted(full["messages"], key=lambda m: m["position"])
+def _prompts_were_the_newest_messages_up_to_each_input(gateway: Device, thread_id: str,
+                                                       sample: list[str]) -> list[int]:
+    """A run's input tokens = the count of the newest visible messages up to its input
+    that it kept (all but ``usage.dropped_messages`` of them); the numbers dropped."""
+    messages = messages_of(gateway, thread_id)
+    dropped = []
     for run_id in sample:
         run = gateway.http.get(f"/v1/threads/{thread_id}/runs/{run_id}").json()
-        upto = [m for m in messages if m["position"] <= next(
-            x["position"] for x in messages if x["id"] == run["input_message_id"])]
-        direct = gateway.post("/v1/chat/completions", {"max_tokens": 1, "messages": [
-            {"role": m["role"], "content": m["content"]} for m in upto]})
-        assert direct.status_code == 200, direct.text
-        assert run["usage"]["input_tokens"] == direct.json()["usage"]["prompt_tokens"], run_id
+        asked = next(m["position"] for m in messages if m["id"] == run["input_message_id"])
+        upto = [m for m in messages if m["position"] <= asked]
+        kept = upto[run["usage"]["dropped_messages"]:]
+        assert run["usage"]["input_tokens"] == prompt_tokens(gateway, kept), run_id
+        dropped.append(run["usage"]["dropped_messages"])
+    return dropped
 
 
 @pytest.fixture
@@ -260,14 +263,17 @@ def test_twenty_devices_on_one_thread_through_a_redis_crash(
 
     try:
         with sync_devices(redis.url, model, homes, ids=("gwA", "gwB"),
-                          extra_args=("--ctx-size", "65536")) as (a, b):
+                          extra_args=("--ctx-size", str(CONTEXT))) as (a, b):
             thread_id = a.post("/v1/threads", {"id": "shop-floor"}).json()["id"]
             peers = [Peer(f"dev{n:02d}", (a, b)[n % 2], thread_id) for n in range(DEVICES)]
             _drive(peers, crash_once)
             assert crashed.is_set()
             _check(peers, b, thread_id)
+            # the first turns of a few devices, and the last turns of a few others
             sample = [run for peer in peers[:3] for run in list(peer.turns.values())[:2]]
-            _prompts_were_the_thread_up_to_each_input(a, thread_id, sample)
+            sample += [run for peer in peers[-3:] for run in list(peer.turns.values())[-2:]]
+            dropped = _prompts_were_the_newest_messages_up_to_each_input(a, thread_id, sample)
+            assert min(dropped) == 0 and max(dropped) > 100  # a long session kept going
             assert sum(peer.retries for peer in peers) > 0  # the crash was felt, and retried
         for gateway in (a, b):
             assert "Traceback" not in gateway.run.stderr(), gateway.run.stderr()
@@ -280,7 +286,7 @@ def test_twenty_devices_on_one_thread_on_redis_cluster(
     cluster = RedisCluster(tmp_path / "cluster").start()
     try:
         with sync_devices(cluster.url, model, [tmp_path / "gwA", tmp_path / "gwB"],
-                          ids=("gwA", "gwB"), extra_args=("--ctx-size", "65536")) as (a, b):
+                          ids=("gwA", "gwB"), extra_args=("--ctx-size", str(CONTEXT))) as (a, b):
             thread_id = a.post("/v1/threads", {"id": "kiosk-cluster"}).json()["id"]
             peers = [Peer(f"dev{n:02d}", (a, b)[n % 2], thread_id) for n in range(DEVICES)]
             _drive(peers, lambda done: None)
