@@ -55,9 +55,11 @@ def reply_words(n: int) -> str:
     return " ".join(f"word{i}" for i in range(n))
 
 
-def emit(bench: str, value: float, unit: str, baseline: str, goal: str) -> None:
+def emit(bench: str, value: float, unit: str, baseline: str, goal: str,
+         **fields: bool | str) -> None:
+    """One bench line; ``fields`` are extra facts of the measurement (checks, counts)."""
     print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit,
-                      "baseline": baseline, "goal": goal}), flush=True)
+                      "baseline": baseline, "goal": goal, **fields}), flush=True)
 
 
 def rate(times: list[float]) -> float:
