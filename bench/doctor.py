@@ -1,6 +1,6 @@
 """Benchmark: how long doctor's offline checks take on this machine.
 
-Prints one JSON object per line (shared/API.md "Benchmarks"):
+Prints one JSON object per line (docs/api.md "Benchmarks"):
 
 - ``doctor.offline_seconds``: median wall time of ``run_doctor(..., online=False)``
   in this process (imports already loaded), against the 1 s budget of the issue;

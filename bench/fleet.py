@@ -1,6 +1,6 @@
 """Benchmark: a fleet of 10,000 simulated devices against a redis-server it starts itself.
 
-Prints one JSON object per line (shared/API.md "Benchmarks"):
+Prints one JSON object per line (docs/api.md "Benchmarks"):
 
 - ``fleet.heartbeats_per_s``: heartbeats written the way the agent writes them (``SET
   eb:dev:{dev:<id>}:hb <Heartbeat JSON> EX 15``, key names from

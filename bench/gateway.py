@@ -1,6 +1,6 @@
 """Benchmark: a chat turn through the gateway + sync vs the same runtime called directly.
 
-Prints one JSON object per line (shared/API.md "Benchmarks"):
+Prints one JSON object per line (docs/api.md "Benchmarks"):
 
 - ``gateway.turn_time_ratio``: wall time of one chat turn sent to ``edgebundle run``
   (HTTP ``POST /v1/threads/{id}/runs``, SSE until ``run.completed``: the input message

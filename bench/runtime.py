@@ -1,6 +1,6 @@
 """Benchmark: the chat guest on the embedded runtime vs llama-cpp-python direct.
 
-Prints one JSON object per line (shared/API.md "Benchmarks"):
+Prints one JSON object per line (docs/api.md "Benchmarks"):
 
 - ``runtime.tokens_per_s_ratio``: generation speed of wasm/edgechat.wasm under
   ``edgebundle exec`` (child process, measured on the protocol's D events as the

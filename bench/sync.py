@@ -1,6 +1,6 @@
 """Benchmark: the sync core (edgebundle.sync) against a redis-server it starts itself.
 
-Prints one JSON object per line (shared/API.md "Benchmarks"):
+Prints one JSON object per line (docs/api.md "Benchmarks"):
 
 - ``sync.diff_bytes_ratio``: JSON bytes of the diff a device gets after one new
   message on a 1,000-message thread, over the JSON bytes of the full history. Goal

@@ -4,14 +4,17 @@ lock and its takeover, busy policies, cancel and interrupt."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
-from edgebundle.errors import LeaseLostError, ThreadBusyError
+from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
+from edgebundle.gateway.sync_api import prompt_messages
 from edgebundle.sync import keys
 from edgebundle.sync.models import Message, SyncState
 from edgebundle.sync.service import RunLease, RunTicket, SyncService
-from tests.support.sync import collect, new_thread_id, put, sync_service, turn
+from tests.support.sync import collect, delete, new_thread_id, put, sync_service, turn
 
 
 def message(state: SyncState, message_id: str | None) -> Message:
@@ -332,5 +335,130 @@ def test_the_watchdog_keeps_a_slow_run_alive(sync_redis_url: str) -> None:
             run = await lease.finish("eos", {})
             assert run.status == "completed" and not lease.lost
             await lease.close()
+
+    asyncio.run(main())
+
+
+def test_queued_turns_keep_the_conversations_shape_and_each_prompt_ends_at_its_input(
+    sync_redis_url: str,
+) -> None:
+    """Three devices ask at once: their inputs land first, yet every reply lands right
+    after its own input (Q1 A1 Q2 A2 Q3 A3), and each run's prompt is the thread up to
+    its input: the earlier replies in, the later queued inputs out. A note pushed while
+    the runs wait comes after all of them and is in none of their prompts."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            tid = (await sync.create_thread(new_thread_id())).id
+            tickets = [await start(sync, tid, f"Q{n}", device=f"dev{n}") for n in (1, 2, 3)]
+            state = await sync.sync(tid, None, 0)
+            note = await sync.push(tid, "dev9", state.epoch, state.version,
+                                   [put(1, "note", "pushed while queued")])
+            prompts = []
+            for number, ticket in enumerate(tickets, 1):
+                async with await sync.acquire(ticket) as lease:
+                    thread = await sync.sync(tid, None, 0)
+                    prompts.append([m.content for m in prompt_messages(thread.messages,
+                                                                       lease.run)])
+                    await lease.delta(f"A{number}")
+                    await lease.finish("eos", {})
+            thread = await sync.sync(tid, None, 0)
+            ordered = sorted(thread.messages, key=lambda m: m.position)
+            assert [m.content for m in ordered] == [
+                "Q1", "A1", "Q2", "A2", "Q3", "A3", "pushed while queued"]
+            assert prompts == [["Q1"], ["Q1", "A1", "Q2"], ["Q1", "A1", "Q2", "A2", "Q3"]]
+            assert message(note, "note").position > max(
+                m.position for m in ordered if m.id != "note")
+
+    asyncio.run(main())
+
+
+def test_a_run_whose_input_was_deleted_before_its_turn_cannot_be_prompted(
+    sync_redis_url: str,
+) -> None:
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            tid = (await sync.create_thread(new_thread_id())).id
+            ticket = await start(sync, tid, "never mind")
+            state = await sync.sync(tid, None, 0)
+            await sync.push(tid, "laptop", state.epoch, state.version,
+                            [delete(1, ticket.run.input_message_id or "")])
+            async with await sync.acquire(ticket) as lease:
+                thread = await sync.sync(tid, None, 0)
+                with pytest.raises(UsageError, match="was deleted"):
+                    prompt_messages(thread.messages, lease.run)
+
+    asyncio.run(main())
+
+
+def test_a_turn_started_again_with_its_input_id_returns_the_same_run(
+    sync_redis_url: str,
+) -> None:
+    """A retry whose first answer was lost (on any device) starts nothing new, whatever
+    became of the run; an input id that names a plain message is refused."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            tid = (await sync.create_thread(new_thread_id())).id
+            state = await sync.sync(tid, None, 0)
+            first = await sync.start_run(tid, "phone", epoch=state.epoch, since=state.version,
+                                         content="Hi", input_id="q-1")
+            assert not first.again
+            again = await sync.start_run(tid, "laptop", epoch=state.epoch, since=0,
+                                         content="Hi", input_id="q-1")
+            assert again.again and again.run == first.run
+            assert [m.id for m in again.sync.messages] == ["q-1"]
+            async with await sync.acquire(first) as lease:
+                await lease.delta("Hello")
+                await lease.finish("eos", {})
+            later = await sync.start_run(tid, "phone", epoch="another-epoch", since=0,
+                                         content="Hi", input_id="q-1")
+            assert (later.again, later.run.id, later.run.status) == (
+                True, first.run.id, "completed")
+            assert later.sync.full  # another epoch: the whole thread
+            thread = await sync.sync(tid, None, 0)
+            assert [m.content for m in thread.messages] == ["Hi", "Hello"]
+            assert await sync.redis.zcard(keys.runs(tid)) == 1
+
+            await sync.push(tid, "phone", thread.epoch, thread.version, [put(1, "plain", "x")])
+            with pytest.raises(UsageError, match="started no run"):
+                await sync.start_run(tid, "phone", epoch=thread.epoch, since=0,
+                                     content="x", input_id="plain")
+
+    asyncio.run(main())
+
+
+def test_fenced_writes_sent_again_after_a_lost_reply_change_nothing(
+    sync_redis_url: str,
+) -> None:
+    """What a retried script call does when Redis ran the first one but its reply was
+    lost (a restart between fsync and reply): the same acquire holds the run, the same
+    text batch is not stored twice, the same finish answers the ended run."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url, delta_batch_ms=0) as sync:
+            tid = (await sync.create_thread(new_thread_id())).id
+            ticket = await start(sync, tid, "count")
+            backend = sync._backend  # the raw script calls, exactly as a retry resends them
+            token = "a-token-of-this-test"
+            run_id = ticket.run.id
+            first = await backend.call(backend.scripts.acquire, tid, run_id, run_id, token)
+            again = await backend.call(backend.scripts.acquire, tid, run_id, run_id, token)
+            assert first[0] == again[0] == "ok" and first[1:] == again[1:]
+            fence, message_id = str(first[3]), json.loads(first[2])["id"]
+
+            def delta(base: int, *texts: str) -> Any:
+                return backend.call(backend.scripts.delta, tid, run_id, run_id, token, fence,
+                                    message_id, str(base), *texts)
+
+            assert (await delta(0, "one", " two"))[1] == 2
+            assert (await delta(0, "one", " two"))[1] == 2  # sent again: nothing new
+            assert (await delta(1, " two", " three"))[1] == 3  # half of it was stored
+            finish = [backend.scripts.finish, tid, run_id, run_id, token, fence, message_id,
+                      "completed", "eos", "{}", "", "3", " four"]
+            ended = await backend.call(*finish)
+            assert ended == await backend.call(*finish)
+            events = await collect(sync, tid, run_id)
+            assert [e.data["text"] for e in events if e.type == "message.delta"] == [
+                "one", " two", " three", " four"]
+            thread = await sync.sync(tid, None, 0)
+            assert message(thread, message_id).content == "one two three four"
 
     asyncio.run(main())

@@ -1,7 +1,7 @@
 """Doctor: every way a device can drift from what ``run`` needs, as named checks.
 
 ``run_doctor(settings)`` returns a :class:`Report` with one :class:`CheckResult`
-per stable id of shared/API.md (ok / warn / fail / skip, a summary and a fix). It
+per stable id of docs/api.md (ok / warn / fail / skip, a summary and a fix). It
 never prints and never exits; ``edgebundle doctor`` renders it.
 """
 

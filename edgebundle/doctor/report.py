@@ -1,6 +1,6 @@
 """What doctor returns: one result per stable check id, and the report around them.
 
-The ids and the JSON shape are part of the external contract (shared/API.md): fleet
+The ids and the JSON shape are part of the external contract (docs/api.md): fleet
 agents report them and rollouts gate on them, so ids are added, never renamed.
 """
 

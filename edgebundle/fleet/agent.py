@@ -746,7 +746,7 @@ class Agent:
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
 
     def _note_redis_down(self, exc: BaseException) -> None:
         if not self._redis_down:

@@ -1,6 +1,6 @@
 """Every Redis key of the fleet, in one place (the sync keys are in edgebundle.sync.keys).
 
-A device's keys carry the hash tag ``{dev:<id>}`` (shared/API.md), so a per-device ACL
+A device's keys carry the hash tag ``{dev:<id>}`` (docs/api.md), so a per-device ACL
 user can be limited to ``eb:dev:{dev:<id>}:*`` and Redis Cluster keeps them in one
 slot; the fleet's own keys carry ``{fleet:<name>}``::
 

@@ -1,6 +1,6 @@
 """The HTTP gateway: an OpenAI-compatible API in front of one chat engine (Starlette).
 
-Routes (shared/API.md): ``GET /healthz`` (503 while the model loads), ``GET
+Routes (docs/api.md): ``GET /healthz`` (503 while the model loads), ``GET
 /metrics`` (Prometheus, :mod:`.metrics`), ``GET /openapi.json`` (the spec of every
 route, :mod:`.openapi`), ``GET /v1/models``, ``POST /v1/chat/completions`` (stream or
 not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_chat`), and the sync

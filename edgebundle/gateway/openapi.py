@@ -389,7 +389,7 @@ def build_spec(model_id: str, *, sync: bool, api_key: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "edgebundle gateway", "version": __version__,
-                 "description": "The HTTP API of `edgebundle run` (shared/API.md)."},
+                 "description": "The HTTP API of `edgebundle run` (docs/api.md)."},
         "paths": paths,
         "components": {"schemas": _schemas()},
     }

@@ -1,4 +1,4 @@
-"""The sync routes of the gateway (shared/API.md): threads, pushes, runs and their events.
+"""The sync routes of the gateway (docs/api.md): threads, pushes, runs and their events.
 
 Mounted by :func:`edgebundle.gateway.app.create_app` when the gateway has a
 :class:`~edgebundle.sync.service.SyncService`. Every device serves the same routes
@@ -8,7 +8,8 @@ The device that starts a run also generates it (:class:`RunGenerator`): in a tas
 its own, not tied to the HTTP request, because other devices may be watching the run
 and a client whose connection drops rejoins it through ``…/events``. The task waits
 for the run's turn (queued runs wait), renders the prompt from the synced thread on
-this device (every device renders the same messages with the same template) and
+this device (every device renders the same messages with the same template: the
+thread up to and including the run's input, see :mod:`edgebundle.sync.runs`) and
 streams the engine's text into the run. A run cancelled or interrupted elsewhere
 makes the next write fail (LeaseLostError); the engine request is then stopped.
 
@@ -17,13 +18,15 @@ builds on it) rather than waiting for its lease to run out:
 
 - the guest died (or the engine broke off) mid-reply: the text so far is written and
   the run interrupted (cause ``engine_error``); the supervisor restarts the guest.
-- Redis went away mid-run (writes fail after the client's reconnect attempts): the
-  engine request is stopped at once and the run is ended with the text Redis had
-  acknowledged (cause ``redis_unavailable``), retried with backoff until Redis
-  answers. The generating device does it because it is the one that knows the run
-  stopped: a reader would have to wait for the 30 s lease. If Redis stays away
-  longer than two leases the device gives up; the next reader or run then ends it
-  (lease expired), as for a device that died.
+- Redis went away mid-run: the lease rides it out (:mod:`edgebundle.sync.lock`), so
+  a restart of a few seconds changes nothing. Once the lease is over the engine
+  request is stopped and the run ended with the text Redis had acknowledged, retried
+  with backoff until Redis answers; usually it was ended meanwhile (lease expired) by
+  whoever read it first. If Redis stays away longer than two leases the device gives
+  up; the next reader or run then ends it, as for a device that died.
+
+A turn is idempotent by its input id (or an ``Idempotency-Key`` header): a retry gets
+the run it started (see :func:`start_turn`).
 
 Errors are JSON ``{"error": code, "message": …}`` (plus the fields the client needs:
 ``epoch`` for ``epoch_mismatch``, ``active_run`` for ``thread_busy``). A request is

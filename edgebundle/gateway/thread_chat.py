@@ -1,5 +1,5 @@
 """Chat completions that are turns of a synced thread: ``"thread_id"`` in the body of
-``POST /v1/chat/completions`` (the extension of shared/API.md).
+``POST /v1/chat/completions`` (the extension of docs/api.md).
 
 What it means, so that any OpenAI client (stateless by nature) can take part in a
 conversation that several devices share:

@@ -496,7 +496,8 @@ local run = load_run(id)
 if not run then return {'norun'} end
 if run.status == 'in_progress' and redis.call('GET', LOCK) == token then
   -- Sent again after its reply was lost: this caller holds the run already.
-  return {'ok', cjson.encode(run), redis.call('HGET', MSGS, run.message_id), run.fence}
+  return {'ok', redis.call('HGET', RUN, 'run'), redis.call('HGET', MSGS, run.message_id),
+          run.fence}
 end
 if run.status ~= 'queued' then return {'ended', cjson.encode(run)} end
 reap()

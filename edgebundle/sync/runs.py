@@ -3,7 +3,20 @@
 Starting a run puts the user's input message in the thread (a new version) and the
 run in the thread's FIFO queue, in one script that also answers the client's diff
 (so a device's turn opens with whatever other devices did). Who generates is then
-decided by :mod:`edgebundle.sync.lock`. Busy-thread policies:
+decided by :mod:`edgebundle.sync.lock`.
+
+Queued turns keep the conversation's shape. The input takes the next free position
+and the one right after it is kept for the reply (the run's hash holds it; acquire
+puts the assistant message there), so however requests interleave the thread reads
+Q1 A1 Q2 A2 Q3 A3 on every device. A run's prompt is the thread up to and including
+its input (:func:`edgebundle.gateway.sync_api.prompt_messages`): earlier runs' replies
+are in it (FIFO: they ended before it started), inputs queued behind it are not. A
+message pushed while runs wait takes the next free position, after all of them: it
+is in the prompts of turns asked later and in none of theirs. An edit or delete of an
+earlier message is seen by every run that has not started yet (they render when
+their turn comes) and interrupts the generating one, as any edit does.
+
+Busy-thread policies:
 
 - ``enqueue`` (default): wait in line; the run starts the moment the one before
   it ends (woken through Redis, no polling).

@@ -2,7 +2,7 @@
 
 This is a test double at a process boundary, and only there: it prints a recorded
 ``wasmedge --version`` (the format seen on genuine WasmEdge builds, see
-shared/FACTS.md) and records how it was started. Like WasmEdge it lists only the first
+docs/wasmedge-facts.md) and records how it was started. Like WasmEdge it lists only the first
 WASI-NN plugin found along WASMEDGE_PLUGIN_PATH, and without one it rejects
 ``--nn-preload`` with ``unknown option: nn-preload`` and exit code 1.
 
