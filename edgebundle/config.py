@@ -43,6 +43,7 @@ class Settings:
     # A thread longer than the context: "window" leaves out its oldest messages,
     # "fail" fails the run (edgebundle.context_window).
     context_policy: str = "window"
+    offline_after: int = 10  # s without the central Redis before a device serves offline
 
     @property
     def layout(self) -> Layout:

@@ -28,7 +28,8 @@ it, because it is what the user reads.
         ├── RunNotFoundError        exit 1   the run does not exist in the thread (or expired)
         ├── EpochMismatchError      exit 1   the client's epoch is not the thread's (.epoch)
         ├── ThreadBusyError         exit 1   a run is active and the policy is reject (.retry_after)
-        └── LeaseLostError          exit 1   the run no longer holds the thread; nothing was written
+        ├── LeaseLostError          exit 1   the run no longer holds the thread; nothing was written
+        └── OfflineError            exit 1   the device is offline and this needs the central store
 """
 
 from __future__ import annotations
@@ -153,3 +154,8 @@ class LeaseLostError(SyncError):
 
     Nothing of the write that raised it was stored.
     """
+
+
+class OfflineError(SyncError):
+    """The device is offline (the central Redis does not answer) and what was asked
+    needs it: a thread it never saw, a run on another device."""

@@ -261,6 +261,9 @@ def test_redis_down_longer_than_the_lease_ends_the_run_incomplete_with_what_was_
              timeout=60, interval=0.1)
 
     redis_up.start()
+    for device in (a, b):  # down long enough for the devices to serve offline meanwhile
+        wait_for(lambda d=device: d.run.healthz().json()["sync"]["link"] == "online",
+                 timeout=30, interval=0.2)
     # The run ends as soon as Redis is back: its lease ran out while Redis was away.
     wait_for(lambda: b.http.get(f"/v1/threads/{tid}/runs/{run_id}").status_code == 200 and
              b.http.get(f"/v1/threads/{tid}/runs/{run_id}").json()["status"] != "in_progress",

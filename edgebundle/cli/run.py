@@ -53,6 +53,9 @@ def _note(text: str) -> None:
                    "its oldest messages, fail fails the run.")
 @click.option("--redis-url", help="Sync Redis, redis://[user:password@]host:port[/db].")
 @click.option("--device-id", help="This device's id.")
+@click.option("--offline-after", type=click.IntRange(min=1), metavar="SECONDS",
+              help="Serve from the local store once the Redis URL has not answered this "
+                   "long (default 10).")
 @click.option("--host", help="Address to serve on (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port to serve on (default 8080).")
 @click.option("--wasmedge", type=click.Path(dir_okay=False), help="wasmedge binary to use.")

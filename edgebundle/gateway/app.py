@@ -42,9 +42,10 @@ from edgebundle.gateway.openapi import build_spec
 from edgebundle.gateway.sync_api import ApiError, RunGenerator, sync_routes
 from edgebundle.gateway.thread_chat import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
+from edgebundle.sync.replication import DeviceSync
 
 if TYPE_CHECKING:
-    from edgebundle.sync.service import SyncService
+    from edgebundle.sync.service import ThreadSync
 
 # Reachable without the API key: probes, and the web page with its assets (they hold no
 # data; the page's API calls send the key the user entered).
@@ -59,7 +60,7 @@ class GatewayState:
     chat: ChatService
     model_id: str
     runtime: str
-    sync: SyncService | None = None  # the sync routes are served when set
+    sync: ThreadSync | None = None  # the sync routes are served when set
     device_id: str = ""  # this device (generates the runs started here)
     runs: RunGenerator | None = None  # generates them (stopped by the server, in order)
 
@@ -76,10 +77,13 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
                       api_key=bool(api_key))  # fmt: skip
 
     async def healthz(request: Request) -> Response:
-        if state.engine.ready:
-            return JSONResponse({"status": "ok", "model": state.model_id,
-                                 "runtime": state.runtime})
-        return JSONResponse({"status": "loading"}, status_code=503)
+        if not state.engine.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        body: dict[str, Any] = {"status": "ok", "model": state.model_id,
+                                "runtime": state.runtime}
+        if isinstance(state.sync, DeviceSync):  # offline, and how much waits to be sent
+            body["sync"] = (await state.sync.status()).to_json()
+        return JSONResponse(body)
 
     async def models(request: Request) -> Response:
         return JSONResponse({
@@ -165,8 +169,11 @@ def _collect_from(metrics: GatewayMetrics, state: GatewayState,
             metrics.dropped_messages.set_total(total=runner.dropped_messages)
 
         metrics.add_collector(runs)
-    if state.sync is not None:
-        metrics.watch_redis(state.sync.redis.ping)
+    sync = state.sync
+    if sync is not None:  # looked up at each scrape: a device may connect after it started
+        metrics.watch_redis(lambda: sync.redis.ping())
+    if isinstance(state.sync, DeviceSync):
+        metrics.watch_replication(state.sync.status)
 
 
 async def _whole(

@@ -24,12 +24,15 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from edgebundle.sync.replication import ReplicationStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Prometheus' default buckets, plus long ones: a streamed reply lasts seconds to minutes.
@@ -202,7 +205,13 @@ class GatewayMetrics:
         self.redis_up = Gauge("edgebundle_sync_redis_up",
                               "1 if the sync Redis answered PING at scrape time "
                               f"(within {REDIS_PING_TIMEOUT:g} s).")
+        self.offline = Gauge("edgebundle_sync_offline",
+                             "1 while this device serves from its local store because the "
+                             "central Redis does not answer.")
+        self.pending = Gauge("edgebundle_sync_pending_changes",
+                             "Changes made offline on this device not yet in the central store.")
         self._sync_on = False
+        self._replicated = False
         self._collectors: list[Collector] = []
 
     def add_collector(self, collector: Collector) -> None:
@@ -223,6 +232,17 @@ class GatewayMetrics:
 
         self.add_collector(check)
 
+    def watch_replication(self, status: Callable[[], Awaitable[ReplicationStatus]]) -> None:
+        """Expose :attr:`offline` and :attr:`pending` (the device has a local store)."""
+        self._replicated = True
+
+        async def check() -> None:
+            now = await status()
+            self.offline.set(0 if now.online else 1)
+            self.pending.set(now.pending)
+
+        self.add_collector(check)
+
     async def collect(self) -> None:
         for collector in self._collectors:
             await collector()
@@ -233,6 +253,8 @@ class GatewayMetrics:
                                   self.restarts]
         if self._sync_on:
             metrics += [self.windowed_runs, self.dropped_messages, self.redis_up]
+        if self._replicated:
+            metrics += [self.offline, self.pending]
         return "\n".join(line for metric in metrics for line in metric.render()) + "\n"
 
     async def endpoint(self, request: Request) -> Response:

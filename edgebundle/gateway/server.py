@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -20,12 +21,14 @@ import uvicorn
 from edgebundle.chat import ChatService, ChatSetup
 from edgebundle.config import Settings
 from edgebundle.engine import READY_TIMEOUT, Engine
-from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
+from edgebundle.errors import EdgebundleError, RedisError, SupervisorError, UsageError
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.gateway.sync_api import RunGenerator
 from edgebundle.sync.client import connect
-from edgebundle.sync.service import SyncService
+from edgebundle.sync.replication import DeviceSync
+from edgebundle.sync.service import SyncService, ThreadSync
 
+log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN = 3  # seconds in-flight requests get once a stop was asked for
 _TICK = 0.05
 
@@ -67,16 +70,19 @@ async def run_gateway(
     ready_timeout: float = READY_TIMEOUT,
     redis_url: str | None = None,
     device_id: str = "",
+    local_url: str | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGINT/SIGTERM); raise if the guest cannot run.
 
-    With ``redis_url`` the sync API is served too, this device being ``device_id``.
+    With ``redis_url`` the sync API is served too, this device being ``device_id``;
+    with ``local_url`` too, that Redis is the device's local store and it keeps
+    answering while ``redis_url`` is unreachable (:mod:`edgebundle.sync.replication`).
     """
     sock = bind(settings.host, settings.port)
-    sync: SyncService | None = None
+    sync: ThreadSync | None = None
     if redis_url:
         try:
-            sync = SyncService(await connect(redis_url))
+            sync = await _sync_for(settings, redis_url, local_url, device_id)
         except BaseException:
             sock.close()
             raise
@@ -128,10 +134,34 @@ async def run_gateway(
         if runs is not None:  # while Redis is still there: their runs end as failed
             await runs.close()
         await engine.stop()
-        if sync is not None:
+        if isinstance(sync, DeviceSync):
+            await sync.close()
+        elif sync is not None:
             await sync.redis.aclose()
     if failure is not None:
         raise failure
+
+
+async def _sync_for(settings: Settings, redis_url: str, local_url: str | None,
+                    device_id: str) -> ThreadSync:
+    """The sync core: the central store, and the local one for offline use if given."""
+    if local_url is None:
+        return SyncService(await connect(redis_url))
+
+    async def connect_central() -> SyncService:
+        return SyncService(await connect(redis_url))
+
+    local = SyncService(await connect(local_url))
+    try:
+        central: SyncService | None = await connect_central()
+    except RedisError as exc:  # a device that boots offline serves at once
+        log.warning("the central Redis is unreachable (%s): serving offline from the local "
+                    "store until it answers", exc)
+        central = None
+    device = DeviceSync(central, local, device_id, offline_after=settings.offline_after,
+                        connect_central=connect_central)
+    await device.start()
+    return device
 
 
 def _failure(starting: asyncio.Task[None], engine: Engine) -> BaseException | None:

@@ -58,6 +58,7 @@ from edgebundle.errors import (
     EdgebundleError,
     EpochMismatchError,
     LeaseLostError,
+    OfflineError,
     RedisError,
     RunNotFoundError,
     ThreadBusyError,
@@ -70,7 +71,7 @@ from edgebundle.sync import keys
 from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
-from edgebundle.sync.service import RunEvent, SyncService
+from edgebundle.sync.service import RunEvent, ThreadSync
 from edgebundle.templates import Message as PromptMessage
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ def api_error(exc: EdgebundleError) -> ApiError:
         return ApiError(400, "invalid_request", str(exc))
     if isinstance(exc, RedisError):
         return ApiError(503, "redis_unavailable", str(exc))
+    if isinstance(exc, OfflineError):
+        return ApiError(503, "offline", str(exc))
     return ApiError(500, "sync_error", str(exc))
 
 
@@ -297,7 +300,7 @@ def prompt_messages(messages: tuple[Message, ...], run: Run) -> list[PromptMessa
 class RunGenerator:
     """Generates this device's runs in background tasks (see the module docstring)."""
 
-    def __init__(self, sync: SyncService, chat: ChatService,
+    def __init__(self, sync: ThreadSync, chat: ChatService,
                  context_policy: str = "window") -> None:
         self.sync = sync
         self.chat = chat
@@ -517,13 +520,13 @@ def _sse(event_type: str, data: Any, event_id: str | None = None) -> str:
     return f"{head}event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _events(sync: SyncService, thread_id: str, run_id: str,
+def _events(sync: ThreadSync, thread_id: str, run_id: str,
             after: str | None) -> AsyncGenerator[RunEvent, None]:
     # SyncService.events is an async generator: close it when the client goes away.
     return cast("AsyncGenerator[RunEvent, None]", sync.events(thread_id, run_id, after))
 
 
-async def _relay(sync: SyncService, thread_id: str, run_id: str,
+async def _relay(sync: ThreadSync, thread_id: str, run_id: str,
                  after: str | None) -> AsyncIterator[str]:
     """The run's events as SSE, replay then live, until ``done``."""
     try:
@@ -535,7 +538,7 @@ async def _relay(sync: SyncService, thread_id: str, run_id: str,
         yield _sse("error", {"error": error.code, "message": error.message})
 
 
-async def _last_run(sync: SyncService, thread_id: str, run_id: str) -> Run:
+async def _last_run(sync: ThreadSync, thread_id: str, run_id: str) -> Run:
     """Wait for the run's end (through its events), then the run object."""
     async with aclosing(_events(sync, thread_id, run_id, None)) as events:
         async for _ in events:
@@ -543,7 +546,7 @@ async def _last_run(sync: SyncService, thread_id: str, run_id: str) -> Run:
     return await sync.get_run(thread_id, run_id)
 
 
-def sync_routes(sync: SyncService, chat: ChatService, device_id: str,
+def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
                 generator: RunGenerator | None = None) -> list[Route]:
     """The routes of the sync API for this device (``device_id`` generates its runs)."""
     runner = generator or RunGenerator(sync, chat)

@@ -107,7 +107,9 @@ def _serve_chat(
     """The edgechat guest behind the HTTP gateway, until ``stop`` or a signal.
 
     The gateway serves the sync API over ``settings.redis_url``, or, without one, over
-    a private redis-server started here (AOF on) and stopped when serving ends.
+    a private redis-server started here (AOF on) and stopped when serving ends. With
+    a Redis URL the private server is the device's local store (offline-first, see
+    :mod:`edgebundle.sync.replication`) when redis-server is installed.
     """
     from edgebundle.chat import chat_setup  # the gateway stack is only needed here
     from edgebundle.gateway import Listening, run_gateway
@@ -145,10 +147,20 @@ def _serve_chat(
             if on_note is not None:
                 on_note(f"no --redis-url: started a private redis-server (pid {local.pid}, "
                         f"AOF on) on {local.url}, data in {local.directory}")
+        elif LocalRedis.installed():
+            local = LocalRedis(settings.layout.state / "redis").start()
+            if on_note is not None:
+                on_note(f"local store for offline use: a private redis-server (pid "
+                        f"{local.pid}, AOF on) on {local.url}, data in {local.directory}")
+        elif on_note is not None:
+            on_note("no redis-server installed: this device cannot answer while the central "
+                    "Redis is unreachable (install redis-server for offline use)")
+        local_url = local.url if local is not None and local.url != redis_url else None
         try:
             asyncio.run(run_gateway(
                 settings, setup, stop=stop_event, on_listening=listening,
                 ready_timeout=ready_timeout, redis_url=redis_url, device_id=device,
+                local_url=local_url,
             ))  # fmt: skip
         finally:
             if local is not None:

@@ -18,6 +18,14 @@ them atomically and Redis Cluster keeps them in one slot (no CROSSSLOT)::
     eb:{T}:run:<R>:text      string the run's text so far (APPEND per delta batch)
     eb:{T}:run:<R>:go        list   wake-up for a queued run (BLPOP; no sleep-polling)
 
+A device's local store (offline-first replication, :mod:`edgebundle.sync.replication`)
+also holds::
+
+    eb:{T}:replica           hash   central epoch and version mirrored, the local version
+                                    of the copy, next mutation id, the outbox being sent
+    eb:replica:threads       set    threads this device has seen (they are mirrored)
+    eb:replica:dirty         set    threads changed offline, not yet in the central store
+
 Thread ids are validated so that they cannot break out of the hash tag.
 """
 
@@ -78,6 +86,18 @@ def runs(thread_id: str) -> str:
 
 def turn_inputs(thread_id: str) -> str:
     return f"{_tag(thread_id)}:inputs"
+
+
+def replica(thread_id: str) -> str:
+    return f"{_tag(thread_id)}:replica"
+
+
+def replica_threads() -> str:
+    return f"{PREFIX}:replica:threads"
+
+
+def replica_dirty() -> str:
+    return f"{PREFIX}:replica:dirty"
 
 
 def run(thread_id: str, run_id: str) -> str:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -79,7 +78,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
     """
     run = ticket.run
     thread_id = run.thread_id
-    token = secrets.token_hex(16)
+    token = ticket.token
     deadline = None if timeout is None else time.monotonic() + timeout
     wakeup = keys.run_wakeup(thread_id, run.id)
     while True:

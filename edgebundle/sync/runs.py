@@ -36,8 +36,9 @@ Cancelling works from any device: a generating run keeps exactly ``content_seen`
 
 from __future__ import annotations
 
+import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgebundle.errors import ThreadBusyError, UsageError
 from edgebundle.sync import keys
@@ -51,12 +52,15 @@ class RunTicket:
     """A started (queued) run and the client's diff at that moment; give it to acquire.
 
     ``again``: the run was started by an earlier request with the same input id (this
-    one is a retry); ``run`` is that run as it is now.
+    one is a retry); ``run`` is that run as it is now. ``token``: the lock token this
+    ticket's holder takes the thread with, the same on every attempt, so an acquire
+    sent again after Redis took it but its answer was lost finds the run already its.
     """
 
     run: Run
     sync: SyncState
     again: bool = False
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 class RunStore:

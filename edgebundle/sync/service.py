@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from edgebundle.errors import RedisError
 from edgebundle.sync.backend import UNAVAILABLE, Backend, SyncSettings
@@ -43,7 +43,7 @@ from edgebundle.sync.models import Run, SyncState
 from edgebundle.sync.runs import RunStore, RunTicket
 from edgebundle.sync.store import ThreadStore
 
-__all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings"]
+__all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings", "ThreadSync"]
 
 T = TypeVar("T")
 
@@ -76,6 +76,42 @@ async def _checked_steps(steps: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         close = getattr(steps, "aclose", None)
         if close is not None:
             await close()
+
+
+class ThreadSync(Protocol):
+    """What the gateway serves: :class:`SyncService`, or a device's
+    :class:`~edgebundle.sync.replication.DeviceSync` (central and local store)."""
+
+    @property
+    def settings(self) -> SyncSettings: ...
+
+    @property
+    def redis(self) -> Client: ...
+
+    async def create_thread(self, thread_id: str | None = None) -> SyncState: ...
+
+    async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState: ...
+
+    def watch(self, thread_id: str, epoch: str | None, since: int,
+              interval: float = 0.25) -> AsyncIterator[SyncState]: ...
+
+    async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
+                   mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False
+                   ) -> SyncState: ...
+
+    async def start_run(self, thread_id: str, device_id: str, *, epoch: str, since: int,
+                        content: str, input_id: str | None = None,
+                        multitask: str = "enqueue") -> RunTicket: ...
+
+    async def acquire(self, ticket: RunTicket, timeout: float | None = None) -> RunLease: ...
+
+    async def cancel_run(self, thread_id: str, run_id: str, device_id: str,
+                         content_seen: str | None = None) -> Run: ...
+
+    async def get_run(self, thread_id: str, run_id: str) -> Run: ...
+
+    def events(self, thread_id: str, run_id: str, after: str | None = None
+               ) -> AsyncIterator[RunEvent]: ...
 
 
 class SyncService:

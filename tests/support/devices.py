@@ -107,20 +107,21 @@ def serving(runs: Sequence[RunProcess]) -> Iterator[list[RunProcess]]:
 
 
 @contextmanager
-def sync_devices(redis_url: str, model: Path, homes: Sequence[Path], *,
+def sync_devices(redis_url: str | Sequence[str], model: Path, homes: Sequence[Path], *,
                  api_key: str | None = None, template: str = "llama-3-chat",
                  ids: Sequence[str] | None = None,
                  extra_args: Sequence[str] = (),
                  device_args: Sequence[Sequence[str]] | None = None) -> Iterator[list[Device]]:
     """One healthy ``edgebundle run`` device per home (ids ``ids``, default dev0, dev1 …)
-    on ``redis_url``, embedded runtime, with ``extra_args`` and its own ``device_args``;
-    each must stop with exit 0 afterwards."""
+    on ``redis_url`` (or each on its own URL of a list), embedded runtime, with
+    ``extra_args`` and its own ``device_args``; each must stop with exit 0 afterwards."""
     names = list(ids) if ids is not None else [f"dev{index}" for index in range(len(homes))]
     own = list(device_args) if device_args is not None else [()] * len(homes)
+    urls = [redis_url] * len(homes) if isinstance(redis_url, str) else list(redis_url)
     env = {"EDGEBUNDLE_API_KEY": api_key} if api_key else {}
     runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
-                        "--template", template, "--redis-url", redis_url,
+                        "--template", template, "--redis-url", url,
                         "--device-id", name, *extra_args, *args], home=home, env=env)
-            for name, home, args in zip(names, homes, own, strict=True)]  # fmt: skip
+            for name, home, args, url in zip(names, homes, own, urls, strict=True)]  # fmt: skip
     with serving(runs):
         yield [Device(run, name, api_key) for name, run in zip(names, runs, strict=True)]
