@@ -5,7 +5,9 @@ waits for the next line, watches the thread (``GET …/watch``) so that turns ma
 other devices appear as they land: their user message, and their live reply by
 following the run's events. Those lines are marked with the device id of the run
 (``[devB] assistant: …``). A typed line starts a run (``POST …/runs``, streamed)
-whose reply is printed as its ``message.delta`` events arrive.
+whose reply is printed as its ``message.delta`` events arrive. The turn is named by
+its input id: a POST whose answer was lost is sent again as is, and the gateway
+answers the retry with the run the turn started, so a turn never runs twice.
 
 What is printed is what the :class:`~edgebundle.sync.replica.Replica` holds: every
 event goes to the replica first, and only the part of a message's text beyond what
@@ -481,6 +483,14 @@ class TerminalChat:
     # -- runs -----------------------------------------------------------------------
 
     async def _turn(self, content: str) -> None:
+        """Send a typed line as a turn and show its reply.
+
+        The turn is named by its input id, so a POST that failed before the run was
+        known (a cut connection, or a 502/503/504 while a gateway or its Redis
+        restarts) is simply sent again until a gateway answers: a retry gets the run
+        the turn already started, from its first event, and never starts a second one.
+        Once the run is known, a broken stream is rejoined after its last event.
+        """
         input_id = f"msg-{secrets.token_hex(8)}"
         self._printed[input_id] = content  # it is on screen: the user typed it
         self._finished.add(input_id)
@@ -494,48 +504,24 @@ class TerminalChat:
             body["params"] = {"max_tokens": self.options.max_tokens}
         attempt = 0
         while reply.run_id is None:
+            # The replica's cursor (the watch moves it on between tries): the opening
+            # sync brings only what the replica lacks.
             body["epoch"], body["since"] = self.thread.cursor
             try:
                 async with self.http.stream("POST", self._path("runs"), json=body,
                                             timeout=_stream_timeout()) as response:
                     _check(self.options.server, response)
+                    self._back_online()
                     await self._show_events(response, reply)
                     if reply.done:
                         return
                     raise _Dropped("the reply stream ended early")
             except (httpx.TransportError, _Dropped) as exc:
                 self._dropped(exc)
-                if reply.run_id is not None:
-                    break
-                attempt += 1
-                if await self._turn_landed(reply, input_id, attempt):
-                    if reply.run_id is None:  # it landed, its run is out of sight
-                        self.console.note("lost track of the reply; it shows here when "
-                                          "it lands")
-                        return
-                    break
+                if reply.run_id is None:
+                    attempt += 1
+                    await _backoff(attempt)
         await self._follow(reply)
-
-    async def _turn_landed(self, reply: _Reply, input_id: str, attempt: int) -> bool:
-        """After a POST failed before its run was known: did the turn reach the thread?
-        (Then its run, if in sight, is the reply's.) Asks until the gateway answers."""
-        while True:
-            await _backoff(attempt)
-            try:
-                response = await self.http.get(self._path(), params=_cursor(self.thread))
-                _check(self.options.server, response)
-                break
-            except (httpx.TransportError, _Dropped) as exc:
-                self._dropped(exc)
-                attempt += 1
-        self.thread.apply_sync(SyncState.from_json(response.json()))
-        self._back_online()
-        for run in self.thread.runs().values():
-            if run.input_message_id == input_id:
-                reply.run_id = run.id
-                self._my_runs.add(run.id)
-                self._followed.add(run.id)
-        return self.thread.message(input_id) is not None
 
     async def _follow_elsewhere(self, run: Run) -> None:
         reply = self._reply = _Reply(run_id=run.id, own=False, task=asyncio.current_task())

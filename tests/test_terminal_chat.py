@@ -261,6 +261,33 @@ def test_a_cut_connection_mid_reply_is_rejoined_and_no_text_is_repeated(
     assert "reconnected to" in chat.stderr()
 
 
+def test_a_turn_whose_answer_is_lost_is_sent_again_and_runs_once(
+    devices: tuple[RunProcess, RunProcess], chats: Callable[..., ChatProcess],
+) -> None:
+    a, _ = devices
+    proxy = TcpProxy(a.port).start()
+    try:
+        chat = chats("--server", proxy.url, "--max-tokens", "6")
+        thread = thread_of(chat)
+        turn_post = f"POST /v1/threads/{thread}/runs ".encode()
+        proxy.lose_answer(turn_post)  # the gateway starts the run; the chat hears nothing
+        chat.send("only once")
+        shown = chat.wait_output(reply_line("assistant"))
+        chat.end_input()
+        assert chat.wait() == 0, chat.stderr()
+    finally:
+        proxy.stop()
+    assert [r.startswith(turn_post) for r in proxy.requests].count(True) == 2  # one retry
+    [question, answer] = stored(a, thread)  # the retry got the run the first one started
+    assert (question["content"], answer["content"]) == ("only once", shown)
+    assert shown == "Looping forever forever forever forever forever"
+    run = httpx.get(f"{a.base_url}/v1/threads/{thread}/runs/{answer['run_id']}",
+                    timeout=30).json()
+    assert run["input_message_id"] == question["id"]
+    assert chat.output().count("assistant: ") == 1  # printed once
+    assert "reconnecting" in chat.stderr() and "Traceback" not in chat.stderr()
+
+
 def test_ctrl_c_mid_reply_keeps_exactly_the_text_shown_and_the_chat_goes_on(
     devices: tuple[RunProcess, RunProcess], chats: Callable[..., ChatProcess],
 ) -> None:

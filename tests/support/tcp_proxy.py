@@ -3,6 +3,9 @@
 :meth:`TcpProxy.cut` closes every connection going through it (both sides), as a
 restarted gateway or a network cut would; with ``hold=True`` new connections are
 closed as soon as they arrive until :meth:`resume`, so a client has to retry.
+:meth:`lose_answer` lets the next matching request reach the server and cuts its
+connection as the answer begins, so the server did the work and the client never
+hears of it (what a network cut at the worst moment does).
 It records the first bytes each client sent (the HTTP request head) so a test can
 see how the client came back (for example with ``Last-Event-ID``).
 """
@@ -28,6 +31,8 @@ class TcpProxy:
         self._open: set[socket.socket] = set()
         self._holding = False
         self._stopped = False
+        self._answers_to_lose: list[bytes] = []  # request starts, each for one request
+        self._losing: set[socket.socket] = set()  # clients whose answer is not forwarded
 
     @property
     def url(self) -> str:
@@ -46,6 +51,12 @@ class TcpProxy:
         for sock in victims:
             _close(sock)
         return len(victims) // 2
+
+    def lose_answer(self, request_start: bytes) -> None:
+        """Forward the next request whose head starts with ``request_start``, then close
+        its connection before a byte of the answer reaches the client."""
+        with self._lock:
+            self._answers_to_lose.append(request_start)
 
     def resume(self) -> None:
         with self._lock:
@@ -88,9 +99,10 @@ class TcpProxy:
                 if not chunk:
                     break
                 if first:
-                    with self._lock:
-                        self.requests.append(chunk)
+                    self._record(source, chunk)
                     first = False
+                if not from_client and self._loses_answer_to(sink):
+                    break  # the server answered: the client never hears of it
                 sink.sendall(chunk)
         except OSError:
             pass
@@ -98,8 +110,22 @@ class TcpProxy:
             with self._lock:
                 self._open.discard(source)
                 self._open.discard(sink)
+                self._losing.discard(source if from_client else sink)
             _close(source)
             _close(sink)
+
+    def _record(self, client: socket.socket, request_head: bytes) -> None:
+        with self._lock:
+            self.requests.append(request_head)
+            for start in self._answers_to_lose:
+                if request_head.startswith(start):
+                    self._answers_to_lose.remove(start)
+                    self._losing.add(client)
+                    return
+
+    def _loses_answer_to(self, client: socket.socket) -> bool:
+        with self._lock:
+            return client in self._losing
 
 
 def _close(sock: socket.socket) -> None:
