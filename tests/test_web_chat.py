@@ -320,3 +320,37 @@ def test_with_an_api_key_the_page_is_open_and_its_calls_send_the_key(
 def stored_with_key(http: httpx.Client, thread_id: str) -> list[dict[str, Any]]:
     state = http.get(f"/v1/threads/{thread_id}", headers={"Authorization": "Bearer k3y"}).json()
     return sorted(state["messages"], key=lambda m: m["position"])
+
+
+def test_a_message_sent_while_redis_is_down_is_sent_again_and_lands_once(
+    model: Path, tmp_path: Path, browsers: tuple[webdriver.Chrome, webdriver.Chrome],
+) -> None:
+    # A Redis of its own, restarted on its append-only file: the thread outlives it.
+    redis = RedisServer(tmp_path / "redis", aof=True).start()
+    try:
+        with serving([RunProcess(device_args(model, redis, "devR"),
+                                 home=tmp_path / "home")]) as [run]:
+            page = Page(browsers[0], run.base_url)
+            page.open("?max_tokens=5")
+            page.element("new-thread").click()
+            thread_id = eventually(page.thread_id, "a new thread")
+            eventually(lambda: page.element("thread-select").get_property("value")
+                       == thread_id, "the page to open the thread")
+            redis.stop()
+            page.send("are you there")  # the gateway answers 503 redis_unavailable ...
+            eventually(lambda: "Connection lost; retrying" in page.element("status").text,
+                       "the page to say it retries")
+            assert page.element("input").get_property("value") == "are you there"
+            assert page.element("send").get_property("disabled") is True
+            redis.start()  # ... until Redis is back, and the same turn lands
+            done = eventually(lambda: page.reply("completed"), "the reply once Redis is back")
+            final = stored(run, thread_id)
+            assert as_shown(final) == [("user", "completed", "are you there"),
+                                       ("assistant", "completed", done["text"])]
+            assert as_shown(page.shown()) == as_shown(final)  # the reply shown once
+            assert done["text"] == " ".join(WORDS[:5])
+            assert page.element("input").get_property("value") == ""
+            assert page.element("send").get_property("disabled") is False
+            assert_no_script_errors(page)
+    finally:
+        redis.stop()

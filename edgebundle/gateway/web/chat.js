@@ -7,11 +7,16 @@
 // It learns of changes by watching the thread (an SSE stream of sync diffs) and follows
 // the active run's events, whichever device generates it; after a reload it replays
 // them from the start. fetch() reads the streams (EventSource cannot send the API key).
+// A turn is named by its input id: a POST whose answer was lost is sent again with the
+// same id, and the gateway answers with the run it already started, never a second one.
 "use strict";
 
 const KEY_STORE = "edgebundle.apiKey";
 const THREADS_STORE = "edgebundle.threads";
 const RETRY_MS = 1000;
+const SEND_TRIES = 8; // then the message stays in the box, and Send tries the same turn
+const SEND_BACKOFF_MS = [500, 4000]; // the first wait between tries and the longest
+const RETRY_STATUSES = new Set([502, 503, 504]); // a gateway or its Redis restarting
 const RUN_RANK = { queued: 0, in_progress: 1 }; // any other status: ended (2)
 
 const $ = (id) => document.getElementById(id);
@@ -103,6 +108,7 @@ function randomId(prefix) {
 // -- the local copy of the thread -----------------------------------------------------
 
 class EpochChanged extends Error {}
+class StreamEnded extends Error {} // a run's stream closed before its "done"
 
 function newThreadState(id) {
   return {
@@ -120,6 +126,9 @@ function newThreadState(id) {
     cursors: new Map(), // run id -> last event id seen
     lookups: new Set(), // run ids asked for (to show the device of old replies)
     rendered: new Map(), // message id -> the text on the screen now
+    // The typed message until the gateway has it, {text, inputId, sending}: sent again,
+    // it keeps its input id, so a turn that did land is not started a second time.
+    unsent: null,
     abort: new AbortController(),
   };
 }
@@ -288,30 +297,77 @@ async function openThread(id) {
 
 // -- actions ----------------------------------------------------------------------------
 
+// An error after which the POST of a turn may be sent again (with the same input id):
+// the network (fetch throws a TypeError), a stream cut short, a gateway restarting.
+function worthRetrying(error) {
+  return error instanceof TypeError || error instanceof StreamEnded ||
+    RETRY_STATUSES.has(error.status);
+}
+
+function sendBackoff(attempt) {
+  const [first, longest] = SEND_BACKOFF_MS;
+  return Math.min(longest, first * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2);
+}
+
+const runOfInput = (t, inputId) =>
+  [...t.runs.values()].find((run) => run.input_message_id === inputId);
+
 async function send(text) {
   const t = current;
-  const inputId = randomId("msg-");
-  const body = { epoch: t.epoch, since: t.version, input: { id: inputId, content: text },
-                 stream: true };
+  if (t.unsent && t.unsent.sending) return; // one typed message is one turn
+  const inputId = t.unsent && t.unsent.text === text ? t.unsent.inputId : randomId("msg-");
+  const unsent = t.unsent = { text, inputId, sending: true };
+  scheduleRender(); // the box is read-only until the turn lands
+  const body = { input: { id: inputId, content: text }, stream: true };
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.params = { max_tokens: maxTokens };
   t.ownInputs.add(inputId);
-  let runId = null;
+  let retrying = false;
+  const landed = () => { // the gateway has the turn: the box is free for the next one
+    if (t.unsent === unsent) {
+      t.unsent = null;
+      $("input").value = "";
+    }
+    if (retrying) setStatus("");
+    retrying = false;
+  };
   try {
-    const response = await api("POST", `${t.path}/runs`, body, t.abort.signal);
-    $("input").value = "";
-    ({ runId } = await consume(t, response, null));
+    for (let attempt = 1; ; attempt++) {
+      body.epoch = t.epoch; // the opening sync brings what this page does not have yet
+      body.since = t.version;
+      try {
+        const response = await api("POST", `${t.path}/runs`, body, t.abort.signal);
+        landed();
+        if ((await consume(t, response, null)).done) return;
+        throw new StreamEnded("the reply's stream ended early");
+      } catch (error) {
+        if (t.abort.signal.aborted) return;
+        if (runOfInput(t, inputId)) { // it landed: ensureFollowing (below) reads the rest
+          landed();
+          return;
+        }
+        if (!worthRetrying(error) || attempt >= SEND_TRIES) throw error;
+        retrying = true;
+        setStatus("Connection lost; retrying…");
+        await sleep(sendBackoff(attempt), t.abort.signal);
+        if (t.abort.signal.aborted) return;
+      }
+    }
   } catch (error) {
-    if (t.abort.signal.aborted) return;
     if (error instanceof EpochChanged || error.code === "epoch_mismatch") {
       setStatus("The thread was reset elsewhere: here it is again; send your message again.");
       openThread(t.id);
       return;
     }
-    setStatus(`Not sent: ${error.message}`);
+    setStatus(t.unsent === unsent
+      ? `Not sent: ${error.message} (press Send to try again)`
+      : `Lost the reply's stream (${error.message}); it shows here when it lands.`);
   } finally {
+    unsent.sending = false;
+    scheduleRender();
     t.ownInputs.delete(inputId);
-    if (runId) t.following.delete(runId);
+    const run = runOfInput(t, inputId);
+    if (run) t.following.delete(run.id);
     ensureFollowing(t); // the stream broke before the end: follow the run's events
   }
 }
@@ -431,6 +487,9 @@ function render() {
 
   const active = t.activeRunId && t.runs.get(t.activeRunId);
   $("stop").disabled = !active;
+  const sending = Boolean(t.unsent && t.unsent.sending);
+  $("input").readOnly = sending;
+  $("send").disabled = sending;
   $("activity").textContent = active ? `${active.device_id} is replying…` : "";
 }
 
