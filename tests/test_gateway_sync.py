@@ -323,30 +323,6 @@ def test_with_an_api_key_the_sync_routes_need_it(redis: RedisServer, model: Path
         run.close()
 
 
-def test_run_refuses_to_share_its_state_with_a_leftover_redis_server(tmp_path: Path) -> None:
-    """A redis-server left by a killed `run` (here: our own child with its pidfile there)."""
-    home = tmp_path / "home"
-    state = home / "state" / "redis"
-    state.mkdir(parents=True)
-    leftover = RedisServer(tmp_path / "leftover",
-                           extra=("--pidfile", str(state / "redis.pid"))).start()
-    try:
-        wait_for(lambda: (state / "redis.pid").exists(), timeout=5)
-        run = RunProcess(["--runtime", "embedded", "--no-preflight"], home=home)
-        try:
-            assert run.proc.wait(30) == 1
-            assert leftover.process is not None
-            pid = leftover.process.pid
-            assert run.stderr().splitlines()[-1] == (
-                f"edgebundle: error: a redis-server (pid {pid}) left by an earlier `edgebundle "
-                f"run` still uses {state}: stop it (kill {pid}) and start again, or pass "
-                "--redis-url")
-        finally:
-            run.close()
-    finally:
-        leftover.stop()
-
-
 def test_stopping_run_mid_turn_ends_the_run_in_redis_and_the_next_start_continues(
     tmp_path: Path,
 ) -> None:

@@ -107,9 +107,11 @@ def _serve_chat(
     """The edgechat guest behind the HTTP gateway, until ``stop`` or a signal.
 
     The gateway serves the sync API over ``settings.redis_url``, or, without one, over
-    a private redis-server started here (AOF on) and stopped when serving ends. With
-    a Redis URL the private server is the device's local store (offline-first, see
-    :mod:`edgebundle.sync.replication`) when redis-server is installed.
+    a private redis-server started here (AOF on) and stopped when serving ends; it
+    dies with this process, and a server an earlier ``run`` left behind is stopped
+    first (:mod:`edgebundle.sync.local_server`). With a Redis URL the private server is
+    the device's local store (offline-first, see :mod:`edgebundle.sync.replication`)
+    when redis-server is installed.
     """
     from edgebundle.chat import chat_setup  # the gateway stack is only needed here
     from edgebundle.gateway import Listening, run_gateway
@@ -141,21 +143,24 @@ def _serve_chat(
                 on_note("no --redis-url and no redis-server installed: serving the chat "
                         "without sync (no /v1/threads); install redis-server "
                         "(./install.sh --with-redis) or pass --redis-url")
-        elif not redis_url:
-            local = LocalRedis(settings.layout.state / "redis").start()
-            redis_url = local.url
+        elif not LocalRedis.installed():
             if on_note is not None:
-                on_note(f"no --redis-url: started a private redis-server (pid {local.pid}, "
-                        f"AOF on) on {local.url}, data in {local.directory}")
-        elif LocalRedis.installed():
+                on_note("no redis-server installed: this device cannot answer while the "
+                        "central Redis is unreachable (install redis-server for offline use)")
+        else:
+            # Started and stopped on this thread, which runs the gateway to the end: the
+            # server's pdeathsig fires when the thread that forked it ends (local_server).
             local = LocalRedis(settings.layout.state / "redis").start()
+            if on_note is not None and local.replaced is not None:
+                on_note(f"stopped a redis-server (pid {local.replaced}) left on "
+                        f"{local.directory} by an earlier `edgebundle run`")
             if on_note is not None:
-                on_note(f"local store for offline use: a private redis-server (pid "
-                        f"{local.pid}, AOF on) on {local.url}, data in {local.directory}")
-        elif on_note is not None:
-            on_note("no redis-server installed: this device cannot answer while the central "
-                    "Redis is unreachable (install redis-server for offline use)")
-        local_url = local.url if local is not None and local.url != redis_url else None
+                lead = ("local store for offline use: a" if redis_url
+                        else "no --redis-url: started a")
+                on_note(f"{lead} private redis-server (pid {local.pid}, AOF on) on "
+                        f"{local.url}, data in {local.directory}")
+        local_url = local.url if local is not None and redis_url else None
+        redis_url = redis_url or (local.url if local is not None else None)
         try:
             asyncio.run(run_gateway(
                 settings, setup, stop=stop_event, on_listening=listening,

@@ -17,18 +17,63 @@ storage affords.
 
 Never daemonized: it is our child, stopped by its pid when ``run`` ends.
 
+It dies with ``run``: when ``run`` itself is killed (SIGKILL, e.g. by the OOM killer
+of a small device) nothing of ours runs to stop the server, and a server left on the
+AOF would keep the next ``run`` out (two servers on one AOF corrupt it), so a
+supervised device would stay down. On Linux the child therefore asks the kernel,
+between fork and exec, for ``PR_SET_PDEATHSIG`` = SIGTERM (``prctl``, through
+ctypes, in ``preexec_fn``): when its parent goes, Redis gets SIGTERM, fsyncs its AOF,
+removes its pidfile and exits. If ``run`` died before the ``prctl`` took effect, the
+child sees another parent and exits before exec. The kernel's "parent" is the
+*thread* that forked, not the process: :meth:`LocalRedis.start` must be called on a
+thread that lives until :meth:`LocalRedis.stop`. ``serve`` starts and stops it on the
+thread that runs the gateway to the end (the main thread of ``edgebundle run``),
+never on a worker thread (an executor, ``asyncio.to_thread``) that could end first
+and take the server with it.
+
+A server left behind anyway (by an older version, on a host without pdeathsig, or a
+``prctl`` that failed) is found through the pidfile Redis keeps in the state
+directory (``redis.pid``) and stopped by that pid before the new server starts, but
+only once it is proven to be a redis-server on this home's AOF:
+
+- on Linux, from ``/proc/<pid>``: a live (not zombie) process of our own user whose
+  name is redis-server and whose working directory is this state directory (Redis
+  chdirs into its ``--dir``, where its AOF is);
+- elsewhere (or if ``/proc`` cannot tell), from the server itself, on the port we
+  record in ``redis.port``: ``INFO server`` says ``process_id`` is that pid and
+  ``CONFIG GET`` says its ``dir`` and ``pidfile`` are ours.
+
+A live process that is shown *not* to be one (another user's, another program that
+got the pid after a reboot, a redis-server elsewhere) is left alone and the stale
+pidfile ignored; one that can be neither proven ours nor ruled out makes ``start``
+refuse, naming the pid. Stopping is SIGTERM (Redis fsyncs its AOF, so nothing it
+acknowledged is lost), through a pidfd where the kernel has them so the signal can
+only reach the process we examined; SIGKILL only through that pidfd, after
+``STOP_TIMEOUT``. The leftover is stopped, not adopted: an adopted server would not be
+our child (no pdeathsig, nobody to reap it) and would keep whatever settings an older
+version gave it; starting ours again on the same AOF costs well under a second.
+
 :func:`device_id` is the device's identity in the sync protocol: the configured one,
 else one generated on first use and kept in ``<home>/state/device-id``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import secrets
+import select
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
+
+import redis
 
 from edgebundle.config import Settings
 from edgebundle.errors import RedisError
@@ -36,6 +81,12 @@ from edgebundle.sync import keys
 
 START_TIMEOUT = 10.0  # s; an AOF of a small device loads in well under a second
 STOP_TIMEOUT = 10.0
+PROCFS = Path("/proc/self/stat").exists()
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+# Whose is a live pid from our pidfile: gone (or a zombie), another process ("other":
+# the pidfile is stale), our leftover redis-server ("ours"), or "unknown".
+Owner = Literal["gone", "other", "ours", "unknown"]
 
 
 def device_id(settings: Settings) -> str:
@@ -60,13 +111,20 @@ def _free_port() -> int:
 
 
 class LocalRedis:
-    """One redis-server child: ``start()`` it, use :attr:`url`, ``stop()`` it by its pid."""
+    """One redis-server child: ``start()`` it, use :attr:`url`, ``stop()`` it by its pid.
 
-    def __init__(self, directory: Path, binary: str | None = None) -> None:
+    Call ``start()`` and ``stop()`` on one thread that lives in between (module
+    docstring: the child's pdeathsig fires when the thread that forked it ends).
+    """
+
+    def __init__(self, directory: Path, binary: str | None = None, *,
+                 procfs: bool = PROCFS) -> None:
         self.directory = directory
         self.binary = binary
+        self.procfs = procfs  # whether /proc is asked about a leftover (False: as elsewhere)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.replaced: int | None = None  # the pid of a leftover server start() stopped
 
     @property
     def url(self) -> str:
@@ -76,10 +134,36 @@ class LocalRedis:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def pidfile(self) -> Path:
+        """Written by redis-server itself at start, removed when it shuts down."""
+        return self.directory / "redis.pid"
+
+    @property
+    def portfile(self) -> Path:
+        """The port of the running server: how a leftover is asked who it is."""
+        return self.directory / "redis.port"
+
     @staticmethod
     def installed() -> bool:
         """Whether a redis-server binary is on PATH."""
         return shutil.which("redis-server") is not None
+
+    def command(self, binary: str, port: int) -> list[str]:
+        """The redis-server command line for this directory on ``port``."""
+        return [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", "always",  # acknowledged = on disk (module docstring)
+            "--save", "",
+            "--daemonize", "no",
+            "--pidfile", str(self.pidfile),
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
 
     def start(self) -> LocalRedis:
         binary = self.binary or shutil.which("redis-server")
@@ -89,28 +173,16 @@ class LocalRedis:
                 "(./install.sh --with-redis, or apt install redis-server) or pass --redis-url"
             )
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._refuse_a_leftover()
+        self._stop_a_leftover(Path(binary).name)
         log = self.directory / "redis.log"
         self.port = _free_port()
-        argv = [
-            binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "always",  # acknowledged = on disk (module docstring)
-            "--save", "",
-            "--daemonize", "no",
-            "--pidfile", str(self.pidfile),
-            "--logfile", str(log),
-        ]  # fmt: skip
         try:
             # Its own session: a Ctrl-C in the terminal reaches `run`, which stops the
             # gateway first (runs end cleanly in Redis) and then this server.
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(self.command(binary, self.port),
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_dies_with_parent())
         except OSError as exc:
             raise RedisError(f"cannot start {binary} ({exc.strerror or exc}): install "
                              "redis-server or pass --redis-url") from None
@@ -126,6 +198,7 @@ class LocalRedis:
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    self.portfile.write_text(f"{self.port}\n")
                     return self
             except OSError:
                 time.sleep(0.02)
@@ -133,32 +206,178 @@ class LocalRedis:
         raise RedisError(f"the private redis-server did not listen within {START_TIMEOUT:g} s; "
                          f"log: {log}")
 
-    @property
-    def pidfile(self) -> Path:
-        return self.directory / "redis.pid"
-
-    def _refuse_a_leftover(self) -> None:
-        """Two servers on one AOF would corrupt it: refuse while an earlier one lives
-        (left behind by a `run` that was killed with SIGKILL)."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
+    def _stop_a_leftover(self, name: str) -> None:
+        """Stop a server an earlier ``run`` left on this directory (module docstring):
+        two servers on one AOF would corrupt it."""
+        pid = _read_int(self.pidfile)
+        if pid is None:
             return
-        if b"redis-server" in cmdline:
-            raise RedisError(
-                f"a redis-server (pid {pid}) left by an earlier `edgebundle run` still uses "
-                f"{self.directory}: stop it (kill {pid}) and start again, or pass --redis-url"
-            )
+        pidfd = _open_pidfd(pid)  # before the proof: then it can only be the proven one
+        try:
+            owner = owner_of(pid, self.directory, _read_int(self.portfile), names=(name,),
+                             procfs=self.procfs)
+            if owner == "unknown":
+                raise RedisError(
+                    f"a process (pid {pid}) named in {self.pidfile} may be a redis-server "
+                    f"left by an earlier `edgebundle run` on {self.directory}, but it cannot "
+                    f"be shown to be one: stop it (kill {pid}) and start again, or pass "
+                    "--redis-url"
+                )
+            if owner == "ours":
+                _terminate(pid, pidfd)
+                self.replaced = pid
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     def stop(self) -> None:
         """SIGTERM (redis-server flushes its AOF and exits), SIGKILL if it hangs."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.portfile.unlink(missing_ok=True)
+
+
+def owner_of(pid: int, directory: Path, port: int | None, *, names: tuple[str, ...] = (),
+             procfs: bool = PROCFS) -> Owner:
+    """Whose is live ``pid`` (read from ``directory``'s pidfile): "ours" only when it is
+    proven to be a redis-server on ``directory`` (module docstring); ``port`` is where
+    it was recorded to listen, ``names`` more names its binary may have than
+    redis-server, ``procfs`` whether to ask ``/proc`` first."""
+    if procfs:
+        owner = _owner_in_proc(pid, directory, ("redis-server", *names))
+        if owner != "unknown":
+            return owner
+    else:
         try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "gone"
+        except PermissionError:
+            return "other"  # another user's: no `run` of ours started it
+    if port is not None and _server_says_ours(pid, port, directory):
+        return "ours"
+    return "unknown"
+
+
+def _owner_in_proc(pid: int, directory: Path, names: tuple[str, ...]) -> Owner:
+    proc = Path("/proc", str(pid))
+    if _state(pid) in (None, "Z", "X"):
+        return "gone"  # or exited, and its parent has not reaped it yet
+    try:
+        if proc.stat().st_uid != os.getuid():
+            return "other"
+        if (proc / "comm").read_text().strip() not in {name[:15] for name in names}:
+            return "other"  # the pid went to another program
+        cwd = Path(os.readlink(proc / "cwd"))
+    except FileNotFoundError:
+        return "gone"
+    except PermissionError:
+        return "unknown"
+    return "ours" if cwd == directory.resolve() else "other"
+
+
+def _server_says_ours(pid: int, port: int, directory: Path) -> bool:
+    """Whether the Redis on 127.0.0.1:``port`` is process ``pid`` serving ``directory``."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2,
+                         socket_connect_timeout=2, decode_responses=True)
+    try:
+        info: dict[str, Any] = client.info("server")
+        config = client.config_get("dir", "pidfile")
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+    here, served, pidfile = directory.resolve(), config.get("dir"), config.get("pidfile")
+    return (info.get("process_id") == pid and served is not None and pidfile is not None
+            and Path(served).resolve() == here and Path(pidfile).resolve() == here / "redis.pid")
+
+
+def _terminate(pid: int, pidfd: int | None) -> None:
+    """SIGTERM ``pid`` and wait until it exits; SIGKILL through ``pidfd`` if it hangs."""
+    if pidfd is not None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                return
+            if select.select([pidfd], [], [], STOP_TIMEOUT)[0]:  # readable: it exited
+                return
+        raise RedisError(f"the redis-server (pid {pid}) left by an earlier `edgebundle run` "
+                         "did not exit after SIGKILL")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if _exited(pid):
+            return
+        time.sleep(0.05)
+    raise RedisError(f"the redis-server (pid {pid}) left by an earlier `edgebundle run` did "
+                     f"not stop within {STOP_TIMEOUT:g} s of SIGTERM: stop it (kill -9 {pid}) "
+                     "and start again, or pass --redis-url")
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (exited, not reaped by its new parent yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _state(pid) in ("Z", "X")
+
+
+def _state(pid: int) -> str | None:
+    """The state of ``pid`` in /proc ("Z": a zombie), None without an entry."""
+    try:
+        return Path("/proc", str(pid), "stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` (Linux >= 5.3), else None (gone, or no pidfds here)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """Linux: what the child runs between fork and exec so that the kernel sends it
+    SIGTERM when the thread that forked it ends (module docstring); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def in_child() -> None:
+        # A failure leaves a server that outlives a killed `run`: the next start stops it.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # `run` died before the prctl: no signal would come
+            os._exit(1)
+
+    return in_child

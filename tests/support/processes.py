@@ -45,3 +45,15 @@ def cmdline(pid: int) -> list[str]:
             return [part.decode(errors="replace") for part in raw.read().split(b"\0") if part]
     except FileNotFoundError:
         return []
+
+
+def exited(pid: int) -> bool:
+    """True when ``pid`` is gone, or a zombie: it exited and nobody reaped it yet (an
+    orphan's new parent, e.g. a container's pid 1, may never do so)."""
+    if gone(pid):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
