@@ -69,8 +69,8 @@ from edgebundle.sync.service import RunEvent, RunLease, RunTicket, SyncService, 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PROBE_INTERVAL = 1.0  # s between looks at the central Redis (link state)
-PROBE_TIMEOUT = 1.5  # s a PING may take before it counts as a failure
+PROBE_INTERVAL = 1.0  # s between looks at the central Redis (link state), at most
+PROBE_TIMEOUT = 1.5  # s a PING may take before it counts as a failure, at most
 OFFLINE_AFTER = 10.0  # s of failures before the device serves from its local store
 MIRROR_INTERVAL = 1.0  # s between looks at the central versions of mirrored threads
 MIRROR_DEVICE = "central-mirror"  # who writes the mirror into the local store
@@ -165,6 +165,8 @@ class DeviceSync:
                         content: str, input_id: str | None = None,
                         multitask: str = "enqueue") -> RunTicket:
         async def start(store: SyncService) -> RunTicket:
+            if store is self.local and multitask == "interrupt":
+                await self._refuse_remote_interrupt(thread_id)
             try:
                 ticket = await store.start_run(thread_id, device_id, epoch=epoch, since=since,
                                                content=content, input_id=input_id,
@@ -281,7 +283,7 @@ class DeviceSync:
     async def _call(self, thread_id: str | None, do: Callable[[SyncService], Awaitable[T]],
                     *, writes: bool = False, creates: bool = False) -> T:
         store = self._route(thread_id)
-        if store is self.central:
+        if store is not self.local:
             try:
                 result = await do(store)
             except RedisError as exc:
@@ -323,17 +325,30 @@ class DeviceSync:
                     f"on the central store; {what} it when the link is back")
         return self.central
 
+    async def _refuse_remote_interrupt(self, thread_id: str) -> None:
+        """Offline, a reply being written by another device (in the copy: a message in
+        progress that no local run writes) cannot be interrupted: say so."""
+        state = await self.local.sync(thread_id, None, 0)
+        mine = {state.active_run.id} if state.active_run else set()
+        for message in state.messages:
+            if message.status == "in_progress" and message.run_id not in mine:
+                raise OfflineError(
+                    f"this device is offline and run {message.run_id} is generating on "
+                    "another device: it cannot be interrupted from here; start the turn "
+                    "with multitask enqueue, or interrupt when the link is back")
+
     async def _require_local(self, thread_id: str) -> None:
         if not await self.local.redis.exists(keys.meta(thread_id)):
             raise OfflineError(
                 f"this device is offline and has never seen thread {thread_id}: it can be "
                 "joined when the link to the central Redis is back")
 
-    def _central_failed(self, exc: BaseException) -> bool:
-        """Note a failure of the central Redis; True once the device is offline."""
+    def _central_failed(self, exc: BaseException, since: float | None = None) -> bool:
+        """Note a failure of the central Redis (of a call made at ``since``, monotonic);
+        True once the device is offline."""
         now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since = now
+            self._failing_since = now if since is None else since
         if self._online and now - self._failing_since >= self.offline_after:
             self._online = False
             self._offline_since = time.time()
@@ -371,21 +386,24 @@ class DeviceSync:
     # -- background: the link, the mirror, healing -----------------------------------------
 
     async def _probe_forever(self) -> None:
+        # Several looks within offline_after, so a short setting is honoured too.
+        interval = min(PROBE_INTERVAL, self.offline_after / 3)
+        timeout = min(PROBE_TIMEOUT, self.offline_after / 2)
         while True:
+            sent = time.monotonic()
             try:
                 if self._central is None and self._connect_central is not None:
-                    self._central = await asyncio.wait_for(self._connect_central(),
-                                                           PROBE_TIMEOUT)
-                await asyncio.wait_for(self.central.redis.ping(), PROBE_TIMEOUT)
+                    self._central = await asyncio.wait_for(self._connect_central(), timeout)
+                await asyncio.wait_for(self.central.redis.ping(), timeout)
             except Exception as exc:  # noqa: BLE001 (any failure, a timeout too, is one)
-                self._central_failed(exc)
+                self._central_failed(exc, since=sent)
             else:
                 self._central_answered()
                 if not self._online and not self._link_back.is_set():
                     log.warning("the central Redis answers again: sending this device's "
                                 "offline changes")
                     self._link_back.set()
-            await asyncio.sleep(PROBE_INTERVAL)
+            await asyncio.sleep(interval)
 
     async def _replicate_forever(self) -> None:
         while True:
