@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_py
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from tests.support.devices import (
@@ -88,6 +89,14 @@ def link(device: Device) -> dict[str, Any]:
     return sync
 
 
+def gauges(device: Device) -> dict[str, float]:
+    """The replication gauges of the device's /metrics, parsed as Prometheus does."""
+    text = device.http.get("/metrics").text
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name in ("edgebundle_sync_offline", "edgebundle_sync_pending_changes")}
+
+
 def transcript(device: Device, thread: str) -> list[tuple[str, str, str]]:
     return [(m["id"], m["role"], m["content"]) for m in messages_of(device, thread)
             if not m["deleted"]]
@@ -113,6 +122,8 @@ def test_a_device_cut_off_keeps_chatting_and_converges_when_the_link_heals(
             offline = [turn(c, thread, f"C offline {n}", f"c-off-{n}", deadline)
                        for n in range(20)]
             assert link(c)["link"] == "offline" and link(c)["pending"] == 40
+            assert gauges(c) == {"edgebundle_sync_offline": 1.0,
+                                 "edgebundle_sync_pending_changes": 40.0}
             for n in range(3):  # meanwhile the others chat on the central store
                 turn((a, b)[n % 2], thread, f"central {n}", f"central-{n}", deadline)
             seen_offline = transcript(c, thread)
@@ -122,6 +133,8 @@ def test_a_device_cut_off_keeps_chatting_and_converges_when_the_link_heals(
             proxy.resume()  # the link heals
             wait_for(lambda: link(c) == {"link": "online", "pending": 0, "threads_pending": 0,
                                          "offline_since": None}, timeout=30, interval=0.2)
+            assert gauges(c) == {"edgebundle_sync_offline": 0.0,
+                                 "edgebundle_sync_pending_changes": 0.0}
             everywhere = [transcript(device, thread) for device in (a, b, c)]
             assert everywhere[0] == everywhere[1] == everywhere[2]
             contents = [content for _, _, content in everywhere[0]]
