@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -219,64 +220,63 @@ def test_offline_changes_survive_a_killed_device_and_a_restarted_central_redis(
                 run.close()
 
 
-def test_a_thread_the_central_store_lost_meanwhile_is_reseeded_from_the_device(
-        tmp_path: Path, central: RedisServer, model: Path) -> None:
+@contextmanager
+def a_and_c(tmp_path: Path, central: RedisServer, model: Path,
+            thread: str) -> Iterator[tuple[Device, Device, TcpProxy, dict[str, Any]]]:
+    """Device A on the central Redis and device C behind a proxy the test cuts, both on
+    ``thread`` after A's first turn (C has its copy); and that turn's run."""
     proxy = TcpProxy(central.port).start()
     urls = [central.url, central.url.replace(str(central.port), str(proxy.port))]
     try:
         with sync_devices(urls, model, [tmp_path / "A", tmp_path / "C"], ids=("devA", "devC"),
                           extra_args=("--offline-after", OFFLINE_AFTER)) as (a, c):
-            thread = a.post("/v1/threads", {"id": "pop-up"}).json()["id"]
-            deadline = time.monotonic() + 60
-            turn(a, thread, "A online", "a-on", deadline)
+            a.post("/v1/threads", {"id": thread})
+            run = turn(a, thread, "A online", "a-on", time.monotonic() + 60)
             assert c.http.get(f"/v1/threads/{thread}").status_code == 200  # C joins it
             wait_for(lambda: mirrored(c, central, thread))
-            old_epoch = a.http.get(f"/v1/threads/{thread}").json()["epoch"]
-
-            proxy.cut(hold=True)
-            turn(c, thread, "C offline", "c-off", deadline)
-            with redis_py.Redis(port=central.port) as admin:  # the thread expires centrally
-                admin.delete(*admin.keys(f"eb:{{{thread}}}:*"))
-            assert a.http.get(f"/v1/threads/{thread}").status_code == 404
-
-            proxy.resume()
-            wait_for(lambda: link(c)["pending"] == 0 and link(c)["link"] == "online",
-                     timeout=30, interval=0.2)
-            again = a.http.get(f"/v1/threads/{thread}").json()
-            assert again["epoch"] != old_epoch  # re-seeded under a new epoch
-            assert [content for _, _, content in transcript(a, thread)] == [
-                "A online", REPLY, "C offline", REPLY]
+            yield a, c, proxy, run
     finally:
         proxy.stop()
+
+
+def test_a_thread_the_central_store_lost_meanwhile_is_reseeded_from_the_device(
+        tmp_path: Path, central: RedisServer, model: Path) -> None:
+    thread = "pop-up"
+    with a_and_c(tmp_path, central, model, thread) as (a, c, proxy, _):
+        old_epoch = a.http.get(f"/v1/threads/{thread}").json()["epoch"]
+        proxy.cut(hold=True)
+        turn(c, thread, "C offline", "c-off", time.monotonic() + 60)
+        with redis_py.Redis(port=central.port) as admin:  # the thread expires centrally
+            admin.delete(*admin.keys(f"eb:{{{thread}}}:*"))
+        assert a.http.get(f"/v1/threads/{thread}").status_code == 404
+
+        proxy.resume()
+        wait_for(lambda: link(c)["pending"] == 0 and link(c)["link"] == "online",
+                 timeout=30, interval=0.2)
+        again = a.http.get(f"/v1/threads/{thread}").json()
+        assert again["epoch"] != old_epoch  # re-seeded under a new epoch
+        assert [content for _, _, content in transcript(a, thread)] == [
+            "A online", REPLY, "C offline", REPLY]
 
 
 def test_what_needs_the_central_store_fails_clearly_offline(
         tmp_path: Path, central: RedisServer, model: Path) -> None:
-    proxy = TcpProxy(central.port).start()
-    urls = [central.url, central.url.replace(str(central.port), str(proxy.port))]
-    try:
-        with sync_devices(urls, model, [tmp_path / "A", tmp_path / "C"], ids=("devA", "devC"),
-                          extra_args=("--offline-after", OFFLINE_AFTER)) as (a, c):
-            thread = a.post("/v1/threads", {"id": "known"}).json()["id"]
-            run = turn(a, thread, "A online", "a-on", time.monotonic() + 60)
-            a.post("/v1/threads", {"id": "never-seen-by-c"})
-            assert c.http.get(f"/v1/threads/{thread}").status_code == 200  # C joins it
-            wait_for(lambda: mirrored(c, central, thread))
-            proxy.cut(hold=True)
-            wait_for(lambda: link(c)["link"] == "offline", timeout=20, interval=0.2)
+    thread = "known"
+    with a_and_c(tmp_path, central, model, thread) as (a, c, proxy, run):
+        a.post("/v1/threads", {"id": "never-seen-by-c"})
+        proxy.cut(hold=True)
+        wait_for(lambda: link(c)["link"] == "offline", timeout=20, interval=0.2)
 
-            unknown = c.http.get("/v1/threads/never-seen-by-c")
-            assert (unknown.status_code, unknown.json()["error"]) == (503, "offline")
-            assert "never seen thread never-seen-by-c" in unknown.json()["message"]
-            elsewhere = c.post(f"/v1/threads/{thread}/runs/{run['id']}/cancel", {})
-            assert (elsewhere.status_code, elsewhere.json()["error"]) == (503, "offline")
-            assert "not one of its own" in elsewhere.json()["message"]
-            known = c.http.get(f"/v1/threads/{thread}")  # what it has seen, it serves
-            assert known.status_code == 200
-            assert [m["content"] for m in known.json()["messages"]] == ["A online", REPLY]
-            proxy.resume()
-    finally:
-        proxy.stop()
+        unknown = c.http.get("/v1/threads/never-seen-by-c")
+        assert (unknown.status_code, unknown.json()["error"]) == (503, "offline")
+        assert "never seen thread never-seen-by-c" in unknown.json()["message"]
+        elsewhere = c.post(f"/v1/threads/{thread}/runs/{run['id']}/cancel", {})
+        assert (elsewhere.status_code, elsewhere.json()["error"]) == (503, "offline")
+        assert "not one of its own" in elsewhere.json()["message"]
+        known = c.http.get(f"/v1/threads/{thread}")  # what it has seen, it serves
+        assert known.status_code == 200
+        assert [m["content"] for m in known.json()["messages"]] == ["A online", REPLY]
+        proxy.resume()
 
 
 def test_a_reply_streams_to_the_end_through_a_flapping_link(
