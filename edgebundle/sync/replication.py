@@ -56,10 +56,10 @@ from redis.exceptions import RedisError as RedisPyError
 
 from edgebundle.errors import (
     EpochMismatchError,
+    InputTakenError,
     OfflineError,
     RedisError,
     ThreadNotFoundError,
-    UsageError,
 )
 from edgebundle.sync import keys
 from edgebundle.sync.client import Client
@@ -171,8 +171,8 @@ class DeviceSync:
                 ticket = await store.start_run(thread_id, device_id, epoch=epoch, since=since,
                                                content=content, input_id=input_id,
                                                multitask=multitask)
-            except UsageError as exc:
-                if store is self.local and "started no run" in str(exc):
+            except InputTakenError:
+                if store is self.local:  # only its central copy has the run
                     raise OfflineError(
                         f"this device is offline and the turn {input_id} was taken by the "
                         "central store before the link went: send it again when the link "
