@@ -7,8 +7,10 @@ from whichever of the two holds the thread's truth for it right now:
 - **Online** (the central Redis answers): every request goes to the central store,
   exactly as without replication: one inference per thread across devices, the queue,
   live joins. In the background each thread this device has seen is mirrored into the
-  local store whenever its central version moves (a full copy: messages with their
-  positions, statuses and run ids; the local copy has an epoch of its own).
+  local store: a whole copy when first seen (messages with their positions, statuses
+  and run ids; the copy has an epoch of its own), then once a second the central diff
+  since the copy's version if it moved. The copy lags the central store by up to a
+  second: that is the price of keeping replication off the path of every turn.
 - **Offline** (the central Redis has not answered for ``offline_after`` seconds, 10
   by default: longer than a restart of Redis, which the lease and the clients'
   retries ride out; a probe looks every second): the device serves the threads it
@@ -294,7 +296,6 @@ class DeviceSync:
                 self._central_answered()
                 if thread_id is not None:
                     await self._seen(thread_id)
-                    self._nudge.set()
                 return result
         if thread_id is not None and not creates:
             await self._require_local(thread_id)
@@ -368,6 +369,7 @@ class DeviceSync:
         if thread_id not in self._seen_cache:
             await self.local.redis.sadd(keys.replica_threads(), thread_id)
             self._seen_cache.add(thread_id)
+            self._nudge.set()  # its first copy now; then once a round (MIRROR_INTERVAL)
 
     async def _mark_dirty(self, thread_id: str) -> None:
         self._dirty_cache.add(thread_id)
@@ -403,6 +405,7 @@ class DeviceSync:
                     log.warning("the central Redis answers again: sending this device's "
                                 "offline changes")
                     self._link_back.set()
+                    self._nudge.set()  # heal now, not at the next round
             await asyncio.sleep(interval)
 
     async def _replicate_forever(self) -> None:
@@ -436,29 +439,48 @@ class DeviceSync:
             await self._mirror(thread_id)
 
     async def _mirror(self, thread_id: str, *, force: bool = False) -> None:
-        """Copy the central thread into the local store if its version moved."""
+        """Bring the local copy of the thread up to its central version: the central
+        diff since the copy's version, applied as one push of the mirror's own (under
+        MIRROR_DEVICE, numbered on from the last); a whole new copy when there is no
+        copy yet, the epoch changed, the diff cannot be had, or ``force``."""
         replica = keys.replica(thread_id)
-        known = await self.local.redis.hmget(replica, ["central_epoch", "central_version"])
+        epoch, version, mid = (None if value is None else str(value) for value in
+                               await self.local.redis.hmget(
+                                   replica, ["central_epoch", "central_version", "mirror_mid"]))
         if not force:  # a hash read per thread and round while nothing changes
             now = await self.central.redis.hmget(keys.meta(thread_id), ["epoch", "version"])
-            if now == known:
+            if [str(value) if value is not None else None for value in now] == [epoch, version]:
                 return
         try:
-            central = await self.central.sync(thread_id, None, 0)
+            central = await self.central.sync(thread_id, None if force else epoch,
+                                              int(version or 0))
         except ThreadNotFoundError:
             await self.local.redis.srem(keys.replica_threads(), thread_id)
             self._seen_cache.discard(thread_id)
             return
-        visible = sorted((m for m in central.messages if not m.deleted),
-                         key=lambda m: m.position)
-        mutations = [{"mid": mid, "op": "put", "message": _copy(m)}
-                     for mid, m in enumerate(visible, 1)]
-        await _drop_thread(self.local, thread_id)
-        copy = await self.local.push(thread_id, MIRROR_DEVICE, "", 0, mutations, reseed=True)
+        copy_epoch = await self.local.redis.hget(keys.meta(thread_id), "epoch")
+        if central.full or copy_epoch is None:
+            visible = sorted((m for m in central.messages if not m.deleted),
+                             key=lambda m: m.position)
+            mutations = [{"mid": n, "op": "put", "message": _copy(m)}
+                         for n, m in enumerate(visible, 1)]
+            await _drop_thread(self.local, thread_id)
+            copy = await self.local.push(thread_id, MIRROR_DEVICE, "", 0, mutations,
+                                         reseed=True)
+        else:
+            first = int(mid or 0) + 1
+            mutations = [{"mid": n, "op": "delete" if m.deleted else "put",
+                          "message": {"id": m.id} if m.deleted else _copy(m)}
+                         for n, m in enumerate(sorted(central.messages,
+                                                      key=lambda m: m.version), first)]
+            copy = await self.local.push(thread_id, MIRROR_DEVICE, str(copy_epoch), 0,
+                                         mutations)
         async with self.local.redis.pipeline(transaction=True) as pipe:
             pipe.hset(replica, mapping={"central_epoch": central.epoch,
                                         "central_version": central.version,
-                                        "local_version": copy.version})
+                                        "local_version": copy.version,
+                                        "mirror_mid": (0 if central.full or copy_epoch is None
+                                                       else int(mid or 0)) + len(mutations)})
             pipe.hdel(replica, "outbox", "outbox_sent")
             await pipe.execute()
 
