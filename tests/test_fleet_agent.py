@@ -9,11 +9,14 @@ file:// and bundle: URLs; doctor's real checks run on what the agent placed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +29,14 @@ import redis as redis_sync
 from edgebundle.bundle import build_bundle
 from edgebundle.config import Settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.fleet import keys
-from edgebundle.fleet.agent import Agent
+from edgebundle.errors import ConfigError
+from edgebundle.fleet import acl, keys
+from edgebundle.fleet.agent import Agent, with_credentials
 from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
 from edgebundle.host import detect
 from edgebundle.pins import load_app_pins, load_runtime_lock
 from edgebundle.resources import app_pins_file, runtime_lock_file
+from edgebundle.sync.client import connect
 from tests.support.fleet import FLEET, AgentProcess
 from tests.support.processes import free_port, gone
 from tests.support.redis_server import RedisServer
@@ -530,6 +535,167 @@ def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_devi
     assert other.status == "failed"
     assert other.last_error is not None and "upgrade edgebundle" in other.last_error
     assert server.password not in "\n".join(lines)
+
+
+# --- the device's credentials: logged in as its ACL user, and only on its own Redis -----
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server with an admin password where `fleet provision` makes device users."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-acl"), password="admin-s3cret",
+                         aclfile=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def provision_async(server: RedisServer, device: str) -> acl.DeviceCredentials:
+    """`fleet provision` of one device (again: a new password)."""
+    admin = await connect(server.url)
+    try:
+        [credentials] = (await acl.provision(admin, FLEET, [device],
+                                             base_url=server.url)).credentials
+    finally:
+        await admin.aclose()
+    return credentials
+
+
+def provision(server: RedisServer, device: str) -> acl.DeviceCredentials:
+    return asyncio.run(provision_async(server, device))
+
+
+class Listener:
+    """A TCP port that records every byte sent to it (a server the manifest names)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.sock.accept()
+                connection.settimeout(0.5)
+                with connection, contextlib.suppress(OSError):
+                    while data := connection.recv(4096):
+                        self.received += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_provisioned_device_logs_in_where_the_manifest_names_its_redis(
+        tmp_path: Path, acl_redis: RedisServer) -> None:
+    device = provision(acl_redis, "kiosk-1")
+    assert "dev%3Akiosk-1" in device.redis_url
+    shared = f"redis://127.0.0.1:{acl_redis.port}/0"  # what a manifest says: no password
+    model = scripted_model(tmp_path / "m", "model")
+    admin = redis_sync.Redis.from_url(acl_redis.url, decode_responses=True)
+    agent = Agent(Settings(home=tmp_path / "home"), device.redis_url, "kiosk-1", FLEET)
+    spec = spec_for(model.as_uri(), sha256(model), shared)
+
+    async def scenario() -> ActualState:
+        desire(admin, "kiosk-1", 1, spec)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    state = asyncio.run(scenario())
+    admin.close()
+    # doctor logged in to the sync Redis as the device (before: as "dev%3Akiosk-1", refused)
+    assert (state.status, state.doctor_ok, state.doctor_failed) == ("healthy", True, [])
+    url = agent.sync_url(spec)
+    assert url is not None and "dev%3Akiosk-1" in url and "%25" not in url  # encoded once
+    as_device = redis_sync.Redis.from_url(url)
+    try:
+        assert as_device.ping() is True
+    finally:
+        as_device.close()
+
+
+def test_the_password_goes_to_no_other_redis_than_the_provisioned_one(
+        tmp_path: Path, acl_redis: RedisServer) -> None:
+    device = provision(acl_redis, "kiosk-2")
+    elsewhere = Listener()
+    model = scripted_model(tmp_path / "m", "model")
+    admin = redis_sync.Redis.from_url(acl_redis.url, decode_responses=True)
+    agent = Agent(Settings(home=tmp_path / "home"), device.redis_url, "kiosk-2", FLEET,
+                  backoff=0.05)
+
+    async def scenario() -> ActualState:
+        desire(admin, "kiosk-2", 1, spec_for(model.as_uri(), sha256(model),
+                                             f"redis://127.0.0.1:{elsewhere.port}/0"), retries=1)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    try:
+        state = asyncio.run(scenario())
+        time.sleep(0.3)
+    finally:
+        elsewhere.close()
+        admin.close()
+    assert device.password.encode() not in bytes(elsewhere.received)
+    assert bytes(elsewhere.received) == b""
+    assert state.status == "failed"
+    assert state.last_error is not None
+    assert "is not the Redis this device was provisioned for" in state.last_error
+    assert device.password not in state.last_error
+    assert not (tmp_path / "home" / "fleet" / "current").exists()
+
+
+def test_with_credentials_encodes_once_and_never_downgrades_tls() -> None:
+    own = "rediss://dev%3Akiosk-1:p%40ss@central.example:6380/0"
+    assert with_credentials("rediss://central.example:6380/2", own) == (
+        "rediss://dev%3Akiosk-1:p%40ss@central.example:6380/2")
+    assert with_credentials("redis://CENTRAL/1", "redis://u:p@central:6379") == (
+        "redis://u:p@CENTRAL/1")
+    for elsewhere in ("redis://central.example:6380/0", "rediss://other.example:6380/0",
+                      "rediss://central.example:6379/0", "unix:///tmp/redis.sock"):
+        with pytest.raises(ConfigError, match="provisioned for") as caught:
+            with_credentials(elsewhere, own)
+        assert "p%40ss" not in str(caught.value) and "p@ss" not in str(caught.value)
+    with pytest.raises(ConfigError, match="without TLS"):
+        with_credentials("redis://central.example:6380/0", own)
+    assert with_credentials("redis://anywhere:1/0", "redis://central:6379/0") == (
+        "redis://anywhere:1/0")  # a device without credentials has nothing to leak
+
+
+def test_a_refused_login_fails_the_revision_instead_of_reporting_healthy(
+        tmp_path: Path, acl_redis: RedisServer) -> None:
+    stale = provision(acl_redis, "kiosk-3")
+    model = scripted_model(tmp_path / "m", "model")
+    admin = redis_sync.Redis.from_url(acl_redis.url, decode_responses=True)
+    shared = f"redis://127.0.0.1:{acl_redis.port}/0"
+    agent = Agent(Settings(home=tmp_path / "home"), stale.redis_url, "kiosk-3", FLEET,
+                  backoff=0.05)
+
+    async def scenario() -> tuple[ActualState, ActualState]:
+        desire(admin, "kiosk-3", 1, spec_for(model.as_uri(), sha256(model), shared))
+        await agent.step()
+        first = agent.actual
+        # The operator provisions the device again: its password rotates; the agent's
+        # open connection stays logged in, every new login with the old one is refused.
+        await provision_async(acl_redis, "kiosk-3")
+        desire(admin, "kiosk-3", 2, spec_for(model.as_uri(), sha256(model), shared,
+                                             prompt="Be very brief."), retries=1)
+        await agent.step()
+        await agent.close()
+        return first, agent.actual
+
+    first, second = asyncio.run(scenario())
+    admin.close()
+    assert first.status == "healthy"
+    assert (second.generation, second.status) == (2, "failed")
+    assert second.last_error is not None
+    assert "refused this device's login as dev:kiosk-3" in second.last_error
+    assert stale.password not in second.last_error
+    assert second.revision == first.revision  # the previous revision keeps running
 
 
 # --- revisions on WasmEdge: the runtime is installed and switched with the revision ----

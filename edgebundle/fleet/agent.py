@@ -53,9 +53,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
+from redis import asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
+from redis.asyncio.retry import Retry
 
 from edgebundle import __version__, installer
 from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
@@ -89,6 +93,7 @@ APP_FILE = "app.wasm"
 BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
 REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
 ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
+LOGIN_TIMEOUT = 2.0  # s for the login check of a revision's sync Redis
 
 Log = Callable[[str], None]
 
@@ -373,6 +378,12 @@ class Agent:
 
     async def _attempt(self, desired: DesiredState) -> tuple[Report, float]:
         """Fetch, verify, switch, restart, check; on failure the previous revision is back."""
+        try:  # before anything changes: where the revision syncs, and that we may log in
+            refused = await login_refused(self.sync_url(desired.spec))
+        except ConfigError as exc:
+            raise AttemptFailed(str(exc)) from None
+        if refused is not None:
+            raise AttemptFailed(refused)
         try:
             rev_dir = await asyncio.to_thread(self._stage, desired)
         except EdgebundleError as exc:
@@ -578,7 +589,6 @@ class Agent:
     def revision_settings(self, rev_dir: Path, spec: Mapping[str, Any]) -> Settings:
         """The settings ``run`` and doctor use for a placed revision."""
         model = spec.get("model") or {}
-        sync = spec.get("sync") or {}
         runtime = (spec.get("runtime") or {}).get("kind", self.settings.runtime)
         app = rev_dir / APP_FILE
         return replace(
@@ -591,10 +601,14 @@ class Agent:
             template=model.get("template") or self.settings.template,
             system_prompt=model.get("system_prompt") or self.settings.system_prompt,
             ctx_size=int(model.get("ctx_size") or self.settings.ctx_size),
-            redis_url=with_credentials(sync.get("redis_url"), self.redis_url)
-            or self.settings.redis_url,
+            redis_url=self.sync_url(spec),
             device_id=self.device_id,
         )
+
+    def sync_url(self, spec: Mapping[str, Any]) -> str | None:
+        """The Redis a revision's ``run`` syncs through, logged in as this device."""
+        sync = spec.get("sync") or {}
+        return with_credentials(sync.get("redis_url"), self.redis_url) or self.settings.redis_url
 
     def _doctor(self, rev_dir: Path, spec: Mapping[str, Any],
                 lock: RuntimeLock | None = None) -> Report:
@@ -634,8 +648,9 @@ class Agent:
         deadline = time.monotonic() + HEALTHZ_TIMEOUT
         while time.monotonic() < deadline:
             if child.poll() is not None:
-                raise SupervisorError(f"edgebundle run exited with {child.returncode}; see "
-                                      f"{self.settings.layout.logs / 'agent-run.log'}")
+                log = self.settings.layout.logs / "agent-run.log"
+                raise SupervisorError(f"edgebundle run exited with {child.returncode}"
+                                      f"{_last_error(log)}; see {log}")
             if await asyncio.to_thread(_healthz_ok, url):
                 return
             await asyncio.sleep(0.2)
@@ -814,14 +829,71 @@ def check_builtin_app(app: Mapping[str, Any]) -> None:
 
 def with_credentials(url: str | None, own: str) -> str | None:
     """``url`` logged in as this device: manifests carry no passwords (each device has its
-    own ACL user, see fleet provision), so the agent's own credentials are used."""
+    own ACL user, see fleet provision), so the agent's own credentials are used.
+
+    Only on the central Redis the device was provisioned for (``own``: same scheme, host
+    and port; the db may differ): a manifest naming another server, or ``redis://`` for
+    a ``rediss://`` one, would carry the device's password there. ConfigError instead.
+    The credentials are copied as ``own`` spells them (already percent-encoded).
+    """
     if not url:
         return None
     parts, mine = urlsplit(url), urlsplit(own)
-    if parts.username or parts.password or not (mine.username or mine.password):
-        return url
-    auth = f"{quote(mine.username or '', safe='')}:{quote(mine.password or '', safe='')}@"
-    return parts._replace(netloc=auth + parts.netloc).geturl()
+    if parts.username is not None or parts.password is not None:
+        return url  # logs in as someone else (the manifest schema refuses that): not ours
+    userinfo, at, _ = mine.netloc.rpartition("@")
+    if not at:
+        return url  # the device itself logs in without credentials: nothing to leak
+    if _endpoint(url) != _endpoint(own):
+        downgrade = (mine.scheme.lower() == "rediss" and parts.scheme.lower() != "rediss")
+        why = " and without TLS (rediss -> redis)" if downgrade else ""
+        raise ConfigError(
+            f"the revision's sync.redis_url {redact_url(url)} is not the Redis this device was "
+            f"provisioned for ({redact_url(own)}): the device's password is sent nowhere "
+            f"else{why}; point spec.sync.redis_url at that Redis, or leave it out")
+    return parts._replace(netloc=f"{userinfo}@{parts.netloc}").geturl()
+
+
+def _endpoint(url: str) -> tuple[str, str, int | str | None]:
+    """(scheme, host, port) a Redis URL connects to (a unix socket: its path)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        return scheme, "", parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+async def login_refused(url: str | None) -> str | None:
+    """Why ``url``'s Redis refuses to log us in, or None (logged in, or not reachable now).
+
+    A refused login is the revision's (or the device's) fault and fails the revision; an
+    unreachable Redis is the network's state (see :func:`revision_failures`).
+    """
+    if not url:
+        return None
+    client = aioredis.from_url(url, socket_connect_timeout=LOGIN_TIMEOUT,
+                               socket_timeout=LOGIN_TIMEOUT, retry=Retry(NoBackoff(), 0))
+    try:
+        await client.ping()
+    except (AuthenticationError, ResponseError) as exc:
+        if isinstance(exc, ResponseError) and not isinstance(exc, AuthenticationError) and not any(
+                word in str(exc) for word in ("NOAUTH", "WRONGPASS")):
+            return None  # logged in; PING itself not allowed
+        user = unquote(urlsplit(url).username or "default")
+        password = urlsplit(url).password
+        detail = str(exc).replace(unquote(password), "***") if password else str(exc)
+        return (f"the sync Redis {redact_url(url)} refused this device's login as {user} "
+                f"({detail}): provision the device again (edgebundle fleet provision) and "
+                "give the agent its new --redis-url")
+    except (_RedisPyError, OSError):
+        return None
+    finally:
+        await client.aclose()
+    return None
 
 
 def revision_failures(doctor: Report) -> list[CheckResult]:
@@ -832,6 +904,18 @@ def revision_failures(doctor: Report) -> list[CheckResult]:
     sees an unreachable device as offline (its heartbeat expires).
     """
     return [c for c in doctor.checks if c.status == "fail" and c.id not in ENVIRONMENT_CHECKS]
+
+
+def _last_error(log: Path) -> str:
+    """``: <the last error line>`` of ``edgebundle run``'s log, or "" when it has none."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 8192))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith("edgebundle: error: ")]
+    return f": {errors[-1][len('edgebundle: error: '):]}" if errors else ""
 
 
 def _healthz_ok(url: str) -> bool:
