@@ -537,6 +537,88 @@ def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_devi
     assert server.password not in "\n".join(lines)
 
 
+def test_a_damaged_copy_in_another_revision_is_fetched_again_not_linked(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    model = scripted_model(release_server.root / "v1", "first model")
+    good = sha256(model)
+    lines: list[str] = []
+    agent = Agent(Settings(home=tmp_path / "home"), redis_server.url, "kiosk-1", FLEET,
+                  log=lines.append)
+    spec1 = spec_for(release_server.url("v1/m.gguf"), good, redis_server.url)
+    spec2 = spec_for(release_server.url("v1/m.gguf"), good, redis_server.url,
+                     prompt="Be very brief.")  # same model bytes: a link candidate
+    revisions = tmp_path / "home" / "fleet" / "revisions"
+
+    async def scenario() -> ActualState:
+        desire(client, "kiosk-1", 1, spec1)
+        await agent.step()
+        assert agent.actual.status == "healthy"
+        placed = revisions / Revision.id_for(spec1) / "model.gguf"
+        with placed.open("r+b") as fh:  # bit rot, or a hand that edited it
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+            fh.seek(-1, os.SEEK_END)
+            fh.write(bytes([last[0] ^ 0xFF]))
+        desire(client, "kiosk-1", 2, spec2)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    state = asyncio.run(scenario())
+    second = revisions / Revision.id_for(spec2) / "model.gguf"
+    assert sha256(second) == good  # verified bytes, fetched again
+    assert second.stat().st_ino != (revisions / Revision.id_for(spec1) / "model.gguf").stat(
+        ).st_ino
+    assert len(release_server.gets("v1/m.gguf")) == 2
+    assert state.status == "healthy"
+    assert any("fetching the model again" in line for line in lines)
+
+
+def test_heartbeats_go_on_while_the_served_run_takes_long_to_stop(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    """The served `run` of the previous revision needs 4 s to stop after SIGTERM; the
+    agent's loop must keep beating meanwhile (0.2 s here), not freeze until it is gone."""
+    model = scripted_model(tmp_path / "m", "served model")
+    slow = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(4), sys.exit(0)))\n"
+         "print('ready', flush=True)\nwhile True: time.sleep(1)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert slow.stdout is not None and slow.stdout.readline() == "ready\n"
+    agent = Agent(Settings(home=tmp_path / "home", port=free_port()), redis_server.url,
+                  "kiosk-1", FLEET, serve=True, heartbeat_interval=0.2, poll_interval=0.2,
+                  online_doctor=False)
+    agent.child = slow  # the run serving the revision before this one
+    loop = LoopThread()
+    task = asyncio.run_coroutine_threadsafe(agent.run_forever(), loop.loop)
+    beats: list[float] = []  # when the test saw a new heartbeat
+    try:
+        wait_for(lambda: client.exists(keys.heartbeat("kiosk-1")) == 1, DEADLINE, interval=0.05)
+        desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+        seen = None
+        while slow.poll() is None or len(beats) < 3:  # until the old run is gone, and after
+            raw = client.get(keys.heartbeat("kiosk-1"))
+            if raw != seen:
+                seen = raw
+                beats.append(time.monotonic())
+            assert time.monotonic() - beats[0] < DEADLINE
+            time.sleep(0.02)
+        stopped_at = time.monotonic()
+        assert slow.returncode == 0  # it stopped by itself: SIGTERM, then its 4 s
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            task.result(30)
+        loop.close()
+        if slow.poll() is None:
+            slow.kill()
+            slow.wait()
+    during = [b for b in beats if b <= stopped_at]
+    gaps = [later - earlier for earlier, later in zip(during, during[1:], strict=False)]
+    assert len(during) >= 10 and max(gaps) < 1.5, gaps
+
+
 # --- the device's credentials: logged in as its ACL user, and only on its own Redis -----
 
 

@@ -56,16 +56,16 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
-from redis.asyncio.retry import Retry
 
 from edgebundle import __version__, installer
 from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, run_doctor
-from edgebundle.download import fetch
+from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
 from edgebundle.fleet import keys
 from edgebundle.fleet.state import (
@@ -94,6 +94,7 @@ BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: 
 REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
 ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
 LOGIN_TIMEOUT = 2.0  # s for the login check of a revision's sync Redis
+STOP_GRACE = 20.0  # s a served run gets to stop after SIGTERM, then SIGKILL
 
 Log = Callable[[str], None]
 
@@ -304,7 +305,7 @@ class Agent:
             await self.close()
 
     async def close(self) -> None:
-        self._stop_child()
+        await self._stop_child()
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
@@ -521,7 +522,13 @@ class Agent:
         local = self._already_have(sha256, dest.name)
         if local is not None:  # same bytes in another revision (e.g. a prompt-only change)
             os.link(local, dest)
-            return
+            # Hashed again once linked (the same inode): that revision's copy may have been
+            # damaged since it was verified, and then it is fetched again instead.
+            if sha256_file(dest) == sha256.lower():
+                return
+            dest.unlink()
+            self.log(f"{local}: no longer has sha256 {sha256.lower()[:12]}…; fetching the "
+                     f"{what} again")
         fetch(source, dest, sha256=sha256.lower(),
               downloads_dir=self.settings.layout.downloads)
 
@@ -570,7 +577,7 @@ class Agent:
         if previous is None:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.current.unlink()
-            self._stop_child()
+            await self._stop_child()
             return
         self._switch(previous)
         spec = self._revision_spec(previous)
@@ -620,7 +627,7 @@ class Agent:
 
     async def _restart_runtime(self, revision: str, spec: Mapping[str, Any]) -> None:
         """Stop the running ``edgebundle run`` child, start one for ``revision``, wait healthy."""
-        self._stop_child()
+        await self._stop_child()
         settings = self.revision_settings(self.paths.revision(revision), spec)
         argv = [sys.executable, "-m", "edgebundle", "run", "--no-fleet",
                 "--runtime", settings.runtime,
@@ -670,16 +677,19 @@ class Agent:
         except EdgebundleError as exc:
             self.log(f"{running}: {exc}")
 
-    def _stop_child(self) -> None:
+    async def _stop_child(self) -> None:
+        """SIGTERM the served ``run``, SIGKILL after :data:`STOP_GRACE` s; the waits run in
+        a thread, so heartbeats and nudges go on meanwhile (the grace is longer than the
+        heartbeat's TTL: a blocked loop would make the device look offline)."""
         child, self.child = self.child, None
         if child is None or child.poll() is not None:
             return
         child.send_signal(signal.SIGTERM)
         try:
-            child.wait(timeout=20)
+            await asyncio.to_thread(child.wait, STOP_GRACE)
         except subprocess.TimeoutExpired:
             child.kill()
-            child.wait()
+            await asyncio.to_thread(child.wait)
 
     # --- Redis: reports, heartbeats, nudges ----------------------------------------------
 
