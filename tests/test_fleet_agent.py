@@ -591,7 +591,16 @@ def test_heartbeats_go_on_while_the_served_run_takes_long_to_stop(
                   online_doctor=False)
     agent.child = slow  # the run serving the revision before this one
     loop = LoopThread()
-    task = asyncio.run_coroutine_threadsafe(agent.run_forever(), loop.loop)
+
+    async def start() -> asyncio.Task[None]:
+        return asyncio.create_task(agent.run_forever())
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()  # as SIGTERM does: run_forever stops its loops and its child
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    task = loop.run(start())
     beats: list[float] = []  # when the test saw a new heartbeat
     try:
         wait_for(lambda: client.exists(keys.heartbeat("kiosk-1")) == 1, DEADLINE, interval=0.05)
@@ -607,9 +616,7 @@ def test_heartbeats_go_on_while_the_served_run_takes_long_to_stop(
         stopped_at = time.monotonic()
         assert slow.returncode == 0  # it stopped by itself: SIGTERM, then its 4 s
     finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            task.result(30)
+        loop.run(stop(task))
         loop.close()
         if slow.poll() is None:
             slow.kill()
@@ -785,23 +792,29 @@ def test_a_refused_login_fails_the_revision_instead_of_reporting_healthy(
 # The WasmEdge archives are fabricated by tests/support/release_server.py (their
 # `wasmedge` is the recorded-output stand-in, a test double at a process boundary) and
 # carried in a real offline bundle (edgebundle.bundle.build_bundle), as an air-gapped
-# device gets them; the agent installs them with the installer's own code.
+# device gets them; the agent installs them with the installer's own code. The revision
+# pins each archive's sha256 (spec.runtime.archives, as the release's SHA256SUM says):
+# a bundle never vouches for a runtime on its own.
 
 HOST = detect()
 
 
-def wasmedge_spec(model: Path, redis_url: str, version: str) -> dict[str, Any]:
+def wasmedge_spec(model: Path, redis_url: str, version: str,
+                  archives: dict[str, str] | None = None) -> dict[str, Any]:
     spec = spec_for(model.as_uri(), sha256(model), redis_url)
     spec["runtime"] = {"kind": "wasmedge", "wasmedge": version,
                        "plugin": {"name": "wasi_nn-ggml", "build": "b0001", "variant": "cpu"}}
+    if archives:
+        spec["runtime"]["archives"] = archives
     return spec
 
 
 def runtime_bundle(server: ReleaseServer, workdir: Path, dest: Path, version: str, *,
-                   reports: str | None = None) -> Path:
+                   reports: str | None = None) -> dict[str, str]:
     """An offline bundle (in ``dest``, replacing what was there) of a fabricated WasmEdge
     ``version`` + cpu plugin, pinned ``unknown`` as the shipped lock is: the bundle records
-    the sha256s. ``reports``: the version its `wasmedge --version` prints instead."""
+    the sha256s. ``reports``: the version its `wasmedge --version` prints instead.
+    Returns the release's sha256s by file name (what a manifest pins)."""
     release = publish_release(server, workdir, version, known_sha=False)
     if reports is not None:
         liar = make_runtime_archive(workdir / f"liar-{reports}", reports)
@@ -809,7 +822,22 @@ def runtime_bundle(server: ReleaseServer, workdir: Path, dest: Path, version: st
     shutil.rmtree(dest, ignore_errors=True)
     build_bundle(dest, load_runtime_lock(release.lock), load_app_pins(release.pins),
                  platforms=[(HOST.os, HOST.arch, "cpu")], wheels=False)
-    return dest
+    return {path.name: sha256(path) for path in (release.runtime, release.plugin)}
+
+
+def tamper(bundle: Path, pattern: str, replacement: Path) -> str:
+    """Swap a bundled archive as an attacker with the bundle would: its bytes, and its
+    sha256 in the bundle's lock copy and bundle.json, so the bundle agrees with itself."""
+    archive = next((bundle / "assets").glob(pattern))
+    old, new = sha256(archive), sha256(replacement)
+    archive.write_bytes(replacement.read_bytes())
+    lock = bundle / "plugins" / "wasmedge.lock.toml"
+    lock.write_text(lock.read_text().replace(old, new))
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["files"][f"assets/{archive.name}"] = new
+    manifest["files"]["plugins/wasmedge.lock.toml"] = sha256(lock)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return new
 
 
 def runtime_link(home: Path) -> str:
@@ -821,13 +849,12 @@ def test_a_wasmedge_revision_installs_and_switches_its_runtime_and_rolls_back_of
         release_server: ReleaseServer) -> None:
     home, bundle = tmp_path / "home", tmp_path / "bundle"
     model = scripted_model(tmp_path / "m", "wasmedge model")
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    pins1 = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
     fetched = len(release_server.gets())  # the bundle build; the device fetches nothing
     lines: list[str] = []
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
                   log=lines.append)
-    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
-    spec2 = wasmedge_spec(model, redis_server.url, "0.14.2")
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
     runtimes = home / "runtime"
 
     async def step(generation: int, spec: dict[str, Any]) -> ActualState:
@@ -854,7 +881,8 @@ def test_a_wasmedge_revision_installs_and_switches_its_runtime_and_rolls_back_of
     binary_inode = (runtimes / "wasmedge-0.14.1-cpu" / "bin" / "wasmedge").stat().st_ino
 
     # A new bundle arrives with WasmEdge 0.14.2; the next revision runs on it.
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.2")
+    spec2 = wasmedge_spec(model, redis_server.url, "0.14.2",
+                          runtime_bundle(release_server, tmp_path, bundle, "0.14.2"))
     fetched = len(release_server.gets())
 
     async def second_and_back() -> tuple[ActualState, ActualState, ActualState]:
@@ -886,19 +914,19 @@ def test_a_wasmedge_archive_with_a_wrong_sha256_fails_and_current_stays(
         release_server: ReleaseServer) -> None:
     home, bundle = tmp_path / "home", tmp_path / "bundle"
     model = scripted_model(tmp_path / "m", "wasmedge model")
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    pins1 = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
                   backoff=0.05)
-    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
 
     async def scenario() -> tuple[ActualState, ActualState]:
         desire(client, "kiosk-1", 1, spec1)
         await agent.step()
         ok = agent.actual
-        runtime_bundle(release_server, tmp_path, bundle, "0.15.0")
+        pins = runtime_bundle(release_server, tmp_path, bundle, "0.15.0")
         archive = next((bundle / "assets").glob("WasmEdge-0.15.0-*.tar.gz"))
         archive.write_bytes(archive.read_bytes() + b"tampered")  # after bundle.json was written
-        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0"),
+        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0", pins),
                retries=2)
         await agent.step()
         await agent.close()
@@ -920,17 +948,17 @@ def test_doctor_checks_the_switched_wasmedge_and_a_failure_restores_both_links(
         release_server: ReleaseServer) -> None:
     home, bundle = tmp_path / "home", tmp_path / "bundle"
     model = scripted_model(tmp_path / "m", "wasmedge model")
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    pins1 = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle)
-    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
 
     async def scenario() -> ActualState:
         desire(client, "kiosk-1", 1, spec1)
         await agent.step()
         assert agent.actual.status == "healthy", agent.actual
         # Verified bytes, wrong contents: this "0.15.0" release's wasmedge is a 0.14.9.
-        runtime_bundle(release_server, tmp_path, bundle, "0.15.0", reports="0.14.9")
-        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0"),
+        pins = runtime_bundle(release_server, tmp_path, bundle, "0.15.0", reports="0.14.9")
+        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0", pins),
                retries=1)
         await agent.step()
         await agent.close()
@@ -967,3 +995,43 @@ def test_the_shipped_locks_unknown_sha256s_are_refused_without_a_bundle(
     assert failed.last_error is not None and "no published sha256" in failed.last_error
     assert not (home / "runtime" / "current").exists()
     assert not (home / "fleet" / "current").exists()
+
+
+def test_a_bundle_is_no_trust_root_for_the_runtime_it_carries(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    """A bundle whose bundle.json and lock copy list a swapped WasmEdge archive with its
+    own (matching) sha256 is refused unless the revision pins that sha256."""
+    home, bundle = tmp_path / "home", tmp_path / "bundle"
+    model = scripted_model(tmp_path / "m", "wasmedge model")
+    published = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    evil = make_runtime_archive(tmp_path / "evil", "0.14.1")  # another binary, same layout
+    swapped = tamper(bundle, "WasmEdge-0.14.1-*.tar.gz", evil)
+    runtime_name = next(name for name in published if not name.startswith("WasmEdge-plugin"))
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
+                  backoff=0.05)
+    unpinned = wasmedge_spec(model, redis_server.url, "0.14.1")
+    pinned = wasmedge_spec(model, redis_server.url, "0.14.1", published)
+    pinned_swap = wasmedge_spec(model, redis_server.url, "0.14.1",
+                                {**published, runtime_name: swapped})
+
+    async def step(generation: int, spec: dict[str, Any]) -> ActualState:
+        desire(client, "kiosk-1", generation, spec, retries=1)
+        await agent.step()
+        return agent.actual
+
+    async def scenario() -> tuple[ActualState, ActualState, ActualState]:
+        alone, wrong = await step(1, unpinned), await step(2, pinned)
+        assert not (home / "runtime").exists() or not any((home / "runtime").iterdir())
+        operator = await step(3, pinned_swap)  # the operator pinned exactly these bytes
+        await agent.close()
+        return alone, wrong, operator
+
+    alone, wrong, operator = asyncio.run(scenario())
+    assert alone.status == "failed" and alone.last_error is not None
+    assert "vouched for only by the bundle" in alone.last_error
+    assert "spec.runtime.archives" in alone.last_error
+    assert wrong.status == "failed" and wrong.last_error is not None
+    assert "sha256 mismatch" in wrong.last_error and published[runtime_name] in wrong.last_error
+    assert (operator.status, operator.runtime) == ("healthy", "wasmedge-0.14.1-cpu")
+    assert sha256(evil) == swapped

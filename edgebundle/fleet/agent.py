@@ -12,18 +12,25 @@ fleet's device set), so a per-device ACL user is enough:
   ``poll_interval`` is the source of truth.
 - **reconcile** a new generation: fetch the model (and app) of the revision
   (http(s)://, file://, or bundle:<path> under ``--bundle DIR`` for air-gapped
-  devices), verify its sha256 *before* anything uses it, place it in
+  devices), verify its sha256 *before* anything uses it (a same-sha256 file of another
+  revision is hard-linked, then hashed again), place it in
   ``<home>/fleet/revisions/<rev>/``, switch ``<home>/fleet/current`` atomically
   (a new symlink renamed over the old one), restart the runtime (``serve``), run
   doctor's checks on the new revision. A revision on WasmEdge also gets its WasmEdge
   version and plugin build installed by the installer's own code into
   ``<home>/runtime/wasmedge-<version>-<variant>/`` (from the ``--bundle DIR`` when it is
-  a bundle built for that runtime, else by the shipped lock, whose unknown sha256s are
-  refused exactly as ``install`` refuses them; an installed one is reused), and
+  a bundle built for that runtime, else by the shipped lock's URLs; every archive's
+  sha256 pinned by the revision's ``runtime.archives`` or the shipped lock, never by
+  the bundle alone, and an unknown one refused as ``install`` refuses it; an installed
+  one is reused), and
   ``<home>/runtime/current`` is switched with the revision link. A failed attempt puts
   the previous revision (and its runtime link) back and is retried with backoff up to
   the generation's ``retries``; then the device reports ``failed`` and keeps running
   the previous revision.
+- **credentials**: the agent's own ``--redis-url`` carries the device's ACL user; a
+  revision's ``sync.redis_url`` gets that user and password only when it names the
+  same Redis (scheme, host, port), and the login is checked before the switch: a
+  refused one fails the revision.
 - **report** an :class:`ActualState` after every step. A report Redis cannot take is
   kept (in memory and in ``<home>/fleet/pending-report.json``) and sent when Redis
   is back; only the newest one is kept, because ``actual`` holds one state, not a log.
@@ -50,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -66,7 +73,13 @@ from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, run_doctor
 from edgebundle.download import fetch, sha256_file
-from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
+from edgebundle.errors import (
+    ChecksumMismatchError,
+    ConfigError,
+    EdgebundleError,
+    SupervisorError,
+    UsageError,
+)
 from edgebundle.fleet import keys
 from edgebundle.fleet.state import (
     HEARTBEAT_INTERVAL,
@@ -195,11 +208,15 @@ class FleetPaths:
 
 @dataclass(frozen=True)
 class WantedRuntime:
-    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge)."""
+    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge).
+
+    ``archives``: the sha256 the manifest pins for release archives, by file name.
+    """
 
     version: str
     build: str
     variant: str
+    archives: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -218,7 +235,13 @@ class WantedRuntime:
             raise ConfigError("the revision's runtime is wasmedge but names no wasmedge version "
                               "or plugin build; fix spec.runtime in the manifest")
         variant = plugin.get("variant") or "cpu"
-        return WantedRuntime(str(version), str(build), str(variant))
+        archives = runtime.get("archives") or {}
+        if not isinstance(archives, dict) or not all(
+                isinstance(v, str) and len(v) == 64 for v in archives.values()):
+            raise ConfigError("the revision's runtime.archives is not {file name: sha256}; "
+                              "fix spec.runtime in the manifest")
+        return WantedRuntime(str(version), str(build), str(variant),
+                             {str(k): v.lower() for k, v in archives.items()})
 
 
 class AttemptFailed(EdgebundleError):
@@ -427,10 +450,13 @@ class Agent:
     def _install_runtime(self, wanted: WantedRuntime) -> tuple[Path, RuntimeLock]:
         """Install ``wanted`` in its versioned dir (not current yet) by the installer's code.
 
-        Returns the dir and the lock doctor compares the running WasmEdge with. The lock
-        comes from the bundle (``--bundle DIR`` with a bundle.json: sha256s recorded at
-        build time) or the shipped one; the installer refuses an unknown sha256 and
-        verifies every archive before unpacking it; an installed runtime is reused.
+        Returns the dir and the lock doctor compares the running WasmEdge with. The
+        archives come from the bundle (``--bundle DIR`` with a bundle.json) or the shipped
+        lock's URLs, and each one's sha256 must be pinned by the revision's
+        ``runtime.archives`` or published in the shipped lock (:func:`pin_archives`): a
+        bundle's own bundle.json and lock copy never vouch for a runtime alone. The
+        installer verifies every archive before unpacking it; an installed runtime is
+        reused.
         """
         host = detect()
         layout = self.settings.layout
@@ -444,6 +470,8 @@ class Agent:
             if (lock.wasmedge_version, lock.plugin_build) != (wanted.version, wanted.build) or (
                     wanted.variant not in lock.variants(host.os, host.arch)):
                 continue
+            plan = pin_archives(plan, wanted, shipped=plans[-1].lock)
+            lock = plan.lock
             target, unpacked = installer.install_runtime(
                 replace(plan, variant=wanted.variant), layout, log=self.log)
             where = f"the bundle {self.bundle_dir}" if plan.bundle else f"the lock {lock.path}"
@@ -835,6 +863,46 @@ def check_builtin_app(app: Mapping[str, Any]) -> None:
     if wanted and wanted != shipped.lower():
         raise ConfigError(f"builtin:{name}: this device ships sha256 {shipped[:12]}…, the "
                           f"revision wants {wanted[:12]}…; upgrade edgebundle on the device")
+
+
+def pin_archives(plan: installer.InstallPlan, wanted: WantedRuntime,
+                 shipped: RuntimeLock) -> installer.InstallPlan:
+    """``plan`` with the two archives it installs pinned from outside the bundle.
+
+    Each one's sha256 comes from the revision (``wanted.archives``, by file name) or
+    else from the shipped lock where that publishes one. A bundle's archive whose
+    sha256 neither pins is refused (ConfigError), and so is one whose bundle sha256
+    differs from the pin; an unpinned archive of the shipped lock is left to the
+    installer, which refuses an unknown sha256 itself.
+    """
+    host, lock = plan.host, plan.lock
+    try:
+        needed = {lock.runtime_asset(host.os, host.arch),
+                  lock.plugin_asset(host.os, host.arch, wanted.variant)}
+    except EdgebundleError:
+        return plan  # nothing pinned for this machine: the installer says so
+    published = {a.filename: a.sha256.lower() for a in shipped.assets if a.verified}
+    assets = []
+    for asset in lock.assets:
+        if asset in needed:
+            pin = wanted.archives.get(asset.filename) or published.get(asset.filename)
+            where = ("the revision's runtime.archives" if asset.filename in wanted.archives
+                     else f"the shipped lock {shipped.path}")
+            if pin is None and plan.bundle is not None:
+                raise ConfigError(
+                    f"{asset.filename} (sha256 {asset.sha256}) is vouched for only by the "
+                    f"bundle {plan.bundle} itself: pin it in the manifest, spec.runtime.archives:"
+                    f" {{{asset.filename}: <its sha256 from the release's SHA256SUM>}}")
+            if pin is not None and asset.verified and asset.sha256.lower() != pin:
+                holder = f"the bundle {plan.bundle}" if plan.bundle else f"the lock {lock.path}"
+                raise ChecksumMismatchError(
+                    f"{asset.filename}: sha256 mismatch: {holder} has {asset.sha256}, "
+                    f"{where} pins {pin}; an altered bundle, or another release: fix the pin "
+                    "or rebuild the bundle")
+            if pin is not None:
+                asset = replace(asset, sha256=pin)
+        assets.append(asset)
+    return replace(plan, lock=replace(lock, assets=tuple(assets)))
 
 
 def with_credentials(url: str | None, own: str) -> str | None:
