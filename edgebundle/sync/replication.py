@@ -125,6 +125,10 @@ class DeviceSync:
         self._local_runs: set[str] = set()  # runs generated from the local store
         self._seen_cache: set[str] = set()  # threads known to be in the mirror set
         self._dirty_cache: set[str] = set()  # the local store's dirty set, in memory
+        # Per thread: held by a local write (and its marking the thread dirty) and by
+        # whatever replaces the local copy, so a copy fetched before an offline write
+        # never lands over it.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # -- what the gateway uses -----------------------------------------------------------
 
@@ -299,12 +303,19 @@ class DeviceSync:
                 return result
         if thread_id is not None and not creates:
             await self._require_local(thread_id)
-        result = await do(store)
-        if writes or creates:
-            state_id = thread_id or getattr(result, "id", None)
-            if state_id is not None:
-                await self._mark_dirty(state_id)
+        if not (writes or creates):
+            return await do(store)
+        if thread_id is None:  # a new thread of a random id: no copy of it can exist
+            result = await do(store)
+            await self._mark_dirty(str(result.id))
+            return result
+        async with self._lock(thread_id):
+            result = await do(store)
+            await self._mark_dirty(thread_id)
         return result
+
+    def _lock(self, thread_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(thread_id, asyncio.Lock())
 
     def _run_store(self, thread_id: str, run_id: str) -> SyncService:
         """A run lives where it was started, whatever the link does meanwhile (a central
@@ -438,36 +449,32 @@ class DeviceSync:
         for thread_id in sorted(seen - dirty):
             await self._mirror(thread_id)
 
-    async def _mirror(self, thread_id: str, *, force: bool = False) -> None:
-        """Bring the local copy of the thread up to its central version: the central
-        diff since the copy's version, applied as one push of the mirror's own (under
-        MIRROR_DEVICE, numbered on from the last); a whole new copy when there is no
-        copy yet, the epoch changed, the diff cannot be had, or ``force``."""
+    async def _mirror(self, thread_id: str) -> None:
+        """Bring the local copy of an unchanged (not dirty) thread up to its central
+        version: the central diff since the copy's version, applied as one push of the
+        mirror's own (MIRROR_DEVICE, numbered on from its last); a whole new copy when
+        there is none yet, the epoch changed or the diff cannot be had."""
         replica = keys.replica(thread_id)
         epoch, version, mid = (None if value is None else str(value) for value in
                                await self.local.redis.hmget(
                                    replica, ["central_epoch", "central_version", "mirror_mid"]))
-        if not force:  # a hash read per thread and round while nothing changes
-            now = await self.central.redis.hmget(keys.meta(thread_id), ["epoch", "version"])
-            if [str(value) if value is not None else None for value in now] == [epoch, version]:
-                return
+        # a hash read per thread and round while nothing changes
+        now = await self.central.redis.hmget(keys.meta(thread_id), ["epoch", "version"])
+        if [None if value is None else str(value) for value in now] == [epoch, version]:
+            return
         try:
-            central = await self.central.sync(thread_id, None if force else epoch,
-                                              int(version or 0))
+            central = await self.central.sync(thread_id, epoch, int(version or 0))
         except ThreadNotFoundError:
             await self.local.redis.srem(keys.replica_threads(), thread_id)
             self._seen_cache.discard(thread_id)
             return
-        copy_epoch = await self.local.redis.hget(keys.meta(thread_id), "epoch")
-        if central.full or copy_epoch is None:
-            visible = sorted((m for m in central.messages if not m.deleted),
-                             key=lambda m: m.position)
-            mutations = [{"mid": n, "op": "put", "message": _copy(m)}
-                         for n, m in enumerate(visible, 1)]
-            await _drop_thread(self.local, thread_id)
-            copy = await self.local.push(thread_id, MIRROR_DEVICE, "", 0, mutations,
-                                         reseed=True)
-        else:
+        async with self._lock(thread_id):
+            if thread_id in self._dirty_cache:
+                return  # changed offline while the central answer was on its way: heal it
+            copy_epoch = await self.local.redis.hget(keys.meta(thread_id), "epoch")
+            if central.full or copy_epoch is None:
+                await self._replace_copy(thread_id, central)
+                return
             first = int(mid or 0) + 1
             mutations = [{"mid": n, "op": "delete" if m.deleted else "put",
                           "message": {"id": m.id} if m.deleted else _copy(m)}
@@ -475,48 +482,79 @@ class DeviceSync:
                                                       key=lambda m: m.version), first)]
             copy = await self.local.push(thread_id, MIRROR_DEVICE, str(copy_epoch), 0,
                                          mutations)
+            await self.local.redis.hset(replica, mapping={
+                "central_epoch": central.epoch, "central_version": central.version,
+                "local_version": copy.version, "mirror_mid": first - 1 + len(mutations)})
+
+    async def _replace_copy(self, thread_id: str, central: SyncState) -> None:
+        """A whole new local copy of ``central`` (a full sync object); the thread's lock
+        is held by the caller."""
+        visible = sorted((m for m in central.messages if not m.deleted),
+                         key=lambda m: m.position)
+        mutations = [{"mid": n, "op": "put", "message": _copy(m)}
+                     for n, m in enumerate(visible, 1)]
+        await _drop_thread(self.local, thread_id)
+        copy = await self.local.push(thread_id, MIRROR_DEVICE, "", 0, mutations, reseed=True)
         async with self.local.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(replica, mapping={"central_epoch": central.epoch,
-                                        "central_version": central.version,
-                                        "local_version": copy.version,
-                                        "mirror_mid": (0 if central.full or copy_epoch is None
-                                                       else int(mid or 0)) + len(mutations)})
-            pipe.hdel(replica, "outbox", "outbox_sent")
+            pipe.hset(keys.replica(thread_id), mapping={
+                "central_epoch": central.epoch, "central_version": central.version,
+                "local_version": copy.version, "mirror_mid": len(mutations)})
+            pipe.hdel(keys.replica(thread_id), "outbox", "outbox_upto")
             await pipe.execute()
 
     async def _heal(self, thread_id: str) -> None:
-        """Send the thread's offline changes (once), then mirror it and serve it centrally."""
-        local_state = await self.local.sync(thread_id, None, 0)
-        if local_state.active_run is not None or local_state.queued_runs:
-            return  # its local runs first: a reply is sent whole
+        """Send the thread's offline changes (each once), then replace the local copy by
+        the central thread and serve it centrally.
+
+        Under the thread's lock the changes are picked (messages whose local version is
+        above ``local_version``) and written as the outbox, with their mutation ids,
+        before anything is sent; the send itself runs without the lock, so the device
+        keeps taking turns on the thread meanwhile. Those land above the outbox's
+        version and go in the next outbox: the copy is only replaced (under the lock)
+        once nothing is left to send.
+        """
         replica = keys.replica(thread_id)
-        fields = await self.local.redis.hmget(
-            replica, ["central_epoch", "local_version", "outbox", "outbox_sent", "next_mid"])
-        central_epoch, mirrored, outbox_raw, sent, next_mid = (
-            None if field is None else str(field) for field in fields)
-        if not sent:
-            outbox = json.loads(outbox_raw) if outbox_raw else None
-            if outbox is None:
-                changed = [m for m in local_state.messages if m.version > int(mirrored or 0)]
-                mid = int(next_mid or 1)
-                outbox = []
-                for message in sorted(changed, key=lambda m: m.position):
-                    if message.deleted:
-                        outbox.append({"mid": mid, "op": "delete", "message": {"id": message.id}})
-                    else:
-                        outbox.append({"mid": mid, "op": "put", "message": _copy(
-                            message, position=False)})
-                    mid += 1
-                # Written before it is sent: a retry sends the same ids (applied once).
-                await self.local.redis.hset(replica, mapping={"outbox": dumps(outbox),
-                                                              "next_mid": mid})
+        lock = self._lock(thread_id)
+        while True:
+            async with lock:
+                local_state = await self.local.sync(thread_id, None, 0)
+                if local_state.active_run is not None or local_state.queued_runs:
+                    return  # its local runs first: a reply is sent whole
+                fields = await self.local.redis.hmget(
+                    replica, ["central_epoch", "local_version", "outbox", "next_mid"])
+                central_epoch, sent_upto, outbox_raw, next_mid = (
+                    None if field is None else str(field) for field in fields)
+                outbox: list[dict[str, Any]] = json.loads(outbox_raw) if outbox_raw else []
+                if not outbox:
+                    changed = sorted((m for m in local_state.messages
+                                      if m.version > int(sent_upto or 0)),
+                                     key=lambda m: m.position)
+                    first = int(next_mid or 1)
+                    outbox = [{"mid": n, "op": "delete", "message": {"id": m.id}} if m.deleted
+                              else {"mid": n, "op": "put", "message": _copy(m, position=False)}
+                              for n, m in enumerate(changed, first)]
+                    if outbox:  # written before it is sent: a retry sends the same ids
+                        await self.local.redis.hset(replica, mapping={
+                            "outbox": dumps(outbox), "outbox_upto": local_state.version,
+                            "next_mid": first + len(outbox)})
             if outbox:
                 await self._send(thread_id, central_epoch or "", outbox, local_state)
-            await self.local.redis.hset(replica, "outbox_sent", "1")
-        await self._mirror(thread_id, force=True)
-        await self.local.redis.srem(keys.replica_dirty(), thread_id)
-        self._dirty_cache.discard(thread_id)
-        log.warning("thread %s: its offline changes are in the central store", thread_id)
+                async with self.local.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(replica, "local_version",
+                              await self.local.redis.hget(replica, "outbox_upto") or 0)
+                    pipe.hdel(replica, "outbox", "outbox_upto")
+                    await pipe.execute()
+                continue  # anything written meanwhile goes in the next outbox
+            central = await self.central.sync(thread_id, None, 0)
+            async with lock:
+                now = await self.local.redis.hget(keys.meta(thread_id), "version")
+                if int(now or 0) > int(sent_upto or 0):
+                    continue  # a turn landed while the central thread was read
+                await self._replace_copy(thread_id, central)
+                await self.local.redis.srem(keys.replica_dirty(), thread_id)
+                self._dirty_cache.discard(thread_id)
+            log.warning("thread %s: its offline changes are in the central store", thread_id)
+            return
 
     async def _send(self, thread_id: str, epoch: str, outbox: list[dict[str, Any]],
                     local_state: SyncState) -> None:
