@@ -307,7 +307,8 @@ class DeviceSync:
             return await do(store)
         if thread_id is None:  # a new thread of a random id: no copy of it can exist
             result = await do(store)
-            await self._mark_dirty(str(result.id))
+            if isinstance(result, SyncState):
+                await self._mark_dirty(result.id)
             return result
         async with self._lock(thread_id):
             result = await do(store)
