@@ -173,9 +173,13 @@ def pages(devices: tuple[RunProcess, RunProcess],
     b.element("join-id").send_keys(thread_id)
     b.element("join-form").find_element(By.TAG_NAME, "button").click()
     eventually(lambda: b.thread_id() == thread_id, "page B to join the thread")
-    options = [o.get_attribute("value") for o in
-               b.element("thread-select").find_elements(By.TAG_NAME, "option")]
-    assert options[0] == thread_id  # the picker lists it (kept in localStorage)
+
+    def listed() -> list[str]:
+        return [o.get_attribute("value") for o in
+                b.element("thread-select").find_elements(By.TAG_NAME, "option")]
+
+    # The picker lists it (kept in localStorage) once the gateway answered the join.
+    eventually(lambda: listed()[:1] == [thread_id], "the picker to list the thread")
     return a, b, thread_id
 
 
