@@ -9,17 +9,15 @@ partition), A and B directly. Nothing is mocked.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as redis_py
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import Device, messages_of, sync_devices
+from tests.support.devices import Device, messages_of, mirrored, sync_devices
 from tests.support.redis_server import RedisServer
 from tests.support.serving import wait_for
 from tests.support.tcp_proxy import TcpProxy
@@ -55,21 +53,6 @@ def turn(device: Device, thread: str, content: str, input_id: str,
             return run
         assert time.monotonic() < deadline, answer.text
         time.sleep(0.2)
-
-
-def local_store(device: Device) -> redis_py.Redis:
-    """The device's private local store (the URL its `run` printed)."""
-    url = re.search(r"local store for offline use: .* on (redis://\S+),", device.run.stderr())
-    assert url, device.run.stderr()
-    return redis_py.Redis.from_url(url.group(1), decode_responses=True)
-
-
-def mirrored(device: Device, central: RedisServer, thread: str) -> bool:
-    """The device's copy of ``thread`` is at the central version."""
-    with local_store(device) as mine, redis_py.Redis(port=central.port) as theirs:
-        have = mine.hget(f"eb:{{{thread}}}:replica", "central_version")
-        return have is not None and int(have) == int(
-            theirs.hget(f"eb:{{{thread}}}:meta", "version") or -1)
 
 
 def link(device: Device) -> dict[str, Any]:
