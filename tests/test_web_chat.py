@@ -282,6 +282,25 @@ def test_reloading_b_mid_stream_resumes_without_repeating_text(
     assert_no_script_errors(a, b)
 
 
+def test_a_turn_refused_for_another_epoch_is_sent_again_after_a_full_sync(
+    pages: tuple[Page, Page, str], devices: tuple[RunProcess, RunProcess],
+) -> None:
+    # Page A holds an epoch the gateway no longer has, as a page does for a moment after
+    # its device switched between the central Redis and its local store: the POST of
+    # the turn answers 409 epoch_mismatch.
+    a, _, thread_id = pages
+    a.driver.execute_script("current.epoch = 'an-epoch-of-another-store';")
+    a.element("max-tokens").clear()
+    a.element("max-tokens").send_keys("3")
+    a.send("after the switch")
+    done = eventually(lambda: a.reply("completed", after=1), "the reply of the turn")
+    assert as_shown(stored(devices[0], thread_id))[-2:] == [
+        ("user", "completed", "after the switch"), ("assistant", "completed", done["text"])]
+    assert as_shown(a.shown()) == as_shown(stored(devices[0], thread_id))  # each once
+    assert a.element("status").text == "" and a.element("input").get_property("value") == ""
+    assert_no_script_errors(a)
+
+
 def test_with_an_api_key_the_page_is_open_and_its_calls_send_the_key(
     redis: RedisServer, model: Path, tmp_path: Path,
     browsers: tuple[webdriver.Chrome, webdriver.Chrome],

@@ -353,6 +353,13 @@ async function send(text) {
           landed();
           return;
         }
+        if (error.code === "epoch_mismatch" && attempt < SEND_TRIES) {
+          // The gateway has the thread under another epoch (its device switched between
+          // the central and its local store, or the thread was re-seeded): take the
+          // whole thread, then send the same turn again (its input id: it runs once).
+          await syncInFull(t);
+          continue;
+        }
         if (!worthRetrying(error) || attempt >= SEND_TRIES) throw error;
         retrying = true;
         setStatus("Connection lost; retrying…");
@@ -376,6 +383,19 @@ async function send(text) {
     const run = runOfInput(t, inputId);
     if (run) t.following.delete(run.id);
     ensureFollowing(t); // the stream broke before the end: follow the run's events
+  }
+}
+
+// The thread as the gateway has it now (no epoch asked: a full sync), in place of ours.
+async function syncInFull(t) {
+  try {
+    const response = await api("GET", t.path, undefined, t.abort.signal);
+    applySync(t, await response.json());
+    scheduleRender();
+  } catch (error) {
+    // Left the thread, or a gateway restarting (the turn's next try meets it again).
+    if (t.abort.signal.aborted || worthRetrying(error)) return;
+    throw error;
   }
 }
 
