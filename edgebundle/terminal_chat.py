@@ -210,6 +210,10 @@ class _Dropped(Exception):
     """A stream or request failed in a way worth retrying (connection, 5xx, cut short)."""
 
 
+class _EpochMoved(Exception):
+    """The gateway has the thread under another epoch than the replica's (409)."""
+
+
 async def read_sse(response: httpx.Response) -> AsyncIterator[SseEvent]:
     """The events of a ``text/event-stream`` response (comments skipped)."""
     fields: dict[str, str] = {}
@@ -238,6 +242,21 @@ def _error_text(response: httpx.Response) -> str:
         return str(body.get("message") or body.get("error") or body)
     except (ValueError, AttributeError):
         return response.text.strip()[:200] or f"HTTP {response.status_code}"
+
+
+def _epoch_moved(response: httpx.Response) -> bool:
+    if response.status_code != 409:
+        return False
+    try:
+        return bool(response.json().get("error") == "epoch_mismatch")
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _read_error(response: httpx.Response) -> None:
+    """Read the body of a streamed request's error answer, so that its text can be told."""
+    if response.status_code >= 400:
+        await response.aread()
 
 
 def _refused(server: str, response: httpx.Response) -> GatewayError:
@@ -489,7 +508,10 @@ class TerminalChat:
         known (a cut connection, or a 502/503/504 while a gateway or its Redis
         restarts) is simply sent again until a gateway answers: a retry gets the run
         the turn already started, from its first event, and never starts a second one.
-        Once the run is known, a broken stream is rejoined after its last event.
+        Once the run is known, a broken stream is rejoined after its last event. A 409
+        ``epoch_mismatch`` (the thread is under another epoch on the gateway: its device
+        switched between the central Redis and its local store, or the thread was
+        re-seeded) brings the whole thread, and the same turn is sent again.
         """
         input_id = f"msg-{secrets.token_hex(8)}"
         self._printed[input_id] = content  # it is on screen: the user typed it
@@ -510,18 +532,35 @@ class TerminalChat:
             try:
                 async with self.http.stream("POST", self._path("runs"), json=body,
                                             timeout=_stream_timeout()) as response:
+                    await _read_error(response)
+                    if _epoch_moved(response):
+                        raise _EpochMoved
                     _check(self.options.server, response)
                     self._back_online()
                     await self._show_events(response, reply)
                     if reply.done:
                         return
                     raise _Dropped("the reply stream ended early")
+            except _EpochMoved:
+                attempt += 1
+                try:
+                    await self._sync_in_full()
+                except (httpx.TransportError, _Dropped) as exc:
+                    self._dropped(exc)
+                await _backoff(attempt)
             except (httpx.TransportError, _Dropped) as exc:
                 self._dropped(exc)
                 if reply.run_id is None:
                     attempt += 1
                     await _backoff(attempt)
         await self._follow(reply)
+
+    async def _sync_in_full(self) -> None:
+        """The whole thread as the gateway has it now, in place of the replica's copy."""
+        response = await self.http.get(self._path())
+        _check(self.options.server, response)
+        self.thread.apply_sync(SyncState.from_json(response.json()))
+        self._changed.set()
 
     async def _follow_elsewhere(self, run: Run) -> None:
         reply = self._reply = _Reply(run_id=run.id, own=False, task=asyncio.current_task())
@@ -538,6 +577,7 @@ class TerminalChat:
                 async with self.http.stream("GET", self._path("runs", reply.run_id, "events"),
                                             headers=headers,
                                             timeout=_stream_timeout()) as response:
+                    await _read_error(response)
                     if response.status_code == 404:  # the thread expired meanwhile
                         self.console.note(f"the reply is gone: {_error_text(response)}")
                         return
@@ -609,6 +649,7 @@ class TerminalChat:
                 async with self.http.stream("GET", self._path("watch"),
                                             params=_cursor(self.thread),
                                             timeout=_stream_timeout()) as response:
+                    await _read_error(response)
                     if response.status_code == 404:
                         self.console.note(f"the thread is gone: {_error_text(response)}")
                         return
