@@ -15,6 +15,12 @@ was already printed is written. The replica drops replayed deltas by
 ``(message_id, seq)``, so a rejoined stream (after a dropped connection, resumed
 with ``Last-Event-ID``) never prints text twice.
 
+A gateway whose device keeps a local store (offline-first, see
+:mod:`edgebundle.sync.replication`) says on ``/healthz`` whether it reaches the central
+Redis; the chat asks every few seconds and notes "offline, N pending" when the device
+starts serving from its local store, and "back online" once its offline changes are
+in the central store.
+
 Ctrl-C during a reply stops it for everyone: printing stops at once and the run is
 cancelled with ``content_seen`` = exactly the text printed, which is then what the
 thread stores (and what the model sees next). A second Ctrl-C stops waiting for
@@ -57,6 +63,7 @@ STREAM_READ_TIMEOUT = 60.0  # s; the watch sends a keep-alive every 15 s, a sile
 BACKOFF_FIRST = 0.2  # s, doubled per failed attempt up to BACKOFF_MAX, with jitter
 BACKOFF_MAX = 5.0
 _RETRY_STATUSES = {502, 503, 504}  # a gateway restarting, or its Redis away for a moment
+LINK_POLL_INTERVAL = 3.0  # s between looks at the gateway's /healthz (its central link)
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,10 @@ class Console:
         self._at_line_start = True
 
     def note(self, text: str) -> None:
+        if self._prompt_shown:  # a note while waiting: not on the prompt's line
+            self.out.write("\n")
+            self.out.flush()
+            self._prompt_shown = False
         self.err.write(f"edgebundle: {text}\n")
         self.err.flush()
 
@@ -315,7 +326,8 @@ class TerminalChat:
         self._reply: _Reply | None = None
         self._changed = asyncio.Event()
         self._quit = asyncio.Event()
-        self._offline_noted = False
+        self._offline_noted = False  # the gateway itself does not answer
+        self._device_offline = False  # the gateway answers from its local store
         self._joining: asyncio.Task[Any] | None = None
 
     # -- joining --------------------------------------------------------------------
@@ -368,6 +380,7 @@ class TerminalChat:
     async def run(self) -> None:
         """Read lines and show the thread until Ctrl-D, or Ctrl-C at the prompt."""
         watching = asyncio.create_task(self._watch())
+        linking = asyncio.create_task(self._watch_link())
         line: asyncio.Task[str | None] | None = None
         quitting = asyncio.create_task(self._quit.wait())
         try:
@@ -392,10 +405,10 @@ class TerminalChat:
                     await self._as_reply(self._turn(text))
         finally:
             self.console.end_line()
-            for task in (watching, quitting, line):
+            for task in (watching, linking, quitting, line):
                 if task is not None:
                     task.cancel()
-            await asyncio.gather(watching, quitting, return_exceptions=True)
+            await asyncio.gather(watching, linking, quitting, return_exceptions=True)
 
     def interrupt(self) -> None:
         """Ctrl-C: stop the reply being shown, or end the chat at the prompt."""
@@ -668,6 +681,34 @@ class TerminalChat:
                 attempt += 1
                 await _backoff(attempt)
 
+    async def _watch_link(self) -> None:
+        """Note when the gateway's device goes offline (it serves from its local store)
+        and when it is back online with every offline change sent.
+
+        A client of its own: /healthz needs no key, and the chat's connections stay
+        the chat's (a poll never holds one a turn or a stream would use)."""
+        async with httpx.AsyncClient(base_url=self.options.server, timeout=5.0) as probe:
+            while True:
+                self._note_link(await _device_link(probe))
+                await asyncio.sleep(LINK_POLL_INTERVAL)
+
+    def _note_link(self, link: dict[str, Any] | None) -> None:
+        if link is None:
+            return
+        offline = link.get("link") == "offline"
+        pending = link.get("pending")
+        if offline and not self._device_offline:
+            self._device_offline = True
+            self.console.note(
+                f"offline, {pending} pending: the gateway cannot reach the central Redis and "
+                "goes on from its own copy of the thread; changes are sent when the link is "
+                "back")
+            self._changed.set()  # the prompt again, below the note
+        elif self._device_offline and not offline and pending == 0:
+            self._device_offline = False
+            self.console.note("back online: the offline changes are in the central Redis")
+            self._changed.set()
+
     def _dropped(self, exc: Exception) -> None:
         if not self._offline_noted:
             self.console.note(f"lost the connection to {self.options.server} "
@@ -678,6 +719,17 @@ class TerminalChat:
         if self._offline_noted:
             self.console.note(f"reconnected to {self.options.server}")
             self._offline_noted = False
+
+
+async def _device_link(probe: httpx.AsyncClient) -> dict[str, Any] | None:
+    """``sync`` of the gateway's /healthz; None if it has none or does not answer (the
+    chat's streams note a gateway that is away)."""
+    try:
+        response = await probe.get("/healthz")
+        sync = response.json().get("sync") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return sync if isinstance(sync, dict) else None
 
 
 def _cursor(replica: Replica) -> dict[str, str | int]:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from edgebundle.terminal_chat import ChatOptions, Console, TerminalChat
-from tests.support.devices import ENDLESS, endless_model, sync_devices
+from tests.support.devices import ENDLESS, endless_model, mirrored, sync_devices
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, healthy_run, wait_for
@@ -377,3 +377,35 @@ def test_with_an_api_key_the_chat_sends_it_and_never_shows_it(
         assert allowed.wait() == 0, allowed.stderr()
         assert key not in allowed.output() + allowed.stderr()
 
+
+def test_the_chat_notes_when_its_device_goes_offline_and_when_it_is_back(
+    model: Path, chats: Callable[..., ChatProcess], tmp_path: Path,
+) -> None:
+    # The device reaches its central Redis through a proxy the test cuts (the partition).
+    central = RedisServer(tmp_path / "central", aof=True).start()
+    proxy = TcpProxy(central.port).start()
+    try:
+        with sync_devices([central.url.replace(f":{central.port}/", f":{proxy.port}/")],
+                          model, [tmp_path / "C"], ids=("devC",),
+                          extra_args=("--offline-after", "1")) as [c]:
+            chat = chats("--server", c.run.base_url, "--max-tokens", "2")
+            thread = thread_of(chat)
+            wait_for(lambda: mirrored(c, central, thread), timeout=TIMEOUT)
+            proxy.cut(hold=True)
+            wait_for(lambda: "edgebundle: offline, 0 pending: " in chat.stderr(),
+                     timeout=TIMEOUT)
+            chat.send("anyone?")  # answered by the device's own model, from its copy
+            assert chat.wait_output(reply_line("assistant")) == "Looping forever"
+            proxy.resume()
+            wait_for(lambda: "edgebundle: back online" in chat.stderr(), timeout=TIMEOUT)
+            chat.end_input()
+            assert chat.wait() == 0, chat.stderr()
+            link_notes = [line.split(":")[1] for line in chat.stderr().splitlines()
+                          if line.startswith(("edgebundle: offline", "edgebundle: back"))]
+            assert link_notes == [" offline, 0 pending", " back online"], chat.stderr()
+            assert "Traceback" not in chat.stderr()
+            assert [m["content"] for m in stored(c.run, thread)] == ["anyone?",
+                                                                     "Looping forever"]
+    finally:
+        proxy.stop()
+        central.stop()
