@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from edgebundle.config import Settings
+from edgebundle.config import Settings, local_gateway_url
 from edgebundle.errors import ConfigError, GatewayError
 from edgebundle.sync import keys
 from edgebundle.sync.models import Message, Run, SyncState
@@ -73,17 +73,6 @@ class ChatOptions:
     device_id: str = ""
     api_key: str | None = None
     max_tokens: int | None = None
-
-
-def default_server(settings: Settings) -> str:
-    """The gateway of this device: ``http://<host>:<port>`` from the settings."""
-    host = settings.host
-    if host in ("", "0.0.0.0"):  # listening everywhere; talk to it over the loopback
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{settings.port}"
 
 
 def check_server(url: str) -> str:
@@ -115,7 +104,7 @@ def chat_options(settings: Settings, *, server: str | None, thread_id: str | Non
                  max_tokens: int | None) -> ChatOptions:
     """Options for :func:`chat` from the settings and the command line."""
     return ChatOptions(
-        server=check_server(server or default_server(settings)),
+        server=check_server(server or local_gateway_url(settings)),
         thread_id=None if thread_id is None else keys.check_id("thread", thread_id),
         device_id=chat_device_id(settings),
         api_key=settings.api_key,
