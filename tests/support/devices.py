@@ -139,7 +139,7 @@ def local_store(device: Device) -> redis_py.Redis:
 
 def mirrored(device: Device, central: RedisServer, thread: str) -> bool:
     """The device's copy of ``thread`` is at the central version (it can serve it offline)."""
-    with local_store(device) as mine, redis_py.Redis(port=central.port) as theirs:
+    with local_store(device) as mine, redis_py.Redis.from_url(central.url) as theirs:
         have = mine.hget(f"eb:{{{thread}}}:replica", "central_version")
         return have is not None and int(have) == int(
             theirs.hget(f"eb:{{{thread}}}:meta", "version") or -1)
