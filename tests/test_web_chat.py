@@ -177,9 +177,9 @@ def pages(devices: tuple[RunProcess, RunProcess],
     b.element("join-form").find_element(By.TAG_NAME, "button").click()
     eventually(lambda: b.thread_id() == thread_id, "page B to join the thread")
 
-    def listed() -> list[str]:
-        return [o.get_attribute("value") for o in
-                b.element("thread-select").find_elements(By.TAG_NAME, "option")]
+    def listed() -> list[str]:  # read in the page: the picker's options are replaced
+        return list(b.driver.execute_script(
+            "return [...document.querySelectorAll('#thread-select option')].map(o => o.value)"))
 
     # The picker lists it (kept in localStorage) once the gateway answered the join.
     eventually(lambda: listed()[:1] == [thread_id], "the picker to list the thread")
