@@ -166,8 +166,10 @@ home="$(cd "$home" && pwd)"
 venv="$home/venv"
 created_venv=""
 
+wheels_dir=""
 cleanup() {
   local status=$?
+  [[ -n "$wheels_dir" ]] && rm -rf -- "$wheels_dir"
   if [[ $status -ne 0 && $reported -eq 0 && -n "$doing" ]]; then
     echo "install.sh: error: $doing failed (exit $status)" >&2
   fi
@@ -190,21 +192,45 @@ extra=""
 [[ $embedded -eq 1 ]] && extra="[embedded]"
 
 if [[ -n "$bundle" ]]; then
+  # pip sees only the wheels bundle.json lists, copied out of the bundle and hashed there
+  # (what pip reads is what was checked), and installs them by a generated requirements
+  # file in --require-hashes mode: a wheel merely lying in DIR/wheels is never a candidate.
+  # A bundle installs every wheel it lists (bundle build lists edgebundle[embedded]).
   step "checking the bundle's wheels against $bundle/bundle.json"
-  "$python" - "$bundle" <<'PY'
-import hashlib, json, pathlib, sys
-root = pathlib.Path(sys.argv[1])
+  wheels_dir="$(mktemp -d)"
+  "$python" - "$bundle" "$wheels_dir" <<'PY'
+import hashlib, json, pathlib, re, shutil, sys
+root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 files = json.loads((root / "bundle.json").read_text())["files"]
 wheels = {rel: sha for rel, sha in files.items() if rel.startswith("wheels/")}
 if not wheels:
     sys.exit(f"install.sh: error: {root} has no wheels; rebuild it without --no-wheels")
+pins = {}
 for rel, sha in sorted(wheels.items()):
-    path = root / rel
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-        sys.exit(f"install.sh: error: {path}: missing or sha256 mismatch; rebuild the bundle")
+    name = rel[len("wheels/"):]
+    parts = name[:-len(".whl")].split("-") if name.endswith(".whl") else []
+    if not re.fullmatch(r"[A-Za-z0-9_.+!-]+\.whl", name) or len(parts) not in (5, 6):
+        sys.exit(f"install.sh: error: {root}/bundle.json lists {rel!r}, which is not a wheel "
+                 "file name; rebuild the bundle")
+    copy = out / name
+    try:
+        shutil.copyfile(root / rel, copy)
+    except OSError as exc:
+        sys.exit(f"install.sh: error: {root / rel}: {exc.strerror}; rebuild the bundle")
+    if hashlib.sha256(copy.read_bytes()).hexdigest() != sha:
+        sys.exit(f"install.sh: error: {root / rel}: sha256 mismatch; rebuild the bundle")
+    pins.setdefault((parts[0], parts[1]), []).append(sha)
+if not any(re.sub(r"[-_.]+", "-", dist).lower() == "edgebundle" for dist, _ in pins):
+    sys.exit(f"install.sh: error: {root}/bundle.json lists no edgebundle wheel; rebuild the bundle")
+(out / "requirements.txt").write_text("".join(
+    f"{dist}=={version} " + " ".join(f"--hash=sha256:{sha}" for sha in shas) + "\n"
+    for (dist, version), shas in sorted(pins.items())))
 PY
   step "installing edgebundle from $bundle/wheels (offline)"
-  "${pip[@]}" install -q --upgrade --no-index --find-links "$bundle/wheels" "edgebundle$extra"
+  "${pip[@]}" install -q --upgrade --no-index --find-links "$wheels_dir" --require-hashes \
+    -r "$wheels_dir/requirements.txt"
+  rm -rf -- "$wheels_dir"
+  wheels_dir=""
 elif [[ $dev -eq 1 ]]; then
   step "installing $repo (editable, with the dev extra; llama-cpp-python builds from source the first time: ~3 min)"
   "${pip[@]}" install -q -e "$repo[dev]"

@@ -52,15 +52,17 @@ from redis.asyncio.connection import AbstractConnection
 
 from edgebundle.sync.client import connect
 from edgebundle.sync.models import dumps
-from edgebundle.sync.service import SyncService
+from edgebundle.sync.service import SyncService, ThreadSync
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "bench-device"
 
 
-def emit(bench: str, value: float, unit: str, baseline: str, goal: str) -> None:
+def emit(bench: str, value: float, unit: str, baseline: str, goal: str,
+         **fields: bool | str) -> None:
+    """One bench line; ``fields`` are extra facts of the measurement (checks, counts)."""
     print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit,
-                      "baseline": baseline, "goal": goal}), flush=True)
+                      "baseline": baseline, "goal": goal, **fields}), flush=True)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -78,8 +80,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server() -> Iterator[int]:
-    """A redis-server child on a free port; yields the port, stops it by pid."""
+def redis_server(*, aof: bool = False) -> Iterator[int]:
+    """A redis-server child on a free port; yields the port, stops it by pid. ``aof``:
+    append-only file on (fsync every second), as a device's private store runs."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server is not installed: run ./install.sh --dev --with-redis")
@@ -87,7 +90,8 @@ def redis_server() -> Iterator[int]:
         port = free_port()
         process = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-             "--save", "", "--appendonly", "no", "--logfile", f"{directory}/redis.log"],
+             "--save", "", "--appendonly", "yes" if aof else "no",
+             "--logfile", f"{directory}/redis.log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 10
@@ -156,11 +160,16 @@ def count_requests() -> Iterator[list[int]]:
         AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
 
 
-async def one_turn(service: SyncService, thread: str, epoch: str, since: int) -> int:
+async def one_turn(service: ThreadSync, thread: str, epoch: str, since: int, *,
+                   content: str = "hello", deltas: int = 0) -> int:
+    """A chat turn with no model: start_run, acquire, ``deltas`` pieces, finish; the
+    version the turn's input opened (the ``since`` of the next turn)."""
     ticket = await service.start_run(thread, DEVICE, epoch=epoch, since=since,
-                                     content="hello")
+                                     content=content)
     async with await service.acquire(ticket, timeout=5) as lease:
-        await lease.finish("eos", {"input_tokens": 1, "output_tokens": 1})
+        for i in range(deltas):
+            await lease.delta(f"word{i} ")
+        await lease.finish("eos", {"input_tokens": 1, "output_tokens": max(deltas, 1)})
     return ticket.sync.version
 
 

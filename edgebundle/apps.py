@@ -6,9 +6,10 @@ speaks the stdin/stdout protocol of :mod:`edgebundle.guest_protocol`, so it has 
 network side; ``run`` puts the HTTP gateway in front of it. The LlamaEdge apps
 below are still supported on WasmEdge.
 
-An app runs as ``wasmedge --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm>
-<tail>``; this module owns the tail and the readiness probe for each app kind
-(:data:`edgebundle.pins.APP_KINDS`).
+An app runs as ``wasmedge [--dir .:.] --nn-preload <alias>:GGML:AUTO:<model> <app.wasm>
+<tail>`` (edgechat without ``--dir``, the LlamaEdge apps with their own data
+directory as ``.``: see :mod:`edgebundle.runtime.launch`); this module owns the tail
+and the readiness probe for each app kind (:data:`edgebundle.pins.APP_KINDS`).
 
 The flags are LlamaEdge's own (LlamaEdge/LlamaEdge: llama-api-server/src/main.rs and
 llama-chat/src/main.rs, clap ``Cli`` structs; llama-api-server/README.md "CLI options";

@@ -8,14 +8,16 @@ An air-gapped device cannot reach GitHub or PyPI, so a connected machine runs
     DIR/plugins/wasmedge.lock.toml    copy of the runtime lock, sha256s filled in
     DIR/wasm/pins.toml                copy of the app/model pins, sha256s filled in
     DIR/assets/<file>                 runtime + plugin archives, app wasm, models
-    DIR/wheels/*.whl                  edgebundle and its dependencies, for
-                                      pip install --no-index --find-links DIR/wheels
+    DIR/wheels/*.whl                  edgebundle and its dependencies; install.sh
+                                      installs exactly the listed ones, hash-checked
 
 Where a pin says sha256 "unknown", the build trusts what it downloads on first use,
 says so loudly, and writes the computed sha256 into the bundle's lock copies, so the
 device installing from the bundle verifies every byte and never needs
 ``--allow-unverified``. Installing from a bundle checks each file against both
-``bundle.json`` and the bundle's lock before using it.
+``bundle.json`` and the bundle's lock before using it. The fleet agent trusts no
+bundle on its own for a WasmEdge runtime: each archive's sha256 must also be pinned
+by the revision (``spec.runtime.archives``) or the shipped lock.
 """
 
 from __future__ import annotations

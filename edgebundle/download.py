@@ -7,6 +7,11 @@ and leaves a verified file at ``dest``:
   retried with ``Range: bytes=N-`` and the server's 206 answer is appended; a 200
   answer means the server ignores ranges, so the partial file starts over. A failed
   fetch keeps the partial file, so running the command again resumes it too.
+  A resume always carries ``If-Range`` with the validator of the response the
+  partial bytes came from (its strong ETag, else its Last-Modified; kept beside the
+  partial file as ``<name>.part.validator``): a file that changed on the server since
+  is sent whole (200) and the download restarts from zero, never a splice of two
+  files. A partial file without a validator (the server gave none) is not resumed.
 - files are copied (a bundle is already local; nothing to resume).
 - the sha256 is checked *before* the file reaches ``dest`` (a temp file in dest's
   directory, then ``os.replace``): a mismatching download is deleted and never seen.
@@ -32,6 +37,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import unquote, urlsplit
@@ -130,9 +136,14 @@ def _download(url: str, part: Path, progress: Progress | None, timeout: float, r
 def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) -> int:
     """One request; returns the offset it appended at (0 when it wrote from the start)."""
     have = part.stat().st_size if part.exists() else 0
+    validator = _load_validator(part) if have else None
+    if have and validator is None:  # nothing proves the bytes are of today's file
+        _discard(part)
+        have = 0
     headers = {"User-Agent": f"edgebundle/{__version__}"}
-    if have:
+    if have and validator is not None:
         headers["Range"] = f"bytes={have}-"
+        headers["If-Range"] = validator
     request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (scheme checked)
@@ -141,7 +152,7 @@ def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) ->
             match = _UNSATISFIED_RANGE.search(exc.headers.get("Content-Range", "") or "")
             if match and int(match["total"]) == have:
                 return have  # an earlier run got every byte but stopped before verifying
-            part.unlink(missing_ok=True)
+            _discard(part)
             raise _Retry("the server rejected the resume range; starting over") from None
         if exc.code >= 500 or exc.code == 429:
             raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
@@ -155,12 +166,16 @@ def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) ->
         if response.status == 206:
             match = _CONTENT_RANGE.search(response.headers.get("Content-Range", "") or "")
             if match is None or int(match["start"]) != have:
-                part.unlink(missing_ok=True)
+                _discard(part)
                 raise _Retry("the server answered a different range; starting over")
+            if validator is not None and _changed(validator, response.headers):
+                _discard(part)  # a server that ignored If-Range: these bytes are of another file
+                raise _Retry("the file changed on the server; starting over")
             mode = "ab"
             total = None if match["total"] == "*" else int(match["total"])
         else:
-            mode, have = "wb", 0  # no range support: start over
+            mode, have = "wb", 0  # no range support, or the file changed: start over
+            _save_validator(part, response.headers)
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         done = have
@@ -178,6 +193,49 @@ def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) ->
         if total is not None and done < total:
             raise _Retry(f"connection closed after {done} of {total} bytes")
     return have
+
+
+def _validator_file(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _validator_of(headers: Message) -> str | None:
+    """What ``If-Range`` may carry for this response: a strong ETag, else Last-Modified."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag.startswith('"'):  # weak ETags (W/"…") are not allowed in If-Range
+        return etag
+    modified = (headers.get("Last-Modified") or "").strip()
+    return modified or None
+
+
+def _changed(validator: str, headers: Message) -> bool:
+    """True when a 206 answer names another version than the one ``validator`` is of."""
+    field = "ETag" if validator.startswith('"') else "Last-Modified"
+    now = (headers.get(field) or "").strip()
+    return bool(now) and now != validator
+
+
+def _save_validator(part: Path, headers: Message) -> None:
+    """Record the validator of the response whose bytes ``part`` is about to get."""
+    validator = _validator_of(headers)
+    if validator is None:
+        _validator_file(part).unlink(missing_ok=True)
+    else:
+        _validator_file(part).write_text(validator + "\n", encoding="utf-8")
+
+
+def _load_validator(part: Path) -> str | None:
+    try:
+        text = _validator_file(part).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text and "\n" not in text and "\r" not in text else None
+
+
+def _discard(part: Path) -> None:
+    """Drop a partial download and what it was resumed by."""
+    part.unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
 
 
 def _connect_error(url: str, reason: object, timeout: float) -> Exception:
@@ -208,6 +266,7 @@ def _verify_and_place(
     url: str, part: Path, dest: Path, sha256: str | None, resumed_from: int
 ) -> Fetched:
     actual = sha256_file(part)
+    _validator_file(part).unlink(missing_ok=True)
     if sha256 is not None and actual != sha256:
         part.unlink(missing_ok=True)
         raise ChecksumMismatchError(

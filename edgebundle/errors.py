@@ -9,6 +9,7 @@ it, because it is what the user reads.
     EdgebundleError                 exit 1   base; anything the job could not do
     ├── UsageError                  exit 2   the command line or its inputs are wrong
     │   ├── ConfigError             exit 2   a config file, URL or option value is invalid
+    │   ├── InputTakenError         exit 2   a turn's input id names a message that is no turn's
     │   ├── PinError                exit 2   a lock file (pins) is malformed or names nothing usable
     │   └── ManifestError           exit 2   a fleet manifest is invalid (.problems: every one,
     │                                        file:line:column: key.path: what is wrong); the
@@ -55,6 +56,10 @@ class UsageError(EdgebundleError):
 
 class ConfigError(UsageError):
     """A configuration value (file, URL, option) is invalid."""
+
+
+class InputTakenError(UsageError):
+    """A turn's input id names a message of the thread that started no run."""
 
 
 class PinError(UsageError):

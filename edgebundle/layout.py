@@ -8,6 +8,7 @@
     <home>/runtime/wasmedge-<version>-<variant>/{bin,lib,plugin}
     <home>/runtime/current -> wasmedge-<version>-<variant>   (switching it = upgrade/rollback)
     <home>/apps/<name>-<version>.wasm
+    <home>/apps/<app>/data/         the only directory a LlamaEdge app may touch (--dir .:.)
     <home>/models/<file>.gguf
     <home>/downloads/               partial downloads (<sha-or-name>.part), resumed on retry
     <home>/logs/                    supervisor logs
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,11 @@ class Layout:
     @property
     def apps(self) -> Path:
         return self.home / "apps"
+
+    def app_data(self, app: str) -> Path:
+        """The directory app ``app`` (its file name without .wasm) gets as ``.``."""
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", app).lstrip(".") or "app"
+        return self.apps / name / "data"
 
     @property
     def models(self) -> Path:

@@ -72,7 +72,7 @@ def test_dry_run_prints_the_spec_and_starts_nothing(
         str(binary), "--dir", ".:.", "--nn-preload", f"default:GGML:AUTO:{model}", str(app)
     ]  # fmt: skip
     assert data["env"]["WASMEDGE_PLUGIN_PATH"] == str(home / "runtime" / "current" / "plugin")
-    assert data["cwd"] == str(home)
+    assert data["cwd"] == str(home / "apps" / app.stem / "data")
     time.sleep(0.2)  # a start, had there been one, would have recorded itself by now
     assert not record.exists()
     assert not (home / "logs").exists()

@@ -75,13 +75,95 @@ def test_failed_run_keeps_partial_and_next_run_resumes(
             retries=1,
         )
     assert not (tmp_path / "b.bin").exists()
-    (part,) = (tmp_path / "dl").iterdir()
+    (part,) = (tmp_path / "dl").glob("*.part")
     assert part.stat().st_size == 50_000
     got = fetch(
         release_server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl"
     )
     assert got.sha256 == sha and got.resumed_from == 50_000
     assert release_server.gets(name)[-1].range == "bytes=50000-"
+
+
+def partial_run(server: ReleaseServer, name: str, sha: str | None, tmp_path: Path,
+                keep: int) -> None:
+    """A run that stops after ``keep`` bytes and leaves its partial file."""
+    server.drop_after(name, keep)
+    with pytest.raises(DownloadError, match=f"resume from {keep} bytes"):
+        fetch(server.url(name), tmp_path / "b.bin", sha256=sha, downloads_dir=tmp_path / "dl",
+              retries=1)
+
+
+@pytest.mark.parametrize("validator", ["etag", "last_modified"])
+def test_a_file_changed_on_the_server_restarts_from_zero(
+    release_server: ReleaseServer, tmp_path: Path, validator: str
+) -> None:
+    """The resume carries If-Range; the server sends the new file whole, never a splice.
+
+    Unpinned (sha256=None, as `bundle build` fetches an "unknown" pin to record its
+    sha256 on first use), so nothing after the download would catch a splice.
+    """
+    release_server.etag = validator == "etag"
+    release_server.last_modified = validator == "last_modified"
+    file = release_server.root / "blob.bin"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    old = os.urandom(SIZE)
+    file.write_bytes(old)
+    os.utime(file, (1_700_000_000, 1_700_000_000))
+    partial_run(release_server, "blob.bin", None, tmp_path, 60_000)
+    new = os.urandom(SIZE)  # the server now has another file under the same name
+    file.write_bytes(new)
+    os.utime(file, (1_700_000_100, 1_700_000_100))
+
+    got = fetch(release_server.url("blob.bin"), tmp_path / "b.bin", sha256=None,
+                downloads_dir=tmp_path / "dl")
+
+    assert got.path.read_bytes() == new and got.resumed_from == 0
+    assert got.sha256 == hashlib.sha256(new).hexdigest()
+    resumed = release_server.gets("blob.bin")[-1]
+    assert (resumed.range, resumed.status) == ("bytes=60000-", 200)
+    expected = ('"' + hashlib.sha256(old).hexdigest() + '"' if validator == "etag"
+                else "Tue, 14 Nov 2023 22:13:20 GMT")
+    assert resumed.if_range == expected
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_an_unchanged_file_resumes_with_if_range(
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    partial_run(release_server, name, sha, tmp_path, 40_000)
+    got = fetch(release_server.url(name), tmp_path / "b.bin", sha256=sha,
+                downloads_dir=tmp_path / "dl")
+    assert got.path.read_bytes() == data and got.resumed_from == 40_000
+    last = release_server.gets(name)[-1]
+    assert (last.range, last.if_range, last.status) == (
+        "bytes=40000-", f'"{sha}"', 206)
+
+
+def test_a_server_ignoring_if_range_with_a_new_etag_restarts(
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    partial_run(release_server, name, sha, tmp_path, 40_000)
+    (part,) = (tmp_path / "dl").glob("*.validator")
+    part.write_text('"an-older-version"\n')  # the partial bytes were of another version
+    release_server.ignore_if_range = True
+    got = fetch(release_server.url(name), tmp_path / "b.bin", sha256=sha,
+                downloads_dir=tmp_path / "dl")
+    assert got.path.read_bytes() == data and got.resumed_from == 0
+    assert [r.status for r in release_server.gets(name)][-2:] == [206, 200]
+
+
+def test_without_validators_a_partial_file_is_not_resumed(
+    release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, data, sha = blob
+    release_server.etag = release_server.last_modified = False
+    partial_run(release_server, name, sha, tmp_path, 40_000)
+    got = fetch(release_server.url(name), tmp_path / "b.bin", sha256=sha,
+                downloads_dir=tmp_path / "dl")
+    assert got.path.read_bytes() == data and got.resumed_from == 0
+    assert release_server.gets(name)[-1].range is None
 
 
 def test_server_without_ranges_restarts_cleanly(

@@ -9,11 +9,14 @@ file:// and bundle: URLs; doctor's real checks run on what the agent placed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +29,14 @@ import redis as redis_sync
 from edgebundle.bundle import build_bundle
 from edgebundle.config import Settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.fleet import keys
-from edgebundle.fleet.agent import Agent
+from edgebundle.errors import ConfigError
+from edgebundle.fleet import acl, keys
+from edgebundle.fleet.agent import Agent, with_credentials
 from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
 from edgebundle.host import detect
 from edgebundle.pins import load_app_pins, load_runtime_lock
 from edgebundle.resources import app_pins_file, runtime_lock_file
+from edgebundle.sync.client import connect
 from tests.support.fleet import FLEET, AgentProcess
 from tests.support.processes import free_port, gone
 from tests.support.redis_server import RedisServer
@@ -532,28 +537,284 @@ def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_devi
     assert server.password not in "\n".join(lines)
 
 
+def test_a_damaged_copy_in_another_revision_is_fetched_again_not_linked(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    model = scripted_model(release_server.root / "v1", "first model")
+    good = sha256(model)
+    lines: list[str] = []
+    agent = Agent(Settings(home=tmp_path / "home"), redis_server.url, "kiosk-1", FLEET,
+                  log=lines.append)
+    spec1 = spec_for(release_server.url("v1/m.gguf"), good, redis_server.url)
+    spec2 = spec_for(release_server.url("v1/m.gguf"), good, redis_server.url,
+                     prompt="Be very brief.")  # same model bytes: a link candidate
+    revisions = tmp_path / "home" / "fleet" / "revisions"
+
+    async def scenario() -> ActualState:
+        desire(client, "kiosk-1", 1, spec1)
+        await agent.step()
+        assert agent.actual.status == "healthy"
+        placed = revisions / Revision.id_for(spec1) / "model.gguf"
+        with placed.open("r+b") as fh:  # bit rot, or a hand that edited it
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+            fh.seek(-1, os.SEEK_END)
+            fh.write(bytes([last[0] ^ 0xFF]))
+        desire(client, "kiosk-1", 2, spec2)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    state = asyncio.run(scenario())
+    second = revisions / Revision.id_for(spec2) / "model.gguf"
+    assert sha256(second) == good  # verified bytes, fetched again
+    assert second.stat().st_ino != (revisions / Revision.id_for(spec1) / "model.gguf").stat(
+        ).st_ino
+    assert len(release_server.gets("v1/m.gguf")) == 2
+    assert state.status == "healthy"
+    assert any("fetching the model again" in line for line in lines)
+
+
+def test_heartbeats_go_on_while_the_served_run_takes_long_to_stop(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    """The served `run` of the previous revision needs 4 s to stop after SIGTERM; the
+    agent's loop must keep beating meanwhile (0.2 s here), not freeze until it is gone."""
+    model = scripted_model(tmp_path / "m", "served model")
+    slow = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(4), sys.exit(0)))\n"
+         "print('ready', flush=True)\nwhile True: time.sleep(1)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert slow.stdout is not None and slow.stdout.readline() == "ready\n"
+    agent = Agent(Settings(home=tmp_path / "home", port=free_port()), redis_server.url,
+                  "kiosk-1", FLEET, serve=True, heartbeat_interval=0.2, poll_interval=0.2,
+                  online_doctor=False)
+    agent.child = slow  # the run serving the revision before this one
+    loop = LoopThread()
+
+    async def start() -> asyncio.Task[None]:
+        return asyncio.create_task(agent.run_forever())
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()  # as SIGTERM does: run_forever stops its loops and its child
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    task = loop.run(start())
+    beats: list[float] = []  # when the test saw a new heartbeat
+    try:
+        wait_for(lambda: client.exists(keys.heartbeat("kiosk-1")) == 1, DEADLINE, interval=0.05)
+        desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+        seen = None
+        while slow.poll() is None or len(beats) < 3:  # until the old run is gone, and after
+            raw = client.get(keys.heartbeat("kiosk-1"))
+            if raw != seen:
+                seen = raw
+                beats.append(time.monotonic())
+            assert time.monotonic() - beats[0] < DEADLINE
+            time.sleep(0.02)
+        stopped_at = time.monotonic()
+        assert slow.returncode == 0  # it stopped by itself: SIGTERM, then its 4 s
+    finally:
+        loop.run(stop(task))
+        loop.close()
+        if slow.poll() is None:
+            slow.kill()
+            slow.wait()
+    during = [b for b in beats if b <= stopped_at]
+    gaps = [later - earlier for earlier, later in zip(during, during[1:], strict=False)]
+    assert len(during) >= 10 and max(gaps) < 1.5, gaps
+
+
+# --- the device's credentials: logged in as its ACL user, and only on its own Redis -----
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server with an admin password where `fleet provision` makes device users."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-acl"), password="admin-s3cret",
+                         aclfile=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def provision_async(server: RedisServer, device: str) -> acl.DeviceCredentials:
+    """`fleet provision` of one device (again: a new password)."""
+    admin = await connect(server.url)
+    try:
+        [credentials] = (await acl.provision(admin, FLEET, [device],
+                                             base_url=server.url)).credentials
+    finally:
+        await admin.aclose()
+    return credentials
+
+
+def provision(server: RedisServer, device: str) -> acl.DeviceCredentials:
+    return asyncio.run(provision_async(server, device))
+
+
+class Listener:
+    """A TCP port that records every byte sent to it (a server the manifest names)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.sock.accept()
+                connection.settimeout(0.5)
+                with connection, contextlib.suppress(OSError):
+                    while data := connection.recv(4096):
+                        self.received += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_provisioned_device_logs_in_where_the_manifest_names_its_redis(
+        tmp_path: Path, acl_redis: RedisServer) -> None:
+    device = provision(acl_redis, "kiosk-1")
+    assert "dev%3Akiosk-1" in device.redis_url
+    shared = f"redis://127.0.0.1:{acl_redis.port}/0"  # what a manifest says: no password
+    model = scripted_model(tmp_path / "m", "model")
+    admin = redis_sync.Redis.from_url(acl_redis.url, decode_responses=True)
+    agent = Agent(Settings(home=tmp_path / "home"), device.redis_url, "kiosk-1", FLEET)
+    spec = spec_for(model.as_uri(), sha256(model), shared)
+
+    async def scenario() -> ActualState:
+        desire(admin, "kiosk-1", 1, spec)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    state = asyncio.run(scenario())
+    admin.close()
+    # doctor logged in to the sync Redis as the device (before: as "dev%3Akiosk-1", refused)
+    assert (state.status, state.doctor_ok, state.doctor_failed) == ("healthy", True, [])
+    url = agent.sync_url(spec)
+    assert url is not None and "dev%3Akiosk-1" in url and "%25" not in url  # encoded once
+    as_device = redis_sync.Redis.from_url(url)
+    try:
+        assert as_device.ping() is True
+    finally:
+        as_device.close()
+
+
+def test_the_password_goes_to_no_other_redis_than_the_provisioned_one(
+        tmp_path: Path, acl_redis: RedisServer) -> None:
+    device = provision(acl_redis, "kiosk-2")
+    elsewhere = Listener()
+    model = scripted_model(tmp_path / "m", "model")
+    admin = redis_sync.Redis.from_url(acl_redis.url, decode_responses=True)
+    agent = Agent(Settings(home=tmp_path / "home"), device.redis_url, "kiosk-2", FLEET,
+                  backoff=0.05)
+
+    async def scenario() -> ActualState:
+        desire(admin, "kiosk-2", 1, spec_for(model.as_uri(), sha256(model),
+                                             f"redis://127.0.0.1:{elsewhere.port}/0"), retries=1)
+        await agent.step()
+        await agent.close()
+        return agent.actual
+
+    try:
+        state = asyncio.run(scenario())
+        time.sleep(0.3)
+    finally:
+        elsewhere.close()
+        admin.close()
+    assert device.password.encode() not in bytes(elsewhere.received)
+    assert bytes(elsewhere.received) == b""
+    assert state.status == "failed"
+    assert state.last_error is not None
+    assert "is not the Redis this device was provisioned for" in state.last_error
+    assert device.password not in state.last_error
+    assert not (tmp_path / "home" / "fleet" / "current").exists()
+
+
+def test_with_credentials_encodes_once_and_never_downgrades_tls() -> None:
+    own = "rediss://dev%3Akiosk-1:p%40ss@central.example:6380/0"
+    assert with_credentials("rediss://central.example:6380/2", own) == (
+        "rediss://dev%3Akiosk-1:p%40ss@central.example:6380/2")
+    assert with_credentials("redis://CENTRAL/1", "redis://u:p@central:6379") == (
+        "redis://u:p@CENTRAL/1")
+    for elsewhere in ("redis://central.example:6380/0", "rediss://other.example:6380/0",
+                      "rediss://central.example:6379/0", "unix:///tmp/redis.sock"):
+        with pytest.raises(ConfigError, match="provisioned for") as caught:
+            with_credentials(elsewhere, own)
+        assert "p%40ss" not in str(caught.value) and "p@ss" not in str(caught.value)
+    with pytest.raises(ConfigError, match="without TLS"):
+        with_credentials("redis://central.example:6380/0", own)
+    assert with_credentials("redis://anywhere:1/0", "redis://central:6379/0") == (
+        "redis://anywhere:1/0")  # a device without credentials has nothing to leak
+
+
+def test_a_refused_login_fails_the_revision_instead_of_reporting_healthy(
+        tmp_path: Path, acl_redis: RedisServer) -> None:
+    stale = provision(acl_redis, "kiosk-3")
+    model = scripted_model(tmp_path / "m", "model")
+    admin = redis_sync.Redis.from_url(acl_redis.url, decode_responses=True)
+    shared = f"redis://127.0.0.1:{acl_redis.port}/0"
+    agent = Agent(Settings(home=tmp_path / "home"), stale.redis_url, "kiosk-3", FLEET,
+                  backoff=0.05)
+
+    async def scenario() -> tuple[ActualState, ActualState]:
+        desire(admin, "kiosk-3", 1, spec_for(model.as_uri(), sha256(model), shared))
+        await agent.step()
+        first = agent.actual
+        # The operator provisions the device again: its password rotates; the agent's
+        # open connection stays logged in, every new login with the old one is refused.
+        await provision_async(acl_redis, "kiosk-3")
+        desire(admin, "kiosk-3", 2, spec_for(model.as_uri(), sha256(model), shared,
+                                             prompt="Be very brief."), retries=1)
+        await agent.step()
+        await agent.close()
+        return first, agent.actual
+
+    first, second = asyncio.run(scenario())
+    admin.close()
+    assert first.status == "healthy"
+    assert (second.generation, second.status) == (2, "failed")
+    assert second.last_error is not None
+    assert "refused this device's login as dev:kiosk-3" in second.last_error
+    assert stale.password not in second.last_error
+    assert second.revision == first.revision  # the previous revision keeps running
+
+
 # --- revisions on WasmEdge: the runtime is installed and switched with the revision ----
 #
 # The WasmEdge archives are fabricated by tests/support/release_server.py (their
 # `wasmedge` is the recorded-output stand-in, a test double at a process boundary) and
 # carried in a real offline bundle (edgebundle.bundle.build_bundle), as an air-gapped
-# device gets them; the agent installs them with the installer's own code.
+# device gets them; the agent installs them with the installer's own code. The revision
+# pins each archive's sha256 (spec.runtime.archives, as the release's SHA256SUM says):
+# a bundle never vouches for a runtime on its own.
 
 HOST = detect()
 
 
-def wasmedge_spec(model: Path, redis_url: str, version: str) -> dict[str, Any]:
+def wasmedge_spec(model: Path, redis_url: str, version: str,
+                  archives: dict[str, str] | None = None) -> dict[str, Any]:
     spec = spec_for(model.as_uri(), sha256(model), redis_url)
     spec["runtime"] = {"kind": "wasmedge", "wasmedge": version,
                        "plugin": {"name": "wasi_nn-ggml", "build": "b0001", "variant": "cpu"}}
+    if archives:
+        spec["runtime"]["archives"] = archives
     return spec
 
 
 def runtime_bundle(server: ReleaseServer, workdir: Path, dest: Path, version: str, *,
-                   reports: str | None = None) -> Path:
+                   reports: str | None = None) -> dict[str, str]:
     """An offline bundle (in ``dest``, replacing what was there) of a fabricated WasmEdge
     ``version`` + cpu plugin, pinned ``unknown`` as the shipped lock is: the bundle records
-    the sha256s. ``reports``: the version its `wasmedge --version` prints instead."""
+    the sha256s. ``reports``: the version its `wasmedge --version` prints instead.
+    Returns the release's sha256s by file name (what a manifest pins)."""
     release = publish_release(server, workdir, version, known_sha=False)
     if reports is not None:
         liar = make_runtime_archive(workdir / f"liar-{reports}", reports)
@@ -561,7 +822,22 @@ def runtime_bundle(server: ReleaseServer, workdir: Path, dest: Path, version: st
     shutil.rmtree(dest, ignore_errors=True)
     build_bundle(dest, load_runtime_lock(release.lock), load_app_pins(release.pins),
                  platforms=[(HOST.os, HOST.arch, "cpu")], wheels=False)
-    return dest
+    return {path.name: sha256(path) for path in (release.runtime, release.plugin)}
+
+
+def tamper(bundle: Path, pattern: str, replacement: Path) -> str:
+    """Swap a bundled archive as an attacker with the bundle would: its bytes, and its
+    sha256 in the bundle's lock copy and bundle.json, so the bundle agrees with itself."""
+    archive = next((bundle / "assets").glob(pattern))
+    old, new = sha256(archive), sha256(replacement)
+    archive.write_bytes(replacement.read_bytes())
+    lock = bundle / "plugins" / "wasmedge.lock.toml"
+    lock.write_text(lock.read_text().replace(old, new))
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["files"][f"assets/{archive.name}"] = new
+    manifest["files"]["plugins/wasmedge.lock.toml"] = sha256(lock)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return new
 
 
 def runtime_link(home: Path) -> str:
@@ -573,13 +849,12 @@ def test_a_wasmedge_revision_installs_and_switches_its_runtime_and_rolls_back_of
         release_server: ReleaseServer) -> None:
     home, bundle = tmp_path / "home", tmp_path / "bundle"
     model = scripted_model(tmp_path / "m", "wasmedge model")
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    pins1 = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
     fetched = len(release_server.gets())  # the bundle build; the device fetches nothing
     lines: list[str] = []
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
                   log=lines.append)
-    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
-    spec2 = wasmedge_spec(model, redis_server.url, "0.14.2")
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
     runtimes = home / "runtime"
 
     async def step(generation: int, spec: dict[str, Any]) -> ActualState:
@@ -606,7 +881,8 @@ def test_a_wasmedge_revision_installs_and_switches_its_runtime_and_rolls_back_of
     binary_inode = (runtimes / "wasmedge-0.14.1-cpu" / "bin" / "wasmedge").stat().st_ino
 
     # A new bundle arrives with WasmEdge 0.14.2; the next revision runs on it.
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.2")
+    spec2 = wasmedge_spec(model, redis_server.url, "0.14.2",
+                          runtime_bundle(release_server, tmp_path, bundle, "0.14.2"))
     fetched = len(release_server.gets())
 
     async def second_and_back() -> tuple[ActualState, ActualState, ActualState]:
@@ -638,19 +914,19 @@ def test_a_wasmedge_archive_with_a_wrong_sha256_fails_and_current_stays(
         release_server: ReleaseServer) -> None:
     home, bundle = tmp_path / "home", tmp_path / "bundle"
     model = scripted_model(tmp_path / "m", "wasmedge model")
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    pins1 = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
                   backoff=0.05)
-    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
 
     async def scenario() -> tuple[ActualState, ActualState]:
         desire(client, "kiosk-1", 1, spec1)
         await agent.step()
         ok = agent.actual
-        runtime_bundle(release_server, tmp_path, bundle, "0.15.0")
+        pins = runtime_bundle(release_server, tmp_path, bundle, "0.15.0")
         archive = next((bundle / "assets").glob("WasmEdge-0.15.0-*.tar.gz"))
         archive.write_bytes(archive.read_bytes() + b"tampered")  # after bundle.json was written
-        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0"),
+        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0", pins),
                retries=2)
         await agent.step()
         await agent.close()
@@ -672,17 +948,17 @@ def test_doctor_checks_the_switched_wasmedge_and_a_failure_restores_both_links(
         release_server: ReleaseServer) -> None:
     home, bundle = tmp_path / "home", tmp_path / "bundle"
     model = scripted_model(tmp_path / "m", "wasmedge model")
-    runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    pins1 = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle)
-    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1")
+    spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
 
     async def scenario() -> ActualState:
         desire(client, "kiosk-1", 1, spec1)
         await agent.step()
         assert agent.actual.status == "healthy", agent.actual
         # Verified bytes, wrong contents: this "0.15.0" release's wasmedge is a 0.14.9.
-        runtime_bundle(release_server, tmp_path, bundle, "0.15.0", reports="0.14.9")
-        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0"),
+        pins = runtime_bundle(release_server, tmp_path, bundle, "0.15.0", reports="0.14.9")
+        desire(client, "kiosk-1", 2, wasmedge_spec(model, redis_server.url, "0.15.0", pins),
                retries=1)
         await agent.step()
         await agent.close()
@@ -719,3 +995,43 @@ def test_the_shipped_locks_unknown_sha256s_are_refused_without_a_bundle(
     assert failed.last_error is not None and "no published sha256" in failed.last_error
     assert not (home / "runtime" / "current").exists()
     assert not (home / "fleet" / "current").exists()
+
+
+def test_a_bundle_is_no_trust_root_for_the_runtime_it_carries(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
+        release_server: ReleaseServer) -> None:
+    """A bundle whose bundle.json and lock copy list a swapped WasmEdge archive with its
+    own (matching) sha256 is refused unless the revision pins that sha256."""
+    home, bundle = tmp_path / "home", tmp_path / "bundle"
+    model = scripted_model(tmp_path / "m", "wasmedge model")
+    published = runtime_bundle(release_server, tmp_path, bundle, "0.14.1")
+    evil = make_runtime_archive(tmp_path / "evil", "0.14.1")  # another binary, same layout
+    swapped = tamper(bundle, "WasmEdge-0.14.1-*.tar.gz", evil)
+    runtime_name = next(name for name in published if not name.startswith("WasmEdge-plugin"))
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle,
+                  backoff=0.05)
+    unpinned = wasmedge_spec(model, redis_server.url, "0.14.1")
+    pinned = wasmedge_spec(model, redis_server.url, "0.14.1", published)
+    pinned_swap = wasmedge_spec(model, redis_server.url, "0.14.1",
+                                {**published, runtime_name: swapped})
+
+    async def step(generation: int, spec: dict[str, Any]) -> ActualState:
+        desire(client, "kiosk-1", generation, spec, retries=1)
+        await agent.step()
+        return agent.actual
+
+    async def scenario() -> tuple[ActualState, ActualState, ActualState]:
+        alone, wrong = await step(1, unpinned), await step(2, pinned)
+        assert not (home / "runtime").exists() or not any((home / "runtime").iterdir())
+        operator = await step(3, pinned_swap)  # the operator pinned exactly these bytes
+        await agent.close()
+        return alone, wrong, operator
+
+    alone, wrong, operator = asyncio.run(scenario())
+    assert alone.status == "failed" and alone.last_error is not None
+    assert "vouched for only by the bundle" in alone.last_error
+    assert "spec.runtime.archives" in alone.last_error
+    assert wrong.status == "failed" and wrong.last_error is not None
+    assert "sha256 mismatch" in wrong.last_error and published[runtime_name] in wrong.last_error
+    assert (operator.status, operator.runtime) == ("healthy", "wasmedge-0.14.1-cpu")
+    assert sha256(evil) == swapped

@@ -89,6 +89,28 @@ def test_air_gapped_example_takes_every_file_from_the_bundle() -> None:
     spec = load_manifest(REPO / "manifests" / "air-gapped.yaml").revision_spec()
     assert spec["model"]["url"].startswith("bundle:assets/")
     assert spec["app"]["url"].startswith("bundle:assets/")
+    assert len(spec["runtime"]["archives"]) == 2  # the runtime is pinned, not the bundle's
+
+
+def test_runtime_archives_are_pinned_by_file_name_and_sha256() -> None:
+    wasmedge = ('  runtime:\n    kind: wasmedge\n    wasmedge: "0.14.1"\n'
+                '    plugin: {build: b5593}\n')
+    pinned = parse_manifest(BASE.replace("spec:\n", "spec:\n" + wasmedge + (
+        f"    archives: {{WasmEdge-0.14.1-ubuntu20.04_x86_64.tar.gz: {SHA.upper()}}}\n")),
+        "f.yaml")
+    assert pinned.revision_spec()["runtime"]["archives"] == {
+        "WasmEdge-0.14.1-ubuntu20.04_x86_64.tar.gz": SHA}
+    # A runtime without pins keeps its normal form (and so its revision id).
+    bare = parse_manifest(BASE.replace("spec:\n", "spec:\n" + wasmedge), "f.yaml")
+    assert "archives" not in bare.revision_spec()["runtime"]
+    assert bare.revision_id() != pinned.revision_id()
+    bad = _problems(BASE.replace("spec:\n", "spec:\n" + wasmedge + (
+        "    archives: {../evil.tar.gz: abc}\n")))
+    assert any("not an archive file name" in line for line in bad)
+    assert any("is not a sha256" in line for line in bad)
+    embedded = _problems(BASE.replace("spec:\n", "spec:\n  runtime:\n    kind: embedded\n"
+                                      f"    archives: {{a.tar.gz: {SHA}}}\n"))
+    assert any("only apply to kind wasmedge" in line for line in embedded)
 
 
 def test_base_manifest_is_valid_and_defaults_are_filled() -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,9 +217,46 @@ def test_failed_install_removes_the_new_venv(offline_bundle: Path, tmp_path: Pat
     home = tmp_path / "device"
     done = run_sh("--home", str(home), "--python", sys.executable, "--bundle", str(broken))
     assert done.returncode == 1
-    assert (
-        f"install.sh: error: installing edgebundle from {broken}/wheels (offline) failed (exit 1)"
-        in done.stderr
-    )
+    assert f"install.sh: error: {broken}/bundle.json lists no edgebundle wheel" in done.stderr
     assert done.stderr.endswith(f"install.sh: removed the unfinished {home / 'venv'}\n")
     assert not (home / "venv").exists()
+
+
+def fake_wheel(directory: Path, name: str, version: str) -> Path:
+    """A valid pure-Python wheel of ``name`` ``version`` whose `edgebundle` says so."""
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f'__version__ = "{version}"\n',
+        f"{name}/__main__.py": f'print("edgebundle, version {version}")\n',
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n",
+        f"{info}/entry_points.txt": f"[console_scripts]\n{name} = {name}.__main__:main\n",
+    }
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+        record = "".join(f"{p},,\n" for p in [*files, f"{info}/RECORD"])
+        archive.writestr(f"{info}/RECORD", record)
+    return wheel
+
+
+def test_a_wheel_the_bundle_does_not_list_is_never_installed(
+    offline_bundle: Path, tmp_path: Path
+) -> None:
+    """An unlisted, newer edgebundle wheel dropped into DIR/wheels: pip never sees it."""
+    copy = tmp_path / "bundle"
+    data = json.loads((offline_bundle / "bundle.json").read_text())
+    for relpath in [*data["files"], "bundle.json"]:
+        (copy / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (copy / relpath).symlink_to(offline_bundle / relpath)
+    planted = fake_wheel(copy / "wheels", "edgebundle", "9.9.9")
+    home = tmp_path / "device"
+    done = run_sh("--home", str(home), "--python", sys.executable, "--bundle", str(copy),
+                  "--no-runtime")
+    assert done.returncode == 0, done.stderr
+    shown = subprocess.run([str(home / "venv" / "bin" / "python"), "-m", "pip", "show",
+                            "edgebundle"], capture_output=True, text=True, check=True)
+    assert "Version: 0.1.0" in shown.stdout.splitlines()
+    assert planted.is_file()  # still there, unused

@@ -68,7 +68,9 @@ def test_dry_run_spec_has_the_api_shape(home: Path, tmp_path: Path) -> None:
     assert data["env"]["WASMEDGE_PLUGIN_PATH"] == str(current / "plugin")
     assert data["env"]["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(current / "lib")
     assert data["env"]["PATH"].split(os.pathsep)[0] == str(current / "bin")
-    assert data["cwd"] == str(home)
+    # A LlamaEdge app's "." is its own data directory, never the home.
+    assert data["cwd"] == str(home / "apps" / "llama-api-server" / "data")
+    assert Path(data["cwd"]).is_dir()
     # The preload name is the alias the app is told to look its model up by.
     assert value_after(spec.argv, "--nn-preload").split(":")[0] == value_after(
         spec.argv, "--model-alias"
@@ -184,7 +186,9 @@ def test_no_model_and_no_app_mean_the_demo_model_and_the_chat_guest(
     assert spec.model is not None and spec.model.parent == home / "models"
     assert spec.model.is_file()  # generated on first use
     assert spec.app == default_app() and spec.kind == "edgechat"
-    assert spec.argv[5] == str(default_app())
+    assert spec.argv[1:4] == (  # no --dir: the chat guest gets no directory
+        "--nn-preload", f"default:GGML:AUTO:{spec.model}", str(default_app()))
+    assert spec.cwd == home
     assert value_after(spec.argv, "--config") == '{"ctx-size":512}'  # the demo model's context
 
 

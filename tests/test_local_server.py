@@ -9,6 +9,7 @@ or a host without pdeathsig would leave it, not tied to any `run`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from edgebundle.sync.local_server import LocalRedis, owner_of
 from tests.support.processes import children, exited, free_port
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
+from tests.support.sync import put, sync_service
 
 ARGS = ["--runtime", "embedded", "--no-preflight"]
 
@@ -47,6 +49,14 @@ def write_thread(base_url: str) -> None:
             "mutations": [{"mid": 1, "op": "put", "message": {
                 "id": "q1", "role": "user", "content": "remember me"}}]})
         assert pushed.status_code == 200, pushed.text
+
+
+async def write_thread_into(redis_url: str) -> None:
+    """Thread "kept" with the same message, written straight into a Redis."""
+    async with sync_service(redis_url) as sync:
+        thread = await sync.create_thread("kept")
+        await sync.push("kept", "tester", thread.epoch, thread.version,
+                        [put(1, "q1", "remember me")])
 
 
 def read_thread(base_url: str) -> list[tuple[str, str, str]]:
@@ -134,15 +144,8 @@ def test_a_redis_server_left_on_the_state_directory_is_stopped_by_its_pid_writes
 ) -> None:
     """As an older version leaves it: no pdeathsig, no port recorded, only its pidfile."""
     home = state.parents[1]
-    # The older `run` wrote the thread through its gateway, then was killed.
-    older = RunProcess([*ARGS, "--redis-url", f"redis://127.0.0.1:{port_of(left)}/0"],
-                       home=home)
-    try:
-        older.read_line()
-        write_thread(older.base_url)
-        assert older.stop(signal.SIGKILL) == -signal.SIGKILL
-    finally:
-        older.close()
+    # What the older `run` wrote through its gateway before it was killed.
+    asyncio.run(write_thread_into(f"redis://127.0.0.1:{port_of(left)}/0"))
     assert left.poll() is None
 
     run = RunProcess(ARGS, home=home)

@@ -119,7 +119,7 @@ def test_dry_run_shows_the_embedded_command(tmp_path: Path) -> None:
     app = Path(__file__).resolve().parents[1] / "wasm" / "edgechat.wasm"
     assert data == {
         "runtime": "embedded",
-        "argv": [sys.executable, "-m", "edgebundle", "exec", "--dir", ".:.", "--nn-preload",
+        "argv": [sys.executable, "-m", "edgebundle", "exec", "--nn-preload",
                  f"default:GGML:AUTO:{model}", str(app), "--model-alias", "default",
                  "--config", '{"ctx-size":256}'],
         "env": {},

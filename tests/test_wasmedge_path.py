@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -25,38 +24,9 @@ from edgebundle.config import load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.runtime.launch import resolve_launch
 from tests.support.serving import RunProcess
-from tests.support.standin_wasmedge import fake_plugin, write_standin
+from tests.support.standin_wasmedge import install_delegating_runtime
 
 REPLY = "Greetings through the wasmedge command line."
-
-_DELEGATE = '''#!{python}
-"""Stand-in `wasmedge` (test double at the process boundary): --version like
-tests/support/standin_wasmedge.py, anything else runs on `python -m edgebundle exec`."""
-import json, os, sys
-args = sys.argv[1:]
-if args == ["--version"]:
-    os.execv({standin!r}, [{standin!r}, "--version"])
-record = os.environ.get("STANDIN_RECORD")
-if record:
-    with open(record, "a") as fh:
-        fh.write(json.dumps({{"argv": sys.argv, "pid": os.getpid()}}) + "\\n")
-os.execv({python!r}, [{python!r}, "-m", "edgebundle", "exec", *args])
-'''
-
-
-def install_delegating_runtime(home: Path) -> Path:
-    """The installer's layout, with the delegating stand-in as bin/wasmedge."""
-    prefix = home / "runtime" / "wasmedge-0.14.1-cpu"
-    standin = write_standin(prefix / "libexec" / "standin-wasmedge")
-    binary = prefix / "bin" / "wasmedge"
-    binary.parent.mkdir(parents=True)
-    binary.write_text(_DELEGATE.format(python=sys.executable, standin=str(standin)))
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    fake_plugin(prefix / "plugin" / "libwasmedgePluginWasiNN.so")
-    (prefix / "lib").mkdir()
-    (home / "runtime" / "current").symlink_to(prefix.name)
-    return home / "runtime" / "current" / "bin" / "wasmedge"
-
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
@@ -103,8 +73,7 @@ def test_run_serves_through_wasmedge(tmp_path: Path, model: Path) -> None:
         assert reply.json()["choices"][0]["message"]["content"] == REPLY
         [started] = [json.loads(x) for x in record.read_text().splitlines()]
         assert started["argv"][0] == str(binary)
-        assert started["argv"][1:5] == ["--dir", ".:.", "--nn-preload",
-                                        f"default:GGML:AUTO:{model}"]
+        assert started["argv"][1:3] == ["--nn-preload", f"default:GGML:AUTO:{model}"]
         assert run.stop() == 0, run.stderr()
     finally:
         run.close()
@@ -122,5 +91,5 @@ def test_ask_with_auto_picks_wasmedge_and_says_why(tmp_path: Path, model: Path) 
     assert out.returncode == 0, out.stderr
     assert out.stdout == REPLY + "\n"
     assert out.stderr == "edgebundle: runtime wasmedge (auto: doctor's wasmedge checks pass)\n"
-    assert "runtime/current/bin/wasmedge --dir .:. --nn-preload" in (
+    assert "runtime/current/bin/wasmedge --nn-preload" in (
         home / "logs" / "ask.log").read_text()

@@ -12,18 +12,25 @@ fleet's device set), so a per-device ACL user is enough:
   ``poll_interval`` is the source of truth.
 - **reconcile** a new generation: fetch the model (and app) of the revision
   (http(s)://, file://, or bundle:<path> under ``--bundle DIR`` for air-gapped
-  devices), verify its sha256 *before* anything uses it, place it in
+  devices), verify its sha256 *before* anything uses it (a same-sha256 file of another
+  revision is hard-linked, then hashed again), place it in
   ``<home>/fleet/revisions/<rev>/``, switch ``<home>/fleet/current`` atomically
   (a new symlink renamed over the old one), restart the runtime (``serve``), run
   doctor's checks on the new revision. A revision on WasmEdge also gets its WasmEdge
   version and plugin build installed by the installer's own code into
   ``<home>/runtime/wasmedge-<version>-<variant>/`` (from the ``--bundle DIR`` when it is
-  a bundle built for that runtime, else by the shipped lock, whose unknown sha256s are
-  refused exactly as ``install`` refuses them; an installed one is reused), and
+  a bundle built for that runtime, else by the shipped lock's URLs; every archive's
+  sha256 pinned by the revision's ``runtime.archives`` or the shipped lock, never by
+  the bundle alone, and an unknown one refused as ``install`` refuses it; an installed
+  one is reused), and
   ``<home>/runtime/current`` is switched with the revision link. A failed attempt puts
   the previous revision (and its runtime link) back and is retried with backoff up to
   the generation's ``retries``; then the device reports ``failed`` and keeps running
   the previous revision.
+- **credentials**: the agent's own ``--redis-url`` carries the device's ACL user; a
+  revision's ``sync.redis_url`` gets that user and password only when it names the
+  same Redis (scheme, host, port), and the login is checked before the switch: a
+  refused one fails the revision.
 - **report** an :class:`ActualState` after every step. A report Redis cannot take is
   kept (in memory and in ``<home>/fleet/pending-report.json``) and sent when Redis
   is back; only the newest one is kept, because ``actual`` holds one state, not a log.
@@ -50,19 +57,29 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle import __version__, installer
 from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, run_doctor
-from edgebundle.download import fetch
-from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
+from edgebundle.download import fetch, sha256_file
+from edgebundle.errors import (
+    ChecksumMismatchError,
+    ConfigError,
+    EdgebundleError,
+    SupervisorError,
+    UsageError,
+)
 from edgebundle.fleet import keys
 from edgebundle.fleet.state import (
     HEARTBEAT_INTERVAL,
@@ -89,6 +106,8 @@ APP_FILE = "app.wasm"
 BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
 REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
 ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
+LOGIN_TIMEOUT = 2.0  # s for the login check of a revision's sync Redis
+STOP_GRACE = 20.0  # s a served run gets to stop after SIGTERM, then SIGKILL
 
 Log = Callable[[str], None]
 
@@ -189,11 +208,15 @@ class FleetPaths:
 
 @dataclass(frozen=True)
 class WantedRuntime:
-    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge)."""
+    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge).
+
+    ``archives``: the sha256 the manifest pins for release archives, by file name.
+    """
 
     version: str
     build: str
     variant: str
+    archives: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -212,7 +235,13 @@ class WantedRuntime:
             raise ConfigError("the revision's runtime is wasmedge but names no wasmedge version "
                               "or plugin build; fix spec.runtime in the manifest")
         variant = plugin.get("variant") or "cpu"
-        return WantedRuntime(str(version), str(build), str(variant))
+        archives = runtime.get("archives") or {}
+        if not isinstance(archives, dict) or not all(
+                isinstance(v, str) and len(v) == 64 for v in archives.values()):
+            raise ConfigError("the revision's runtime.archives is not {file name: sha256}; "
+                              "fix spec.runtime in the manifest")
+        return WantedRuntime(str(version), str(build), str(variant),
+                             {str(k): v.lower() for k, v in archives.items()})
 
 
 class AttemptFailed(EdgebundleError):
@@ -299,7 +328,7 @@ class Agent:
             await self.close()
 
     async def close(self) -> None:
-        self._stop_child()
+        await self._stop_child()
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
@@ -373,6 +402,12 @@ class Agent:
 
     async def _attempt(self, desired: DesiredState) -> tuple[Report, float]:
         """Fetch, verify, switch, restart, check; on failure the previous revision is back."""
+        try:  # before anything changes: where the revision syncs, and that we may log in
+            refused = await login_refused(self.sync_url(desired.spec))
+        except ConfigError as exc:
+            raise AttemptFailed(str(exc)) from None
+        if refused is not None:
+            raise AttemptFailed(refused)
         try:
             rev_dir = await asyncio.to_thread(self._stage, desired)
         except EdgebundleError as exc:
@@ -415,10 +450,13 @@ class Agent:
     def _install_runtime(self, wanted: WantedRuntime) -> tuple[Path, RuntimeLock]:
         """Install ``wanted`` in its versioned dir (not current yet) by the installer's code.
 
-        Returns the dir and the lock doctor compares the running WasmEdge with. The lock
-        comes from the bundle (``--bundle DIR`` with a bundle.json: sha256s recorded at
-        build time) or the shipped one; the installer refuses an unknown sha256 and
-        verifies every archive before unpacking it; an installed runtime is reused.
+        Returns the dir and the lock doctor compares the running WasmEdge with. The
+        archives come from the bundle (``--bundle DIR`` with a bundle.json) or the shipped
+        lock's URLs, and each one's sha256 must be pinned by the revision's
+        ``runtime.archives`` or published in the shipped lock (:func:`pin_archives`): a
+        bundle's own bundle.json and lock copy never vouch for a runtime alone. The
+        installer verifies every archive before unpacking it; an installed runtime is
+        reused.
         """
         host = detect()
         layout = self.settings.layout
@@ -432,6 +470,8 @@ class Agent:
             if (lock.wasmedge_version, lock.plugin_build) != (wanted.version, wanted.build) or (
                     wanted.variant not in lock.variants(host.os, host.arch)):
                 continue
+            plan = pin_archives(plan, wanted, shipped=plans[-1].lock)
+            lock = plan.lock
             target, unpacked = installer.install_runtime(
                 replace(plan, variant=wanted.variant), layout, log=self.log)
             where = f"the bundle {self.bundle_dir}" if plan.bundle else f"the lock {lock.path}"
@@ -510,7 +550,13 @@ class Agent:
         local = self._already_have(sha256, dest.name)
         if local is not None:  # same bytes in another revision (e.g. a prompt-only change)
             os.link(local, dest)
-            return
+            # Hashed again once linked (the same inode): that revision's copy may have been
+            # damaged since it was verified, and then it is fetched again instead.
+            if sha256_file(dest) == sha256.lower():
+                return
+            dest.unlink()
+            self.log(f"{local}: no longer has sha256 {sha256.lower()[:12]}…; fetching the "
+                     f"{what} again")
         fetch(source, dest, sha256=sha256.lower(),
               downloads_dir=self.settings.layout.downloads)
 
@@ -559,7 +605,7 @@ class Agent:
         if previous is None:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.current.unlink()
-            self._stop_child()
+            await self._stop_child()
             return
         self._switch(previous)
         spec = self._revision_spec(previous)
@@ -578,7 +624,6 @@ class Agent:
     def revision_settings(self, rev_dir: Path, spec: Mapping[str, Any]) -> Settings:
         """The settings ``run`` and doctor use for a placed revision."""
         model = spec.get("model") or {}
-        sync = spec.get("sync") or {}
         runtime = (spec.get("runtime") or {}).get("kind", self.settings.runtime)
         app = rev_dir / APP_FILE
         return replace(
@@ -591,10 +636,14 @@ class Agent:
             template=model.get("template") or self.settings.template,
             system_prompt=model.get("system_prompt") or self.settings.system_prompt,
             ctx_size=int(model.get("ctx_size") or self.settings.ctx_size),
-            redis_url=with_credentials(sync.get("redis_url"), self.redis_url)
-            or self.settings.redis_url,
+            redis_url=self.sync_url(spec),
             device_id=self.device_id,
         )
+
+    def sync_url(self, spec: Mapping[str, Any]) -> str | None:
+        """The Redis a revision's ``run`` syncs through, logged in as this device."""
+        sync = spec.get("sync") or {}
+        return with_credentials(sync.get("redis_url"), self.redis_url) or self.settings.redis_url
 
     def _doctor(self, rev_dir: Path, spec: Mapping[str, Any],
                 lock: RuntimeLock | None = None) -> Report:
@@ -606,7 +655,7 @@ class Agent:
 
     async def _restart_runtime(self, revision: str, spec: Mapping[str, Any]) -> None:
         """Stop the running ``edgebundle run`` child, start one for ``revision``, wait healthy."""
-        self._stop_child()
+        await self._stop_child()
         settings = self.revision_settings(self.paths.revision(revision), spec)
         argv = [sys.executable, "-m", "edgebundle", "run", "--no-fleet",
                 "--runtime", settings.runtime,
@@ -634,8 +683,9 @@ class Agent:
         deadline = time.monotonic() + HEALTHZ_TIMEOUT
         while time.monotonic() < deadline:
             if child.poll() is not None:
-                raise SupervisorError(f"edgebundle run exited with {child.returncode}; see "
-                                      f"{self.settings.layout.logs / 'agent-run.log'}")
+                log = self.settings.layout.logs / "agent-run.log"
+                raise SupervisorError(f"edgebundle run exited with {child.returncode}"
+                                      f"{_last_error(log)}; see {log}")
             if await asyncio.to_thread(_healthz_ok, url):
                 return
             await asyncio.sleep(0.2)
@@ -655,16 +705,19 @@ class Agent:
         except EdgebundleError as exc:
             self.log(f"{running}: {exc}")
 
-    def _stop_child(self) -> None:
+    async def _stop_child(self) -> None:
+        """SIGTERM the served ``run``, SIGKILL after :data:`STOP_GRACE` s; the waits run in
+        a thread, so heartbeats and nudges go on meanwhile (the grace is longer than the
+        heartbeat's TTL: a blocked loop would make the device look offline)."""
         child, self.child = self.child, None
         if child is None or child.poll() is not None:
             return
         child.send_signal(signal.SIGTERM)
         try:
-            child.wait(timeout=20)
+            await asyncio.to_thread(child.wait, STOP_GRACE)
         except subprocess.TimeoutExpired:
             child.kill()
-            child.wait()
+            await asyncio.to_thread(child.wait)
 
     # --- Redis: reports, heartbeats, nudges ----------------------------------------------
 
@@ -812,16 +865,113 @@ def check_builtin_app(app: Mapping[str, Any]) -> None:
                           f"revision wants {wanted[:12]}…; upgrade edgebundle on the device")
 
 
+def pin_archives(plan: installer.InstallPlan, wanted: WantedRuntime,
+                 shipped: RuntimeLock) -> installer.InstallPlan:
+    """``plan`` with the two archives it installs pinned from outside the bundle.
+
+    Each one's sha256 comes from the revision (``wanted.archives``, by file name) or
+    else from the shipped lock where that publishes one. A bundle's archive whose
+    sha256 neither pins is refused (ConfigError), and so is one whose bundle sha256
+    differs from the pin; an unpinned archive of the shipped lock is left to the
+    installer, which refuses an unknown sha256 itself.
+    """
+    host, lock = plan.host, plan.lock
+    try:
+        needed = {lock.runtime_asset(host.os, host.arch),
+                  lock.plugin_asset(host.os, host.arch, wanted.variant)}
+    except EdgebundleError:
+        return plan  # nothing pinned for this machine: the installer says so
+    published = {a.filename: a.sha256.lower() for a in shipped.assets if a.verified}
+    assets = []
+    for asset in lock.assets:
+        if asset in needed:
+            pin = wanted.archives.get(asset.filename) or published.get(asset.filename)
+            where = ("the revision's runtime.archives" if asset.filename in wanted.archives
+                     else f"the shipped lock {shipped.path}")
+            if pin is None and plan.bundle is not None:
+                raise ConfigError(
+                    f"{asset.filename} (sha256 {asset.sha256}) is vouched for only by the "
+                    f"bundle {plan.bundle} itself: pin it in the manifest, spec.runtime.archives:"
+                    f" {{{asset.filename}: <its sha256 from the release's SHA256SUM>}}")
+            if pin is not None and asset.verified and asset.sha256.lower() != pin:
+                holder = f"the bundle {plan.bundle}" if plan.bundle else f"the lock {lock.path}"
+                raise ChecksumMismatchError(
+                    f"{asset.filename}: sha256 mismatch: {holder} has {asset.sha256}, "
+                    f"{where} pins {pin}; an altered bundle, or another release: fix the pin "
+                    "or rebuild the bundle")
+            if pin is not None:
+                asset = replace(asset, sha256=pin)
+        assets.append(asset)
+    return replace(plan, lock=replace(lock, assets=tuple(assets)))
+
+
 def with_credentials(url: str | None, own: str) -> str | None:
     """``url`` logged in as this device: manifests carry no passwords (each device has its
-    own ACL user, see fleet provision), so the agent's own credentials are used."""
+    own ACL user, see fleet provision), so the agent's own credentials are used.
+
+    Only on the central Redis the device was provisioned for (``own``: same scheme, host
+    and port; the db may differ): a manifest naming another server, or ``redis://`` for
+    a ``rediss://`` one, would carry the device's password there. ConfigError instead.
+    The credentials are copied as ``own`` spells them (already percent-encoded).
+    """
     if not url:
         return None
     parts, mine = urlsplit(url), urlsplit(own)
-    if parts.username or parts.password or not (mine.username or mine.password):
-        return url
-    auth = f"{quote(mine.username or '', safe='')}:{quote(mine.password or '', safe='')}@"
-    return parts._replace(netloc=auth + parts.netloc).geturl()
+    if parts.username is not None or parts.password is not None:
+        return url  # logs in as someone else (the manifest schema refuses that): not ours
+    userinfo, at, _ = mine.netloc.rpartition("@")
+    if not at:
+        return url  # the device itself logs in without credentials: nothing to leak
+    if _endpoint(url) != _endpoint(own):
+        downgrade = (mine.scheme.lower() == "rediss" and parts.scheme.lower() != "rediss")
+        why = " and without TLS (rediss -> redis)" if downgrade else ""
+        raise ConfigError(
+            f"the revision's sync.redis_url {redact_url(url)} is not the Redis this device was "
+            f"provisioned for ({redact_url(own)}): the device's password is sent nowhere "
+            f"else{why}; point spec.sync.redis_url at that Redis, or leave it out")
+    return parts._replace(netloc=f"{userinfo}@{parts.netloc}").geturl()
+
+
+def _endpoint(url: str) -> tuple[str, str, int | str | None]:
+    """(scheme, host, port) a Redis URL connects to (a unix socket: its path)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        return scheme, "", parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+async def login_refused(url: str | None) -> str | None:
+    """Why ``url``'s Redis refuses to log us in, or None (logged in, or not reachable now).
+
+    A refused login is the revision's (or the device's) fault and fails the revision; an
+    unreachable Redis is the network's state (see :func:`revision_failures`).
+    """
+    if not url:
+        return None
+    client = aioredis.from_url(url, socket_connect_timeout=LOGIN_TIMEOUT,
+                               socket_timeout=LOGIN_TIMEOUT, retry=Retry(NoBackoff(), 0))
+    try:
+        await client.ping()
+    except (AuthenticationError, ResponseError) as exc:
+        if isinstance(exc, ResponseError) and not isinstance(exc, AuthenticationError) and not any(
+                word in str(exc) for word in ("NOAUTH", "WRONGPASS")):
+            return None  # logged in; PING itself not allowed
+        user = unquote(urlsplit(url).username or "default")
+        password = urlsplit(url).password
+        detail = str(exc).replace(unquote(password), "***") if password else str(exc)
+        return (f"the sync Redis {redact_url(url)} refused this device's login as {user} "
+                f"({detail}): provision the device again (edgebundle fleet provision) and "
+                "give the agent its new --redis-url")
+    except (_RedisPyError, OSError):
+        return None
+    finally:
+        await client.aclose()
+    return None
 
 
 def revision_failures(doctor: Report) -> list[CheckResult]:
@@ -832,6 +982,18 @@ def revision_failures(doctor: Report) -> list[CheckResult]:
     sees an unreachable device as offline (its heartbeat expires).
     """
     return [c for c in doctor.checks if c.status == "fail" and c.id not in ENVIRONMENT_CHECKS]
+
+
+def _last_error(log: Path) -> str:
+    """``: <the last error line>`` of ``edgebundle run``'s log, or "" when it has none."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 8192))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith("edgebundle: error: ")]
+    return f": {errors[-1][len('edgebundle: error: '):]}" if errors else ""
 
 
 def _healthz_ok(url: str) -> bool:

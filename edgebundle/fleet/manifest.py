@@ -70,6 +70,7 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _REVISION = re.compile(r"^rev-[0-9a-f]{12}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
 _PLUGIN_BUILD = re.compile(r"^b\d+$")
+_ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:-]{0,63}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -113,6 +114,14 @@ def _version(value: str) -> str:
 def _plugin_build(value: str) -> str:
     if not _PLUGIN_BUILD.match(value):
         raise ValueError(f"{value!r} is not a llama.cpp build: expected b and digits, e.g. b5593")
+    return value
+
+
+def _archive_name(value: str) -> str:
+    if not _ARCHIVE_NAME.match(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not an archive file name: use the release file's name, e.g. "
+            "WasmEdge-0.14.1-ubuntu20.04_x86_64.tar.gz (no directories)")
     return value
 
 
@@ -236,6 +245,7 @@ def _redis_url(value: str) -> str:
 
 Id = Annotated[str, AfterValidator(_id)]
 Sha256 = Annotated[str, AfterValidator(_sha256)]
+ArchiveName = Annotated[str, AfterValidator(_archive_name)]
 RevisionId = Annotated[str, AfterValidator(_revision_id)]
 Template = Annotated[str, AfterValidator(_template)]
 ModelUrl = Annotated[str, AfterValidator(_url(builtin=False))]
@@ -269,11 +279,19 @@ class Plugin(_Strict):
 
 
 class Runtime(_Strict):
-    """``embedded`` (wasmtime + llama.cpp in-process) or ``wasmedge`` (a pinned release)."""
+    """``embedded`` (wasmtime + llama.cpp in-process) or ``wasmedge`` (a pinned release).
+
+    ``archives`` pins the sha256 of each WasmEdge and plugin release archive by file
+    name (what the release's SHA256SUM says, or the sha256s a bundle build recorded in
+    DIR/plugins/wasmedge.lock.toml once checked). A device installs an archive only
+    when this or the shipped lock pins its sha256: an offline bundle's own lists never
+    suffice, since whoever can alter a bundle can alter those too.
+    """
 
     kind: Literal["embedded", "wasmedge"] = "embedded"
     wasmedge: Annotated[str, AfterValidator(_version)] | None = None
     plugin: Plugin | None = None
+    archives: dict[ArchiveName, Sha256] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Runtime:
@@ -283,9 +301,19 @@ class Runtime(_Strict):
                 f"kind wasmedge needs {' and '.join(missing)} (e.g. wasmedge: \"0.14.1\", "
                 "plugin: {build: b5593, variant: cpu})"
             )
-        if self.kind == "embedded" and (self.wasmedge is not None or self.plugin is not None):
-            raise ValueError("wasmedge and plugin only apply to kind wasmedge: remove them")
+        if self.kind == "embedded" and (self.wasmedge is not None or self.plugin is not None
+                                        or self.archives):
+            raise ValueError("wasmedge, plugin and archives only apply to kind wasmedge: "
+                             "remove them")
         return self
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON; ``archives`` only when set, so a runtime without pins keeps the
+        revision id it had before the field existed."""
+        data = self.model_dump(mode="json")
+        if not data["archives"]:
+            del data["archives"]
+        return data
 
 
 class Model(_Strict):
@@ -438,7 +466,7 @@ class Manifest(_Strict):
         spec = self.spec
         app = spec.app.model_dump(mode="json") if spec.app else builtin_app()
         return {
-            "runtime": spec.runtime.model_dump(mode="json"),
+            "runtime": spec.runtime.to_json(),
             "model": spec.model.model_dump(mode="json"),
             "app": app,
             "sync": spec.sync.model_dump(mode="json"),
@@ -477,7 +505,7 @@ class Manifest(_Strict):
         for device_id, device in self.spec.devices.items():
             entry = device.model_dump(mode="json", exclude_none=True)
             if device.runtime is not None:
-                entry["runtime"] = device.runtime.model_dump(mode="json")
+                entry["runtime"] = device.runtime.to_json()
             pins[device_id] = entry
         return pins
 

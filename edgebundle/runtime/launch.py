@@ -3,14 +3,22 @@
 ``run --dry-run`` prints exactly the spec the supervisor would start, so the two can
 never disagree. Both runtimes run the same app with the same argv tail::
 
-    <wasmedge> --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <tail>
-    <python> -m edgebundle exec --dir .:. --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <tail>
+    <wasmedge> [--dir .:.] --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <tail>
+    <python> -m edgebundle exec [--dir .:.] --nn-preload <alias>:GGML:AUTO:<model> <app.wasm> <tail>
 
 (``edgebundle exec`` takes wasmedge's flags and runs the app on the embedded
-runtime), with absolute paths and the working directory ``EDGEBUNDLE_HOME`` (what
-``--dir .:.`` maps). For wasmedge, ``WASMEDGE_PLUGIN_PATH`` is always set explicitly
-(plus PATH and LD_LIBRARY_PATH for the installed runtime), because WasmEdge
-otherwise loads whichever plugin copy it meets first.
+runtime), with absolute paths. What the guest may touch on disk is decided here:
+
+- the edgechat guest gets no preopened directory at all (its model comes through
+  ``--nn-preload``, its prompts through stdin), so it sees no file of the device;
+- the LlamaEdge apps, which read and write their own files relative to ``.``, get
+  ``--dir .:.`` with the working directory ``<home>/apps/<app>/data``
+  (:meth:`~edgebundle.layout.Layout.app_data`): that directory and nothing else.
+
+Never the home itself: a guest that could write there could replace ``venv/bin``,
+the runtime, the plugin or ``config.toml``. For wasmedge, ``WASMEDGE_PLUGIN_PATH``
+is always set explicitly (plus PATH and LD_LIBRARY_PATH for the installed runtime),
+because WasmEdge otherwise loads whichever plugin copy it meets first.
 
 The app defaults to the packaged chat guest ``edgechat.wasm`` and the model to the
 built-in demo model; ``--runtime auto`` uses wasmedge when doctor's wasmedge checks
@@ -158,14 +166,13 @@ def embedded_launch(settings: Settings, *, app: Path, model: Path, kind: str) ->
     options = _options(settings, app=app, model=model, kind=kind)
     argv = (
         sys.executable, "-m", "edgebundle", "exec",
-        *_runtime_args(options, model), str(app), *apps.app_args(kind, options),
+        *_runtime_args(options, model, kind), str(app), *apps.app_args(kind, options),
     )  # fmt: skip
-    settings.home.mkdir(parents=True, exist_ok=True)
     return LaunchSpec(
         runtime="embedded",
         argv=argv,
         env={},
-        cwd=_absolute(settings.home),
+        cwd=app_cwd(settings, app, kind),
         kind=kind,
         app=app,
         model=model,
@@ -191,17 +198,16 @@ def wasmedge_launch(
     options = _options(settings, app=app, model=model, kind=app_kind)
     argv = (
         str(_absolute(setup.binary)),
-        *_runtime_args(options, model), str(app), *apps.app_args(app_kind, options),
+        *_runtime_args(options, model, app_kind), str(app), *apps.app_args(app_kind, options),
     )  # fmt: skip
     launch_env = dict(setup.env)
     # Explicit even when empty: an inherited value would silently pick other plugins.
     launch_env[wasmedge.PLUGIN_PATH_ENV] = setup.plugin_path_value()
-    settings.home.mkdir(parents=True, exist_ok=True)
     return LaunchSpec(
         runtime="wasmedge",
         argv=argv,
         env=launch_env,
-        cwd=_absolute(settings.home),
+        cwd=app_cwd(settings, app, app_kind),
         kind=app_kind,
         app=app,
         model=model,
@@ -209,9 +215,29 @@ def wasmedge_launch(
     )
 
 
-def _runtime_args(options: apps.AppOptions, model: Path) -> tuple[str, ...]:
-    """wasmedge's own flags, the same for ``wasmedge`` and ``edgebundle exec``."""
-    return ("--dir", ".:.", "--nn-preload", f"{options.model_alias}:GGML:AUTO:{model}")
+def _runtime_args(options: apps.AppOptions, model: Path, kind: str) -> tuple[str, ...]:
+    """wasmedge's own flags, the same for ``wasmedge`` and ``edgebundle exec``.
+
+    ``--dir .:.`` (the working directory, see :func:`app_cwd`) only for the apps that
+    need files of their own; the edgechat guest gets no directory at all.
+    """
+    preload = ("--nn-preload", f"{options.model_alias}:GGML:AUTO:{model}")
+    return preload if kind == "edgechat" else ("--dir", ".:.", *preload)
+
+
+def app_cwd(settings: Settings, app: Path, kind: str) -> Path:
+    """The working directory of ``app``, made if missing; never the home for a preopen.
+
+    The edgechat guest has no preopened directory, so its working directory is only
+    the host process's (the home). Every other app gets ``<home>/apps/<app>/data``,
+    the one directory its ``--dir .:.`` maps.
+    """
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if kind == "edgechat":
+        return _absolute(settings.home)
+    data = settings.layout.app_data(app.stem)
+    data.mkdir(parents=True, exist_ok=True)
+    return _absolute(data)
 
 
 def _options(settings: Settings, *, app: Path, model: Path, kind: str) -> apps.AppOptions:

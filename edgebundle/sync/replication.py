@@ -7,8 +7,10 @@ from whichever of the two holds the thread's truth for it right now:
 - **Online** (the central Redis answers): every request goes to the central store,
   exactly as without replication: one inference per thread across devices, the queue,
   live joins. In the background each thread this device has seen is mirrored into the
-  local store whenever its central version moves (a full copy: messages with their
-  positions, statuses and run ids; the local copy has an epoch of its own).
+  local store: a whole copy when first seen (messages with their positions, statuses
+  and run ids; the copy has an epoch of its own), then once a second the central diff
+  since the copy's version if it moved. The copy lags the central store by up to a
+  second: that is the price of keeping replication off the path of every turn.
 - **Offline** (the central Redis has not answered for ``offline_after`` seconds, 10
   by default: longer than a restart of Redis, which the lease and the clients'
   retries ride out; a probe looks every second): the device serves the threads it
@@ -56,10 +58,10 @@ from redis.exceptions import RedisError as RedisPyError
 
 from edgebundle.errors import (
     EpochMismatchError,
+    InputTakenError,
     OfflineError,
     RedisError,
     ThreadNotFoundError,
-    UsageError,
 )
 from edgebundle.sync import keys
 from edgebundle.sync.client import Client
@@ -69,8 +71,8 @@ from edgebundle.sync.service import RunEvent, RunLease, RunTicket, SyncService, 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PROBE_INTERVAL = 1.0  # s between looks at the central Redis (link state)
-PROBE_TIMEOUT = 1.5  # s a PING may take before it counts as a failure
+PROBE_INTERVAL = 1.0  # s between looks at the central Redis (link state), at most
+PROBE_TIMEOUT = 1.5  # s a PING may take before it counts as a failure, at most
 OFFLINE_AFTER = 10.0  # s of failures before the device serves from its local store
 MIRROR_INTERVAL = 1.0  # s between looks at the central versions of mirrored threads
 MIRROR_DEVICE = "central-mirror"  # who writes the mirror into the local store
@@ -123,6 +125,10 @@ class DeviceSync:
         self._local_runs: set[str] = set()  # runs generated from the local store
         self._seen_cache: set[str] = set()  # threads known to be in the mirror set
         self._dirty_cache: set[str] = set()  # the local store's dirty set, in memory
+        # Per thread: held by a local write (and its marking the thread dirty) and by
+        # whatever replaces the local copy, so a copy fetched before an offline write
+        # never lands over it.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # -- what the gateway uses -----------------------------------------------------------
 
@@ -165,12 +171,14 @@ class DeviceSync:
                         content: str, input_id: str | None = None,
                         multitask: str = "enqueue") -> RunTicket:
         async def start(store: SyncService) -> RunTicket:
+            if store is self.local and multitask == "interrupt":
+                await self._refuse_remote_interrupt(thread_id)
             try:
                 ticket = await store.start_run(thread_id, device_id, epoch=epoch, since=since,
                                                content=content, input_id=input_id,
                                                multitask=multitask)
-            except UsageError as exc:
-                if store is self.local and "started no run" in str(exc):
+            except InputTakenError:
+                if store is self.local:  # only its central copy has the run
                     raise OfflineError(
                         f"this device is offline and the turn {input_id} was taken by the "
                         "central store before the link went: send it again when the link "
@@ -281,7 +289,7 @@ class DeviceSync:
     async def _call(self, thread_id: str | None, do: Callable[[SyncService], Awaitable[T]],
                     *, writes: bool = False, creates: bool = False) -> T:
         store = self._route(thread_id)
-        if store is self.central:
+        if store is not self.local:
             try:
                 result = await do(store)
             except RedisError as exc:
@@ -292,16 +300,22 @@ class DeviceSync:
                 self._central_answered()
                 if thread_id is not None:
                     await self._seen(thread_id)
-                    self._nudge.set()
                 return result
         if thread_id is not None and not creates:
             await self._require_local(thread_id)
-        result = await do(store)
-        if writes or creates:
-            state_id = thread_id or getattr(result, "id", None)
-            if state_id is not None:
-                await self._mark_dirty(state_id)
+        if not (writes or creates):
+            return await do(store)
+        if thread_id is None:  # a new thread of a random id: no copy of it can exist
+            result = await do(store)
+            await self._mark_dirty(str(result.id))
+            return result
+        async with self._lock(thread_id):
+            result = await do(store)
+            await self._mark_dirty(thread_id)
         return result
+
+    def _lock(self, thread_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(thread_id, asyncio.Lock())
 
     def _run_store(self, thread_id: str, run_id: str) -> SyncService:
         """A run lives where it was started, whatever the link does meanwhile (a central
@@ -323,17 +337,30 @@ class DeviceSync:
                     f"on the central store; {what} it when the link is back")
         return self.central
 
+    async def _refuse_remote_interrupt(self, thread_id: str) -> None:
+        """Offline, a reply being written by another device (in the copy: a message in
+        progress that no local run writes) cannot be interrupted: say so."""
+        state = await self.local.sync(thread_id, None, 0)
+        mine = {state.active_run.id} if state.active_run else set()
+        for message in state.messages:
+            if message.status == "in_progress" and message.run_id not in mine:
+                raise OfflineError(
+                    f"this device is offline and run {message.run_id} is generating on "
+                    "another device: it cannot be interrupted from here; start the turn "
+                    "with multitask enqueue, or interrupt when the link is back")
+
     async def _require_local(self, thread_id: str) -> None:
         if not await self.local.redis.exists(keys.meta(thread_id)):
             raise OfflineError(
                 f"this device is offline and has never seen thread {thread_id}: it can be "
                 "joined when the link to the central Redis is back")
 
-    def _central_failed(self, exc: BaseException) -> bool:
-        """Note a failure of the central Redis; True once the device is offline."""
+    def _central_failed(self, exc: BaseException, since: float | None = None) -> bool:
+        """Note a failure of the central Redis (of a call made at ``since``, monotonic);
+        True once the device is offline."""
         now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since = now
+            self._failing_since = now if since is None else since
         if self._online and now - self._failing_since >= self.offline_after:
             self._online = False
             self._offline_since = time.time()
@@ -353,6 +380,7 @@ class DeviceSync:
         if thread_id not in self._seen_cache:
             await self.local.redis.sadd(keys.replica_threads(), thread_id)
             self._seen_cache.add(thread_id)
+            self._nudge.set()  # its first copy now; then once a round (MIRROR_INTERVAL)
 
     async def _mark_dirty(self, thread_id: str) -> None:
         self._dirty_cache.add(thread_id)
@@ -371,21 +399,25 @@ class DeviceSync:
     # -- background: the link, the mirror, healing -----------------------------------------
 
     async def _probe_forever(self) -> None:
+        # Several looks within offline_after, so a short setting is honoured too.
+        interval = min(PROBE_INTERVAL, self.offline_after / 3)
+        timeout = min(PROBE_TIMEOUT, self.offline_after / 2)
         while True:
+            sent = time.monotonic()
             try:
                 if self._central is None and self._connect_central is not None:
-                    self._central = await asyncio.wait_for(self._connect_central(),
-                                                           PROBE_TIMEOUT)
-                await asyncio.wait_for(self.central.redis.ping(), PROBE_TIMEOUT)
+                    self._central = await asyncio.wait_for(self._connect_central(), timeout)
+                await asyncio.wait_for(self.central.redis.ping(), timeout)
             except Exception as exc:  # noqa: BLE001 (any failure, a timeout too, is one)
-                self._central_failed(exc)
+                self._central_failed(exc, since=sent)
             else:
                 self._central_answered()
                 if not self._online and not self._link_back.is_set():
                     log.warning("the central Redis answers again: sending this device's "
                                 "offline changes")
                     self._link_back.set()
-            await asyncio.sleep(PROBE_INTERVAL)
+                    self._nudge.set()  # heal now, not at the next round
+            await asyncio.sleep(interval)
 
     async def _replicate_forever(self) -> None:
         while True:
@@ -417,66 +449,112 @@ class DeviceSync:
         for thread_id in sorted(seen - dirty):
             await self._mirror(thread_id)
 
-    async def _mirror(self, thread_id: str, *, force: bool = False) -> None:
-        """Copy the central thread into the local store if its version moved."""
+    async def _mirror(self, thread_id: str) -> None:
+        """Bring the local copy of an unchanged (not dirty) thread up to its central
+        version: the central diff since the copy's version, applied as one push of the
+        mirror's own (MIRROR_DEVICE, numbered on from its last); a whole new copy when
+        there is none yet, the epoch changed or the diff cannot be had."""
         replica = keys.replica(thread_id)
-        known = await self.local.redis.hmget(replica, ["central_epoch", "central_version"])
-        if not force:  # a hash read per thread and round while nothing changes
-            now = await self.central.redis.hmget(keys.meta(thread_id), ["epoch", "version"])
-            if now == known:
-                return
+        epoch, version, mid = (None if value is None else str(value) for value in
+                               await self.local.redis.hmget(
+                                   replica, ["central_epoch", "central_version", "mirror_mid"]))
+        # a hash read per thread and round while nothing changes
+        now = await self.central.redis.hmget(keys.meta(thread_id), ["epoch", "version"])
+        if [None if value is None else str(value) for value in now] == [epoch, version]:
+            return
         try:
-            central = await self.central.sync(thread_id, None, 0)
+            central = await self.central.sync(thread_id, epoch, int(version or 0))
         except ThreadNotFoundError:
             await self.local.redis.srem(keys.replica_threads(), thread_id)
             self._seen_cache.discard(thread_id)
             return
+        async with self._lock(thread_id):
+            if thread_id in self._dirty_cache:
+                return  # changed offline while the central answer was on its way: heal it
+            copy_epoch = await self.local.redis.hget(keys.meta(thread_id), "epoch")
+            if central.full or copy_epoch is None:
+                await self._replace_copy(thread_id, central)
+                return
+            first = int(mid or 0) + 1
+            mutations = [{"mid": n, "op": "delete" if m.deleted else "put",
+                          "message": {"id": m.id} if m.deleted else _copy(m)}
+                         for n, m in enumerate(sorted(central.messages,
+                                                      key=lambda m: m.version), first)]
+            copy = await self.local.push(thread_id, MIRROR_DEVICE, str(copy_epoch), 0,
+                                         mutations)
+            await self.local.redis.hset(replica, mapping={
+                "central_epoch": central.epoch, "central_version": central.version,
+                "local_version": copy.version, "mirror_mid": first - 1 + len(mutations)})
+
+    async def _replace_copy(self, thread_id: str, central: SyncState) -> None:
+        """A whole new local copy of ``central`` (a full sync object); the thread's lock
+        is held by the caller."""
         visible = sorted((m for m in central.messages if not m.deleted),
                          key=lambda m: m.position)
-        mutations = [{"mid": mid, "op": "put", "message": _copy(m)}
-                     for mid, m in enumerate(visible, 1)]
+        mutations = [{"mid": n, "op": "put", "message": _copy(m)}
+                     for n, m in enumerate(visible, 1)]
         await _drop_thread(self.local, thread_id)
         copy = await self.local.push(thread_id, MIRROR_DEVICE, "", 0, mutations, reseed=True)
         async with self.local.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(replica, mapping={"central_epoch": central.epoch,
-                                        "central_version": central.version,
-                                        "local_version": copy.version})
-            pipe.hdel(replica, "outbox", "outbox_sent")
+            pipe.hset(keys.replica(thread_id), mapping={
+                "central_epoch": central.epoch, "central_version": central.version,
+                "local_version": copy.version, "mirror_mid": len(mutations)})
+            pipe.hdel(keys.replica(thread_id), "outbox", "outbox_upto")
             await pipe.execute()
 
     async def _heal(self, thread_id: str) -> None:
-        """Send the thread's offline changes (once), then mirror it and serve it centrally."""
-        local_state = await self.local.sync(thread_id, None, 0)
-        if local_state.active_run is not None or local_state.queued_runs:
-            return  # its local runs first: a reply is sent whole
+        """Send the thread's offline changes (each once), then replace the local copy by
+        the central thread and serve it centrally.
+
+        Under the thread's lock the changes are picked (messages whose local version is
+        above ``local_version``) and written as the outbox, with their mutation ids,
+        before anything is sent; the send itself runs without the lock, so the device
+        keeps taking turns on the thread meanwhile. Those land above the outbox's
+        version and go in the next outbox: the copy is only replaced (under the lock)
+        once nothing is left to send.
+        """
         replica = keys.replica(thread_id)
-        fields = await self.local.redis.hmget(
-            replica, ["central_epoch", "local_version", "outbox", "outbox_sent", "next_mid"])
-        central_epoch, mirrored, outbox_raw, sent, next_mid = (
-            None if field is None else str(field) for field in fields)
-        if not sent:
-            outbox = json.loads(outbox_raw) if outbox_raw else None
-            if outbox is None:
-                changed = [m for m in local_state.messages if m.version > int(mirrored or 0)]
-                mid = int(next_mid or 1)
-                outbox = []
-                for message in sorted(changed, key=lambda m: m.position):
-                    if message.deleted:
-                        outbox.append({"mid": mid, "op": "delete", "message": {"id": message.id}})
-                    else:
-                        outbox.append({"mid": mid, "op": "put", "message": _copy(
-                            message, position=False)})
-                    mid += 1
-                # Written before it is sent: a retry sends the same ids (applied once).
-                await self.local.redis.hset(replica, mapping={"outbox": dumps(outbox),
-                                                              "next_mid": mid})
+        lock = self._lock(thread_id)
+        while True:
+            async with lock:
+                local_state = await self.local.sync(thread_id, None, 0)
+                if local_state.active_run is not None or local_state.queued_runs:
+                    return  # its local runs first: a reply is sent whole
+                fields = await self.local.redis.hmget(
+                    replica, ["central_epoch", "local_version", "outbox", "next_mid"])
+                central_epoch, sent_upto, outbox_raw, next_mid = (
+                    None if field is None else str(field) for field in fields)
+                outbox: list[dict[str, Any]] = json.loads(outbox_raw) if outbox_raw else []
+                if not outbox:
+                    changed = sorted((m for m in local_state.messages
+                                      if m.version > int(sent_upto or 0)),
+                                     key=lambda m: m.position)
+                    first = int(next_mid or 1)
+                    outbox = [{"mid": n, "op": "delete", "message": {"id": m.id}} if m.deleted
+                              else {"mid": n, "op": "put", "message": _copy(m, position=False)}
+                              for n, m in enumerate(changed, first)]
+                    if outbox:  # written before it is sent: a retry sends the same ids
+                        await self.local.redis.hset(replica, mapping={
+                            "outbox": dumps(outbox), "outbox_upto": local_state.version,
+                            "next_mid": first + len(outbox)})
             if outbox:
                 await self._send(thread_id, central_epoch or "", outbox, local_state)
-            await self.local.redis.hset(replica, "outbox_sent", "1")
-        await self._mirror(thread_id, force=True)
-        await self.local.redis.srem(keys.replica_dirty(), thread_id)
-        self._dirty_cache.discard(thread_id)
-        log.warning("thread %s: its offline changes are in the central store", thread_id)
+                async with self.local.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(replica, "local_version",
+                              await self.local.redis.hget(replica, "outbox_upto") or 0)
+                    pipe.hdel(replica, "outbox", "outbox_upto")
+                    await pipe.execute()
+                continue  # anything written meanwhile goes in the next outbox
+            central = await self.central.sync(thread_id, None, 0)
+            async with lock:
+                now = await self.local.redis.hget(keys.meta(thread_id), "version")
+                if int(now or 0) > int(sent_upto or 0):
+                    continue  # a turn landed while the central thread was read
+                await self._replace_copy(thread_id, central)
+                await self.local.redis.srem(keys.replica_dirty(), thread_id)
+                self._dirty_cache.discard(thread_id)
+            log.warning("thread %s: its offline changes are in the central store", thread_id)
+            return
 
     async def _send(self, thread_id: str, epoch: str, outbox: list[dict[str, Any]],
                     local_state: SyncState) -> None:

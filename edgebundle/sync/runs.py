@@ -40,7 +40,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from edgebundle.errors import ThreadBusyError, UsageError
+from edgebundle.errors import InputTakenError, ThreadBusyError, UsageError
 from edgebundle.sync import keys
 from edgebundle.sync.backend import Backend, new_id, parse_run, parse_state, raise_for
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState, dumps
@@ -91,8 +91,8 @@ class RunStore:
         )
         raise_for(reply, thread_id, run.id)
         if reply[0] == "duplicate":
-            raise UsageError(f"message {reply[1]} already exists in thread {thread_id} and "
-                             "started no run: give the run's input a new id")
+            raise InputTakenError(f"message {reply[1]} already exists in thread {thread_id} "
+                                  "and started no run: give the run's input a new id")
         if reply[0] == "busy":
             blocker = parse_run(reply[1]) if reply[1] else None
             retry = self._backend.settings.retry_after

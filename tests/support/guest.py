@@ -41,7 +41,8 @@ def llama3_prompt(user: str, system: str | None = None) -> bytes:
 
 def exec_argv(model: Path | str, *guest_args: str, alias: str = "default",
               app: Path = EDGECHAT) -> list[str]:
-    return [sys.executable, "-m", "edgebundle", "exec", "--dir", ".:.",
+    """As ``run`` starts the chat guest: no ``--dir`` (it gets no directory at all)."""
+    return [sys.executable, "-m", "edgebundle", "exec",
             "--nn-preload", f"{alias}:GGML:AUTO:{model}", str(app), *guest_args]
 
 

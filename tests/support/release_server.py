@@ -2,7 +2,8 @@
 
 GitHub releases are unreachable from these machines, so the tests serve fabricated
 archives from a real HTTP server on 127.0.0.1 instead. Everything else is real:
-urllib downloads over TCP, Range requests and 206 answers, dropped connections,
+urllib downloads over TCP, Range requests and 206 answers, validators (a strong ETag
+and Last-Modified, as GitHub's release CDN sends) and If-Range, dropped connections,
 tarfile extraction, symlinks, bash sourcing the env file. The archives mimic the
 layouts of the pinned releases (WasmEdge 0.14.1: ``WasmEdge-<v>-Linux/{bin,lib}``;
 the WASI-NN plugin archive: ``libwasmedgePluginWasiNN.so`` at its root), with the
@@ -18,6 +19,7 @@ import socket
 import tarfile
 import threading
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +35,7 @@ class Request:
     path: str
     range: str | None
     status: int
+    if_range: str | None = None
 
 
 @dataclass
@@ -42,6 +45,9 @@ class ReleaseServer:
     root: Path
     requests: list[Request] = field(default_factory=list)
     ignore_ranges: bool = False  # answer 200 with the whole file even to a Range request
+    etag: bool = True  # send a strong ETag (the sha256 of the file)
+    last_modified: bool = True  # send Last-Modified (the file's mtime)
+    ignore_if_range: bool = False  # answer a Range with 206 even when If-Range does not match
     _drops: dict[str, int] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -108,9 +114,17 @@ def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404)
                 return
             data = file.read_bytes()
+            etag = f'"{hashlib.sha256(data).hexdigest()}"'
+            modified = formatdate(file.stat().st_mtime, usegmt=True)
+            validators = {"ETag": etag if server.etag else None,
+                          "Last-Modified": modified if server.last_modified else None}
+            if_range = self.headers.get("If-Range")
             start, status = 0, 200
             match = _RANGE.match(wanted or "")
-            if match and not server.ignore_ranges:
+            # RFC 9110 13.1.5: a Range whose If-Range does not match the current file is
+            # ignored, and the whole file is sent.
+            current = if_range is None or if_range in validators.values()
+            if match and not server.ignore_ranges and (current or server.ignore_if_range):
                 start = int(match.group(1))
                 if start >= len(data):
                     server._record(Request("GET", path, wanted, 416))
@@ -121,10 +135,13 @@ def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
                     return
                 status = 206
             body = data[start:]
-            server._record(Request("GET", path, wanted, status))
+            server._record(Request("GET", path, wanted, status, if_range))
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
+            for name, value in validators.items():
+                if value is not None:
+                    self.send_header(name, value)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()

@@ -126,3 +126,34 @@ def standin_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+_DELEGATE = '''#!{python}
+"""Stand-in `wasmedge` (test double at the process boundary): --version like
+tests/support/standin_wasmedge.py, anything else runs on `python -m edgebundle exec`."""
+import json, os, sys
+args = sys.argv[1:]
+if args == ["--version"]:
+    os.execv({standin!r}, [{standin!r}, "--version"])
+record = os.environ.get("STANDIN_RECORD")
+if record:
+    with open(record, "a") as fh:
+        fh.write(json.dumps({{"argv": sys.argv, "pid": os.getpid()}}) + "\\n")
+os.execv({python!r}, [{python!r}, "-m", "edgebundle", "exec", *args])
+'''
+
+
+def install_delegating_runtime(home: Path) -> Path:
+    """The installer's layout with a delegating ``bin/wasmedge``: ``--version`` is the
+    stand-in's, every other command line runs unchanged on ``python -m edgebundle exec``
+    (which takes wasmedge's flags), so what is behind it is the real embedded runtime."""
+    prefix = home / "runtime" / "wasmedge-0.14.1-cpu"
+    standin = write_standin(prefix / "libexec" / "standin-wasmedge")
+    binary = prefix / "bin" / "wasmedge"
+    binary.parent.mkdir(parents=True)
+    binary.write_text(_DELEGATE.format(python=sys.executable, standin=str(standin)))
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    fake_plugin(prefix / "plugin" / "libwasmedgePluginWasiNN.so")
+    (prefix / "lib").mkdir()
+    (home / "runtime" / "current").symlink_to(prefix.name)
+    return home / "runtime" / "current" / "bin" / "wasmedge"
