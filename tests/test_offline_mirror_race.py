@@ -1,23 +1,17 @@
-"""A mirror round that began online must not overwrite a thread changed offline meanwhile.
+"""A mirror round that began online never lands over a thread changed offline meanwhile.
 
-Found while testing the offline badges (branch ui); edgebundle/sync is the lead's, so
-this test documents the bug (xfail, strict: it fails the suite once fixed, so the mark
-is removed then). Real parts only: a central redis-server, device A on it directly and
-device C through a TCP proxy that *stalls* (connections stay open, nothing is forwarded)
-instead of breaking, so a request C sent to the central Redis just before the stall
-waits, unanswered, and is answered when the link comes back.
+The regression test of the race fixed in 9054af7 (edgebundle/sync/replication.py: a
+per-thread lock held by local writes and by whatever replaces the copy, which checks
+the thread is not dirty). Before it, a round that picked the threads to mirror while
+online and then waited on the central Redis went on when the link came back and
+replaced the copy of a thread the device had changed offline meanwhile; the heal then
+sent nothing (/healthz: online, 0 pending) and every offline change was gone from
+every device. tests/test_offline.py met it about one run in six; here it is certain.
 
-The bug (edgebundle/sync/replication.py, DeviceSync._mirror_all / _mirror): a round
-picks the threads to mirror (seen - dirty) while online, then awaits the central Redis
-(``hmget`` of the thread's meta; the client has no socket timeout, and retries ~2.5 s
-on a broken connection). If the device goes offline and takes changes on that thread
-before the call returns, the round goes on when the link is back: the central version
-moved (other devices wrote), so it replaces the local copy (or, with the diff-mirror on
-main, moves ``local_version`` past the offline changes) without looking whether the
-thread became dirty meanwhile. The heal then finds nothing to send: /healthz says
-online, 0 pending, and every offline change is gone from every device. tests/
-test_offline.py hits the same race about one run in six (a stall by client retries
-through ``proxy.cut(hold=True)``); here it is made certain.
+Real parts only: a central redis-server, device A on it directly and device C through
+a TCP proxy that *stalls* (connections stay open, nothing is forwarded) instead of
+breaking, so a request C sent to the central Redis just before the stall waits,
+unanswered (the client has no socket timeout), and is answered when the link is back.
 """
 
 from __future__ import annotations
@@ -25,8 +19,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from tests.support.devices import Device, messages_of, mirrored, sync_devices
@@ -49,8 +41,6 @@ def link(device: Device) -> dict[str, Any]:
     return sync
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a mirror round begun online overwrites "
-                   "a thread changed offline meanwhile (module docstring)")
 def test_an_offline_change_survives_a_mirror_call_that_was_waiting_on_the_link(
         tmp_path: Path) -> None:
     central = RedisServer(tmp_path / "central", aof=True).start()
