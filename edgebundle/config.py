@@ -76,6 +76,18 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
+def local_gateway_url(settings: Settings) -> str:
+    """The gateway of this device as a client on it reaches it: ``http://<host>:<port>``
+    from the settings, over the loopback when it listens on every address."""
+    host = settings.host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{settings.port}"
+
+
 def validate_redis_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):

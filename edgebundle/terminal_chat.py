@@ -15,6 +15,12 @@ was already printed is written. The replica drops replayed deltas by
 ``(message_id, seq)``, so a rejoined stream (after a dropped connection, resumed
 with ``Last-Event-ID``) never prints text twice.
 
+A gateway whose device keeps a local store (offline-first, see
+:mod:`edgebundle.sync.replication`) says on ``/healthz`` whether it reaches the central
+Redis; the chat asks every few seconds and notes "offline, N pending" when the device
+starts serving from its local store, and "back online" once its offline changes are
+in the central store.
+
 Ctrl-C during a reply stops it for everyone: printing stops at once and the run is
 cancelled with ``content_seen`` = exactly the text printed, which is then what the
 thread stores (and what the model sees next). A second Ctrl-C stops waiting for
@@ -45,7 +51,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from edgebundle.config import Settings
+from edgebundle.config import Settings, local_gateway_url
 from edgebundle.errors import ConfigError, GatewayError
 from edgebundle.sync import keys
 from edgebundle.sync.models import Message, Run, SyncState
@@ -57,6 +63,7 @@ STREAM_READ_TIMEOUT = 60.0  # s; the watch sends a keep-alive every 15 s, a sile
 BACKOFF_FIRST = 0.2  # s, doubled per failed attempt up to BACKOFF_MAX, with jitter
 BACKOFF_MAX = 5.0
 _RETRY_STATUSES = {502, 503, 504}  # a gateway restarting, or its Redis away for a moment
+LINK_POLL_INTERVAL = 3.0  # s between looks at the gateway's /healthz (its central link)
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,6 @@ class ChatOptions:
     device_id: str = ""
     api_key: str | None = None
     max_tokens: int | None = None
-
-
-def default_server(settings: Settings) -> str:
-    """The gateway of this device: ``http://<host>:<port>`` from the settings."""
-    host = settings.host
-    if host in ("", "0.0.0.0"):  # listening everywhere; talk to it over the loopback
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{settings.port}"
 
 
 def check_server(url: str) -> str:
@@ -108,7 +104,7 @@ def chat_options(settings: Settings, *, server: str | None, thread_id: str | Non
                  max_tokens: int | None) -> ChatOptions:
     """Options for :func:`chat` from the settings and the command line."""
     return ChatOptions(
-        server=check_server(server or default_server(settings)),
+        server=check_server(server or local_gateway_url(settings)),
         thread_id=None if thread_id is None else keys.check_id("thread", thread_id),
         device_id=chat_device_id(settings),
         api_key=settings.api_key,
@@ -192,6 +188,10 @@ class Console:
         self._at_line_start = True
 
     def note(self, text: str) -> None:
+        if self._prompt_shown:  # a note while waiting: not on the prompt's line
+            self.out.write("\n")
+            self.out.flush()
+            self._prompt_shown = False
         self.err.write(f"edgebundle: {text}\n")
         self.err.flush()
 
@@ -208,6 +208,10 @@ class SseEvent:
 
 class _Dropped(Exception):
     """A stream or request failed in a way worth retrying (connection, 5xx, cut short)."""
+
+
+class _EpochMoved(Exception):
+    """The gateway has the thread under another epoch than the replica's (409)."""
 
 
 async def read_sse(response: httpx.Response) -> AsyncIterator[SseEvent]:
@@ -238,6 +242,21 @@ def _error_text(response: httpx.Response) -> str:
         return str(body.get("message") or body.get("error") or body)
     except (ValueError, AttributeError):
         return response.text.strip()[:200] or f"HTTP {response.status_code}"
+
+
+def _epoch_moved(response: httpx.Response) -> bool:
+    if response.status_code != 409:
+        return False
+    try:
+        return bool(response.json().get("error") == "epoch_mismatch")
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _read_error(response: httpx.Response) -> None:
+    """Read the body of a streamed request's error answer, so that its text can be told."""
+    if response.status_code >= 400:
+        await response.aread()
 
 
 def _refused(server: str, response: httpx.Response) -> GatewayError:
@@ -296,7 +315,8 @@ class TerminalChat:
         self._reply: _Reply | None = None
         self._changed = asyncio.Event()
         self._quit = asyncio.Event()
-        self._offline_noted = False
+        self._offline_noted = False  # the gateway itself does not answer
+        self._device_offline = False  # the gateway answers from its local store
         self._joining: asyncio.Task[Any] | None = None
 
     # -- joining --------------------------------------------------------------------
@@ -349,6 +369,7 @@ class TerminalChat:
     async def run(self) -> None:
         """Read lines and show the thread until Ctrl-D, or Ctrl-C at the prompt."""
         watching = asyncio.create_task(self._watch())
+        linking = asyncio.create_task(self._watch_link())
         line: asyncio.Task[str | None] | None = None
         quitting = asyncio.create_task(self._quit.wait())
         try:
@@ -373,10 +394,10 @@ class TerminalChat:
                     await self._as_reply(self._turn(text))
         finally:
             self.console.end_line()
-            for task in (watching, quitting, line):
+            for task in (watching, linking, quitting, line):
                 if task is not None:
                     task.cancel()
-            await asyncio.gather(watching, quitting, return_exceptions=True)
+            await asyncio.gather(watching, linking, quitting, return_exceptions=True)
 
     def interrupt(self) -> None:
         """Ctrl-C: stop the reply being shown, or end the chat at the prompt."""
@@ -489,7 +510,10 @@ class TerminalChat:
         known (a cut connection, or a 502/503/504 while a gateway or its Redis
         restarts) is simply sent again until a gateway answers: a retry gets the run
         the turn already started, from its first event, and never starts a second one.
-        Once the run is known, a broken stream is rejoined after its last event.
+        Once the run is known, a broken stream is rejoined after its last event. A 409
+        ``epoch_mismatch`` (the thread is under another epoch on the gateway: its device
+        switched between the central Redis and its local store, or the thread was
+        re-seeded) brings the whole thread, and the same turn is sent again.
         """
         input_id = f"msg-{secrets.token_hex(8)}"
         self._printed[input_id] = content  # it is on screen: the user typed it
@@ -510,18 +534,35 @@ class TerminalChat:
             try:
                 async with self.http.stream("POST", self._path("runs"), json=body,
                                             timeout=_stream_timeout()) as response:
+                    await _read_error(response)
+                    if _epoch_moved(response):
+                        raise _EpochMoved
                     _check(self.options.server, response)
                     self._back_online()
                     await self._show_events(response, reply)
                     if reply.done:
                         return
                     raise _Dropped("the reply stream ended early")
+            except _EpochMoved:
+                attempt += 1
+                try:
+                    await self._sync_in_full()
+                except (httpx.TransportError, _Dropped) as exc:
+                    self._dropped(exc)
+                await _backoff(attempt)
             except (httpx.TransportError, _Dropped) as exc:
                 self._dropped(exc)
                 if reply.run_id is None:
                     attempt += 1
                     await _backoff(attempt)
         await self._follow(reply)
+
+    async def _sync_in_full(self) -> None:
+        """The whole thread as the gateway has it now, in place of the replica's copy."""
+        response = await self.http.get(self._path())
+        _check(self.options.server, response)
+        self.thread.apply_sync(SyncState.from_json(response.json()))
+        self._changed.set()
 
     async def _follow_elsewhere(self, run: Run) -> None:
         reply = self._reply = _Reply(run_id=run.id, own=False, task=asyncio.current_task())
@@ -538,6 +579,7 @@ class TerminalChat:
                 async with self.http.stream("GET", self._path("runs", reply.run_id, "events"),
                                             headers=headers,
                                             timeout=_stream_timeout()) as response:
+                    await _read_error(response)
                     if response.status_code == 404:  # the thread expired meanwhile
                         self.console.note(f"the reply is gone: {_error_text(response)}")
                         return
@@ -609,6 +651,7 @@ class TerminalChat:
                 async with self.http.stream("GET", self._path("watch"),
                                             params=_cursor(self.thread),
                                             timeout=_stream_timeout()) as response:
+                    await _read_error(response)
                     if response.status_code == 404:
                         self.console.note(f"the thread is gone: {_error_text(response)}")
                         return
@@ -627,6 +670,34 @@ class TerminalChat:
                 attempt += 1
                 await _backoff(attempt)
 
+    async def _watch_link(self) -> None:
+        """Note when the gateway's device goes offline (it serves from its local store)
+        and when it is back online with every offline change sent.
+
+        A client of its own: /healthz needs no key, and the chat's connections stay
+        the chat's (a poll never holds one a turn or a stream would use)."""
+        async with httpx.AsyncClient(base_url=self.options.server, timeout=5.0) as probe:
+            while True:
+                self._note_link(await _device_link(probe))
+                await asyncio.sleep(LINK_POLL_INTERVAL)
+
+    def _note_link(self, link: dict[str, Any] | None) -> None:
+        if link is None:
+            return
+        offline = link.get("link") == "offline"
+        pending = link.get("pending")
+        if offline and not self._device_offline:
+            self._device_offline = True
+            self.console.note(
+                f"offline, {pending} pending: the gateway cannot reach the central Redis and "
+                "goes on from its own copy of the thread; changes are sent when the link is "
+                "back")
+            self._changed.set()  # the prompt again, below the note
+        elif self._device_offline and not offline and pending == 0:
+            self._device_offline = False
+            self.console.note("back online: the offline changes are in the central Redis")
+            self._changed.set()
+
     def _dropped(self, exc: Exception) -> None:
         if not self._offline_noted:
             self.console.note(f"lost the connection to {self.options.server} "
@@ -637,6 +708,17 @@ class TerminalChat:
         if self._offline_noted:
             self.console.note(f"reconnected to {self.options.server}")
             self._offline_noted = False
+
+
+async def _device_link(probe: httpx.AsyncClient) -> dict[str, Any] | None:
+    """``sync`` of the gateway's /healthz; None if it has none or does not answer (the
+    chat's streams note a gateway that is away)."""
+    try:
+        response = await probe.get("/healthz")
+        sync = response.json().get("sync") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return sync if isinstance(sync, dict) else None
 
 
 def _cursor(replica: Replica) -> dict[str, str | int]:

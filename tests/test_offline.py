@@ -9,7 +9,6 @@ partition), A and B directly. Nothing is mocked.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from tests.support.devices import (
     Device,
     endless_model,
     messages_of,
+    mirrored,
     new_thread,
     read_sse,
     sync_devices,
@@ -66,21 +66,6 @@ def turn(device: Device, thread: str, content: str, input_id: str,
             return run
         assert time.monotonic() < deadline, answer.text
         time.sleep(0.2)
-
-
-def local_store(device: Device) -> redis_py.Redis:
-    """The device's private local store (the URL its `run` printed)."""
-    url = re.search(r"local store for offline use: .* on (redis://\S+),", device.run.stderr())
-    assert url, device.run.stderr()
-    return redis_py.Redis.from_url(url.group(1), decode_responses=True)
-
-
-def mirrored(device: Device, central: RedisServer, thread: str) -> bool:
-    """The device's copy of ``thread`` is at the central version."""
-    with local_store(device) as mine, redis_py.Redis(port=central.port) as theirs:
-        have = mine.hget(f"eb:{{{thread}}}:replica", "central_version")
-        return have is not None and int(have) == int(
-            theirs.hget(f"eb:{{{thread}}}:meta", "version") or -1)
 
 
 def link(device: Device) -> dict[str, Any]:

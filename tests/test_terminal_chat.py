@@ -9,6 +9,8 @@ from a pipe and is stopped with real SIGINTs.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import re
 import signal
@@ -23,7 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.devices import ENDLESS, endless_model, sync_devices
+from edgebundle.terminal_chat import ChatOptions, Console, TerminalChat
+from tests.support.devices import ENDLESS, endless_model, mirrored, sync_devices
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, healthy_run, wait_for
@@ -288,6 +291,32 @@ def test_a_turn_whose_answer_is_lost_is_sent_again_and_runs_once(
     assert "reconnecting" in chat.stderr() and "Traceback" not in chat.stderr()
 
 
+def test_a_turn_refused_for_another_epoch_syncs_in_full_and_is_sent_again(
+    devices: tuple[RunProcess, RunProcess],
+) -> None:
+    """In process, on real gateway A: the chat's copy is at an epoch the gateway no longer
+    has (as for a moment after its device switched between the central Redis and its
+    local store), so the turn's POST answers 409 epoch_mismatch."""
+    a, _ = devices
+    out, err = io.StringIO(), io.StringIO()
+
+    async def chat_with_a_stale_copy() -> str:
+        options = ChatOptions(server=a.base_url, device_id="laptop", max_tokens=2)
+        with open(os.devnull) as nothing:
+            console = Console(nothing.fileno(), out, err)
+            async with httpx.AsyncClient(base_url=a.base_url, timeout=TIMEOUT) as http:
+                session = TerminalChat(options, console, http)
+                await session.join()
+                session.thread.epoch = "an-epoch-of-another-store"
+                await session._turn("after the switch")
+                return session.thread.thread_id
+
+    thread = asyncio.run(chat_with_a_stale_copy())
+    assert out.getvalue().endswith("assistant: Looping forever\n") and err.getvalue() == ""
+    assert [(m["role"], m["content"]) for m in stored(a, thread)] == [
+        ("user", "after the switch"), ("assistant", "Looping forever")]
+
+
 def test_ctrl_c_mid_reply_keeps_exactly_the_text_shown_and_the_chat_goes_on(
     devices: tuple[RunProcess, RunProcess], chats: Callable[..., ChatProcess],
 ) -> None:
@@ -347,3 +376,36 @@ def test_with_an_api_key_the_chat_sends_it_and_never_shows_it(
         allowed.end_input()
         assert allowed.wait() == 0, allowed.stderr()
         assert key not in allowed.output() + allowed.stderr()
+
+
+def test_the_chat_notes_when_its_device_goes_offline_and_when_it_is_back(
+    model: Path, chats: Callable[..., ChatProcess], tmp_path: Path,
+) -> None:
+    # The device reaches its central Redis through a proxy the test cuts (the partition).
+    central = RedisServer(tmp_path / "central", aof=True).start()
+    proxy = TcpProxy(central.port).start()
+    try:
+        with sync_devices([central.url.replace(f":{central.port}/", f":{proxy.port}/")],
+                          model, [tmp_path / "C"], ids=("devC",),
+                          extra_args=("--offline-after", "1")) as [c]:
+            chat = chats("--server", c.run.base_url, "--max-tokens", "2")
+            thread = thread_of(chat)
+            wait_for(lambda: mirrored(c, central, thread), timeout=TIMEOUT)
+            proxy.cut(hold=True)
+            wait_for(lambda: "edgebundle: offline, 0 pending: " in chat.stderr(),
+                     timeout=TIMEOUT)
+            chat.send("anyone?")  # answered by the device's own model, from its copy
+            assert chat.wait_output(reply_line("assistant")) == "Looping forever"
+            proxy.resume()
+            wait_for(lambda: "edgebundle: back online" in chat.stderr(), timeout=TIMEOUT)
+            chat.end_input()
+            assert chat.wait() == 0, chat.stderr()
+            link_notes = [line.split(":")[1] for line in chat.stderr().splitlines()
+                          if line.startswith(("edgebundle: offline", "edgebundle: back"))]
+            assert link_notes == [" offline, 0 pending", " back online"], chat.stderr()
+            assert "Traceback" not in chat.stderr()
+            assert [m["content"] for m in stored(c.run, thread)] == ["anyone?",
+                                                                     "Looping forever"]
+    finally:
+        proxy.stop()
+        central.stop()

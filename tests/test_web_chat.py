@@ -22,9 +22,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from tests.support.devices import serving
+from tests.support.devices import mirrored, serving, sync_devices
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
+from tests.support.tcp_proxy import TcpProxy
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -105,10 +106,12 @@ class Page:
         self.element("input").send_keys(text)
         self.element("send").click()
 
-    def reply(self, status: str | None = None, min_chars: int = 1) -> dict[str, str] | None:
-        """The last message if it is the assistant's with ``status`` and some text."""
+    def reply(self, status: str | None = None, min_chars: int = 1,
+              after: int = 0) -> dict[str, str] | None:
+        """The last message if it is the assistant's with ``status`` and some text (and
+        comes after ``after`` other messages)."""
         shown = self.shown()
-        if not shown or shown[-1]["role"] != "assistant":
+        if len(shown) <= after or shown[-1]["role"] != "assistant":
             return None
         last = shown[-1]
         if last["status"] == "in_progress":
@@ -173,9 +176,13 @@ def pages(devices: tuple[RunProcess, RunProcess],
     b.element("join-id").send_keys(thread_id)
     b.element("join-form").find_element(By.TAG_NAME, "button").click()
     eventually(lambda: b.thread_id() == thread_id, "page B to join the thread")
-    options = [o.get_attribute("value") for o in
-               b.element("thread-select").find_elements(By.TAG_NAME, "option")]
-    assert options[0] == thread_id  # the picker lists it (kept in localStorage)
+
+    def listed() -> list[str]:  # read in the page: the picker's options are replaced
+        return list(b.driver.execute_script(
+            "return [...document.querySelectorAll('#thread-select option')].map(o => o.value)"))
+
+    # The picker lists it (kept in localStorage) once the gateway answered the join.
+    eventually(lambda: listed()[:1] == [thread_id], "the picker to list the thread")
     return a, b, thread_id
 
 
@@ -275,6 +282,25 @@ def test_reloading_b_mid_stream_resumes_without_repeating_text(
     assert_no_script_errors(a, b)
 
 
+def test_a_turn_refused_for_another_epoch_is_sent_again_after_a_full_sync(
+    pages: tuple[Page, Page, str], devices: tuple[RunProcess, RunProcess],
+) -> None:
+    # Page A holds an epoch the gateway no longer has, as a page does for a moment after
+    # its device switched between the central Redis and its local store: the POST of
+    # the turn answers 409 epoch_mismatch.
+    a, _, thread_id = pages
+    a.driver.execute_script("current.epoch = 'an-epoch-of-another-store';")
+    a.element("max-tokens").clear()
+    a.element("max-tokens").send_keys("3")
+    a.send("after the switch")
+    done = eventually(lambda: a.reply("completed", after=1), "the reply of the turn")
+    assert as_shown(stored(devices[0], thread_id))[-2:] == [
+        ("user", "completed", "after the switch"), ("assistant", "completed", done["text"])]
+    assert as_shown(a.shown()) == as_shown(stored(devices[0], thread_id))  # each once
+    assert a.element("status").text == "" and a.element("input").get_property("value") == ""
+    assert_no_script_errors(a)
+
+
 def test_with_an_api_key_the_page_is_open_and_its_calls_send_the_key(
     redis: RedisServer, model: Path, tmp_path: Path,
     browsers: tuple[webdriver.Chrome, webdriver.Chrome],
@@ -354,3 +380,53 @@ def test_a_message_sent_while_redis_is_down_is_sent_again_and_lands_once(
             assert_no_script_errors(page)
     finally:
         redis.stop()
+
+
+def test_a_device_cut_off_from_the_central_redis_says_offline_and_sends_the_turn_on_heal(
+    model: Path, tmp_path: Path, browsers: tuple[webdriver.Chrome, webdriver.Chrome],
+) -> None:
+    # Device C reaches the central Redis through a proxy the test cuts (the partition);
+    # device A directly. The page is C's: it chats on from C's local store meanwhile.
+    central = RedisServer(tmp_path / "central", aof=True).start()
+    proxy = TcpProxy(central.port).start()
+    urls = [central.url, central.url.replace(f":{central.port}/", f":{proxy.port}/")]
+    try:
+        with sync_devices(urls, model, [tmp_path / "A", tmp_path / "C"], ids=("devA", "devC"),
+                          extra_args=("--offline-after", "1")) as (a, c):
+            page = Page(browsers[0], c.run.base_url)
+            page.open("?max_tokens=5")
+            page.element("new-thread").click()
+            thread_id = eventually(page.thread_id, "a new thread")
+            page.send("hello")
+            eventually(lambda: page.reply("completed"), "the reply while online")
+            eventually(lambda: mirrored(c, central, thread_id), "C to keep a copy of it")
+            badge = page.element("link-state")
+            assert not badge.is_displayed()
+
+            proxy.cut(hold=True)
+            eventually(lambda: badge.text == "offline, 0 pending", "the page to say offline")
+            page.send("still there?")
+            done = eventually(lambda: page.reply("completed", after=3),
+                              "the reply of C's own model")
+            assert done["text"] == " ".join(WORDS[:5])
+            eventually(lambda: badge.text == "offline, 2 pending", "the turn counted pending")
+
+            proxy.resume()  # C sends the turn; the thread is served centrally again
+            eventually(lambda: not badge.is_displayed(), "the badge to clear")
+            offline_turn = [("user", "completed", "still there?"),
+                            ("assistant", "completed", done["text"])]
+            assert as_shown(stored(a.run, thread_id))[2:] == offline_turn  # on A too, once
+            # The page followed the thread across both epoch switches and goes on.
+            page.send("and now?")
+            eventually(lambda: page.reply("completed", after=5),
+                       "the reply of a turn after the heal")
+            assert as_shown(page.shown()) == as_shown(stored(a.run, thread_id))
+            eventually(lambda: [m["device"] for m in page.shown()] == ["", "from devC"] * 3,
+                       "every reply labelled with its device", timeout=10)
+            assert page.driver.execute_script(
+                "return linkState({sync: {link: 'online', pending: 3}}).text"
+            ) == "sending 3 changes…"  # what shows while the heal sends
+            assert_no_script_errors(page)
+    finally:
+        proxy.stop()
+        central.stop()

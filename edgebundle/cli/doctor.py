@@ -55,7 +55,8 @@ def doctor(
     wasmedge: str | None,
     manifest: str | None,
 ) -> None:
-    """Check this device: runtime, plugin, model, app, Redis, CPU, memory, disk."""
+    """Check this device: runtime, plugin, model, app, Redis, the link of its running
+    gateway, CPU, memory, disk."""
     flags: dict[str, Any] = {
         "home": (ctx.obj or {}).get("home"),
         "runtime": runtime,

@@ -26,6 +26,7 @@ CHECK_IDS: tuple[str, ...] = (
     "model.stop_tokens",
     "app.wasm",
     "redis.reachable",
+    "sync.replication",
     "host.cpu",
     "host.memory",
     "host.disk",

@@ -15,6 +15,7 @@ from edgebundle.doctor import (
     model_checks,
     redis_checks,
     runtime_checks,
+    sync_checks,
     wasmedge_checks,
 )
 from edgebundle.doctor.context import Context, resolve_runtime
@@ -32,6 +33,7 @@ AREAS: tuple[Callable[[Context], list[CheckResult]], ...] = (
     model_checks.checks,
     app_checks.checks,
     redis_checks.checks,
+    sync_checks.checks,
     host_checks.checks,
 )
 
@@ -52,7 +54,8 @@ def run_doctor(
 
     ``runtime`` overrides ``settings.runtime``; ``host``, ``environ`` and ``meminfo``
     describe the machine (default: this one); ``online=False`` leaves the network
-    alone (Redis is skipped). ``lock`` / ``app_pins`` default to the shipped pins.
+    alone (Redis and the running gateway are skipped). ``lock`` / ``app_pins`` default
+    to the shipped pins.
     With ``manifest`` the device is also compared with what that fleet manifest says
     it must run (the ``manifest.*`` checks).
     Raises PinError (exit 2) when a shipped lock file is malformed.

@@ -8,14 +8,17 @@ if any), :func:`read_sse` parses a streamed response's events.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis as redis_py
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
 
 ENDLESS = "Looping forever"  # then "forever" again and again, until a limit stops it
@@ -125,3 +128,18 @@ def sync_devices(redis_url: str | Sequence[str], model: Path, homes: Sequence[Pa
             for name, home, args, url in zip(names, homes, own, urls, strict=True)]  # fmt: skip
     with serving(runs):
         yield [Device(run, name, api_key) for name, run in zip(names, runs, strict=True)]
+
+
+def local_store(device: Device) -> redis_py.Redis:
+    """The device's private local store (the URL its `run` printed)."""
+    url = re.search(r"local store for offline use: .* on (redis://\S+),", device.run.stderr())
+    assert url, device.run.stderr()
+    return redis_py.Redis.from_url(url.group(1), decode_responses=True)
+
+
+def mirrored(device: Device, central: RedisServer, thread: str) -> bool:
+    """The device's copy of ``thread`` is at the central version (it can serve it offline)."""
+    with local_store(device) as mine, redis_py.Redis.from_url(central.url) as theirs:
+        have = mine.hget(f"eb:{{{thread}}}:replica", "central_version")
+        return have is not None and int(have) == int(
+            theirs.hget(f"eb:{{{thread}}}:meta", "version") or -1)

@@ -6,6 +6,9 @@ closed as soon as they arrive until :meth:`resume`, so a client has to retry.
 :meth:`lose_answer` lets the next matching request reach the server and cuts its
 connection as the answer begins, so the server did the work and the client never
 hears of it (what a network cut at the worst moment does).
+:meth:`stall` keeps every connection open and forwards nothing (a link that hangs
+rather than breaks: requests sent meanwhile wait, unanswered) until :meth:`release`
+forwards what waited.
 It records the first bytes each client sent (the HTTP request head) so a test can
 see how the client came back (for example with ``Last-Event-ID``).
 """
@@ -33,6 +36,8 @@ class TcpProxy:
         self._stopped = False
         self._answers_to_lose: list[bytes] = []  # request starts, each for one request
         self._losing: set[socket.socket] = set()  # clients whose answer is not forwarded
+        self._flowing = threading.Event()  # cleared while stalled
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -62,8 +67,16 @@ class TcpProxy:
         with self._lock:
             self._holding = False
 
+    def stall(self) -> None:
+        """Forward nothing, either way, on any connection (new ones too) until release()."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     def stop(self) -> None:
         self._stopped = True
+        self._flowing.set()  # stalled pumps go on, into closed sockets, and end
         _close(self._listener)
         self.cut()
 
@@ -103,6 +116,7 @@ class TcpProxy:
                     first = False
                 if not from_client and self._loses_answer_to(sink):
                     break  # the server answered: the client never hears of it
+                self._flowing.wait()
                 sink.sendall(chunk)
         except OSError:
             pass

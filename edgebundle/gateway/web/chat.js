@@ -9,6 +9,9 @@
 // them from the start. fetch() reads the streams (EventSource cannot send the API key).
 // A turn is named by its input id: a POST whose answer was lost is sent again with the
 // same id, and the gateway answers with the run it already started, never a second one.
+// A device with a local store keeps chatting while its central Redis is away: the page
+// then shows "offline, N pending" (asked of /healthz), and the thread comes under another
+// epoch each time the device switches stores (a full sync replaces the copy).
 "use strict";
 
 const KEY_STORE = "edgebundle.apiKey";
@@ -18,6 +21,7 @@ const SEND_TRIES = 8; // then the message stays in the box, and Send tries the s
 const SEND_BACKOFF_MS = [500, 4000]; // the first wait between tries and the longest
 const RETRY_STATUSES = new Set([502, 503, 504]); // a gateway or its Redis restarting
 const RUN_RANK = { queued: 0, in_progress: 1 }; // any other status: ended (2)
+const LINK_POLL_MS = 3000; // how often a visible page asks /healthz about the device's link
 
 const $ = (id) => document.getElementById(id);
 let current = null; // the open thread (see newThreadState)
@@ -156,6 +160,9 @@ function applySync(t, state) {
       t.streamed.clear();
       t.runs.clear();
       t.cursors.clear();
+      // Ask again who wrote each reply: a device that switched between the central and
+      // its local store answers for runs the other store had (and refused meanwhile).
+      t.lookups.clear();
     }
     t.messages = new Map();
     for (const message of state.messages) mergeMessage(t, message);
@@ -346,6 +353,13 @@ async function send(text) {
           landed();
           return;
         }
+        if (error.code === "epoch_mismatch" && attempt < SEND_TRIES) {
+          // The gateway has the thread under another epoch (its device switched between
+          // the central and its local store, or the thread was re-seeded): take the
+          // whole thread, then send the same turn again (its input id: it runs once).
+          await syncInFull(t);
+          continue;
+        }
         if (!worthRetrying(error) || attempt >= SEND_TRIES) throw error;
         retrying = true;
         setStatus("Connection lost; retrying…");
@@ -369,6 +383,19 @@ async function send(text) {
     const run = runOfInput(t, inputId);
     if (run) t.following.delete(run.id);
     ensureFollowing(t); // the stream broke before the end: follow the run's events
+  }
+}
+
+// The thread as the gateway has it now (no epoch asked: a full sync), in place of ours.
+async function syncInFull(t) {
+  try {
+    const response = await api("GET", t.path, undefined, t.abort.signal);
+    applySync(t, await response.json());
+    scheduleRender();
+  } catch (error) {
+    // Left the thread, or a gateway restarting (the turn's next try meets it again).
+    if (t.abort.signal.aborted || worthRetrying(error)) return;
+    throw error;
   }
 }
 
@@ -399,6 +426,53 @@ async function newThread() {
   } catch (error) {
     setStatus(`Cannot start a thread: ${error.message}`);
   }
+}
+
+// -- the device's link to the central store ----------------------------------------------
+
+// /healthz of a device with a local store carries "sync": {link, pending, …}; without
+// it (no central Redis, or an older gateway) there is nothing to say.
+function linkState(health) {
+  const sync = health && typeof health.sync === "object" ? health.sync : null;
+  const pending = sync ? Number(sync.pending) || 0 : 0;
+  if (sync && sync.link === "offline") {
+    return { kind: "offline", text: `offline, ${pending} pending`,
+             hint: "This device cannot reach the central store: it answers from its own " +
+                   "copy of the thread and sends what changed once the link is back." };
+  }
+  if (pending > 0) {
+    return { kind: "sending", text: `sending ${pending} change${pending === 1 ? "" : "s"}…`,
+             hint: "The link is back: this device is sending what changed while it was offline." };
+  }
+  return null;
+}
+
+function showLink(state) {
+  const badge = $("link-state");
+  badge.hidden = !state;
+  badge.textContent = state ? state.text : "";
+  badge.title = state ? state.hint : "";
+  badge.dataset.link = state ? state.kind : "";
+}
+
+let linkTimer = 0;
+let linkAsking = false;
+
+// Ask /healthz (open without a key) now and every LINK_POLL_MS while the page is seen.
+async function checkLink() {
+  clearTimeout(linkTimer);
+  linkTimer = 0;
+  if (linkAsking || document.visibilityState !== "visible") return; // the next ask comes
+  linkAsking = true;
+  try {
+    const response = await fetch("/healthz", { cache: "no-store" });
+    showLink(linkState(await response.json()));
+  } catch {
+    // The gateway itself is away: the status line says so; the badge keeps its last word.
+  } finally {
+    linkAsking = false;
+  }
+  if (document.visibilityState === "visible") linkTimer = setTimeout(checkLink, LINK_POLL_MS);
 }
 
 // -- what the page shows ----------------------------------------------------------------
@@ -575,6 +649,9 @@ function start() {
     localStorage.removeItem(KEY_STORE);
     $("key-input").value = "";
   });
+
+  document.addEventListener("visibilitychange", checkLink);
+  checkLink();
 
   showThreads(threadFromHash());
   const [last] = knownThreads();
