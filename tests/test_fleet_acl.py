@@ -1,11 +1,12 @@
 """Per-device Redis ACL users on a real redis-server with an admin password and an aclfile.
 
 A device user can do what the agent and the sync core do (its own keys, SADD on the
-fleet set, read the fleet's state, the sync Lua scripts end to end, its nudge channel)
-and gets NOPERM for everything else: other devices' keys, the fleet's writable state,
-KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, PUBLISH, other channels, and scripts that try
-any of it. Re-provisioning rotates the password, revoking deletes the user, the users
-survive a restart through the aclfile, and the CLI writes a 0600 credentials file.
+fleet set, read the fleet's state, the sync Redis functions end to end through FCALL,
+its nudge channel) and gets NOPERM for everything else: other devices' keys, the
+fleet's writable state, EVAL, EVALSHA, SCRIPT and FUNCTION (no busy loop of its own),
+KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, PUBLISH, other channels. Re-provisioning
+rotates the password, revoking deletes the user, the users survive a restart through
+the aclfile, and the CLI writes a 0600 credentials file.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_py
 from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
 from edgebundle.errors import RedisError, UsageError
 from edgebundle.fleet import acl, keys
 from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
+from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
 from tests.support.devices import (
@@ -189,14 +192,84 @@ def test_everything_else_is_refused(acl_redis: RedisServer) -> None:
             await denied(device.execute_command("CLIENT", "KILL", "USER", "dev:kiosk-4"))
             await denied(device.execute_command("SHUTDOWN", "NOSAVE"))
             await denied(device.execute_command("MODULE", "LIST"))
-            # a script runs under the same rules, keys it did not declare included
-            await script_denied(device.eval("return redis.call('GET', KEYS[1])", 1, other))
-            await script_denied(device.eval(f"return redis.call('GET', '{other}')", 1,
-                                            "eb:{t}:meta"))
-            await script_denied(device.eval("return redis.call('KEYS', '*')", 0))
-            await script_denied(device.eval("return redis.call('FLUSHALL')", 0))
+            # no Lua of its own at all; the library's functions under the same rules
+            await denied(device.eval("return redis.call('GET', KEYS[1])", 1, other))
+            await denied(device.eval("return redis.call('FLUSHALL')", 0))
+            await script_denied(device.fcall(lua.function_name("write_rollout"), 4,
+                                             keys.rollout(FLEET), keys.controller_lock(FLEET),
+                                             keys.revisions(FLEET), keys.paused(FLEET),
+                                             "{}", "{}", "", "", "", ""))
+            await script_denied(device.fcall(lua.function_name("read_run"), 9,
+                                             *lua.script_keys("t")[:8], other, 1, 1000, 1000,
+                                             "r"))
             assert await admin.get(other) == "{}" and await admin.get(keys.rollout(FLEET)) == "{}"
             assert (await device.info("cluster"))["cluster_enabled"] == 0  # connect's probe
+        finally:
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+BUSY_LOOP = "local n = 0 while true do n = n + 1 end"
+
+
+def test_a_device_runs_only_the_functions_an_admin_loaded(acl_redis: RedisServer) -> None:
+    """No EVAL, EVALSHA, SCRIPT or FUNCTION for a device: a busy loop (which would answer
+    BUSY to every client until killed) is refused before it runs; FCALL runs the loaded
+    library, and nothing a device could load, since it can load nothing."""
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-13")
+        admin = await connect(acl_redis.url)
+        device = await connect(url_of(result, "kiosk-13"))
+        try:
+            await denied(device.eval(BUSY_LOOP, 0))
+            await denied(device.execute_command("EVAL_RO", BUSY_LOOP, 0))
+            await denied(device.evalsha("0" * 40, 0))
+            await denied(device.script_load(BUSY_LOOP))
+            await denied(device.function_load(
+                f"#!lua name=spin\nredis.register_function('spin', function() {BUSY_LOOP} end)"))
+            await denied(device.function_delete(lua.LIBRARY))
+            await denied(device.function_flush())
+            await denied(device.execute_command("FUNCTION", "KILL"))
+            await denied(device.execute_command("SCRIPT", "KILL"))
+            started = asyncio.get_running_loop().time()
+            assert await admin.ping()  # nothing is running: the server answers at once
+            assert asyncio.get_running_loop().time() - started < 1
+            assert await device.fcall_ro(lua.function_name("version"), 0) == lua.VERSION
+            with pytest.raises(ResponseError, match="Function not found"):
+                await device.fcall("spin", 0)
+            rules = acl.device_rules(FLEET, "kiosk-13")
+            assert {"+fcall", "+fcall_ro"} <= set(rules)
+            assert not {r for r in rules if r.startswith(("+eval", "+script", "+function"))}
+        finally:
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_device_says_clearly_when_the_library_is_missing_until_an_admin_loads_it(
+        acl_redis: RedisServer, tmp_path: Path) -> None:
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-14")
+        admin = await connect(acl_redis.url)
+        device = await connect(url_of(result, "kiosk-14"))
+        try:
+            await admin.function_flush()  # e.g. a restart without persistence
+            with pytest.raises(RedisError, match=rf"functions \({lua.LIBRARY}\) are not loaded"
+                                                 r".*may not load them.*fleet load-functions"):
+                await SyncService(device).create_thread(new_thread_id())
+            loaded = edgebundle("fleet", "load-functions", "--redis-url", acl_redis.url,
+                                home=tmp_path)
+            assert loaded.returncode == 0, loaded.stderr
+            assert loaded.stdout.strip() == f"loaded {lua.LIBRARY} on 1 node(s)"
+            state = await SyncService(device).create_thread(new_thread_id())
+            assert state.version == 0
+            refused = edgebundle("fleet", "load-functions", "--redis-url",
+                                 url_of(result, "kiosk-14"), home=tmp_path)
+            assert refused.returncode == 1 and "may not load functions" in refused.stderr
+            assert result.credentials[0].password not in refused.stderr
         finally:
             await device.aclose()
             await admin.aclose()
@@ -305,7 +378,12 @@ def test_on_a_cluster_every_node_gets_the_user(cluster_redis: RedisCluster) -> N
     async def main() -> None:
         admin = await connect(cluster_redis.url)
         try:
+            await admin.function_flush()  # provisioning loads it on every primary
             result = await acl.provision(admin, FLEET, ["kiosk-c1"], base_url=cluster_redis.url)
+            assert result.library == lua.LIBRARY
+            for node in cluster_redis.nodes:
+                with redis_py.Redis(port=node.port, decode_responses=True) as direct:
+                    assert direct.fcall_ro(lua.function_name("version"), 0) == lua.VERSION
             device = await connect(url_of(result, "kiosk-c1"))
             try:
                 await device.set(keys.heartbeat("kiosk-c1"), "{}", ex=15)

@@ -12,7 +12,9 @@ usage, 1 for the rest).
 
 ``fleet provision NAME --device ID…`` gives each device its own Redis ACL user
 (:mod:`edgebundle.fleet.acl`) and writes their credentials to a file only its owner
-can read; passwords reach stdout only with ``--json``.
+can read; passwords reach stdout only with ``--json``. ``fleet
+load-functions`` loads this version's Redis functions (:mod:`edgebundle.sync.lua`),
+which provisioned devices call but may not load: run it as an admin after upgrading.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from redis.exceptions import NoPermissionError
 from rich.console import Console
 from rich.table import Table
 
 from edgebundle.config import load_settings
-from edgebundle.errors import ConfigError, UsageError
+from edgebundle.errors import ConfigError, RedisError, UsageError
 from edgebundle.fleet import controller
 from edgebundle.fleet.acl import default_credentials_path, provision_fleet, read_device_ids
 from edgebundle.fleet.manifest import load_manifest as validated_manifest
 from edgebundle.fleet.manifest import validate_files
+from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 
 T = TypeVar("T")
@@ -268,7 +272,7 @@ def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
 def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
               devices_from: Path | None, revoke: tuple[str, ...], out: Path | None,
               redis_url: str | None, device_url: str | None, as_json: bool) -> None:
-    """One Redis ACL user per device: its own keys, the fleet's state, the sync keys."""
+    """One Redis ACL user per device: its own keys, the fleet's state, the sync keys, FCALL."""
     settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
     if not settings.redis_url:
         raise UsageError("no Redis to provision: pass --redis-url URL (an admin user) "
@@ -294,3 +298,25 @@ def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
         click.echo("edgebundle: warning: Redis keeps these users in memory only; give it an "
                    "aclfile (redis.conf: aclfile /etc/redis/users.acl) so they survive a "
                    "restart, then provision again", err=True)
+
+
+@fleet.command("load-functions")
+@click.option("--redis-url", metavar="URL",
+              help="The central Redis, as a user allowed to load functions (an admin).")
+@click.pass_context
+def load_functions(ctx: click.Context, redis_url: str | None) -> None:
+    """Load this version's Redis functions (devices call them; they may not load them)."""
+    settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
+    if not settings.redis_url:
+        raise UsageError("no Redis to load the functions into: pass --redis-url URL (an "
+                         "admin user) or set EDGEBUNDLE_REDIS_URL")
+    nodes = _with_redis(settings.redis_url, _load_library)
+    click.echo(f"loaded {lua.LIBRARY} on {nodes} node(s)")
+
+
+async def _load_library(redis: Client) -> int:
+    try:
+        return await lua.load_library(redis)
+    except NoPermissionError as exc:
+        raise RedisError(f"this Redis user may not load functions ({exc}): pass --redis-url "
+                         "with an admin user's credentials") from None

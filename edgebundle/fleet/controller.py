@@ -40,8 +40,9 @@ the rules can be driven step by step:
   the time spent paused.
 - :func:`run_controller` ticks in a loop while holding the lease ``controller_lock``
   (``SET NX PX``, renewed each pass), so two controllers never act at once: every
-  Rollout write checks the lease in the same script, and every DesiredState write is a
-  compare-and-set on the generation the controller read.
+  Rollout write checks the lease in the same Redis function, and every DesiredState
+  write is a compare-and-set on the generation the controller read (the functions are
+  the fleet part of the library in :mod:`edgebundle.sync.lua`).
 - :func:`status`, :func:`pause`, :func:`resume`, :func:`rollback` are the operator's.
 """
 
@@ -71,6 +72,7 @@ from edgebundle.fleet.state import (
     dumps,
     loads,
 )
+from edgebundle.sync import lua
 from edgebundle.sync.client import Client
 
 log = logging.getLogger(__name__)
@@ -79,74 +81,10 @@ LEASE_MS = 15_000  # the controller's lease; renewed every pass (TICK_INTERVAL)
 TICK_INTERVAL = 2.0  # s between passes of run_controller
 READ_CHUNK = 1000  # keys per MGET when reading the fleet
 DEFAULT_MAX_UNAVAILABLE = 1
-CLUSTER_CONCURRENCY = 200  # script calls in flight at once on a Redis Cluster
+CLUSTER_CONCURRENCY = 200  # function calls in flight at once on a Redis Cluster
 CAS_ATTEMPTS = 5  # an operator command retries its compare-and-set this often
 ACTIVE = ("progressing", "rolling_back")
 FINISHED = ("complete", "rolled_back", "frozen", "failed")
-
-# KEYS[1] desired(id)
-# ARGV[1] the generation the caller read (0: the key was missing or unreadable)
-# ARGV[2] the new DesiredState JSON (its generation is ARGV[1] + 1)
-# ARGV[3] the device's nudge channel
-# Compare-and-set: writes only if the stored generation is still ARGV[1], so of two
-# writers that read the same state one wins and the other changes nothing; then
-# publishes the nudge. Returns 1 written, 0 someone wrote in between.
-_WRITE_DESIRED = """
-local raw = redis.call('GET', KEYS[1])
-local current = 0
-if raw then
-  local ok, doc = pcall(cjson.decode, raw)
-  if ok and type(doc) == 'table' and tonumber(doc['generation']) then
-    current = tonumber(doc['generation'])
-  end
-end
-if current ~= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], '1')
-return 1
-"""
-
-# KEYS[1] rollout(fleet)  KEYS[2] controller_lock(fleet)  KEYS[3] revisions(fleet)
-# KEYS[4] paused(fleet)
-# ARGV[1] the Rollout JSON the caller read ('' = the key was missing)
-# ARGV[2] the new Rollout JSON
-# ARGV[3] the caller's lease token ('' = an operator command, no lease needed)
-# ARGV[4] a revision id to store in revisions ('' = none), ARGV[5] its Revision JSON
-# ARGV[6] 'resume' = also delete the paused key
-# Returns 'ok', 'lease' (the caller no longer holds the lease: nothing written) or
-# 'changed' (the rollout changed since the caller read it: nothing written).
-_WRITE_ROLLOUT = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 'lease' end
-local raw = redis.call('GET', KEYS[1])
-if (raw or '') ~= ARGV[1] then return 'changed' end
-if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[4], ARGV[5]) end
-redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[6] == 'resume' then redis.call('DEL', KEYS[4]) end
-return 'ok'
-"""
-
-# KEYS[1] controller_lock(fleet)
-# ARGV[1] the caller's token, ARGV[2] the lease in ms
-# Takes the lease when free, renews it when the caller holds it. Returns 1 held, 0 not.
-_HOLD_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS[1] controller_lock(fleet); ARGV[1] the caller's token. Deletes it only if held.
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 @dataclass
 class DeviceView:
@@ -390,10 +328,11 @@ class Controller:
         self.fleet = fleet
         self.token = token
         self.lease_ms = lease_ms
-        self._write_desired = redis.register_script(_WRITE_DESIRED)
-        self._write_rollout = redis.register_script(_WRITE_ROLLOUT)
-        self._hold_lease = redis.register_script(_HOLD_LEASE)
-        self._release_lease = redis.register_script(_RELEASE_LEASE)
+        self._functions = lua.Functions(redis)
+        self._write_desired = lua.Function(self._functions, "write_desired")
+        self._write_rollout = lua.Function(self._functions, "write_rollout")
+        self._hold_lease = lua.Function(self._functions, "hold_lease")
+        self._release_lease = lua.Function(self._functions, "release_lease")
         self.last_rollout_raw = ""  # the Rollout JSON this controller last wrote
         self._memo: ParseMemo = {}  # parsed device documents of the last pass
 
@@ -458,17 +397,17 @@ class Controller:
             calls.append(([keys.desired(view.id)],
                           [generation, dumps(document.to_json()), keys.nudge(view.id)]))
         if isinstance(self.redis, RedisCluster):
-            # a cluster client cannot pipeline scripts: concurrent calls, a chunk at a time
+            # concurrent calls, a chunk at a time (routed per key by the cluster client)
             results: list[Any] = []
             for start in range(0, len(calls), CLUSTER_CONCURRENCY):
                 results.extend(await asyncio.gather(*(
                     self._write_desired(keys=call_keys, args=call_args)
                     for call_keys, call_args in calls[start:start + CLUSTER_CONCURRENCY])))
         else:
+            await self._functions.ensure_loaded()  # a pipeline cannot load half-way
             pipe = self.redis.pipeline(transaction=False)
             for call_keys, call_args in calls:
-                await self._write_desired(keys=call_keys, args=call_args,
-                                          client=pipe)
+                pipe.fcall(self._write_desired.name, len(call_keys), *call_keys, *call_args)
             results = await pipe.execute()
         return [view.id for (view, _, _), ok in zip(moves, results, strict=True) if int(ok) == 1]
 

@@ -8,7 +8,7 @@ server cannot diff from, gets the full state instead: never a silent gap.
 
 Pushes carry per-device mutation ids: a mutation whose ``mid`` is not above the
 last one applied for that device is skipped, and the last applied ``mid`` is stored
-in the same script as the change, so a retried push applies once. Client edits
+in the same function as the change, so a retried push applies once. Client edits
 win. The answer is the server's diff since the client's version, from the same
 atomic step.
 """
@@ -48,14 +48,14 @@ class ThreadStore:
     async def create(self, thread_id: str | None = None) -> SyncState:
         """Create the thread, or join it if it exists; its full state either way."""
         thread_id = keys.check_id("thread", thread_id or new_id("thr"))
-        reply = await self._backend.call(self._backend.scripts.create, thread_id, None,
+        reply = await self._backend.call(self._backend.functions.create, thread_id, None,
                                          new_epoch())
         return parse_state(thread_id, reply[1:])
 
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
         """The diff since (epoch, since); the full state if it cannot be a diff."""
         keys.check_id("thread", thread_id)
-        reply = await self._backend.call(self._backend.scripts.sync, thread_id, None,
+        reply = await self._backend.call(self._backend.functions.sync, thread_id, None,
                                          epoch or "", check_since(since))
         raise_for(reply, thread_id)
         return parse_state(thread_id, reply[1:])
@@ -65,7 +65,7 @@ class ThreadStore:
         """The diff since (epoch, since) now, then one diff each time the thread changes.
 
         Between diffs only meta's epoch, version and active run are read (one HMGET per
-        ``interval``): a watcher costs Redis a hash read, not a script, while nothing
+        ``interval``): a watcher costs Redis a hash read, not a function call, while nothing
         happens. Polling rather than a notification key keeps every write path as it
         is; at 4 reads a second per watcher it is far below what one Redis serves.
         ThreadNotFoundError when the thread is gone.
@@ -93,7 +93,7 @@ class ThreadStore:
         keys.check_id("device", device_id)
         encoded = [dumps(check_mutation(m)) for m in mutations]
         reply = await self._backend.call(
-            self._backend.scripts.push, thread_id, None,
+            self._backend.functions.push, thread_id, None,
             device_id, epoch or "", check_since(since), "1" if reseed else "0", new_epoch(),
             *encoded,
         )
@@ -102,7 +102,7 @@ class ThreadStore:
 
 
 def check_mutation(mutation: Mapping[str, Any]) -> dict[str, Any]:
-    """The mutation as the push script expects it; UsageError saying what is wrong."""
+    """The mutation as the push function expects it; UsageError saying what is wrong."""
     if not isinstance(mutation, Mapping):
         raise UsageError(f"a mutation must be an object, not {mutation!r}")
     mid, op, message = mutation.get("mid"), mutation.get("op"), mutation.get("message")
