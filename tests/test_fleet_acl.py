@@ -1,12 +1,13 @@
 """Per-device Redis ACL users on a real redis-server with an admin password and an aclfile.
 
-A device user can do what the agent and the sync core do (its own keys, SADD on the
-fleet set, read the fleet's state, the sync Redis functions end to end through FCALL,
-its nudge channel) and gets NOPERM for everything else: other devices' keys, the
-fleet's writable state, EVAL, EVALSHA, SCRIPT and FUNCTION (no busy loop of its own),
-KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, PUBLISH, other channels. Re-provisioning
-rotates the password, revoking deletes the user, the users survive a restart through
-the aclfile, and the CLI writes a 0600 credentials file.
+A device user can do what the agent and the sync core do (its own keys, read the
+fleet's state, the sync Redis functions end to end through FCALL, its nudge channel)
+and gets NOPERM for everything else: other devices' keys, the fleet's writable state
+and its device set (provisioning adds the device, revoking removes it), EVAL, EVALSHA,
+SCRIPT and FUNCTION (no busy loop of its own), KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL,
+PUBLISH, other channels. Re-provisioning rotates the password, revoking deletes the
+user, the users survive a restart through the aclfile, and the CLI writes a 0600
+credentials file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from redis.exceptions import NoPermissionError, RedisClusterException, ResponseE
 
 from edgebundle.errors import RedisError, UsageError
 from edgebundle.fleet import acl, keys
+from edgebundle.fleet.agent import register
 from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
@@ -106,10 +108,8 @@ def test_the_device_user_can_do_what_the_agent_does(acl_redis: RedisServer) -> N
             desired = DesiredState(generation=3, revision=revision.id, spec={"model": {}})
             await admin.set(keys.desired("kiosk-1"), dumps(desired.to_json()))
 
-            # register, heartbeat, report: the agent's writes
-            await device.hset(keys.device_info("kiosk-1"),
-                              mapping={"fleet": FLEET, "labels": "{}", "agent_version": "1"})
-            assert await device.sadd(keys.fleet_devices(FLEET), "kiosk-1") == 1
+            # register (the agent's own code), heartbeat, report: the agent's writes
+            await register(device, "kiosk-1", FLEET, {"ring": "canary"})
             await device.set(keys.heartbeat("kiosk-1"), dumps(Heartbeat(at=1.0).to_json()),
                              ex=15)
             await device.set(keys.actual("kiosk-1"), dumps({"generation": 3}))
@@ -120,7 +120,8 @@ def test_the_device_user_can_do_what_the_agent_does(acl_redis: RedisServer) -> N
             assert await device.hget(keys.revisions(FLEET), revision.id) is not None
             assert await device.get(keys.rollout(FLEET)) is not None
             assert await device.exists(keys.paused(FLEET)) == 1
-            # and the admin sees the device's writes
+            # and the admin sees the device's writes; provisioning made it a member
+            assert await admin.hget(keys.device_info("kiosk-1"), "fleet") == FLEET
             assert await admin.sismember(keys.fleet_devices(FLEET), "kiosk-1")
             assert await admin.get(keys.actual("kiosk-1")) == dumps({"generation": 3})
         finally:
@@ -170,7 +171,11 @@ def test_everything_else_is_refused(acl_redis: RedisServer) -> None:
             await denied(device.set(other, "{}"))
             await denied(device.set(keys.heartbeat("kiosk-4"), "{}", ex=15))
             await denied(device.hset(keys.device_info("kiosk-4"), "fleet", FLEET))
-            # the fleet's state is read-only, its device set is SADD-only
+            # the fleet's state is read-only, its device set out of reach: a device
+            # cannot enrol anything (a bad id, a ghost, another fleet's device)
+            await denied(device.sadd(keys.fleet_devices(FLEET), "kiosk-3"))
+            await denied(device.sadd(keys.fleet_devices(FLEET), "bad}id"))
+            await denied(device.sadd(keys.fleet_devices("other-fleet"), "kiosk-3"))
             await denied(device.hset(keys.revisions(FLEET), "rev-x", "{}"))
             await denied(device.set(keys.rollout(FLEET), "{}"))
             await denied(device.delete(keys.rollout(FLEET)))
@@ -425,8 +430,12 @@ def test_reprovisioning_rotates_and_revoke_deletes(acl_redis: RedisServer) -> No
         await new.set(keys.actual("kiosk-5"), "{}")
         await denied(new.get(keys.actual("kiosk-4")))  # same rules after the rotation
 
+        admin = await connect(acl_redis.url)
+        assert await admin.sismember(keys.fleet_devices(FLEET), "kiosk-5")
         revoked = await provisioned(acl_redis, revoke=("kiosk-5", "never-there"))
         assert revoked.revoked == ["kiosk-5"] and revoked.credentials == []
+        assert not await admin.sismember(keys.fleet_devices(FLEET), "kiosk-5")
+        await admin.aclose()
         for client in (old, new):  # deleting the user closed its connections
             with pytest.raises(Exception):  # noqa: B017 - closed, then refused on reconnect
                 await client.ping()

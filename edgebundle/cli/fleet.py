@@ -11,8 +11,8 @@ usage, 1 for the rest).
 (plan, apply) refuse an invalid one with exit 2 (ManifestError, a usage error).
 
 ``fleet provision NAME --device ID…`` gives each device its own Redis ACL user
-(:mod:`edgebundle.fleet.acl`) and writes their credentials to a file only its owner
-can read; passwords reach stdout only with ``--json``. ``fleet
+(:mod:`edgebundle.fleet.acl`), adds it to the fleet and writes their credentials to a
+file only its owner can read; passwords reach stdout only with ``--json``. ``fleet
 load-functions`` loads this version's Redis functions (:mod:`edgebundle.sync.lua`),
 which provisioned devices call but may not load: run it as an admin after upgrading.
 """
@@ -181,6 +181,15 @@ def status_cmd(name: str, redis_url: str | None, as_json: bool) -> None:
         table.add_row(device["device"], labels, desired, actual, device["state"] or "-",
                       "yes" if device["online"] else "no", device["last_error"] or "")
     console.print(table)
+    if result.ignored:
+        console.print(f"ignored: {_ignored(result.ignored)}", soft_wrap=True)
+
+
+def _ignored(ignored: dict[str, str], limit: int = 10) -> str:
+    """Set members the controller leaves out, with why (at most ``limit`` of them)."""
+    shown = [f"{device!r} ({why})" for device, why in list(ignored.items())[:limit]]
+    more = len(ignored) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _rollout_line(result: controller.FleetStatus) -> str:
@@ -236,7 +245,8 @@ def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
         line = (f"{summary.status or '-'} phase {summary.phase}: {summary.message}"
                 + (f"; moved {', '.join(summary.moved)}" if summary.moved else "")
                 + (f"; rolled back {', '.join(summary.rolled_back)}"
-                   if summary.rolled_back else ""))
+                   if summary.rolled_back else "")
+                + (f"; ignored {_ignored(summary.ignored)}" if summary.ignored else ""))
         if last[-1:] != [line]:
             click.echo(f"fleet {name}: {line}")
             last[:] = [line]
@@ -272,7 +282,8 @@ def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
 def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
               devices_from: Path | None, revoke: tuple[str, ...], out: Path | None,
               redis_url: str | None, device_url: str | None, as_json: bool) -> None:
-    """One Redis ACL user per device: its own keys, the fleet's state, the sync keys, FCALL."""
+    """One Redis ACL user per device (its own keys, the fleet's state, the sync keys,
+    FCALL), and the device in the fleet."""
     settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
     if not settings.redis_url:
         raise UsageError("no Redis to provision: pass --redis-url URL (an admin user) "

@@ -6,8 +6,9 @@ or break the others, or stop the server. :func:`provision` gives device ``D`` of
 what the device's own code runs):
 
 - its own keys ``eb:dev:{dev:D}:*`` (info, heartbeat, desired, actual): read and write;
-- the fleet's device set ``eb:fleet:{fleet:F}:devices``: SADD only (an ACL selector);
-- the fleet's revisions, rollout and pause flag: read only (``%R~``);
+- the fleet's revisions, rollout and pause flag: read only (``%R~``); nothing at all on
+  the fleet's device set: membership is the admin's (provisioning adds the device,
+  revoking removes it), so a device cannot enrol ids in its fleet;
 - the sync keys of every thread, ``eb:{*`` (threads are shared between devices), with
   the commands the sync core sends itself and the commands its Redis functions call
   (read from :mod:`edgebundle.sync.lua`, so a function that starts using a command is
@@ -25,13 +26,13 @@ Redis checks the commands a function runs against the caller's user, keys includ
 That is also the limit of this fence: a command a function needs on a thread's keys
 (HSET, DEL, XADD …) is one the device may also send directly, so a stolen device
 credential can still read, change or delete any thread (threads are shared); it
-cannot reach other devices' keys, the fleet's state, or the server.
+cannot reach other devices' keys, the fleet's state or membership, or the server.
 
 :func:`provision` also loads the library (``FUNCTION LOAD``, on every primary of a
 cluster), which devices may not do themselves. Re-provisioning a device rotates its
 password (``ACL SETUSER … reset``, one atomic step); connections already open keep
 working until they reconnect. Revoking a device deletes its user, which also closes its
-connections. ACL users live in the server's
+connections, and removes it from the fleet. ACL users live in the server's
 memory: when it has an ``aclfile`` they are saved there (``ACL SAVE``), otherwise the
 result says they were not persisted. On Redis Cluster every node gets the same users.
 
@@ -110,7 +111,6 @@ def device_rules(fleet: str, device_id: str) -> list[str]:
         f"%R~{keys.rollout(fleet)}",
         f"%R~{keys.paused(fleet)}",
         "resetchannels", f"&{keys.nudge(device_id)}",
-        f"(~{keys.fleet_devices(fleet)} +sadd)",  # a selector: SADD and nothing else there
     ]
 
 
@@ -189,12 +189,13 @@ def _counts(reply: Any) -> list[int]:
 
 async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, base_url: str,
                     revoke_ids: Iterable[str] = ()) -> ProvisionResult:
-    """Create (or rotate) one ACL user per device, delete the users of ``revoke_ids``.
-    Loads the Redis functions library first (devices may only call it).
+    """Create (or rotate) one ACL user per device and add it to the fleet's device set;
+    delete the users of ``revoke_ids`` and take them out of the set. Loads the Redis
+    functions library first (devices may only call it).
 
     ``redis`` is an admin connection; ``base_url`` is the Redis address the devices use
     (their credentials are put in it). Idempotent: running it again gives the same
-    users and rules with new passwords.
+    users, rules and members with new passwords.
     """
     sync_keys.check_id("fleet", fleet)
     wanted = [sync_keys.check_id("device", d) for d in dict.fromkeys(device_ids)]
@@ -221,9 +222,14 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
             raise _refused(exc, password) from None
         credentials.append(DeviceCredentials(device_id, user, password, url))
     try:
+        members = keys.fleet_devices(fleet)
+        if wanted:  # membership is the admin's: devices cannot write this set
+            await redis.sadd(members, *wanted)
         for device_id in unwanted:
             if any(_counts(await _acl(redis, "DELUSER", user_name(device_id)))):
                 revoked.append(device_id)
+        if unwanted:
+            await redis.srem(members, *unwanted)
         persisted = await _save(redis)
     except _RedisPyError as exc:
         raise _refused(exc) from None

@@ -1,10 +1,11 @@
 """The device agent: makes this device run what the fleet's controller wants it to run.
 
-The agent talks to the central Redis only through its own device keys (and the
-fleet's device set), so a per-device ACL user is enough:
+The agent talks to the central Redis only through its own device keys (and reads of
+the fleet's state), so a per-device ACL user is enough:
 
-- **register**: ``HSET info`` {fleet, labels, agent_version, registered_at} and
-  ``SADD`` the fleet's device set; again after an outage (Redis may have lost it).
+- **register**: ``HSET info`` {fleet, labels, agent_version, registered_at}; again
+  after an outage (Redis may have lost it). The fleet's device set is written by
+  ``fleet provision``; only without a provisioned user does the agent ``SADD`` itself.
 - **heartbeat**: every :data:`HEARTBEAT_INTERVAL` ``SET hb … EX HEARTBEAT_TTL``; the
   key expiring is how the controller learns the device is offline.
 - **watch desired**: ``SUBSCRIBE nudge`` wakes the agent at once, but the nudge is
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from redis.exceptions import NoPermissionError
 from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle import __version__, installer
@@ -64,6 +66,7 @@ from edgebundle.doctor import CheckResult, Report, run_doctor
 from edgebundle.download import fetch
 from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
 from edgebundle.fleet import keys
+from edgebundle.fleet.acl import USER_PREFIX
 from edgebundle.fleet.state import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TTL,
@@ -108,12 +111,23 @@ async def beat(redis: Client, device_id: str, heartbeat: Heartbeat,
 
 
 async def register(redis: Client, device_id: str, fleet: str, labels: Mapping[str, str]) -> None:
-    """Announce the device to its fleet (its info hash and the fleet's device set)."""
+    """Announce the device to its fleet: its info hash (the fleet it runs for, labels).
+
+    Membership of the fleet's device set is the admin's: ``fleet provision`` adds the
+    device, and its Redis user (``dev:<id>``) may not write the set. Only under another
+    user (a Redis without per-device users, where every device is trusted anyway) does
+    the agent add itself, so such a fleet needs no setup.
+    """
     await redis.hset(keys.device_info(device_id), mapping={
         "fleet": fleet, "labels": dumps(dict(labels)), "agent_version": __version__,
         "registered_at": str(time.time()),
     })
-    await redis.sadd(keys.fleet_devices(fleet), device_id)
+    try:
+        user = str(await redis.execute_command("ACL", "WHOAMI"))
+        if not user.startswith(USER_PREFIX):
+            await redis.sadd(keys.fleet_devices(fleet), device_id)
+    except NoPermissionError:
+        pass  # a user the admin fenced some other way: membership is theirs
 
 
 async def read_desired(redis: Client, device_id: str) -> DesiredState | None:
