@@ -51,7 +51,7 @@ interrupted by an edit or a new run, or lost its lease and is taken over.
 Conventions inside Redis: JSON only (cjson); versions come from ``HINCRBY`` on meta,
 never from a clock; replies are arrays whose first element says what happened
 (``ok``, ``gone``, ``epoch``, ``busy``, ``lost``, ``norun``, ``wait``, ``ended``,
-``duplicate``).
+``duplicate``, ``gap``, ``badmutation``).
 
 The lock holds either a holder's random token or ``reserved:<run id>``: when the
 thread frees up, the next queued run is woken (a token RPUSHed on its ``go`` list,
@@ -396,19 +396,50 @@ PUSH = r"""
 -- stored in this same step), client wins; an edit or delete of an existing message
 -- while a run generates interrupts that run first (its text so far kept). Answers
 -- the diff since the client's version.
+-- Mutation ids (Replicache's rule): a device numbers its mutations of a thread 1, 2,
+-- 3 ... A mid at or below the last one applied for the device is a repeat (skipped),
+-- last + 1 is applied, a higher one is a gap: then nothing is written and the answer
+-- is {'gap', the expected mid, the mid sent}, so a push that names another device
+-- cannot jump that device's counter ahead and silence its later mutations. A mutation
+-- whose mid is not a whole number from 1 to 2^53 - 1, whose op is neither put nor
+-- delete or whose message has no id answers {'badmutation', its JSON}: nothing written.
+-- A stored last mid no valid push could have written (an older version stored 1e400
+-- as inf) counts as unknown: the device's next push goes on from its own first mid.
 -- KEYS[1..9] fixed thread keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] device id; ARGV[5] client epoch;
 -- ARGV[6] since; ARGV[7] '1' = reseed; ARGV[8] the new epoch if reseeding;
 -- ARGV[9..] one mutation JSON each: {"mid": n, "op": "put"|"delete", "message": {...}}
 local device = ARGV[4]
-if redis.call('EXISTS', META) == 0 then
-  if ARGV[7] ~= '1' then return {'epoch', ''} end
-  create_meta(ARGV[8])
-else
+local MAX_MID = 9007199254740991
+local function whole(n)
+  return type(n) == 'number' and n >= 0 and n <= MAX_MID and n == math.floor(n)
+end
+local mutations = {}
+for i = 9, #ARGV do
+  local m = cjson.decode(ARGV[i])
+  if type(m) ~= 'table' or not whole(m.mid) or m.mid < 1 or (m.op ~= 'put' and m.op ~= 'delete')
+      or type(m.message) ~= 'table' or type(m.message.id) ~= 'string' then
+    return {'badmutation', ARGV[i]}
+  end
+  mutations[#mutations + 1] = m
+end
+
+local exists = redis.call('EXISTS', META) == 1
+if not exists and ARGV[7] ~= '1' then return {'epoch', ''} end
+if exists then
   local epoch = redis.call('HGET', META, 'epoch')
   if epoch ~= ARGV[5] then return {'epoch', epoch} end
-  reap()
 end
+local last = tonumber(redis.call('HGET', MIDS, device) or '0')
+if not whole(last) then last = nil end
+local expect = last
+for _, m in ipairs(mutations) do
+  if expect == nil then expect = m.mid - 1 end
+  if m.mid > expect + 1 then return {'gap', expect + 1, m.mid} end
+  expect = math.max(expect, m.mid)
+end
+if exists then reap() else create_meta(ARGV[8]) end
+last = last or 0
 
 local FIELDS = {'role', 'content', 'status', 'position', 'created_at', 'run_id'}
 local function differs(current, incoming)
@@ -419,10 +450,8 @@ local function differs(current, incoming)
   return false
 end
 
-local last = tonumber(redis.call('HGET', MIDS, device) or '0')
 local interrupted = false
-for i = 9, #ARGV do
-  local m = cjson.decode(ARGV[i])
+for _, m in ipairs(mutations) do
   if m.mid > last then
     last = m.mid
     local incoming = m.message
@@ -463,7 +492,7 @@ for i = 9, #ARGV do
     end
   end
 end
-redis.call('HSET', MIDS, device, last)
+redis.call('HSET', MIDS, device, string.format('%d', last))
 touch()
 return snapshot(ARGV[5], tonumber(ARGV[6]))
 """

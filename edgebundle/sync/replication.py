@@ -38,7 +38,10 @@ Exactly once: the push carries mutation ids of the device's replica identity
 (``<device id>:replica``), and the mutations with their ids are written to the local
 store before they are sent (the outbox). A push whose answer was lost, a heal cut by
 the link flapping, a device killed mid-heal: the same outbox with the same ids is sent
-again and the central store applies each id once. A thread the central store no
+again and the central store applies each id once. The ids go on from heal to heal
+(``next_mid``), with no gap, as the central store demands; a thread made again since
+(another epoch: ids count from 1 again) answers a gap, and the outbox is numbered on
+from the id it expects. A thread the central store no
 longer has (it expired, or was made offline) is re-seeded from the device's copy under
 a new epoch, as any device does after expiry.
 """
@@ -59,6 +62,7 @@ from redis.exceptions import RedisError as RedisPyError
 from edgebundle.errors import (
     EpochMismatchError,
     InputTakenError,
+    MutationGapError,
     OfflineError,
     RedisError,
     ThreadNotFoundError,
@@ -520,14 +524,13 @@ class DeviceSync:
 
     async def _send(self, thread_id: str, epoch: str, outbox: list[dict[str, Any]],
                     local_state: SyncState) -> None:
-        me = replica_device(self.device_id)
         try:
-            await self.central.push(thread_id, me, epoch, 0, outbox)
+            await self._push_outbox(thread_id, epoch, outbox)
             return
         except EpochMismatchError as exc:
             current = exc.epoch
         if current is not None:  # re-seeded elsewhere meanwhile: our changes go on top
-            await self.central.push(thread_id, me, current, 0, outbox)
+            await self._push_outbox(thread_id, current, outbox)
             return
         # The central store has no such thread (it expired, or it was made offline):
         # re-seed it from this device's copy, under a new epoch.
@@ -535,11 +538,28 @@ class DeviceSync:
                          key=lambda m: m.position)
         seed = [{"mid": mid, "op": "put", "message": _copy(m)} for mid, m in enumerate(visible, 1)]
         try:
-            await self.central.push(thread_id, f"{me}.seed", "", 0, seed, reseed=True)
+            await self.central.push(thread_id, f"{replica_device(self.device_id)}.seed", "", 0,
+                                    seed, reseed=True)
         except EpochMismatchError as exc:  # created by another device at the same moment
             if exc.epoch is None:
                 raise
-            await self.central.push(thread_id, me, exc.epoch, 0, outbox)
+            await self._push_outbox(thread_id, exc.epoch, outbox)
+
+    async def _push_outbox(self, thread_id: str, epoch: str,
+                           outbox: list[dict[str, Any]]) -> None:
+        """Push the outbox under the replica identity. A thread made again since the
+        outbox was numbered (a new epoch counts every device's ids from 1) answers a
+        gap: none of the outbox is in it then, so it is numbered on from the id the
+        thread expects, kept (a retry sends the same ids) and sent again."""
+        me = replica_device(self.device_id)
+        try:
+            await self.central.push(thread_id, me, epoch, 0, outbox)
+            return
+        except MutationGapError as exc:
+            outbox[:] = [{**item, "mid": exc.expected + n} for n, item in enumerate(outbox)]
+        await self.local.redis.hset(keys.replica(thread_id), mapping={
+            "outbox": dumps(outbox), "next_mid": outbox[-1]["mid"] + 1})
+        await self.central.push(thread_id, me, epoch, 0, outbox)
 
 
 def _copy(message: Message, *, position: bool = True) -> dict[str, Any]:
