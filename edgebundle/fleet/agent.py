@@ -62,7 +62,7 @@ from redis.exceptions import RedisError as _RedisPyError
 from edgebundle import __version__, installer
 from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
-from edgebundle.doctor import CheckResult, Report, run_doctor
+from edgebundle.doctor import CheckResult, Report, redis_checks, run_doctor
 from edgebundle.download import fetch
 from edgebundle.errors import ConfigError, EdgebundleError, SupervisorError, UsageError
 from edgebundle.fleet import keys
@@ -91,7 +91,7 @@ MODEL_FILE = "model.gguf"
 APP_FILE = "app.wasm"
 BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
 REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
-ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
+ENVIRONMENT_CHECKS = frozenset(redis_checks.IDS)  # doctor ids that do not gate a revision
 
 Log = Callable[[str], None]
 
