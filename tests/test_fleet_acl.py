@@ -13,6 +13,7 @@ credentials file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import stat
@@ -26,8 +27,9 @@ import pytest
 import redis as redis_py
 from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
+from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import RedisError, UsageError
-from edgebundle.fleet import acl, keys
+from edgebundle.fleet import acl, controller, keys
 from edgebundle.fleet.agent import register
 from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync import lua
@@ -42,6 +44,7 @@ from tests.support.devices import (
     text_of,
     types,
 )
+from tests.support.fleet import AgentProcess
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
@@ -65,10 +68,10 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 
 
 async def provisioned(server: RedisServer, *device_ids: str,
-                      revoke: tuple[str, ...] = ()) -> acl.ProvisionResult:
+                      revoke: tuple[str, ...] = (), fleet: str = FLEET) -> acl.ProvisionResult:
     admin = await connect(server.url)
     try:
-        return await acl.provision(admin, FLEET, device_ids, base_url=server.url,
+        return await acl.provision(admin, fleet, device_ids, base_url=server.url,
                                    revoke_ids=revoke)
     finally:
         await admin.aclose()
@@ -339,6 +342,56 @@ def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> No
             await laptop_redis.aclose()
 
     asyncio.run(main())
+
+
+def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
+        acl_redis: RedisServer, tmp_path: Path) -> None:
+    """The real `edgebundle agent` under its device user (register, heartbeat, nudge,
+    desired, reconcile, report) and the controller as the admin: a revision rolls out to
+    the device provisioning put in the fleet, and the server ran no EVAL at all."""
+    fleet = "roll-out"  # a fleet of its own on the module's server
+    result = asyncio.run(provisioned(acl_redis, "kiosk-20", fleet=fleet))
+    model = write_scripted_model(tmp_path / "m.gguf", ScriptedModelSpec(reply="Hi."))
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    manifest = {"apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": fleet},
+                "spec": {"runtime": {"kind": "embedded"},
+                         "model": {"name": "m", "url": model.as_uri(), "sha256": digest,
+                                   "template": "llama-3-chat", "ctx_size": 2048},
+                         "rollout": {"phases": [{"percent": 100}], "max_unavailable": "100%",
+                                     "health": {"window": 0}}}}
+    with redis_py.Redis(port=acl_redis.port, password=ADMIN_PASSWORD) as stats:
+        stats.config_resetstat()
+    agent = AgentProcess(tmp_path / "home", "kiosk-20", url_of(result, "kiosk-20"),
+                         "--fleet", fleet)  # the last --fleet wins
+    try:
+        async def roll_out() -> controller.TickSummary:
+            admin = await connect(acl_redis.url)
+            try:
+                while not await admin.exists(keys.heartbeat("kiosk-20")):
+                    assert agent.proc.poll() is None, agent.stderr()
+                    await asyncio.sleep(0.1)
+                await controller.apply(admin, manifest)
+                ctl = controller.Controller(admin, fleet)
+                summary = await ctl.tick()
+                assert "kiosk-20" in summary.moved, summary
+                for _ in range(600):
+                    summary = await ctl.tick()
+                    if summary.status == "complete":
+                        return summary
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"no rollout: {summary}\n{agent.stderr()}")
+            finally:
+                await admin.aclose()
+
+        done = asyncio.run(roll_out())
+        assert done.counts.get("healthy", 0) >= 1
+    finally:
+        assert agent.stop() == 0, agent.stderr()
+    assert "NOPERM" not in agent.stderr() and result.credentials[0].password not in agent.stderr()
+    with redis_py.Redis(port=acl_redis.port, password=ADMIN_PASSWORD,
+                        decode_responses=True) as stats:
+        used = stats.info("commandstats")
+    assert "cmdstat_fcall" in used and not {"cmdstat_eval", "cmdstat_evalsha"} & set(used)
 
 
 def test_two_edgebundle_run_devices_share_a_thread_under_their_own_users(
