@@ -278,6 +278,11 @@ def test_a_device_says_clearly_when_the_library_is_missing_until_an_admin_loads_
                                  url_of(result, "kiosk-14"), home=tmp_path)
             assert refused.returncode == 1 and "may not load functions" in refused.stderr
             assert result.credentials[0].password not in refused.stderr
+            # a user made by an older edgebundle (EVAL, no FCALL) is told what to do
+            await admin.execute_command("ACL", "SETUSER", "dev:kiosk-14", "-fcall", "+eval")
+            with pytest.raises(RedisError, match=r"may not run edgebundle's functions .*'fcall'"
+                                                 r".*provision it again"):
+                await SyncService(device).create_thread(new_thread_id())
         finally:
             await device.aclose()
             await admin.aclose()

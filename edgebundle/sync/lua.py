@@ -810,7 +810,8 @@ def _library(version: str) -> str:
     parts = [f"#!lua name=edgebundle_{version}\n", PRELUDE]
     parts += [register(name, body, "begin") for name, body in SYNC_FUNCTIONS.items()]
     parts += [register(name, body, "use") for name, body in FLEET_FUNCTIONS.items()]
-    parts.append(f"redis.register_function{{function_name='eb_{version}_version', "
+    parts.append("-- version: this library's version, read-only (FCALL_RO). No KEYS, no ARGV.\n"
+                 f"redis.register_function{{function_name='eb_{version}_version', "
                  f"callback=function() return '{version}' end, flags={{'no-writes'}}}}\n")
     return "".join(parts)
 
@@ -838,7 +839,7 @@ def _refusal(exc: ResponseError, what: str) -> RedisError | None:
         return RedisError(
             f"this Redis cannot {what}: it has no FCALL, so it is older than 7.0; edgebundle "
             "calls its Lua as Redis Functions, which need Redis 7.0 or newer: upgrade it")
-    if isinstance(exc, NoPermissionError):
+    if isinstance(exc, NoPermissionError) and "'fcall" in text.lower():
         return RedisError(
             f"this Redis user may not {what} ({text}): a device user made by an older "
             "edgebundle has EVAL instead of FCALL; provision it again "
