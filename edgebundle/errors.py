@@ -10,6 +10,7 @@ it, because it is what the user reads.
     ├── UsageError                  exit 2   the command line or its inputs are wrong
     │   ├── ConfigError             exit 2   a config file, URL or option value is invalid
     │   ├── InputTakenError         exit 2   a turn's input id names a message that is no turn's
+    │   ├── MutationGapError        exit 2   a push skips mutation ids (.expected: the next one)
     │   ├── PinError                exit 2   a lock file (pins) is malformed or names nothing usable
     │   └── ManifestError           exit 2   a fleet manifest is invalid (.problems: every one,
     │                                        file:line:column: key.path: what is wrong); the
@@ -60,6 +61,15 @@ class ConfigError(UsageError):
 
 class InputTakenError(UsageError):
     """A turn's input id names a message of the thread that started no run."""
+
+
+class MutationGapError(UsageError):
+    """A push skips mutation ids: a device's mids of a thread go 1, 2, 3 … and the
+    thread expects ``expected`` next. Nothing of the push was written."""
+
+    def __init__(self, message: str, expected: int) -> None:
+        super().__init__(message)
+        self.expected = expected
 
 
 class PinError(UsageError):

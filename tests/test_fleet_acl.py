@@ -1,16 +1,19 @@
 """Per-device Redis ACL users on a real redis-server with an admin password and an aclfile.
 
-A device user can do what the agent and the sync core do (its own keys, SADD on the
-fleet set, read the fleet's state, the sync Lua scripts end to end, its nudge channel)
-and gets NOPERM for everything else: other devices' keys, the fleet's writable state,
-KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, PUBLISH, other channels, and scripts that try
-any of it. Re-provisioning rotates the password, revoking deletes the user, the users
-survive a restart through the aclfile, and the CLI writes a 0600 credentials file.
+A device user can do what the agent and the sync core do (its own keys, read the
+fleet's state, the sync Redis functions end to end through FCALL, its nudge channel)
+and gets NOPERM for everything else: other devices' keys, the fleet's writable state
+and its device set (provisioning adds the device, revoking removes it), EVAL, EVALSHA,
+SCRIPT and FUNCTION (no busy loop of its own), KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL,
+PUBLISH, other channels. Re-provisioning rotates the password, revoking deletes the
+user, the users survive a restart through the aclfile, and the CLI writes a 0600
+credentials file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import stat
@@ -21,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_py
 from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
+from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import RedisError, UsageError
-from edgebundle.fleet import acl, keys
+from edgebundle.fleet import acl, controller, keys
+from edgebundle.fleet.agent import register
 from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
+from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
 from tests.support.devices import (
@@ -37,6 +44,7 @@ from tests.support.devices import (
     text_of,
     types,
 )
+from tests.support.fleet import AgentProcess
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
@@ -60,10 +68,10 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 
 
 async def provisioned(server: RedisServer, *device_ids: str,
-                      revoke: tuple[str, ...] = ()) -> acl.ProvisionResult:
+                      revoke: tuple[str, ...] = (), fleet: str = FLEET) -> acl.ProvisionResult:
     admin = await connect(server.url)
     try:
-        return await acl.provision(admin, FLEET, device_ids, base_url=server.url,
+        return await acl.provision(admin, fleet, device_ids, base_url=server.url,
                                    revoke_ids=revoke)
     finally:
         await admin.aclose()
@@ -103,10 +111,8 @@ def test_the_device_user_can_do_what_the_agent_does(acl_redis: RedisServer) -> N
             desired = DesiredState(generation=3, revision=revision.id, spec={"model": {}})
             await admin.set(keys.desired("kiosk-1"), dumps(desired.to_json()))
 
-            # register, heartbeat, report: the agent's writes
-            await device.hset(keys.device_info("kiosk-1"),
-                              mapping={"fleet": FLEET, "labels": "{}", "agent_version": "1"})
-            assert await device.sadd(keys.fleet_devices(FLEET), "kiosk-1") == 1
+            # register (the agent's own code), heartbeat, report: the agent's writes
+            await register(device, "kiosk-1", FLEET, {"ring": "canary"})
             await device.set(keys.heartbeat("kiosk-1"), dumps(Heartbeat(at=1.0).to_json()),
                              ex=15)
             await device.set(keys.actual("kiosk-1"), dumps({"generation": 3}))
@@ -117,7 +123,8 @@ def test_the_device_user_can_do_what_the_agent_does(acl_redis: RedisServer) -> N
             assert await device.hget(keys.revisions(FLEET), revision.id) is not None
             assert await device.get(keys.rollout(FLEET)) is not None
             assert await device.exists(keys.paused(FLEET)) == 1
-            # and the admin sees the device's writes
+            # and the admin sees the device's writes; provisioning made it a member
+            assert await admin.hget(keys.device_info("kiosk-1"), "fleet") == FLEET
             assert await admin.sismember(keys.fleet_devices(FLEET), "kiosk-1")
             assert await admin.get(keys.actual("kiosk-1")) == dumps({"generation": 3})
         finally:
@@ -167,7 +174,11 @@ def test_everything_else_is_refused(acl_redis: RedisServer) -> None:
             await denied(device.set(other, "{}"))
             await denied(device.set(keys.heartbeat("kiosk-4"), "{}", ex=15))
             await denied(device.hset(keys.device_info("kiosk-4"), "fleet", FLEET))
-            # the fleet's state is read-only, its device set is SADD-only
+            # the fleet's state is read-only, its device set out of reach: a device
+            # cannot enrol anything (a bad id, a ghost, another fleet's device)
+            await denied(device.sadd(keys.fleet_devices(FLEET), "kiosk-3"))
+            await denied(device.sadd(keys.fleet_devices(FLEET), "bad}id"))
+            await denied(device.sadd(keys.fleet_devices("other-fleet"), "kiosk-3"))
             await denied(device.hset(keys.revisions(FLEET), "rev-x", "{}"))
             await denied(device.set(keys.rollout(FLEET), "{}"))
             await denied(device.delete(keys.rollout(FLEET)))
@@ -189,14 +200,89 @@ def test_everything_else_is_refused(acl_redis: RedisServer) -> None:
             await denied(device.execute_command("CLIENT", "KILL", "USER", "dev:kiosk-4"))
             await denied(device.execute_command("SHUTDOWN", "NOSAVE"))
             await denied(device.execute_command("MODULE", "LIST"))
-            # a script runs under the same rules, keys it did not declare included
-            await script_denied(device.eval("return redis.call('GET', KEYS[1])", 1, other))
-            await script_denied(device.eval(f"return redis.call('GET', '{other}')", 1,
-                                            "eb:{t}:meta"))
-            await script_denied(device.eval("return redis.call('KEYS', '*')", 0))
-            await script_denied(device.eval("return redis.call('FLUSHALL')", 0))
+            # no Lua of its own at all; the library's functions under the same rules
+            await denied(device.eval("return redis.call('GET', KEYS[1])", 1, other))
+            await denied(device.eval("return redis.call('FLUSHALL')", 0))
+            await script_denied(device.fcall(lua.function_name("write_rollout"), 4,
+                                             keys.rollout(FLEET), keys.controller_lock(FLEET),
+                                             keys.revisions(FLEET), keys.paused(FLEET),
+                                             "{}", "{}", "", "", "", ""))
+            await script_denied(device.fcall(lua.function_name("read_run"), 9,
+                                             *lua.script_keys("t")[:8], other, 1, 1000, 1000,
+                                             "r"))
             assert await admin.get(other) == "{}" and await admin.get(keys.rollout(FLEET)) == "{}"
             assert (await device.info("cluster"))["cluster_enabled"] == 0  # connect's probe
+        finally:
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+BUSY_LOOP = "local n = 0 while true do n = n + 1 end"
+
+
+def test_a_device_runs_only_the_functions_an_admin_loaded(acl_redis: RedisServer) -> None:
+    """No EVAL, EVALSHA, SCRIPT or FUNCTION for a device: a busy loop (which would answer
+    BUSY to every client until killed) is refused before it runs; FCALL runs the loaded
+    library, and nothing a device could load, since it can load nothing."""
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-13")
+        admin = await connect(acl_redis.url)
+        device = await connect(url_of(result, "kiosk-13"))
+        try:
+            await denied(device.eval(BUSY_LOOP, 0))
+            await denied(device.execute_command("EVAL_RO", BUSY_LOOP, 0))
+            await denied(device.evalsha("0" * 40, 0))
+            await denied(device.script_load(BUSY_LOOP))
+            await denied(device.function_load(
+                f"#!lua name=spin\nredis.register_function('spin', function() {BUSY_LOOP} end)"))
+            await denied(device.function_delete(lua.LIBRARY))
+            await denied(device.function_flush())
+            await denied(device.execute_command("FUNCTION", "KILL"))
+            await denied(device.execute_command("SCRIPT", "KILL"))
+            started = asyncio.get_running_loop().time()
+            assert await admin.ping()  # nothing is running: the server answers at once
+            assert asyncio.get_running_loop().time() - started < 1
+            assert await device.fcall_ro(lua.function_name("version"), 0) == lua.VERSION
+            with pytest.raises(ResponseError, match="Function not found"):
+                await device.fcall("spin", 0)
+            rules = acl.device_rules(FLEET, "kiosk-13")
+            assert {"+fcall", "+fcall_ro"} <= set(rules)
+            assert not {r for r in rules if r.startswith(("+eval", "+script", "+function"))}
+        finally:
+            await device.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_device_says_clearly_when_the_library_is_missing_until_an_admin_loads_it(
+        acl_redis: RedisServer, tmp_path: Path) -> None:
+    async def main() -> None:
+        result = await provisioned(acl_redis, "kiosk-14")
+        admin = await connect(acl_redis.url)
+        device = await connect(url_of(result, "kiosk-14"))
+        try:
+            await admin.function_flush()  # e.g. a restart without persistence
+            with pytest.raises(RedisError, match=rf"functions \({lua.LIBRARY}\) are not loaded"
+                                                 r".*may not load them.*fleet load-functions"):
+                await SyncService(device).create_thread(new_thread_id())
+            loaded = edgebundle("fleet", "load-functions", "--redis-url", acl_redis.url,
+                                home=tmp_path)
+            assert loaded.returncode == 0, loaded.stderr
+            assert loaded.stdout.strip() == f"loaded {lua.LIBRARY} on 1 node(s)"
+            state = await SyncService(device).create_thread(new_thread_id())
+            assert state.version == 0
+            refused = edgebundle("fleet", "load-functions", "--redis-url",
+                                 url_of(result, "kiosk-14"), home=tmp_path)
+            assert refused.returncode == 1 and "may not load functions" in refused.stderr
+            assert result.credentials[0].password not in refused.stderr
+            # a user made by an older edgebundle (EVAL, no FCALL) is told what to do
+            await admin.execute_command("ACL", "SETUSER", "dev:kiosk-14", "-fcall", "+eval")
+            with pytest.raises(RedisError, match=r"may not run edgebundle's functions .*'fcall'"
+                                                 r".*provision it again"):
+                await SyncService(device).create_thread(new_thread_id())
         finally:
             await device.aclose()
             await admin.aclose()
@@ -263,6 +349,56 @@ def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> No
     asyncio.run(main())
 
 
+def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
+        acl_redis: RedisServer, tmp_path: Path) -> None:
+    """The real `edgebundle agent` under its device user (register, heartbeat, nudge,
+    desired, reconcile, report) and the controller as the admin: a revision rolls out to
+    the device provisioning put in the fleet, and the server ran no EVAL at all."""
+    fleet = "roll-out"  # a fleet of its own on the module's server
+    result = asyncio.run(provisioned(acl_redis, "kiosk-20", fleet=fleet))
+    model = write_scripted_model(tmp_path / "m.gguf", ScriptedModelSpec(reply="Hi."))
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    manifest = {"apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": fleet},
+                "spec": {"runtime": {"kind": "embedded"},
+                         "model": {"name": "m", "url": model.as_uri(), "sha256": digest,
+                                   "template": "llama-3-chat", "ctx_size": 2048},
+                         "rollout": {"phases": [{"percent": 100}], "max_unavailable": "100%",
+                                     "health": {"window": 0}}}}
+    with redis_py.Redis(port=acl_redis.port, password=ADMIN_PASSWORD) as stats:
+        stats.config_resetstat()
+    agent = AgentProcess(tmp_path / "home", "kiosk-20", url_of(result, "kiosk-20"),
+                         "--fleet", fleet)  # the last --fleet wins
+    try:
+        async def roll_out() -> controller.TickSummary:
+            admin = await connect(acl_redis.url)
+            try:
+                while not await admin.exists(keys.heartbeat("kiosk-20")):
+                    assert agent.proc.poll() is None, agent.stderr()
+                    await asyncio.sleep(0.1)
+                await controller.apply(admin, manifest)
+                ctl = controller.Controller(admin, fleet)
+                summary = await ctl.tick()
+                assert "kiosk-20" in summary.moved, summary
+                for _ in range(600):
+                    summary = await ctl.tick()
+                    if summary.status == "complete":
+                        return summary
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"no rollout: {summary}\n{agent.stderr()}")
+            finally:
+                await admin.aclose()
+
+        done = asyncio.run(roll_out())
+        assert done.counts.get("healthy", 0) >= 1
+    finally:
+        assert agent.stop() == 0, agent.stderr()
+    assert "NOPERM" not in agent.stderr() and result.credentials[0].password not in agent.stderr()
+    with redis_py.Redis(port=acl_redis.port, password=ADMIN_PASSWORD,
+                        decode_responses=True) as stats:
+        used = stats.info("commandstats")
+    assert "cmdstat_fcall" in used and not {"cmdstat_eval", "cmdstat_evalsha"} & set(used)
+
+
 def test_two_edgebundle_run_devices_share_a_thread_under_their_own_users(
     acl_redis: RedisServer, tmp_path: Path,
 ) -> None:
@@ -305,7 +441,12 @@ def test_on_a_cluster_every_node_gets_the_user(cluster_redis: RedisCluster) -> N
     async def main() -> None:
         admin = await connect(cluster_redis.url)
         try:
+            await admin.function_flush()  # provisioning loads it on every primary
             result = await acl.provision(admin, FLEET, ["kiosk-c1"], base_url=cluster_redis.url)
+            assert result.library == lua.LIBRARY
+            for node in cluster_redis.nodes:
+                with redis_py.Redis(port=node.port, decode_responses=True) as direct:
+                    assert direct.fcall_ro(lua.function_name("version"), 0) == lua.VERSION
             device = await connect(url_of(result, "kiosk-c1"))
             try:
                 await device.set(keys.heartbeat("kiosk-c1"), "{}", ex=15)
@@ -347,8 +488,12 @@ def test_reprovisioning_rotates_and_revoke_deletes(acl_redis: RedisServer) -> No
         await new.set(keys.actual("kiosk-5"), "{}")
         await denied(new.get(keys.actual("kiosk-4")))  # same rules after the rotation
 
+        admin = await connect(acl_redis.url)
+        assert await admin.sismember(keys.fleet_devices(FLEET), "kiosk-5")
         revoked = await provisioned(acl_redis, revoke=("kiosk-5", "never-there"))
         assert revoked.revoked == ["kiosk-5"] and revoked.credentials == []
+        assert not await admin.sismember(keys.fleet_devices(FLEET), "kiosk-5")
+        await admin.aclose()
         for client in (old, new):  # deleting the user closed its connections
             with pytest.raises(Exception):  # noqa: B017 - closed, then refused on reconnect
                 await client.ping()

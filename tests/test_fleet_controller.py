@@ -439,6 +439,41 @@ def test_operator_rollback_moves_every_moved_device_back_and_nothing_moves_after
     asyncio.run(main())
 
 
+def test_members_that_are_no_device_of_the_fleet_are_ignored_and_reported(
+        redis_server: RedisServer) -> None:
+    """What a device could once SADD into its fleet's set (ids that break key names,
+    ghosts that never registered, another fleet's device) neither fails a pass, nor
+    stalls an `offline: wait` phase, nor gets this fleet's revision."""
+    async def main() -> None:
+        async with fleet_of(redis_server, ["c1", "d01", "d02"]) as (redis, agents):
+            neighbour = Agent(redis, "their-kiosk", {"ring": "main"}, fleet="other")
+            await neighbour.register()
+            await redis.sadd(keys.fleet_devices(FLEET), "bad}id", "bad id", "ghost-1",
+                             "their-kiosk")
+            await controller.apply(redis, manifest("model-a", health={"window": 0},
+                                                   offline="wait"), now=T0)
+            first = await tick(redis_server, T0)
+            assert first.moved == ["c1", "d01", "d02"]
+            assert first.ignored == {
+                "bad id": "not a valid device id", "bad}id": "not a valid device id",
+                "ghost-1": "never registered: no agent has run as this device",
+                "their-kiosk": "registered for fleet other"}
+            await converge_online(agents, T0 + 1)
+            assert (await tick(redis_server, T0 + 2)).status == "complete"  # no ghost stalls it
+            assert await neighbour.desired() is None  # never given this fleet's revision
+            assert await redis.get(keys.desired("ghost-1")) is None
+
+            shown = await controller.status(redis, FLEET, now=T0 + 3)
+            assert [d["device"] for d in shown.devices] == ["c1", "d01", "d02"]
+            assert shown.ignored == first.ignored
+    asyncio.run(main())
+
+    table = CliRunner().invoke(cli, ["fleet", "status", FLEET, "--redis-url", redis_server.url])
+    assert table.exit_code == 0, table.output
+    assert "ignored: 'bad id' (not a valid device id)" in table.output
+    assert "'their-kiosk' (registered for fleet other)" in table.output
+
+
 def test_one_pass_over_ten_thousand_devices_moves_exactly_the_budget(
         redis_server: RedisServer) -> None:
     async def main() -> None:

@@ -207,6 +207,30 @@ def test_a_push_with_a_stale_epoch_is_409_epoch_mismatch(devices: tuple[Device, 
     assert shared.status_code == 201 and shared.json()["epoch"] == thread["epoch"]
 
 
+def test_a_push_naming_another_device_cannot_silence_it(devices: tuple[Device, Device]) -> None:
+    """Over HTTP, as a web page or a stolen client would: a forged jump of devB's ids
+    (10^15) and a mid of 10^400 are 400s that write nothing; devB's next edit lands."""
+    a, b = devices
+    thread = new_thread(a)
+    path = f"/v1/threads/{thread['id']}/push"
+
+    def put(mid: int, content: str) -> dict[str, Any]:
+        return {"device_id": "devB", "epoch": thread["epoch"], "since": 0, "mutations": [
+            {"mid": mid, "op": "put", "message": {"id": "m1", "role": "user",
+                                                  "content": content}}]}
+
+    assert b.post(path, put(1, "mine")).status_code == 200
+    forged = a.post(path, put(10**15, "forged"))
+    assert forged.status_code == 400 and forged.json()["error"] == "invalid_request"
+    assert "expects mutation 2" in forged.json()["message"]
+    huge = a.post(path, put(10**400, "forged"))
+    assert huge.status_code == 400 and "2^53 - 1" in huge.json()["message"]
+    edited = b.post(path, put(2, "mine, edited"))
+    assert edited.status_code == 200, edited.text
+    assert [m["content"] for m in a.http.get(f"/v1/threads/{thread['id']}").json()[
+        "messages"]] == ["mine, edited"]
+
+
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
     ("POST", "/runs", {"device_id": "devA"}, 400),
     ("POST", "/runs", {"input": {"content": 5}}, 400),

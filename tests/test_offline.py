@@ -244,6 +244,39 @@ def test_a_thread_the_central_store_lost_meanwhile_is_reseeded_from_the_device(
             "A online", REPLY, "C offline", REPLY]
 
 
+def test_offline_changes_reach_a_thread_made_again_since_the_last_heal(
+        tmp_path: Path, central: RedisServer, model: Path) -> None:
+    """C's replica identity numbers its mutations on from heal to heal; a thread the
+    central store made again since (a new epoch counts every device's ids from 1) answers
+    a gap, and C numbers its outbox on from the id it expects: nothing is lost."""
+    thread = "again"
+    with a_and_c(tmp_path, central, model, thread) as (a, c, proxy, _):
+        deadline = time.monotonic() + 90
+        proxy.cut(hold=True)
+        turn(c, thread, "C offline 1", "c-off-1", deadline)
+        proxy.resume()
+        wait_for(lambda: link(c)["pending"] == 0 and link(c)["link"] == "online",
+                 timeout=30, interval=0.2)
+        with redis_py.Redis(port=central.port, decode_responses=True) as admin:
+            assert admin.hget(f"eb:{{{thread}}}:mids", "devC:replica") == "2"
+            admin.delete(*admin.keys(f"eb:{{{thread}}}:*"))  # it expires centrally ...
+        a.post("/v1/threads", {"id": thread})  # ... and A starts it again
+        turn(a, thread, "A again", "a-again", deadline)
+        assert c.http.get(f"/v1/threads/{thread}").status_code == 200
+        wait_for(lambda: mirrored(c, central, thread))
+
+        proxy.cut(hold=True)
+        turn(c, thread, "C offline 2", "c-off-2", deadline)
+        proxy.resume()
+        wait_for(lambda: link(c)["pending"] == 0 and link(c)["link"] == "online",
+                 timeout=30, interval=0.2)
+        assert [content for _, _, content in transcript(a, thread)] == [
+            "A again", REPLY, "C offline 2", REPLY]
+        with redis_py.Redis(port=central.port, decode_responses=True) as admin:
+            assert admin.hget(f"eb:{{{thread}}}:mids", "devC:replica") == "2"
+        assert "skips ahead" not in c.run.stderr()
+
+
 def test_what_needs_the_central_store_fails_clearly_offline(
         tmp_path: Path, central: RedisServer, model: Path) -> None:
     thread = "known"

@@ -439,19 +439,19 @@ def test_fenced_writes_sent_again_after_a_lost_reply_change_nothing(
             backend = sync._backend  # the raw script calls, exactly as a retry resends them
             token = "a-token-of-this-test"
             run_id = ticket.run.id
-            first = await backend.call(backend.scripts.acquire, tid, run_id, run_id, token)
-            again = await backend.call(backend.scripts.acquire, tid, run_id, run_id, token)
+            first = await backend.call(backend.functions.acquire, tid, run_id, run_id, token)
+            again = await backend.call(backend.functions.acquire, tid, run_id, run_id, token)
             assert first[0] == again[0] == "ok" and first[1:] == again[1:]
             fence, message_id = str(first[3]), json.loads(first[2])["id"]
 
             def delta(base: int, *texts: str) -> Any:
-                return backend.call(backend.scripts.delta, tid, run_id, run_id, token, fence,
+                return backend.call(backend.functions.delta, tid, run_id, run_id, token, fence,
                                     message_id, str(base), *texts)
 
             assert (await delta(0, "one", " two"))[1] == 2
             assert (await delta(0, "one", " two"))[1] == 2  # sent again: nothing new
             assert (await delta(1, " two", " three"))[1] == 3  # half of it was stored
-            finish = [backend.scripts.finish, tid, run_id, run_id, token, fence, message_id,
+            finish = [backend.functions.finish, tid, run_id, run_id, token, fence, message_id,
                       "completed", "eos", "{}", "", "3", " four"]
             ended = await backend.call(*finish)
             assert ended == await backend.call(*finish)

@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 
-from edgebundle.errors import EpochMismatchError, ThreadNotFoundError, UsageError
+from edgebundle.errors import (
+    EpochMismatchError,
+    MutationGapError,
+    ThreadNotFoundError,
+    UsageError,
+)
 from edgebundle.sync import keys
 from edgebundle.sync.models import SyncState
 from tests.support.redis_server import RedisServer
@@ -95,11 +100,83 @@ def test_a_retried_push_applies_once(sync_redis_url: str) -> None:
             more = await sync.push(state.id, "kiosk", state.epoch, 2,
                                    [*batch, put(3, "a", "one, edited")])
             assert (more.version, by_id(more)) == (3, {"a": ("one, edited", 3, False)})
-            # an old mid of the same device never re-applies, another device's does
+            # an old mid of the same device never re-applies, another device's own does
             stale = await sync.push(state.id, "kiosk", state.epoch, 3, [put(2, "b", "late")])
             assert (stale.version, stale.messages) == (3, ())
-            other = await sync.push(state.id, "phone", state.epoch, 3, [put(2, "b", "mine")])
+            other = await sync.push(state.id, "phone", state.epoch, 3, [put(1, "b", "mine")])
             assert by_id(other) == {"b": ("mine", 4, False)}
+
+    asyncio.run(main())
+
+
+def test_mutation_ids_go_up_by_one_so_a_forged_jump_silences_no_device(
+    sync_redis_url: str,
+) -> None:
+    """Issue 12, item 6: a push claiming phone's id with mid 10^15 used to be applied
+    and every later edit of phone skipped. Now ids go 1, 2, 3 … per device and thread:
+    a repeat is skipped, a jump is refused whole, naming the id expected."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            tid, epoch = state.id, state.epoch
+            await sync.push(tid, "phone", epoch, 0, [put(1, "a", "one"), put(2, "b", "two")])
+
+            with pytest.raises(MutationGapError, match=r"mutation 1000000000000000 of device "
+                                                       r"phone skips ahead.*expects mutation 3"
+                                                       ) as caught:
+                await sync.push(tid, "phone", epoch, 0, [put(10**15, "evil", "forged")])
+            assert caught.value.expected == 3
+            # refused whole: the valid first mutation of a push with a gap is not written
+            with pytest.raises(MutationGapError):
+                await sync.push(tid, "phone", epoch, 0, [put(3, "c", "x"), put(5, "d", "y")])
+            assert (await sync.sync(tid, epoch, 0)).version == 2
+
+            later = await sync.push(tid, "phone", epoch, 2, [put(3, "c", "phone's next edit")])
+            assert by_id(later) == {"c": ("phone's next edit", 3, False)}
+            repeat = await sync.push(tid, "phone", epoch, 3, [put(2, "b", "late"),
+                                                              put(3, "c", "again")])
+            assert repeat.messages == ()  # repeats: skipped, no gap
+            # another device's ids are its own: the first is 1
+            with pytest.raises(MutationGapError, match="expects mutation 1"):
+                await sync.push(tid, "laptop", epoch, 0, [put(7, "e", "e")])
+            assert (await sync.redis.hgetall(keys.mutation_ids(tid))) == {"phone": "3"}
+
+    asyncio.run(main())
+
+
+def test_mutation_ids_beyond_2_to_the_53_or_not_whole_are_refused(sync_redis_url: str) -> None:
+    """10^400 was stored as inf (every later mid of the device skipped for good): now a
+    usage error, and the push function refuses it too when called directly."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            tid, epoch = state.id, state.epoch
+            for mid in (10**400, 2**53, 1.5, float("inf"), float("nan"), True, "1"):
+                with pytest.raises(UsageError, match="mid must be a whole number from 1 to "
+                                                     r"2\^53 - 1 \(9007199254740991\)"):
+                    await sync.push(tid, "phone", epoch, 0, [put(mid, "m", "x")])  # type: ignore[arg-type]
+            with pytest.raises(MutationGapError):  # the largest id is one, just not next
+                await sync.push(tid, "phone", epoch, 0, [put(2**53 - 1, "m", "x")])
+
+            # the function itself, as a device could call it with FCALL
+            backend = sync._backend
+            for raw in ('{"mid":1e400,"op":"put","message":{"id":"m"}}',
+                        '{"mid":9007199254740992,"op":"put","message":{"id":"m"}}',
+                        '{"mid":2.5,"op":"put","message":{"id":"m"}}',
+                        '{"mid":"1","op":"put","message":{"id":"m"}}',
+                        '{"mid":1,"op":"zap","message":{"id":"m"}}',
+                        '{"mid":1,"op":"put"}'):
+                reply = await backend.call(backend.functions.push, tid, None, "phone", epoch,
+                                           0, "0", "", raw)
+                assert reply == ["badmutation", raw]
+            assert (await sync.sync(tid, epoch, 0)).version == 0
+            assert await sync.redis.hgetall(keys.mutation_ids(tid)) == {}
+
+            # a device poisoned by an older version (it stored 1e400 as inf) recovers
+            await sync.redis.hset(keys.mutation_ids(tid), "phone", "inf")
+            healed = await sync.push(tid, "phone", epoch, 0, [put(8, "m", "back")])
+            assert by_id(healed) == {"m": ("back", 1, False)}
+            assert await sync.redis.hgetall(keys.mutation_ids(tid)) == {"phone": "8"}
 
     asyncio.run(main())
 
@@ -147,7 +224,7 @@ def test_an_expired_thread_is_reseeded_under_a_new_epoch(sync_redis_url: str) ->
             reseeded = await sync.push(
                 state.id, "phone", state.epoch, kept.version,
                 [put(mid, m.id, m.content, role=m.role, position=m.position)
-                 for mid, m in enumerate(kept.messages, start=3)], reseed=True)
+                 for mid, m in enumerate(kept.messages, start=1)], reseed=True)  # a new count
             assert reseeded.full and reseeded.epoch != state.epoch
             assert [(m.id, m.content, m.position) for m in reseeded.messages] == [
                 ("q", "question", 1), ("a", "answer", 2)]

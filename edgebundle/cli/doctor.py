@@ -67,7 +67,7 @@ def doctor(
         "wasmedge": wasmedge,
     }
     wanted = load_manifest(manifest) if manifest else None  # a bad manifest: exit 2
-    report = run_doctor(load_settings(flags), manifest=wanted)
+    report = run_doctor(load_settings(flags), manifest=wanted, central_redis=True)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

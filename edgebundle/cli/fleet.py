@@ -11,8 +11,10 @@ usage, 1 for the rest).
 (plan, apply) refuse an invalid one with exit 2 (ManifestError, a usage error).
 
 ``fleet provision NAME --device ID…`` gives each device its own Redis ACL user
-(:mod:`edgebundle.fleet.acl`) and writes their credentials to a file only its owner
-can read; passwords reach stdout only with ``--json``.
+(:mod:`edgebundle.fleet.acl`), adds it to the fleet and writes their credentials to a
+file only its owner can read; passwords reach stdout only with ``--json``. ``fleet
+load-functions`` loads this version's Redis functions (:mod:`edgebundle.sync.lua`),
+which provisioned devices call but may not load: run it as an admin after upgrading.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from redis.exceptions import NoPermissionError
 from rich.console import Console
 from rich.table import Table
 
 from edgebundle.config import load_settings
-from edgebundle.errors import ConfigError, UsageError
+from edgebundle.errors import ConfigError, RedisError, UsageError
 from edgebundle.fleet import controller
 from edgebundle.fleet.acl import default_credentials_path, provision_fleet, read_device_ids
 from edgebundle.fleet.manifest import load_manifest as validated_manifest
 from edgebundle.fleet.manifest import validate_files
+from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 
 T = TypeVar("T")
@@ -177,6 +181,15 @@ def status_cmd(name: str, redis_url: str | None, as_json: bool) -> None:
         table.add_row(device["device"], labels, desired, actual, device["state"] or "-",
                       "yes" if device["online"] else "no", device["last_error"] or "")
     console.print(table)
+    if result.ignored:
+        console.print(f"ignored: {_ignored(result.ignored)}", soft_wrap=True)
+
+
+def _ignored(ignored: dict[str, str], limit: int = 10) -> str:
+    """Set members the controller leaves out, with why (at most ``limit`` of them)."""
+    shown = [f"{device!r} ({why})" for device, why in list(ignored.items())[:limit]]
+    more = len(ignored) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _rollout_line(result: controller.FleetStatus) -> str:
@@ -232,7 +245,8 @@ def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
         line = (f"{summary.status or '-'} phase {summary.phase}: {summary.message}"
                 + (f"; moved {', '.join(summary.moved)}" if summary.moved else "")
                 + (f"; rolled back {', '.join(summary.rolled_back)}"
-                   if summary.rolled_back else ""))
+                   if summary.rolled_back else "")
+                + (f"; ignored {_ignored(summary.ignored)}" if summary.ignored else ""))
         if last[-1:] != [line]:
             click.echo(f"fleet {name}: {line}")
             last[:] = [line]
@@ -268,7 +282,8 @@ def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
 def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
               devices_from: Path | None, revoke: tuple[str, ...], out: Path | None,
               redis_url: str | None, device_url: str | None, as_json: bool) -> None:
-    """One Redis ACL user per device: its own keys, the fleet's state, the sync keys."""
+    """One Redis ACL user per device (its own keys, the fleet's state, the sync keys,
+    FCALL), and the device in the fleet."""
     settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
     if not settings.redis_url:
         raise UsageError("no Redis to provision: pass --redis-url URL (an admin user) "
@@ -294,3 +309,25 @@ def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
         click.echo("edgebundle: warning: Redis keeps these users in memory only; give it an "
                    "aclfile (redis.conf: aclfile /etc/redis/users.acl) so they survive a "
                    "restart, then provision again", err=True)
+
+
+@fleet.command("load-functions")
+@click.option("--redis-url", metavar="URL",
+              help="The central Redis, as a user allowed to load functions (an admin).")
+@click.pass_context
+def load_functions(ctx: click.Context, redis_url: str | None) -> None:
+    """Load this version's Redis functions (devices call them; they may not load them)."""
+    settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
+    if not settings.redis_url:
+        raise UsageError("no Redis to load the functions into: pass --redis-url URL (an "
+                         "admin user) or set EDGEBUNDLE_REDIS_URL")
+    nodes = _with_redis(settings.redis_url, _load_library)
+    click.echo(f"loaded {lua.LIBRARY} on {nodes} node(s)")
+
+
+async def _load_library(redis: Client) -> int:
+    try:
+        return await lua.load_library(redis)
+    except NoPermissionError as exc:
+        raise RedisError(f"this Redis user may not load functions ({exc}): pass --redis-url "
+                         "with an admin user's credentials") from None

@@ -77,6 +77,7 @@ class Context:
     online: bool
     meminfo: Path
     version_timeout: float = 5.0
+    central_redis: bool = False  # of the sync Redis more than redis.reachable (the CLI)
 
     @property
     def layout(self) -> Layout:

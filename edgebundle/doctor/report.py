@@ -87,7 +87,8 @@ class Report:
 
 
 def assemble(runtime: str, results: Iterable[CheckResult]) -> Report:
-    """A report with the stable ids first, in contract order, then any extra ids."""
+    """A report with the stable ids in contract order; an extra id follows the stable ids
+    of its area (``redis.version`` after ``redis.reachable``), others come last."""
     by_id: dict[str, CheckResult] = {}
     for result in results:
         if result.id in by_id:
@@ -97,4 +98,11 @@ def assemble(runtime: str, results: Iterable[CheckResult]) -> Report:
     if missing:
         raise ValueError(f"checks missing from the report: {', '.join(missing)}")
     ordered = [by_id.pop(i) for i in CHECK_IDS]
-    return Report(runtime=runtime, checks=(*ordered, *by_id.values()))
+    for extra in by_id.values():
+        area = [n for n, result in enumerate(ordered) if _area(result.id) == _area(extra.id)]
+        ordered.insert(area[-1] + 1 if area else len(ordered), extra)
+    return Report(runtime=runtime, checks=tuple(ordered))
+
+
+def _area(check_id: str) -> str:
+    return check_id.split(".", 1)[0]

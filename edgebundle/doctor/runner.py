@@ -49,13 +49,19 @@ def run_doctor(
     app_pins: AppPins | None = None,
     meminfo: Path = PROC_MEMINFO,
     manifest: Manifest | None = None,
+    central_redis: bool = False,
 ) -> Report:
     """Check everything ``run`` depends on and say, per stable id, what is wrong.
 
     ``runtime`` overrides ``settings.runtime``; ``host``, ``environ`` and ``meminfo``
     describe the machine (default: this one); ``online=False`` leaves the network
-    alone (Redis and the running gateway are skipped). ``lock`` / ``app_pins`` default
-    to the shipped pins.
+    alone (Redis and the running gateway are skipped). Of the sync Redis only
+    ``redis.reachable`` unless ``central_redis``: then also its version, topology,
+    persistence, eviction policy,
+    functions and the user's permissions (what ``edgebundle doctor`` shows an operator;
+    not ``run``'s preflight or a fleet agent's checks of a revision, which must not stop
+    a device over how the central Redis is kept). ``lock`` / ``app_pins`` default to
+    the shipped pins.
     With ``manifest`` the device is also compared with what that fleet manifest says
     it must run (the ``manifest.*`` checks).
     Raises PinError (exit 2) when a shipped lock file is malformed.
@@ -76,6 +82,7 @@ def run_doctor(
         app_pins=app_pins or load_app_pins(resources.app_pins_file()),
         online=online,
         meminfo=meminfo,
+        central_redis=central_redis,
     )
     results = [result for area in AREAS for result in area(ctx)]
     if manifest is not None:

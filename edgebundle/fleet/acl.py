@@ -1,27 +1,38 @@
 """One Redis ACL user per device, fenced to the keys that device needs and nothing more.
 
 Every device talks to the central Redis, so one stolen device must not be able to read
-or break the others. :func:`provision` gives device ``D`` of fleet ``F`` the user
-``dev:D`` with a random password and an allow-list (``-@all``, then only what the
-device's own code runs):
+or break the others, or stop the server. :func:`provision` gives device ``D`` of fleet
+``F`` the user ``dev:D`` with a random password and an allow-list (``-@all``, then only
+what the device's own code runs):
 
 - its own keys ``eb:dev:{dev:D}:*`` (info, heartbeat, desired, actual): read and write;
-- the fleet's device set ``eb:fleet:{fleet:F}:devices``: SADD only (an ACL selector);
-- the fleet's revisions, rollout and pause flag: read only (``%R~``);
+- the fleet's revisions, rollout and pause flag: read only (``%R~``); nothing at all on
+  the fleet's device set: membership is the admin's (provisioning adds the device,
+  revoking removes it), so a device cannot enrol ids in its fleet;
 - the sync keys of every thread, ``eb:{*`` (threads are shared between devices), with
-  the commands the sync core sends itself and the commands its Lua scripts call (read
-  from :mod:`edgebundle.sync.lua`, so a script that starts using a command is covered);
+  the commands the sync core sends itself and the commands its Redis functions call
+  (read from :mod:`edgebundle.sync.lua`, so a function that starts using a command is
+  covered);
+- the project's Lua only as Redis Functions: ``FCALL``/``FCALL_RO``, never EVAL,
+  EVALSHA, SCRIPT or FUNCTION, so a device runs only the library an admin loaded (no
+  busy loop that blocks every client, no allocation loop past ``maxmemory``);
 - pub/sub: SUBSCRIBE on its own nudge channel only;
 - connecting: PING, ``INFO cluster`` (the cluster probe of
   :func:`edgebundle.sync.client.connect`), SELECT, and what a cluster client asks.
 
 Nothing else: no KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, MONITOR, SHUTDOWN, CLIENT
 KILL, PUBLISH (key patterns do not limit KEYS/SCAN/FLUSH*, so they are never granted).
-Redis checks commands run inside scripts against the same rules, keys included.
+Redis checks the commands a function runs against the caller's user, keys included.
+That is also the limit of this fence: a command a function needs on a thread's keys
+(HSET, DEL, XADD …) is one the device may also send directly, so a stolen device
+credential can still read, change or delete any thread (threads are shared); it
+cannot reach other devices' keys, the fleet's state or membership, or the server.
 
-Re-provisioning a device rotates its password (``ACL SETUSER … reset``, one atomic
-step); connections already open keep working until they reconnect. :func:`revoke`
-deletes the user, which also closes its connections. ACL users live in the server's
+:func:`provision` also loads the library (``FUNCTION LOAD``, on every primary of a
+cluster), which devices may not do themselves. Re-provisioning a device rotates its
+password (``ACL SETUSER … reset``, one atomic step); connections already open keep
+working until they reconnect. Revoking a device deletes its user, which also closes its
+connections, and removes it from the fleet. ACL users live in the server's
 memory: when it has an ``aclfile`` they are saved there (``ACL SAVE``), otherwise the
 result says they were not persisted. On Redis Cluster every node gets the same users.
 
@@ -69,17 +80,18 @@ DEVICE_COMMANDS = ("get", "set", "del", "exists", "expire", "pexpire", "ttl", "p
                    "multi", "exec", "discard")
 # What the agent reads of the fleet (revisions hash, rollout, paused flag).
 FLEET_READ_COMMANDS = ("get", "exists", "hget", "hgetall", "hmget", "hexists", "hkeys", "hlen")
-# The sync core outside its scripts (watch, run events, waiting for a turn), and the
-# scripts themselves (redis-py's Script: EVALSHA, SCRIPT LOAD on NOSCRIPT).
+# The sync core outside its functions (watch, run events, waiting for a turn), and the
+# functions themselves (FCALL; FCALL_RO for the library's version).
 SYNC_DIRECT_COMMANDS = ("hmget", "xrange", "xread", "blpop")
-SCRIPT_COMMANDS = ("eval", "evalsha", "script|load", "script|exists")
+FUNCTION_COMMANDS = ("fcall", "fcall_ro")
 PUBSUB_COMMANDS = ("subscribe", "unsubscribe")
 
 
-def sync_script_commands() -> tuple[str, ...]:
-    """Every command the sync Lua scripts call, read from their source."""
-    source = "\n".join(value for value in vars(lua).values() if isinstance(value, str))
-    return tuple(sorted({name.lower() for name in re.findall(r"redis\.call\('(\w+)'", source)}))
+def sync_function_commands() -> tuple[str, ...]:
+    """Every command the sync functions call, read from their source (the fleet
+    controller's functions are not a device's: their PUBLISH is never granted)."""
+    return tuple(sorted({name.lower() for name in
+                         re.findall(r"redis\.call\('(\w+)'", lua.SYNC_SOURCE)}))
 
 
 def user_name(device_id: str) -> str:
@@ -89,8 +101,8 @@ def user_name(device_id: str) -> str:
 def device_rules(fleet: str, device_id: str) -> list[str]:
     """The ACL SETUSER rules of a device's user (everything but its password)."""
     commands = sorted({*CONNECTION_COMMANDS, *DEVICE_COMMANDS, *FLEET_READ_COMMANDS,
-                       *SYNC_DIRECT_COMMANDS, *SCRIPT_COMMANDS, *PUBSUB_COMMANDS,
-                       *sync_script_commands()})
+                       *SYNC_DIRECT_COMMANDS, *FUNCTION_COMMANDS, *PUBSUB_COMMANDS,
+                       *sync_function_commands()})
     return [
         "-@all", *(f"+{command}" for command in commands),
         f"~{keys.device_prefix(device_id)}*",
@@ -99,7 +111,6 @@ def device_rules(fleet: str, device_id: str) -> list[str]:
         f"%R~{keys.rollout(fleet)}",
         f"%R~{keys.paused(fleet)}",
         "resetchannels", f"&{keys.nudge(device_id)}",
-        f"(~{keys.fleet_devices(fleet)} +sadd)",  # a selector: SADD and nothing else there
     ]
 
 
@@ -120,6 +131,7 @@ class ProvisionResult:
     credentials: list[DeviceCredentials]
     revoked: list[str]  # device ids whose user existed and was deleted
     persisted: bool  # saved to the server's aclfile (False: in memory until a restart)
+    library: str = lua.LIBRARY  # the Redis functions library loaded for the devices
 
 
 def device_url(base_url: str, user: str, password: str) -> str:
@@ -152,8 +164,8 @@ def _refused(exc: Exception, secret: str | None = None) -> RedisError:
     if secret:
         text = text.replace(secret, "***")
     if isinstance(exc, NoPermissionError):
-        return RedisError(f"the Redis user may not manage ACL users ({text}): "
-                          "pass --redis-url with an admin user's credentials")
+        return RedisError(f"the Redis user may not manage ACL users or load functions "
+                          f"({text}): pass --redis-url with an admin user's credentials")
     if isinstance(exc, ResponseError):
         return RedisError(f"Redis refused to change ACL users: {text}")
     return RedisError(f"cannot provision devices on Redis: {text}")
@@ -177,11 +189,13 @@ def _counts(reply: Any) -> list[int]:
 
 async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, base_url: str,
                     revoke_ids: Iterable[str] = ()) -> ProvisionResult:
-    """Create (or rotate) one ACL user per device, delete the users of ``revoke_ids``.
+    """Create (or rotate) one ACL user per device and add it to the fleet's device set;
+    delete the users of ``revoke_ids`` and take them out of the set. Loads the Redis
+    functions library first (devices may only call it).
 
     ``redis`` is an admin connection; ``base_url`` is the Redis address the devices use
     (their credentials are put in it). Idempotent: running it again gives the same
-    users and rules with new passwords.
+    users, rules and members with new passwords.
     """
     sync_keys.check_id("fleet", fleet)
     wanted = [sync_keys.check_id("device", d) for d in dict.fromkeys(device_ids)]
@@ -191,6 +205,11 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
         raise UsageError(f"device {both[0]} is both provisioned and revoked: pick one")
     credentials: list[DeviceCredentials] = []
     revoked: list[str] = []
+    if wanted:
+        try:  # devices may only call it; a Redis older than 7.0 is refused here, clearly
+            await lua.load_library(redis)
+        except _RedisPyError as exc:
+            raise _refused(exc) from None
     for device_id in wanted:
         user = user_name(device_id)
         password = secrets.token_urlsafe(PASSWORD_BYTES)
@@ -203,9 +222,14 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
             raise _refused(exc, password) from None
         credentials.append(DeviceCredentials(device_id, user, password, url))
     try:
+        members = keys.fleet_devices(fleet)
+        if wanted:  # membership is the admin's: devices cannot write this set
+            await redis.sadd(members, *wanted)
         for device_id in unwanted:
             if any(_counts(await _acl(redis, "DELUSER", user_name(device_id)))):
                 revoked.append(device_id)
+        if unwanted:
+            await redis.srem(members, *unwanted)
         persisted = await _save(redis)
     except _RedisPyError as exc:
         raise _refused(exc) from None

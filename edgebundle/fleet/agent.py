@@ -1,10 +1,11 @@
 """The device agent: makes this device run what the fleet's controller wants it to run.
 
-The agent talks to the central Redis only through its own device keys (and the
-fleet's device set), so a per-device ACL user is enough:
+The agent talks to the central Redis only through its own device keys (and reads of
+the fleet's state), so a per-device ACL user is enough:
 
-- **register**: ``HSET info`` {fleet, labels, agent_version, registered_at} and
-  ``SADD`` the fleet's device set; again after an outage (Redis may have lost it).
+- **register**: ``HSET info`` {fleet, labels, agent_version, registered_at}; again
+  after an outage (Redis may have lost it). The fleet's device set is written by
+  ``fleet provision``; only without a provisioned user does the agent ``SADD`` itself.
 - **heartbeat**: every :data:`HEARTBEAT_INTERVAL` ``SET hb … EX HEARTBEAT_TTL``; the
   key expiring is how the controller learns the device is offline.
 - **watch desired**: ``SUBSCRIBE nudge`` wakes the agent at once, but the nudge is
@@ -65,13 +66,13 @@ from urllib.parse import unquote, urlsplit
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle import __version__, installer
 from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
-from edgebundle.doctor import CheckResult, Report, run_doctor
+from edgebundle.doctor import CheckResult, Report, redis_checks, run_doctor
 from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import (
     ChecksumMismatchError,
@@ -81,6 +82,7 @@ from edgebundle.errors import (
     UsageError,
 )
 from edgebundle.fleet import keys
+from edgebundle.fleet.acl import USER_PREFIX
 from edgebundle.fleet.state import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TTL,
@@ -105,7 +107,7 @@ MODEL_FILE = "model.gguf"
 APP_FILE = "app.wasm"
 BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
 REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
-ENVIRONMENT_CHECKS = frozenset({"redis.reachable"})  # doctor ids that do not gate a revision
+ENVIRONMENT_CHECKS = frozenset(redis_checks.IDS)  # doctor ids that do not gate a revision
 LOGIN_TIMEOUT = 2.0  # s for the login check of a revision's sync Redis
 STOP_GRACE = 20.0  # s a served run gets to stop after SIGTERM, then SIGKILL
 
@@ -127,12 +129,23 @@ async def beat(redis: Client, device_id: str, heartbeat: Heartbeat,
 
 
 async def register(redis: Client, device_id: str, fleet: str, labels: Mapping[str, str]) -> None:
-    """Announce the device to its fleet (its info hash and the fleet's device set)."""
+    """Announce the device to its fleet: its info hash (the fleet it runs for, labels).
+
+    Membership of the fleet's device set is the admin's: ``fleet provision`` adds the
+    device, and its Redis user (``dev:<id>``) may not write the set. Only under another
+    user (a Redis without per-device users, where every device is trusted anyway) does
+    the agent add itself, so such a fleet needs no setup.
+    """
     await redis.hset(keys.device_info(device_id), mapping={
         "fleet": fleet, "labels": dumps(dict(labels)), "agent_version": __version__,
         "registered_at": str(time.time()),
     })
-    await redis.sadd(keys.fleet_devices(fleet), device_id)
+    try:
+        user = str(await redis.execute_command("ACL", "WHOAMI"))
+        if not user.startswith(USER_PREFIX):
+            await redis.sadd(keys.fleet_devices(fleet), device_id)
+    except NoPermissionError:
+        pass  # a user the admin fenced some other way: membership is theirs
 
 
 async def read_desired(redis: Client, device_id: str) -> DesiredState | None:

@@ -9,9 +9,12 @@ the rules can be driven step by step:
 - :func:`plan` says what an apply would change, per device; :func:`apply` stores the
   manifest's :class:`Revision` and starts a :class:`Rollout` (applying the revision
   that is already rolling out or rolled out changes nothing and says so).
-- :meth:`Controller.tick` is ONE pass over every registered device, read in batched
-  round trips (MGET in chunks plus one pipelined HGET per device, no per-device round
-  trip). Per device, relative to the rollout's target revision:
+- :meth:`Controller.tick` is ONE pass over every device of the fleet, read in batched
+  round trips (MGET in chunks plus one pipelined HMGET per device, no per-device round
+  trip). The fleet's device set is written by ``fleet provision``; a member whose id is
+  invalid, that never registered, or that registered for another fleet is left out and
+  reported (:func:`read_devices`), never a reason for a pass to fail. Per device,
+  relative to the rollout's target revision:
 
   ``old``      its desired state is not the target (or a failure from before this
                rollout): the controller moves it when its phase is open and it is
@@ -40,8 +43,9 @@ the rules can be driven step by step:
   the time spent paused.
 - :func:`run_controller` ticks in a loop while holding the lease ``controller_lock``
   (``SET NX PX``, renewed each pass), so two controllers never act at once: every
-  Rollout write checks the lease in the same script, and every DesiredState write is a
-  compare-and-set on the generation the controller read.
+  Rollout write checks the lease in the same Redis function, and every DesiredState
+  write is a compare-and-set on the generation the controller read (the functions are
+  the fleet part of the library in :mod:`edgebundle.sync.lua`).
 - :func:`status`, :func:`pause`, :func:`resume`, :func:`rollback` are the operator's.
 """
 
@@ -71,7 +75,9 @@ from edgebundle.fleet.state import (
     dumps,
     loads,
 )
+from edgebundle.sync import lua
 from edgebundle.sync.client import Client
+from edgebundle.sync.keys import check_id
 
 log = logging.getLogger(__name__)
 
@@ -79,78 +85,14 @@ LEASE_MS = 15_000  # the controller's lease; renewed every pass (TICK_INTERVAL)
 TICK_INTERVAL = 2.0  # s between passes of run_controller
 READ_CHUNK = 1000  # keys per MGET when reading the fleet
 DEFAULT_MAX_UNAVAILABLE = 1
-CLUSTER_CONCURRENCY = 200  # script calls in flight at once on a Redis Cluster
+CLUSTER_CONCURRENCY = 200  # function calls in flight at once on a Redis Cluster
 CAS_ATTEMPTS = 5  # an operator command retries its compare-and-set this often
 ACTIVE = ("progressing", "rolling_back")
 FINISHED = ("complete", "rolled_back", "frozen", "failed")
 
-# KEYS[1] desired(id)
-# ARGV[1] the generation the caller read (0: the key was missing or unreadable)
-# ARGV[2] the new DesiredState JSON (its generation is ARGV[1] + 1)
-# ARGV[3] the device's nudge channel
-# Compare-and-set: writes only if the stored generation is still ARGV[1], so of two
-# writers that read the same state one wins and the other changes nothing; then
-# publishes the nudge. Returns 1 written, 0 someone wrote in between.
-_WRITE_DESIRED = """
-local raw = redis.call('GET', KEYS[1])
-local current = 0
-if raw then
-  local ok, doc = pcall(cjson.decode, raw)
-  if ok and type(doc) == 'table' and tonumber(doc['generation']) then
-    current = tonumber(doc['generation'])
-  end
-end
-if current ~= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], '1')
-return 1
-"""
-
-# KEYS[1] rollout(fleet)  KEYS[2] controller_lock(fleet)  KEYS[3] revisions(fleet)
-# KEYS[4] paused(fleet)
-# ARGV[1] the Rollout JSON the caller read ('' = the key was missing)
-# ARGV[2] the new Rollout JSON
-# ARGV[3] the caller's lease token ('' = an operator command, no lease needed)
-# ARGV[4] a revision id to store in revisions ('' = none), ARGV[5] its Revision JSON
-# ARGV[6] 'resume' = also delete the paused key
-# Returns 'ok', 'lease' (the caller no longer holds the lease: nothing written) or
-# 'changed' (the rollout changed since the caller read it: nothing written).
-_WRITE_ROLLOUT = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 'lease' end
-local raw = redis.call('GET', KEYS[1])
-if (raw or '') ~= ARGV[1] then return 'changed' end
-if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[4], ARGV[5]) end
-redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[6] == 'resume' then redis.call('DEL', KEYS[4]) end
-return 'ok'
-"""
-
-# KEYS[1] controller_lock(fleet)
-# ARGV[1] the caller's token, ARGV[2] the lease in ms
-# Takes the lease when free, renews it when the caller holds it. Returns 1 held, 0 not.
-_HOLD_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS[1] controller_lock(fleet); ARGV[1] the caller's token. Deletes it only if held.
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 @dataclass
 class DeviceView:
-    """One registered device as the controller read it in one pass."""
+    """One device of the fleet as the controller read it in one pass."""
 
     id: str
     labels: dict[str, str]
@@ -171,6 +113,7 @@ class TickSummary:
     pinned: list[str] = field(default_factory=list)  # got their pinned revision
     counts: dict[str, int] = field(default_factory=dict)  # devices per state
     message: str = ""
+    ignored: dict[str, str] = field(default_factory=dict)  # set members left out, and why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,6 +164,7 @@ class FleetStatus:
     rollout: dict[str, Any] | None
     paused: bool
     devices: list[dict[str, Any]]
+    ignored: dict[str, str] = field(default_factory=dict)  # set members left out, and why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,19 +260,35 @@ ParseMemo = dict[tuple[str, str], tuple[str, Any]]  # (kind, device) -> (raw JSO
 
 
 async def read_devices(redis: Client, fleet: str, *, labels: bool = True,
-                       memo: ParseMemo | None = None) -> list[DeviceView]:
-    """Every device registered in the fleet, sorted by id, in a handful of round trips
-    (``labels=False``: without their labels, when no group selects devices).
+                       memo: ParseMemo | None = None
+                       ) -> tuple[list[DeviceView], dict[str, str]]:
+    """Every device of the fleet, sorted by id, in a handful of round trips
+    (``labels=False``: without their labels, when no group selects devices); and the
+    members of the fleet's set that are ignored, with why.
+
+    A member is a device of this fleet when its id is valid and its agent registered
+    it for this fleet (its info hash says so). Ignored, so that one bad member cannot
+    stop, stall or hijack a rollout: an invalid id (``bad}id`` names no keys), an id
+    whose device never registered (a ghost: it would be waited for forever), and a
+    device registered for another fleet (it must not get this fleet's revision). The
+    set itself is written by ``fleet provision`` (devices may not write it).
 
     ``memo`` (kept by a long-running controller) skips re-parsing documents whose JSON
     did not change since the last pass: most of them, most of the time.
     """
-    ids = sorted(str(device) for device in await redis.smembers(keys.fleet_devices(fleet)))
+    ignored: dict[str, str] = {}
+    ids = []
+    for member in sorted(str(device) for device in
+                         await redis.smembers(keys.fleet_devices(fleet))):
+        try:
+            ids.append(check_id("device", member))
+        except UsageError:
+            ignored[member] = "not a valid device id"
     pipe = redis.pipeline(transaction=False)
-    for device in ids if labels else ():
-        pipe.hget(keys.device_info(device), "labels")
-    labels_raw, desired_raw, actual_raw, heartbeat_raw = await asyncio.gather(
-        pipe.execute() if labels else _nothing(len(ids)),
+    for device in ids:
+        pipe.hmget(keys.device_info(device), ["fleet", "labels"] if labels else ["fleet"])
+    info, desired_raw, actual_raw, heartbeat_raw = await asyncio.gather(
+        pipe.execute(),
         _get_many(redis, [keys.desired(device) for device in ids]),
         _get_many(redis, [keys.actual(device) for device in ids]),
         _get_many(redis, [keys.heartbeat(device) for device in ids]),
@@ -346,10 +306,16 @@ async def read_devices(redis: Client, fleet: str, *, labels: bool = True,
 
     views = []
     for index, device in enumerate(ids):
+        registered = info[index][0]
+        if registered != fleet:
+            ignored[device] = ("never registered: no agent has run as this device"
+                               if registered is None else f"registered for fleet {registered}")
+            continue
         view = DeviceView(id=device, labels={}, desired=None, actual=None,
                           online=heartbeat_raw[index] is not None)
         try:
-            view.labels = parsed("labels", device, labels_raw[index], _labels) or {}
+            if labels:
+                view.labels = parsed("labels", device, info[index][1], _labels) or {}
             view.desired = parsed("desired", device, desired_raw[index], _desired)
             view.actual = parsed("actual", device, actual_raw[index], _actual)
         except (UsageError, KeyError, ValueError, TypeError) as exc:
@@ -357,7 +323,7 @@ async def read_devices(redis: Client, fleet: str, *, labels: bool = True,
         views.append(view)
     memo.clear()
     memo.update(fresh)
-    return views
+    return views, ignored
 
 
 def _desired(raw: str) -> DesiredState:
@@ -366,10 +332,6 @@ def _desired(raw: str) -> DesiredState:
 
 def _actual(raw: str) -> ActualState:
     return ActualState.from_json(loads(raw, "actual state") or {})
-
-
-async def _nothing(count: int) -> list[None]:
-    return [None] * count
 
 
 def _labels(raw: str) -> dict[str, str]:
@@ -390,10 +352,11 @@ class Controller:
         self.fleet = fleet
         self.token = token
         self.lease_ms = lease_ms
-        self._write_desired = redis.register_script(_WRITE_DESIRED)
-        self._write_rollout = redis.register_script(_WRITE_ROLLOUT)
-        self._hold_lease = redis.register_script(_HOLD_LEASE)
-        self._release_lease = redis.register_script(_RELEASE_LEASE)
+        self._functions = lua.Functions(redis)
+        self._write_desired = lua.Function(self._functions, "write_desired")
+        self._write_rollout = lua.Function(self._functions, "write_rollout")
+        self._hold_lease = lua.Function(self._functions, "hold_lease")
+        self._release_lease = lua.Function(self._functions, "release_lease")
         self.last_rollout_raw = ""  # the Rollout JSON this controller last wrote
         self._memo: ParseMemo = {}  # parsed device documents of the last pass
 
@@ -458,17 +421,17 @@ class Controller:
             calls.append(([keys.desired(view.id)],
                           [generation, dumps(document.to_json()), keys.nudge(view.id)]))
         if isinstance(self.redis, RedisCluster):
-            # a cluster client cannot pipeline scripts: concurrent calls, a chunk at a time
+            # concurrent calls, a chunk at a time (routed per key by the cluster client)
             results: list[Any] = []
             for start in range(0, len(calls), CLUSTER_CONCURRENCY):
                 results.extend(await asyncio.gather(*(
                     self._write_desired(keys=call_keys, args=call_args)
                     for call_keys, call_args in calls[start:start + CLUSTER_CONCURRENCY])))
         else:
+            await self._functions.ensure_loaded()  # a pipeline cannot load half-way
             pipe = self.redis.pipeline(transaction=False)
             for call_keys, call_args in calls:
-                await self._write_desired(keys=call_keys, args=call_args,
-                                          client=pipe)
+                pipe.fcall(self._write_desired.name, len(call_keys), *call_keys, *call_args)
             results = await pipe.execute()
         return [view.id for (view, _, _), ok in zip(moves, results, strict=True) if int(ok) == 1]
 
@@ -490,7 +453,8 @@ class Controller:
             summary.message = "paused: `edgebundle fleet resume` continues"
             return summary
         grouped = any("group" in phase for phase in selection.rollout_phases(rollout.rollout))
-        views = await read_devices(self.redis, self.fleet, labels=grouped, memo=self._memo)
+        views, summary.ignored = await read_devices(self.redis, self.fleet, labels=grouped,
+                                                    memo=self._memo)
         summary.acted = True
         if rollout.status in ("rolling_back", "rolled_back"):
             return await self._roll_back(raw, rollout, views, now, summary, rollout.message)
@@ -701,7 +665,7 @@ async def plan(redis: Client, manifest: Mapping[str, Any]) -> Plan:
     _, current = await controller.read_rollout()
     previous = _previous(current, revision_id)
     rollout = _manifest_rollout(manifest, 0.0, revision_id, previous)
-    views = await read_devices(redis, fleet)
+    views, _ = await read_devices(redis, fleet)
     cumulative = selection.cumulative_phases(selection.rollout_phases(rollout.rollout),
                                              rollout.groups, {v.id: v.labels for v in views})
     target = Revision(id=revision_id, fleet=fleet, spec=spec)
@@ -783,7 +747,7 @@ async def status(redis: Client, fleet: str, *, now: float | None = None) -> Flee
     controller = Controller(redis, fleet)
     _, rollout = await controller.read_rollout()
     paused = bool(await redis.exists(keys.paused(fleet)))
-    views = await read_devices(redis, fleet)
+    views, ignored = await read_devices(redis, fleet)
     target = None
     if rollout is not None:
         target = (await controller.revisions([rollout.revision])).get(rollout.revision)
@@ -804,7 +768,7 @@ async def status(redis: Client, fleet: str, *, now: float | None = None) -> Flee
             "doctor_ok": actual.doctor_ok if actual else None,
             "doctor_failed": actual.doctor_failed if actual else [],
         })
-    return FleetStatus(fleet, rollout.to_json() if rollout else None, paused, devices)
+    return FleetStatus(fleet, rollout.to_json() if rollout else None, paused, devices, ignored)
 
 
 async def pause(redis: Client, fleet: str, *, now: float | None = None) -> bool:
@@ -845,8 +809,9 @@ async def rollback(redis: Client, fleet: str, *, now: float | None = None) -> Ti
     if not rollout.previous:
         raise UsageError(f"fleet {fleet} has no previous revision to roll back to "
                          f"({rollout.revision} is its first)")
-    views = await read_devices(redis, fleet)
-    summary = TickSummary(fleet=fleet, acted=True, status=rollout.status, phase=rollout.phase)
+    views, ignored = await read_devices(redis, fleet)
+    summary = TickSummary(fleet=fleet, acted=True, status=rollout.status, phase=rollout.phase,
+                          ignored=ignored)
     message = rollout.message if rollout.status in ("rolling_back", "rolled_back") \
         else "rolled back by the operator"
     return await controller._roll_back(raw, rollout, views, now, summary, message)

@@ -1,7 +1,8 @@
-"""What the sync modules share: the Redis client, its registered scripts, the settings.
+"""What the sync modules share: the Redis client, the library's functions on it, the settings.
 
-:meth:`Backend.call` runs one script with the common ``KEYS``/``ARGV`` layout of
-:mod:`edgebundle.sync.lua`; :func:`parse_state` turns a script's sync object reply
+:meth:`Backend.call` runs one Redis function of :mod:`edgebundle.sync.lua` (FCALL) with
+the common ``KEYS``/``ARGV`` layout documented there; :func:`parse_state` turns a
+function's sync object reply
 into a :class:`SyncState`; :func:`new_id` makes the random ids of threads, runs and
 messages.
 """
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.commands.core import AsyncScript
 from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as _ConnectionError
 from redis.exceptions import TimeoutError as _TimeoutError
@@ -28,7 +28,7 @@ from edgebundle.errors import (
     ThreadNotFoundError,
 )
 from edgebundle.sync.client import Client
-from edgebundle.sync.lua import Scripts, script_keys
+from edgebundle.sync.lua import Function, Functions, script_keys
 from edgebundle.sync.models import Message, Run, SyncState
 
 # The longest one blocking command (XREAD BLOCK, BLPOP) may wait, in s: redis-py gives
@@ -63,20 +63,20 @@ class SyncSettings:
 
 
 class Backend:
-    """One Redis client with the scripts registered on it, and the settings."""
+    """One Redis client with the library's functions on it, and the settings."""
 
     def __init__(self, redis: Client, settings: SyncSettings) -> None:
         self.redis = redis
         self.settings = settings
-        self.scripts = Scripts(redis)
+        self.functions = Functions(redis)
 
-    async def call(self, script: AsyncScript, thread_id: str, run_id: str | None,
+    async def call(self, function: Function, thread_id: str, run_id: str | None,
                    *args: str | int | float) -> list[Any]:
-        """Run ``script`` on the thread (and run) keys; ARGV = now, ttl, lease, *args."""
+        """Run ``function`` on the thread (and run) keys; ARGV = now, ttl, lease, *args."""
         keys = script_keys(thread_id, run_id)
         argv = [repr(time.time()), self.settings.session_ttl * 1000, self.settings.lease_ms,
                 *args]
-        reply: list[Any] = await script(keys=keys, args=argv)
+        reply: list[Any] = await function(keys=keys, args=argv)
         return reply
 
 
@@ -108,7 +108,7 @@ def parse_run(raw: str) -> Run:
 
 
 def raise_for(reply: Sequence[Any], thread_id: str, run_id: str | None = None) -> None:
-    """Turn a script's failure reply into its error (``ok`` and ``wait`` pass)."""
+    """Turn a function's failure reply into its error (``ok`` and ``wait`` pass)."""
     status = reply[0]
     if status == "gone":
         raise ThreadNotFoundError(

@@ -2,8 +2,8 @@
 
 ``connect(url)`` opens a ``redis.asyncio`` client; when the server says
 ``cluster_enabled:1`` it returns a cluster client instead, so users give one URL
-either way. Every key of a thread shares its hash tag, so every multi-key script
-runs on one node.
+either way. Every key of a thread shares its hash tag, so every multi-key function
+call runs on one node.
 
 Surviving a restart of Redis: pooled connections to the old server are stale, and
 the first command on each would fail. Every command is therefore retried on a
@@ -11,8 +11,8 @@ connection error or timeout, reconnecting, with exponential backoff (about 2.5 s
 all, see :data:`RETRIES`), so a restart or a blip is invisible to callers and a
 longer outage surfaces as an error after a few seconds (the gateway answers 503
 ``redis_unavailable`` then, and recovers by itself when Redis is back). A retried
-script call that the old server ran but could not answer runs twice; every script of
-the sync core makes that harmless: pushes by mutation id, a run's start by its input
+function call that the old server ran but could not answer runs twice; every function
+of the sync core makes that harmless: pushes by mutation id, a run's start by its input
 id, text batches by their seq, a run's end by its fence.
 """
 

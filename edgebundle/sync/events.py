@@ -7,7 +7,7 @@ what is already there (XRANGE, exclusive of the cursor) and then follows with
 works the same after the run ended (the stream lives as long as the thread).
 
 A follower wakes at least once per lease (or per ``BLOCK_SLICE``, if shorter) even
-when nothing is written; it then looks at the run (the read_run script), which ends a
+when nothing is written; it then looks at the run (the read_run function), which ends a
 run whose holder's lease ran out, so a reader of a dead holder's run still gets its
 terminal events and ``done``.
 """

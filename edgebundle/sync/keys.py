@@ -1,6 +1,6 @@
 """Every Redis key edgebundle's sync uses, in one place.
 
-All keys of a thread carry the hash tag ``{<thread id>}``, so one Lua script can change
+All keys of a thread carry the hash tag ``{<thread id>}``, so one Lua function can change
 them atomically and Redis Cluster keeps them in one slot (no CROSSSLOT)::
 
     eb:{T}:meta              hash   epoch, version, floor, created_at, active_run, positions

@@ -1,21 +1,21 @@
 """Taking a thread for a run, and writing the run's output only while holding it.
 
-One inference per thread. :func:`acquire` runs the acquire script: when the lock is
+One inference per thread. :func:`acquire` runs the acquire function: when the lock is
 free (or reserved for this run) and the run is first in line, it sets the lock to a
 random token with a lease (``SET … PX``), takes a fence from ``INCR`` and starts the
 run, all in one step. Otherwise it waits with ``BLPOP`` on the run's own wake-up
-list: the script that ends the run ahead pushes a token there the moment it ends
+list: the function that ends the run ahead pushes a token there the moment it ends
 (no sleep-polling). The wait is bounded by what is left of the holder's lease, so a
-holder that died is noticed when its lease runs out; the acquire script then ends
+holder that died is noticed when its lease runs out; the acquire function then ends
 that run as incomplete (its text so far kept) and goes on.
 
 :class:`RunLease` is the holder's side: a watchdog task renews the lease every
 ``renew_ms``; text is batched (``delta_batch_ms`` / ``delta_batch_chars``) into
 ``message.delta`` events; with batching off each piece is its own event, written
 behind the caller: pieces that arrive while a write is in flight go out together in
-the next script call (one round trip, many events) and ``flush()`` waits for them.
+the next function call (one round trip, many events) and ``flush()`` waits for them.
 ``finish`` / ``fail`` / ``interrupt`` end the run and release the lock by
-compare-and-delete in the same script. Every one of those writes is checked in Lua
+compare-and-delete in the same function. Every one of those writes is checked in Lua
 against the token and the fence, so a holder whose lease ran out (stalled,
 partitioned) or whose run was cancelled or interrupted writes nothing: it gets
 :class:`LeaseLostError`.
@@ -23,7 +23,7 @@ partitioned) or whose run was cancelled or interrupted writes nothing: it gets
 When Redis goes away (a restart, a network cut) the holder rides it out for as long
 as its lease lasts: every fenced write (a text batch, the renewal, the end) is sent
 again until Redis answers or the lease would have run out. That is safe because each
-of them is idempotent: a text batch carries the seq it starts after (the script skips
+of them is idempotent: a text batch carries the seq it starts after (the function skips
 what it already stored), and the end of a run is recognised by its fence. Redis
 restarted from its append-only file still has the lock with its absolute expiry, so
 a run interrupted by a restart of a few seconds goes on and completes as if nothing
@@ -44,7 +44,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle.errors import LeaseLostError, RedisError, ThreadBusyError, UsageError
@@ -58,6 +57,7 @@ from edgebundle.sync.backend import (
     parse_run,
     raise_for,
 )
+from edgebundle.sync.lua import Function
 from edgebundle.sync.models import Message, Run, dumps
 from edgebundle.sync.runs import RunTicket
 
@@ -82,7 +82,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
     deadline = None if timeout is None else time.monotonic() + timeout
     wakeup = keys.run_wakeup(thread_id, run.id)
     while True:
-        reply = await backend.call(backend.scripts.acquire, thread_id, run.id, run.id, token)
+        reply = await backend.call(backend.functions.acquire, thread_id, run.id, run.id, token)
         raise_for(reply, thread_id, run.id)
         if reply[0] == "ok":
             return RunLease(backend, parse_run(reply[1]), parse_message(reply[2]),
@@ -96,7 +96,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                await backend.call(backend.scripts.cancel, thread_id, run.id, run.id,
+                await backend.call(backend.functions.cancel, thread_id, run.id, run.id,
                                    run.device_id or "acquire", "0", "")
                 raise ThreadBusyError(
                     f"run {run.id} did not get thread {thread_id} within {timeout} s and was "
@@ -160,14 +160,14 @@ class RunLease:
             self._timer = asyncio.create_task(self._flush_later(settings.delta_batch_ms / 1000))
 
     async def flush(self) -> None:
-        """Write buffered text now, in one script call: the barrier for "all of it is
+        """Write buffered text now, in one function call: the barrier for "all of it is
         stored"; raises what a write behind the caller met (e.g. LeaseLostError)."""
         self._raise_pending()
         async with self._flushing:
             texts = self._take_buffer()
             if not texts:
                 return
-            reply = await self._fenced(self._backend.scripts.delta, self.message.id,
+            reply = await self._fenced(self._backend.functions.delta, self.message.id,
                                        str(self._seq), *texts)
             self._raise_if_lost(reply)
             self._seq = int(reply[1])
@@ -222,7 +222,7 @@ class RunLease:
             # Peeked, not taken: if this call fails, the next attempt sends them again.
             pieces = self._buffer if self._unbatched or not self._buffer \
                 else ["".join(self._buffer)]
-            reply = await self._fenced(self._backend.scripts.finish, self.message.id,
+            reply = await self._fenced(self._backend.functions.finish, self.message.id,
                                        "incomplete", "interrupted", "null", cause,
                                        str(self._seq), *pieces)
             self._buffer, self._buffered = [], 0
@@ -237,25 +237,25 @@ class RunLease:
             texts = self._take_buffer()
             self._ended = True
             await self._stop_watchdog()
-            reply = await self._fenced(self._backend.scripts.finish, self.message.id,
+            reply = await self._fenced(self._backend.functions.finish, self.message.id,
                                        outcome, reason, usage, error, str(self._seq), *texts)
             self._raise_if_lost(reply)
         self.run = parse_run(reply[1])
         return self.run
 
-    async def _call(self, script: AsyncScript, *args: str) -> list[Any]:
-        return await self._backend.call(script, self.run.thread_id, self.run.id, self.run.id,
+    async def _call(self, function: Function, *args: str) -> list[Any]:
+        return await self._backend.call(function, self.run.thread_id, self.run.id, self.run.id,
                                         self._token, str(self.fence), *args)
 
-    async def _fenced(self, script: AsyncScript, *args: str) -> list[Any]:
+    async def _fenced(self, function: Function, *args: str) -> list[Any]:
         """One fenced write, sent again through a Redis outage while the lease lasts
-        (the scripts make a repeat harmless); then the driver's error is raised."""
-        return await self.ride_out(lambda: self._call(script, *args))
+        (the functions make a repeat harmless); then the driver's error is raised."""
+        return await self.ride_out(lambda: self._call(function, *args))
 
     async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, made again through a Redis outage for as long as this lease
         lasts (the holder keeps its run); then the error is raised. Only for calls whose
-        repeat is harmless: reads, and the fenced scripts."""
+        repeat is harmless: reads, and the fenced functions."""
         loop = asyncio.get_running_loop()
         delay, longest = _OUTAGE_RETRY
         while True:
@@ -311,7 +311,7 @@ class RunLease:
             await asyncio.sleep(settings.renew_ms / 1000)
             sent = loop.time()
             try:
-                reply = await self._fenced(self._backend.scripts.renew)
+                reply = await self._fenced(self._backend.functions.renew)
             except (_RedisPyError, OSError) as exc:
                 # The lease is over: the holder's next write says so.
                 log.warning("run %s: its lease could not be renewed (%s)", self.run.id, exc)

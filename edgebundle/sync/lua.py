@@ -1,8 +1,37 @@
-"""The Lua scripts behind every multi-key change of a thread, and their shared helpers.
+"""edgebundle's Lua: one Redis Functions library with every multi-key change of a thread.
 
-Every script is one atomic step on the node that owns the thread's hash slot. They
-all see the same ``KEYS`` layout (:func:`script_keys`) and the same first three
-``ARGV``; each script's own comment block lists the rest::
+Functions, not scripts. All of the project's Lua is one library that is loaded with
+``FUNCTION LOAD`` and called with ``FCALL`` (Redis 7.0 or newer); nothing sends EVAL.
+So a device's Redis user needs ``+fcall``/``+fcall_ro`` and never EVAL, EVALSHA, SCRIPT
+or FUNCTION: it can run only the code an admin loaded, these fenced and validated
+functions, and no busy loop or allocation loop of its own. (Redis still checks every
+command a function runs against the caller's user, keys included, so a function can
+do no more than its caller may; :mod:`edgebundle.fleet.acl` grants what they call.)
+
+Versioning. The library is ``edgebundle_<v>`` and each function ``eb_<v>_<name>``,
+where ``<v>`` (:data:`VERSION`) is the first 12 hex digits of the sha256 of the
+library's source: any change to the Lua is a new version, with nothing to bump by
+hand. Function names are global in Redis, so libraries of two edgebundle versions can
+be loaded side by side while a fleet upgrades, and a device only ever calls its own
+code: ``FCALL eb_<v>_push`` runs exactly the code this module holds, or answers
+"Function not found". ``eb_<v>_version`` (read-only) answers ``<v>``.
+
+Loading. :class:`Functions` calls FCALL; on "Function not found" it loads the
+library (``FUNCTION LOAD REPLACE``; on a cluster on every primary, and replicas copy
+it) and calls again, so a private Redis, or a central Redis without ACL users, works
+with no setup. A device user may not load: it gets a RedisError saying that an admin
+loads the library, which ``edgebundle fleet provision`` and ``edgebundle fleet
+load-functions`` do. Redis keeps functions in its RDB/AOF; a Redis that restarted
+without persistence has lost them (and every thread): callers that may, load again.
+
+Inside the library, the helpers are library-wide locals, and the call being served
+sits in library-wide locals too (``KEYS``, ``ARGV``, ``META``…): every callback starts
+with ``begin(keys, args)`` (sync functions: the layout below, checked) or ``use(…)``
+(the fleet controller's). Redis runs one function at a time and never nests them.
+
+Every sync function is one atomic step on the node that owns the thread's hash slot.
+They all see the same ``KEYS`` layout (:func:`script_keys`) and the same first three
+``ARGV``; each function's own comment block lists the rest::
 
     KEYS[1..9]   eb:{T}:meta, :msgs, :changes, :mids, :lock, :fence, :queue, :runs, :inputs
     KEYS[10..13] eb:{T}:run:<R>, :run:<R>:events, :run:<R>:go, :run:<R>:text (one run's)
@@ -16,14 +45,13 @@ runs zset, the queue or meta's ``active_run`` and touched undeclared. That is sa
 on Redis Cluster: they carry the same ``{T}`` hash tag, so they live in the slot of
 the declared keys (Redis refuses only keys of another slot).
 
-The helpers are shared by string composition (:data:`PRELUDE` + a script body), so
-ending a run is ONE function (``end_run``) whether it finishes, fails, is cancelled,
-is interrupted by an edit or a new run, or lost its lease and is taken over.
+Ending a run is ONE helper (``end_run``) whether it finishes, fails, is cancelled, is
+interrupted by an edit or a new run, or lost its lease and is taken over.
 
 Conventions inside Redis: JSON only (cjson); versions come from ``HINCRBY`` on meta,
 never from a clock; replies are arrays whose first element says what happened
 (``ok``, ``gone``, ``epoch``, ``busy``, ``lost``, ``norun``, ``wait``, ``ended``,
-``duplicate``).
+``duplicate``, ``gap``, ``badmutation``).
 
 The lock holds either a holder's random token or ``reserved:<run id>``: when the
 thread frees up, the next queued run is woken (a token RPUSHed on its ``go`` list,
@@ -34,11 +62,16 @@ the next run that wants the thread, exactly like a holder whose lease ran out.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os.path
+from collections.abc import Sequence
+from typing import Any
 
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoPermissionError, ResponseError
 
+from edgebundle.errors import RedisError
 from edgebundle.sync import keys
 from edgebundle.sync.client import Client
 
@@ -80,20 +113,50 @@ def _key_layout() -> dict[str, str]:
 
 
 _PRELUDE_TEMPLATE = r"""
-local META, MSGS, CHANGES, MIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local LOCK, FENCE, QUEUE, RUNS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local INPUTS = KEYS[9]
+-- The call being served: set by begin() (sync functions) or use() (the others) first
+-- thing in every callback. Redis runs one function at a time and a function cannot call
+-- another, so these library-wide locals always hold the current call's values.
+local KEYS, ARGV
+local META, MSGS, CHANGES, MIDS, LOCK, FENCE, QUEUE, RUNS, INPUTS
+local RUN, RUN_TEXT, RUN_GO, TAG
+local NOW, TTL, LEASE, SLACK, RUN_TTL
 local FIXED = 9  -- KEYS[FIXED + 1 ..] are the declared run's: hash, events, go, text
-local RUN, RUN_TEXT, RUN_GO = KEYS[10], KEYS[13], KEYS[12]
-local TAG = string.sub(META, 1, #META - @META_SUFFIX_LEN@)
-local NOW = tonumber(ARGV[1])
-local TTL = math.floor(tonumber(ARGV[2]))
-local LEASE = math.floor(tonumber(ARGV[3]))
--- run keys are refreshed once per SLACK (not on every access: a long thread has many
--- runs) and live SLACK longer, so they never expire before the thread itself
-local SLACK = math.min(math.floor(TTL / 10), 60000)
-local RUN_TTL = TTL + SLACK
 local RESERVED = 'reserved:'
+
+local function use(keys, args)
+  KEYS, ARGV = keys, args
+end
+
+local function refuse(message)
+  error({err = 'ERR edgebundle: ' .. message})
+end
+
+-- The common KEYS/ARGV layout of every sync function (module docstring), checked: one
+-- thread's keys (every key carries the tag of KEYS[1]) and a sane clock, TTL and lease.
+local function begin(keys, args)
+  use(keys, args)
+  if #keys ~= FIXED and #keys ~= FIXED + 4 then
+    refuse('a sync function takes 9 thread keys, or 13 with a run\'s')
+  end
+  META, MSGS, CHANGES, MIDS = keys[1], keys[2], keys[3], keys[4]
+  LOCK, FENCE, QUEUE, RUNS, INPUTS = keys[5], keys[6], keys[7], keys[8], keys[9]
+  RUN, RUN_GO, RUN_TEXT = keys[10], keys[12], keys[13]
+  TAG = string.sub(META, 1, #META - @META_SUFFIX_LEN@)
+  for i = 2, #keys do
+    if string.sub(keys[i], 1, #TAG) ~= TAG then refuse('every key must be of one thread') end
+  end
+  NOW = tonumber(args[1])
+  TTL = tonumber(args[2])
+  LEASE = tonumber(args[3])
+  if not NOW or not TTL or not LEASE or TTL < 1 or LEASE < 1 then
+    refuse('ARGV[1..3] must be the clock, a TTL and a lease (ms >= 1)')
+  end
+  TTL, LEASE = math.floor(TTL), math.floor(LEASE)
+  -- run keys are refreshed once per SLACK (not on every access: a long thread has many
+  -- runs) and live SLACK longer, so they never expire before the thread itself
+  SLACK = math.min(math.floor(TTL / 10), 60000)
+  RUN_TTL = TTL + SLACK
+end
 
 local function run_key(id) return TAG .. @RUN_PRE@ .. id .. @RUN_POST@ end
 local function events_key(id) return TAG .. @EVENTS_PRE@ .. id .. @EVENTS_POST@ end
@@ -333,19 +396,50 @@ PUSH = r"""
 -- stored in this same step), client wins; an edit or delete of an existing message
 -- while a run generates interrupts that run first (its text so far kept). Answers
 -- the diff since the client's version.
+-- Mutation ids (Replicache's rule): a device numbers its mutations of a thread 1, 2,
+-- 3 ... A mid at or below the last one applied for the device is a repeat (skipped),
+-- last + 1 is applied, a higher one is a gap: then nothing is written and the answer
+-- is {'gap', the expected mid, the mid sent}, so a push that names another device
+-- cannot jump that device's counter ahead and silence its later mutations. A mutation
+-- whose mid is not a whole number from 1 to 2^53 - 1, whose op is neither put nor
+-- delete or whose message has no id answers {'badmutation', its JSON}: nothing written.
+-- A stored last mid no valid push could have written (an older version stored 1e400
+-- as inf) counts as unknown: the device's next push goes on from its own first mid.
 -- KEYS[1..9] fixed thread keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] device id; ARGV[5] client epoch;
 -- ARGV[6] since; ARGV[7] '1' = reseed; ARGV[8] the new epoch if reseeding;
 -- ARGV[9..] one mutation JSON each: {"mid": n, "op": "put"|"delete", "message": {...}}
 local device = ARGV[4]
-if redis.call('EXISTS', META) == 0 then
-  if ARGV[7] ~= '1' then return {'epoch', ''} end
-  create_meta(ARGV[8])
-else
+local MAX_MID = 9007199254740991
+local function whole(n)
+  return type(n) == 'number' and n >= 0 and n <= MAX_MID and n == math.floor(n)
+end
+local mutations = {}
+for i = 9, #ARGV do
+  local m = cjson.decode(ARGV[i])
+  if type(m) ~= 'table' or not whole(m.mid) or m.mid < 1 or (m.op ~= 'put' and m.op ~= 'delete')
+      or type(m.message) ~= 'table' or type(m.message.id) ~= 'string' then
+    return {'badmutation', ARGV[i]}
+  end
+  mutations[#mutations + 1] = m
+end
+
+local exists = redis.call('EXISTS', META) == 1
+if not exists and ARGV[7] ~= '1' then return {'epoch', ''} end
+if exists then
   local epoch = redis.call('HGET', META, 'epoch')
   if epoch ~= ARGV[5] then return {'epoch', epoch} end
-  reap()
 end
+local last = tonumber(redis.call('HGET', MIDS, device) or '0')
+if not whole(last) then last = nil end
+local expect = last
+for _, m in ipairs(mutations) do
+  if expect == nil then expect = m.mid - 1 end
+  if m.mid > expect + 1 then return {'gap', expect + 1, m.mid} end
+  expect = math.max(expect, m.mid)
+end
+if exists then reap() else create_meta(ARGV[8]) end
+last = last or 0
 
 local FIELDS = {'role', 'content', 'status', 'position', 'created_at', 'run_id'}
 local function differs(current, incoming)
@@ -356,10 +450,8 @@ local function differs(current, incoming)
   return false
 end
 
-local last = tonumber(redis.call('HGET', MIDS, device) or '0')
 local interrupted = false
-for i = 9, #ARGV do
-  local m = cjson.decode(ARGV[i])
+for _, m in ipairs(mutations) do
   if m.mid > last then
     last = m.mid
     local incoming = m.message
@@ -400,7 +492,7 @@ for i = 9, #ARGV do
     end
   end
 end
-redis.call('HSET', MIDS, device, last)
+redis.call('HSET', MIDS, device, string.format('%d', last))
 touch()
 return snapshot(ARGV[5], tonumber(ARGV[6]))
 """
@@ -621,20 +713,221 @@ return {'ok', raw}
 """
 
 
-class Scripts:
-    """Every script, registered once on a client (EVALSHA, loaded again on NOSCRIPT)."""
+# -- the fleet controller's functions (edgebundle.fleet.controller) --------------------
+# They run under the controller's (admin's) user. A device may call them too, but Redis
+# checks what they do against its user, whose keys and commands do not reach them.
+
+WRITE_DESIRED = r"""
+-- write_desired: compare-and-set of a device's DesiredState: written only if the stored
+-- generation is still ARGV[1], so of two writers that read the same state one wins and
+-- the other changes nothing; then the nudge is published. Returns 1 written, 0 someone
+-- wrote in between.
+-- KEYS[1] desired(id)
+-- ARGV[1] the generation the caller read (0: the key was missing or unreadable)
+-- ARGV[2] the new DesiredState JSON (its generation is ARGV[1] + 1)
+-- ARGV[3] the device's nudge channel
+local raw = redis.call('GET', KEYS[1])
+local current = 0
+if raw then
+  local ok, doc = pcall(cjson.decode, raw)
+  if ok and type(doc) == 'table' and tonumber(doc['generation']) then
+    current = tonumber(doc['generation'])
+  end
+end
+if current ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], '1')
+return 1
+"""
+
+WRITE_ROLLOUT = r"""
+-- write_rollout: compare-and-set of the fleet's Rollout, checking the caller's lease in
+-- the same step. Returns 'ok', 'lease' (the caller no longer holds the lease: nothing
+-- written) or 'changed' (the rollout changed since the caller read it: nothing written).
+-- KEYS[1] rollout(fleet)  KEYS[2] controller_lock(fleet)  KEYS[3] revisions(fleet)
+-- KEYS[4] paused(fleet)
+-- ARGV[1] the Rollout JSON the caller read ('' = the key was missing)
+-- ARGV[2] the new Rollout JSON
+-- ARGV[3] the caller's lease token ('' = an operator command, no lease needed)
+-- ARGV[4] a revision id to store in revisions ('' = none), ARGV[5] its Revision JSON
+-- ARGV[6] 'resume' = also delete the paused key
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 'lease' end
+local raw = redis.call('GET', KEYS[1])
+if (raw or '') ~= ARGV[1] then return 'changed' end
+if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[4], ARGV[5]) end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[6] == 'resume' then redis.call('DEL', KEYS[4]) end
+return 'ok'
+"""
+
+HOLD_LEASE = r"""
+-- hold_lease: takes the controller's lease when free, renews it when the caller holds
+-- it. Returns 1 held, 0 not.
+-- KEYS[1] controller_lock(fleet)
+-- ARGV[1] the caller's token, ARGV[2] the lease in ms
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+RELEASE_LEASE = r"""
+-- release_lease: deletes the controller's lease only if the caller holds it.
+-- KEYS[1] controller_lock(fleet)
+-- ARGV[1] the caller's token
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# name -> body. Sync functions start with begin() (the common layout, checked); the
+# fleet's with use().
+SYNC_FUNCTIONS = {
+    "create": CREATE, "sync": SYNC, "push": PUSH, "start_run": START_RUN,
+    "acquire": ACQUIRE, "delta": DELTA, "renew": RENEW, "finish": FINISH,
+    "cancel": CANCEL, "read_run": READ_RUN,
+}
+FLEET_FUNCTIONS = {
+    "write_desired": WRITE_DESIRED, "write_rollout": WRITE_ROLLOUT,
+    "hold_lease": HOLD_LEASE, "release_lease": RELEASE_LEASE,
+}
+SYNC_SOURCE = PRELUDE + "".join(SYNC_FUNCTIONS.values())  # what a device's user must allow
+
+_VERSION_MARK = "@VERSION@"
+
+
+def _library(version: str) -> str:
+    """The library's source for ``version`` (the mark itself when computing the hash)."""
+    def register(name: str, body: str, setup: str) -> str:
+        return (f"redis.register_function{{function_name='eb_{version}_{name}', "
+                f"callback=function(keys, args)\n{setup}(keys, args)\n{body}end}}\n")
+
+    parts = [f"#!lua name=edgebundle_{version}\n", PRELUDE]
+    parts += [register(name, body, "begin") for name, body in SYNC_FUNCTIONS.items()]
+    parts += [register(name, body, "use") for name, body in FLEET_FUNCTIONS.items()]
+    parts.append("-- version: this library's version, read-only (FCALL_RO). No KEYS, no ARGV.\n"
+                 f"redis.register_function{{function_name='eb_{version}_version', "
+                 f"callback=function() return '{version}' end, flags={{'no-writes'}}}}\n")
+    return "".join(parts)
+
+
+VERSION = hashlib.sha256(_library(_VERSION_MARK).encode()).hexdigest()[:12]
+LIBRARY = f"edgebundle_{VERSION}"
+SOURCE = _library(VERSION)
+
+
+def function_name(name: str) -> str:
+    """The Redis name of one of the library's functions (``eb_<version>_<name>``)."""
+    if name != "version" and name not in SYNC_FUNCTIONS and name not in FLEET_FUNCTIONS:
+        raise ValueError(f"no function {name!r} in the edgebundle library")
+    return f"eb_{VERSION}_{name}"
+
+
+def _missing(exc: ResponseError) -> bool:
+    return "function not found" in str(exc).lower()
+
+
+def _refusal(exc: ResponseError, what: str) -> RedisError | None:
+    """The clear error for a Redis that cannot run edgebundle's functions at all."""
+    text = str(exc)
+    if "unknown command" in text.lower() and "fcall" in text.lower():
+        return RedisError(
+            f"this Redis cannot {what}: it has no FCALL, so it is older than 7.0; edgebundle "
+            "calls its Lua as Redis Functions, which need Redis 7.0 or newer: upgrade it")
+    if isinstance(exc, NoPermissionError) and "'fcall" in text.lower():
+        return RedisError(
+            f"this Redis user may not {what} ({text}): a device user made by an older "
+            "edgebundle has EVAL instead of FCALL; provision it again "
+            "(edgebundle fleet provision FLEET --device ID)")
+    return None
+
+
+async def load_library(redis: Client) -> int:
+    """FUNCTION LOAD REPLACE the library (on a cluster: on every primary, whose replicas
+    copy it); the number of nodes it was loaded on. Loading it again is harmless: the
+    name carries the version, so REPLACE only ever puts back the same code. A user that
+    may not load gets redis-py's NoPermissionError; a Redis older than 7.0 a RedisError."""
+    try:
+        reply = await redis.function_load(SOURCE, replace=True)
+    except NoPermissionError:
+        raise
+    except ResponseError as exc:
+        raise _refusal(exc, "load edgebundle's functions") or exc from None
+    return len(reply) if isinstance(reply, dict) else 1
+
+
+class Function:
+    """One function of the library, called like a redis-py Script:
+    ``await fn(keys=[...], args=[...])``."""
+
+    def __init__(self, functions: Functions, name: str) -> None:
+        self.functions = functions
+        self.name = function_name(name)
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        return await self.functions.fcall(self.name, keys, args)
+
+
+class Functions:
+    """The library on one client: FCALL, and FUNCTION LOAD when Redis answers "Function
+    not found" and this user may load (else a RedisError saying who can)."""
 
     def __init__(self, redis: Client) -> None:
-        def register(body: str) -> AsyncScript:
-            return redis.register_script(PRELUDE + body)
+        self.redis = redis
+        self._loads = 0  # libraries loaded through this object (to load once per miss)
+        self._lock: asyncio.Lock | None = None
+        self.create = Function(self, "create")
+        self.sync = Function(self, "sync")
+        self.push = Function(self, "push")
+        self.start_run = Function(self, "start_run")
+        self.acquire = Function(self, "acquire")
+        self.delta = Function(self, "delta")
+        self.renew = Function(self, "renew")
+        self.finish = Function(self, "finish")
+        self.cancel = Function(self, "cancel")
+        self.read_run = Function(self, "read_run")
 
-        self.create = register(CREATE)
-        self.sync = register(SYNC)
-        self.push = register(PUSH)
-        self.start_run = register(START_RUN)
-        self.acquire = register(ACQUIRE)
-        self.delta = register(DELTA)
-        self.renew = register(RENEW)
-        self.finish = register(FINISH)
-        self.cancel = register(CANCEL)
-        self.read_run = register(READ_RUN)
+    async def fcall(self, name: str, keys: Sequence[str],
+                    args: Sequence[str | int | float]) -> Any:
+        loads = self._loads
+        try:
+            return await self.redis.fcall(name, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not _missing(exc):
+                raise _refusal(exc, "run edgebundle's functions") or exc from None
+        await self.load(after=loads)
+        return await self.redis.fcall(name, len(keys), *keys, *args)
+
+    async def ensure_loaded(self) -> None:
+        """Load the library unless this version of it answers (for pipelines, which
+        cannot load half-way)."""
+        loads = self._loads
+        try:
+            await self.redis.fcall_ro(function_name("version"), 0)
+        except ResponseError as exc:
+            if not _missing(exc):
+                raise _refusal(exc, "run edgebundle's functions") or exc from None
+            await self.load(after=loads)
+
+    async def load(self, *, after: int | None = None) -> None:
+        """Load the library; with ``after``: only if no call loaded it since ``after``
+        (many calls that find it missing at once load it once)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if after is not None and self._loads != after:
+                return
+            try:
+                await load_library(self.redis)
+            except NoPermissionError as exc:
+                raise RedisError(
+                    f"the edgebundle functions ({LIBRARY}) are not loaded on this Redis and "
+                    f"this user may not load them ({exc}): an admin loads them with "
+                    "`edgebundle fleet load-functions --redis-url ADMIN_URL` (provisioning "
+                    "devices does it too)") from None
+            self._loads += 1

@@ -38,7 +38,10 @@ Exactly once: the push carries mutation ids of the device's replica identity
 (``<device id>:replica``), and the mutations with their ids are written to the local
 store before they are sent (the outbox). A push whose answer was lost, a heal cut by
 the link flapping, a device killed mid-heal: the same outbox with the same ids is sent
-again and the central store applies each id once. A thread the central store no
+again and the central store applies each id once. The ids go on from heal to heal
+(``next_mid``), with no gap, as the central store demands; a thread made again since
+(another epoch: ids count from 1 again) answers a gap, and the outbox is numbered on
+from the id it expects. A thread the central store no
 longer has (it expired, or was made offline) is re-seeded from the device's copy under
 a new epoch, as any device does after expiry.
 """
@@ -59,6 +62,7 @@ from redis.exceptions import RedisError as RedisPyError
 from edgebundle.errors import (
     EpochMismatchError,
     InputTakenError,
+    MutationGapError,
     OfflineError,
     RedisError,
     ThreadNotFoundError,
@@ -453,12 +457,12 @@ class DeviceSync:
     async def _mirror(self, thread_id: str) -> None:
         """Bring the local copy of an unchanged (not dirty) thread up to its central
         version: the central diff since the copy's version, applied as one push of the
-        mirror's own (MIRROR_DEVICE, numbered on from its last); a whole new copy when
+        mirror's own (MIRROR_DEVICE, numbered on from the last it applied); a whole new copy when
         there is none yet, the epoch changed or the diff cannot be had."""
         replica = keys.replica(thread_id)
-        epoch, version, mid = (None if value is None else str(value) for value in
-                               await self.local.redis.hmget(
-                                   replica, ["central_epoch", "central_version", "mirror_mid"]))
+        epoch, version = (None if value is None else str(value) for value in
+                          await self.local.redis.hmget(
+                              replica, ["central_epoch", "central_version"]))
         # a hash read per thread and round while nothing changes
         now = await self.central.redis.hmget(keys.meta(thread_id), ["epoch", "version"])
         if [None if value is None else str(value) for value in now] == [epoch, version]:
@@ -476,7 +480,9 @@ class DeviceSync:
             if central.full or copy_epoch is None:
                 await self._replace_copy(thread_id, central)
                 return
-            first = int(mid or 0) + 1
+            # On from the last id the copy applied (its own record, written with the change)
+            first = int(await self.local.redis.hget(keys.mutation_ids(thread_id),
+                                                    MIRROR_DEVICE) or 0) + 1
             mutations = [{"mid": n, "op": "delete" if m.deleted else "put",
                           "message": {"id": m.id} if m.deleted else _copy(m)}
                          for n, m in enumerate(sorted(central.messages,
@@ -485,7 +491,7 @@ class DeviceSync:
                                          mutations)
             await self.local.redis.hset(replica, mapping={
                 "central_epoch": central.epoch, "central_version": central.version,
-                "local_version": copy.version, "mirror_mid": first - 1 + len(mutations)})
+                "local_version": copy.version})
 
     async def _replace_copy(self, thread_id: str, central: SyncState) -> None:
         """A whole new local copy of ``central`` (a full sync object); the thread's lock
@@ -499,7 +505,7 @@ class DeviceSync:
         async with self.local.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.replica(thread_id), mapping={
                 "central_epoch": central.epoch, "central_version": central.version,
-                "local_version": copy.version, "mirror_mid": len(mutations)})
+                "local_version": copy.version})
             pipe.hdel(keys.replica(thread_id), "outbox", "outbox_upto")
             await pipe.execute()
 
@@ -559,14 +565,13 @@ class DeviceSync:
 
     async def _send(self, thread_id: str, epoch: str, outbox: list[dict[str, Any]],
                     local_state: SyncState) -> None:
-        me = replica_device(self.device_id)
         try:
-            await self.central.push(thread_id, me, epoch, 0, outbox)
+            await self._push_outbox(thread_id, epoch, outbox)
             return
         except EpochMismatchError as exc:
             current = exc.epoch
         if current is not None:  # re-seeded elsewhere meanwhile: our changes go on top
-            await self.central.push(thread_id, me, current, 0, outbox)
+            await self._push_outbox(thread_id, current, outbox)
             return
         # The central store has no such thread (it expired, or it was made offline):
         # re-seed it from this device's copy, under a new epoch.
@@ -574,11 +579,28 @@ class DeviceSync:
                          key=lambda m: m.position)
         seed = [{"mid": mid, "op": "put", "message": _copy(m)} for mid, m in enumerate(visible, 1)]
         try:
-            await self.central.push(thread_id, f"{me}.seed", "", 0, seed, reseed=True)
+            await self.central.push(thread_id, f"{replica_device(self.device_id)}.seed", "", 0,
+                                    seed, reseed=True)
         except EpochMismatchError as exc:  # created by another device at the same moment
             if exc.epoch is None:
                 raise
-            await self.central.push(thread_id, me, exc.epoch, 0, outbox)
+            await self._push_outbox(thread_id, exc.epoch, outbox)
+
+    async def _push_outbox(self, thread_id: str, epoch: str,
+                           outbox: list[dict[str, Any]]) -> None:
+        """Push the outbox under the replica identity. A thread made again since the
+        outbox was numbered (a new epoch counts every device's ids from 1) answers a
+        gap: none of the outbox is in it then, so it is numbered on from the id the
+        thread expects, kept (a retry sends the same ids) and sent again."""
+        me = replica_device(self.device_id)
+        try:
+            await self.central.push(thread_id, me, epoch, 0, outbox)
+            return
+        except MutationGapError as exc:
+            outbox[:] = [{**item, "mid": exc.expected + n} for n, item in enumerate(outbox)]
+        await self.local.redis.hset(keys.replica(thread_id), mapping={
+            "outbox": dumps(outbox), "next_mid": outbox[-1]["mid"] + 1})
+        await self.central.push(thread_id, me, epoch, 0, outbox)
 
 
 def _copy(message: Message, *, position: bool = True) -> dict[str, Any]:

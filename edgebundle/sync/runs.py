@@ -1,7 +1,7 @@
 """Runs: one inference on a thread, queued, started, cancelled, looked up.
 
 Starting a run puts the user's input message in the thread (a new version) and the
-run in the thread's FIFO queue, in one script that also answers the client's diff
+run in the thread's FIFO queue, in one function that also answers the client's diff
 (so a device's turn opens with whatever other devices did). Who generates is then
 decided by :mod:`edgebundle.sync.lock`.
 
@@ -84,9 +84,9 @@ class RunStore:
                   created_at=now)
         message = Message(id=run.input_message_id or "", role="user", content=content,
                           created_at=now).to_json()
-        message["position"] = None  # the next free position, given by the script
+        message["position"] = None  # the next free position, given by the function
         reply = await self._backend.call(
-            self._backend.scripts.start_run, thread_id, run.id,
+            self._backend.functions.start_run, thread_id, run.id,
             epoch or "", check_since(since), multitask, dumps(run.to_json()), dumps(message),
         )
         raise_for(reply, thread_id, run.id)
@@ -110,7 +110,7 @@ class RunStore:
         if content_seen is not None and not isinstance(content_seen, str):
             raise UsageError("content_seen must be a string")
         reply = await self._backend.call(
-            self._backend.scripts.cancel, thread_id, keys.check_id("run", run_id),
+            self._backend.functions.cancel, thread_id, keys.check_id("run", run_id),
             run_id, device_id, "0" if content_seen is None else "1", content_seen or "",
         )
         raise_for(reply, thread_id, run_id)
@@ -118,7 +118,7 @@ class RunStore:
 
     async def get(self, thread_id: str, run_id: str) -> Run:
         keys.check_id("thread", thread_id)
-        reply = await self._backend.call(self._backend.scripts.read_run, thread_id,
+        reply = await self._backend.call(self._backend.functions.read_run, thread_id,
                                          keys.check_id("run", run_id), run_id)
         raise_for(reply, thread_id, run_id)
         return parse_run(reply[1])

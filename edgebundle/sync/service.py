@@ -6,7 +6,7 @@ The pieces behind it, one per noun: :mod:`~edgebundle.sync.store` (threads, diff
 pushes), :mod:`~edgebundle.sync.runs` (start, cancel, look up),
 :mod:`~edgebundle.sync.lock` (taking the thread, the lease, fenced writes),
 :mod:`~edgebundle.sync.events` (replay + follow), :mod:`~edgebundle.sync.lua` (the
-scripts).
+Redis functions).
 
 A typical turn on one device::
 

@@ -6,11 +6,15 @@ changes zset, so the diff since V is the messages scored above V; deletes are
 tombstones so they diff too. A client that has another epoch, or a version the
 server cannot diff from, gets the full state instead: never a silent gap.
 
-Pushes carry per-device mutation ids: a mutation whose ``mid`` is not above the
-last one applied for that device is skipped, and the last applied ``mid`` is stored
-in the same script as the change, so a retried push applies once. Client edits
-win. The answer is the server's diff since the client's version, from the same
-atomic step.
+Pushes carry per-device mutation ids, Replicache's way: a device numbers its
+mutations of a thread 1, 2, 3 … (whole numbers up to 2^53 - 1, what a JSON number
+holds exactly). A mutation whose ``mid`` is not above the last one applied for that
+device is a repeat and skipped, the next one is applied, and the last applied ``mid``
+is stored in the same function as the change, so a retried push applies once. A push
+that skips ahead is refused whole (:class:`~edgebundle.errors.MutationGapError`,
+naming the expected id): a push that claims another device's id cannot push that
+device's counter ahead and silence its later edits. Client edits win. The answer is
+the server's diff since the client's version, from the same atomic step.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from edgebundle.errors import UsageError
+from edgebundle.errors import MutationGapError, UsageError
 from edgebundle.sync import keys
 from edgebundle.sync.backend import Backend, new_id, parse_state, raise_for
 from edgebundle.sync.models import MESSAGE_STATUSES, ROLES, SyncState, dumps
 
 OPS = ("put", "delete")
+MAX_MUTATION_ID = 2**53 - 1  # the largest whole number a JSON number (a double) holds exactly
 
 
 def new_epoch() -> str:
@@ -48,14 +53,14 @@ class ThreadStore:
     async def create(self, thread_id: str | None = None) -> SyncState:
         """Create the thread, or join it if it exists; its full state either way."""
         thread_id = keys.check_id("thread", thread_id or new_id("thr"))
-        reply = await self._backend.call(self._backend.scripts.create, thread_id, None,
+        reply = await self._backend.call(self._backend.functions.create, thread_id, None,
                                          new_epoch())
         return parse_state(thread_id, reply[1:])
 
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
         """The diff since (epoch, since); the full state if it cannot be a diff."""
         keys.check_id("thread", thread_id)
-        reply = await self._backend.call(self._backend.scripts.sync, thread_id, None,
+        reply = await self._backend.call(self._backend.functions.sync, thread_id, None,
                                          epoch or "", check_since(since))
         raise_for(reply, thread_id)
         return parse_state(thread_id, reply[1:])
@@ -65,7 +70,7 @@ class ThreadStore:
         """The diff since (epoch, since) now, then one diff each time the thread changes.
 
         Between diffs only meta's epoch, version and active run are read (one HMGET per
-        ``interval``): a watcher costs Redis a hash read, not a script, while nothing
+        ``interval``): a watcher costs Redis a hash read, not a function call, while nothing
         happens. Polling rather than a notification key keeps every write path as it
         is; at 4 reads a second per watcher it is far below what one Redis serves.
         ThreadNotFoundError when the thread is gone.
@@ -93,21 +98,45 @@ class ThreadStore:
         keys.check_id("device", device_id)
         encoded = [dumps(check_mutation(m)) for m in mutations]
         reply = await self._backend.call(
-            self._backend.scripts.push, thread_id, None,
+            self._backend.functions.push, thread_id, None,
             device_id, epoch or "", check_since(since), "1" if reseed else "0", new_epoch(),
             *encoded,
         )
+        if reply[0] == "gap":
+            expected, sent = int(reply[1]), int(reply[2])
+            raise MutationGapError(
+                f"mutation {sent} of device {device_id} skips ahead: thread {thread_id} "
+                f"expects mutation {expected} of it next (a device numbers its mutations "
+                "of a thread 1, 2, 3 …): nothing of this push was written; send "
+                f"{expected} first, or number the mutations on from {expected}",
+                expected=expected)
+        if reply[0] == "badmutation":
+            raise UsageError(f"the push function refused mutation {_short(str(reply[1]))}: "
+                             "mid must be a whole number from 1 to 2^53 - 1, op put or delete, "
+                             "and message an object with an id")
         raise_for(reply, thread_id)
         return parse_state(thread_id, reply[1:])
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message (a huge int's repr would be huge, or refused)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"a {value.bit_length()}-bit number"
+    return _short(repr(value))
+
+
 def check_mutation(mutation: Mapping[str, Any]) -> dict[str, Any]:
-    """The mutation as the push script expects it; UsageError saying what is wrong."""
+    """The mutation as the push function expects it; UsageError saying what is wrong."""
     if not isinstance(mutation, Mapping):
         raise UsageError(f"a mutation must be an object, not {mutation!r}")
     mid, op, message = mutation.get("mid"), mutation.get("op"), mutation.get("message")
-    if not isinstance(mid, int) or isinstance(mid, bool) or mid < 1:
-        raise UsageError(f"mutation mid must be a whole number >= 1, not {mid!r}")
+    if not isinstance(mid, int) or isinstance(mid, bool) or not 1 <= mid <= MAX_MUTATION_ID:
+        raise UsageError(f"mutation mid must be a whole number from 1 to 2^53 - 1 "
+                         f"({MAX_MUTATION_ID}), not {_shown(mid)}")
     if op not in OPS:
         raise UsageError(f"mutation {mid}: op must be 'put' or 'delete', not {op!r}")
     if not isinstance(message, Mapping):

@@ -184,6 +184,7 @@ def diagnose(
     online: bool = False,
     meminfo: Path | None = None,
     manifest: Manifest | None = None,
+    central_redis: bool = False,
     **settings: object,
 ) -> Report:
     """run_doctor on a fabricated device below ``home`` (pins written next to it)."""
@@ -198,4 +199,5 @@ def diagnose(
         app_pins=app_pins or write_app_pins(pins_dir),
         meminfo=meminfo or write_meminfo(pins_dir, 8 * 1024 * 1024, 6 * 1024 * 1024),
         manifest=manifest,
+        central_redis=central_redis,
     )
