@@ -31,6 +31,7 @@ from edgebundle.engine import Engine
 from edgebundle.errors import UsageError
 from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from edgebundle.gateway.openai_api import (
+    INVALID_JSON,
     BadRequest,
     ChatRequest,
     Completion,
@@ -96,8 +97,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         try:
             body = parse_json(await request.body())
         except ValueError:
-            return _error(400, "the request body is not valid JSON (or holds a lone UTF-16 "
-                          "surrogate such as \\ud800)")
+            return _error(400, INVALID_JSON)
         try:
             parsed = parse_chat_request(body)
             if parsed.thread_id is None:

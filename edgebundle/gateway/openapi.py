@@ -17,7 +17,9 @@ from typing import Any
 from edgebundle import __version__
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
 from edgebundle.gateway.web import WEB_MEDIA_TYPES
+from edgebundle.gateway.sync_api import MAX_VERSION
 from edgebundle.guest_protocol import MAX_TOKENS
+from edgebundle.sync.store import MAX_POSITION
 from edgebundle.sync.models import (
     MESSAGE_STATUSES,
     MULTITASK_POLICIES,
@@ -66,6 +68,7 @@ def _sse(description: str) -> Schema:
 
 
 ID = {"type": "string", "pattern": ID_PATTERN}
+VERSION = {"type": "integer", "minimum": 0, "maximum": MAX_VERSION}
 STOP = {"anyOf": [{"type": "string"},
                   {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS}]}
 
@@ -172,7 +175,7 @@ def _schemas() -> dict[str, Schema]:
     run_request = _object({
         "device_id": {**ID, "description": "The device the run is for (default: this one)."},
         "epoch": {"type": "string", "description": "The epoch of the client's last sync."},
-        "since": {"type": "integer", "minimum": 0},
+        "since": VERSION,
         "input": _object({"id": ID, "content": {"type": "string", "pattern": NOT_BLANK}},
                          ("content",)),
         "multitask": {"enum": list(MULTITASK_POLICIES)},
@@ -189,7 +192,7 @@ def _schemas() -> dict[str, Schema]:
             "role": {"enum": list(ROLES)},
             "content": {"type": "string"},
             "status": {"enum": list(MESSAGE_STATUSES)},
-            "position": {"type": "number", "minimum": 0},
+            "position": {"type": "number", "minimum": 0, "maximum": MAX_POSITION},
             "created_at": {"type": "number", "minimum": 0},
             "run_id": ID,
         }, ("id",), "role and content are required for put."),
@@ -197,7 +200,7 @@ def _schemas() -> dict[str, Schema]:
     push_request = _object({
         "device_id": ID,
         "epoch": {"type": "string", "description": "Required unless reseed is true."},
-        "since": {"type": "integer", "minimum": 0},
+        "since": VERSION,
         "reseed": {"type": "boolean"},
         "mutations": {"type": "array", "items": mutation},
     }, ("device_id", "mutations"))
@@ -224,7 +227,7 @@ THREAD_ID = {"name": "thread_id", "in": "path", "required": True, "schema": ID}
 RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": ID}
 EPOCH = {"name": "epoch", "in": "query", "schema": {"type": "string"},
          "description": "The epoch of the client's last sync (absent: a full answer)."}
-SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
+SINCE = {"name": "since", "in": "query", "schema": VERSION,
          "description": "The version of the client's last sync."}
 THREAD_EVENTS = ("SSE: a `sync` event with the diff now, then one per change of the thread; "
                  "`: keep-alive` comments while nothing happens; an `error` event if the "

@@ -65,18 +65,19 @@ from edgebundle.errors import (
     ThreadNotFoundError,
     UsageError,
 )
-from edgebundle.gateway.openai_api import parse_json
+from edgebundle.gateway.openai_api import INVALID_JSON, parse_json
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
+from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
 from edgebundle.sync.service import RunEvent, ThreadSync
+from edgebundle.sync.store import check_mutation
 from edgebundle.templates import Message as PromptMessage
 
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # The chat's finish reasons in the run's words: a stop string ends the turn like eos.
 _RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full": "context_full"}
 # In a run's error when its prompt does not fit the model's context (a failed run
@@ -85,6 +86,10 @@ TOO_LONG = "more than the model's context allows"
 WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OUTAGE_RETRY = (0.2, 2.0)  # s: first and longest wait between attempts to end a run
+REDIS_UNAVAILABLE = ("the sync Redis is unavailable: try again in a few seconds (the device's "
+                     "log says why)")
+MAX_VERSION = 2**53 - 1  # a thread's version is a Lua number: exact up to here
+_VERSION = re.compile(r"[0-9]{1,16}")
 
 
 class ApiError(Exception):
@@ -101,6 +106,13 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": self.code, "message": self.message, **self.extra}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def redis_unavailable(exc: Exception) -> ApiError:
+    """The 503 for a sync Redis that did not answer. Clients learn that, not where it
+    is: the driver's text names the internal host and port, so it goes to the log."""
+    log.warning("the sync Redis is unavailable: %s", exc)
+    return ApiError(503, "redis_unavailable", REDIS_UNAVAILABLE)
 
 
 def api_error(exc: EdgebundleError) -> ApiError:
@@ -121,7 +133,7 @@ def api_error(exc: EdgebundleError) -> ApiError:
     if isinstance(exc, UsageError):
         return ApiError(400, "invalid_request", str(exc))
     if isinstance(exc, RedisError):
-        return ApiError(503, "redis_unavailable", str(exc))
+        return redis_unavailable(exc)
     if isinstance(exc, OfflineError):
         return ApiError(503, "offline", str(exc))
     return ApiError(500, "sync_error", str(exc))
@@ -137,8 +149,7 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
     try:
         body = parse_json(raw)
     except ValueError:
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON (or holds a "
-                       "lone UTF-16 surrogate such as \\ud800)") from None
+        raise ApiError(400, "invalid_json", INVALID_JSON) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
     return body
@@ -161,8 +172,8 @@ def _int(body: dict[str, Any], field: str, default: int | None = None, low: int 
     value = body.get(field, default)
     if value is None or isinstance(value, bool) or not isinstance(value, int):
         raise _bad(f"{field} must be an integer")
-    if value < low:
-        raise _bad(f"{field} must be at least {low}, got {value}")
+    if not low <= value <= MAX_VERSION:
+        raise _bad(f"{field} must be between {low} and {MAX_VERSION}, got {value}")
     return value
 
 
@@ -176,8 +187,10 @@ def _epoch(value: Any) -> str | None:
 
 def _since_query(request: Request) -> int:
     raw = request.query_params.get("since", "0")
-    if not raw.isdigit():
-        raise _bad(f"since must be a non-negative integer version, not {raw!r}")
+    # ASCII digits only: str.isdigit() takes "²" or "٣", which int() then refuses.
+    if not _VERSION.fullmatch(raw) or int(raw) > MAX_VERSION:
+        raise _bad(f"since must be a version, a whole number from 0 to {MAX_VERSION}, "
+                   f"not {raw!r}")
     return int(raw)
 
 
@@ -202,6 +215,10 @@ def _mutations(value: Any) -> list[dict[str, Any]]:
                 raise _bad(f"{where}.message.role must be system, user or assistant")
             if not isinstance(message.get("content"), str):
                 raise _bad(f"{where}.message.content must be a string")
+        try:  # the store's own checks too (status, position <= MAX_POSITION, run_id …)
+            check_mutation(item)
+        except UsageError as exc:
+            raise _bad(f"{where}: {exc}") from None
     return value
 
 
@@ -509,7 +526,7 @@ def _guarded(handler: Handler) -> Handler:
 def _resume_from(request: Request) -> str | None:
     """The event id a client resumes after (``Last-Event-ID`` or ``?after=``), checked."""
     after = request.headers.get("last-event-id") or request.query_params.get("after")
-    if after is not None and not _EVENT_ID.match(after):
+    if after is not None and not EVENT_ID.fullmatch(after):
         raise _bad(f"invalid event id {after!r}: resume with the id of an event you got "
                    "(such as 1712345678901-0)")
     return after

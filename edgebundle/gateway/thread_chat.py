@@ -56,11 +56,11 @@ from edgebundle.errors import EdgebundleError, EpochMismatchError, ThreadNotFoun
 from edgebundle.gateway.openai_api import BadRequest, ChatRequest
 from edgebundle.gateway.sync_api import (
     TOO_LONG,
-    ApiError,
     RunGenerator,
     RunRequest,
     api_error,
     idempotent_input_id,
+    redis_unavailable,
     start_turn,
 )
 from edgebundle.sync.backend import new_id
@@ -111,7 +111,7 @@ class ThreadChat:
         except EdgebundleError as exc:
             raise api_error(exc) from None
         except (RedisPyError, OSError) as exc:
-            raise ApiError(503, "redis_unavailable", f"the sync Redis failed: {exc}") from None
+            raise redis_unavailable(exc) from None
 
         run_id = ticket.run.id
         sent: list[str] = []

@@ -27,6 +27,11 @@ from edgebundle.sync.backend import Backend, new_id, parse_state, raise_for
 from edgebundle.sync.models import MESSAGE_STATUSES, ROLES, SyncState, dumps
 
 OPS = ("put", "delete")
+# The highest position a client may give a message. The push script places a message
+# at its position and the next new ones after it (floor + 1), in Lua numbers (doubles):
+# far below 2**53 each + 1 still counts, where 1e300 + 1 == 1e300 would give every later
+# message the same position (the thread's order flattened).
+MAX_POSITION = 2**40
 
 
 def new_epoch() -> str:
@@ -131,13 +136,15 @@ def _put_fields(mid: int, message: Mapping[str, Any]) -> dict[str, Any]:
             raise UsageError(f"mutation {mid}: status must be one of "
                              f"{', '.join(MESSAGE_STATUSES)}, not {status!r}")
         fields["status"] = status
-    for name in ("position", "created_at"):
+    for name, highest in (("position", MAX_POSITION), ("created_at", math.inf)):
         value = message.get(name)
         if value is None:
             continue
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
-                value) or value < 0:
-            raise UsageError(f"mutation {mid}: {name} must be a number >= 0, not {value!r}")
+                value) or not 0 <= value <= highest:
+            most = "" if highest == math.inf else f" and <= {highest}"
+            raise UsageError(f"mutation {mid}: {name} must be a number >= 0{most}, "
+                             f"not {value!r}")
         fields[name] = value
     run_id = message.get("run_id")
     if run_id is not None:
