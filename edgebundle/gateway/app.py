@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgebundle.chat import ChatService, Finished, TextDelta, Usage
 from edgebundle.engine import Engine
 from edgebundle.errors import UsageError
+from edgebundle.gateway.guard import GuardSettings, RequestGuard
 from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from edgebundle.gateway.openai_api import (
     INVALID_JSON,
@@ -40,7 +41,7 @@ from edgebundle.gateway.openai_api import (
     parse_json,
 )
 from edgebundle.gateway.openapi import build_spec
-from edgebundle.gateway.sync_api import ApiError, RunGenerator, sync_routes
+from edgebundle.gateway.sync_api import ApiError, RunGenerator, holding, sync_routes
 from edgebundle.gateway.thread_chat import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
 from edgebundle.sync.replication import DeviceSync
@@ -66,8 +67,11 @@ class GatewayState:
     runs: RunGenerator | None = None  # generates them (stopped by the server, in order)
 
 
-def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
-    """The ASGI app for ``state``; ``api_key`` None = no authentication."""
+def create_app(state: GatewayState, *, api_key: str | None = None,
+               guard: GuardSettings | None = None) -> Starlette:
+    """The ASGI app for ``state``; ``api_key`` None = no authentication; ``guard``: what
+    requests may come from (:mod:`.guard`, default: served on 127.0.0.1). The caps of
+    :mod:`.limits` are those of ``state.runs``."""
     metrics = GatewayMetrics()
     runner: RunGenerator | None = None
     thread_chat: ThreadChat | None = None
@@ -100,6 +104,18 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
             return _error(400, INVALID_JSON)
         try:
             parsed = parse_chat_request(body)
+        except BadRequest as exc:
+            return _error(400, exc.message, exc.param, exc.code)
+        if parsed.thread_id is None or thread_chat is None:
+            return await answer(parsed, request)
+        try:  # a turn: held against the device's cap on turns (gateway.limits)
+            return await holding(thread_chat.runner.turns, parsed.thread_id, "turns",
+                                 lambda: answer(parsed, request))
+        except ApiError as exc:
+            return _sync_error(exc)
+
+    async def answer(parsed: ChatRequest, request: Request) -> Response:
+        try:
             if parsed.thread_id is None:
                 events = state.chat.complete(parsed.messages, parsed.params)
             elif thread_chat is None:
@@ -143,7 +159,9 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         app.router.routes.extend(sync_routes(state.sync, state.chat, state.device_id, runner))
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
-    # Outermost: a request refused for its key is counted too.
+    # Before the key: a page of another site is refused whether it has the key or not.
+    app.add_middleware(RequestGuard, settings=guard or GuardSettings())
+    # Outermost: a request refused for its key (or by the guard) is counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     return app
 

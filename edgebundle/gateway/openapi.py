@@ -16,10 +16,9 @@ from typing import Any
 
 from edgebundle import __version__
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
-from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.gateway.sync_api import MAX_VERSION
+from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.guest_protocol import MAX_TOKENS
-from edgebundle.sync.store import MAX_POSITION
 from edgebundle.sync.models import (
     MESSAGE_STATUSES,
     MULTITASK_POLICIES,
@@ -27,6 +26,7 @@ from edgebundle.sync.models import (
     RUN_REASONS,
     RUN_STATUSES,
 )
+from edgebundle.sync.store import MAX_POSITION
 
 Schema = dict[str, Any]
 
@@ -112,7 +112,9 @@ def _schemas() -> dict[str, Schema]:
     sync_error = _object({
         "error": {"type": "string", "description": "A code: invalid_request, invalid_json, "
                   "thread_not_found, run_not_found, epoch_mismatch, thread_busy, run_ended, "
-                  "redis_unavailable, sync_error."},
+                  "thread_full, message_too_large, body_too_large, too_many_streams, "
+                  "too_many_runs, queue_full, invalid_host, forbidden_origin, "
+                  "unsupported_media_type, redis_unavailable, offline, sync_error."},
         "message": {"type": "string", "description": "What is wrong and how to fix it."},
         "epoch": _nullable({"type": "string"}),
         "active_run": _nullable(_ref("Run")),
@@ -237,6 +239,16 @@ RUN_EVENTS = ("SSE, each event with `id:` (its resume cursor) and `event:`: (`ru
               "`run.completed` | `run.failed` | `run.cancelled`, then `done`.")
 
 
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"},
+                               "description": "Seconds to wait before trying again."}}
+TOO_LARGE = ("The body is larger than max_body_bytes (code body_too_large), or a message's "
+             "content than max_message_bytes (code message_too_large).")
+TOO_MANY_TURNS = ("The device has max_runs turns going (code too_many_runs), or the thread "
+                  "max_queued_runs runs waiting (code queue_full); retry after Retry-After.")
+TOO_MANY_STREAMS = ("The device serves max_streams readers, or the thread 16 (code "
+                    "too_many_streams); retry after Retry-After.")
+
+
 def _sync_paths() -> dict[str, Schema]:
     bad = _sync_error("Invalid request (nothing was changed).")
     not_found = _sync_error("The thread (or run) does not exist, or expired.")
@@ -258,7 +270,8 @@ def _sync_paths() -> dict[str, Schema]:
         f"{base}/watch": {"get": {
             "summary": "Follow the thread: a sync diff now and one per change.",
             "parameters": [THREAD_ID, EPOCH, SINCE],
-            "responses": {"200": _sse(THREAD_EVENTS), "400": bad, "404": not_found},
+            "responses": {"200": _sse(THREAD_EVENTS), "400": bad, "404": not_found,
+                          "429": {**_sync_error(TOO_MANY_STREAMS), "headers": RETRY_AFTER}},
         }},
         f"{base}/push": {"post": {
             "summary": "Apply a device's changes exactly once; answers the server's diff.",
@@ -269,7 +282,9 @@ def _sync_paths() -> dict[str, Schema]:
                 "200": _json(_ref("SyncState"), "The server's diff since `since`."),
                 "400": bad,
                 "409": _sync_error("epoch_mismatch: the thread is gone or has another epoch "
-                                   "(`epoch`); re-seed with reseed: true."),
+                                   "(`epoch`); re-seed with reseed: true. thread_full: it "
+                                   "holds max_thread_messages messages."),
+                "413": _sync_error(TOO_LARGE),
             },
         }},
         f"{base}/runs": {"post": {
@@ -286,8 +301,10 @@ def _sync_paths() -> dict[str, Schema]:
                 "400": bad,
                 "404": not_found,
                 "409": {**_sync_error("thread_busy (policy reject: `active_run`, retry after "
-                                      "Retry-After seconds) or epoch_mismatch."),
-                        "headers": {"Retry-After": {"schema": {"type": "string"}}}},
+                                      "Retry-After seconds), epoch_mismatch or thread_full."),
+                        "headers": RETRY_AFTER},
+                "413": _sync_error(TOO_LARGE),
+                "429": {**_sync_error(TOO_MANY_TURNS), "headers": RETRY_AFTER},
             },
         }},
         f"{base}/runs/{{run_id}}": {"get": {
@@ -307,7 +324,8 @@ def _sync_paths() -> dict[str, Schema]:
                  "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
                  "description": "Resume after this event id (SSE reconnect); wins over after."},
             ],
-            "responses": {"200": _sse(RUN_EVENTS), "400": bad, "404": not_found},
+            "responses": {"200": _sse(RUN_EVENTS), "400": bad, "404": not_found,
+                          "429": {**_sync_error(TOO_MANY_STREAMS), "headers": RETRY_AFTER}},
         }},
         f"{base}/runs/{{run_id}}/cancel": {"post": {
             "summary": "Stop the run; it keeps content_seen (or its text so far).",
@@ -329,10 +347,13 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
         "500": _openai_error("The model failed the request (code server_error)."),
     }
     if sync:
-        chat_errors["409"] = _openai_error("With thread_id: the thread changed epoch meanwhile "
-                                           "(code epoch_mismatch); retry.")
         chat_errors["503"] = _openai_error("With thread_id: the sync Redis is unreachable "
                                            "(code redis_unavailable).")
+        chat_errors["409"] = _openai_error("With thread_id: the thread changed epoch meanwhile "
+                                           "(code epoch_mismatch; retry), or it is full (code "
+                                           "thread_full).")
+        chat_errors["429"] = {**_openai_error(f"With thread_id: {TOO_MANY_TURNS}"),
+                              "headers": RETRY_AFTER}
     paths: dict[str, Schema] = {
         "/healthz": {"get": {
             "summary": "Probe: 200 when the model is loaded, 503 before. Needs no API key.",
@@ -381,7 +402,26 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
         }}
     if sync:
         paths.update(_sync_paths())
+    _guard_responses(paths)
     return paths
+
+
+def _guard_responses(paths: dict[str, Schema]) -> None:
+    """What :mod:`edgebundle.gateway.guard` answers before any route, in the path's shape."""
+    for path, operations in paths.items():
+        error = _sync_error if path.startswith("/v1/threads") else _openai_error
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path != "/healthz":
+                responses.setdefault("400", error(
+                    "Invalid request; or the Host header names no address of this gateway "
+                    "(code invalid_host; the allowed_hosts setting)."))
+            if method == "post":
+                responses["403"] = error("Sent by a web page of another origin (code "
+                                         "forbidden_origin; the allowed_origins setting).")
+                responses.setdefault("413", error(TOO_LARGE))
+                responses["415"] = error("A body not sent as Content-Type: application/json "
+                                         "(code unsupported_media_type).")
 
 
 def build_spec(model_id: str, *, sync: bool, api_key: bool) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from edgebundle.errors import (
     ThreadNotFoundError,
     UsageError,
 )
+from edgebundle.gateway.limits import RETRY_AFTER, Full, Holding, Limits, Slot, Slots
 from edgebundle.gateway.openai_api import INVALID_JSON, parse_json
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
@@ -72,7 +73,7 @@ from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
-from edgebundle.sync.service import RunEvent, ThreadSync
+from edgebundle.sync.service import RunEvent, ThreadSize, ThreadSync
 from edgebundle.sync.store import check_mutation
 from edgebundle.templates import Message as PromptMessage
 
@@ -194,7 +195,7 @@ def _since_query(request: Request) -> int:
     return int(raw)
 
 
-def _mutations(value: Any) -> list[dict[str, Any]]:
+def _mutations(value: Any, limits: Limits) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _bad("mutations must be a list of {mid, op, message} objects")
     for index, item in enumerate(value):
@@ -215,6 +216,7 @@ def _mutations(value: Any) -> list[dict[str, Any]]:
                 raise _bad(f"{where}.message.role must be system, user or assistant")
             if not isinstance(message.get("content"), str):
                 raise _bad(f"{where}.message.content must be a string")
+            check_content(limits, message["content"], f"{where}.message.content")
         try:  # the store's own checks too (status, position <= MAX_POSITION, run_id …)
             check_mutation(item)
         except UsageError as exc:
@@ -318,9 +320,12 @@ class RunGenerator:
     """Generates this device's runs in background tasks (see the module docstring)."""
 
     def __init__(self, sync: ThreadSync, chat: ChatService,
-                 context_policy: str = "window") -> None:
+                 context_policy: str = "window", limits: Limits | None = None) -> None:
         self.sync = sync
         self.chat = chat
+        self.limits = limits or Limits()
+        # Requests that start or follow a turn (edgebundle.gateway.limits: max_runs).
+        self.turns = Slots(self.limits.max_runs, self.limits.max_queued_runs + 1)
         # "window": a run's prompt leaves out the oldest messages that do not fit the
         # context (edgebundle.context_window); "fail": the whole thread or prompt_too_long.
         self.context_policy = check_policy(context_policy)
@@ -328,6 +333,11 @@ class RunGenerator:
         self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
         self.windowed_runs = 0  # completed runs whose prompt left messages out (metrics)
         self.dropped_messages = 0  # the messages they left out, in all (metrics)
+
+    @property
+    def running(self) -> int:
+        """Runs generating here, or waiting for their turn to."""
+        return len(self._tasks)
 
     def start(self, ticket: RunTicket, params: ChatParams) -> None:
         """Generate the ticket's run here, unless this device already is."""
@@ -491,6 +501,7 @@ async def start_turn(runner: RunGenerator, thread_id: str,
     What ``POST /v1/threads/{id}/runs`` and chat completions with ``thread_id`` share.
     """
     sync = runner.sync
+    await check_room(runner, thread_id, request.content)
     epoch, since = request.epoch, request.since
     if epoch is None:  # a client new to the thread (curl): it gets the whole history
         epoch, since = (await sync.sync(thread_id, None, 0)).epoch, 0
@@ -502,6 +513,69 @@ async def start_turn(runner: RunGenerator, thread_id: str,
         runner.start(ticket, request.params)
     opening = ticket.sync if request.epoch else replace(ticket.sync, full=True)
     return ticket, opening
+
+
+async def check_room(runner: RunGenerator, thread_id: str, content: str) -> None:
+    """Refuse a turn the caps leave no room for (edgebundle.gateway.limits): its input
+    too large, this device at ``max_runs``, the thread full or its queue at
+    ``max_queued_runs``; before anything is written."""
+    limits = runner.limits
+    check_content(limits, content, "input.content")
+    if runner.running >= limits.max_runs:
+        raise busy("too_many_runs", f"this device has {runner.running} turns going, its cap "
+                   "(max_runs): try again in a few seconds")
+    size = await runner.sync.size(thread_id)
+    check_thread_room(limits, thread_id, size, 2)  # the input and the reply
+    if size.queued_runs >= limits.max_queued_runs:
+        raise busy("queue_full", f"thread {thread_id} has {size.queued_runs} runs waiting in "
+                   "line, its cap (max_queued_runs): try again when one has ended")
+
+
+def check_thread_room(limits: Limits, thread_id: str, size: ThreadSize, adding: int) -> None:
+    """409 ``thread_full`` if ``adding`` more messages pass ``max_thread_messages``."""
+    held = size.messages
+    if adding and held + adding > limits.max_thread_messages:
+        raise ApiError(409, "thread_full", f"thread {thread_id} holds {held} messages, "
+                       f"{limits.max_thread_messages} at most (max_thread_messages, deleted "
+                       "ones included): start a new thread")
+
+
+def check_content(limits: Limits, content: str, field: str) -> None:
+    """413 ``message_too_large`` for content over ``max_message_bytes`` (UTF-8)."""
+    size = len(content.encode("utf-8", "surrogatepass"))
+    if size > limits.max_message_bytes:
+        raise ApiError(413, "message_too_large", f"{field} is {size} bytes, more than "
+                       f"{limits.max_message_bytes} (max_message_bytes): shorten it")
+
+
+def busy(code: str, message: str) -> ApiError:
+    """A 429 that says when to try again."""
+    error = ApiError(429, code, message)
+    error.headers["Retry-After"] = str(RETRY_AFTER)
+    return error
+
+
+def take(slots: Slots, thread_id: str, what: str) -> Slot:
+    """A slot of ``slots`` for a request on ``thread_id``; 429 if the cap is reached."""
+    try:
+        return slots.take(thread_id)
+    except Full as full:
+        where = "this device" if full.scope == "gateway" else f"thread {thread_id}"
+        code = "too_many_streams" if what == "streams" else "too_many_runs"
+        raise busy(code, f"{where} already serves {full.cap} {what} at once, its cap: try "
+                   "again in a few seconds") from None
+
+
+async def holding(slots: Slots, thread_id: str, what: str,
+                  answer: Callable[[], Awaitable[Response]]) -> Response:
+    """``answer()`` while holding a slot of ``slots``, released once it was sent."""
+    slot = take(slots, thread_id, what)
+    try:
+        response = await answer()
+    except BaseException:
+        slot.release()
+        raise
+    return Holding(response, slot)
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -563,10 +637,65 @@ async def _last_run(sync: ThreadSync, thread_id: str, run_id: str) -> Run:
     return await sync.get_run(thread_id, run_id)
 
 
+async def _turn(runner: RunGenerator, thread_id: str, parsed: RunRequest,
+                after: str | None) -> Response:
+    """Start the turn; its run's events as SSE, or the ended run with stream false."""
+    sync = runner.sync
+    ticket, opening = await start_turn(runner, thread_id, parsed)
+    run_id = ticket.run.id
+    # A retry gets the run it started, never a second one (Stripe's header says so).
+    headers = {"Idempotent-Replayed": "true"} if ticket.again else {}
+    if not parsed.stream:
+        run = await _last_run(sync, thread_id, run_id)
+        return JSONResponse(run.to_json(), headers=headers)
+
+    async def stream() -> AsyncIterator[str]:
+        if after is None:  # a client resuming after an event id had the opening
+            yield _sse("sync", opening.to_json())
+        async for chunk in _relay(sync, thread_id, run_id, after):
+            yield chunk
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **headers})
+
+
+async def _watch(sync: ThreadSync, thread_id: str, epoch: str | None,
+                 since: int) -> Response:
+    """The watch stream: a sync event now, one per change, keep-alives in between."""
+    changes = cast("AsyncGenerator[SyncState, None]", sync.watch(thread_id, epoch, since))
+    first = await anext(changes)  # an unknown thread is a 404, not an empty stream
+
+    async def stream() -> AsyncIterator[str]:
+        yield _sse("sync", first.to_json())
+        step: asyncio.Future[SyncState] | None = None
+        try:
+            while True:
+                # One pending step, waited on in slices: cancelling a generator's step
+                # would end the generator, so the keep-alive must not time it out.
+                step = asyncio.ensure_future(anext(changes))
+                while not (await asyncio.wait({step}, timeout=WATCH_KEEPALIVE))[0]:
+                    yield ": keep-alive\n\n"  # proxies close silent streams
+                yield _sse("sync", step.result().to_json())
+        except EdgebundleError as exc:
+            error = api_error(exc)
+            yield _sse("error", {"error": error.code, "message": error.message})
+        finally:  # the client went away (or the thread did): stop polling Redis
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+            await changes.aclose()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
                 generator: RunGenerator | None = None) -> list[Route]:
-    """The routes of the sync API for this device (``device_id`` generates its runs)."""
+    """The routes of the sync API for this device (``device_id`` generates its runs;
+    the caps are ``generator``'s limits)."""
     runner = generator or RunGenerator(sync, chat)
+    limits = runner.limits
+    streams = Slots(limits.max_streams, limits.streams_per_thread)  # readers (limits)
 
     async def create_thread(request: Request) -> Response:
         body = await _body(request, optional=True)
@@ -586,31 +715,8 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         epoch = _epoch(request.query_params.get("epoch"))
         since = _since_query(request)
-        changes = cast("AsyncGenerator[SyncState, None]", sync.watch(thread_id, epoch, since))
-        first = await anext(changes)  # an unknown thread is a 404, not an empty stream
-
-        async def stream() -> AsyncIterator[str]:
-            yield _sse("sync", first.to_json())
-            step: asyncio.Future[SyncState] | None = None
-            try:
-                while True:
-                    # One pending step, waited on in slices: cancelling a generator's step
-                    # would end the generator, so the keep-alive must not time it out.
-                    step = asyncio.ensure_future(anext(changes))
-                    while not (await asyncio.wait({step}, timeout=WATCH_KEEPALIVE))[0]:
-                        yield ": keep-alive\n\n"  # proxies close silent streams
-                    yield _sse("sync", step.result().to_json())
-            except EdgebundleError as exc:
-                error = api_error(exc)
-                yield _sse("error", {"error": error.code, "message": error.message})
-            finally:  # the client went away (or the thread did): stop polling Redis
-                if step is not None and not step.done():
-                    step.cancel()
-                    with contextlib.suppress(BaseException):
-                        await step
-                await changes.aclose()
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await holding(streams, thread_id, "streams",
+                             lambda: _watch(sync, thread_id, epoch, since))
 
     async def push(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
@@ -621,10 +727,13 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         epoch = _epoch(body.get("epoch"))
         if epoch is None and not reseed:
             raise _bad("epoch is missing: send the epoch of your last sync (or reseed: true)")
-        state = await sync.push(
-            thread_id, _id("device", body.get("device_id"), "device_id"), epoch or "",
-            _int(body, "since", 0), _mutations(body.get("mutations")), reseed=reseed,
-        )
+        device = _id("device", body.get("device_id"), "device_id")
+        since = _int(body, "since", 0)
+        mutations = _mutations(body.get("mutations"), limits)
+        puts = sum(1 for item in mutations if item["op"] == "put")
+        if puts:
+            check_thread_room(limits, thread_id, await sync.size(thread_id), puts)
+        state = await sync.push(thread_id, device, epoch or "", since, mutations, reseed=reseed)
         return JSONResponse(state.to_json())
 
     async def start_run(request: Request) -> Response:
@@ -632,22 +741,8 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         after = _resume_from(request)
         parsed = parse_run_request(await _body(request), device_id,
                                    request.headers.get("idempotency-key"))
-        ticket, opening = await start_turn(runner, thread_id, parsed)
-        run_id = ticket.run.id
-        # A retry gets the run it started, never a second one (Stripe's header says so).
-        headers = {"Idempotent-Replayed": "true"} if ticket.again else {}
-        if not parsed.stream:
-            run = await _last_run(sync, thread_id, run_id)
-            return JSONResponse(run.to_json(), headers=headers)
-
-        async def stream() -> AsyncIterator[str]:
-            if after is None:  # a client resuming after an event id had the opening
-                yield _sse("sync", opening.to_json())
-            async for chunk in _relay(sync, thread_id, run_id, after):
-                yield chunk
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **headers})
+        return await holding(runner.turns, thread_id, "turns",
+                             lambda: _turn(runner, thread_id, parsed, after))
 
     async def get_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
@@ -658,9 +753,13 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         run_id = _id("run", request.path_params["run_id"], "run id")
         after = _resume_from(request)
-        await sync.get_run(thread_id, run_id)  # an unknown run is a 404, not an empty stream
-        return StreamingResponse(_relay(sync, thread_id, run_id, after),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+        async def answer() -> Response:
+            await sync.get_run(thread_id, run_id)  # an unknown run is a 404, not an empty stream
+            return StreamingResponse(_relay(sync, thread_id, run_id, after),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+
+        return await holding(streams, thread_id, "streams", answer)
 
     async def cancel_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")

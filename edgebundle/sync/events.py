@@ -55,7 +55,7 @@ async def _page(backend: Backend, stream: str, cursor: str) -> Entries:
 
 async def _wait(backend: Backend, stream: str, cursor: str, block_ms: int) -> Entries:
     """Entries after ``cursor``, waiting up to ``block_ms`` for the first one."""
-    answer: Any = await backend.redis.xread({stream: cursor}, count=_PAGE, block=block_ms)
+    answer: Any = await backend.blocking.xread({stream: cursor}, count=_PAGE, block=block_ms)
     if not answer:
         return []
     if isinstance(answer, dict):  # RESP3 shape

@@ -103,7 +103,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
                     "withdrawn: retry later", active_run=None,
                     retry_after=backend.settings.retry_after)
             wait = max(min(wait, left), _MIN_WAIT)
-        await backend.redis.blpop([wakeup], timeout=min(wait, BLOCK_SLICE))
+        await backend.blocking.blpop([wakeup], timeout=min(wait, BLOCK_SLICE))
 
 
 class RunLease:

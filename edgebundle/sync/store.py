@@ -19,7 +19,7 @@ import asyncio
 import math
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgebundle.errors import UsageError
 from edgebundle.sync import keys
@@ -44,6 +44,13 @@ def check_since(since: int) -> int:
     return since
 
 
+class ThreadSize(NamedTuple):
+    """What a thread holds: messages (tombstones too) and runs waiting in its queue."""
+
+    messages: int
+    queued_runs: int
+
+
 class ThreadStore:
     """The static state of threads: meta, messages, the version index, mutation ids."""
 
@@ -64,6 +71,16 @@ class ThreadStore:
                                          epoch or "", check_since(since))
         raise_for(reply, thread_id)
         return parse_state(thread_id, reply[1:])
+
+    async def size(self, thread_id: str) -> ThreadSize:
+        """The thread's :class:`ThreadSize` (zeros for a thread that does not exist), in
+        one round trip of two O(1) reads (HLEN, LLEN), no script."""
+        keys.check_id("thread", thread_id)
+        async with self._backend.redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(keys.messages(thread_id))
+            pipe.llen(keys.queue(thread_id))
+            messages, queued = await pipe.execute()
+        return ThreadSize(int(messages), int(queued))
 
     async def watch(self, thread_id: str, epoch: str | None, since: int,
                     interval: float) -> AsyncIterator[SyncState]:
