@@ -41,6 +41,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgebundle.gateway.limits import DEFAULTS
 from edgebundle.gateway.openai_api import error_body
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -48,7 +49,7 @@ WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::"})
 HOST_EXEMPT = frozenset({"/healthz"})
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SYNC_PREFIX = "/v1/threads"
-DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_MAX_BODY = int(DEFAULTS["max_body_bytes"])
 
 
 def split_list(value: str | None) -> tuple[str, ...]:

@@ -35,24 +35,36 @@ these caps (:func:`blocking_connections`), so ordinary requests keep the main po
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from edgebundle.config import Settings
 
 STREAMS_PER_THREAD = 16
 RETRY_AFTER = 5  # s a client refused for load is told to wait
 
 
+# The settings' defaults (edgebundle.config.Settings): one place says them.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The caps of the module docstring (defaults as the settings' defaults)."""
+    """The caps of the module docstring (defaults: the settings' defaults)."""
 
-    max_message_bytes: int = 64 * 1024
-    max_thread_messages: int = 1000
-    max_streams: int = 64
-    max_runs: int = 32
-    max_queued_runs: int = 8
+    max_message_bytes: int = DEFAULTS["max_message_bytes"]
+    max_thread_messages: int = DEFAULTS["max_thread_messages"]
+    max_streams: int = DEFAULTS["max_streams"]
+    max_runs: int = DEFAULTS["max_runs"]
+    max_queued_runs: int = DEFAULTS["max_queued_runs"]
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The caps ``settings`` set."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
     @property
     def streams_per_thread(self) -> int:

@@ -94,7 +94,7 @@ async def run_gateway(
     chat = ChatService(
         engine, setup.template, setup.model_info, settings.system_prompt, setup.spec.ctx_size
     )
-    limits = limits_of(settings)
+    limits = Limits.of(settings)
     runs = RunGenerator(sync, chat, settings.context_policy, limits) if sync is not None \
         else None
     state = GatewayState(engine=engine, chat=chat, model_id=setup.model_id,
@@ -151,7 +151,7 @@ async def run_gateway(
 async def _sync_for(settings: Settings, redis_url: str, local_url: str | None,
                     device_id: str) -> ThreadSync:
     """The sync core: the central store, and the local one for offline use if given."""
-    blocking = blocking_connections(limits_of(settings))
+    blocking = blocking_connections(Limits.of(settings))
     if local_url is None:
         return await _service(redis_url, blocking)
 
@@ -181,14 +181,6 @@ async def _service(url: str, blocking: int) -> SyncService:
         await redis.aclose()
         raise
     return SyncService(redis, blocking=readers)
-
-
-def limits_of(settings: Settings) -> Limits:
-    """The gateway's caps (:mod:`edgebundle.gateway.limits`) from the settings."""
-    return Limits(max_message_bytes=settings.max_message_bytes,
-                  max_thread_messages=settings.max_thread_messages,
-                  max_streams=settings.max_streams, max_runs=settings.max_runs,
-                  max_queued_runs=settings.max_queued_runs)
 
 
 def _failure(starting: asyncio.Task[None], engine: Engine) -> BaseException | None:
