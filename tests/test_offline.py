@@ -68,10 +68,13 @@ def turn(device: Device, thread: str, content: str, input_id: str,
 
 
 def local_store(device: Device) -> redis_py.Redis:
-    """The device's private local store (the URL its `run` printed)."""
-    url = re.search(r"local store for offline use: .* on (redis://\S+),", device.run.stderr())
-    assert url, device.run.stderr()
-    return redis_py.Redis.from_url(url.group(1), decode_responses=True)
+    """The device's private local store (its URL from the file `run`'s note names: the
+    note itself redacts the password)."""
+    where = re.search(r"local store for offline use: .*its URL with the password: (\S+)\)",
+                      device.run.stderr())
+    assert where, device.run.stderr()
+    url = Path(where.group(1)).read_text().strip()
+    return redis_py.Redis.from_url(url, decode_responses=True)
 
 
 def mirrored(device: Device, central: RedisServer, thread: str) -> bool:

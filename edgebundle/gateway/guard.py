@@ -16,7 +16,7 @@ the way. :class:`RequestGuard` closes the browser's ways in:
 - **Origin** (CSRF: a page posting to the gateway): a POST whose ``Origin`` header
   is neither this gateway's own (same host and port, as the web page at ``/`` sends)
   nor in the ``allowed_origins`` setting (comma-separated, e.g.
-  ``https://kiosk.example``) is refused with 403 ``forbidden_origin``. Clients that
+  ``https://kiosk.example``; ``*`` any) is refused with 403 ``forbidden_origin``. Clients that
   are not browsers send no Origin and pass.
 - **Media type**: a POST that carries a body (or a Content-Type) must say
   ``application/json``; anything else is 415 ``unsupported_media_type`` (a page may

@@ -433,8 +433,7 @@ class RunGenerator:
             delay = min(delay * 2, longest)
 
     async def _write(self, lease: RunLease, params: ChatParams) -> None:
-        thread_id = lease.run.thread_id
-        state = await lease.ride_out(lambda: self.sync.sync(thread_id, None, 0))
+        state = await lease.thread()  # where the run lives (a device's router may lag)
         try:
             messages = prompt_messages(state.messages, lease.run)
             events = self.chat.complete(messages, params,

@@ -58,8 +58,9 @@ from edgebundle.sync.backend import (
     parse_run,
     raise_for,
 )
-from edgebundle.sync.models import Message, Run, dumps
+from edgebundle.sync.models import Message, Run, SyncState, dumps
 from edgebundle.sync.runs import RunTicket
+from edgebundle.sync.store import ThreadStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -251,6 +252,14 @@ class RunLease:
         """One fenced write, sent again through a Redis outage while the lease lasts
         (the scripts make a repeat harmless); then the driver's error is raised."""
         return await self.ride_out(lambda: self._call(script, *args))
+
+    async def thread(self) -> SyncState:
+        """The whole thread, read from the store this run lives on (through an outage
+        while the lease lasts): on a device with a local store, the thread's router may
+        still point at the local copy while the link heals, when this run holds the
+        thread on the central store."""
+        store = ThreadStore(self._backend)
+        return await self.ride_out(lambda: store.sync(self.run.thread_id, None, 0))
 
     async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, made again through a Redis outage for as long as this lease
