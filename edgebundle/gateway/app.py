@@ -6,7 +6,9 @@ route, :mod:`.openapi`), ``GET /v1/models``, ``POST /v1/chat/completions`` (stre
 not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_chat`), and the sync
 routes (:mod:`.sync_api`) when sync is on. With an API key every route but /healthz
 needs ``Authorization: Bearer <key>`` (the spec too, as API.md says; it holds no data,
-but a device answers nothing but its probe to strangers). A bad request is a 400
+but a device answers nothing but its probe to strangers). Before the key, every
+request passes :mod:`.guard` (Host, Origin, application/json, body size); the caps
+on messages, threads, streams and turns are :mod:`.limits`. A bad request is a 400
 with OpenAI's error object and changes nothing; a client that goes away mid-stream
 cancels its generation (the engine stops the guest and moves on).
 """

@@ -30,7 +30,11 @@ the run it started (see :func:`start_turn`).
 
 Errors are JSON ``{"error": code, "message": …}`` (plus the fields the client needs:
 ``epoch`` for ``epoch_mismatch``, ``active_run`` for ``thread_busy``). A request is
-checked completely before anything is written, so a bad one changes nothing.
+checked completely before anything is written, so a bad one changes nothing; that
+includes the caps of :mod:`edgebundle.gateway.limits` (413 ``message_too_large``, 409
+``thread_full``, 429 ``too_many_streams`` / ``too_many_runs`` / ``queue_full`` with
+``Retry-After``). A 503 ``redis_unavailable`` does not say where the sync Redis is
+(the log does).
 """
 
 from __future__ import annotations
