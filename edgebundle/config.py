@@ -57,7 +57,7 @@ class Settings:
     max_thread_messages: int = 1000
     max_streams: int = 64
     max_runs: int = 32
-    max_queued_runs: int = 8
+    max_queued_runs: int = 24
 
     @property
     def layout(self) -> Layout:

@@ -23,7 +23,7 @@ starving the others):
   (``POST …/runs``, chat completions with ``thread_id``) and the runs this device
   generates (waiting for their turn or generating; they outlive their request).
   429 ``too_many_runs``.
-- ``max_queued_runs`` (8) runs waiting in line on one thread (from every device: the
+- ``max_queued_runs`` (24) runs waiting in line on one thread (from every device: the
   thread's queue in Redis). A turn beyond it: 429 ``queue_full``.
 
 Each reader, turn and waiting run holds at most one blocking Redis read (``XREAD
