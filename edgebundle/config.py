@@ -44,6 +44,20 @@ class Settings:
     # "fail" fails the run (edgebundle.context_window).
     context_policy: str = "window"
     offline_after: int = 10  # s without the central Redis before a device serves offline
+    # What the gateway answers (edgebundle.gateway.guard): extra Host names besides
+    # localhost, 127.0.0.1, [::1] and the bound address, and web origins besides its own
+    # that may POST; both comma-separated.
+    allowed_hosts: str | None = None
+    allowed_origins: str | None = None
+    # Caps (edgebundle.gateway.limits): a request body, a message's content (UTF-8
+    # bytes), the messages of a thread (tombstones too), open streams of readers, turns
+    # this device has going (waiting or generating), runs waiting in line on a thread.
+    max_body_bytes: int = 1024 * 1024
+    max_message_bytes: int = 64 * 1024
+    max_thread_messages: int = 1000
+    max_streams: int = 64
+    max_runs: int = 32
+    max_queued_runs: int = 24
 
     @property
     def layout(self) -> Layout:

@@ -46,6 +46,7 @@ from tests.support.redis_server import RedisServer
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}  # what the gateway parses (else a 415)
 REPLY = "A short fuzzed reply."
 WATCH = "/v1/threads/{thread_id}/watch"
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
@@ -147,11 +148,12 @@ def test_what_the_fuzzer_found_is_a_400_and_does_not_upset_the_next_request(
         answer = device.post("/v1/chat/completions", body)
         assert answer.status_code == 400 and "max_tokens" in answer.json()["error"]["message"]
     lone = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'
-    answer = device.http.post("/v1/chat/completions", content=lone)
+    answer = device.http.post("/v1/chat/completions", content=lone, headers=JSON)
     assert answer.status_code == 400 and "surrogate" in answer.json()["error"]["message"]
     assert device.post("/v1/threads", {"id": "lone"}).status_code == 201
     for path in ("/v1/threads/lone/runs", "/v1/threads/lone/runs/run-x/cancel"):
-        answer = device.http.post(path, content=b'{"input": {"content": "\\udfff"}}')
+        answer = device.http.post(path, content=b'{"input": {"content": "\\udfff"}}',
+                                  headers=JSON)
         assert (answer.status_code, answer.json()["error"]) == (400, "invalid_json")
     big = device.post("/v1/threads/lone/runs", {"input": {"content": "x"}, "stream": False,
                                                 "params": {"max_tokens": 2**32}})

@@ -11,7 +11,6 @@ HTTP and SSE. Nothing here waits a fixed time: every wait is on a condition.
 from __future__ import annotations
 
 import os
-import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,9 +309,8 @@ def test_the_private_redis_of_run_fsyncs_each_write_before_it_answers(tmp_path: 
         [note] = [line for line in run.stderr().splitlines() if "redis-server (pid " in line]
         pid = int(note.split("(pid ")[1].split(",")[0])
         assert pid in children(run.proc.pid)
-        listening = re.search(r"127\.0\.0\.1:(\d+)", " ".join(cmdline(pid)))  # its title
-        assert listening, cmdline(pid)
-        client = redis_py.Redis(port=int(listening.group(1)), decode_responses=True)
+        url = (tmp_path / "home" / "state" / "redis" / "redis.url").read_text().strip()
+        client = redis_py.Redis.from_url(url, decode_responses=True)  # it has a password
         try:
             assert client.config_get("append*") == {"appendonly": "yes",
                                                     "appendfsync": "always",

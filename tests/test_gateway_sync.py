@@ -260,7 +260,8 @@ def test_bad_payloads_are_4xx_with_one_message_and_change_nothing(
     after = a.http.get(f"/v1/threads/{thread['id']}").json()
     assert (after["version"], after["messages"]) == (thread["version"], [])
 
-    broken = a.http.post("/v1/threads", content=b"{")
+    broken = a.http.post("/v1/threads", content=b"{",
+                         headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and broken.json()["error"] == "invalid_json"
     assert a.http.get("/v1/threads/never-made").status_code == 404
 

@@ -14,12 +14,14 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from edgebundle.errors import RedisError
 from edgebundle.sync.local_server import LocalRedis, owner_of
@@ -145,7 +147,8 @@ def test_a_redis_server_left_on_the_state_directory_is_stopped_by_its_pid_writes
     """As an older version leaves it: no pdeathsig, no port recorded, only its pidfile."""
     home = state.parents[1]
     # What the older `run` wrote through its gateway before it was killed.
-    asyncio.run(write_thread_into(f"redis://127.0.0.1:{port_of(left)}/0"))
+    password = LocalRedis(state).password
+    asyncio.run(write_thread_into(f"redis://:{password}@127.0.0.1:{port_of(left)}/0"))
     assert left.poll() is None
 
     run = RunProcess(ARGS, home=home)
@@ -188,8 +191,10 @@ def test_whose_a_pid_is(tmp_path: Path, state: Path, left: subprocess.Popen[byte
     assert owner_of(pid, state, None) == "ours"
     assert owner_of(pid, elsewhere, None) == "other"  # a redis-server, but not on our AOF
     assert owner_of(os.getpid(), state, None) == "other"  # not a redis-server
-    assert owner_of(pid, state, port, procfs=False) == "ours"
-    assert owner_of(pid, elsewhere, port, procfs=False) == "unknown"
+    password = LocalRedis(state).password
+    assert owner_of(pid, state, port, procfs=False, password=password) == "ours"
+    assert owner_of(pid, state, port, procfs=False) == "unknown"  # it wants its password
+    assert owner_of(pid, elsewhere, port, procfs=False, password=password) == "unknown"
     assert owner_of(pid, state, None, procfs=False) == "unknown"  # no port recorded
     assert owner_of(os.getpid(), state, port, procfs=False) == "unknown"  # not who answers
     assert owner_of(pid, state, free_port(), procfs=False) == "unknown"  # nobody answers
@@ -221,3 +226,49 @@ def test_without_proc_a_leftover_is_stopped_only_when_it_answers_as_ours(
     finally:
         local.stop()
     assert not (state / "redis.port").exists()
+
+
+def test_the_private_redis_wants_a_password_and_keeps_its_files_to_its_owner(
+    state: Path,
+) -> None:
+    """Issue 12: no password, and an AOF every user of the device could read. A file an
+    older version left readable by all is closed at the next start."""
+    home = state.parents[1]
+    (state / "appendonlydir").mkdir()
+    old = state / "appendonlydir" / "left-by-an-older-version"
+    old.write_text("")
+    old.chmod(0o644)
+    run = RunProcess(ARGS, home=home)
+    try:
+        run.read_line()
+        write_thread(run.base_url)
+        url = (state / "redis.url").read_text().strip()
+        password = (state / "redis.conf").read_text().split("requirepass ")[1].split()[0]
+        assert len(password) >= 32 and url.startswith(f"redis://:{password}@127.0.0.1:")
+        [note] = [line for line in run.stderr().splitlines()
+                  if "started a private redis-server" in line]
+        assert password not in run.stderr() and "redis://:***@127.0.0.1:" in note
+        assert str(state / "redis.url") in note
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        stranger = redis.Redis(port=port, socket_timeout=5)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                stranger.get("anything")
+        finally:
+            stranger.close()
+        owner = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            assert owner.dbsize() > 0  # the thread is in it
+        finally:
+            owner.close()
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        files = [path for path in state.rglob("*") if path.is_file()]
+        assert {path.name for path in files} >= {"redis.conf", "redis.url", "redis.log",
+                                                 "redis.pid", old.name}
+        assert any(path.suffix == ".aof" for path in files)
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert run.stop() == 0, run.stderr()
+        assert not (state / "redis.url").exists()  # only while it runs
+    finally:
+        run.close()

@@ -298,6 +298,12 @@ def test_invalid_ids_and_mutations_are_usage_errors(sync_redis_url: str) -> None
                 sync.push(tid, "d", epoch, 0, [{"mid": 0, "op": "put", "message": {}}]),
                 sync.push(tid, "d", epoch, 0, [{"mid": 1, "op": "move", "message": {"id": "m"}}]),
                 sync.push(tid, "d", epoch, 0, [put(1, "m", "x", role="robot")]),
+                # issue 12: 1e300 + 1 == 1e300 (every later message at one position); a
+                # newline after an id made a look-alike of it.
+                sync.push(tid, "d", epoch, 0, [put(1, "m", "x", position=1e300)]),
+                sync.push(tid, "d", epoch, 0, [put(1, "m", "x", position=2**40 + 1)]),
+                sync.push(tid, "d", epoch, 0, [put(1, "m\n", "x")]),
+                sync.create_thread("kitchen\n"),
                 sync.start_run(tid, "d", epoch=epoch, since=0, content="x", input_id="a b"),
                 sync.start_run(tid, "d", epoch=epoch, since=0, content="x", multitask="later"),
                 sync.get_run(tid, "run/1"),
@@ -306,8 +312,9 @@ def test_invalid_ids_and_mutations_are_usage_errors(sync_redis_url: str) -> None
             for call in bad_calls:
                 with pytest.raises(UsageError):
                     await call
-            with pytest.raises(UsageError):
-                await anext(sync.events(tid, "r1", after="not-an-id"))
+            for after in ("not-an-id", "1-1\n", "١-1"):
+                with pytest.raises(UsageError):
+                    await anext(sync.events(tid, "r1", after=after))
             # nothing was written by any of them
             assert (await sync.sync(tid, epoch, 0)).version == 0
 

@@ -6,7 +6,9 @@ route, :mod:`.openapi`), ``GET /v1/models``, ``POST /v1/chat/completions`` (stre
 not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_chat`), and the sync
 routes (:mod:`.sync_api`) when sync is on. With an API key every route but /healthz
 needs ``Authorization: Bearer <key>`` (the spec too, as API.md says; it holds no data,
-but a device answers nothing but its probe to strangers). A bad request is a 400
+but a device answers nothing but its probe to strangers). Before the key, every
+request passes :mod:`.guard` (Host, Origin, application/json, body size); the caps
+on messages, threads, streams and turns are :mod:`.limits`. A bad request is a 400
 with OpenAI's error object and changes nothing; a client that goes away mid-stream
 cancels its generation (the engine stops the guest and moves on).
 """
@@ -29,8 +31,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgebundle.chat import ChatService, Finished, TextDelta, Usage
 from edgebundle.engine import Engine
 from edgebundle.errors import UsageError
+from edgebundle.gateway.guard import GuardSettings, RequestGuard
 from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from edgebundle.gateway.openai_api import (
+    INVALID_JSON,
     BadRequest,
     ChatRequest,
     Completion,
@@ -39,7 +43,7 @@ from edgebundle.gateway.openai_api import (
     parse_json,
 )
 from edgebundle.gateway.openapi import build_spec
-from edgebundle.gateway.sync_api import ApiError, RunGenerator, sync_routes
+from edgebundle.gateway.sync_api import ApiError, RunGenerator, holding, sync_routes
 from edgebundle.gateway.thread_chat import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
 from edgebundle.sync.replication import DeviceSync
@@ -65,8 +69,11 @@ class GatewayState:
     runs: RunGenerator | None = None  # generates them (stopped by the server, in order)
 
 
-def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
-    """The ASGI app for ``state``; ``api_key`` None = no authentication."""
+def create_app(state: GatewayState, *, api_key: str | None = None,
+               guard: GuardSettings | None = None) -> Starlette:
+    """The ASGI app for ``state``; ``api_key`` None = no authentication; ``guard``: what
+    requests may come from (:mod:`.guard`, default: served on 127.0.0.1). The caps of
+    :mod:`.limits` are those of ``state.runs``."""
     metrics = GatewayMetrics()
     runner: RunGenerator | None = None
     thread_chat: ThreadChat | None = None
@@ -96,10 +103,21 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         try:
             body = parse_json(await request.body())
         except ValueError:
-            return _error(400, "the request body is not valid JSON (or holds a lone UTF-16 "
-                          "surrogate such as \\ud800)")
+            return _error(400, INVALID_JSON)
         try:
             parsed = parse_chat_request(body)
+        except BadRequest as exc:
+            return _error(400, exc.message, exc.param, exc.code)
+        if parsed.thread_id is None or thread_chat is None:
+            return await answer(parsed, request)
+        try:  # a turn: held against the device's cap on turns (gateway.limits)
+            return await holding(thread_chat.runner.turns, parsed.thread_id, "turns",
+                                 lambda: answer(parsed, request))
+        except ApiError as exc:
+            return _sync_error(exc)
+
+    async def answer(parsed: ChatRequest, request: Request) -> Response:
+        try:
             if parsed.thread_id is None:
                 events = state.chat.complete(parsed.messages, parsed.params)
             elif thread_chat is None:
@@ -143,7 +161,9 @@ def create_app(state: GatewayState, *, api_key: str | None = None) -> Starlette:
         app.router.routes.extend(sync_routes(state.sync, state.chat, state.device_id, runner))
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
-    # Outermost: a request refused for its key is counted too.
+    # Before the key: a page of another site is refused whether it has the key or not.
+    app.add_middleware(RequestGuard, settings=guard or GuardSettings())
+    # Outermost: a request refused for its key (or by the guard) is counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     return app
 

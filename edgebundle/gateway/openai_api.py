@@ -27,6 +27,8 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 # OpenAI's newer "developer" role is the system prompt of older models.
 ROLE_ALIASES = {"developer": "system"}
 ROLES = ("system", "user", "assistant")
+INVALID_JSON = ("the request body is not valid JSON (or holds a lone UTF-16 surrogate such as "
+                "\\ud800, or nests arrays or objects too deeply)")
 
 
 class BadRequest(Exception):
@@ -47,11 +49,15 @@ def error_body(
 
 
 def parse_json(raw: bytes) -> Any:
-    """A request body's JSON; ValueError if it is not JSON, or holds text that is not
-    Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON escapes allow
-    but nothing downstream can encode)."""
-    value = json.loads(raw)
-    json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError: a ValueError
+    """A request body's JSON; ValueError if it is not JSON, is nested too deeply for
+    Python's parser (it raises RecursionError, once a 500, at about a thousand levels)
+    or holds text that is not Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``,
+    which JSON escapes allow but nothing downstream can encode)."""
+    try:
+        value = json.loads(raw)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError: a ValueError
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
     return value
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from edgebundle import __version__
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
+from edgebundle.gateway.sync_api import MAX_VERSION
 from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync.models import (
@@ -25,6 +26,7 @@ from edgebundle.sync.models import (
     RUN_REASONS,
     RUN_STATUSES,
 )
+from edgebundle.sync.store import MAX_POSITION
 
 Schema = dict[str, Any]
 
@@ -66,6 +68,7 @@ def _sse(description: str) -> Schema:
 
 
 ID = {"type": "string", "pattern": ID_PATTERN}
+VERSION = {"type": "integer", "minimum": 0, "maximum": MAX_VERSION}
 STOP = {"anyOf": [{"type": "string"},
                   {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS}]}
 
@@ -109,7 +112,9 @@ def _schemas() -> dict[str, Schema]:
     sync_error = _object({
         "error": {"type": "string", "description": "A code: invalid_request, invalid_json, "
                   "thread_not_found, run_not_found, epoch_mismatch, thread_busy, run_ended, "
-                  "redis_unavailable, sync_error."},
+                  "thread_full, message_too_large, body_too_large, too_many_streams, "
+                  "too_many_runs, queue_full, invalid_host, forbidden_origin, "
+                  "unsupported_media_type, redis_unavailable, offline, sync_error."},
         "message": {"type": "string", "description": "What is wrong and how to fix it."},
         "epoch": _nullable({"type": "string"}),
         "active_run": _nullable(_ref("Run")),
@@ -172,7 +177,7 @@ def _schemas() -> dict[str, Schema]:
     run_request = _object({
         "device_id": {**ID, "description": "The device the run is for (default: this one)."},
         "epoch": {"type": "string", "description": "The epoch of the client's last sync."},
-        "since": {"type": "integer", "minimum": 0},
+        "since": VERSION,
         "input": _object({"id": ID, "content": {"type": "string", "pattern": NOT_BLANK}},
                          ("content",)),
         "multitask": {"enum": list(MULTITASK_POLICIES)},
@@ -189,7 +194,7 @@ def _schemas() -> dict[str, Schema]:
             "role": {"enum": list(ROLES)},
             "content": {"type": "string"},
             "status": {"enum": list(MESSAGE_STATUSES)},
-            "position": {"type": "number", "minimum": 0},
+            "position": {"type": "number", "minimum": 0, "maximum": MAX_POSITION},
             "created_at": {"type": "number", "minimum": 0},
             "run_id": ID,
         }, ("id",), "role and content are required for put."),
@@ -197,7 +202,7 @@ def _schemas() -> dict[str, Schema]:
     push_request = _object({
         "device_id": ID,
         "epoch": {"type": "string", "description": "Required unless reseed is true."},
-        "since": {"type": "integer", "minimum": 0},
+        "since": VERSION,
         "reseed": {"type": "boolean"},
         "mutations": {"type": "array", "items": mutation},
     }, ("device_id", "mutations"))
@@ -224,7 +229,7 @@ THREAD_ID = {"name": "thread_id", "in": "path", "required": True, "schema": ID}
 RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": ID}
 EPOCH = {"name": "epoch", "in": "query", "schema": {"type": "string"},
          "description": "The epoch of the client's last sync (absent: a full answer)."}
-SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
+SINCE = {"name": "since", "in": "query", "schema": VERSION,
          "description": "The version of the client's last sync."}
 THREAD_EVENTS = ("SSE: a `sync` event with the diff now, then one per change of the thread; "
                  "`: keep-alive` comments while nothing happens; an `error` event if the "
@@ -232,6 +237,16 @@ THREAD_EVENTS = ("SSE: a `sync` event with the diff now, then one per change of 
 RUN_EVENTS = ("SSE, each event with `id:` (its resume cursor) and `event:`: (`run.queued`) "
               "`run.started`, `message.created`, `message.delta` …, `message.completed`, "
               "`run.completed` | `run.failed` | `run.cancelled`, then `done`.")
+
+
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"},
+                               "description": "Seconds to wait before trying again."}}
+TOO_LARGE = ("The body is larger than max_body_bytes (code body_too_large), or a message's "
+             "content than max_message_bytes (code message_too_large).")
+TOO_MANY_TURNS = ("The device has max_runs turns going (code too_many_runs), or the thread "
+                  "max_queued_runs runs waiting (code queue_full); retry after Retry-After.")
+TOO_MANY_STREAMS = ("The device serves max_streams readers, or the thread 16 (code "
+                    "too_many_streams); retry after Retry-After.")
 
 
 def _sync_paths() -> dict[str, Schema]:
@@ -255,7 +270,8 @@ def _sync_paths() -> dict[str, Schema]:
         f"{base}/watch": {"get": {
             "summary": "Follow the thread: a sync diff now and one per change.",
             "parameters": [THREAD_ID, EPOCH, SINCE],
-            "responses": {"200": _sse(THREAD_EVENTS), "400": bad, "404": not_found},
+            "responses": {"200": _sse(THREAD_EVENTS), "400": bad, "404": not_found,
+                          "429": {**_sync_error(TOO_MANY_STREAMS), "headers": RETRY_AFTER}},
         }},
         f"{base}/push": {"post": {
             "summary": "Apply a device's changes exactly once; answers the server's diff.",
@@ -266,7 +282,9 @@ def _sync_paths() -> dict[str, Schema]:
                 "200": _json(_ref("SyncState"), "The server's diff since `since`."),
                 "400": bad,
                 "409": _sync_error("epoch_mismatch: the thread is gone or has another epoch "
-                                   "(`epoch`); re-seed with reseed: true."),
+                                   "(`epoch`); re-seed with reseed: true. thread_full: it "
+                                   "holds max_thread_messages messages."),
+                "413": _sync_error(TOO_LARGE),
             },
         }},
         f"{base}/runs": {"post": {
@@ -283,8 +301,10 @@ def _sync_paths() -> dict[str, Schema]:
                 "400": bad,
                 "404": not_found,
                 "409": {**_sync_error("thread_busy (policy reject: `active_run`, retry after "
-                                      "Retry-After seconds) or epoch_mismatch."),
-                        "headers": {"Retry-After": {"schema": {"type": "string"}}}},
+                                      "Retry-After seconds), epoch_mismatch or thread_full."),
+                        "headers": RETRY_AFTER},
+                "413": _sync_error(TOO_LARGE),
+                "429": {**_sync_error(TOO_MANY_TURNS), "headers": RETRY_AFTER},
             },
         }},
         f"{base}/runs/{{run_id}}": {"get": {
@@ -304,7 +324,8 @@ def _sync_paths() -> dict[str, Schema]:
                  "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
                  "description": "Resume after this event id (SSE reconnect); wins over after."},
             ],
-            "responses": {"200": _sse(RUN_EVENTS), "400": bad, "404": not_found},
+            "responses": {"200": _sse(RUN_EVENTS), "400": bad, "404": not_found,
+                          "429": {**_sync_error(TOO_MANY_STREAMS), "headers": RETRY_AFTER}},
         }},
         f"{base}/runs/{{run_id}}/cancel": {"post": {
             "summary": "Stop the run; it keeps content_seen (or its text so far).",
@@ -326,10 +347,13 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
         "500": _openai_error("The model failed the request (code server_error)."),
     }
     if sync:
-        chat_errors["409"] = _openai_error("With thread_id: the thread changed epoch meanwhile "
-                                           "(code epoch_mismatch); retry.")
         chat_errors["503"] = _openai_error("With thread_id: the sync Redis is unreachable "
                                            "(code redis_unavailable).")
+        chat_errors["409"] = _openai_error("With thread_id: the thread changed epoch meanwhile "
+                                           "(code epoch_mismatch; retry), or it is full (code "
+                                           "thread_full).")
+        chat_errors["429"] = {**_openai_error(f"With thread_id: {TOO_MANY_TURNS}"),
+                              "headers": RETRY_AFTER}
     paths: dict[str, Schema] = {
         "/healthz": {"get": {
             "summary": "Probe: 200 when the model is loaded, 503 before. Needs no API key.",
@@ -378,7 +402,26 @@ def _paths(model_id: str, sync: bool) -> dict[str, Schema]:
         }}
     if sync:
         paths.update(_sync_paths())
+    _guard_responses(paths)
     return paths
+
+
+def _guard_responses(paths: dict[str, Schema]) -> None:
+    """What :mod:`edgebundle.gateway.guard` answers before any route, in the path's shape."""
+    for path, operations in paths.items():
+        error = _sync_error if path.startswith("/v1/threads") else _openai_error
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path != "/healthz":
+                responses.setdefault("400", error(
+                    "Invalid request; or the Host header names no address of this gateway "
+                    "(code invalid_host; the allowed_hosts setting)."))
+            if method == "post":
+                responses["403"] = error("Sent by a web page of another origin (code "
+                                         "forbidden_origin; the allowed_origins setting).")
+                responses.setdefault("413", error(TOO_LARGE))
+                responses["415"] = error("A body not sent as Content-Type: application/json "
+                                         "(code unsupported_media_type).")
 
 
 def build_spec(model_id: str, *, sync: bool, api_key: bool) -> dict[str, Any]:

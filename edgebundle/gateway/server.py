@@ -23,6 +23,8 @@ from edgebundle.config import Settings
 from edgebundle.engine import READY_TIMEOUT, Engine
 from edgebundle.errors import EdgebundleError, RedisError, SupervisorError, UsageError
 from edgebundle.gateway.app import GatewayState, create_app
+from edgebundle.gateway.guard import guard_settings
+from edgebundle.gateway.limits import Limits, blocking_connections
 from edgebundle.gateway.sync_api import RunGenerator
 from edgebundle.sync.client import connect
 from edgebundle.sync.replication import DeviceSync
@@ -92,11 +94,15 @@ async def run_gateway(
     chat = ChatService(
         engine, setup.template, setup.model_info, settings.system_prompt, setup.spec.ctx_size
     )
-    runs = RunGenerator(sync, chat, settings.context_policy) if sync is not None else None
+    limits = Limits.of(settings)
+    runs = RunGenerator(sync, chat, settings.context_policy, limits) if sync is not None \
+        else None
     state = GatewayState(engine=engine, chat=chat, model_id=setup.model_id,
                          runtime=setup.spec.runtime, sync=sync, device_id=device_id, runs=runs)
     config = uvicorn.Config(
-        create_app(state, api_key=settings.api_key),
+        create_app(state, api_key=settings.api_key, guard=guard_settings(
+            settings.host, settings.allowed_hosts, settings.allowed_origins,
+            settings.max_body_bytes)),
         lifespan="off",
         log_level="warning",
         access_log=False,
@@ -136,8 +142,8 @@ async def run_gateway(
         await engine.stop()
         if isinstance(sync, DeviceSync):
             await sync.close()
-        elif sync is not None:
-            await sync.redis.aclose()
+        elif isinstance(sync, SyncService):
+            await sync.aclose()
     if failure is not None:
         raise failure
 
@@ -145,13 +151,14 @@ async def run_gateway(
 async def _sync_for(settings: Settings, redis_url: str, local_url: str | None,
                     device_id: str) -> ThreadSync:
     """The sync core: the central store, and the local one for offline use if given."""
+    blocking = blocking_connections(Limits.of(settings))
     if local_url is None:
-        return SyncService(await connect(redis_url))
+        return await _service(redis_url, blocking)
 
     async def connect_central() -> SyncService:
-        return SyncService(await connect(redis_url))
+        return await _service(redis_url, blocking)
 
-    local = SyncService(await connect(local_url))
+    local = await _service(local_url, blocking)
     try:
         central: SyncService | None = await connect_central()
     except RedisError as exc:  # a device that boots offline serves at once
@@ -162,6 +169,18 @@ async def _sync_for(settings: Settings, redis_url: str, local_url: str | None,
                         connect_central=connect_central)
     await device.start()
     return device
+
+
+async def _service(url: str, blocking: int) -> SyncService:
+    """The sync core on ``url``, its blocking reads on a pool of their own of
+    ``blocking`` connections (edgebundle.gateway.limits); both pools wait when full."""
+    redis = await connect(url, wait_for_pool=True)
+    try:
+        readers = await connect(url, pool_size=blocking, wait_for_pool=True)
+    except BaseException:
+        await redis.aclose()
+        raise
+    return SyncService(redis, blocking=readers)
 
 
 def _failure(starting: asyncio.Task[None], engine: Engine) -> BaseException | None:

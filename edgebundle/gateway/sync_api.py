@@ -30,7 +30,11 @@ the run it started (see :func:`start_turn`).
 
 Errors are JSON ``{"error": code, "message": …}`` (plus the fields the client needs:
 ``epoch`` for ``epoch_mismatch``, ``active_run`` for ``thread_busy``). A request is
-checked completely before anything is written, so a bad one changes nothing.
+checked completely before anything is written, so a bad one changes nothing; that
+includes the caps of :mod:`edgebundle.gateway.limits` (413 ``message_too_large``, 409
+``thread_full``, 429 ``too_many_streams`` / ``too_many_runs`` / ``queue_full`` with
+``Retry-After``). A 503 ``redis_unavailable`` does not say where the sync Redis is
+(the log does).
 """
 
 from __future__ import annotations
@@ -65,18 +69,20 @@ from edgebundle.errors import (
     ThreadNotFoundError,
     UsageError,
 )
-from edgebundle.gateway.openai_api import parse_json
+from edgebundle.gateway.limits import RETRY_AFTER, Full, Holding, Limits, Slot, Slots
+from edgebundle.gateway.openai_api import INVALID_JSON, parse_json
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys
+from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState
 from edgebundle.sync.runs import RunTicket
-from edgebundle.sync.service import RunEvent, ThreadSync
+from edgebundle.sync.service import RunEvent, ThreadSize, ThreadSync
+from edgebundle.sync.store import check_mutation
 from edgebundle.templates import Message as PromptMessage
 
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # The chat's finish reasons in the run's words: a stop string ends the turn like eos.
 _RUN_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context_full": "context_full"}
 # In a run's error when its prompt does not fit the model's context (a failed run
@@ -85,6 +91,10 @@ TOO_LONG = "more than the model's context allows"
 WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OUTAGE_RETRY = (0.2, 2.0)  # s: first and longest wait between attempts to end a run
+REDIS_UNAVAILABLE = ("the sync Redis is unavailable: try again in a few seconds (the device's "
+                     "log says why)")
+MAX_VERSION = 2**53 - 1  # a thread's version is a Lua number: exact up to here
+_VERSION = re.compile(r"[0-9]{1,16}")
 
 
 class ApiError(Exception):
@@ -101,6 +111,13 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": self.code, "message": self.message, **self.extra}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def redis_unavailable(exc: Exception) -> ApiError:
+    """The 503 for a sync Redis that did not answer. Clients learn that, not where it
+    is: the driver's text names the internal host and port, so it goes to the log."""
+    log.warning("the sync Redis is unavailable: %s", exc)
+    return ApiError(503, "redis_unavailable", REDIS_UNAVAILABLE)
 
 
 def api_error(exc: EdgebundleError) -> ApiError:
@@ -121,7 +138,7 @@ def api_error(exc: EdgebundleError) -> ApiError:
     if isinstance(exc, UsageError):
         return ApiError(400, "invalid_request", str(exc))
     if isinstance(exc, RedisError):
-        return ApiError(503, "redis_unavailable", str(exc))
+        return redis_unavailable(exc)
     if isinstance(exc, OfflineError):
         return ApiError(503, "offline", str(exc))
     return ApiError(500, "sync_error", str(exc))
@@ -137,8 +154,7 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
     try:
         body = parse_json(raw)
     except ValueError:
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON (or holds a "
-                       "lone UTF-16 surrogate such as \\ud800)") from None
+        raise ApiError(400, "invalid_json", INVALID_JSON) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
     return body
@@ -161,8 +177,8 @@ def _int(body: dict[str, Any], field: str, default: int | None = None, low: int 
     value = body.get(field, default)
     if value is None or isinstance(value, bool) or not isinstance(value, int):
         raise _bad(f"{field} must be an integer")
-    if value < low:
-        raise _bad(f"{field} must be at least {low}, got {value}")
+    if not low <= value <= MAX_VERSION:
+        raise _bad(f"{field} must be between {low} and {MAX_VERSION}, got {value}")
     return value
 
 
@@ -176,12 +192,14 @@ def _epoch(value: Any) -> str | None:
 
 def _since_query(request: Request) -> int:
     raw = request.query_params.get("since", "0")
-    if not raw.isdigit():
-        raise _bad(f"since must be a non-negative integer version, not {raw!r}")
+    # ASCII digits only: str.isdigit() takes "²" or "٣", which int() then refuses.
+    if not _VERSION.fullmatch(raw) or int(raw) > MAX_VERSION:
+        raise _bad(f"since must be a version, a whole number from 0 to {MAX_VERSION}, "
+                   f"not {raw!r}")
     return int(raw)
 
 
-def _mutations(value: Any) -> list[dict[str, Any]]:
+def _mutations(value: Any, limits: Limits) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _bad("mutations must be a list of {mid, op, message} objects")
     for index, item in enumerate(value):
@@ -202,6 +220,11 @@ def _mutations(value: Any) -> list[dict[str, Any]]:
                 raise _bad(f"{where}.message.role must be system, user or assistant")
             if not isinstance(message.get("content"), str):
                 raise _bad(f"{where}.message.content must be a string")
+            check_content(limits, message["content"], f"{where}.message.content")
+        try:  # the store's own checks too (status, position <= MAX_POSITION, run_id …)
+            check_mutation(item)
+        except UsageError as exc:
+            raise _bad(f"{where}: {exc}") from None
     return value
 
 
@@ -301,9 +324,12 @@ class RunGenerator:
     """Generates this device's runs in background tasks (see the module docstring)."""
 
     def __init__(self, sync: ThreadSync, chat: ChatService,
-                 context_policy: str = "window") -> None:
+                 context_policy: str = "window", limits: Limits | None = None) -> None:
         self.sync = sync
         self.chat = chat
+        self.limits = limits or Limits()
+        # Requests that start or follow a turn (edgebundle.gateway.limits: max_runs).
+        self.turns = Slots(self.limits.max_runs, self.limits.max_queued_runs + 1)
         # "window": a run's prompt leaves out the oldest messages that do not fit the
         # context (edgebundle.context_window); "fail": the whole thread or prompt_too_long.
         self.context_policy = check_policy(context_policy)
@@ -311,6 +337,11 @@ class RunGenerator:
         self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
         self.windowed_runs = 0  # completed runs whose prompt left messages out (metrics)
         self.dropped_messages = 0  # the messages they left out, in all (metrics)
+
+    @property
+    def running(self) -> int:
+        """Runs generating here, or waiting for their turn to."""
+        return len(self._tasks)
 
     def start(self, ticket: RunTicket, params: ChatParams) -> None:
         """Generate the ticket's run here, unless this device already is."""
@@ -406,8 +437,7 @@ class RunGenerator:
             delay = min(delay * 2, longest)
 
     async def _write(self, lease: RunLease, params: ChatParams) -> None:
-        thread_id = lease.run.thread_id
-        state = await lease.ride_out(lambda: self.sync.sync(thread_id, None, 0))
+        state = await lease.thread()  # where the run lives (a device's router may lag)
         try:
             messages = prompt_messages(state.messages, lease.run)
             events = self.chat.complete(messages, params,
@@ -474,6 +504,7 @@ async def start_turn(runner: RunGenerator, thread_id: str,
     What ``POST /v1/threads/{id}/runs`` and chat completions with ``thread_id`` share.
     """
     sync = runner.sync
+    await check_room(runner, thread_id, request.content)
     epoch, since = request.epoch, request.since
     if epoch is None:  # a client new to the thread (curl): it gets the whole history
         epoch, since = (await sync.sync(thread_id, None, 0)).epoch, 0
@@ -485,6 +516,69 @@ async def start_turn(runner: RunGenerator, thread_id: str,
         runner.start(ticket, request.params)
     opening = ticket.sync if request.epoch else replace(ticket.sync, full=True)
     return ticket, opening
+
+
+async def check_room(runner: RunGenerator, thread_id: str, content: str) -> None:
+    """Refuse a turn the caps leave no room for (edgebundle.gateway.limits): its input
+    too large, this device at ``max_runs``, the thread full or its queue at
+    ``max_queued_runs``; before anything is written."""
+    limits = runner.limits
+    check_content(limits, content, "input.content")
+    if runner.running >= limits.max_runs:
+        raise busy("too_many_runs", f"this device has {runner.running} turns going, its cap "
+                   "(max_runs): try again in a few seconds")
+    size = await runner.sync.size(thread_id)
+    check_thread_room(limits, thread_id, size, 2)  # the input and the reply
+    if size.queued_runs >= limits.max_queued_runs:
+        raise busy("queue_full", f"thread {thread_id} has {size.queued_runs} runs waiting in "
+                   "line, its cap (max_queued_runs): try again when one has ended")
+
+
+def check_thread_room(limits: Limits, thread_id: str, size: ThreadSize, adding: int) -> None:
+    """409 ``thread_full`` if ``adding`` more messages pass ``max_thread_messages``."""
+    held = size.messages
+    if adding and held + adding > limits.max_thread_messages:
+        raise ApiError(409, "thread_full", f"thread {thread_id} holds {held} messages, "
+                       f"{limits.max_thread_messages} at most (max_thread_messages, deleted "
+                       "ones included): start a new thread")
+
+
+def check_content(limits: Limits, content: str, field: str) -> None:
+    """413 ``message_too_large`` for content over ``max_message_bytes`` (UTF-8)."""
+    size = len(content.encode("utf-8", "surrogatepass"))
+    if size > limits.max_message_bytes:
+        raise ApiError(413, "message_too_large", f"{field} is {size} bytes, more than "
+                       f"{limits.max_message_bytes} (max_message_bytes): shorten it")
+
+
+def busy(code: str, message: str) -> ApiError:
+    """A 429 that says when to try again."""
+    error = ApiError(429, code, message)
+    error.headers["Retry-After"] = str(RETRY_AFTER)
+    return error
+
+
+def take(slots: Slots, thread_id: str, what: str) -> Slot:
+    """A slot of ``slots`` for a request on ``thread_id``; 429 if the cap is reached."""
+    try:
+        return slots.take(thread_id)
+    except Full as full:
+        where = "this device" if full.scope == "gateway" else f"thread {thread_id}"
+        code = "too_many_streams" if what == "streams" else "too_many_runs"
+        raise busy(code, f"{where} already serves {full.cap} {what} at once, its cap: try "
+                   "again in a few seconds") from None
+
+
+async def holding(slots: Slots, thread_id: str, what: str,
+                  answer: Callable[[], Awaitable[Response]]) -> Response:
+    """``answer()`` while holding a slot of ``slots``, released once it was sent."""
+    slot = take(slots, thread_id, what)
+    try:
+        response = await answer()
+    except BaseException:
+        slot.release()
+        raise
+    return Holding(response, slot)
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -509,7 +603,7 @@ def _guarded(handler: Handler) -> Handler:
 def _resume_from(request: Request) -> str | None:
     """The event id a client resumes after (``Last-Event-ID`` or ``?after=``), checked."""
     after = request.headers.get("last-event-id") or request.query_params.get("after")
-    if after is not None and not _EVENT_ID.match(after):
+    if after is not None and not EVENT_ID.fullmatch(after):
         raise _bad(f"invalid event id {after!r}: resume with the id of an event you got "
                    "(such as 1712345678901-0)")
     return after
@@ -546,10 +640,65 @@ async def _last_run(sync: ThreadSync, thread_id: str, run_id: str) -> Run:
     return await sync.get_run(thread_id, run_id)
 
 
+async def _turn(runner: RunGenerator, thread_id: str, parsed: RunRequest,
+                after: str | None) -> Response:
+    """Start the turn; its run's events as SSE, or the ended run with stream false."""
+    sync = runner.sync
+    ticket, opening = await start_turn(runner, thread_id, parsed)
+    run_id = ticket.run.id
+    # A retry gets the run it started, never a second one (Stripe's header says so).
+    headers = {"Idempotent-Replayed": "true"} if ticket.again else {}
+    if not parsed.stream:
+        run = await _last_run(sync, thread_id, run_id)
+        return JSONResponse(run.to_json(), headers=headers)
+
+    async def stream() -> AsyncIterator[str]:
+        if after is None:  # a client resuming after an event id had the opening
+            yield _sse("sync", opening.to_json())
+        async for chunk in _relay(sync, thread_id, run_id, after):
+            yield chunk
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **headers})
+
+
+async def _watch(sync: ThreadSync, thread_id: str, epoch: str | None,
+                 since: int) -> Response:
+    """The watch stream: a sync event now, one per change, keep-alives in between."""
+    changes = cast("AsyncGenerator[SyncState, None]", sync.watch(thread_id, epoch, since))
+    first = await anext(changes)  # an unknown thread is a 404, not an empty stream
+
+    async def stream() -> AsyncIterator[str]:
+        yield _sse("sync", first.to_json())
+        step: asyncio.Future[SyncState] | None = None
+        try:
+            while True:
+                # One pending step, waited on in slices: cancelling a generator's step
+                # would end the generator, so the keep-alive must not time it out.
+                step = asyncio.ensure_future(anext(changes))
+                while not (await asyncio.wait({step}, timeout=WATCH_KEEPALIVE))[0]:
+                    yield ": keep-alive\n\n"  # proxies close silent streams
+                yield _sse("sync", step.result().to_json())
+        except EdgebundleError as exc:
+            error = api_error(exc)
+            yield _sse("error", {"error": error.code, "message": error.message})
+        finally:  # the client went away (or the thread did): stop polling Redis
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+            await changes.aclose()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
                 generator: RunGenerator | None = None) -> list[Route]:
-    """The routes of the sync API for this device (``device_id`` generates its runs)."""
+    """The routes of the sync API for this device (``device_id`` generates its runs;
+    the caps are ``generator``'s limits)."""
     runner = generator or RunGenerator(sync, chat)
+    limits = runner.limits
+    streams = Slots(limits.max_streams, limits.streams_per_thread)  # readers (limits)
 
     async def create_thread(request: Request) -> Response:
         body = await _body(request, optional=True)
@@ -569,31 +718,8 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         epoch = _epoch(request.query_params.get("epoch"))
         since = _since_query(request)
-        changes = cast("AsyncGenerator[SyncState, None]", sync.watch(thread_id, epoch, since))
-        first = await anext(changes)  # an unknown thread is a 404, not an empty stream
-
-        async def stream() -> AsyncIterator[str]:
-            yield _sse("sync", first.to_json())
-            step: asyncio.Future[SyncState] | None = None
-            try:
-                while True:
-                    # One pending step, waited on in slices: cancelling a generator's step
-                    # would end the generator, so the keep-alive must not time it out.
-                    step = asyncio.ensure_future(anext(changes))
-                    while not (await asyncio.wait({step}, timeout=WATCH_KEEPALIVE))[0]:
-                        yield ": keep-alive\n\n"  # proxies close silent streams
-                    yield _sse("sync", step.result().to_json())
-            except EdgebundleError as exc:
-                error = api_error(exc)
-                yield _sse("error", {"error": error.code, "message": error.message})
-            finally:  # the client went away (or the thread did): stop polling Redis
-                if step is not None and not step.done():
-                    step.cancel()
-                    with contextlib.suppress(BaseException):
-                        await step
-                await changes.aclose()
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await holding(streams, thread_id, "streams",
+                             lambda: _watch(sync, thread_id, epoch, since))
 
     async def push(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
@@ -604,10 +730,13 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         epoch = _epoch(body.get("epoch"))
         if epoch is None and not reseed:
             raise _bad("epoch is missing: send the epoch of your last sync (or reseed: true)")
-        state = await sync.push(
-            thread_id, _id("device", body.get("device_id"), "device_id"), epoch or "",
-            _int(body, "since", 0), _mutations(body.get("mutations")), reseed=reseed,
-        )
+        device = _id("device", body.get("device_id"), "device_id")
+        since = _int(body, "since", 0)
+        mutations = _mutations(body.get("mutations"), limits)
+        puts = sum(1 for item in mutations if item["op"] == "put")
+        if puts:
+            check_thread_room(limits, thread_id, await sync.size(thread_id), puts)
+        state = await sync.push(thread_id, device, epoch or "", since, mutations, reseed=reseed)
         return JSONResponse(state.to_json())
 
     async def start_run(request: Request) -> Response:
@@ -615,22 +744,8 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         after = _resume_from(request)
         parsed = parse_run_request(await _body(request), device_id,
                                    request.headers.get("idempotency-key"))
-        ticket, opening = await start_turn(runner, thread_id, parsed)
-        run_id = ticket.run.id
-        # A retry gets the run it started, never a second one (Stripe's header says so).
-        headers = {"Idempotent-Replayed": "true"} if ticket.again else {}
-        if not parsed.stream:
-            run = await _last_run(sync, thread_id, run_id)
-            return JSONResponse(run.to_json(), headers=headers)
-
-        async def stream() -> AsyncIterator[str]:
-            if after is None:  # a client resuming after an event id had the opening
-                yield _sse("sync", opening.to_json())
-            async for chunk in _relay(sync, thread_id, run_id, after):
-                yield chunk
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **headers})
+        return await holding(runner.turns, thread_id, "turns",
+                             lambda: _turn(runner, thread_id, parsed, after))
 
     async def get_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
@@ -641,9 +756,13 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         run_id = _id("run", request.path_params["run_id"], "run id")
         after = _resume_from(request)
-        await sync.get_run(thread_id, run_id)  # an unknown run is a 404, not an empty stream
-        return StreamingResponse(_relay(sync, thread_id, run_id, after),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+        async def answer() -> Response:
+            await sync.get_run(thread_id, run_id)  # an unknown run is a 404, not an empty stream
+            return StreamingResponse(_relay(sync, thread_id, run_id, after),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+
+        return await holding(streams, thread_id, "streams", answer)
 
     async def cancel_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")

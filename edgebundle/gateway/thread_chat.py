@@ -60,7 +60,9 @@ from edgebundle.gateway.sync_api import (
     RunGenerator,
     RunRequest,
     api_error,
+    check_content,
     idempotent_input_id,
+    redis_unavailable,
     start_turn,
 )
 from edgebundle.sync.backend import new_id
@@ -100,6 +102,7 @@ class ThreadChat:
         if not last.content.strip():
             raise BadRequest("with thread_id the last message is the new turn and it is "
                              "empty: send the user's message", f"{where}.content")
+        self._check_sizes(request.messages)
         try:
             input_id = idempotent_input_id(request.input_id, idempotency_key)
             state = await self._join_or_seed(thread_id, request.messages[:-1])
@@ -111,7 +114,7 @@ class ThreadChat:
         except EdgebundleError as exc:
             raise api_error(exc) from None
         except (RedisPyError, OSError) as exc:
-            raise ApiError(503, "redis_unavailable", f"the sync Redis failed: {exc}") from None
+            raise redis_unavailable(exc) from None
 
         run_id = ticket.run.id
         sent: list[str] = []
@@ -133,6 +136,17 @@ class ThreadChat:
         finally:
             if not ended and input_id is None:  # the client went away mid-reply for good
                 self._cancel_later(thread_id, run_id, "".join(sent))
+
+    def _check_sizes(self, messages: Sequence[Message]) -> None:
+        """The caps on what may land in the thread (edgebundle.gateway.limits): each
+        message (the earlier ones may seed it) and how many; ApiError before any write."""
+        limits = self.runner.limits
+        for index, message in enumerate(messages):
+            check_content(limits, message.content, f"messages[{index}].content")
+        if len(messages) + 1 > limits.max_thread_messages:  # the seed, the input, the reply
+            raise ApiError(409, "thread_full", f"{len(messages)} messages would seed a thread "
+                           f"of {limits.max_thread_messages} messages at most "
+                           "(max_thread_messages): send fewer")
 
     async def _join_or_seed(self, thread_id: str, earlier: Sequence[Message]) -> SyncState:
         """The thread's state; a missing thread is created, seeded with ``earlier``."""

@@ -158,7 +158,8 @@ def _serve_chat(
                 lead = ("local store for offline use: a" if redis_url
                         else "no --redis-url: started a")
                 on_note(f"{lead} private redis-server (pid {local.pid}, AOF on) on "
-                        f"{local.url}, data in {local.directory}")
+                        f"{local.shown_url}, data in {local.directory} (its URL with the "
+                        f"password: {local.url_file})")
         local_url = local.url if local is not None and redis_url else None
         redis_url = redis_url or (local.url if local is not None else None)
         try:

@@ -63,10 +63,15 @@ class SyncSettings:
 
 
 class Backend:
-    """One Redis client with the library's functions on it, and the settings."""
+    """One Redis client with the library's functions on it, and the settings;
+    ``blocking``: the client for blocking reads (``XREAD BLOCK``, ``BLPOP``: they hold
+    a connection while they wait), default ``redis``. Given its own pool, readers and
+    queued runs cannot take every connection of the one ordinary commands use."""
 
-    def __init__(self, redis: Client, settings: SyncSettings) -> None:
+    def __init__(self, redis: Client, settings: SyncSettings,
+                 blocking: Client | None = None) -> None:
         self.redis = redis
+        self.blocking = blocking if blocking is not None else redis
         self.settings = settings
         self.functions = Functions(redis)
 

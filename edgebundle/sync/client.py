@@ -22,6 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError
@@ -36,6 +37,8 @@ Client = aioredis.Redis | RedisCluster
 
 RETRIES = 6  # reconnect attempts per command: 0.05, 0.1, 0.2, 0.4, 0.8, 1 s at most (jittered)
 CONNECT_TIMEOUT = 5.0  # s; an unreachable host fails this fast instead of the OS's minutes
+POOL_SIZE = 100  # connections of a client at once (redis-py's default)
+POOL_WAIT = 5.0  # s a command waits for a free connection of a full waiting pool
 
 
 def _retry() -> Retry:
@@ -43,14 +46,28 @@ def _retry() -> Retry:
                  supported_errors=(_ConnectionError, _TimeoutError))
 
 
-async def connect(url: str, **options: Any) -> Client:
-    """A connected client for ``url``; RedisError with a clear line if it cannot be."""
+async def connect(url: str, *, pool_size: int = POOL_SIZE, wait_for_pool: bool = False,
+                  **options: Any) -> Client:
+    """A connected client for ``url``; RedisError with a clear line if it cannot be.
+
+    Its pool holds ``pool_size`` connections at most (per node of a cluster). A command
+    that finds them all busy fails ("Too many connections", retried like a lost
+    connection) or, with ``wait_for_pool`` (standalone Redis), waits up to
+    :data:`POOL_WAIT` for one. The gateway gives blocking reads (``XREAD BLOCK``,
+    ``BLPOP``) a client of their own (:mod:`edgebundle.sync.backend`), so however many
+    of them wait, ordinary commands find a connection.
+    """
     validate_redis_url(url)
     options.setdefault("decode_responses", True)
     options.setdefault("retry", _retry())
     options.setdefault("retry_on_error", [_ConnectionError, _TimeoutError])
     options.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
-    probe = aioredis.from_url(url, **options)
+    options["max_connections"] = pool_size
+    if wait_for_pool:
+        pool: ConnectionPool = BlockingConnectionPool.from_url(url, timeout=POOL_WAIT, **options)
+    else:
+        pool = ConnectionPool.from_url(url, **options)
+    probe = aioredis.Redis.from_pool(pool)  # the client closes its pool
     try:
         info = await probe.info("cluster")
     except AuthenticationError:

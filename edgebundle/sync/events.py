@@ -25,7 +25,9 @@ from edgebundle.sync import keys
 from edgebundle.sync.backend import BLOCK_SLICE, Backend
 from edgebundle.sync.runs import RunStore
 
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# A stream entry id (fullmatch it: ``$`` would let a trailing newline through; ``\d``
+# would let other scripts' digits through).
+EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _PAGE = 500
 
 
@@ -53,7 +55,7 @@ async def _page(backend: Backend, stream: str, cursor: str) -> Entries:
 
 async def _wait(backend: Backend, stream: str, cursor: str, block_ms: int) -> Entries:
     """Entries after ``cursor``, waiting up to ``block_ms`` for the first one."""
-    answer: Any = await backend.redis.xread({stream: cursor}, count=_PAGE, block=block_ms)
+    answer: Any = await backend.blocking.xread({stream: cursor}, count=_PAGE, block=block_ms)
     if not answer:
         return []
     if isinstance(answer, dict):  # RESP3 shape
@@ -65,7 +67,7 @@ async def follow(backend: Backend, thread_id: str, run_id: str,
                  after: str | None = None) -> AsyncIterator[RunEvent]:
     """The run's events after ``after`` (an event id; None: from the start) until done."""
     stream = keys.run_events(thread_id, run_id)
-    if after is not None and not _EVENT_ID.match(after):
+    if after is not None and not EVENT_ID.fullmatch(after):
         raise UsageError(f"invalid event id {after!r}: use an id from a previous event "
                          "(such as 1712345678901-0)")
     runs = RunStore(backend)

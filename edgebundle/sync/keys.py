@@ -36,12 +36,14 @@ import re
 from edgebundle.errors import UsageError
 
 PREFIX = "eb"
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def check_id(kind: str, value: str) -> str:
-    """``value`` if it is a usable id (letters, digits, ``_.:-``, <= 128 chars)."""
-    if not isinstance(value, str) or not _ID.match(value):
+    """``value`` if it is a usable id (letters, digits, ``_.:-``, <= 128 chars), the
+    whole of it: ``$`` would also match before a trailing newline (``kitchen\n`` would
+    pass as a look-alike of ``kitchen``), so the match is ``fullmatch``."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise UsageError(
             f"invalid {kind} id {value!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
         )

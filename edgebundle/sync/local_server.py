@@ -53,6 +53,14 @@ only reach the process we examined; SIGKILL only through that pidfd, after
 our child (no pdeathsig, nobody to reap it) and would keep whatever settings an older
 version gave it; starting ours again on the same AOF costs well under a second.
 
+Private means private: the server asks for a password (a random one, made once and
+kept in ``redis.conf`` in the state directory, mode 0600, read by redis-server as its
+config file, so it never shows on a command line), the directory is 0700 and the
+server runs with umask 077, so its AOF, log and pidfile are 0600: another user of the
+device can neither connect nor read the threads off the disk. The URL with the
+password is in ``redis.url`` (0600) while the server runs, for whoever may read it
+(the tests, an operator); what ``run`` prints redacts the password.
+
 :func:`device_id` is the device's identity in the sync protocol: the configured one,
 else one generated on first use and kept in ``<home>/state/device-id``.
 """
@@ -75,7 +83,7 @@ from typing import Any, Literal
 
 import redis
 
-from edgebundle.config import Settings
+from edgebundle.config import Settings, redact_url
 from edgebundle.errors import RedisError
 from edgebundle.sync import keys
 
@@ -128,7 +136,28 @@ class LocalRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL to connect with, password included (print :attr:`shown_url`)."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        """:attr:`url` with the password redacted."""
+        return redact_url(self.url)
+
+    @property
+    def config_file(self) -> Path:
+        """redis-server's config file: the password (``requirepass``), mode 0600."""
+        return self.directory / "redis.conf"
+
+    @property
+    def url_file(self) -> Path:
+        """The URL with the password, mode 0600, while the server runs."""
+        return self.directory / "redis.url"
+
+    @property
+    def password(self) -> str:
+        """The server's password: made once, kept in :attr:`config_file`."""
+        return self._secure_config()
 
     @property
     def pid(self) -> int | None:
@@ -149,10 +178,32 @@ class LocalRedis:
         """Whether a redis-server binary is on PATH."""
         return shutil.which("redis-server") is not None
 
+    def _secure_config(self) -> str:
+        """The directory 0700 with its files 0600, and the config file with the
+        password (made now if there is none yet); the password."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private(self.directory)
+        try:
+            for line in self.config_file.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "requirepass" and value:
+                    return value
+        except FileNotFoundError:
+            pass
+        password = secrets.token_hex(24)
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("# written by edgebundle run: the private redis-server's password\n"
+                      f"requirepass {password}\n")
+        return password
+
     def command(self, binary: str, port: int) -> list[str]:
-        """The redis-server command line for this directory on ``port``."""
+        """The redis-server command line for this directory on ``port`` (its config
+        file, with the password, is written first if it is not there yet)."""
+        self._secure_config()
         return [
             binary,
+            str(self.config_file),  # first: redis-server reads it as its config file
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--protected-mode", "yes",
@@ -172,7 +223,7 @@ class LocalRedis:
                 "redis-server is not installed and no --redis-url was given: install it "
                 "(./install.sh --with-redis, or apt install redis-server) or pass --redis-url"
             )
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._secure_config()
         self._stop_a_leftover(Path(binary).name)
         log = self.directory / "redis.log"
         self.port = _free_port()
@@ -182,7 +233,8 @@ class LocalRedis:
             self.process = subprocess.Popen(self.command(binary, self.port),
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_dies_with_parent())
+                                            preexec_fn=_dies_with_parent(),
+                                            umask=0o077)  # its files: 0600 (module doc)
         except OSError as exc:
             raise RedisError(f"cannot start {binary} ({exc.strerror or exc}): install "
                              "redis-server or pass --redis-url") from None
@@ -199,6 +251,7 @@ class LocalRedis:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     self.portfile.write_text(f"{self.port}\n")
+                    _write_private(self.url_file, self.url + "\n")
                     return self
             except OSError:
                 time.sleep(0.02)
@@ -215,7 +268,7 @@ class LocalRedis:
         pidfd = _open_pidfd(pid)  # before the proof: then it can only be the proven one
         try:
             owner = owner_of(pid, self.directory, _read_int(self.portfile), names=(name,),
-                             procfs=self.procfs)
+                             procfs=self.procfs, password=self.password)
             if owner == "unknown":
                 raise RedisError(
                     f"a process (pid {pid}) named in {self.pidfile} may be a redis-server "
@@ -243,14 +296,16 @@ class LocalRedis:
                 process.kill()
                 process.wait()
         self.portfile.unlink(missing_ok=True)
+        self.url_file.unlink(missing_ok=True)
 
 
 def owner_of(pid: int, directory: Path, port: int | None, *, names: tuple[str, ...] = (),
-             procfs: bool = PROCFS) -> Owner:
+             procfs: bool = PROCFS, password: str | None = None) -> Owner:
     """Whose is live ``pid`` (read from ``directory``'s pidfile): "ours" only when it is
     proven to be a redis-server on ``directory`` (module docstring); ``port`` is where
     it was recorded to listen, ``names`` more names its binary may have than
-    redis-server, ``procfs`` whether to ask ``/proc`` first."""
+    redis-server, ``procfs`` whether to ask ``/proc`` first, ``password`` what the
+    server asks for (a leftover of an older version asks for none)."""
     if procfs:
         owner = _owner_in_proc(pid, directory, ("redis-server", *names))
         if owner != "unknown":
@@ -262,7 +317,8 @@ def owner_of(pid: int, directory: Path, port: int | None, *, names: tuple[str, .
             return "gone"
         except PermissionError:
             return "other"  # another user's: no `run` of ours started it
-    if port is not None and _server_says_ours(pid, port, directory):
+    if port is not None and any(_server_says_ours(pid, port, directory, secret)
+                                for secret in dict.fromkeys((password, None))):
         return "ours"
     return "unknown"
 
@@ -284,9 +340,9 @@ def _owner_in_proc(pid: int, directory: Path, names: tuple[str, ...]) -> Owner:
     return "ours" if cwd == directory.resolve() else "other"
 
 
-def _server_says_ours(pid: int, port: int, directory: Path) -> bool:
+def _server_says_ours(pid: int, port: int, directory: Path, password: str | None) -> bool:
     """Whether the Redis on 127.0.0.1:``port`` is process ``pid`` serving ``directory``."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2,
+    client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2,
                          socket_connect_timeout=2, decode_responses=True)
     try:
         info: dict[str, Any] = client.info("server")
@@ -351,6 +407,24 @@ def _open_pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
+
+
+def _private(directory: Path) -> None:
+    """``directory`` 0700 and what is in it 0600 (0700 for directories): files an
+    older version left readable by all (the AOF holds every thread) are closed too."""
+    directory.chmod(0o700)
+    for path in directory.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600 from the start)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
 
 
 def _read_int(path: Path) -> int | None:

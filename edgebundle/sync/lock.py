@@ -58,8 +58,9 @@ from edgebundle.sync.backend import (
     raise_for,
 )
 from edgebundle.sync.lua import Function
-from edgebundle.sync.models import Message, Run, dumps
+from edgebundle.sync.models import Message, Run, SyncState, dumps
 from edgebundle.sync.runs import RunTicket
+from edgebundle.sync.store import ThreadStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +104,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
                     "withdrawn: retry later", active_run=None,
                     retry_after=backend.settings.retry_after)
             wait = max(min(wait, left), _MIN_WAIT)
-        await backend.redis.blpop([wakeup], timeout=min(wait, BLOCK_SLICE))
+        await backend.blocking.blpop([wakeup], timeout=min(wait, BLOCK_SLICE))
 
 
 class RunLease:
@@ -251,6 +252,14 @@ class RunLease:
         """One fenced write, sent again through a Redis outage while the lease lasts
         (the functions make a repeat harmless); then the driver's error is raised."""
         return await self.ride_out(lambda: self._call(function, *args))
+
+    async def thread(self) -> SyncState:
+        """The whole thread, read from the store this run lives on (through an outage
+        while the lease lasts): on a device with a local store, the thread's router may
+        still point at the local copy while the link heals, when this run holds the
+        thread on the central store."""
+        store = ThreadStore(self._backend)
+        return await self.ride_out(lambda: store.sync(self.run.thread_id, None, 0))
 
     async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, made again through a Redis outage for as long as this lease

@@ -70,7 +70,14 @@ from edgebundle.errors import (
 from edgebundle.sync import keys
 from edgebundle.sync.client import Client
 from edgebundle.sync.models import Message, Run, SyncState, dumps
-from edgebundle.sync.service import RunEvent, RunLease, RunTicket, SyncService, SyncSettings
+from edgebundle.sync.service import (
+    RunEvent,
+    RunLease,
+    RunTicket,
+    SyncService,
+    SyncSettings,
+    ThreadSize,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,6 +171,9 @@ class DeviceSync:
 
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
         return await self._call(thread_id, lambda store: store.sync(thread_id, epoch, since))
+
+    async def size(self, thread_id: str) -> ThreadSize:
+        return await self._call(thread_id, lambda store: store.size(thread_id))
 
     async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
                    mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False) -> SyncState:
@@ -280,7 +290,7 @@ class DeviceSync:
         for store in (self._central, self.local):
             if store is not None:
                 with contextlib.suppress(Exception):
-                    await store.redis.aclose()
+                    await store.aclose()
 
     # -- routing -----------------------------------------------------------------------
 

@@ -41,9 +41,10 @@ from edgebundle.sync.events import RunEvent, follow
 from edgebundle.sync.lock import RunLease, acquire
 from edgebundle.sync.models import Run, SyncState
 from edgebundle.sync.runs import RunStore, RunTicket
-from edgebundle.sync.store import ThreadStore
+from edgebundle.sync.store import ThreadSize, ThreadStore
 
-__all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings", "ThreadSync"]
+__all__ = ["RunEvent", "RunLease", "RunTicket", "SyncService", "SyncSettings", "ThreadSize",
+           "ThreadSync"]
 
 T = TypeVar("T")
 
@@ -92,6 +93,8 @@ class ThreadSync(Protocol):
 
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState: ...
 
+    async def size(self, thread_id: str) -> ThreadSize: ...
+
     def watch(self, thread_id: str, epoch: str | None, since: int,
               interval: float = 0.25) -> AsyncIterator[SyncState]: ...
 
@@ -115,7 +118,12 @@ class ThreadSync(Protocol):
 
 
 class SyncService:
-    def __init__(self, redis: Client, *, session_ttl: int = 1800, lease_ms: int = 30000,
+    """The sync core over ``redis``; ``blocking``: a client of its own for the blocking
+    reads of readers and queued runs (see :class:`~edgebundle.sync.backend.Backend`),
+    default ``redis``. :meth:`aclose` closes both."""
+
+    def __init__(self, redis: Client, *, blocking: Client | None = None,
+                 session_ttl: int = 1800, lease_ms: int = 30000,
                  renew_ms: int = 10000, delta_batch_ms: int = 20, delta_batch_chars: int = 256,
                  retry_after: int = 3) -> None:
         self.settings = SyncSettings(
@@ -124,9 +132,16 @@ class SyncService:
             retry_after=retry_after,
         )
         self.redis = redis
-        self._backend = Backend(redis, self.settings)
+        self._blocking = blocking
+        self._backend = Backend(redis, self.settings, blocking)
         self._threads = ThreadStore(self._backend)
         self._runs = RunStore(self._backend)
+
+    async def aclose(self) -> None:
+        """Close the client(s)."""
+        await self.redis.aclose()
+        if self._blocking is not None and self._blocking is not self.redis:
+            await self._blocking.aclose()
 
     async def create_thread(self, thread_id: str | None = None) -> SyncState:
         """Create a thread (a random id if none), or join an existing one: its full state."""
@@ -137,6 +152,11 @@ class SyncService:
         (every message, tombstones too, ``full=True``) if the epoch differs or ``since``
         cannot be diffed. ThreadNotFoundError if the thread is gone (expired)."""
         return await _checked(self._threads.sync(thread_id, epoch, since))
+
+    async def size(self, thread_id: str) -> ThreadSize:
+        """How many messages the thread holds and runs wait in its queue (zeros if it
+        does not exist): what the gateway's caps count."""
+        return await _checked(self._threads.size(thread_id))
 
     def watch(self, thread_id: str, epoch: str | None, since: int,
               interval: float = 0.25) -> AsyncIterator[SyncState]:

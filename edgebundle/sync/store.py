@@ -23,7 +23,7 @@ import asyncio
 import math
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgebundle.errors import MutationGapError, UsageError
 from edgebundle.sync import keys
@@ -32,6 +32,11 @@ from edgebundle.sync.models import MESSAGE_STATUSES, ROLES, SyncState, dumps
 
 OPS = ("put", "delete")
 MAX_MUTATION_ID = 2**53 - 1  # the largest whole number a JSON number (a double) holds exactly
+# The highest position a client may give a message. The push script places a message
+# at its position and the next new ones after it (floor + 1), in Lua numbers (doubles):
+# far below 2**53 each + 1 still counts, where 1e300 + 1 == 1e300 would give every later
+# message the same position (the thread's order flattened).
+MAX_POSITION = 2**40
 
 
 def new_epoch() -> str:
@@ -42,6 +47,13 @@ def check_since(since: int) -> int:
     if not isinstance(since, int) or isinstance(since, bool) or since < 0:
         raise UsageError(f"since must be a version (a whole number >= 0), not {since!r}")
     return since
+
+
+class ThreadSize(NamedTuple):
+    """What a thread holds: messages (tombstones too) and runs waiting in its queue."""
+
+    messages: int
+    queued_runs: int
 
 
 class ThreadStore:
@@ -64,6 +76,16 @@ class ThreadStore:
                                          epoch or "", check_since(since))
         raise_for(reply, thread_id)
         return parse_state(thread_id, reply[1:])
+
+    async def size(self, thread_id: str) -> ThreadSize:
+        """The thread's :class:`ThreadSize` (zeros for a thread that does not exist), in
+        one round trip of two O(1) reads (HLEN, LLEN), no script."""
+        keys.check_id("thread", thread_id)
+        async with self._backend.redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(keys.messages(thread_id))
+            pipe.llen(keys.queue(thread_id))
+            messages, queued = await pipe.execute()
+        return ThreadSize(int(messages), int(queued))
 
     async def watch(self, thread_id: str, epoch: str | None, since: int,
                     interval: float) -> AsyncIterator[SyncState]:
@@ -160,13 +182,15 @@ def _put_fields(mid: int, message: Mapping[str, Any]) -> dict[str, Any]:
             raise UsageError(f"mutation {mid}: status must be one of "
                              f"{', '.join(MESSAGE_STATUSES)}, not {status!r}")
         fields["status"] = status
-    for name in ("position", "created_at"):
+    for name, highest in (("position", MAX_POSITION), ("created_at", math.inf)):
         value = message.get(name)
         if value is None:
             continue
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
-                value) or value < 0:
-            raise UsageError(f"mutation {mid}: {name} must be a number >= 0, not {value!r}")
+                value) or not 0 <= value <= highest:
+            most = "" if highest == math.inf else f" and <= {highest}"
+            raise UsageError(f"mutation {mid}: {name} must be a number >= 0{most}, "
+                             f"not {value!r}")
         fields[name] = value
     run_id = message.get("run_id")
     if run_id is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,14 +114,16 @@ def sync_devices(redis_url: str | Sequence[str], model: Path, homes: Sequence[Pa
                  api_key: str | None = None, template: str = "llama-3-chat",
                  ids: Sequence[str] | None = None,
                  extra_args: Sequence[str] = (),
-                 device_args: Sequence[Sequence[str]] | None = None) -> Iterator[list[Device]]:
+                 device_args: Sequence[Sequence[str]] | None = None,
+                 env: Mapping[str, str] | None = None) -> Iterator[list[Device]]:
     """One healthy ``edgebundle run`` device per home (ids ``ids``, default dev0, dev1 …)
     on ``redis_url`` (or each on its own URL of a list), embedded runtime, with
-    ``extra_args`` and its own ``device_args``; each must stop with exit 0 afterwards."""
+    ``extra_args``, its own ``device_args`` and the environment ``env`` (settings such
+    as EDGEBUNDLE_MAX_STREAMS); each must stop with exit 0 afterwards."""
     names = list(ids) if ids is not None else [f"dev{index}" for index in range(len(homes))]
     own = list(device_args) if device_args is not None else [()] * len(homes)
     urls = [redis_url] * len(homes) if isinstance(redis_url, str) else list(redis_url)
-    env = {"EDGEBUNDLE_API_KEY": api_key} if api_key else {}
+    env = {**(env or {}), **({"EDGEBUNDLE_API_KEY": api_key} if api_key else {})}
     runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
                         "--template", template, "--redis-url", url,
                         "--device-id", name, *extra_args, *args], home=home, env=env)
@@ -131,10 +133,13 @@ def sync_devices(redis_url: str | Sequence[str], model: Path, homes: Sequence[Pa
 
 
 def local_store(device: Device) -> redis_py.Redis:
-    """The device's private local store (the URL its `run` printed)."""
-    url = re.search(r"local store for offline use: .* on (redis://\S+),", device.run.stderr())
-    assert url, device.run.stderr()
-    return redis_py.Redis.from_url(url.group(1), decode_responses=True)
+    """The device's private local store (its URL from the file `run`'s note names: the
+    note itself redacts the password)."""
+    where = re.search(r"local store for offline use: .*its URL with the password: (\S+)\)",
+                      device.run.stderr())
+    assert where, device.run.stderr()
+    url = Path(where.group(1)).read_text().strip()
+    return redis_py.Redis.from_url(url, decode_responses=True)
 
 
 def mirrored(device: Device, central: RedisServer, thread: str) -> bool:
