@@ -213,7 +213,9 @@ def test_a_client_that_walks_away_from_a_named_turn_leaves_it_running(
     if input_id is not None:
         body["input_id"] = input_id
     walk_away_mid_reply(a, body)
-    assert messages_of(b, tid)[1]["status"] == "in_progress"  # it left mid-reply
+    # It left mid-reply: a named turn goes on; an unnamed one may be stopped already.
+    left = messages_of(b, tid)[1]["status"]
+    assert left == "in_progress" if input_id else left in ("in_progress", "incomplete")
 
     def ended() -> bool:
         messages = messages_of(b, tid)

@@ -127,7 +127,7 @@ class RequestGuard:
         path: str = scope["path"]
         host = headers.get("host", "")
         if path not in HOST_EXEMPT and not self.settings.host_allowed(host_name(host)):
-            await _refuse(scope, receive, send, 400, "invalid_host",
+            await self._refuse_read(scope, receive, send, 400, "invalid_host",
                           f"the Host header {host!r} names no address of this gateway: use "
                           "localhost or 127.0.0.1, or add the name to the allowed_hosts "
                           "setting (EDGEBUNDLE_ALLOWED_HOSTS)")
@@ -137,7 +137,7 @@ class RequestGuard:
             return
         origin = headers.get("origin")
         if origin is not None and not self.settings.origin_allowed(origin, host):
-            await _refuse(scope, receive, send, 403, "forbidden_origin",
+            await self._refuse_read(scope, receive, send, 403, "forbidden_origin",
                           f"requests from the web origin {origin!r} are not allowed: only "
                           "this gateway's own page may call it from a browser, or add the "
                           "origin to the allowed_origins setting (EDGEBUNDLE_ALLOWED_ORIGINS)")
@@ -147,7 +147,7 @@ class RequestGuard:
             or "transfer-encoding" in headers
         content_type = headers.get("content-type")
         if (has_body or content_type is not None) and not _is_json(content_type or ""):
-            await _refuse(scope, receive, send, 415, "unsupported_media_type",
+            await self._refuse_read(scope, receive, send, 415, "unsupported_media_type",
                           f"the request body must be JSON sent as Content-Type: "
                           f"application/json, not {content_type or 'no Content-Type'}")
             return
@@ -170,6 +170,21 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(body), receive), send)
+
+    async def _refuse_read(self, scope: Scope, receive: Receive, send: Send, status: int,
+                           code: str, message: str) -> None:
+        """Refuse a request whose body (within the cap) is read first and dropped: a
+        server that closes with bytes still unread resets the connection, and the
+        client would get a broken connection instead of the answer."""
+        size = 0
+        while size <= self.settings.max_body_bytes:
+            received = await receive()
+            if received["type"] != "http.request":
+                return  # the client went away
+            size += len(received.get("body", b""))
+            if not received.get("more_body", False):
+                break
+        await _refuse(scope, receive, send, status, code, message)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _refuse(scope, receive, send, 413, "body_too_large",
