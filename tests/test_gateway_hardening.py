@@ -303,6 +303,22 @@ def capped(redis: RedisServer, model: Path,
         yield started
 
 
+def test_a_retried_turn_gets_its_run_even_when_it_filled_the_thread(capped: Device) -> None:
+    """The caps count what a request adds; a retry of a turn that started adds nothing."""
+    tid = new_thread(capped)["id"]
+    body = {"input": {"id": "fills-it", "content": "last one"}, "stream": False}
+    for _ in range(2):  # four messages, then a turn of two: the thread is full
+        capped.post(f"/v1/threads/{tid}/runs", {"input": {"content": "q"}, "stream": False})
+    first = capped.post(f"/v1/threads/{tid}/runs", body)
+    assert first.status_code == 200, first.text
+    again = capped.post(f"/v1/threads/{tid}/runs", body)  # its answer was lost: retried
+    assert again.status_code == 200, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    other = capped.post(f"/v1/threads/{tid}/runs", {"input": {"content": "more"}})
+    assert_sync_error(other, 409, "thread_full")
+
+
 def test_a_full_thread_takes_no_more_messages(capped: Device) -> None:
     thread = new_thread(capped)
     tid = thread["id"]

@@ -504,7 +504,7 @@ async def start_turn(runner: RunGenerator, thread_id: str,
     What ``POST /v1/threads/{id}/runs`` and chat completions with ``thread_id`` share.
     """
     sync = runner.sync
-    await check_room(runner, thread_id, request.content)
+    await check_room(runner, thread_id, request.content, request.input_id)
     epoch, since = request.epoch, request.since
     if epoch is None:  # a client new to the thread (curl): it gets the whole history
         epoch, since = (await sync.sync(thread_id, None, 0)).epoch, 0
@@ -518,16 +518,20 @@ async def start_turn(runner: RunGenerator, thread_id: str,
     return ticket, opening
 
 
-async def check_room(runner: RunGenerator, thread_id: str, content: str) -> None:
+async def check_room(runner: RunGenerator, thread_id: str, content: str,
+                     input_id: str | None = None) -> None:
     """Refuse a turn the caps leave no room for (edgebundle.gateway.limits): its input
     too large, this device at ``max_runs``, the thread full or its queue at
-    ``max_queued_runs``; before anything is written."""
+    ``max_queued_runs``; before anything is written. A retry of a turn that already
+    started a run adds nothing: it gets its run whatever the caps say."""
     limits = runner.limits
     check_content(limits, content, "input.content")
+    size = await runner.sync.size(thread_id, input_id)
+    if size.started:
+        return
     if runner.running >= limits.max_runs:
         raise busy("too_many_runs", f"this device has {runner.running} turns going, its cap "
                    "(max_runs): try again in a few seconds")
-    size = await runner.sync.size(thread_id)
     check_thread_room(limits, thread_id, size, 2)  # the input and the reply
     if size.queued_runs >= limits.max_queued_runs:
         raise busy("queue_full", f"thread {thread_id} has {size.queued_runs} runs waiting in "

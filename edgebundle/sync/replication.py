@@ -172,8 +172,8 @@ class DeviceSync:
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState:
         return await self._call(thread_id, lambda store: store.sync(thread_id, epoch, since))
 
-    async def size(self, thread_id: str) -> ThreadSize:
-        return await self._call(thread_id, lambda store: store.size(thread_id))
+    async def size(self, thread_id: str, input_id: str | None = None) -> ThreadSize:
+        return await self._call(thread_id, lambda store: store.size(thread_id, input_id))
 
     async def push(self, thread_id: str, device_id: str, epoch: str, since: int,
                    mutations: Sequence[Mapping[str, Any]], *, reseed: bool = False) -> SyncState:

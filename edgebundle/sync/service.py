@@ -93,7 +93,7 @@ class ThreadSync(Protocol):
 
     async def sync(self, thread_id: str, epoch: str | None, since: int) -> SyncState: ...
 
-    async def size(self, thread_id: str) -> ThreadSize: ...
+    async def size(self, thread_id: str, input_id: str | None = None) -> ThreadSize: ...
 
     def watch(self, thread_id: str, epoch: str | None, since: int,
               interval: float = 0.25) -> AsyncIterator[SyncState]: ...
@@ -153,10 +153,11 @@ class SyncService:
         cannot be diffed. ThreadNotFoundError if the thread is gone (expired)."""
         return await _checked(self._threads.sync(thread_id, epoch, since))
 
-    async def size(self, thread_id: str) -> ThreadSize:
+    async def size(self, thread_id: str, input_id: str | None = None) -> ThreadSize:
         """How many messages the thread holds and runs wait in its queue (zeros if it
-        does not exist): what the gateway's caps count."""
-        return await _checked(self._threads.size(thread_id))
+        does not exist), and whether ``input_id`` already started a run: what the
+        gateway's caps count."""
+        return await _checked(self._threads.size(thread_id, input_id))
 
     def watch(self, thread_id: str, epoch: str | None, since: int,
               interval: float = 0.25) -> AsyncIterator[SyncState]:

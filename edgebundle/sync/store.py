@@ -50,10 +50,12 @@ def check_since(since: int) -> int:
 
 
 class ThreadSize(NamedTuple):
-    """What a thread holds: messages (tombstones too) and runs waiting in its queue."""
+    """What a thread holds: messages (tombstones too) and runs waiting in its queue;
+    ``started``: the input id asked about already started a run (a retry adds nothing)."""
 
     messages: int
     queued_runs: int
+    started: bool = False
 
 
 class ThreadStore:
@@ -77,15 +79,18 @@ class ThreadStore:
         raise_for(reply, thread_id)
         return parse_state(thread_id, reply[1:])
 
-    async def size(self, thread_id: str) -> ThreadSize:
+    async def size(self, thread_id: str, input_id: str | None = None) -> ThreadSize:
         """The thread's :class:`ThreadSize` (zeros for a thread that does not exist), in
-        one round trip of two O(1) reads (HLEN, LLEN), no script."""
+        one round trip of O(1) reads (HLEN, LLEN, and HEXISTS for ``input_id``), no
+        script."""
         keys.check_id("thread", thread_id)
         async with self._backend.redis.pipeline(transaction=False) as pipe:
             pipe.hlen(keys.messages(thread_id))
             pipe.llen(keys.queue(thread_id))
-            messages, queued = await pipe.execute()
-        return ThreadSize(int(messages), int(queued))
+            if input_id is not None:
+                pipe.hexists(keys.turn_inputs(thread_id), input_id)
+            messages, queued, *started = await pipe.execute()
+        return ThreadSize(int(messages), int(queued), bool(started and started[0]))
 
     async def watch(self, thread_id: str, epoch: str | None, since: int,
                     interval: float) -> AsyncIterator[SyncState]:
