@@ -135,7 +135,8 @@ class DeviceSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._local_runs: set[str] = set()  # runs generated from the local store
         self._seen_cache: set[str] = set()  # threads known to be in the mirror set
-        self._dirty_cache: set[str] = set()  # the local store's dirty set, in memory
+        # Threads changed offline and not yet sent; written through to the local store.
+        self._dirty_cache: set[str] = set()
         # Per thread: held by a local write (and its marking the thread dirty) and by
         # whatever replaces the local copy, so a copy fetched before an offline write
         # never lands over it.
@@ -266,7 +267,7 @@ class DeviceSync:
 
     async def status(self) -> ReplicationStatus:
         pending, threads = 0, 0
-        for thread_id in await self._dirty():
+        for thread_id in sorted(self._dirty_cache):
             count = await self._pending_changes(thread_id)
             pending += count
             threads += 1
@@ -277,7 +278,8 @@ class DeviceSync:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._probe_forever()),
                        asyncio.create_task(self._replicate_forever())]
-        if await self._dirty():  # offline changes from before a restart
+        await self._load_dirty()
+        if self._dirty_cache:  # offline changes from before a restart
             self._link_back.set()
 
     async def close(self) -> None:
@@ -401,10 +403,11 @@ class DeviceSync:
         self._dirty_cache.add(thread_id)
         await self.local.redis.sadd(keys.replica_dirty(), thread_id)
 
-    async def _dirty(self) -> set[str]:
-        found = {str(member) for member in await self.local.redis.smembers(keys.replica_dirty())}
-        self._dirty_cache = set(found)
-        return found
+    async def _load_dirty(self) -> None:
+        """The dirty set as the local store kept it (across a restart of the device);
+        from then on the set in memory is the truth, written through on every change."""
+        members = await self.local.redis.smembers(keys.replica_dirty())
+        self._dirty_cache = {str(member) for member in members}
 
     async def _pending_changes(self, thread_id: str) -> int:
         mirrored = await self.local.redis.hget(keys.replica(thread_id), "local_version")
@@ -450,9 +453,9 @@ class DeviceSync:
             self._nudge.clear()
 
     async def _heal_all(self) -> None:
-        for thread_id in sorted(await self._dirty()):
+        for thread_id in sorted(self._dirty_cache):
             await self._heal(thread_id)
-        if not await self._dirty():
+        if not self._dirty_cache:
             self._online = True
             self._offline_since = self._failing_since = None
             self._link_back.clear()
@@ -460,7 +463,7 @@ class DeviceSync:
 
     async def _mirror_all(self) -> None:
         seen = {str(member) for member in await self.local.redis.smembers(keys.replica_threads())}
-        dirty = await self._dirty()
+        dirty = set(self._dirty_cache)
         for thread_id in sorted(seen - dirty):
             await self._mirror(thread_id)
 
