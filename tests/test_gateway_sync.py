@@ -365,7 +365,8 @@ def test_stopping_run_mid_turn_ends_the_run_in_redis_and_the_next_start_continue
         run.wait_healthy()
         http = httpx.Client(base_url=run.base_url, timeout=30)
         assert http.post("/v1/threads", json={"id": "t1"}).status_code == 201
-        body = {"input": {"content": "hi"}, "params": {"max_tokens": 1000}}  # ~2 s at most
+        # ~12 s at most: far longer than the stop's grace, so the run cannot finish first
+        body = {"input": {"content": "hi"}, "params": {"max_tokens": 6000}}
         with http.stream("POST", "/v1/threads/t1/runs", json=body) as r:
             for event in read_sse(r):
                 if event["event"] == "message.delta":
