@@ -22,6 +22,7 @@ from tests.support.doctor_env import diagnose
 from tests.support.processes import free_port
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
+from tests.support.sync_proxy import ProxyProcess
 
 
 def test_reachable_redis_passes(home: Path, redis_server: RedisServer) -> None:
@@ -162,7 +163,9 @@ def test_as_a_provisioned_device_user_it_can_do_what_it_needs_and_nothing_more(
         assert checks["redis.permissions"].summary == (
             "user dev:kiosk-1 can do what the sync core and the agent need, and EVAL, "
             "FUNCTION LOAD, CONFIG, SCAN, PUBLISH, writes on another device's keys, writes "
-            "on the fleet's device set are refused")
+            "on the fleet's device set are refused; it may also write every thread's keys "
+            "directly (provision with --access proxied behind edgebundle fleet proxy so that "
+            "a stolen credential cannot)")
         assert creds.password not in json.dumps(diagnose(
             home, redis_url=creds.redis_url, online=True, central_redis=True).to_json())
 
@@ -184,6 +187,38 @@ def test_as_a_provisioned_device_user_it_can_do_what_it_needs_and_nothing_more(
             assert short["redis.permissions"].status == "fail"
             assert "FCALL_RO (the library's functions)" in short["redis.permissions"].summary
     finally:
+        server.stop()
+
+
+def test_a_proxied_device_user_is_checked_through_the_proxy(home: Path, tmp_path: Path) -> None:
+    """Through the sync proxy the device passes and is told its thread keys are
+    read-only; with the same credentials straight to Redis it fails, with the fix."""
+    server = RedisServer(tmp_path / "central", password=ADMIN, aclfile=True, aof=True).start()
+    proxy = ProxyProcess(server.url, tmp_path / "proxy")
+    try:
+        async def provision() -> acl.ProvisionResult:
+            admin = await connect(server.url)
+            try:
+                return await acl.provision(admin, "shops", ["kiosk-2"], base_url=proxy.url,
+                                           access="proxied")
+            finally:
+                await admin.aclose()
+        creds = asyncio.run(provision()).credentials[0]
+
+        checks = redis_checks_of(home, creds.redis_url, fleet="shops")
+        assert {i: c.status for i, c in checks.items()} == {
+            "redis.reachable": "ok", "redis.version": "ok", "redis.topology": "ok",
+            "redis.persistence": "skip", "redis.maxmemory_policy": "skip",
+            "redis.functions": "ok", "redis.permissions": "ok"}
+        assert checks["redis.permissions"].summary.endswith(
+            "thread keys are read-only for it (the sync proxy runs the functions)")
+
+        direct = redis_checks_of(home, acl.device_url(server.url, creds.user, creds.password),
+                                 fleet="shops")["redis.permissions"]
+        assert direct.status == "fail" and "provisioned for the sync proxy" in direct.summary
+        assert direct.fix and "edgebundle fleet proxy" in direct.fix
+    finally:
+        proxy.stop()
         server.stop()
 
 

@@ -49,6 +49,7 @@ from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
 from tests.support.sync import collect, new_thread_id, put, turn
+from tests.support.sync_proxy import ProxyProcess
 
 FLEET = "shops"
 ADMIN_PASSWORD = "admin-s3cret"
@@ -67,12 +68,37 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def acl_proxy(acl_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory,
+              ) -> Iterator[ProxyProcess]:
+    """The sync proxy (`edgebundle fleet proxy`) in front of ``acl_redis``, as the admin."""
+    proxy = ProxyProcess(acl_redis.url, tmp_path_factory.mktemp("proxy"))
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(params=acl.ACCESS_MODES)
+def access(request: pytest.FixtureRequest) -> str:
+    """Each device test runs with devices on Redis directly and through the sync proxy."""
+    return str(request.param)
+
+
+def device_base_url(server: RedisServer, access: str, request: pytest.FixtureRequest) -> str:
+    if access == "direct":
+        return server.url
+    return str(request.getfixturevalue("acl_proxy").url)
+
+
 async def provisioned(server: RedisServer, *device_ids: str,
-                      revoke: tuple[str, ...] = (), fleet: str = FLEET) -> acl.ProvisionResult:
+                      revoke: tuple[str, ...] = (), fleet: str = FLEET,
+                      access: str = "direct", base_url: str | None = None,
+                      ) -> acl.ProvisionResult:
     admin = await connect(server.url)
     try:
-        return await acl.provision(admin, fleet, device_ids, base_url=server.url,
-                                   revoke_ids=revoke)
+        return await acl.provision(admin, fleet, device_ids, base_url=base_url or server.url,
+                                   revoke_ids=revoke, access=access)
     finally:
         await admin.aclose()
 
@@ -290,15 +316,18 @@ def test_a_device_says_clearly_when_the_library_is_missing_until_an_admin_loads_
     asyncio.run(main())
 
 
-def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> None:
+def test_the_sync_core_runs_end_to_end_as_a_device(
+        acl_redis: RedisServer, access: str, request: pytest.FixtureRequest) -> None:
     """Every sync script (create, push, start, acquire, delta, renew, finish, cancel,
     read) and the direct reads (watch's HMGET, events' XRANGE/XREAD, acquire's BLPOP),
-    on two device users sharing one thread."""
+    on two device users sharing one thread (straight to Redis, or through the proxy)."""
+    base_url = device_base_url(acl_redis, access, request)
 
     async def main() -> None:
-        result = await provisioned(acl_redis, "phone", "laptop")
-        phone_redis = await connect(url_of(result, "phone"))
-        laptop_redis = await connect(url_of(result, "laptop"))
+        result = await provisioned(acl_redis, f"phone-{access}", f"laptop-{access}",
+                                   access=access, base_url=base_url)
+        phone_redis = await connect(url_of(result, f"phone-{access}"))
+        laptop_redis = await connect(url_of(result, f"laptop-{access}"))
         try:
             phone = SyncService(phone_redis, renew_ms=50, delta_batch_ms=0)
             laptop = SyncService(laptop_redis)
@@ -350,12 +379,15 @@ def test_the_sync_core_runs_end_to_end_as_a_device(acl_redis: RedisServer) -> No
 
 
 def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
-        acl_redis: RedisServer, tmp_path: Path) -> None:
+        acl_redis: RedisServer, tmp_path: Path, access: str,
+        request: pytest.FixtureRequest) -> None:
     """The real `edgebundle agent` under its device user (register, heartbeat, nudge,
     desired, reconcile, report) and the controller as the admin: a revision rolls out to
     the device provisioning put in the fleet, and the server ran no EVAL at all."""
-    fleet = "roll-out"  # a fleet of its own on the module's server
-    result = asyncio.run(provisioned(acl_redis, "kiosk-20", fleet=fleet))
+    fleet = f"roll-out-{access}"  # a fleet of its own on the module's server
+    device = f"kiosk-20-{access}"
+    result = asyncio.run(provisioned(acl_redis, device, fleet=fleet, access=access,
+                                     base_url=device_base_url(acl_redis, access, request)))
     model = write_scripted_model(tmp_path / "m.gguf", ScriptedModelSpec(reply="Hi."))
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     manifest = {"apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": fleet},
@@ -366,19 +398,19 @@ def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
                                      "health": {"window": 0}}}}
     with redis_py.Redis(port=acl_redis.port, password=ADMIN_PASSWORD) as stats:
         stats.config_resetstat()
-    agent = AgentProcess(tmp_path / "home", "kiosk-20", url_of(result, "kiosk-20"),
+    agent = AgentProcess(tmp_path / "home", device, url_of(result, device),
                          "--fleet", fleet)  # the last --fleet wins
     try:
         async def roll_out() -> controller.TickSummary:
             admin = await connect(acl_redis.url)
             try:
-                while not await admin.exists(keys.heartbeat("kiosk-20")):
+                while not await admin.exists(keys.heartbeat(device)):
                     assert agent.proc.poll() is None, agent.stderr()
                     await asyncio.sleep(0.1)
                 await controller.apply(admin, manifest)
                 ctl = controller.Controller(admin, fleet)
                 summary = await ctl.tick()
-                assert "kiosk-20" in summary.moved, summary
+                assert device in summary.moved, summary
                 for _ in range(600):
                     summary = await ctl.tick()
                     if summary.status == "complete":
@@ -400,12 +432,13 @@ def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
 
 
 def test_two_edgebundle_run_devices_share_a_thread_under_their_own_users(
-    acl_redis: RedisServer, tmp_path: Path,
+    acl_redis: RedisServer, tmp_path: Path, access: str, request: pytest.FixtureRequest,
 ) -> None:
     """The real gateways (`edgebundle run`, sync on, real llama.cpp inference on the
     scripted model) work under the device users: a turn on one, the next on the other,
     the other's watch; no NOPERM and no password in their logs."""
-    result = asyncio.run(provisioned(acl_redis, "till-1", "till-2"))
+    result = asyncio.run(provisioned(acl_redis, "till-1", "till-2", access=access,
+                                     base_url=device_base_url(acl_redis, access, request)))
     model = endless_model(tmp_path / "models")
     runs = [RunProcess(["--runtime", "embedded", "--no-preflight", "--model", str(model),
                         "--template", "llama-3-chat", "--device-id", creds.device_id],

@@ -15,6 +15,8 @@ usage, 1 for the rest).
 file only its owner can read; passwords reach stdout only with ``--json``. ``fleet
 load-functions`` loads this version's Redis functions (:mod:`edgebundle.sync.lua`),
 which provisioned devices call but may not load: run it as an admin after upgrading.
+``fleet proxy`` is the sync proxy (:mod:`edgebundle.fleet.proxy`) that devices
+provisioned with ``--access proxied`` connect through.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ from redis.exceptions import NoPermissionError
 from rich.console import Console
 from rich.table import Table
 
-from edgebundle.config import load_settings
+from edgebundle.config import load_settings, redact_url
 from edgebundle.errors import ConfigError, RedisError, UsageError
 from edgebundle.fleet import controller
-from edgebundle.fleet.acl import default_credentials_path, provision_fleet, read_device_ids
+from edgebundle.fleet.acl import (
+    ACCESS_MODES,
+    default_credentials_path,
+    provision_fleet,
+    read_device_ids,
+)
 from edgebundle.fleet.manifest import load_manifest as validated_manifest
 from edgebundle.fleet.manifest import validate_files
+from edgebundle.fleet.proxy import SyncProxy, parse_listen, server_tls
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 
@@ -276,14 +284,18 @@ def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
               help="The central Redis, as a user allowed to manage ACL users.")
 @click.option("--device-url", metavar="URL",
               help="The Redis address devices use (default: --redis-url's host, port, db).")
+@click.option("--access", type=click.Choice(ACCESS_MODES), default="direct", show_default=True,
+              help="proxied: devices reach Redis through `edgebundle fleet proxy` (pass its "
+                   "address as --device-url) and may only read threads directly.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the credentials (passwords included) as JSON.")
 @click.pass_context
 def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
               devices_from: Path | None, revoke: tuple[str, ...], out: Path | None,
-              redis_url: str | None, device_url: str | None, as_json: bool) -> None:
+              redis_url: str | None, device_url: str | None, access: str,
+              as_json: bool) -> None:
     """One Redis ACL user per device (its own keys, the fleet's state, the sync keys,
-    FCALL), and the device in the fleet."""
+    FCALL unless proxied), and the device in the fleet."""
     settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
     if not settings.redis_url:
         raise UsageError("no Redis to provision: pass --redis-url URL (an admin user) "
@@ -292,9 +304,10 @@ def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
     path = out or default_credentials_path(settings.home, name)
     result, document = asyncio.run(provision_fleet(
         settings.redis_url, name, device_ids, out=path, base_url=device_url,
-        revoke_ids=revoke))
+        revoke_ids=revoke, access=access))
     if as_json:
         click.echo(json.dumps({"fleet": name, "file": str(path), "persisted": result.persisted,
+                               "access": result.access,
                                "provisioned": [c.to_json() for c in result.credentials],
                                "revoked": result.revoked}, indent=2))
     else:
@@ -309,6 +322,42 @@ def provision(ctx: click.Context, name: str, devices: tuple[str, ...],
         click.echo("edgebundle: warning: Redis keeps these users in memory only; give it an "
                    "aclfile (redis.conf: aclfile /etc/redis/users.acl) so they survive a "
                    "restart, then provision again", err=True)
+
+
+@fleet.command("proxy")
+@click.option("--redis-url", metavar="URL",
+              help="The central Redis, as the user that runs the sync functions for devices.")
+@click.option("--listen", default="127.0.0.1:6390", show_default=True, metavar="HOST:PORT",
+              help="Where devices connect (a cluster: one port per node from PORT up).")
+@click.option("--advertise", metavar="HOST",
+              help="The host devices reach the proxy at (cluster redirections name it; "
+                   "default: the --listen host).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="Serve devices over TLS (rediss://) with this certificate chain ...")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="... and this private key.")
+@click.pass_context
+def proxy_cmd(ctx: click.Context, redis_url: str | None, listen: str, advertise: str | None,
+              tls_cert: str | None, tls_key: str | None) -> None:
+    """The sync proxy: devices provisioned with --access proxied connect here; it runs
+    the sync functions for them, so their own Redis users can only read threads."""
+    settings = load_settings({"home": (ctx.obj or {}).get("home"), "redis_url": redis_url})
+    upstream = settings.redis_url
+    if not upstream:
+        raise UsageError("no Redis to proxy: pass --redis-url URL or set EDGEBUNDLE_REDIS_URL")
+    host, port = parse_listen(listen)
+    server = SyncProxy(upstream, host=host, port=port, advertise=advertise,
+                       tls=server_tls(tls_cert, tls_key))
+
+    def ready(ports: list[int]) -> None:
+        shown = ", ".join(str(p) for p in ports)
+        click.echo(f"edgebundle: sync proxy for {redact_url(upstream)} listening on "
+                   f"{host} port(s) {shown}", err=True)
+
+    try:
+        asyncio.run(server.serve_forever(ready))
+    except KeyboardInterrupt:
+        pass
 
 
 @fleet.command("load-functions")

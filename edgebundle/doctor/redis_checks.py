@@ -24,7 +24,10 @@ a cluster: on every primary):
   nothing more. Probed only with commands that change nothing whatever the answer:
   reads, PEXPIRE/SREM/PUBLISH on keys, members and channels that do not exist, EVAL of
   ``return 1``, FUNCTION LOAD of a library with no function (refused either way),
-  CONFIG GET, SCAN of one key. A device user (``fleet provision``) passes; a user that
+  CONFIG GET, SCAN of one key. A device user (``fleet provision``) passes, and the
+  detail says whether it may write threads itself (``--access direct``) or only
+  through the sync proxy (``proxied``: such a user connecting to Redis directly
+  fails, with the fix); a user that
   may also run EVAL, CONFIG, SCAN or write another device's keys is a warning (fine
   for a private Redis, not for a central one); one that lacks what is needed fails.
   Refused probes are what an ACL LOG records: a device's doctor adds a few entries.
@@ -440,8 +443,8 @@ def _permissions(server: Server, settings: Settings) -> CheckResult:
                     ("FCALL_RO", lua.function_name("version"), 0)),
               Probe("HMGET on a thread's keys (watch)", ("HMGET", sync_keys.meta(probe_id), "v")),
               Probe("XRANGE on a run's events", ("XRANGE", sync_keys.run_events(
-                  probe_id, "r1"), "-", "+", "COUNT", 1)),
-              Probe("writes on a thread's keys", ("PEXPIRE", sync_keys.meta(probe_id), 1))]
+                  probe_id, "r1"), "-", "+", "COUNT", 1))]
+    thread_writes = Probe("writes on a thread's keys", ("PEXPIRE", sync_keys.meta(probe_id), 1))
     extra = [Probe("EVAL", ("EVAL", "return 1", 0)),
              Probe("FUNCTION LOAD", ("FUNCTION", "LOAD", "#!lua name=doctor_probe\n")),
              Probe("CONFIG", ("CONFIG", "GET", "maxmemory")),
@@ -460,6 +463,13 @@ def _permissions(server: Server, settings: Settings) -> CheckResult:
                         ("SREM", fleet_keys.fleet_devices(settings.fleet), probe_id))]
     refused = [probe.what for probe in needed if not _runs(server.client, probe)]
     allowed = [probe.what for probe in extra if _runs(server.client, probe)]
+    direct = _runs(server.client, thread_writes)  # else proxied: the proxy runs the functions
+    if refused == [needed[0].what] and not direct:
+        return fail(PERMISSIONS, f"user {server.user} is provisioned for the sync proxy "
+                                 "(--access proxied) but connects to Redis directly, where "
+                                 "it may not run the sync functions",
+                    "use the credentials' redis_url, which names the proxy (edgebundle fleet "
+                    "proxy), or provision the device again with --access direct")
     if refused:
         return fail(PERMISSIONS, f"user {server.user} may not run what the sync core and the "
                                  f"agent need: {', '.join(refused)}",
@@ -471,8 +481,13 @@ def _permissions(server: Server, settings: Settings) -> CheckResult:
                                  "of a device could block or wipe this Redis",
                     "give every device its own user: edgebundle fleet provision FLEET "
                     "--device ID (fine as it is for a private Redis)")
+    access = ("thread keys are read-only for it (the sync proxy runs the functions)"
+              if not direct else
+              "it may also write every thread's keys directly (provision with --access "
+              "proxied behind edgebundle fleet proxy so that a stolen credential cannot)")
     return ok(PERMISSIONS, f"user {server.user} can do what the sync core and the agent need, "
-                           f"and {', '.join(probe.what for probe in extra)} are refused")
+                           f"and {', '.join(probe.what for probe in extra)} are refused; "
+                           f"{access}")
 
 
 def _runs(client: redis.Redis, probe: Probe) -> bool:

@@ -22,11 +22,20 @@ what the device's own code runs):
 
 Nothing else: no KEYS, SCAN, FLUSH*, CONFIG, DEBUG, ACL, MONITOR, SHUTDOWN, CLIENT
 KILL, PUBLISH (key patterns do not limit KEYS/SCAN/FLUSH*, so they are never granted).
-Redis checks the commands a function runs against the caller's user, keys included.
-That is also the limit of this fence: a command a function needs on a thread's keys
-(HSET, DEL, XADD …) is one the device may also send directly, so a stolen device
-credential can still read, change or delete any thread (threads are shared); it
-cannot reach other devices' keys, the fleet's state or membership, or the server.
+
+Two kinds of access (``access``), because Redis checks the commands a function runs
+against the *caller's* user, keys included:
+
+- ``direct``: the device connects to Redis itself and calls the functions, so its user
+  also holds what they run on a thread's keys (HSET, DEL, XADD …), and a stolen device
+  credential can read, change or delete any thread with plain commands (it still cannot
+  reach other devices' keys, the fleet's state or membership, or the server);
+- ``proxied``: the device connects through the sync proxy
+  (:mod:`edgebundle.fleet.proxy`), which runs the sync functions under its own user.
+  The device's user has no FCALL and reads thread keys only (``%R~``), plus BLPOP on
+  the run wake-up lists; a stolen credential changes a thread only through the sync
+  functions, the way any device may. Connecting to Redis directly with it gains
+  nothing more.
 
 :func:`provision` also loads the library (``FUNCTION LOAD``, on every primary of a
 cluster), which devices may not do themselves. Re-provisioning a device rotates its
@@ -80,9 +89,12 @@ DEVICE_COMMANDS = ("get", "set", "del", "exists", "expire", "pexpire", "ttl", "p
                    "multi", "exec", "discard")
 # What the agent reads of the fleet (revisions hash, rollout, paused flag).
 FLEET_READ_COMMANDS = ("get", "exists", "hget", "hgetall", "hmget", "hexists", "hkeys", "hlen")
-# The sync core outside its functions (watch, run events, waiting for a turn), and the
-# functions themselves (FCALL; FCALL_RO for the library's version).
-SYNC_DIRECT_COMMANDS = ("hmget", "xrange", "xread", "blpop")
+# The sync core outside its functions (watch, a thread's size before a turn, run
+# events, waiting for a turn), and the functions themselves (FCALL; FCALL_RO for the
+# library's version).
+SYNC_DIRECT_COMMANDS = ("hmget", "hlen", "llen", "hexists", "xrange", "xread", "blpop")
+RUN_WAKEUP_PATTERN = f"{SYNC_KEY_PATTERN}}}:run:*:go"  # BLPOPed by a queued run's acquire
+ACCESS_MODES = ("direct", "proxied")
 FUNCTION_COMMANDS = ("fcall", "fcall_ro")
 PUBSUB_COMMANDS = ("subscribe", "unsubscribe")
 
@@ -98,15 +110,21 @@ def user_name(device_id: str) -> str:
     return USER_PREFIX + sync_keys.check_id("device", device_id)
 
 
-def device_rules(fleet: str, device_id: str) -> list[str]:
+def device_rules(fleet: str, device_id: str, access: str = "direct") -> list[str]:
     """The ACL SETUSER rules of a device's user (everything but its password)."""
-    commands = sorted({*CONNECTION_COMMANDS, *DEVICE_COMMANDS, *FLEET_READ_COMMANDS,
-                       *SYNC_DIRECT_COMMANDS, *FUNCTION_COMMANDS, *PUBSUB_COMMANDS,
-                       *sync_function_commands()})
+    if access not in ACCESS_MODES:
+        raise UsageError(f"unknown access {access!r}: use {' or '.join(ACCESS_MODES)}")
+    commands = {*CONNECTION_COMMANDS, *DEVICE_COMMANDS, *FLEET_READ_COMMANDS,
+                *SYNC_DIRECT_COMMANDS, *PUBSUB_COMMANDS}
+    if access == "direct":
+        commands |= {*FUNCTION_COMMANDS, *sync_function_commands()}
+        thread_keys = [f"~{SYNC_KEY_PATTERN}"]
+    else:  # the proxy runs the functions; the device reads, and takes its wake-ups
+        thread_keys = [f"%R~{SYNC_KEY_PATTERN}", f"~{RUN_WAKEUP_PATTERN}"]
     return [
-        "-@all", *(f"+{command}" for command in commands),
+        "-@all", *(f"+{command}" for command in sorted(commands)),
         f"~{keys.device_prefix(device_id)}*",
-        f"~{SYNC_KEY_PATTERN}",
+        *thread_keys,
         f"%R~{keys.revisions(fleet)}",
         f"%R~{keys.rollout(fleet)}",
         f"%R~{keys.paused(fleet)}",
@@ -132,6 +150,7 @@ class ProvisionResult:
     revoked: list[str]  # device ids whose user existed and was deleted
     persisted: bool  # saved to the server's aclfile (False: in memory until a restart)
     library: str = lua.LIBRARY  # the Redis functions library loaded for the devices
+    access: str = "direct"  # direct to Redis, or proxied (through the sync proxy)
 
 
 def device_url(base_url: str, user: str, password: str) -> str:
@@ -188,16 +207,18 @@ def _counts(reply: Any) -> list[int]:
 
 
 async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, base_url: str,
-                    revoke_ids: Iterable[str] = ()) -> ProvisionResult:
+                    revoke_ids: Iterable[str] = (), access: str = "direct") -> ProvisionResult:
     """Create (or rotate) one ACL user per device and add it to the fleet's device set;
     delete the users of ``revoke_ids`` and take them out of the set. Loads the Redis
     functions library first (devices may only call it).
 
     ``redis`` is an admin connection; ``base_url`` is the Redis address the devices use
-    (their credentials are put in it). Idempotent: running it again gives the same
-    users, rules and members with new passwords.
+    (their credentials are put in it): with ``access="proxied"``, the sync proxy's.
+    Idempotent: running it again gives the same users, rules and members with new
+    passwords.
     """
     sync_keys.check_id("fleet", fleet)
+    device_rules(fleet, "probe", access)  # an unknown access fails before any change
     wanted = [sync_keys.check_id("device", d) for d in dict.fromkeys(device_ids)]
     unwanted = [sync_keys.check_id("device", d) for d in dict.fromkeys(revoke_ids)]
     both = sorted(set(wanted) & set(unwanted))
@@ -217,7 +238,7 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
         try:
             # reset first: the rules and password below are all the user has, in one step
             await _acl(redis, "SETUSER", user, "reset", "on", f">{password}",
-                       *device_rules(fleet, device_id))
+                       *device_rules(fleet, device_id, access))
         except _RedisPyError as exc:
             raise _refused(exc, password) from None
         credentials.append(DeviceCredentials(device_id, user, password, url))
@@ -233,7 +254,7 @@ async def provision(redis: Client, fleet: str, device_ids: Iterable[str], *, bas
         persisted = await _save(redis)
     except _RedisPyError as exc:
         raise _refused(exc) from None
-    return ProvisionResult(fleet, credentials, revoked, persisted)
+    return ProvisionResult(fleet, credentials, revoked, persisted, access=access)
 
 
 def read_device_ids(path: Path) -> list[str]:
@@ -305,7 +326,8 @@ def default_credentials_path(home: Path, fleet: str) -> Path:
 
 async def provision_fleet(admin_url: str, fleet: str, device_ids: Sequence[str], *,
                           out: Path, base_url: str | None = None,
-                          revoke_ids: Sequence[str] = ()) -> tuple[ProvisionResult, dict[str, Any]]:
+                          revoke_ids: Sequence[str] = (), access: str = "direct",
+                          ) -> tuple[ProvisionResult, dict[str, Any]]:
     """Connect as admin, provision/revoke, write the credentials file: the result and file."""
     if not device_ids and not revoke_ids:
         raise UsageError("no devices: pass --device ID (repeatable), --devices-from FILE "
@@ -313,7 +335,7 @@ async def provision_fleet(admin_url: str, fleet: str, device_ids: Sequence[str],
     redis = await connect(admin_url)
     try:
         result = await provision(redis, fleet, device_ids, base_url=base_url or admin_url,
-                                 revoke_ids=revoke_ids)
+                                 revoke_ids=revoke_ids, access=access)
     finally:
         await redis.aclose()
     if not result.credentials and not out.exists():
