@@ -177,7 +177,13 @@ class ChatService:
         cannot render.
         """
         if not fit_context or self.window is None:
-            async with aclosing(self._generate(self.render(messages), params)) as events:
+            prompt = self.render(messages)
+            if self.window is not None:
+                tokens = await asyncio.to_thread(self.window.over_limit, prompt)
+                if tokens is not None:
+                    yield Finished("prompt_too_long", Usage(input_tokens=tokens))
+                    return
+            async with aclosing(self._generate(prompt, params)) as events:
                 async for event in events:
                     yield event
             return

@@ -32,6 +32,10 @@ class Settings:
     template: str | None = None
     system_prompt: str | None = None
     ctx_size: int = 4096
+    # llama.cpp threads for generation and prompt batches, always sent to the plugin
+    # (genuine WasmEdge's default is 4 whatever the CPUs); 0 = the CPUs this process
+    # may use (host.usable_cpus: affinity and the cgroup's CPU quota).
+    threads: int = 0
     redis_url: str | None = None
     device_id: str | None = None
     api_key: str | None = None

@@ -314,6 +314,18 @@ class ContextWindow:
         return fit_window(messages, render, budget=budget, limit=limit, count=self.estimate,
                           bound=self.bound)
 
+    def over_limit(self, prompt: str) -> int | None:
+        """The token count of ``prompt`` when it is certainly more than the guest takes
+        (so it is refused before the guest sees it: genuine WasmEdge's plugin would log
+        the refusal on the guest's stdout), else None. Only an exact count decides."""
+        if self.counter is None:
+            return None
+        try:
+            tokens = self.counter(prompt)
+        except (ModelError, ImportError, OSError):
+            return None
+        return tokens if tokens > guest_limit(self.ctx_size) else None
+
     def learn(self, window: Window, input_tokens: int) -> None:
         """The guest counted ``input_tokens`` for the window's prompt (estimates learn)."""
         if self.counter is None:

@@ -369,7 +369,7 @@ class Engine:
     def _read(self, guest: _Guest) -> None:
         stdout = guest.proc.stdout
         assert stdout is not None
-        parser = protocol.GuestOutputParser()
+        parser = protocol.GuestOutputParser(self.spec.frame)
         fd = stdout.fileno()
         try:
             while data := os.read(fd, 65536):
@@ -383,13 +383,17 @@ class Engine:
                         pass
                     break
                 for event in events:
-                    if isinstance(event, protocol.Ready):
+                    if isinstance(event, protocol.Foreign):
+                        # the runtime's log (genuine WasmEdge's plugin logs to stdout)
+                        text = event.text.decode("utf-8", "replace")[:500]
+                        self._supervisor.note(f"runtime: {text}")
+                    elif isinstance(event, protocol.Ready):
                         guest.ready = True
                         self._supervisor.mark_ready()
                     elif isinstance(event, protocol.Fatal):
                         guest.fatal = event
                         self._supervisor.note(f"guest: FATAL {event.errno} {event.message}")
-                self._post(guest, events)
+                self._post(guest, [e for e in events if not isinstance(e, protocol.Foreign)])
         except OSError as exc:
             self._supervisor.note(f"reading the guest's stdout failed: {exc}")
         finally:

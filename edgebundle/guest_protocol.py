@@ -9,7 +9,17 @@ The guest (``wasm/edgechat/edgechat.c``) loads its model, says ``READY <graph>
     -> STOP\\n                                 ends the running request (reason cancelled)
 
 Everything is length-prefixed, so prompts and pieces may hold any bytes (a piece
-can be half of a UTF-8 character). This module has no I/O of its own: encode a
+can be half of a UTF-8 character).
+
+Framing. The guest shares stdout with its runtime, and genuine WasmEdge's WASI-NN
+plugin logs its errors there (``[<time>] [error] [WASI-NN] GGML backend: …``, for
+a prompt that is too long, bad metadata …), in the middle of the protocol; such a
+line may even quote a client's prompt. So each launch gives the guest a random token
+(``EDGECHAT_FRAME``, see :func:`new_frame`) and every line the guest writes starts
+with ``<token> ``. With a frame, the parser takes only framed lines as the protocol;
+anything else (whole lines, or text before the frame on a line) is a
+:class:`Foreign` event, the runtime's log, which nobody can make look like the
+protocol without knowing the token. This module has no I/O of its own: encode a
 request, feed whatever bytes arrived to :class:`GuestOutputParser` and act on the
 events it returns, from blocking or asyncio code alike.
 """
@@ -17,6 +27,7 @@ events it returns, from blocking or asyncio code alike.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -71,7 +82,22 @@ class End:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-Event = Ready | Fatal | Delta | End
+@dataclass(frozen=True)
+class Foreign:
+    """Output that is not the guest's (the runtime's log), one line, newline removed."""
+
+    text: bytes
+
+
+Event = Ready | Fatal | Delta | End | Foreign
+
+FRAME_ENV = "EDGECHAT_FRAME"
+_MAX_FOREIGN = 64 * 1024  # a longer unterminated foreign line is passed on in parts
+
+
+def new_frame() -> str:
+    """A fresh random frame token for one launch (16 hex digits)."""
+    return secrets.token_hex(8)
 
 
 STOP_LINE = b"STOP\n"
@@ -97,7 +123,8 @@ class GuestOutputParser:
     the protocol; the parser is unusable afterwards (the stream is out of step).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, frame: str = "") -> None:
+        self._marker = f"{frame} ".encode("ascii") if frame else b""
         self._buf = bytearray()
         self._pending: tuple[str, str, int] | None = None  # (kind, reason, errno) awaiting payload
         self._need = 0
@@ -112,6 +139,12 @@ class GuestOutputParser:
         events: list[Event] = []
         while True:
             if self._pending is None:
+                if self._marker and not self._buf.startswith(self._marker):
+                    foreign = self._foreign()
+                    if foreign is None:
+                        return events  # the rest of a log line, or of a frame, is to come
+                    events.append(foreign)
+                    continue
                 newline = self._buf.find(b"\n")
                 if newline < 0:
                     if len(self._buf) > _MAX_HEADER:
@@ -120,7 +153,7 @@ class GuestOutputParser:
                             f"{bytes(self._buf[:60])!r}…"
                         )
                     return events
-                line = bytes(self._buf[:newline])
+                line = bytes(self._buf[len(self._marker):newline])
                 del self._buf[: newline + 1]
                 event = self._header(line)
                 if event is not None:
@@ -133,6 +166,27 @@ class GuestOutputParser:
             kind, reason, errno = self._pending
             self._pending = None
             events.append(self._payload_event(kind, reason, errno, payload))
+
+    def _foreign(self) -> Foreign | None:
+        """The foreign text at the head of the buffer (which does not start with the
+        frame), or None while it may still be cut short or turn into the frame."""
+        marker = self._marker
+        at = self._buf.find(marker)
+        newline = self._buf.find(b"\n")
+        if newline >= 0 and (at < 0 or newline < at):
+            text = bytes(self._buf[:newline])
+            del self._buf[: newline + 1]
+            return Foreign(text)
+        if at > 0:  # log text without its newline, then the guest's line
+            text = bytes(self._buf[:at])
+            del self._buf[:at]
+            return Foreign(text)
+        if len(self._buf) > _MAX_FOREIGN:
+            keep = len(marker) - 1  # the frame's start may have arrived already
+            text = bytes(self._buf[:-keep])
+            del self._buf[:-keep]
+            return Foreign(text)
+        return None
 
     def _header(self, raw: bytes) -> Event | None:
         try:

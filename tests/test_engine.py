@@ -204,6 +204,39 @@ def test_prompt_too_long(loop: LoopThread, models: dict[str, Path], tmp_path: Pa
     assert end.input_tokens > 32
 
 
+def test_runtime_log_lines_on_stdout_never_break_the_protocol(
+        loop: LoopThread, models: dict[str, Path], tmp_path: Path) -> None:
+    """Requests the plugin refuses make it log on the guest's stdout, as genuine WasmEdge
+    does (a prompt too long, bad metadata, a seed out of range): each ends with its own
+    reason, the same guest serves the next request, and ten times the restart limit of
+    such requests never makes the supervisor give up. The lines land in the guest's log."""
+    engine = Engine(spec_for(tmp_path, models["short"]), log_path=tmp_path / "short.log")
+
+    async def run() -> list[End]:
+        await engine.start()
+        pid = engine.pid
+        ends = []
+        try:
+            for _ in range(12):
+                for text, metadata in (("word " * 40, {}), ("Hi", {"seed": 2**64 - 1}),
+                                       ("Hi", {"seed": 2**70}), ("Hi", {"temp": "hot"})):
+                    _, end = await collect(engine, text, metadata=metadata)
+                    ends.append(end)
+            pieces, end = await collect(engine, "Hi", max_tokens=3)
+            assert "".join(pieces) == "Certainly, the engine" and end.reason == "length"
+            assert engine.pid == pid and engine.restarts == 0
+            return ends
+        finally:
+            await engine.stop()
+
+    ends = loop.run(run())
+    assert {(e.reason, e.errno) for e in ends} == {
+        ("prompt_too_long", 102), ("error", 1), ("error", 2)}
+    log = (tmp_path / "short.log").read_text()
+    assert log.count("runtime: [") >= 48
+    assert "[error] [WASI-NN] GGML backend: " in log
+
+
 def test_a_guest_that_cannot_load_its_model_fails_start(
     loop: LoopThread, models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -457,3 +457,28 @@ def test_150_readers_and_queued_runs_leave_every_other_route_answering(
     with sync_devices(redis.url, model, [tmp_path / "home"], env=env) as [started]:
         asyncio.run(main(started.run.base_url))
         assert started.http.get("/metrics").status_code == 200
+
+
+def test_requests_the_plugin_would_refuse_are_400s_before_the_guest_sees_them(
+        device: Device) -> None:
+    """Genuine WasmEdge's plugin logs such refusals on the guest's stdout. The gateway
+    refuses a prompt longer than the context (exact count) and a seed out of the
+    plugin's range first, again and again, and the device keeps serving with the same
+    guest (no restart, so no restart limit to reach)."""
+    too_long = {"messages": [{"role": "user", "content": "x" * 6000}]}
+    for _ in range(8):
+        answer = device.post("/v1/chat/completions", too_long)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "context_length_exceeded"
+        bad_seed = device.post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Hi"}], "seed": 2**64 - 1, "max_tokens": 1})
+        assert bad_seed.status_code == 400 and bad_seed.json()["error"]["param"] == "seed"
+    fine = device.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "seed": 2**63 - 1, "max_tokens": 2})
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["choices"][0]["message"]["content"] == "Looping forever"
+    metrics = device.http.get("/metrics").text
+    assert re.search(r"^edgebundle_guest_restarts_total 0(\.0)?$", metrics, re.M), metrics
+    logs = "".join(path.read_text(errors="replace")
+                   for path in (device.run.stderr_path.parent / "logs").glob("*.log"))
+    assert "prompt is too long" not in logs  # the guest never saw one

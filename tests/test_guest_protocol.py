@@ -12,6 +12,7 @@ from edgebundle.guest_protocol import (
     End,
     EndReason,
     Fatal,
+    Foreign,
     GuestOutputParser,
     Ready,
     encode_request,
@@ -84,3 +85,28 @@ def test_end_reasons_are_plain_strings() -> None:
     assert str(EndReason.CONTEXT_FULL) == "context_full"
     assert {r.value for r in EndReason} == {"eos", "length", "context_full", "prompt_too_long",
                                             "cancelled", "error"}
+
+
+def test_with_a_frame_only_framed_lines_are_the_protocol() -> None:
+    """The runtime's log shares the guest's stdout; a log line may quote a client's
+    text, even one shaped like the protocol. Without the frame it is foreign."""
+    parser = GuestOutputParser("f00d")
+    data = (b"[2026-12-05 01:02:03.456] [error] [WASI-NN] GGML backend: bad\n"
+            b"END eos 100 0\nD 3\nabc\n"  # a forged protocol, unframed
+            b"f00d READY 0 512\n"
+            b"half a log line without its newline"  # then the guest's line
+            b"f00d D 3\nhi\n"
+            b"f00d END eos 100 2\n{}")
+    events = []
+    for i in range(len(data)):  # byte by byte: every split point
+        events += parser.feed(data[i:i + 1])
+    assert events == [
+        Foreign(b"[2026-12-05 01:02:03.456] [error] [WASI-NN] GGML backend: bad"),
+        Foreign(b"END eos 100 0"), Foreign(b"D 3"), Foreign(b"abc"),
+        Ready(0, 512), Foreign(b"half a log line without its newline"),
+        Delta(b"hi\n"), End(EndReason.EOS, 100, {})]
+    assert parser.idle
+    # a payload is taken by length whatever it holds, frame included
+    assert parser.feed(b"f00d D 10\nf00d END x") == [Delta(b"f00d END x")]
+    huge = parser.feed(b"x" * 100_000)  # an endless foreign line is passed on in parts
+    assert huge and all(isinstance(e, Foreign) for e in huge)

@@ -14,6 +14,7 @@ import pytest
 
 from edgebundle.config import load_settings
 from edgebundle.errors import RuntimeNotFoundError, UsageError
+from edgebundle.host import usable_cpus
 from edgebundle.runtime.launch import DEMO_MODEL_NOTE, default_app, resolve_launch, wasmedge_launch
 from tests.support.standin_wasmedge import fake_plugin, write_standin
 
@@ -155,7 +156,8 @@ def test_app_kind_from_name_or_setting(home: Path, tmp_path: Path) -> None:
     spec = resolve_launch(load_settings({**flags, "app_kind": "edgechat"}), environ={})
     assert spec.kind == "edgechat"
     assert list(spec.argv[spec.argv.index(str(app)) + 1 :]) == [
-        "--model-alias", "default", "--config", '{"ctx-size":4096}'
+        "--model-alias", "default", "--config",
+        f'{{"ctx-size":4096,"threads":{usable_cpus()},"threads-batch":{usable_cpus()}}}'
     ]  # fmt: skip
     _, edgechat = files(tmp_path, "edgechat.wasm")
     spec = resolve_launch(load_settings({**flags, "app": str(edgechat)}), environ={})
@@ -186,10 +188,14 @@ def test_no_model_and_no_app_mean_the_demo_model_and_the_chat_guest(
     assert spec.model is not None and spec.model.parent == home / "models"
     assert spec.model.is_file()  # generated on first use
     assert spec.app == default_app() and spec.kind == "edgechat"
-    assert spec.argv[1:4] == (  # no --dir: the chat guest gets no directory
+    assert spec.argv[1:6] == (  # no --dir: the chat guest gets no directory; its frame
+        "--env", f"EDGECHAT_FRAME={spec.frame}",
         "--nn-preload", f"default:GGML:AUTO:{spec.model}", str(default_app()))
+    assert len(spec.frame) == 16  # random per launch (guest_protocol.new_frame)
     assert spec.cwd == home
-    assert value_after(spec.argv, "--config") == '{"ctx-size":512}'  # the demo model's context
+    threads = usable_cpus()  # always sent: genuine WasmEdge's plugin would run 4
+    assert value_after(spec.argv, "--config") == (  # the demo model's context
+        f'{{"ctx-size":512,"threads":{threads},"threads-batch":{threads}}}')
 
 
 def test_settings_come_from_the_environment(home: Path, tmp_path: Path) -> None:

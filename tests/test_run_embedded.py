@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import DEMO_REPLY
+from edgebundle.host import usable_cpus
 from tests.support.processes import free_port, gone
 from tests.support.serving import RunProcess, started_pids, wait_for
 
@@ -117,17 +118,21 @@ def test_dry_run_shows_the_embedded_command(tmp_path: Path) -> None:
     data = json.loads(out.stdout)
     [model] = (tmp_path / "models").glob("*.gguf")
     app = Path(__file__).resolve().parents[1] / "wasm" / "edgechat.wasm"
+    frame = data["argv"][5].removeprefix("EDGECHAT_FRAME=")  # random per launch
+    threads = usable_cpus()
     assert data == {
         "runtime": "embedded",
-        "argv": [sys.executable, "-m", "edgebundle", "exec", "--nn-preload",
+        "argv": [sys.executable, "-m", "edgebundle", "exec",
+                 "--env", f"EDGECHAT_FRAME={frame}", "--nn-preload",
                  f"default:GGML:AUTO:{model}", str(app), "--model-alias", "default",
-                 "--config", '{"ctx-size":256}'],
+                 "--config", f'{{"ctx-size":256,"threads":{threads},"threads-batch":{threads}}}'],
         "env": {},
         "cwd": str(tmp_path),
     }  # fmt: skip
     # the demo model's context is 512: a larger ctx-size is clipped to it
     out = run_once(tmp_path, "--runtime", "embedded", "--dry-run")
-    assert json.loads(out.stdout)["argv"][-1] == '{"ctx-size":512}'
+    assert json.loads(out.stdout)["argv"][-1] == (
+        f'{{"ctx-size":512,"threads":{threads},"threads-batch":{threads}}}')
 
 
 def test_the_guest_is_restarted_after_a_crash(tmp_path: Path) -> None:

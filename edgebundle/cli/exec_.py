@@ -51,6 +51,6 @@ def exec_cmd(ctx: click.Context, dirs: tuple[str, ...], envs: tuple[str, ...],
         Path(app), args,
         dirs=[parse_dir(d) for d in dirs],
         env=dict(parse_env(e) for e in envs),
-        preloads=[parse_preload(p) for p in preloads],
+        preloads=[p for p in map(parse_preload, preloads) if p is not None],
     )
     ctx.exit(code)

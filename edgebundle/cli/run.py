@@ -48,6 +48,8 @@ def _note(text: str) -> None:
 @click.option("--template", help="Prompt template, e.g. llama-3-chat.")
 @click.option("--system-prompt", help="System prompt for every conversation.")
 @click.option("--ctx-size", type=click.IntRange(min=1), help="Context size (default 4096).")
+@click.option("--threads", type=click.IntRange(min=0), metavar="N",
+              help="llama.cpp threads (default 0: the CPUs this process may use).")
 @click.option("--context-policy", metavar="window|fail",
               help="A synced thread longer than the context: window (default) leaves out "
                    "its oldest messages, fail fails the run.")

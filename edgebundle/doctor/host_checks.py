@@ -2,7 +2,9 @@
 
 The GGML plugin's default x86 builds use AVX; on a CPU without it they die with
 "Illegal instruction" on the first model load, so the installed variant (recorded by
-install.sh in the runtime's marker file) is compared with the CPU's flags.
+install.sh in the runtime's marker file) is compared with the CPU's flags. The
+summary names the llama.cpp threads ``run`` sends the plugin (``threads``, default the
+CPUs this process may use): genuine WasmEdge's plugin would otherwise run 4.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from edgebundle.doctor.context import Context
 from edgebundle.doctor.report import CheckResult, fail, ok, skip, warn
 from edgebundle.doctor.sizes import GIB, KIB, MIB, human_bytes
-from edgebundle.host import cpu_count, disk_free_bytes, memory_kib
+from edgebundle.host import cpu_count, disk_free_bytes, memory_kib, usable_cpus
 
 CPU, MEMORY, DISK = "host.cpu", "host.memory", "host.disk"
 DISK_WARN_BYTES = 1 * GIB
@@ -30,7 +32,11 @@ def _cpu(ctx: Context) -> CheckResult:
     best = next((f for f in features if f in host.flags), None)
     if host.arch == "x86_64" and best is None:
         best = "no avx"
+    usable = usable_cpus()
+    threads = ctx.settings.threads or usable
+    source = "threads setting" if ctx.settings.threads else f"{usable} usable CPUs"
     summary = ", ".join(x for x in (host.arch, f"{cpu_count()} cores", best) if x)
+    summary += f"; llama.cpp threads {threads} ({source})"
     marker = ctx.marker if ctx.uses_wasmedge else None
     variant = marker.variant if marker is not None else None
     reinstall = "reinstall with ./install.sh --variant {}"

@@ -100,7 +100,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
-        seed=_optional(body, "seed", int),
+        seed=_seed(body),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
         stop=_stop(body.get("stop")),
@@ -148,6 +148,18 @@ def _optional(body: Mapping[str, Any], key: str, kind: type, prefix: str = "") -
         name = {bool: "a boolean", int: "an integer"}.get(kind, kind.__name__)
         raise BadRequest(f"{prefix}{key} must be {name}", prefix + key)
     return value
+
+
+SEED_LIMIT = 2**63  # the plugin reads seed as an int64: 2^64-1 fails it (1), 2^70 (2)
+
+
+def _seed(body: Mapping[str, Any]) -> int | None:
+    """A seed the plugin takes, refused here before the guest sees it (genuine WasmEdge
+    would log the refusal on the guest's stdout and fail the request)."""
+    seed: int | None = _optional(body, "seed", int)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise BadRequest(f"seed must be between 0 and {SEED_LIMIT - 1}", "seed")
+    return seed
 
 
 def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:

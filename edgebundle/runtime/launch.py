@@ -39,6 +39,8 @@ from edgebundle import apps, resources
 from edgebundle.config import Settings
 from edgebundle.demo_model import demo_model_path
 from edgebundle.errors import EdgebundleError, RuntimeNotFoundError, UsageError
+from edgebundle.guest_protocol import FRAME_ENV, new_frame
+from edgebundle.host import usable_cpus
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.runtime import wasmedge
@@ -63,6 +65,7 @@ class LaunchSpec:
     model: Path | None = None
     ctx_size: int = 0  # the context size the app loads the model with
     reason: str = ""  # why this runtime, e.g. "auto: no wasmedge found"
+    frame: str = ""  # edgechat: the token its protocol lines carry (guest_protocol)
     notes: tuple[str, ...] = ()  # what the user must be told (e.g. the demo model is used)
 
     def to_json(self) -> dict[str, Any]:
@@ -164,9 +167,10 @@ def embedded_launch(settings: Settings, *, app: Path, model: Path, kind: str) ->
     model, app = _existing_inputs(model, app)
     _require_embeddable(kind, "the embedded runtime")
     options = _options(settings, app=app, model=model, kind=kind)
+    frame = new_frame() if kind == "edgechat" else ""
     argv = (
         sys.executable, "-m", "edgebundle", "exec",
-        *_runtime_args(options, model, kind), str(app), *apps.app_args(kind, options),
+        *_runtime_args(options, model, kind, frame), str(app), *apps.app_args(kind, options),
     )  # fmt: skip
     return LaunchSpec(
         runtime="embedded",
@@ -177,6 +181,7 @@ def embedded_launch(settings: Settings, *, app: Path, model: Path, kind: str) ->
         app=app,
         model=model,
         ctx_size=options.ctx_size,
+        frame=frame,
     )
 
 
@@ -196,9 +201,11 @@ def wasmedge_launch(
     if setup is None:
         raise RuntimeNotFoundError(_no_wasmedge_message(settings))
     options = _options(settings, app=app, model=model, kind=app_kind)
+    frame = new_frame() if app_kind == "edgechat" else ""
     argv = (
         str(_absolute(setup.binary)),
-        *_runtime_args(options, model, app_kind), str(app), *apps.app_args(app_kind, options),
+        *_runtime_args(options, model, app_kind, frame), str(app),
+        *apps.app_args(app_kind, options),
     )  # fmt: skip
     launch_env = dict(setup.env)
     # Explicit even when empty: an inherited value would silently pick other plugins.
@@ -212,17 +219,22 @@ def wasmedge_launch(
         app=app,
         model=model,
         ctx_size=options.ctx_size,
+        frame=frame,
     )
 
 
-def _runtime_args(options: apps.AppOptions, model: Path, kind: str) -> tuple[str, ...]:
+def _runtime_args(options: apps.AppOptions, model: Path, kind: str,
+                  frame: str = "") -> tuple[str, ...]:
     """wasmedge's own flags, the same for ``wasmedge`` and ``edgebundle exec``.
 
     ``--dir .:.`` (the working directory, see :func:`app_cwd`) only for the apps that
-    need files of their own; the edgechat guest gets no directory at all.
+    need files of their own; the edgechat guest gets no directory at all, and its
+    protocol frame (:mod:`edgebundle.guest_protocol`) in its environment.
     """
     preload = ("--nn-preload", f"{options.model_alias}:GGML:AUTO:{model}")
-    return preload if kind == "edgechat" else ("--dir", ".:.", *preload)
+    if kind == "edgechat":
+        return ("--env", f"{FRAME_ENV}={frame}", *preload) if frame else preload
+    return ("--dir", ".:.", *preload)
 
 
 def app_cwd(settings: Settings, app: Path, kind: str) -> Path:
@@ -251,6 +263,7 @@ def _options(settings: Settings, *, app: Path, model: Path, kind: str) -> apps.A
         port=settings.port,
         model_alias=_model_alias(app),
         system_prompt=settings.system_prompt,
+        threads=settings.threads or usable_cpus(),
     )
 
 

@@ -20,6 +20,7 @@ from edgebundle.guest_protocol import (
     End,
     Event,
     Fatal,
+    Foreign,
     GuestOutputParser,
     Ready,
     encode_request,
@@ -27,6 +28,7 @@ from edgebundle.guest_protocol import (
 
 REPO = Path(__file__).resolve().parents[2]
 EDGECHAT = REPO / "wasm" / "edgechat.wasm"
+FRAME = "t35tfram3"  # the protocol frame the tests' guests get (run picks a random one)
 
 
 def llama3_prompt(user: str, system: str | None = None) -> bytes:
@@ -40,16 +42,19 @@ def llama3_prompt(user: str, system: str | None = None) -> bytes:
 
 
 def exec_argv(model: Path | str, *guest_args: str, alias: str = "default",
-              app: Path = EDGECHAT) -> list[str]:
-    """As ``run`` starts the chat guest: no ``--dir`` (it gets no directory at all)."""
-    return [sys.executable, "-m", "edgebundle", "exec",
+              app: Path = EDGECHAT, frame: str = FRAME) -> list[str]:
+    """As ``run`` starts the chat guest: no ``--dir`` (it gets no directory at all), its
+    protocol frame in its environment."""
+    env = ["--env", f"EDGECHAT_FRAME={frame}"] if frame else []
+    return [sys.executable, "-m", "edgebundle", "exec", *env,
             "--nn-preload", f"{alias}:GGML:AUTO:{model}", str(app), *guest_args]
 
 
 class GuestProcess:
     """A running guest; every read has a deadline so a hang fails the test."""
 
-    def __init__(self, argv: Sequence[str], stderr_path: Path, timeout: float = 60.0) -> None:
+    def __init__(self, argv: Sequence[str], stderr_path: Path, timeout: float = 60.0,
+                 frame: str = FRAME) -> None:
         self.timeout = timeout
         self.stderr_path = stderr_path
         self._stderr = stderr_path.open("wb")
@@ -59,8 +64,9 @@ class GuestProcess:
         self._fd = self.proc.stdout.fileno()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._fd, selectors.EVENT_READ)
-        self.parser = GuestOutputParser()
+        self.parser = GuestOutputParser(frame)
         self._backlog: list[Event] = []
+        self.foreign: list[str] = []  # the runtime's own lines on stdout (its log)
 
     def next_event(self) -> Event | None:
         """The next event, or None at end of output."""
@@ -73,7 +79,11 @@ class GuestProcess:
             data = os.read(self._fd, 65536)
             if not data:
                 return None
-            self._backlog.extend(self.parser.feed(data))
+            for event in self.parser.feed(data):
+                if isinstance(event, Foreign):
+                    self.foreign.append(event.text.decode("utf-8", "replace"))
+                else:
+                    self._backlog.append(event)
         return self._backlog.pop(0)
 
     def start(self) -> Ready | Fatal:

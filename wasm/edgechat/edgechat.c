@@ -20,6 +20,13 @@
  *         also ends it (nobody is reading).
  * EOF on stdin: exit 0. A malformed header line answers END error 1 0.
  *
+ * Framing: with EDGECHAT_FRAME=<token> in its environment (1-64 letters or
+ * digits; the orchestrator picks a random one per launch), every line above
+ * that the guest writes starts with "<token> ". The runtime shares stdout:
+ * genuine WasmEdge's WASI-NN plugin logs its errors there, and a log line may
+ * quote a client's prompt. The orchestrator takes only framed lines as the
+ * protocol and everything else as the runtime's log.
+ *
  * Build: see Makefile (clang --target=wasm32-wasi -O2 -Wl,--strip-all).
  */
 #include <errno.h>
@@ -96,14 +103,17 @@ static void write_all(const void *data, size_t len) {
 
 static uint8_t *event_buf;
 static size_t event_cap;
+static char frame[80]; /* "<token> ", or empty without EDGECHAT_FRAME */
+static size_t frame_len;
 
-/* Writes a header line and its payload with a single write. */
+/* Writes the frame, a header line and its payload with a single write. */
 static void emit(const char *header, size_t header_len, const uint8_t *data,
                  size_t len) {
-    size_t need = header_len + len;
+    size_t need = frame_len + header_len + len;
     if (need > event_cap) {
         uint8_t *grown = realloc(event_buf, need);
-        if (grown == NULL) { /* fall back to two writes */
+        if (grown == NULL) { /* fall back to three writes */
+            write_all(frame, frame_len);
             write_all(header, header_len);
             write_all(data, len);
             return;
@@ -111,12 +121,29 @@ static void emit(const char *header, size_t header_len, const uint8_t *data,
         event_buf = grown;
         event_cap = need;
     }
-    memcpy(event_buf, header, header_len);
-    if (len > 0) memcpy(event_buf + header_len, data, len);
+    memcpy(event_buf, frame, frame_len);
+    memcpy(event_buf + frame_len, header, header_len);
+    if (len > 0) memcpy(event_buf + frame_len + header_len, data, len);
     write_all(event_buf, need);
 }
 
-static void emit_line(const char *line) { write_all(line, strlen(line)); }
+static void emit_line(const char *line) { emit(line, strlen(line), NULL, 0); }
+
+/* 0 when EDGECHAT_FRAME is absent or usable (then every line carries it). */
+static int set_frame(void) {
+    const char *token = getenv("EDGECHAT_FRAME");
+    if (token == NULL || *token == '\0') return 0;
+    size_t n = strlen(token);
+    if (n > 64) return -1;
+    for (size_t i = 0; i < n; i++) {
+        char c = token[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')))
+            return -1;
+    }
+    snprintf(frame, sizeof frame, "%s ", token);
+    frame_len = n + 1;
+    return 0;
+}
 
 static void emit_end(const char *reason, int32_t err, const uint8_t *info,
                      uint32_t info_len) {
@@ -333,6 +360,8 @@ static void fatal(int32_t err, const char *message) {
 int main(int argc, char **argv) {
     const char *alias = "default";
     const char *config = NULL;
+    if (set_frame() != 0)
+        fatal(NN_INVALID_ARGUMENT, "EDGECHAT_FRAME must be 1-64 letters or digits");
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--model-alias") == 0 && i + 1 < argc) {
             alias = argv[++i];

@@ -3,8 +3,10 @@
 Same shape as ``wasmedge [--dir GUEST:HOST]… [--env K=V]… [--nn-preload …] APP ARGS…``:
 argv[0] is the app's file name, the environment is only what ``--env`` gives (as
 in wasmedge, nothing is inherited), stdin/stdout/stderr are this process's own,
-and the result is the app's exit code. A trap prints one line on stderr and
-gives 1, as wasmedge does.
+and the result is the app's exit code. As on genuine WasmEdge (0.17), errors are
+``[<time>] [error] …`` lines on stdout: a trap exits 134, an app that cannot start
+(invalid wasm, an unknown import, no ``_start``, a missing file) exits 1, and the
+WASI-NN plugin's own errors are logged there too.
 """
 
 from __future__ import annotations
@@ -46,11 +48,25 @@ def parse_env(text: str) -> tuple[str, str]:
     return name, value
 
 
+TRAP_EXIT = 134  # genuine wasmedge aborts on a trap (SIGABRT's 128 + 6)
+START_FAILED_EXIT = 1  # invalid wasm, an unknown import, no _start
+
+
 def run_app(app: Path, args: Sequence[str], *, dirs: Sequence[tuple[str, str]] = (),
             env: Mapping[str, str] | None = None, preloads: Sequence[Preload] = (),
-            stderr: TextIO | None = None) -> int:
-    """Run ``app`` to its end and return its exit code."""
-    err = stderr or sys.stderr
+            log: TextIO | None = None) -> int:
+    """Run ``app`` to its end and return its exit code (errors logged on ``log``,
+    stdout by default, as genuine wasmedge does)."""
+    out = log or sys.stdout
+    try:
+        return _run(app, args, dirs, env, preloads, out)
+    except (UsageError, RuntimeNotFoundError) as exc:
+        log_error(str(exc), prefix="", stream=out)
+        return START_FAILED_EXIT
+
+
+def _run(app: Path, args: Sequence[str], dirs: Sequence[tuple[str, str]],
+         env: Mapping[str, str] | None, preloads: Sequence[Preload], out: TextIO) -> int:
     engine = wasmtime.Engine()
     module = _compile(engine, app)
     wants_nn = _check_imports(app, module)
@@ -70,7 +86,7 @@ def run_app(app: Path, args: Sequence[str], *, dirs: Sequence[tuple[str, str]] =
     store.set_wasi(config)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
-    nn = WasiNn(preloads, log=err)
+    nn = WasiNn(preloads, log=out)
     calls = HostCalls(nn)
     if wants_nn:
         calls.define(linker)
@@ -89,9 +105,12 @@ def run_app(app: Path, args: Sequence[str], *, dirs: Sequence[tuple[str, str]] =
             return int(exc.code)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             calls.reraise()
-            err.write(f"[error] {app.name}: execution failed: {_first_line(exc)}\n")
-            err.flush()
-            return 1
+            cause = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            log_error(f"execution failed: {cause[-1] if cause else 'trap'}", prefix="",
+                      stream=out)
+            log_error(f'    When executing function name: "_start" of {app.name}', prefix="",
+                      stream=out)
+            return TRAP_EXIT
         return 0
     finally:
         nn.close()

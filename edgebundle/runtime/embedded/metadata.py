@@ -12,7 +12,6 @@ TTS, speculative decoding, server options) are accepted and ignored.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +20,14 @@ from edgebundle.runtime.embedded.nn_errno import INVALID_ARGUMENT, INVALID_ENCOD
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
 
+LLAMA_DEFAULT_THREADS = 4
+
+
 def default_threads() -> int:
-    """Threads when the metadata names none: half the logical CPUs (roughly the physical
-    cores, as llama-cpp-python assumes); oversubscribing cores stalls ggml's workers."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """Threads when neither the load config nor the metadata names them: llama.cpp's
+    default of 4, as genuine WasmEdge's plugin (it passes n_threads = -1) whatever the
+    CPUs; edgebundle always sends ``threads`` (apps.load_config)."""
+    return LLAMA_DEFAULT_THREADS
 
 
 @dataclass
@@ -134,6 +137,12 @@ def _typed(key: str, value: Any, kind: type) -> Any:
         ok = is_bool
     elif kind is int:
         ok = isinstance(value, int) and not is_bool
+        # the plugin reads integers as int64 (simdjson): a uint64 beyond it is refused
+        # as invalid (1), a bigger number breaks the parse (2), as genuine WasmEdge does
+        if ok and not -2**63 <= value < 2**63:
+            if -2**63 <= value < 2**64:
+                raise NnError(INVALID_ARGUMENT, f"Unable to retrieve the {key} option.")
+            raise NnError(INVALID_ENCODING, "parse metadata error.")
     elif kind is float:
         ok = isinstance(value, int | float) and not is_bool
     else:

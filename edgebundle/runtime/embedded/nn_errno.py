@@ -34,10 +34,14 @@ class NnError(Exception):
         self.backend = backend  # False for the generic WASI-NN layer's messages
 
 
-def log_error(message: str, *, backend: bool = True, stream: TextIO | None = None) -> None:
-    """``[<time>] [error] [WASI-NN] GGML backend: <message>``, as spdlog prints it."""
+def log_error(message: str, *, backend: bool = True, stream: TextIO | None = None,
+              prefix: str | None = None) -> None:
+    """``[<time>] [error] [WASI-NN] GGML backend: <message>``, as spdlog prints it, on
+    stdout by default: genuine WasmEdge's logger writes there (``--log-level off`` does
+    not silence the plugin), so a guest's own stdout gets these lines too."""
     now = datetime.now().isoformat(sep=" ", timespec="milliseconds")
-    prefix = "[WASI-NN] GGML backend: " if backend else "[WASI-NN] "
-    out = stream or sys.stderr
+    if prefix is None:
+        prefix = "[WASI-NN] GGML backend: " if backend else "[WASI-NN] "
+    out = stream or sys.stdout
     out.write(f"[{now}] [error] {prefix}{message}\n")
     out.flush()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgebundle.errors import UsageError
+from edgebundle.runtime.embedded.nn_errno import log_error
 
 TARGETS = ("cpu", "gpu", "tpu", "auto")
 # Backends the plugin knows; only GGML is implemented by the embedded runtime.
@@ -29,19 +29,24 @@ class Preload:
     path: str
 
 
-def parse_preload(text: str) -> Preload:
-    """Parse one ``--nn-preload`` value; a usage error names what is wrong."""
+def parse_preload(text: str) -> Preload | None:
+    """Parse one ``--nn-preload`` value; None for one the runtime cannot use.
+
+    As on genuine WasmEdge, a malformed value (too few fields, an unknown encoding or
+    target, or a backend the runtime lacks) does not stop the app: the plugin logs it
+    (on stdout, like every plugin error) and the app runs without that preload, so its
+    load by that name fails with 8 (not found).
+    """
     fields = text.split(":")
     if len(fields) < 4 or not fields[0] or not fields[3]:
-        raise UsageError(f"--nn-preload {text!r} is not NAME:ENCODING:TARGET:PATH "
-                         "(e.g. default:GGML:AUTO:/models/model.gguf)")
+        log_error(f"Model preload format error: {text} is not NAME:ENCODING:TARGET:PATH",
+                  backend=False)
+        return None
     name, encoding, target = fields[0], fields[1].lower(), fields[2].lower()
     path = ":".join(fields[3:])
-    if target not in TARGETS:
-        raise UsageError(f"--nn-preload {text!r}: unknown target {fields[2]!r} "
-                         f"(use one of {', '.join(t.upper() for t in TARGETS)})")
-    if encoding != "ggml":
-        what = "is not supported by" if encoding in KNOWN_ENCODINGS else "is unknown to"
-        raise UsageError(f"--nn-preload {text!r}: encoding {fields[1]!r} {what} the embedded "
-                         "runtime, which runs GGML models only (NAME:GGML:AUTO:model.gguf)")
+    if target not in TARGETS or encoding != "ggml":
+        known = encoding in KNOWN_ENCODINGS and target in TARGETS
+        log_error(f"Backend or Device is Not Support: {fields[1]}:{fields[2]} "
+                  f"({'not built into this runtime' if known else 'unknown'})", backend=False)
+        return None
     return Preload(name, encoding, target, path)
