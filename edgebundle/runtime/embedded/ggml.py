@@ -110,7 +110,7 @@ class Graph:
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def load(self) -> None:
-        if not os.path.exists(self.path):
+        if not self.path or not os.path.exists(self.path):
             raise NnError(MODEL_NOT_FOUND, "load: model file not found.")
         lib = llama()
         _set_log(self.settings.enable_log)

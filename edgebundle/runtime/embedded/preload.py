@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from edgebundle.runtime.embedded.nn_errno import log_error
 
 TARGETS = ("cpu", "gpu", "tpu", "auto")
-# Backends the plugin knows; only GGML is implemented by the embedded runtime.
-KNOWN_ENCODINGS = ("openvino", "onnx", "tensorflow", "pytorch", "pytorchaoti", "tensorflowlite",
-                   "autodetect", "ggml", "neuralspeed", "whisper", "mlx", "piper", "chattts",
-                   "openvinogenai", "bitnet")
+# Backends the plugin knows, with the name its "not built" log line gives them; only
+# GGML is implemented by the embedded runtime.
+KNOWN_ENCODINGS = {"openvino": "OpenVINO", "onnx": "ONNX", "tensorflow": "Tensorflow",
+                   "pytorch": "PyTorch", "pytorchaoti": "PyTorch",
+                   "tensorflowlite": "TensorflowLite", "autodetect": "AutoDetect",
+                   "ggml": "GGML", "neuralspeed": "NeuralSpeed", "whisper": "Whisper",
+                   "mlx": "MLX", "piper": "Piper", "chattts": "ChatTTS",
+                   "openvinogenai": "OpenVINOGenAI", "bitnet": "BitNet"}
 
 
 @dataclass(frozen=True)
@@ -30,23 +34,19 @@ class Preload:
 
 
 def parse_preload(text: str) -> Preload | None:
-    """Parse one ``--nn-preload`` value; None for one the runtime cannot use.
+    """Parse one ``--nn-preload`` value as genuine WasmEdge's plugin does
+    (wasinnenv.cpp): it never stops the app.
 
-    As on genuine WasmEdge, a malformed value (too few fields, an unknown encoding or
-    target, or a backend the runtime lacks) does not stop the app: the plugin logs it
-    (on stdout, like every plugin error) and the app runs without that preload, so its
-    load by that name fails with 8 (not found).
+    - An unknown encoding or target: logged on stdout, and the app runs without that
+      preload (its load by that name fails with 8, not found).
+    - A known backend this runtime lacks (OpenVINO …): kept; loading it fails with 1
+      and a log line (:meth:`WasiNn.load_by_name`).
+    - Missing fields read as empty: no path is a model file that does not exist (103).
     """
     fields = text.split(":")
-    if len(fields) < 4 or not fields[0] or not fields[3]:
-        log_error(f"Model preload format error: {text} is not NAME:ENCODING:TARGET:PATH",
-                  backend=False)
-        return None
+    fields += [""] * (4 - len(fields))
     name, encoding, target = fields[0], fields[1].lower(), fields[2].lower()
-    path = ":".join(fields[3:])
-    if target not in TARGETS or encoding != "ggml":
-        known = encoding in KNOWN_ENCODINGS and target in TARGETS
-        log_error(f"Backend or Device is Not Support: {fields[1]}:{fields[2]} "
-                  f"({'not built into this runtime' if known else 'unknown'})", backend=False)
+    if target not in TARGETS or encoding not in KNOWN_ENCODINGS:
+        log_error("Preload Model's Backend or Device is Not Support.", backend=False)
         return None
-    return Preload(name, encoding, target, path)
+    return Preload(name, encoding, target, ":".join(fields[3:]))

@@ -38,7 +38,7 @@ from edgebundle.runtime.embedded.nn_errno import (
     NnError,
     log_error,
 )
-from edgebundle.runtime.embedded.preload import Preload
+from edgebundle.runtime.embedded.preload import KNOWN_ENCODINGS, Preload
 
 if TYPE_CHECKING:  # ggml is imported on first use: llama_cpp is heavy
     from edgebundle.runtime.embedded.ggml import ExecutionContext, Graph
@@ -182,6 +182,11 @@ class WasiNn:
             preload = self.preloads.get(name)
             if preload is None:
                 return NOT_FOUND  # the plugin answers this without a log line
+            if preload.encoding != "ggml":
+                backend = KNOWN_ENCODINGS[preload.encoding]
+                raise NnError(INVALID_ARGUMENT, f"{backend} backend is not built. use "
+                              f'-WASMEDGE_PLUGIN_WASI_NN_BACKEND="{backend}" to build it.',
+                              backend=False)
             from edgebundle.runtime.embedded.ggml import load_graph
 
             graph_id = self._add_graph(load_graph(preload.path, config))
