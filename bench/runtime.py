@@ -17,13 +17,22 @@ Prints one JSON object per line (docs/api.md "Benchmarks"):
   a guest process whose host functions and llama.cpp calls are wrapped in timers
   (the wrappers' own cost counts as overhead, so this errs high).
 
+- ``runtime.default_threads_tokens_per_s.embedded`` / ``.wasmedge``: the guest's
+  tokens/s at the threads ``edgebundle run`` sends by default (the CPUs this process
+  may use), on the embedded runtime and, with ``--wasmedge PATH`` (a genuine
+  ``wasmedge``; set LD_LIBRARY_PATH and WASMEDGE_PLUGIN_PATH for it), on genuine
+  WasmEdge; ``.wasmedge.ratio`` = genuine over embedded in the same rounds (goal
+  >= 0.95: a device on genuine WasmEdge is as fast). ``.wasmedge_unset``: genuine with
+  no ``threads`` sent (the plugin's default of 4), with ``.ratio`` over the default:
+  what always sending ``threads`` saves.
+
 Model loading and prompt evaluation are excluded: rates come from the interval
 between the first and the last generated token. Runs alternate guest/direct so
 background load hits both alike; ratios and differences are taken between
 neighbouring runs and their median is reported. Default 1 thread: on a
 shared machine, more ggml threads than free cores makes timings meaningless.
 
-Usage: python bench/runtime.py [--quick] [--threads N]
+Usage: python bench/runtime.py [--quick] [--threads N] [--wasmedge PATH]
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Any
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.guest_protocol import Delta, End, GuestOutputParser, Ready, encode_request
+from edgebundle.host import usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 EDGECHAT = REPO / "wasm" / "edgechat.wasm"
@@ -140,14 +150,17 @@ sys.exit(code)
 class Guest:
     """wasm/edgechat.wasm under `edgebundle exec`, read through the protocol."""
 
-    def __init__(self, model: Path, threads: int, stats: Path | None = None) -> None:
+    def __init__(self, model: Path, threads: int | None, stats: Path | None = None,
+                 runtime: list[str] | None = None) -> None:
         # flash attention off: llama-cpp-python's default (the plugin's is auto)
-        config = json.dumps({"ctx-size": CTX, "batch-size": CTX, "threads": threads,
-                             "flash-attn": "off"})
+        options: dict[str, Any] = {"ctx-size": CTX, "batch-size": CTX, "flash-attn": "off"}
+        if threads is not None:  # None: the plugin's own default
+            options |= {"threads": threads, "threads-batch": threads}
+        config = json.dumps(options)
         preload = f"default:GGML:AUTO:{model}"
         if stats is None:
-            argv = [sys.executable, "-m", "edgebundle", "exec", "--nn-preload", preload,
-                    str(EDGECHAT), "--config", config]
+            argv = [*(runtime or [sys.executable, "-m", "edgebundle", "exec"]),
+                    "--nn-preload", preload, str(EDGECHAT), "--config", config]
         else:
             argv = [sys.executable, "-c", TIMED_RUNNER, str(EDGECHAT), preload,
                     "--config", config]
@@ -220,6 +233,30 @@ def measure(model: Path, threads: int, rounds: int) -> tuple[list[float], list[f
         direct.close()
 
 
+def runtime_rates(model: Path, rounds: int, wasmedge: str | None
+                  ) -> dict[str, list[float]]:
+    """Guest tokens/s per round at run's default threads: embedded, genuine, and
+    genuine without threads (alternating, so background load hits all alike)."""
+    threads = usable_cpus()
+    guests = {"embedded": Guest(model, threads)}
+    if wasmedge:
+        guests["wasmedge"] = Guest(model, threads, runtime=[wasmedge])
+        guests["wasmedge_unset"] = Guest(model, None, runtime=[wasmedge])
+    try:
+        expected = guests["embedded"].run()[1]
+        for name, guest in guests.items():
+            if guest.run()[1] != expected:
+                raise SystemExit(f"{name} generated other text than the embedded runtime")
+        rates: dict[str, list[float]] = {name: [] for name in guests}
+        for _ in range(max(1, rounds // 3)):
+            for name, guest in guests.items():
+                rates[name].append(rate(guest.run()[0]))
+        return rates
+    finally:
+        for guest in guests.values():
+            guest.close()
+
+
 def pick_model(root: Path, threads: int, words: int = 60
                ) -> tuple[Path, ScriptedModelSpec, float]:
     """8 layers x 512, widened until one token takes >= 5 ms on this machine."""
@@ -242,6 +279,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (both sides)")
+    parser.add_argument("--wasmedge", metavar="PATH",
+                        help="a genuine wasmedge to compare at the default threads")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
 
@@ -261,6 +300,23 @@ def main() -> None:
              "llama-cpp-python Llama.generate", "-")
         emit("runtime.ms_per_token", 1000 / direct_tps, "ms", "llama-cpp-python direct",
              f">= {MIN_MS_PER_TOKEN:g}")
+
+        rates = runtime_rates(model, rounds, args.wasmedge)
+        embedded = statistics.median(rates["embedded"])
+        threads = usable_cpus()
+        emit("runtime.default_threads_tokens_per_s.embedded", embedded, "tokens/s",
+             f"edgechat.wasm on edgebundle exec, threads {threads} (run's default)", "-")
+        if args.wasmedge:
+            genuine = statistics.median(rates["wasmedge"])
+            pairs = zip(rates["wasmedge"], rates["embedded"], strict=True)
+            emit("runtime.default_threads_tokens_per_s.wasmedge", genuine, "tokens/s",
+                 f"genuine wasmedge, threads {threads}", "-",
+                 ratio=str(round(statistics.median(g / e for g, e in pairs), 4)))
+            unset = statistics.median(rates["wasmedge_unset"])
+            pairs = zip(rates["wasmedge_unset"], rates["wasmedge"], strict=True)
+            emit("runtime.default_threads_tokens_per_s.wasmedge_unset", unset, "tokens/s",
+                 "genuine wasmedge, no threads sent (the plugin's default)", "-",
+                 ratio=str(round(statistics.median(u / g for u, g in pairs), 4)))
 
         stats = root / "stats.json"
         guest = Guest(model, args.threads, stats)

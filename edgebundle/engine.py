@@ -125,6 +125,7 @@ class Engine:
         stop_grace: float = 5.0,
     ) -> None:
         self.spec = spec
+        self.foreign_lines = 0  # lines of the runtime's own on the guest's stdout
         self.log_path = log_path
         self._ready_timeout = ready_timeout
         self._supervisor = Supervisor(
@@ -385,6 +386,7 @@ class Engine:
                 for event in events:
                     if isinstance(event, protocol.Foreign):
                         # the runtime's log (genuine WasmEdge's plugin logs to stdout)
+                        self.foreign_lines += 1
                         text = event.text.decode("utf-8", "replace")[:500]
                         self._supervisor.note(f"runtime: {text}")
                     elif isinstance(event, protocol.Ready):

@@ -7,6 +7,7 @@ no traceback; the stand-in wasmedge doubles for the real binary (not installable
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -150,3 +151,15 @@ def test_malformed_shipped_lock_file_is_one_line_and_exit_2(
     assert result.exit_code == 2
     assert result.output.startswith(f"edgebundle: error: {bad}: ")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_probe_generates_on_the_runtime_run_would_use(home: Path) -> None:
+    """The real chat guest on the embedded runtime with the demo model, as run starts it."""
+    done = _edgebundle(home, "doctor", "--probe", "--runtime", "embedded", "--json")
+    checks = {c["id"]: c for c in json.loads(done.stdout)["checks"]}
+    probe = checks["runtime.probe"]
+    assert probe["status"] == "ok", probe
+    assert re.fullmatch(r"embedded: \d+ pieces at \d+ tokens/s, first token \d+ ms "
+                        r"\(start \d+\.\d\d s, threads \d+\)", probe["summary"]), probe
+    plain = _edgebundle(home, "doctor", "--runtime", "embedded", "--json")
+    assert "runtime.probe" not in {c["id"] for c in json.loads(plain.stdout)["checks"]}

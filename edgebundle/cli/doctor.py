@@ -43,6 +43,9 @@ _LOOK: dict[Status, tuple[str, str, str]] = {
 )
 @click.option("--manifest", metavar="FILE",
               help="Also compare this device with what a fleet manifest says it must run.")
+@click.option("--probe", is_flag=True,
+              help="Also run a short generation with the demo model on the runtime run "
+                   "would use: tokens/s, first-token time, anything odd on its stdout.")
 @click.pass_context
 def doctor(
     ctx: click.Context,
@@ -54,6 +57,7 @@ def doctor(
     redis_url: str | None,
     wasmedge: str | None,
     manifest: str | None,
+    probe: bool,
 ) -> None:
     """Check this device: runtime, plugin, model, app, Redis, the link of its running
     gateway, CPU, memory, disk."""
@@ -67,7 +71,7 @@ def doctor(
         "wasmedge": wasmedge,
     }
     wanted = load_manifest(manifest) if manifest else None  # a bad manifest: exit 2
-    report = run_doctor(load_settings(flags), manifest=wanted, central_redis=True)
+    report = run_doctor(load_settings(flags), manifest=wanted, central_redis=True, probe=probe)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -50,6 +50,7 @@ def run_doctor(
     meminfo: Path = PROC_MEMINFO,
     manifest: Manifest | None = None,
     central_redis: bool = False,
+    probe: bool = False,
 ) -> Report:
     """Check everything ``run`` depends on and say, per stable id, what is wrong.
 
@@ -63,7 +64,8 @@ def run_doctor(
     a device over how the central Redis is kept). ``lock`` / ``app_pins`` default to
     the shipped pins.
     With ``manifest`` the device is also compared with what that fleet manifest says
-    it must run (the ``manifest.*`` checks).
+    it must run (the ``manifest.*`` checks). ``probe`` adds ``runtime.probe``: a short
+    generation on the runtime ``run`` would use (:mod:`edgebundle.doctor.probe`).
     Raises PinError (exit 2) when a shipped lock file is malformed.
     """
     requested = runtime or settings.runtime
@@ -87,4 +89,8 @@ def run_doctor(
     results = [result for area in AREAS for result in area(ctx)]
     if manifest is not None:
         results.extend(manifest_checks.checks(ctx, manifest))
+    if probe:
+        from edgebundle.doctor.probe import probe as run_probe  # starts a guest: on demand
+
+        results.append(run_probe(settings))
     return assemble(ctx.runtime, results)
