@@ -7,8 +7,8 @@ no traceback; the stand-in wasmedge doubles for the real binary (not installable
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

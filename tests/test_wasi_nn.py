@@ -12,6 +12,7 @@ import json
 import struct
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
@@ -259,3 +260,23 @@ def test_grammar_and_json_schema_constrain_compute(chat: Guest) -> None:
                                                        "n-predict": 3}) == 0
     assert chat.output(ctx, 0)[1].startswith(b'"')
     assert chat.set_input(ctx, 1, b'{"json-schema": "{not a schema"}') == 1
+
+
+def test_threads_take_effect_at_load_only_as_in_the_plugin(chat: Guest) -> None:
+    """GGML/core/ggml_core.cpp builds the llama context once, at load, with threads for
+    both generation and prompt batches; a request's metadata threads change nothing
+    (a guest that sends them only per request runs 4 threads on genuine WasmEdge)."""
+    ctx = chat.context(config='{"ctx-size": 256, "threads": 1, "threads-batch": 3}')
+    graph = chat.nn.graphs[0]
+    assert graph is not None
+    assert (llama_cpp.llama_n_threads(graph.ctx), llama_cpp.llama_n_threads_batch(graph.ctx)) \
+        == (1, 1)
+    assert chat.generate(ctx, llama3_prompt("hello"), {"threads": 2, "threads-batch": 2}) == 0
+    assert (llama_cpp.llama_n_threads(graph.ctx), llama_cpp.llama_n_threads_batch(graph.ctx)) \
+        == (1, 1)
+
+
+def test_with_no_threads_anywhere_the_plugin_default_of_4_runs(chat: Guest) -> None:
+    chat.context(config='{"ctx-size": 256}')
+    graph = chat.nn.graphs[0]
+    assert graph is not None and llama_cpp.llama_n_threads(graph.ctx) == 4

@@ -22,10 +22,12 @@ compute/inference_manager.cpp):
   "llama_commit": "C"}``.
 
 Differences, on purpose: the sampler is rebuilt whenever any sampling option
-changes (the plugin checks only temp, top-p, penalties, grammar and seed), and
-``threads`` applies without a reload. Like the current plugin, ``ctx-size`` and
-``batch-size`` take effect at load (give them in load_by_name_with_config's
-config); a later set_input does not rebuild the llama context.
+changes (the plugin checks only temp, top-p, penalties, grammar and seed). Like the
+plugin (GGML/core/ggml_core.cpp), ``ctx-size``, ``batch-size`` and ``threads`` take
+effect at load only (give them in load_by_name_with_config's config), prompt batches
+run with ``threads`` too (the plugin ignores ``threads-batch`` at load), and a later
+set_input's values are parsed but do not rebuild the llama context: a guest that
+sends threads only per request runs llama.cpp's default of 4 on both runtimes.
 
 The per-token path makes a handful of C calls and no Python allocations beyond
 the token's cached piece.
@@ -127,7 +129,7 @@ class Graph:
         cparams.n_batch = max(1, settings.batch_size)
         cparams.n_ubatch = max(1, settings.ubatch_size)
         cparams.n_threads = max(1, settings.threads)
-        cparams.n_threads_batch = max(1, settings.threads_batch or settings.threads)
+        cparams.n_threads_batch = max(1, settings.threads)
         cparams.flash_attn_type = {"on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                    "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}.get(
             settings.flash_attn, lib.LLAMA_FLASH_ATTN_TYPE_AUTO)
@@ -143,11 +145,6 @@ class Graph:
     @property
     def loaded(self) -> bool:
         return self.ctx is not None
-
-    def apply_threads(self) -> None:
-        s = self.settings
-        threads = max(1, s.threads)
-        llama().llama_set_n_threads(self.ctx, threads, max(1, s.threads_batch or threads))
 
     def unload(self) -> None:
         lib = _llama
@@ -239,15 +236,12 @@ class ExecutionContext:
 
     def set_metadata(self, raw: bytes) -> None:
         graph = self.graph
-        threads = (graph.settings.threads, graph.settings.threads_batch)
         try:
             apply_metadata(raw, graph.settings, self.conf)
         except NnError as exc:
             raise NnError(exc.errno, f"setInput: failed to parse metadata. {exc.message}") from None
         _set_log(graph.settings.enable_log)
         self._require_graph()
-        if (graph.settings.threads, graph.settings.threads_batch) != threads:
-            graph.apply_threads()
         if graph.settings.sampling != self._sampler_for:
             self._build_sampler()
 
