@@ -22,7 +22,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from edgebundle.errors import RedisError
 from edgebundle.fleet import acl, keys
-from edgebundle.fleet.proxy import MAX_REQUEST_BYTES, SyncProxy
+from edgebundle.fleet.proxy import MAX_PENDING, MAX_REQUEST_BYTES, SyncProxy
 from edgebundle.sync import keys as sync_keys
 from edgebundle.sync import lua
 from edgebundle.sync.client import connect
@@ -310,3 +310,32 @@ def test_the_cli_serves_the_proxy(acl_redis: RedisServer, tmp_path: Path) -> Non
         proxy.stop()
     assert ADMIN_PASSWORD not in proxy.stderr()
     assert result.credentials[0].password not in proxy.stderr()
+
+
+def test_a_long_pipeline_comes_back_whole_and_in_order(acl_redis: RedisServer) -> None:
+    """More commands in flight than the proxy keeps replies for (it stops reading the
+    device's commands until the device reads): every reply, in order, from both of the
+    device's upstream connections."""
+
+    async def main() -> None:
+        proxy = SyncProxy(acl_redis.url, port=0)
+        [port] = await proxy.start()
+        try:
+            result = await provision(acl_redis.url, f"redis://127.0.0.1:{port}", "till-6")
+            victim = await a_thread_with_a_turn(acl_redis.url)
+            device = await connect(url_of(result, "till-6"))
+            try:
+                async with device.pipeline(transaction=False) as pipe:
+                    for index in range(3 * MAX_PENDING):
+                        if index % 2:
+                            pipe.fcall_ro(lua.function_name("version"), 0)
+                        else:
+                            pipe.hget(sync_keys.meta(victim), "version")
+                    answers = await pipe.execute()
+                assert answers == ["3", lua.VERSION] * (3 * MAX_PENDING // 2)
+            finally:
+                await device.aclose()
+        finally:
+            await proxy.close()
+
+    asyncio.run(main())

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # one command with all its arguments
 MAX_ARGUMENTS = 1024 * 1024
+MAX_PENDING = 1024  # replies owed to one device before the proxy stops reading its commands
 CONNECT_TIMEOUT = 5.0  # s to open and authenticate an upstream connection
 LINE_LIMIT = 64 * 1024  # a RESP header line; bulk data is read by length
 
@@ -324,6 +325,10 @@ class _Session:
         self.privileged_db = b"0"
         self.protocol = b"2"  # RESP2 until a HELLO 3; the proxy's connection follows it
         self.privileged_protocol = b"2"
+        # Back-pressure: a device that pipelines without reading its replies makes the
+        # proxy stop reading its commands, so neither side's buffers grow without end.
+        self.room = asyncio.Event()
+        self.room.set()
 
     async def serve(self) -> None:
         pump = asyncio.create_task(self._pump())
@@ -346,6 +351,14 @@ class _Session:
 
     def _owe(self, reply: _Reply) -> None:
         self.replies.put_nowait(reply)
+        if self.replies.qsize() >= MAX_PENDING:
+            self.room.clear()
+
+    async def _drain_upstreams(self) -> None:
+        for conn in (self.device, self.privileged):
+            if conn is not None:
+                await conn[1].drain()
+        await self.room.wait()
 
     def _refuse(self, message: str) -> None:
         self._owe(_Reply(ready=error_line(message)))
@@ -375,6 +388,7 @@ class _Session:
                 await self._fcall(args)
             else:
                 self._forward(name, args)
+            await self._drain_upstreams()
 
     def _device_gone(self) -> bool:
         """Redis closed the device's own connection: its user was deleted (revoked) or
@@ -516,6 +530,8 @@ class _Session:
         """Send the owed replies in order; after a subscription, everything as it comes."""
         while True:
             reply = await self.replies.get()
+            if self.replies.qsize() <= MAX_PENDING // 2:
+                self.room.set()
             if reply is None:
                 await self._flush()
                 return
@@ -533,8 +549,7 @@ class _Session:
                     return
                 if not reply.discard:
                     self.writer.write(reply.rewrite(raw) if reply.rewrite else raw)
-            if self.replies.empty():
-                await self._flush()
+            await self._flush()  # returns at once unless the device is not reading
 
     async def _pipe(self, source: asyncio.StreamReader) -> None:
         while chunk := await source.read(65536):
