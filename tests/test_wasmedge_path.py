@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,11 @@ def test_both_runtimes_start_the_same_argv_tail(home: Path, model: Path) -> None
     embedded = resolve_launch(load_settings({**flags, "runtime": "embedded"}), environ={})
     assert on_wasmedge.argv[0] == str(binary)
     assert embedded.argv[:4] == (sys.executable, "-m", "edgebundle", "exec")
-    assert on_wasmedge.argv[1:] == embedded.argv[4:]
+    # the same but for the protocol frame, which is random per launch
+    assert on_wasmedge.argv[1:] == tuple(
+        f"EDGECHAT_FRAME={on_wasmedge.frame}" if arg == f"EDGECHAT_FRAME={embedded.frame}"
+        else arg for arg in embedded.argv[4:])
+    assert on_wasmedge.frame != embedded.frame
     assert on_wasmedge.env["WASMEDGE_PLUGIN_PATH"] == str(home / "runtime" / "current" / "plugin")
 
 
@@ -73,7 +78,9 @@ def test_run_serves_through_wasmedge(tmp_path: Path, model: Path) -> None:
         assert reply.json()["choices"][0]["message"]["content"] == REPLY
         [started] = [json.loads(x) for x in record.read_text().splitlines()]
         assert started["argv"][0] == str(binary)
-        assert started["argv"][1:3] == ["--nn-preload", f"default:GGML:AUTO:{model}"]
+        assert started["argv"][1] == "--env"
+        assert re.fullmatch(r"EDGECHAT_FRAME=[0-9a-f]{16}", started["argv"][2])
+        assert started["argv"][3:5] == ["--nn-preload", f"default:GGML:AUTO:{model}"]
         assert run.stop() == 0, run.stderr()
     finally:
         run.close()
@@ -91,5 +98,5 @@ def test_ask_with_auto_picks_wasmedge_and_says_why(tmp_path: Path, model: Path) 
     assert out.returncode == 0, out.stderr
     assert out.stdout == REPLY + "\n"
     assert out.stderr == "edgebundle: runtime wasmedge (auto: doctor's wasmedge checks pass)\n"
-    assert "runtime/current/bin/wasmedge --nn-preload" in (
-        home / "logs" / "ask.log").read_text()
+    assert re.search(r"runtime/current/bin/wasmedge --env EDGECHAT_FRAME=[0-9a-f]{16} "
+                     r"--nn-preload", (home / "logs" / "ask.log").read_text())
