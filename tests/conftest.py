@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from edgebundle.download import EXTRA_CA_ENV
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
-from edgebundle.download import EXTRA_CA_ENV
 from tests.support.release_server import ReleaseServer
 from tests.support.serving import LoopThread
 from tests.support.tls import TestCA, make_test_ca

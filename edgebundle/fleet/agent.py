@@ -498,8 +498,12 @@ class Agent:
                     wanted.version, wanted.build, wanted.variant):
                 self.log(f"{wanted.label}: already installed in {installed.path}")
                 shipped = plans[-1].lock
+                # No lock pins this build: doctor is to expect the installed one for every
+                # variant (the shipped rows' own builds are of another release).
+                assets = tuple(replace(a, build=None) for a in shipped.assets)
                 return installed.path, replace(
                     shipped, wasmedge_version=wanted.version, plugin_build=wanted.build,
+                    assets=assets,
                     plugin_reported_version=None)  # no lock says what this build prints
         bundle = f" nor in the bundle {self.bundle_dir}" if len(plans) > 1 else ""
         raise ConfigError(
