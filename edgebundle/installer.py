@@ -357,7 +357,7 @@ def _install_runtime(
     for asset in (runtime_asset, plugin_asset):
         if bundle is not None:
             bundle.asset(asset)  # "not in this bundle" says more than "no sha256 pinned"
-        elif not asset.checkable and not plan.allow_unverified:  # shorter than require_verified's
+        if not asset.checkable and not plan.allow_unverified:  # shorter than require_verified's
             raise UnverifiedPinError(
                 f"{asset.filename}: no published sha256 is pinned and the lock names no "
                 "SHA256SUM to verify it against; pass --allow-unverified, or install from a "
