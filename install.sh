@@ -10,8 +10,10 @@ Usage: ./install.sh [OPTIONS]
 
 Installs edgebundle into <home>/venv and the pinned WasmEdge + WASI-NN GGML plugin into
 <home>/runtime (versioned directories, a `current` link), and writes <home>/env.
-Every download resumes, shows progress and is sha256-checked before use. Where
-WasmEdge cannot be downloaded, edgebundle says so and uses its embedded runtime.
+Every download resumes, shows progress and is sha256-checked before use: against the
+sha256 pinned in the lock, or, where the lock says `verify`, against the release's own
+SHA256SUM read over https (the output says which, per file). Where WasmEdge cannot be
+downloaded or verified, edgebundle says so and uses its embedded runtime.
 
 Options:
   --home DIR            state directory (default: $EDGEBUNDLE_HOME or ~/.edgebundle)
@@ -21,7 +23,7 @@ Options:
   --model NAME          also install this pinned model; repeatable
   --lock FILE           runtime lock file (default: the one edgebundle ships)
   --pins FILE           app/model pins file (default: the one edgebundle ships)
-  --allow-unverified    accept pins that have no published sha256
+  --allow-unverified    accept pins with neither a published sha256 nor a SHA256SUM
   --require-wasmedge    fail when WasmEdge cannot be installed (no embedded fallback)
   --no-runtime          skip WasmEdge; install the package (and apps/models) only
   --dev                 editable install of this checkout with test tools (.[dev]),

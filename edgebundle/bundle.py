@@ -11,11 +11,14 @@ An air-gapped device cannot reach GitHub or PyPI, so a connected machine runs
     DIR/wheels/*.whl                  edgebundle and its dependencies; install.sh
                                       installs exactly the listed ones, hash-checked
 
-Where a pin says sha256 "unknown", the build trusts what it downloads on first use,
-says so loudly, and writes the computed sha256 into the bundle's lock copies, so the
-device installing from the bundle verifies every byte and never needs
-``--allow-unverified``. Installing from a bundle checks each file against both
-``bundle.json`` and the bundle's lock before using it. The fleet agent trusts no
+Where a pin says ``verify = "release-sha256sum"``, the build checks the download
+against the release's SHA256SUM (https) and records that value; where it says sha256
+"unknown", the build trusts what it downloads on first use and says so loudly. Either
+way the value goes into the bundle's lock copies (with ``sha256_origin`` saying where
+it came from), so the device installing from the bundle verifies every byte, reads
+nothing from the network and never needs ``--allow-unverified``. Installing from a
+bundle checks each file against both ``bundle.json`` and the bundle's lock before
+using it. The fleet agent trusts no
 bundle on its own for a WasmEdge runtime: each archive's sha256 must also be pinned
 by the revision (``spec.runtime.archives``) or the shipped lock.
 """
@@ -37,9 +40,17 @@ from pathlib import Path
 from typing import Any
 
 from edgebundle import __version__
-from edgebundle.download import Log, ProgressFactory, fetch, progress_for, sha256_file
+from edgebundle.download import (
+    Log,
+    ProgressFactory,
+    fetch,
+    progress_for,
+    published_sha256,
+    sha256_file,
+)
 from edgebundle.errors import ChecksumMismatchError, DownloadError, InstallError, UsageError
 from edgebundle.pins import (
+    RELEASE_SHA256SUM,
     AppPins,
     Artifact,
     Asset,
@@ -176,14 +187,15 @@ def build_bundle(
     previous = _previous_files(dest)
     partial = dest / ".partial"
     files: dict[str, str] = {}
-    filled: dict[Artifact, str] = {}  # pins without a published sha256 -> computed now
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Pins without a quoted sha256 -> (the value used, where it came from)
+    filled: dict[Artifact, tuple[str, str]] = {}
     for artifact in artifacts:
         relpath = asset_relpath(artifact)
-        files[relpath] = _bundle_one(artifact, dest, previous, partial, progress, log)
+        files[relpath], origin = _bundle_one(artifact, dest, previous, partial, progress, log)
         if not artifact.verified:
-            filled[artifact] = files[relpath]
+            filled[artifact] = (files[relpath], f"{origin}, by edgebundle bundle build {stamp}")
     shutil.rmtree(partial, ignore_errors=True)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     asset_shas = [filled.get(a) for a in lock.assets]
     app_shas = [filled.get(a) for a in app_pins.apps]
     model_shas = [filled.get(m) for m in app_pins.models]
@@ -207,7 +219,8 @@ def _chosen_assets(lock: RuntimeLock, platforms: Sequence[Platform] | None) -> l
         return list(lock.assets)
     chosen: list[Asset] = []
     for os_name, arch, variant in platforms:
-        for asset in (lock.runtime_asset(os_name, arch), lock.plugin_asset(os_name, arch, variant)):
+        pair = (lock.runtime_for(os_name, arch, variant), lock.plugin_asset(os_name, arch, variant))
+        for asset in pair:
             if asset not in chosen:
                 chosen.append(asset)
     return chosen
@@ -239,47 +252,62 @@ def _bundle_one(
     partial: Path,
     progress: ProgressFactory | None,
     log: Log,
-) -> str:
+) -> tuple[str, str]:
+    """Put one pinned file into the bundle; its sha256 and where that value came from."""
     relpath = asset_relpath(artifact)
     target = dest / relpath
-    expected = artifact.sha256 if artifact.verified else previous.get(relpath)
+    published: str | None = None  # what the pin or the publisher's SHA256SUM says
+    origin = "pinned"
+    if artifact.verified:
+        published = artifact.sha256
+    elif artifact.verify == RELEASE_SHA256SUM:
+        published = published_sha256(artifact.sha256sum_url, artifact.filename)
+        origin = f"checked against the release's {artifact.sha256sum_url}"
+        log(f"{artifact.name}: {origin}: sha256 {published}")
+    else:
+        origin = "computed from the download (trust on first use)"
+    expected = published or previous.get(relpath)
     if expected is not None and target.is_file() and sha256_file(target) == expected:
         log(f"{artifact.name}: already in the bundle ({relpath}, sha256 verified)")
-        return expected
+        return expected, origin
     with progress_for(progress, artifact.name) as callback:
         got = fetch(
             artifact.url,
             target,
-            sha256=artifact.sha256 if artifact.verified else None,
+            sha256=published,
             downloads_dir=partial,
             progress=callback,
+            expected_from=artifact.sha256sum_url if artifact.verify and published else None,
         )
-    if not artifact.verified:
+    if published is None:
         log(
-            f"WARNING: no published sha256 is pinned for {artifact.name} ({artifact.url}); "
-            f"trusting this download on first use: sha256 {got.sha256}. Compare it with the "
-            "release's SHA256SUM before shipping this bundle; devices will enforce it."
+            f"WARNING: no published sha256 is pinned for {artifact.name} ({artifact.url}) and "
+            f"the lock names no SHA256SUM; trusting this download on first use: sha256 "
+            f"{got.sha256}. Compare it with a published value before shipping this bundle; "
+            "devices will enforce it."
         )
-    return got.sha256
+    return got.sha256, origin
 
 
 def _write_pins_copy(
-    source: Path, target: Path, shas: Mapping[str, Sequence[str | None]], stamp: str
+    source: Path,
+    target: Path,
+    shas: Mapping[str, Sequence[tuple[str, str] | None]],
+    stamp: str,
 ) -> None:
-    """Copy a lock file as TOML, with the sha256s computed on first use filled in."""
+    """Copy a lock file as TOML, with the sha256s this build settled filled in."""
     data = tomllib.loads(source.read_text(encoding="utf-8"))
     for key, values in shas.items():
         rows = data.get(key, [])
-        for row, sha in zip(rows, values, strict=False):
-            if sha is not None:
-                row["sha256"] = sha
-                row["sha256_origin"] = (
-                    f"computed by edgebundle bundle build {stamp} (trust on first use)"
-                )
+        for row, filled in zip(rows, values, strict=False):
+            if filled is not None:
+                row["sha256"], row["sha256_origin"] = filled
+                row.pop("verify", None)  # settled now: the device checks the recorded value
     header = (
         f"# Copied by `edgebundle bundle build` ({stamp}) from {source.name}.\n"
-        "# Rows with sha256_origin had no published sha256: their sha256 was computed from\n"
-        "# the file in this bundle (trust on first use).\n"
+        "# Rows with sha256_origin quoted no published sha256: theirs was read from the\n"
+        "# release's SHA256SUM (https) or, where there is none, computed from the file in\n"
+        "# this bundle (trust on first use); sha256_origin says which.\n"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(target, header + dump_toml(data))

@@ -19,10 +19,19 @@ and leaves a verified file at ``dest``:
 ``sha256=None`` means the caller decided to accept an unverified file (the pin layer
 refuses that unless ``--allow-unverified``); the actual sha256 is always returned so
 it can be reported or recorded.
+
+``published_sha256`` reads the value a release's own ``SHA256SUM`` lists for a file,
+for pins that quote no published value (``verify = "release-sha256sum"``): https only,
+redirects included, since the file is the only thing vouching for the download.
+
+TLS: the system's trusted CAs, plus the certificates of ``$EDGEBUNDLE_EXTRA_CA_FILE``
+when it is set (a site's TLS-intercepting proxy; the test suite's throwaway CA). It
+only ever adds trust: certificate and host name checks are never turned off.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
@@ -30,6 +39,7 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -39,11 +49,16 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 from urllib.parse import unquote, urlsplit
 
 from edgebundle import __version__
-from edgebundle.errors import ChecksumMismatchError, ConfigError, DownloadError
+from edgebundle.errors import (
+    ChecksumMismatchError,
+    ChecksumSourceError,
+    ConfigError,
+    DownloadError,
+)
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None when the server does not say)."""
@@ -55,6 +70,8 @@ Log = Callable[[str], None]
 """Where installers and bundle builders say what they do, one line at a time."""
 
 CHUNK = 256 * 1024
+EXTRA_CA_ENV = "EDGEBUNDLE_EXTRA_CA_FILE"
+SUMS_MAX_BYTES = 1024 * 1024  # WasmEdge's SHA256SUM is a few kB; more is not one
 _CONTENT_RANGE = re.compile(r"bytes\s+(?P<start>\d+)-\d+/(?P<total>\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(?P<total>\d+)")
 
@@ -82,8 +99,13 @@ def fetch(
     progress: Progress | None = None,
     timeout: float = 30,
     retries: int = 3,
+    expected_from: str | None = None,
 ) -> Fetched:
-    """Download or copy ``source`` to ``dest``, verified against ``sha256`` first."""
+    """Download or copy ``source`` to ``dest``, verified against ``sha256`` first.
+
+    ``expected_from`` names where ``sha256`` came from when it is not a pin (e.g. a
+    release's SHA256SUM URL), so a mismatch says which source the file contradicts.
+    """
     text = str(source)
     scheme = urlsplit(text).scheme.lower() if "://" in text else ""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +113,7 @@ def fetch(
         downloads_dir.mkdir(parents=True, exist_ok=True)
         part = downloads_dir / _part_name(text, sha256)
         resumed_from = _download(text, part, progress, timeout, max(1, retries))
-        return _verify_and_place(text, part, dest, sha256, resumed_from)
+        return _verify_and_place(text, part, dest, sha256, resumed_from, expected_from)
     if scheme == "file":
         path = Path(unquote(urlsplit(text).path))
     elif scheme:
@@ -146,7 +168,9 @@ def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) ->
         headers["If-Range"] = validator
     request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (scheme checked)
+        response = urllib.request.urlopen(  # noqa: S310 (scheme checked)
+            request, timeout=timeout, context=tls_context()
+        )
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             match = _UNSATISFIED_RANGE.search(exc.headers.get("Content-Range", "") or "")
@@ -241,6 +265,11 @@ def _discard(part: Path) -> None:
 def _connect_error(url: str, reason: object, timeout: float) -> Exception:
     """Host-level failures are final (retrying a DNS miss or a firewall helps nobody)."""
     host = urlsplit(url).hostname or url
+    if isinstance(reason, ssl.SSLCertVerificationError):  # the same certificate next time
+        return DownloadError(
+            f"{url}: TLS certificate of {host} not trusted ({reason.verify_message}); "
+            f"check the system's CA certificates (or {EXTRA_CA_ENV} behind a TLS proxy)"
+        )
     if isinstance(reason, TimeoutError | socket.timeout):
         return DownloadError(f"{url}: {host} unreachable (no answer within {timeout:g} s)")
     if isinstance(reason, socket.gaierror):
@@ -263,12 +292,23 @@ def _describe(exc: BaseException) -> str:
 
 
 def _verify_and_place(
-    url: str, part: Path, dest: Path, sha256: str | None, resumed_from: int
+    url: str,
+    part: Path,
+    dest: Path,
+    sha256: str | None,
+    resumed_from: int,
+    expected_from: str | None = None,
 ) -> Fetched:
     actual = sha256_file(part)
     _validator_file(part).unlink(missing_ok=True)
     if sha256 is not None and actual != sha256:
         part.unlink(missing_ok=True)
+        if expected_from is not None:
+            raise ChecksumMismatchError(
+                f"{url}: sha256 mismatch: {expected_from} lists {sha256}, got {actual}; the "
+                "download was discarded (the file or the checksum list was altered: do not "
+                "install it; report it to the publisher)"
+            )
         raise ChecksumMismatchError(
             f"{url}: sha256 mismatch: expected {sha256}, got {actual}; the download was "
             "discarded (check the pin, or the mirror serving this URL)"
@@ -316,6 +356,144 @@ def _copy(source: Path, dest: Path, sha256: str | None, progress: Progress | Non
     finally:
         tmp.unlink(missing_ok=True)
     return Fetched(path=dest, sha256=actual, size=done)
+
+
+# ---------------------------------------------------------------- TLS and SHA256SUM
+
+
+def tls_context() -> ssl.SSLContext:
+    """The system's CAs plus ``$EDGEBUNDLE_EXTRA_CA_FILE``'s; verification always on."""
+    return _tls_context(os.environ.get(EXTRA_CA_ENV) or None)
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(extra_ca_file: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()  # CERT_REQUIRED, check_hostname
+    if extra_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=extra_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{EXTRA_CA_ENV}={extra_ca_file}: cannot load CA certificates from it "
+                f"({_describe(exc)}); fix the file or unset {EXTRA_CA_ENV}"
+            ) from None
+    return context
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects (GitHub sends release files from another host) to https only."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if urlsplit(newurl).scheme.lower() != "https":
+            fp.close()
+            raise ChecksumSourceError(
+                f"{req.full_url}: redirected to {newurl}, which is not https; a checksum "
+                "list vouches for a file only over TLS: refusing it (check the release URL)"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_SUM_LINE = re.compile(r"^(?P<sha256>[0-9a-fA-F]{64}) [ *](?P<name>\S.*)$")
+
+
+def parse_sha256sum(text: str) -> dict[str, set[str]]:
+    """``sha256sum`` output (``<hex>  <name>``, ``*`` before a name in binary mode) as
+    {name: {sha256, ...}}; other lines (comments, blank) are skipped."""
+    listed: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        match = _SUM_LINE.match(line.rstrip())
+        if match is None:
+            continue
+        name = str(match["name"])
+        name = name[2:] if name.startswith("./") else name  # `sha256sum ./*` spells it so
+        listed.setdefault(name, set()).add(str(match["sha256"]).lower())
+    return listed
+
+
+def published_sha256(
+    sums_url: str, filename: str, *, timeout: float = 30, retries: int = 3
+) -> str:
+    """The sha256 the checksum list at ``sums_url`` (https only) gives for ``filename``.
+
+    Every way it can fail is a one-line error with a fix; nothing is guessed: a missing
+    list, one that does not name the file, or names it twice with two values.
+    """
+    scheme = urlsplit(sums_url).scheme.lower()
+    if scheme != "https":
+        raise ChecksumSourceError(
+            f"{sums_url}: refusing to read a checksum list over {scheme or 'no scheme'}: it "
+            f"vouches for {filename} only when it comes over https; put the https:// release "
+            "URL in the lock"
+        )
+    text = _read_sums(sums_url, filename, timeout, max(1, retries))
+    values = parse_sha256sum(text).get(filename, set())
+    if not values:
+        raise ChecksumSourceError(
+            f"{sums_url} does not list {filename}, so nothing published vouches for it; pin "
+            "a sha256 quoted from a published source in the lock, or install from a bundle"
+        )
+    if len(values) > 1:
+        raise ChecksumSourceError(
+            f"{sums_url} lists {filename} with {len(values)} different sha256s; refusing to "
+            "pick one (report it to the publisher; pin a published sha256 in the lock)"
+        )
+    return next(iter(values))
+
+
+def _read_sums(url: str, filename: str, timeout: float, retries: int) -> str:
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=tls_context()), _HttpsOnlyRedirects()
+    )
+    request = urllib.request.Request(url, headers={"User-Agent": f"edgebundle/{__version__}"})
+    for attempt in range(1, retries + 1):
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                data: bytes = response.read(SUMS_MAX_BYTES + 1)
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise ChecksumSourceError(
+                    f"{url}: HTTP {exc.code} {exc.reason}: the release publishes no SHA256SUM "
+                    f"to verify {filename} against; pin a sha256 quoted from a published "
+                    "source in the lock, or install from a bundle"
+                ) from None
+            if exc.code < 500 and exc.code != 429:
+                raise ChecksumSourceError(
+                    f"{url}: HTTP {exc.code} {exc.reason}; cannot read the checksum list to "
+                    f"verify {filename} (try again later, or install from a bundle)"
+                ) from None
+            failure: Exception = _Retry(f"HTTP {exc.code} {exc.reason}")
+        except urllib.error.URLError as exc:
+            failure = _connect_error(url, exc.reason, timeout)
+            if not isinstance(failure, _Retry):
+                raise failure from None
+        except (TimeoutError, http.client.HTTPException, OSError) as exc:
+            failure = _Retry(_describe(exc))
+        if attempt == retries:
+            raise DownloadError(
+                f"{url}: {failure} (gave up after {retries} attempts); cannot verify "
+                f"{filename} without it: try again later, or install from a bundle"
+            ) from None
+        time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+    if len(data) > SUMS_MAX_BYTES:
+        raise ChecksumSourceError(
+            f"{url}: larger than {SUMS_MAX_BYTES // 1024} kB, so not a checksum list; "
+            "check the release URL in the lock"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ChecksumSourceError(
+            f"{url}: not text, so not a checksum list; check the release URL in the lock"
+        ) from None
 
 
 # ---------------------------------------------------------------- progress rendering

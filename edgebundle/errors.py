@@ -17,7 +17,9 @@ it, because it is what the user reads.
     │                                        check `fleet validate` reports them and exits 1
     ├── UnverifiedPinError          exit 1   a pin has no known sha256 (no --allow-unverified)
     ├── DownloadError               exit 1   a download failed (network, HTTP status, bundle file)
-    │   └── ChecksumMismatchError   exit 1   downloaded bytes do not match the pinned sha256
+    │   ├── ChecksumMismatchError   exit 1   downloaded bytes do not match the pinned sha256
+    │   └── ChecksumSourceError     exit 1   the publisher's SHA256SUM cannot vouch for a file
+    │                                        (missing, not over https, does not list it)
     ├── InstallError                exit 1   unpacking or switching an installation failed
     ├── RuntimeNotFoundError        exit 1   no usable runtime (wasmedge binary, embedded deps)
     ├── ModelError                  exit 1   a model file is missing, not GGUF, or truncated
@@ -98,6 +100,11 @@ class DownloadError(EdgebundleError):
 
 class ChecksumMismatchError(DownloadError):
     """Downloaded bytes differ from the pinned sha256; the file was discarded."""
+
+
+class ChecksumSourceError(DownloadError):
+    """A release's SHA256SUM could not vouch for a file: not served over https, missing,
+    unreadable, or without (or with two different) lines for the file name."""
 
 
 class InstallError(EdgebundleError):

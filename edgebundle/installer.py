@@ -14,6 +14,13 @@ temp directory and leaves the previous ``current`` as it was. Where WasmEdge can
 installed (GitHub unreachable, no published checksum, a checksum mismatch) the
 installer says so in one line and the device runs on the embedded runtime, unless
 the plan requires WasmEdge.
+
+The sha256 a file must have comes from one of (see :class:`Verification`): the lock
+(``pinned``, quoted from a published source), the release's own SHA256SUM read over
+https now (``release-sha256sum``; the lock says ``verify``), the bundle the device
+installs from (``bundle``), or nowhere (``unverified``, only with --allow-unverified).
+Every checksum is settled before the first archive byte is fetched, and the value
+used is logged and recorded in the runtime's marker file.
 """
 
 from __future__ import annotations
@@ -35,7 +42,14 @@ from typing import Any
 
 from edgebundle import resources
 from edgebundle.bundle import Bundle, open_bundle
-from edgebundle.download import Log, ProgressFactory, fetch, progress_for, sha256_file
+from edgebundle.download import (
+    Log,
+    ProgressFactory,
+    fetch,
+    progress_for,
+    published_sha256,
+    sha256_file,
+)
 from edgebundle.errors import (
     EdgebundleError,
     InstallError,
@@ -46,6 +60,7 @@ from edgebundle.errors import (
 from edgebundle.host import HostInfo
 from edgebundle.layout import Layout
 from edgebundle.pins import (
+    RELEASE_SHA256SUM,
     AppPins,
     Artifact,
     Asset,
@@ -57,6 +72,57 @@ from edgebundle.runtime.wasmedge import PLUGIN_PATH_ENV, WASI_NN_LIBRARIES, runt
 
 MARKER = "edgebundle-runtime.json"
 AUTO = "auto"
+
+PINNED = "pinned"
+BUNDLE = "bundle"
+UNVERIFIED = "unverified"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What vouched for one installed file's sha256.
+
+    ``how``: ``pinned`` (the lock quotes a published value; ``source`` is the lock),
+    ``release-sha256sum`` (the release's SHA256SUM, read over https at install time;
+    ``source`` is its URL), ``bundle`` (the offline bundle's verified record; ``source``
+    is the bundle) or ``unverified`` (nothing did: --allow-unverified).
+    """
+
+    file: str
+    sha256: str
+    how: str
+    source: str
+
+    def describe(self) -> str:
+        if self.how == PINNED:
+            return f"{self.file}: sha256 {self.sha256} pinned in {self.source}"
+        if self.how == RELEASE_SHA256SUM:
+            return (
+                f"{self.file}: sha256 {self.sha256} verified against the publisher's "
+                f"{self.source} (read now over https; not pinned)"
+            )
+        if self.how == BUNDLE:
+            return f"{self.file}: sha256 {self.sha256} verified against the bundle {self.source}"
+        return (
+            f"{self.file}: installed unverified (sha256 {self.sha256}); nothing published "
+            "vouches for it (--allow-unverified)"
+        )
+
+    def to_json(self) -> dict[str, str]:
+        return {"file": self.file, "sha256": self.sha256, "how": self.how, "source": self.source}
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """Where to take a file from and the sha256 it must have, settled before fetching."""
+
+    source: str  # URL or bundle path
+    sha256: str | None  # None: unverified (allowed by the plan)
+    how: str
+    origin: str  # the lock, the SHA256SUM URL, the bundle, or ""
+
+    def verification(self, artifact: Artifact, actual: str) -> Verification:
+        return Verification(artifact.filename, actual, self.how, self.origin)
 
 
 
@@ -88,6 +154,7 @@ class InstallResult:
     downloaded: tuple[str, ...] = ()
     apps: Mapping[str, Path] = field(default_factory=dict)
     models: Mapping[str, Path] = field(default_factory=dict)
+    verified: tuple[Verification, ...] = ()  # every file fetched in this run
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +168,7 @@ class InstallResult:
             "downloaded": list(self.downloaded),
             "apps": {k: str(v) for k, v in self.apps.items()},
             "models": {k: str(v) for k, v in self.models.items()},
+            "verified": [v.to_json() for v in self.verified],
         }
 
 
@@ -197,7 +265,7 @@ def install(
     """Install the plan; WasmEdge failures fall back to the embedded runtime unless required."""
     variant = resolve_variant(plan.lock, plan.host, plan.variant)
     bundle = open_bundle(plan.bundle) if plan.bundle is not None else None
-    downloaded: list[str] = []
+    downloaded: list[Verification] = []
     fallback: str | None = None
     unpacked = False
     if plan.runtime:
@@ -239,9 +307,10 @@ def install(
         unpacked=unpacked,
         fallback_reason=fallback,
         env_file=env_file,
-        downloaded=tuple(downloaded),
+        downloaded=tuple(v.file for v in downloaded),
         apps=apps,
         models=models,
+        verified=tuple(downloaded),
     )
 
 
@@ -260,7 +329,7 @@ def _install_runtime(
     variant: str,
     layout: Layout,
     bundle: Bundle | None,
-    downloaded: list[str],
+    downloaded: list[Verification],
     progress: ProgressFactory | None,
     log: Log,
     make_current: bool = True,
@@ -272,8 +341,10 @@ def _install_runtime(
     """
     lock, host = plan.lock, plan.host
     try:
-        runtime_asset = lock.runtime_asset(host.os, host.arch)
+        # The runtime of the plugin's dist: a plugin built against another libstdc++ ABI
+        # crashes or is skipped silently (see plugins/wasmedge.lock.toml).
         plugin_asset = lock.plugin_asset(host.os, host.arch, variant)
+        runtime_asset = lock.runtime_for(host.os, host.arch, variant)
     except PinError as exc:
         raise _NotPinned(f"nothing pinned for this {host.os}/{host.arch} machine: {exc}") from None
     target = layout.runtime_dir(lock.wasmedge_version, variant)
@@ -286,32 +357,42 @@ def _install_runtime(
     for asset in (runtime_asset, plugin_asset):
         if bundle is not None:
             bundle.asset(asset)  # "not in this bundle" says more than "no sha256 pinned"
-        if not asset.verified and not plan.allow_unverified:  # shorter than require_verified's
+        if not asset.checkable and not plan.allow_unverified:  # shorter than require_verified's
             raise UnverifiedPinError(
-                f"{asset.filename}: no published sha256 is pinned; pass --allow-unverified, or "
-                "install from a bundle made by `edgebundle bundle build`"
+                f"{asset.filename}: no published sha256 is pinned and the lock names no "
+                "SHA256SUM to verify it against; pass --allow-unverified, or install from a "
+                "bundle made by `edgebundle bundle build`"
             )
+    # Both checksums before any archive byte: a release whose SHA256SUM is missing or
+    # silent about a file costs no download and leaves nothing behind.
+    expected = {a.component: _expected(a, plan, bundle) for a in (runtime_asset, plugin_asset)}
     layout.runtime_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=layout.runtime_root))
     try:
         archives: dict[str, Path] = {}
         for asset, label in (
             (runtime_asset, f"WasmEdge {lock.wasmedge_version}"),
-            (plugin_asset, f"WASI-NN plugin {lock.plugin_build} ({variant})"),
+            (plugin_asset, f"WASI-NN plugin {plugin_asset.build} ({variant})"),
         ):
-            source, sha = _source(asset, plan, bundle)
+            want = expected[asset.component]
             with progress_for(progress, label) as callback:
                 got = fetch(
-                    source,
+                    want.source,
                     staging / "archives" / asset.filename,
-                    sha256=sha,
+                    sha256=want.sha256,
                     downloads_dir=layout.downloads,
                     progress=callback,
+                    expected_from=want.origin if want.how == RELEASE_SHA256SUM else None,
                 )
-            downloaded.append(asset.filename)
-            if sha is None:
-                log(f"WARNING: {asset.name} installed unverified (sha256 {got.sha256})")
-            wanted["assets"][asset.component] = {"url": asset.url, "sha256": got.sha256}
+            verification = want.verification(asset, got.sha256)
+            downloaded.append(verification)
+            log(("WARNING: " if want.sha256 is None else "") + verification.describe())
+            wanted["assets"][asset.component] = {
+                "url": asset.url,
+                "sha256": got.sha256,
+                "verified_by": verification.how,
+                "verified_with": verification.source,
+            }
             archives[asset.component] = got.path
         tree = _unpack_runtime(archives["wasmedge"], staging, runtime_asset)
         _unpack_plugin(archives["plugin"], staging, tree, lock.plugin_library)
@@ -361,14 +442,30 @@ def switch_current(layout: Layout, name: str | None) -> None:
     write_env_file(layout)
 
 
-def _source(artifact: Artifact, plan: InstallPlan, bundle: Bundle | None) -> tuple[str, str | None]:
-    """Where to take a pinned file from and the sha256 it must have (None = unverified)."""
+def _expected(artifact: Artifact, plan: InstallPlan, bundle: Bundle | None) -> _Expected:
+    """Where to take a pinned file from and the sha256 it must have, and who says so.
+
+    A bundle carries its own verified value for every file (recorded when it was built),
+    so nothing is read from the network then. Otherwise a pinned sha256 wins; a row that
+    says ``verify`` gets its value from the release's SHA256SUM, over https, now.
+    """
     if bundle is not None:
         path, listed = bundle.asset(artifact)
-        artifact.require_verified(plan.allow_unverified)
-        return str(path), listed
+        return _Expected(str(path), listed, BUNDLE, str(bundle.root))
+    if artifact.verified:
+        return _Expected(artifact.url, artifact.sha256, PINNED, str(_pins_path(plan, artifact)))
+    if artifact.verify == RELEASE_SHA256SUM:
+        sums = artifact.sha256sum_url
+        return _Expected(
+            artifact.url, published_sha256(sums, artifact.filename), RELEASE_SHA256SUM, sums
+        )
     artifact.require_verified(plan.allow_unverified)
-    return artifact.url, artifact.sha256 if artifact.verified else None
+    return _Expected(artifact.url, None, UNVERIFIED, "")
+
+
+def _pins_path(plan: InstallPlan, artifact: Artifact) -> Path:
+    """The lock file that pins ``artifact`` (runtime lock or app/model pins)."""
+    return plan.lock.path if isinstance(artifact, Asset) else plan.app_pins.path
 
 
 def _marker(
@@ -377,7 +474,7 @@ def _marker(
     return {
         "wasmedge_version": lock.wasmedge_version,
         "plugin_version": lock.plugin_version,
-        "plugin_build": lock.plugin_build,
+        "plugin_build": plugin_asset.build or lock.plugin_build,
         "variant": variant,
         "os": host.os,
         "arch": host.arch,
@@ -598,7 +695,7 @@ def _install_pinned_file(
     plan: InstallPlan,
     layout: Layout,
     bundle: Bundle | None,
-    downloaded: list[str],
+    downloaded: list[Verification],
     progress: ProgressFactory | None,
     log: Log,
 ) -> Path:
@@ -610,12 +707,19 @@ def _install_pinned_file(
         if sha256_file(dest) == pin.sha256:
             log(f"{pin.name}: {dest} already installed (sha256 verified)")
             return dest
-    source, sha = _source(pin, plan, bundle)
+    want = _expected(pin, plan, bundle)
     with progress_for(progress, pin.name) as callback:
-        got = fetch(source, dest, sha256=sha, downloads_dir=layout.downloads, progress=callback)
-    downloaded.append(pin.filename)
-    if sha is None:
-        log(f"WARNING: {pin.name} installed unverified (sha256 {got.sha256})")
+        got = fetch(
+            want.source,
+            dest,
+            sha256=want.sha256,
+            downloads_dir=layout.downloads,
+            progress=callback,
+            expected_from=want.origin if want.how == RELEASE_SHA256SUM else None,
+        )
+    verification = want.verification(pin, got.sha256)
+    downloaded.append(verification)
+    log(("WARNING: " if want.sha256 is None else "") + verification.describe())
     return dest
 
 

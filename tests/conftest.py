@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from edgebundle.download import EXTRA_CA_ENV
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.release_server import ReleaseServer
 from tests.support.serving import LoopThread
+from tests.support.tls import TestCA, make_test_ca
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,26 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def release_server(tmp_path: Path) -> Iterator[ReleaseServer]:
     """A local HTTP server standing in for GitHub releases (unreachable here)."""
     server = ReleaseServer(tmp_path / "srv").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A throwaway CA and a 127.0.0.1 server certificate it signed (openssl)."""
+    return make_test_ca(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def https_release_server(
+    tmp_path: Path, test_ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ReleaseServer]:
+    """The release server over HTTPS; this process trusts its CA through
+    $EDGEBUNDLE_EXTRA_CA_FILE (added to the system's CAs; verification stays on)."""
+    monkeypatch.setenv(EXTRA_CA_ENV, str(test_ca.ca_cert))
+    server = ReleaseServer(tmp_path / "srv-tls", tls=test_ca).start()
     try:
         yield server
     finally:

@@ -226,3 +226,42 @@ def test_toml_writer_round_trips() -> None:
         "asset": [{"component": "wasmedge", "sha256": "unknown"}, {"odd key": "x"}],
     }
     assert tomllib.loads(bundle.dump_toml(data)) == data
+
+
+def test_build_checks_verify_rows_against_sha256sum_and_the_bundle_carries_the_value(
+    https_release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    """A verify row is checked against the release's SHA256SUM when the bundle is built;
+    the device then checks the value the bundle carries and reads nothing online."""
+    release = publish_release(https_release_server, tmp_path, verify=["wasmedge", "plugin"])
+    dest = tmp_path / "bundle"
+    _, log = build(release, dest)
+    sums_url = https_release_server.url("SHA256SUM")
+    assert f"{release.plugin.name}" not in "\n".join(x for x in log if x.startswith("WARNING"))
+    assert any(f"checked against the release's {sums_url}" in line for line in log)
+    raw = tomllib.loads((dest / "plugins" / "wasmedge.lock.toml").read_text())
+    runtime_row = raw["asset"][0]
+    assert "verify" not in runtime_row and runtime_row["sha256"] == sha256(release.runtime)
+    assert runtime_row["sha256_origin"].startswith(f"checked against the release's {sums_url}")
+    noavx = next(row for row in raw["asset"] if row.get("variant") == "noavx")
+    assert noavx["verify"] == "release-sha256sum"  # not bundled: left as the lock says
+
+    https_release_server.stop()  # offline from here on
+    plan = installer.make_plan(AVX_HOST, bundle=dest, require_wasmedge=True)
+    result = installer.install(plan, Layout(tmp_path / "home"))
+    assert [(v.file, v.how, v.source) for v in result.verified] == [
+        (release.runtime.name, "bundle", str(dest)),
+        (release.plugin.name, "bundle", str(dest)),
+    ]
+
+
+def test_build_refuses_a_download_that_differs_from_sha256sum(
+    https_release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(https_release_server, tmp_path, verify=["plugin"])
+    (https_release_server.root / "SHA256SUM").write_text(
+        f"{sha256(release.runtime)}  {release.runtime.name}\n{'0' * 64}  {release.plugin.name}\n"
+    )
+    with pytest.raises(ChecksumMismatchError, match=f"SHA256SUM lists {'0' * 64}"):
+        build(release, tmp_path / "bundle")
+    assert not (tmp_path / "bundle" / "bundle.json").exists()

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from edgebundle.doctor.wasmedge_checks import plugin_version_matches
+from edgebundle.pins import load_runtime_lock
 from edgebundle.runtime.wasmedge import parse_version_output
 from tests.support.doctor_env import (
     AARCH64,
@@ -145,6 +146,28 @@ def test_installed_plugin_build_different_from_pin_fails(home: Path) -> None:
     version = diagnose(home, runtime="wasmedge").check("wasmedge.version")
     assert version.status == "fail"
     assert "b4000" in version.summary and "b5593" in version.summary
+
+
+def test_the_build_compared_is_the_one_pinned_for_the_installed_variant(
+    home: Path, tmp_path: Path
+) -> None:
+    """The lock's CPU plugin may be another release's build (WasmEdge's own 0.14.1 one,
+    b3651) than its other variants (b5593): doctor expects the installed variant's."""
+    lock = write_lock(tmp_path / "pins")
+    plugin_rows = "".join(
+        f'[[asset]]\ncomponent = "plugin"\nos = "linux"\narch = "x86_64"\n'
+        f'variant = "{variant}"\n{build}url = "https://example.invalid/{variant}.tar.gz"\n'
+        'sha256 = "unknown"\n'
+        for variant, build in (("cpu", 'build = "b3651"\n'), ("noavx", ""))
+    )
+    lock.path.write_text(lock.path.read_text() + plugin_rows)
+    lock = load_runtime_lock(lock.path)
+    install_runtime(home, variant="cpu", plugin_build="b3651")
+    assert diagnose(home, runtime="wasmedge", lock=lock).check("wasmedge.version").status == "ok"
+    install_runtime(home, variant="noavx", plugin_build="b3651")
+    version = diagnose(home, runtime="wasmedge", lock=lock).check("wasmedge.version")
+    assert version.status == "fail"
+    assert "installed plugin is GGML build b3651, the pin is b5593" in version.summary
 
 
 def test_unparseable_version_output_fails_naming_what_it_printed(

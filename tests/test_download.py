@@ -15,18 +15,34 @@ from pathlib import Path
 
 import pytest
 
-from edgebundle.download import fetch, terminal_progress
-from edgebundle.errors import ChecksumMismatchError, ConfigError, DownloadError
+from edgebundle.download import (
+    EXTRA_CA_ENV,
+    fetch,
+    parse_sha256sum,
+    published_sha256,
+    terminal_progress,
+    tls_context,
+)
+from edgebundle.errors import (
+    ChecksumMismatchError,
+    ChecksumSourceError,
+    ConfigError,
+    DownloadError,
+)
 from tests.support.release_server import ReleaseServer, closed_port_url
 
 SIZE = 300_000
 
 
 @pytest.fixture
-def blob(release_server: ReleaseServer) -> tuple[str, bytes, str]:
+def blob(request: pytest.FixtureRequest) -> tuple[str, bytes, str]:
+    """A random file on the test's release server (the HTTPS one when it uses that)."""
+    which = "https_release_server" if "https_release_server" in request.fixturenames else (
+        "release_server")
+    server: ReleaseServer = request.getfixturevalue(which)
     data = os.urandom(SIZE)
-    release_server.root.mkdir(parents=True, exist_ok=True)
-    (release_server.root / "blob.bin").write_bytes(data)
+    server.root.mkdir(parents=True, exist_ok=True)
+    (server.root / "blob.bin").write_bytes(data)
     return "blob.bin", data, hashlib.sha256(data).hexdigest()
 
 
@@ -283,3 +299,100 @@ def test_silent_server_times_out_after_retries(tmp_path: Path) -> None:
                 timeout=0.2,
                 retries=2,
             )
+
+
+# ---------------------------------------------------------------- the publisher's SHA256SUM
+
+
+def sums(server: ReleaseServer, text: str) -> str:
+    server.root.mkdir(parents=True, exist_ok=True)
+    (server.root / "SHA256SUM").write_text(text, encoding="utf-8")
+    return server.url("SHA256SUM")
+
+
+def test_sha256sum_lines_as_sha256sum_writes_them(https_release_server: ReleaseServer) -> None:
+    a, b, c, d = "a" * 64, "B" * 64, "c" * 64, "d" * 64
+    url = sums(
+        https_release_server,
+        f"# checksums\n{a}  WasmEdge-1-x.tar.gz\r\n{b} *bin.tar.gz\n{c}  ./dot.tar.gz\n"
+        f"\n{d}  WasmEdge-1-x.tar.gz.sig\n",
+    )
+    assert published_sha256(url, "WasmEdge-1-x.tar.gz") == a  # CRLF, not the .sig line
+    assert published_sha256(url, "bin.tar.gz") == "b" * 64  # binary mode, lowercased
+    assert published_sha256(url, "dot.tar.gz") == c
+    assert parse_sha256sum(f"{a}  n\n{a}  n\nnot a line\n") == {"n": {a}}
+
+
+def test_sha256sum_must_list_the_file_once(https_release_server: ReleaseServer) -> None:
+    url = sums(https_release_server, f"{'a' * 64}  other.tar.gz\n")
+    with pytest.raises(
+        ChecksumSourceError, match=f"^{url} does not list x.tar.gz, so nothing published"
+    ):
+        published_sha256(url, "x.tar.gz")
+    url = sums(https_release_server, f"{'a' * 64}  x.tar.gz\n{'b' * 64}  x.tar.gz\n")
+    with pytest.raises(ChecksumSourceError, match="lists x.tar.gz with 2 different sha256s"):
+        published_sha256(url, "x.tar.gz")
+
+
+def test_a_missing_sha256sum_is_one_line(https_release_server: ReleaseServer) -> None:
+    url = https_release_server.url("SHA256SUM")
+    with pytest.raises(ChecksumSourceError) as caught:
+        published_sha256(url, "x.tar.gz")
+    assert str(caught.value) == (
+        f"{url}: HTTP 404 Not Found: the release publishes no SHA256SUM to verify x.tar.gz "
+        "against; pin a sha256 quoted from a published source in the lock, or install from "
+        "a bundle"
+    )
+
+
+def test_sha256sum_over_plain_http_is_never_read(release_server: ReleaseServer) -> None:
+    url = sums(release_server, f"{'a' * 64}  x.tar.gz\n")
+    with pytest.raises(ChecksumSourceError, match="refusing to read a checksum list over http"):
+        published_sha256(url, "x.tar.gz")
+    assert release_server.gets() == []
+
+
+def test_sha256sum_redirects_stay_on_https(
+    https_release_server: ReleaseServer, release_server: ReleaseServer
+) -> None:
+    """GitHub answers release downloads with a redirect: followed, but to https only."""
+    sums(https_release_server, f"{'a' * 64}  x.tar.gz\n")
+    https_release_server.redirect("moved/SHA256SUM", https_release_server.url("SHA256SUM"))
+    assert published_sha256(https_release_server.url("moved/SHA256SUM"), "x.tar.gz") == "a" * 64
+
+    plain = sums(release_server, f"{'b' * 64}  x.tar.gz\n")
+    https_release_server.redirect("SHA256SUM", plain)
+    with pytest.raises(ChecksumSourceError) as caught:
+        published_sha256(https_release_server.url("SHA256SUM"), "x.tar.gz")
+    assert f"redirected to {plain}, which is not https" in str(caught.value)
+    assert release_server.gets() == []  # the plain http copy was never read
+
+
+def test_sha256sum_from_an_untrusted_certificate_is_refused(
+    https_release_server: ReleaseServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the test CA (the extra CA file only adds trust), TLS verification fails."""
+    url = sums(https_release_server, f"{'a' * 64}  x.tar.gz\n")
+    monkeypatch.delenv(EXTRA_CA_ENV)
+    with pytest.raises(DownloadError, match="TLS certificate of 127.0.0.1 not trusted"):
+        published_sha256(url, "x.tar.gz")
+
+
+def test_a_broken_extra_ca_file_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(EXTRA_CA_ENV, str(tmp_path / "nope.pem"))
+    with pytest.raises(ConfigError, match=f"{EXTRA_CA_ENV}=.*nope.pem: cannot load CA"):
+        tls_context()
+
+
+def test_a_mismatch_names_the_sha256sum_it_contradicts(
+    https_release_server: ReleaseServer, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    name, _, _ = blob
+    listed = "e" * 64
+    with pytest.raises(ChecksumMismatchError) as caught:
+        fetch(https_release_server.url(name), tmp_path / "b.bin", sha256=listed,
+              downloads_dir=tmp_path / "dl", expected_from="https://x/SHA256SUM")
+    assert f"sha256 mismatch: https://x/SHA256SUM lists {listed}, got" in str(caught.value)
+    assert not (tmp_path / "b.bin").exists()

@@ -979,9 +979,12 @@ def test_the_shipped_locks_unknown_sha256s_are_refused_without_a_bundle(
     home = tmp_path / "home"
     model = scripted_model(tmp_path / "m", "wasmedge model")
     shipped = load_runtime_lock(runtime_lock_file())
-    assert not all(a.verified for a in shipped.assets)  # else this test proves nothing
+    # noavx: a plugin the shipped lock neither pins nor can verify against a SHA256SUM
+    # (the cpu one is verifiable, but only online, and there is no internet here).
+    assert not shipped.plugin_asset(HOST.os, HOST.arch, "noavx").checkable  # else: no proof
     spec = wasmedge_spec(model, redis_server.url, shipped.wasmedge_version)
-    spec["runtime"]["plugin"]["build"] = shipped.plugin_build
+    spec["runtime"]["plugin"]["variant"] = "noavx"
+    spec["runtime"]["plugin"]["build"] = shipped.plugin_build_for(HOST.os, HOST.arch, "noavx")
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET)
 
     async def scenario() -> ActualState:

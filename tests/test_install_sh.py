@@ -1,8 +1,10 @@
 """install.sh end to end: a real venv, a real pip install, the runtime, a real offline bundle.
 
-GitHub releases are unreachable here, so a local HTTP server on 127.0.0.1 serves
-fabricated WasmEdge archives (tests/support/release_server.py) and install.sh gets a
---lock/--pins pointing at it; pip, venv, bash and the bundle are real. These tests run
+GitHub releases are unreachable here, so a local HTTPS server on 127.0.0.1 serves
+fabricated WasmEdge archives and their release's SHA256SUM (tests/support/
+release_server.py, with a throwaway CA the install trusts through
+$EDGEBUNDLE_EXTRA_CA_FILE) and install.sh gets a --lock/--pins pointing at it; pip,
+venv, bash and the bundle are real. These tests run
 pip several times (about a minute in all): it is the only way to know install.sh works.
 The one stand-in is the "old Python" (a script that reports 3.9), because no such
 interpreter is installed here.
@@ -20,16 +22,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.release_server import Release, ReleaseServer, publish_release
+from edgebundle.download import EXTRA_CA_ENV
+from tests.support.release_server import Release, ReleaseServer, publish_release, sha256
+from tests.support.tls import TestCA
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SH = REPO / "install.sh"
 
 
 def run_sh(
-    *args: str, home_dir: Path | None = None, timeout: float = 300
+    *args: str,
+    home_dir: Path | None = None,
+    timeout: float = 300,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
+    env.update(extra_env or {})
     if home_dir is not None:  # a throwaway $HOME, so ~/.bashrc is the test's own
         env["PIP_CACHE_DIR"] = os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
         env["HOME"] = str(home_dir)
@@ -39,11 +47,15 @@ def run_sh(
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ReleaseServer, Release]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, test_ca: TestCA
+) -> Iterator[tuple[ReleaseServer, Release]]:
+    """An HTTPS release whose runtime is pinned and whose plugin is verified against its
+    SHA256SUM, as the shipped lock's default ("cpu") pair is."""
     work = tmp_path_factory.mktemp("release")
-    server = ReleaseServer(work / "srv").start()
+    server = ReleaseServer(work / "srv", tls=test_ca).start()
     try:
-        yield server, publish_release(server, work)
+        yield server, publish_release(server, work, verify=["plugin"])
     finally:
         server.stop()
 
@@ -113,9 +125,10 @@ def test_old_python_is_one_line(tmp_path: Path) -> None:
 
 
 def test_install_from_checkout_then_rerun(
-    served: tuple[ReleaseServer, Release], tmp_path: Path
+    served: tuple[ReleaseServer, Release], test_ca: TestCA, tmp_path: Path
 ) -> None:
     server, release = served
+    trust = {EXTRA_CA_ENV: str(test_ca.ca_cert)}
     home, fake_home = tmp_path / "eb home", tmp_path / "user"
     fake_home.mkdir()
     (fake_home / ".bashrc").write_text("# user's own\n")
@@ -132,9 +145,19 @@ def test_install_from_checkout_then_rerun(
         "--app",
         "llama-chat",
     ]
-    done = run_sh(*args, home_dir=fake_home)
+    done = run_sh(*args, home_dir=fake_home, extra_env=trust)
     assert done.returncode == 0, done.stderr
     assert f"==> creating {home / 'venv'}" in done.stderr
+    # Which file was pinned and which verified against the publisher's file, said per file.
+    assert (
+        f"  {release.runtime.name}: sha256 {sha256(release.runtime)} pinned in {release.lock}"
+        in done.stdout.splitlines()
+    )
+    assert (
+        f"  {release.plugin.name}: sha256 {sha256(release.plugin)} verified against the "
+        f"publisher's {server.url('SHA256SUM')} (read now over https; not pinned)"
+        in done.stdout.splitlines()
+    )
     version = subprocess.run(
         [str(home / "venv" / "bin" / "edgebundle"), "--version"],
         capture_output=True,
@@ -163,7 +186,8 @@ def test_install_from_checkout_then_rerun(
     assert '(plugin "wasi_nn")' in sourced.stdout
 
     fetched = len(server.gets())
-    again = run_sh(*args, "--update-profile", "--with-redis", home_dir=fake_home)
+    again = run_sh(*args, "--update-profile", "--with-redis", home_dir=fake_home,
+                   extra_env=trust)
     assert again.returncode == 0, again.stderr
     assert f"==> reusing {home / 'venv'}" in again.stderr
     assert "==> redis-server is already installed" in again.stderr  # (the fixture's own)

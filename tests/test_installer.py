@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from edgebundle import installer
+from edgebundle import installer, resources
+from edgebundle.download import EXTRA_CA_ENV
 from edgebundle.errors import (
     ChecksumMismatchError,
+    ChecksumSourceError,
     DownloadError,
     InstallError,
     PinError,
@@ -38,7 +43,9 @@ from tests.support.release_server import (
     publish_release,
     repin,
     sha256,
+    write_sha256sum,
 )
+from tests.support.tls import TestCA
 
 HOST = detect()
 AVX_HOST = HostInfo(os=HOST.os, arch=HOST.arch, flags=frozenset({"avx", "avx2"}))
@@ -57,8 +64,11 @@ def run_install(
     return installer.install(plan, Layout(home), log=log), log
 
 
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    home: Path, *args: str, extra_env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
+    env.update(extra_env or {})
     return subprocess.run(
         [sys.executable, "-m", "edgebundle", "--home", str(home), *args],
         capture_output=True,
@@ -391,3 +401,290 @@ def test_download_error_type_for_missing_asset(
     with pytest.raises(DownloadError, match="HTTP 404"):
         run_install(release.lock, release.pins, tmp_path / "home", require_wasmedge=True)
     assert runtime_entries(tmp_path / "home") == []
+
+
+# ---------------------------------------------------------------- how each file is verified
+
+
+def marker_of(home: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (home / "runtime" / "current" / "edgebundle-runtime.json").read_text()
+    )
+    return data
+
+
+def test_a_pinned_archive_swapped_on_the_server_is_refused(
+    https_release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    """The pin wins: the release's SHA256SUM (which lists the swapped file) is not read."""
+    release = publish_release(https_release_server, tmp_path)
+    pinned = sha256(release.runtime)
+    other = make_runtime_archive(tmp_path / "other", "0.14.1")  # same layout, other bytes
+    release.runtime.write_bytes(other.read_bytes())
+    write_sha256sum(https_release_server.root, {release.runtime.name: sha256(other)})
+    home = tmp_path / "home"
+    with pytest.raises(ChecksumMismatchError, match=f"expected {pinned}, got {sha256(other)}"):
+        run_install(release.lock, release.pins, home, require_wasmedge=True)
+    assert https_release_server.gets("SHA256SUM") == []
+    assert runtime_entries(home) == []  # nothing unpacked, no temp leftovers
+    assert not list((home / "downloads").iterdir())  # the download was discarded
+
+
+def test_an_unpinned_asset_is_verified_against_sha256sum_and_recorded(
+    https_release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(https_release_server, tmp_path, verify=["plugin"])
+    home = tmp_path / "home"
+    result, log = run_install(release.lock, release.pins, home, require_wasmedge=True)
+    sums_url = https_release_server.url("SHA256SUM")
+    assert result.active == "wasmedge-0.14.1-cpu"
+    runtime, plugin = result.verified
+    assert (runtime.file, runtime.how, runtime.source) == (
+        release.runtime.name, "pinned", str(release.lock))
+    assert (plugin.file, plugin.sha256, plugin.how, plugin.source) == (
+        release.plugin.name, sha256(release.plugin), "release-sha256sum", sums_url)
+    assert log[:2] == [
+        f"{release.runtime.name}: sha256 {sha256(release.runtime)} pinned in {release.lock}",
+        f"{release.plugin.name}: sha256 {sha256(release.plugin)} verified against the "
+        f"publisher's {sums_url} (read now over https; not pinned)",
+    ]
+    recorded = marker_of(home)["assets"]
+    assert recorded["plugin"] == {
+        "url": https_release_server.url(release.plugin.name),
+        "sha256": sha256(release.plugin),
+        "verified_by": "release-sha256sum",
+        "verified_with": sums_url,
+    }
+    assert recorded["wasmedge"]["verified_by"] == "pinned"
+    # SHA256SUM is read once, before the first archive byte.
+    paths = [r.path for r in https_release_server.gets()]
+    assert paths == ["/SHA256SUM", f"/{release.runtime.name}", f"/{release.plugin.name}"]
+    assert result.to_json()["verified"][1]["how"] == "release-sha256sum"
+
+    again, _ = run_install(release.lock, release.pins, home)  # installed: nothing read again
+    assert again.verified == () and len(https_release_server.gets()) == 3
+
+
+@pytest.mark.parametrize(
+    "breakage, reason",
+    [
+        ("missing", "HTTP 404 Not Found: the release publishes no SHA256SUM to verify {plugin}"),
+        ("unlisted", "{sums} does not list {plugin}, so nothing published vouches for it"),
+        ("to plain http", "redirected to {plain}, which is not https"),
+    ],
+)
+def test_a_sha256sum_that_cannot_vouch_is_refused_before_any_download(
+    https_release_server: ReleaseServer,
+    release_server: ReleaseServer,
+    tmp_path: Path,
+    breakage: str,
+    reason: str,
+) -> None:
+    release = publish_release(https_release_server, tmp_path, verify=["plugin"])
+    sums = https_release_server.root / "SHA256SUM"
+    plain = release_server.url("SHA256SUM")
+    if breakage == "missing":
+        sums.unlink()
+    elif breakage == "unlisted":
+        write_sha256sum(https_release_server.root, {release.runtime.name: sha256(release.runtime)})
+    else:
+        https_release_server.redirect("SHA256SUM", plain)
+    reason = reason.format(
+        plugin=release.plugin.name, sums=https_release_server.url("SHA256SUM"), plain=plain
+    )
+    home = tmp_path / "home"
+    for allow_unverified in (False, True):  # a failed check is no "unknown" pin
+        result, log = run_install(
+            release.lock, release.pins, home, allow_unverified=allow_unverified
+        )
+        assert result.runtime == "embedded" and result.verified == ()
+        (line,) = log
+        assert reason in line and "continuing with the embedded runtime" in line
+    with pytest.raises(ChecksumSourceError, match=re.escape(reason)):
+        run_install(release.lock, release.pins, home, require_wasmedge=True)
+    archives = [r for r in https_release_server.gets() if r.path.endswith(".tar.gz")]
+    assert archives == [] and release_server.gets() == []
+    assert not (home / "runtime").exists() or runtime_entries(home) == []
+
+
+def test_a_download_that_differs_from_sha256sum_is_refused(
+    https_release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    release = publish_release(https_release_server, tmp_path, verify=["plugin"])
+    listed = "5" * 64
+    write_sha256sum(
+        https_release_server.root,
+        {release.runtime.name: sha256(release.runtime), release.plugin.name: listed},
+    )
+    home = tmp_path / "home"
+    sums_url = https_release_server.url("SHA256SUM")
+    with pytest.raises(ChecksumMismatchError) as caught:
+        run_install(release.lock, release.pins, home, require_wasmedge=True)
+    assert f"sha256 mismatch: {sums_url} lists {listed}, got {sha256(release.plugin)}" in str(
+        caught.value
+    )
+    assert runtime_entries(home) == []
+
+
+def test_verify_needs_https_in_the_lock(release_server: ReleaseServer, tmp_path: Path) -> None:
+    release = publish_release(release_server, tmp_path, verify=["plugin"])
+    done = cli(tmp_path / "home", "install", "--lock", str(release.lock), "--pins",
+               str(release.pins))
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line == (
+        f"edgebundle: error: {release.lock}: asset[1].verify = 'release-sha256sum' needs an "
+        "https:// url (its SHA256SUM is read from beside it, over TLS only)"
+    )
+    assert release_server.gets() == []
+
+
+def test_allow_unverified_is_still_needed_for_a_pin_with_neither(
+    https_release_server: ReleaseServer, tmp_path: Path
+) -> None:
+    """Runtime verifiable against SHA256SUM, plugin neither pinned nor verifiable."""
+    release = publish_release(https_release_server, tmp_path, verify=["wasmedge"],
+                              known_sha=False)
+    home = tmp_path / "home"
+    result, log = run_install(release.lock, release.pins, home)
+    assert result.runtime == "embedded"
+    (line,) = log
+    assert (
+        f"not installed ({release.plugin.name}: no published sha256 is pinned and the lock "
+        "names no SHA256SUM to verify it against; pass --allow-unverified" in line
+    )
+    assert https_release_server.gets() == []  # refused before SHA256SUM or any archive
+
+    result, log = run_install(release.lock, release.pins, home, allow_unverified=True)
+    assert [v.how for v in result.verified] == ["release-sha256sum", "unverified"]
+    assert log[1] == (
+        f"WARNING: {release.plugin.name}: installed unverified (sha256 "
+        f"{sha256(release.plugin)}); nothing published vouches for it (--allow-unverified)"
+    )
+    assert marker_of(home)["assets"]["plugin"]["verified_by"] == "unverified"
+
+
+def test_cli_output_says_which_files_are_pinned_and_which_verified(
+    https_release_server: ReleaseServer, test_ca: TestCA, tmp_path: Path
+) -> None:
+    release = publish_release(https_release_server, tmp_path, verify=["plugin"])
+    home = tmp_path / "home"
+    done = cli(home, "install", "--lock", str(release.lock), "--pins", str(release.pins),
+               extra_env={EXTRA_CA_ENV: str(test_ca.ca_cert)})
+    assert done.returncode == 0, done.stderr
+    sums_url = https_release_server.url("SHA256SUM")
+    assert done.stdout.splitlines()[1:3] == [
+        f"  {release.runtime.name}: sha256 {sha256(release.runtime)} pinned in {release.lock}",
+        f"  {release.plugin.name}: sha256 {sha256(release.plugin)} verified against the "
+        f"publisher's {sums_url} (read now over https; not pinned)",
+    ]
+    as_json = cli(home, "install", "--lock", str(release.lock), "--pins", str(release.pins),
+                  "--json", extra_env={EXTRA_CA_ENV: str(test_ca.ca_cert)})
+    assert json.loads(as_json.stdout)["verified"] == []  # already installed: nothing fetched
+
+
+# ---------------------------------------------------------------- the lock's rules
+
+
+def lock_text(rows: str) -> str:
+    return (
+        'schema = 1\n[wasmedge]\nversion = "0.14.1"\n'
+        '[plugin]\nname = "wasi_nn"\nlibrary = "libwasmedgePluginWasiNN.so"\n'
+        'version = "0.14.1"\nbuild = "b5593"\n' + rows
+    )
+
+
+def row(component: str, dist: str, check: str, variant: str | None = None,
+        arch: str = "x86_64") -> str:
+    name = "WasmEdge-plugin-wasi_nn-ggml" if component == "plugin" else "WasmEdge"
+    text = f'[[asset]]\ncomponent = "{component}"\nos = "linux"\narch = "{arch}"\n'
+    text += f'variant = "{variant}"\n' if variant else ""
+    text += f'dist = "{dist}"\n' if dist else ""
+    return text + (
+        f'url = "https://example.org/r/{name}-0.14.1-{dist or "x"}_{arch}.tar.gz"\n{check}\n'
+    )
+
+
+PINNED, VERIFY = f'sha256 = "{"a" * 64}"', 'verify = "release-sha256sum"'
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (row("wasmedge", "", f'{PINNED}\n{VERIFY}'),
+         "asset[0] has both sha256 and verify"),
+        (row("wasmedge", "", ""), 'asset[0] needs sha256 = "<hex>" (a published value)'),
+        (row("wasmedge", "", 'verify = "trust-me"'),
+         "asset[0].verify is 'trust-me'; expected one of release-sha256sum"),
+        (row("wasmedge", "manylinux2014", PINNED)
+         + row("plugin", "ubuntu20.04", VERIFY, "cpu"),
+         "plugin linux/x86_64 cpu is built for dist ubuntu20.04 but no WasmEdge asset of that "
+         "dist is pinned for linux/x86_64 (pinned: manylinux2014); runtime and plugin must "
+         "come from the same dist"),
+        (row("wasmedge", "manylinux2014", PINNED) + row("wasmedge", "manylinux2014", VERIFY),
+         "two WasmEdge assets for linux/x86_64 dist manylinux2014"),
+        (row("wasmedge", "manylinux2014", PINNED).replace("manylinux2014_", "ubuntu20.04_"),
+         "asset[0].dist is 'manylinux2014' but the file name in its url does not say "
+         "-manylinux2014_<arch>"),
+    ],
+)
+def test_lock_rules(tmp_path: Path, rows: str, message: str) -> None:
+    lock = tmp_path / "lock.toml"
+    lock.write_text(lock_text(rows))
+    with pytest.raises(PinError, match=re.escape(f"{lock}: {message}")):
+        load_runtime_lock(lock)
+
+
+def test_each_variant_gets_the_runtime_of_its_dist(tmp_path: Path) -> None:
+    lock = tmp_path / "lock.toml"
+    lock.write_text(lock_text(
+        row("wasmedge", "manylinux2014", PINNED) + row("wasmedge", "ubuntu20.04", VERIFY)
+        + row("plugin", "manylinux2014", VERIFY + '\nbuild = "b3651"', "cpu")
+        + row("plugin", "ubuntu20.04", 'sha256 = "unknown"', "noavx")
+    ))
+    pins = load_runtime_lock(lock)
+    assert pins.runtime_for("linux", "x86_64", "cpu").dist == "manylinux2014"
+    assert pins.runtime_for("linux", "x86_64", "noavx").dist == "ubuntu20.04"
+    assert pins.plugin_build_for("linux", "x86_64", "cpu") == "b3651"
+    assert pins.plugin_build_for("linux", "x86_64", "noavx") == "b5593"  # the lock's own
+    verify_row = pins.runtime_asset("linux", "x86_64", "ubuntu20.04")
+    assert (verify_row.verified, verify_row.checkable) == (False, True)
+    assert verify_row.sha256sum_url == "https://example.org/r/SHA256SUM"
+
+
+def test_the_shipped_lock(tmp_path: Path) -> None:
+    """What is pinned (the published values, quoted), what is verified at install
+    against the release's SHA256SUM, and what is neither."""
+    lock = load_runtime_lock(resources.runtime_lock_file())
+    release = "https://github.com/WasmEdge/WasmEdge/releases/download/0.14.1/"
+    how = {
+        a.filename: a.sha256 if a.verified else a.verify or "unknown" for a in lock.assets
+    }
+    assert how == {
+        "WasmEdge-0.14.1-manylinux2014_x86_64.tar.gz":
+            "a82f9fb01a6a6f1dfbd1cb069dc96d116f22c15cdb01207a5d0e65096055d092",
+        "WasmEdge-0.14.1-manylinux2014_aarch64.tar.gz":
+            "d5ac5c2405ff8a878558379740498e5fe4b126fe746eac585f7efa9bb7f32e28",
+        "WasmEdge-0.14.1-darwin_arm64.tar.gz":
+            "38dd10f4e78d339be91e0c3501055d4dad9bf08c3dc648e07a30df9bea2d6c4a",
+        "WasmEdge-0.14.1-darwin_x86_64.tar.gz":
+            "96d01cf083d4f7e1c55683dc4b60acca6d8517ad901e2d7b4b5d64ca9a6532e0",
+        "WasmEdge-0.14.1-ubuntu20.04_x86_64.tar.gz": "release-sha256sum",
+        "WasmEdge-plugin-wasi_nn-ggml-0.14.1-manylinux2014_x86_64.tar.gz": "release-sha256sum",
+        "WasmEdge-plugin-wasi_nn-ggml-0.14.1-manylinux2014_aarch64.tar.gz": "release-sha256sum",
+        "WasmEdge-plugin-wasi_nn-ggml-noavx-0.14.1-ubuntu20.04_x86_64.tar.gz": "unknown",
+        "WasmEdge-plugin-wasi_nn-ggml-cuda-0.14.1-ubuntu20.04_x86_64.tar.gz": "unknown",
+        "WasmEdge-plugin-wasi_nn-ggml-0.14.1-darwin_arm64.tar.gz": "unknown",
+    }
+    for asset in lock.assets:
+        if asset.verify:  # WasmEdge's own release, whose SHA256SUM sits beside the file
+            assert asset.url == release + asset.filename
+            assert asset.sha256sum_url == release + "SHA256SUM"
+    # The default on a connected Linux box: both files of "cpu" are checkable, one dist.
+    for arch in ("x86_64", "aarch64"):
+        plugin = lock.plugin_asset("linux", arch, "cpu")
+        runtime = lock.runtime_for("linux", arch, "cpu")
+        assert plugin.checkable and runtime.verified
+        assert plugin.dist == runtime.dist == "manylinux2014" and plugin.build == "b3651"
+    for variant in ("noavx", "cuda-12"):  # ubuntu20.04-only plugins keep their runtime
+        assert lock.runtime_for("linux", "x86_64", variant).dist == "ubuntu20.04"

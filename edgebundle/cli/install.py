@@ -52,7 +52,10 @@ def _pins_options(command: _F) -> _F:
 @_pins_options
 @click.option("--app", "apps", multiple=True, metavar="NAME", help="Also install this pinned app.")
 @click.option("--model", "models", multiple=True, metavar="NAME", help="Also install this model.")
-@click.option("--allow-unverified", is_flag=True, help="Accept pins without a known sha256.")
+@click.option(
+    "--allow-unverified", is_flag=True,
+    help="Accept pins with neither a published sha256 nor a SHA256SUM to verify against.",
+)
 @click.option("--require-wasmedge", is_flag=True, help="Fail instead of falling back to embedded.")
 @click.option("--no-runtime", is_flag=True, help="Skip WasmEdge; install only apps/models/env.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -93,6 +96,8 @@ def install(
                    f"{layout.runtime_current} -> {result.active}")
     else:
         click.echo("runtime: embedded (no WasmEdge installed)")
+    for verification in result.verified:  # which checksums were pinned, which read now
+        click.echo(f"  {verification.describe()}")
     for name, path in {**result.apps, **result.models}.items():
         click.echo(f"{name}: {path}")
     click.echo(f"env file: {result.env_file} (load it with: . {result.env_file})")

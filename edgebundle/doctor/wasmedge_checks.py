@@ -127,12 +127,17 @@ def _version(ctx: Context, setup: WasmEdgeSetup, plugins: list[Path]) -> CheckRe
         )
     summary = f"wasmedge {info.version} (pinned {lock.wasmedge_version})"
     marker = ctx.marker
-    if marker is not None and marker.plugin_build and marker.plugin_build != lock.plugin_build:
+    build = lock.plugin_build
+    if marker is not None and marker.os and marker.arch:
+        # The build pinned for the installed variant: variants may come from different
+        # releases (the lock's manylinux2014 CPU plugin is WasmEdge's own, others are not).
+        build = lock.plugin_build_for(marker.os, marker.arch, marker.variant)
+    if marker is not None and marker.plugin_build and marker.plugin_build != build:
         return fail(
             VERSION,
             f"{summary}, but the installed plugin is GGML build {marker.plugin_build}, "
-            f"the pin is {lock.plugin_build}",
-            f"run ./install.sh to install the pinned plugin build {lock.plugin_build}",
+            f"the pin is {build}",
+            f"run ./install.sh to install the pinned plugin build {build}",
         )
     nn = info.plugin(lock.plugin_name)
     if nn is None:
@@ -149,14 +154,14 @@ def _version(ctx: Context, setup: WasmEdgeSetup, plugins: list[Path]) -> CheckRe
         return ok(
             VERSION,
             f"{summary}; {lock.plugin_name} plugin {nn.version} (the lock records no reported "
-            f"version for build {lock.plugin_build}, so it is not compared)",
+            f"version for build {build}, so it is not compared)",
         )
     if not plugin_version_matches(nn.version, lock.plugin_reported_version):
         return fail(
             VERSION,
             f"{summary}, but the {lock.plugin_name} plugin at {nn.path or 'built-in'} is version "
-            f"{nn.version}, the pin is {lock.plugin_reported_version} (build {lock.plugin_build})",
-            f"run ./install.sh to install the pinned plugin build {lock.plugin_build}",
+            f"{nn.version}, the pin is {lock.plugin_reported_version} (build {build})",
+            f"run ./install.sh to install the pinned plugin build {build}",
         )
     return ok(VERSION, f"{summary}; {lock.plugin_name} plugin {nn.version}")
 

@@ -480,8 +480,10 @@ class Agent:
         plans.append(installer.make_plan(host, require_wasmedge=True))
         for plan in plans:
             lock = plan.lock
-            if (lock.wasmedge_version, lock.plugin_build) != (wanted.version, wanted.build) or (
-                    wanted.variant not in lock.variants(host.os, host.arch)):
+            if wanted.variant not in lock.variants(host.os, host.arch) or (
+                    lock.wasmedge_version,
+                    lock.plugin_build_for(host.os, host.arch, wanted.variant),
+            ) != (wanted.version, wanted.build):
                 continue
             plan = pin_archives(plan, wanted, shipped=plans[-1].lock)
             lock = plan.lock
@@ -496,8 +498,12 @@ class Agent:
                     wanted.version, wanted.build, wanted.variant):
                 self.log(f"{wanted.label}: already installed in {installed.path}")
                 shipped = plans[-1].lock
+                # No lock pins this build: doctor is to expect the installed one for every
+                # variant (the shipped rows' own builds are of another release).
+                assets = tuple(replace(a, build=None) for a in shipped.assets)
                 return installed.path, replace(
                     shipped, wasmedge_version=wanted.version, plugin_build=wanted.build,
+                    assets=assets,
                     plugin_reported_version=None)  # no lock says what this build prints
         bundle = f" nor in the bundle {self.bundle_dir}" if len(plans) > 1 else ""
         raise ConfigError(
@@ -890,7 +896,7 @@ def pin_archives(plan: installer.InstallPlan, wanted: WantedRuntime,
     """
     host, lock = plan.host, plan.lock
     try:
-        needed = {lock.runtime_asset(host.os, host.arch),
+        needed = {lock.runtime_for(host.os, host.arch, wanted.variant),
                   lock.plugin_asset(host.os, host.arch, wanted.variant)}
     except EdgebundleError:
         return plan  # nothing pinned for this machine: the installer says so

@@ -4,10 +4,14 @@ GitHub releases are unreachable from these machines, so the tests serve fabricat
 archives from a real HTTP server on 127.0.0.1 instead. Everything else is real:
 urllib downloads over TCP, Range requests and 206 answers, validators (a strong ETag
 and Last-Modified, as GitHub's release CDN sends) and If-Range, dropped connections,
-tarfile extraction, symlinks, bash sourcing the env file. The archives mimic the
-layouts of the pinned releases (WasmEdge 0.14.1: ``WasmEdge-<v>-Linux/{bin,lib}``;
-the WASI-NN plugin archive: ``libwasmedgePluginWasiNN.so`` at its root), with the
-stand-in ``wasmedge`` script (a test double at the process boundary) as the binary.
+redirects, tarfile extraction, symlinks, bash sourcing the env file. The archives
+mimic the layouts of the pinned releases (WasmEdge 0.14.1: ``WasmEdge-<v>-Linux/{bin,
+lib}``; the WASI-NN plugin archive: ``libwasmedgePluginWasiNN.so`` at its root), with
+the stand-in ``wasmedge`` script (a test double at the process boundary) as the binary.
+A release also gets its ``SHA256SUM`` (``<hex>  <name>`` lines, as WasmEdge attaches).
+
+With ``tls`` (tests/support/tls.py) the server speaks HTTPS with a certificate of a
+throwaway CA; clients trust it only through ``$EDGEBUNDLE_EXTRA_CA_FILE``.
 """
 
 from __future__ import annotations
@@ -16,15 +20,19 @@ import hashlib
 import io
 import re
 import socket
+import ssl
 import tarfile
 import threading
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from edgebundle.host import detect
 from tests.support.standin_wasmedge import fake_plugin, write_standin
+from tests.support.tls import TestCA
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -48,14 +56,22 @@ class ReleaseServer:
     etag: bool = True  # send a strong ETag (the sha256 of the file)
     last_modified: bool = True  # send Last-Modified (the file's mtime)
     ignore_if_range: bool = False  # answer a Range with 206 even when If-Range does not match
+    tls: TestCA | None = None  # serve HTTPS with this CA's server certificate
     _drops: dict[str, int] = field(default_factory=dict)
+    _redirects: dict[str, str] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> ReleaseServer:
         handler = _make_handler(self)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.server_cert, self.tls.server_key)
+            server: ThreadingHTTPServer = _TLSServer(("127.0.0.1", 0), handler, context)
+        else:
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = server
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -76,7 +92,13 @@ class ReleaseServer:
         return int(self._server.server_address[1])
 
     def url(self, relpath: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{relpath}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{relpath}"
+
+    def redirect(self, relpath: str, to: str) -> None:
+        """Every GET of ``relpath`` answers 302 with ``Location: to`` (as GitHub does)."""
+        with self._lock:
+            self._redirects["/" + relpath] = to
 
     def drop_after(self, relpath: str, nbytes: int) -> None:
         """The next GET of ``relpath`` sends ``nbytes`` of its body, then drops the connection."""
@@ -95,9 +117,33 @@ class ReleaseServer:
         with self._lock:
             return self._drops.pop(path, None)
 
+    def _redirect_for(self, path: str) -> str | None:
+        with self._lock:
+            return self._redirects.get(path)
+
     def _record(self, request: Request) -> None:
         with self._lock:
             self.requests.append(request)
+
+
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS: the TLS handshake runs in each request's own thread, not the accept loop."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(address, handler)
+        self.context = context
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # a client that does not trust our CA hangs up during the handshake
+        self.RequestHandlerClass(tls, client_address, self)
 
 
 def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
@@ -109,6 +155,14 @@ def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             file = (server.root / path.lstrip("/")).resolve()
             wanted = self.headers.get("Range")
+            target = server._redirect_for(path)
+            if target is not None:
+                server._record(Request("GET", path, wanted, 302))
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if not file.is_file() or server.root.resolve() not in file.parents:
                 server._record(Request("GET", path, wanted, 404))
                 self.send_error(404)
@@ -170,6 +224,13 @@ def closed_port_url(relpath: str = "x.tar.gz") -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_sha256sum(root: Path, listed: Mapping[str, str]) -> Path:
+    """``root/SHA256SUM`` in sha256sum's format: ``<hex>  <name>`` per line."""
+    path = root / "SHA256SUM"
+    path.write_text("".join(f"{sha}  {name}\n" for name, sha in listed.items()), "utf-8")
+    return path
 
 
 def make_runtime_archive(directory: Path, version: str, *, top_dir: bool = True) -> Path:
@@ -239,11 +300,14 @@ def publish_release(
     variants: tuple[str, ...] = ("cpu", "noavx"),
     app_bytes: bytes = b"\0asm\x01\0\0\0 fake llama-chat",
     platform: tuple[str, str] | None = None,
+    verify: Collection[str] = (),
 ) -> Release:
     """Build archives for ``version`` under the server root and write a lock + pins for them.
 
     The assets are pinned for ``platform`` (default: this machine's os/arch), so the CLI's
-    own host detection finds them.
+    own host detection finds them. ``verify`` names the components ("wasmedge", "plugin")
+    whose rows say ``verify = "release-sha256sum"`` instead of a sha256 (the server must
+    then speak https). The release's SHA256SUM lists every archive, as WasmEdge's does.
     """
     this = detect()
     os_name, arch = platform or (this.os, this.arch)
@@ -259,6 +323,8 @@ def publish_release(
     def pin(path: Path) -> str:
         return sha256(path) if known_sha else "unknown"
 
+    # Every archive under the root, so releases published side by side all stay listed.
+    write_sha256sum(root, {p.name: sha256(p) for p in sorted(root.glob("*.tar.gz"))})
     rows = [
         _asset(
             os_name,
@@ -266,11 +332,19 @@ def publish_release(
             "wasmedge",
             None,
             server.url(runtime.name),
-            runtime_sha or pin(runtime),
+            None if "wasmedge" in verify else runtime_sha or pin(runtime),
             f"WasmEdge-{version}-Linux",
         ),
         *(
-            _asset(os_name, arch, "plugin", v, server.url(p.name), pin(p), None)
+            _asset(
+                os_name,
+                arch,
+                "plugin",
+                v,
+                server.url(p.name),
+                None if "plugin" in verify else pin(p),
+                None,
+            )
             for v, p in plugins.items()
         ),
     ]
@@ -300,13 +374,15 @@ def _asset(
     component: str,
     variant: str | None,
     url: str,
-    sha: str,
+    sha: str | None,
     root: str | None,
 ) -> str:
+    """One [[asset]] row; ``sha`` None: verified against the release's SHA256SUM."""
     text = f'[[asset]]\ncomponent = "{component}"\nos = "{os_name}"\narch = "{arch}"\n'
     if variant:
         text += f'variant = "{variant}"\n'
-    text += f'url = "{url}"\nsha256 = "{sha}"\nsource = "fabricated for tests"\n'
+    check = 'verify = "release-sha256sum"' if sha is None else f'sha256 = "{sha}"'
+    text += f'url = "{url}"\n{check}\nsource = "fabricated for tests"\n'
     if root:
         text += f'archive_root = "{root}"\n'
     return text
