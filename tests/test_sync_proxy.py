@@ -22,7 +22,9 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from edgebundle.errors import RedisError
 from edgebundle.fleet import acl, keys
-from edgebundle.fleet.proxy import MAX_PENDING, MAX_REQUEST_BYTES, SyncProxy
+from edgebundle.fleet.proxy import SyncProxy
+from edgebundle.fleet.proxy_session import MAX_PENDING
+from edgebundle.fleet.resp import MAX_REQUEST_BYTES
 from edgebundle.sync import keys as sync_keys
 from edgebundle.sync import lua
 from edgebundle.sync.client import connect
