@@ -249,14 +249,14 @@ def test_missing_plugin_fails_with_the_nn_preload_symptom(home: Path) -> None:
 
 
 def test_missing_plugin_summary_matches_what_the_runtime_says(home: Path) -> None:
-    """The symptom doctor predicts is what the (stand-in) runtime prints."""
+    """The symptom doctor predicts is what the (stand-in) runtime prints, on stdout."""
     prefix = install_runtime(home, with_plugin=False)
     out = subprocess.run(
         [str(prefix / "bin" / "wasmedge"), "--nn-preload", "default:GGML:AUTO:m.gguf", "a.wasm"],
         env=environ(WASMEDGE_PLUGIN_PATH=str(prefix / "plugin")),
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert out.returncode == 1 and "unknown option: nn-preload" in out.stderr
+    assert out.returncode == 1 and "unknown option: nn-preload" in out.stdout
 
 
 def test_plugin_for_another_architecture_fails_naming_both(home: Path) -> None:
