@@ -40,7 +40,10 @@ def test_both_runtimes_start_the_same_argv_tail(home: Path, model: Path) -> None
     embedded = resolve_launch(load_settings({**flags, "runtime": "embedded"}), environ={})
     assert on_wasmedge.argv[0] == str(binary)
     assert embedded.argv[:4] == (sys.executable, "-m", "edgebundle", "exec")
-    assert on_wasmedge.argv[1:] == embedded.argv[4:]
+    # Each launch has its own protocol frame (guest_protocol); the rest is the same.
+    assert on_wasmedge.frame and embedded.frame and on_wasmedge.frame != embedded.frame
+    framed = [a.replace(embedded.frame, on_wasmedge.frame) for a in embedded.argv[4:]]
+    assert list(on_wasmedge.argv[1:]) == framed
     assert on_wasmedge.env["WASMEDGE_PLUGIN_PATH"] == str(home / "runtime" / "current" / "plugin")
 
 
@@ -73,7 +76,8 @@ def test_run_serves_through_wasmedge(tmp_path: Path, model: Path) -> None:
         assert reply.json()["choices"][0]["message"]["content"] == REPLY
         [started] = [json.loads(x) for x in record.read_text().splitlines()]
         assert started["argv"][0] == str(binary)
-        assert started["argv"][1:3] == ["--nn-preload", f"default:GGML:AUTO:{model}"]
+        assert started["argv"][1] == "--env" and started["argv"][2].startswith("EDGECHAT_FRAME=")
+        assert started["argv"][3:5] == ["--nn-preload", f"default:GGML:AUTO:{model}"]
         assert run.stop() == 0, run.stderr()
     finally:
         run.close()
@@ -91,5 +95,6 @@ def test_ask_with_auto_picks_wasmedge_and_says_why(tmp_path: Path, model: Path) 
     assert out.returncode == 0, out.stderr
     assert out.stdout == REPLY + "\n"
     assert out.stderr == "edgebundle: runtime wasmedge (auto: doctor's wasmedge checks pass)\n"
-    assert "runtime/current/bin/wasmedge --nn-preload" in (
-        home / "logs" / "ask.log").read_text()
+    log = (home / "logs" / "ask.log").read_text()
+    assert "runtime/current/bin/wasmedge --env EDGECHAT_FRAME=" in log
+    assert f" --nn-preload default:GGML:AUTO:{model} " in log
