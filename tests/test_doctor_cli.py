@@ -49,8 +49,9 @@ def test_json_carries_every_stable_id_in_order_and_exits_0_when_healthy(home: Pa
     result = CliRunner().invoke(cli, ["doctor", "--json"], env={"PATH": SYSTEM_PATH})
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert set(report) == {"ok", "runtime", "checks"}
+    assert set(report) == {"ok", "runtime", "runtime_reason", "checks"}
     assert report["ok"] is True and report["runtime"] == "wasmedge"
+    assert report["runtime_reason"] == "auto: doctor's wasmedge checks pass"
     assert [c["id"] for c in report["checks"]][: len(CHECK_IDS)] == list(CHECK_IDS)
     for check in report["checks"]:
         assert set(check) == {"id", "status", "summary", "fix"}
@@ -100,8 +101,12 @@ def test_table_piped_has_no_colour_codes_and_shows_fixes(home: Path) -> None:
     assert lines[0].split() == ["status", "check", "summary"]
     binary_row = next(i for i, line in enumerate(lines) if "wasmedge.binary" in line)
     assert lines[binary_row].startswith("✗")
-    assert any("fix: run ./install.sh" in line for line in lines[binary_row + 1 : binary_row + 4])
+    # The shipped pins publish no sha256, so install.sh would not install WasmEdge: the fix
+    # says so and how to do it by hand, never just "run ./install.sh".
+    assert any("fix: ./install.sh " in line for line in lines[binary_row + 1 : binary_row + 4])
+    assert "run ./install.sh" not in result.stdout
     assert lines[-1].startswith("doctor: NOT READY (")
+    assert lines[-1].endswith("; run would use the wasmedge runtime (chosen with --runtime)")
     assert all(line == line.rstrip() for line in lines)
     assert result.stderr == ""
 

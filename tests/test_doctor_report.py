@@ -27,10 +27,12 @@ def test_json_shape_matches_the_contract() -> None:
         runtime="embedded",
         checks=(CheckResult("wasmedge.plugin", "fail", "not found", "run ./install.sh"),
                 CheckResult("host.cpu", "ok", "x86_64")),
+        reason="auto: wasmedge fails doctor's wasmedge.plugin check(s)",
     )  # fmt: skip
     assert report.to_json() == {
         "ok": False,
         "runtime": "embedded",
+        "runtime_reason": "auto: wasmedge fails doctor's wasmedge.plugin check(s)",
         "checks": [
             {
                 "id": "wasmedge.plugin",
@@ -43,6 +45,8 @@ def test_json_shape_matches_the_contract() -> None:
     }
     json.dumps(report.to_json())
     assert Report("wasmedge", (CheckResult("a", "warn", "w"),)).ok
+    # run would not start at all: not ok, whatever the checks say
+    assert not Report("wasmedge", (CheckResult("a", "ok", "w"),), refusal="no wasmedge").ok
 
 
 def test_assemble_refuses_a_missing_or_repeated_id() -> None:

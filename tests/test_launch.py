@@ -88,20 +88,31 @@ def test_installed_runtime_is_preferred_over_path(home: Path, tmp_path: Path) ->
     assert spec.argv[0] == str(installed)
 
 
-def test_wasmedge_on_path_gets_an_explicit_plugin_path(home: Path, tmp_path: Path) -> None:
+def test_wasmedge_on_path_gets_an_explicit_plugin_path(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stand-in wasmedge (test double) found on PATH, no installed runtime."""
     on_path = write_standin(tmp_path / "opt" / "bin" / "wasmedge")
     fake_plugin(tmp_path / "opt" / "plugin" / "libwasmedgePluginWasiNN.so")
     model, app = files(tmp_path)
     settings = load_settings({"model": str(model), "app": str(app), "template": "chatml"})
 
+    # Unset: explicitly empty, which genuine WasmEdge ignores, so its own default applies
+    # exactly as for a bare `wasmedge` (an inherited value cannot slip in).
     spec = resolve_launch(settings, environ=env_with_path(on_path.parent))
     assert spec.argv[0] == str(on_path)
-    assert spec.env == {"WASMEDGE_PLUGIN_PATH": str(tmp_path / "opt" / "plugin")}
+    assert spec.env == {"WASMEDGE_PLUGIN_PATH": ""}
 
     chosen = tmp_path / "plugins-a"
     environ = {**env_with_path(on_path.parent), "WASMEDGE_PLUGIN_PATH": str(chosen)}
     assert resolve_launch(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == str(chosen)
+
+    # A trailing ':' aborts genuine WasmEdge (even --version): run passes the value without
+    # it. A relative entry is made absolute here: wasmedge runs in another directory.
+    monkeypatch.chdir(tmp_path)
+    environ["WASMEDGE_PLUGIN_PATH"] = f"plugins-a:{tmp_path / 'gone'}:"
+    assert resolve_launch(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == \
+        f"{chosen}:{tmp_path / 'gone'}"  # fmt: skip
 
 
 def test_explicit_wasmedge_wins_and_a_missing_one_is_named(home: Path, tmp_path: Path) -> None:

@@ -105,12 +105,26 @@ def render(report: Report, console: Console) -> None:
         console.print(table)
     # Cells are padded to the column width; trailing blanks only clutter logs and diffs.
     console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
-    console.print(verdict(report))
+    console.print(verdict(report), soft_wrap=True)  # one line, however long, for logs
 
 
 def verdict(report: Report) -> str:
+    """The last line: ready or not, and the runtime ``run`` would use, in run's own words.
+
+    Under ``--runtime auto`` a device whose only failures are WasmEdge's still runs, on
+    the embedded runtime (run's preflight checks that runtime, not WasmEdge), so the
+    line says that rather than NOT READY alone.
+    """
     failed, warned = report.count("fail"), report.count("warn")
     counts = f"{failed} failed, {warned} warning{'s' if warned != 1 else ''}"
+    runtime = f"the {report.runtime} runtime" + (f" ({report.reason})" if report.reason else "")
+    if report.refusal is not None:
+        return f"doctor: NOT READY ({counts}); run would not start: {report.refusal}"
+    fallback = report.runtime == "embedded"  # wasmedge.* failures do not stop it
+    blocking = [c for c in report.checks
+                if c.status == "fail" and not (fallback and c.id.startswith("wasmedge."))]
+    if blocking:
+        return f"doctor: NOT READY ({counts}); run would use {runtime}"
     if failed:
-        return f"doctor: NOT READY ({counts}); run would use the {report.runtime} runtime"
-    return f"doctor: ready ({counts}); run will use the {report.runtime} runtime"
+        return f"doctor: NOT READY for WasmEdge ({counts}); run will use {runtime}"
+    return f"doctor: ready ({counts}); run will use {runtime}"

@@ -6,6 +6,6 @@ never prints and never exits; ``edgebundle doctor`` renders it.
 """
 
 from edgebundle.doctor.report import CHECK_IDS, CheckResult, Report, Status
-from edgebundle.doctor.runner import run_doctor
+from edgebundle.doctor.runner import run_doctor, wasmedge_results
 
-__all__ = ["CHECK_IDS", "CheckResult", "Report", "Status", "run_doctor"]
+__all__ = ["CHECK_IDS", "CheckResult", "Report", "Status", "run_doctor", "wasmedge_results"]

@@ -1,7 +1,9 @@
 """The facts every check reads, gathered once per doctor run.
 
-Which runtime ``run`` would use is decided here, the same way ``run`` decides it:
-``auto`` means the wasmedge binary when one is located, else the embedded runtime.
+Which runtime ``run`` would use is not decided here: the runner asks
+:func:`edgebundle.runtime.launch.choose_runtime`, the function ``run`` starts by,
+once the wasmedge checks it depends on have run (``auto`` uses wasmedge only when
+they pass).
 """
 
 from __future__ import annotations
@@ -57,20 +59,13 @@ def read_runtime_marker(layout: Layout) -> RuntimeMarker | None:
     )
 
 
-def resolve_runtime(requested: str, setup: WasmEdgeSetup | None) -> str:
-    """The runtime `run` would use for ``requested`` (auto|wasmedge|embedded)."""
-    if requested == "auto":
-        return "wasmedge" if setup is not None else "embedded"
-    return requested
-
-
 @dataclass(frozen=True)
 class Context:
     settings: Settings
     environ: Mapping[str, str]
     host: HostInfo
     requested: str  # auto | wasmedge | embedded, as asked
-    runtime: str  # wasmedge | embedded, as resolved
+    runtime: str  # wasmedge | embedded, as run chooses it ("" until chosen, see runner)
     setup: WasmEdgeSetup | None  # the located wasmedge, whatever the runtime
     lock: RuntimeLock
     app_pins: AppPins
@@ -78,6 +73,7 @@ class Context:
     meminfo: Path
     version_timeout: float = 5.0
     central_redis: bool = False  # of the sync Redis more than redis.reachable (the CLI)
+    app_kind: str | None = "edgechat"  # of the app run starts; None when it cannot tell
 
     @property
     def layout(self) -> Layout:

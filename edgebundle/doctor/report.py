@@ -64,10 +64,12 @@ def skip(check_id: str, summary: str) -> CheckResult:
 class Report:
     runtime: str  # the runtime `run` would use: "wasmedge" or "embedded"
     checks: tuple[CheckResult, ...]
+    reason: str = ""  # why run uses it (run's own words, e.g. "auto: no wasmedge found")
+    refusal: str | None = None  # run would not start at all, and says this
 
     @property
     def ok(self) -> bool:
-        return not any(c.status == "fail" for c in self.checks)
+        return self.refusal is None and not any(c.status == "fail" for c in self.checks)
 
     def check(self, check_id: str) -> CheckResult:
         for result in self.checks:
@@ -82,11 +84,14 @@ class Report:
         return {
             "ok": self.ok,
             "runtime": self.runtime,
+            "runtime_reason": self.reason,
             "checks": [c.to_json() for c in self.checks],
         }
 
 
-def assemble(runtime: str, results: Iterable[CheckResult]) -> Report:
+def assemble(
+    runtime: str, results: Iterable[CheckResult], reason: str = "", refusal: str | None = None
+) -> Report:
     """A report with the stable ids in contract order; an extra id follows the stable ids
     of its area (``redis.version`` after ``redis.reachable``), others come last."""
     by_id: dict[str, CheckResult] = {}
@@ -101,7 +106,7 @@ def assemble(runtime: str, results: Iterable[CheckResult]) -> Report:
     for extra in by_id.values():
         area = [n for n, result in enumerate(ordered) if _area(result.id) == _area(extra.id)]
         ordered.insert(area[-1] + 1 if area else len(ordered), extra)
-    return Report(runtime=runtime, checks=tuple(ordered))
+    return Report(runtime=runtime, checks=tuple(ordered), reason=reason, refusal=refusal)
 
 
 def _area(check_id: str) -> str:

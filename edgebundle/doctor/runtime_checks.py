@@ -10,6 +10,7 @@ import importlib.util
 
 from edgebundle.doctor.context import Context
 from edgebundle.doctor.report import CheckResult, fail, ok, skip, warn
+from edgebundle.runtime.install_hint import wasmedge_install_hint
 
 EMBEDDED = "runtime.embedded"
 EMBEDDED_MODULE = "edgebundle.runtime.embedded"
@@ -25,6 +26,14 @@ def _installed(module: str) -> bool:
 
 
 def checks(ctx: Context) -> list[CheckResult]:
+    if ctx.runtime == "embedded" and ctx.app_kind not in (None, "edgechat"):
+        # run refuses this (launch.choose_runtime); say it where the embedded runtime is judged.
+        return [fail(
+            EMBEDDED,
+            f"{ctx.app_kind} cannot run on the embedded runtime: it needs WasmEdge's socket "
+            "extension",
+            "pass --runtime wasmedge (or auto), or drop --app to serve the built-in edgechat app",
+        )]  # fmt: skip
     packages = [pkg for module, pkg in REQUIREMENTS.items() if not _installed(module)]
     has_module = _installed(EMBEDDED_MODULE)
     if not packages and has_module:
@@ -42,7 +51,8 @@ def checks(ctx: Context) -> list[CheckResult]:
         pip = ctx.layout.venv / "bin" / "pip"
         fixes.append(f"`{pip} install {' '.join(packages)}` (or re-run ./install.sh)")
     if not has_module:
-        fixes.append("use WasmEdge: run ./install.sh, then --runtime wasmedge")
+        hint = wasmedge_install_hint(ctx.lock, ctx.host)
+        fixes.append(f"use WasmEdge with --runtime wasmedge: {hint}")
     fix = "; ".join(fixes)
     if ctx.runtime == "embedded":
         return [fail(EMBEDDED, f"run would use the embedded runtime, but {summary}", fix)]

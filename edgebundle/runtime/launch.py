@@ -18,19 +18,21 @@ runtime), with absolute paths. What the guest may touch on disk is decided here:
 Never the home itself: a guest that could write there could replace ``venv/bin``,
 the runtime, the plugin or ``config.toml``. For wasmedge, ``WASMEDGE_PLUGIN_PATH``
 is always set explicitly (plus PATH and LD_LIBRARY_PATH for the installed runtime),
-because WasmEdge otherwise loads whichever plugin copy it meets first.
+so that an inherited value cannot pick other plugins (see
+:mod:`edgebundle.runtime.wasmedge` for what it is set to).
 
 The app defaults to the packaged chat guest ``edgechat.wasm`` and the model to the
 built-in demo model; ``--runtime auto`` uses wasmedge when doctor's wasmedge checks
-pass, else the embedded runtime. Every such choice is reported in ``reason`` /
-``notes``, so the user reads which runtime and model run, and why.
+pass, else the embedded runtime (:func:`choose_runtime`, the same function doctor's
+verdict comes from). Every such choice is reported in ``reason`` / ``notes``, so the
+user reads which runtime and model run, and why.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,12 +102,19 @@ def resolve_launch(settings: Settings, environ: Mapping[str, str] | None = None)
             "use `edgebundle ask`, or start it yourself with `edgebundle exec` / `wasmedge` "
             "(same flags); `run` serves the edgechat app or llama-api-server"
         )
-    runtime, reason = choose_runtime(settings, kind=kind, model=model, app=app, environ=env)
-    if runtime == "embedded":
+    choice = choose_runtime(
+        settings,
+        kind=kind,
+        wasmedge_found=wasmedge.locate(settings.layout, settings.wasmedge, env) is not None,
+        wasmedge_failures=lambda: failed_wasmedge_checks(settings, env),
+    )
+    if choice.refusal is not None:
+        raise choice.refusal
+    if choice.runtime == "embedded":
         spec = embedded_launch(settings, app=app, model=model, kind=kind)
     else:
         spec = wasmedge_launch(settings, app=app, model=model, kind=kind, environ=env)
-    return replace(spec, reason=reason, notes=tuple(notes))
+    return replace(spec, reason=choice.reason, notes=tuple(notes))
 
 
 def _demo_model(settings: Settings) -> Path:
@@ -119,39 +128,60 @@ def _demo_model(settings: Settings) -> Path:
         ) from None
 
 
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime ``run`` starts for some settings, and why (doctor's verdict names it)."""
+
+    runtime: str  # wasmedge | embedded: the one run starts, or needs when it refuses
+    reason: str  # e.g. "auto: doctor's wasmedge checks pass"
+    refusal: EdgebundleError | None = None  # run stops with this instead of starting
+
+
 def choose_runtime(
-    settings: Settings, *, kind: str, model: Path, app: Path, environ: Mapping[str, str]
-) -> tuple[str, str]:
-    """``(runtime, why)`` for ``settings.runtime``; raises when none can run ``kind``."""
+    settings: Settings,
+    *,
+    kind: str,
+    wasmedge_found: bool,
+    wasmedge_failures: Callable[[], Sequence[str]],
+) -> RuntimeChoice:
+    """The one rule for ``settings.runtime``: ``run`` starts by it, doctor's verdict reports it.
+
+    ``wasmedge_failures`` gives the ids of doctor's ``wasmedge.*`` checks that fail
+    (asked only under ``auto`` with a wasmedge found): ``run`` computes them
+    (:func:`failed_wasmedge_checks`), doctor passes the results it already has.
+    """
     if settings.runtime == "wasmedge":
-        return "wasmedge", "chosen with --runtime"
+        return RuntimeChoice("wasmedge", "chosen with --runtime")
     if settings.runtime == "embedded":
-        _require_embeddable(kind, "--runtime embedded")
-        return "embedded", "chosen with --runtime"
-    setup = wasmedge.locate(settings.layout, settings.wasmedge, environ)
+        try:
+            _require_embeddable(kind, "--runtime embedded")
+        except UsageError as exc:
+            return RuntimeChoice("embedded", str(exc), exc)
+        return RuntimeChoice("embedded", "chosen with --runtime")
     if kind != "edgechat":
         # LlamaEdge's apps need WasmEdge's socket extension: there is nothing to fall back to.
-        if setup is None:
-            raise RuntimeNotFoundError(
+        if not wasmedge_found:
+            refusal = RuntimeNotFoundError(
                 f"{_no_wasmedge_message(settings)} ({kind} runs only on WasmEdge; the built-in "
                 "edgechat app also runs without it: drop --app)"
             )
-        return "wasmedge", f"auto: {kind} runs only on WasmEdge"
-    if setup is None:
-        return "embedded", "auto: no wasmedge found"
-    failed = _failed_wasmedge_checks(
-        replace(settings, model=model, app=app), environ
-    )
+            return RuntimeChoice("wasmedge", str(refusal), refusal)
+        return RuntimeChoice("wasmedge", f"auto: {kind} runs only on WasmEdge")
+    if not wasmedge_found:
+        return RuntimeChoice("embedded", "auto: no wasmedge found")
+    failed = wasmedge_failures()
     if failed:
-        return "embedded", f"auto: wasmedge fails doctor's {', '.join(failed)} check(s)"
-    return "wasmedge", "auto: doctor's wasmedge checks pass"
+        return RuntimeChoice(
+            "embedded", f"auto: wasmedge fails doctor's {', '.join(failed)} check(s)"
+        )
+    return RuntimeChoice("wasmedge", "auto: doctor's wasmedge checks pass")
 
 
-def _failed_wasmedge_checks(settings: Settings, environ: Mapping[str, str]) -> list[str]:
-    from edgebundle.doctor import run_doctor  # doctor imports much; only auto needs it
+def failed_wasmedge_checks(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """The ids of doctor's ``wasmedge.*`` checks that fail for ``settings``."""
+    from edgebundle.doctor import wasmedge_results  # doctor imports much; only auto needs it
 
-    report = run_doctor(settings, runtime="wasmedge", environ=environ, online=False)
-    return [c.id for c in report.checks if c.id.startswith("wasmedge.") and c.status == "fail"]
+    return [c.id for c in wasmedge_results(settings, environ=environ) if c.status == "fail"]
 
 
 def _require_embeddable(kind: str, why: str) -> None:

@@ -7,11 +7,13 @@ doctor checks is exactly what ``run`` starts:
 2. the installed runtime ``<home>/runtime/current/bin/wasmedge``,
 3. ``wasmedge`` on ``PATH``.
 
-WasmEdge searches ``WASMEDGE_PLUGIN_PATH`` (colon-separated, in order, directories
-scanned recursively) and then the plugin directory relative to libwasmedge; the first
-plugin with a name wins and later copies are dropped with only a debug log
-(WasmEdge: lib/plugin/plugin.cpp). So the launcher always sets
-``WASMEDGE_PLUGIN_PATH`` explicitly, and doctor scans the same list itself.
+Where WasmEdge then looks for plugins is :mod:`edgebundle.runtime.plugin_search`
+(``WASMEDGE_PLUGIN_PATH`` in order, then one directory next to libwasmedge; the first
+loadable copy of a plugin wins). The launcher always sets ``WASMEDGE_PLUGIN_PATH``
+explicitly: the user's entries without the trailing ``:`` that would abort WasmEdge,
+relative ones made absolute (``run`` starts wasmedge in another directory), or empty
+when the user set none, so that WasmEdge's own default applies exactly as it would
+for a bare ``wasmedge``. Doctor scans the same list itself.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from pathlib import Path
 
 from edgebundle.layout import Layout
 
-PLUGIN_PATH_ENV = "WASMEDGE_PLUGIN_PATH"
+# PLUGIN_PATH_ENV is re-exported: the launcher and the installer name it through here.
+from edgebundle.runtime.plugin_search import PLUGIN_PATH_ENV as PLUGIN_PATH_ENV
+from edgebundle.runtime.plugin_search import parse_plugin_path
+
 WASI_NN_LIBRARIES = ("libwasmedgePluginWasiNN.so", "libwasmedgePluginWasiNN.dylib")
 
 _VERSION_LINE = re.compile(r"\bversion\s+v?(?P<version>\d+\.\d+\.\d+[^\s]*)")
@@ -98,6 +103,10 @@ class WasmEdgeSetup:
     def plugin_path_value(self) -> str:
         return os.pathsep.join(str(p) for p in self.plugin_path)
 
+    def process_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The environment wasmedge runs with under ``run``: ``base`` plus what run sets."""
+        return {**base, **self.env, PLUGIN_PATH_ENV: self.plugin_path_value()}
+
 
 def runtime_env(prefix: Path, base: Mapping[str, str]) -> dict[str, str]:
     """PATH, LD_LIBRARY_PATH and WASMEDGE_PLUGIN_PATH for a runtime installed at ``prefix``."""
@@ -120,15 +129,11 @@ def _lib_dir(prefix: Path) -> Path | None:
     return None
 
 
-def default_plugin_dirs(binary: Path) -> list[Path]:
-    """Where WasmEdge looks relative to its install when WASMEDGE_PLUGIN_PATH is empty."""
-    prefix = binary.resolve().parent.parent
-    candidates = [prefix / "plugin", prefix / "lib" / "wasmedge", prefix / "lib64" / "wasmedge"]
-    return [c for c in candidates if c.is_dir()] or [prefix / "plugin"]
-
-
-def split_plugin_path(value: str | None) -> list[Path]:
-    return [Path(p) for p in (value or "").split(os.pathsep) if p]
+def user_plugin_path(value: str | None) -> tuple[Path, ...]:
+    """What ``run`` passes for the user's ``WASMEDGE_PLUGIN_PATH``: the entries WasmEdge
+    would search (a trailing ``:``, on which WasmEdge aborts, dropped; doctor warns of it),
+    made absolute against this directory, since wasmedge starts in another one."""
+    return tuple(Path(os.path.abspath(entry)) for entry in parse_plugin_path(value).paths)
 
 
 def locate(
@@ -139,8 +144,7 @@ def locate(
     if explicit is not None:
         if not explicit.exists():
             return None
-        plugin_path = split_plugin_path(env.get(PLUGIN_PATH_ENV)) or default_plugin_dirs(explicit)
-        return _setup(explicit, tuple(plugin_path), "explicit", env)
+        return _setup(explicit, user_plugin_path(env.get(PLUGIN_PATH_ENV)), "explicit")
     installed = layout.runtime_current / "bin" / "wasmedge"
     if installed.exists():
         prefix = layout.runtime_current
@@ -154,14 +158,10 @@ def locate(
     found = shutil.which("wasmedge", path=env.get("PATH"))
     if found is None:
         return None
-    binary = Path(found)
-    plugin_path = split_plugin_path(env.get(PLUGIN_PATH_ENV)) or default_plugin_dirs(binary)
-    return _setup(binary, tuple(plugin_path), "PATH", env)
+    return _setup(Path(found), user_plugin_path(env.get(PLUGIN_PATH_ENV)), "PATH")
 
 
-def _setup(
-    binary: Path, plugin_path: tuple[Path, ...], source: str, env: Mapping[str, str]
-) -> WasmEdgeSetup:
+def _setup(binary: Path, plugin_path: tuple[Path, ...], source: str) -> WasmEdgeSetup:
     return WasmEdgeSetup(
         binary=binary,
         plugin_path=plugin_path,
@@ -170,37 +170,24 @@ def _setup(
     )
 
 
-def find_plugins(search_path: tuple[Path, ...] | list[Path]) -> list[Path]:
-    """Every WASI-NN plugin library along the search path, in the order WasmEdge loads.
+@dataclass(frozen=True)
+class VersionRun:
+    """What ``wasmedge --version`` printed (stdout then stderr) and how it ended."""
 
-    The first one is the one WasmEdge uses; any later copy is silently dropped.
-    """
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for directory in search_path:
-        if not directory.is_dir():
-            continue
-        for root, dirs, files in os.walk(directory):
-            dirs.sort()
-            for name in sorted(files):
-                if name in WASI_NN_LIBRARIES:
-                    path = Path(root) / name
-                    real = path.resolve()
-                    if real not in seen:
-                        seen.add(real)
-                        found.append(path)
-    return found
+    output: str
+    returncode: int  # negative: killed by that signal (an abort is -6, exit 134 in a shell)
 
 
-def query_version(setup: WasmEdgeSetup, base_env: Mapping[str, str], timeout: float = 5.0) -> str:
-    """Run ``wasmedge --version`` with the setup's environment and return its output."""
-    env = {**base_env, **setup.env}
+def query_version(
+    setup: WasmEdgeSetup, base_env: Mapping[str, str], timeout: float = 5.0
+) -> VersionRun:
+    """Run ``wasmedge --version`` with the environment ``run`` gives it."""
     completed = subprocess.run(
         [str(setup.binary), "--version"],
-        env=env,
+        env=setup.process_env(base_env),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
-    return completed.stdout + completed.stderr
+    return VersionRun(completed.stdout + completed.stderr, completed.returncode)

@@ -20,7 +20,7 @@ from edgebundle.doctor import Report, run_doctor
 from edgebundle.fleet.manifest import Manifest
 from edgebundle.host import HostInfo
 from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
-from tests.support.standin_wasmedge import fake_plugin, write_standin
+from tests.support.standin_wasmedge import fake_libwasmedge, fake_plugin, write_standin
 
 PLUGIN_LIB = "libwasmedgePluginWasiNN.so"
 X86_64, AARCH64 = 0x3E, 0xB7
@@ -90,14 +90,18 @@ def install_runtime(
     plugin_build: str = "b5593",
     machine: int = X86_64,
     with_plugin: bool = True,
+    host_machine: int = X86_64,
 ) -> Path:
     """``<home>/runtime/wasmedge-<v>-<variant>`` as install.sh lays it out, ``current`` -> it.
 
-    ``variant=None`` leaves out the installer's marker file.
+    ``machine`` is the plugin's, ``host_machine`` the one the stand-in wasmedge runs on
+    (it loads only plugins for it, as dlopen does). ``variant=None`` leaves out the
+    installer's marker file.
     """
     prefix = home / "runtime" / f"wasmedge-{version}-{variant or 'unknown'}"
-    write_standin(prefix / "bin" / "wasmedge", version=version, plugin_version=plugin_version)
-    (prefix / "lib").mkdir(parents=True, exist_ok=True)
+    write_standin(prefix / "bin" / "wasmedge", version=version, plugin_version=plugin_version,
+                  machine=host_machine)  # fmt: skip
+    fake_libwasmedge(prefix / "lib", machine=host_machine)
     (prefix / "plugin").mkdir(parents=True, exist_ok=True)
     if with_plugin:
         fake_plugin(prefix / "plugin" / PLUGIN_LIB, machine=machine)
@@ -119,7 +123,9 @@ def install_runtime(
 
 
 def path_wasmedge(root: Path, version: str = "0.14.1", plugin_version: str = "0.14.1.0") -> Path:
-    """A wasmedge on PATH in ``root/bin`` (its default plugin dir is ``root/plugin``)."""
+    """A wasmedge on PATH in ``root/bin`` with its library in ``root/lib``, so its default
+    plugin directory is ``root/lib/../plugin`` (outside /usr)."""
+    fake_libwasmedge(root / "lib")
     return write_standin(root / "bin" / "wasmedge", version=version, plugin_version=plugin_version)
 
 
