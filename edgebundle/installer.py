@@ -124,6 +124,24 @@ class _Expected:
     def verification(self, artifact: Artifact, actual: str) -> Verification:
         return Verification(artifact.filename, actual, self.how, self.origin)
 
+    def fetch(self, artifact: Artifact, dest: Path, *, label: str, layout: Layout,
+              progress: ProgressFactory | None, downloaded: list[Verification],
+              log: Log) -> tuple[Path, Verification]:
+        """Download (or copy from the bundle) to ``dest``, checked against this sha256
+        or the release's SHA256SUM; the verification is recorded and logged."""
+        with progress_for(progress, label) as callback:
+            got = fetch(
+                self.source,
+                dest,
+                sha256=self.sha256,
+                downloads_dir=layout.downloads,
+                progress=callback,
+                expected_from=self.origin if self.how == RELEASE_SHA256SUM else None,
+            )
+        verification = self.verification(artifact, got.sha256)
+        downloaded.append(verification)
+        log(("WARNING: " if self.sha256 is None else "") + verification.describe())
+        return got.path, verification
 
 
 @dataclass(frozen=True)
@@ -374,26 +392,16 @@ def _install_runtime(
             (runtime_asset, f"WasmEdge {lock.wasmedge_version}"),
             (plugin_asset, f"WASI-NN plugin {plugin_asset.build} ({variant})"),
         ):
-            want = expected[asset.component]
-            with progress_for(progress, label) as callback:
-                got = fetch(
-                    want.source,
-                    staging / "archives" / asset.filename,
-                    sha256=want.sha256,
-                    downloads_dir=layout.downloads,
-                    progress=callback,
-                    expected_from=want.origin if want.how == RELEASE_SHA256SUM else None,
-                )
-            verification = want.verification(asset, got.sha256)
-            downloaded.append(verification)
-            log(("WARNING: " if want.sha256 is None else "") + verification.describe())
+            archive, verification = expected[asset.component].fetch(
+                asset, staging / "archives" / asset.filename, label=label, layout=layout,
+                progress=progress, downloaded=downloaded, log=log)
             wanted["assets"][asset.component] = {
                 "url": asset.url,
-                "sha256": got.sha256,
+                "sha256": verification.sha256,
                 "verified_by": verification.how,
                 "verified_with": verification.source,
             }
-            archives[asset.component] = got.path
+            archives[asset.component] = archive
         tree = _unpack_runtime(archives["wasmedge"], staging, runtime_asset)
         _unpack_plugin(archives["plugin"], staging, tree, lock.plugin_library)
         (tree / MARKER).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
@@ -707,19 +715,8 @@ def _install_pinned_file(
         if sha256_file(dest) == pin.sha256:
             log(f"{pin.name}: {dest} already installed (sha256 verified)")
             return dest
-    want = _expected(pin, plan, bundle)
-    with progress_for(progress, pin.name) as callback:
-        got = fetch(
-            want.source,
-            dest,
-            sha256=want.sha256,
-            downloads_dir=layout.downloads,
-            progress=callback,
-            expected_from=want.origin if want.how == RELEASE_SHA256SUM else None,
-        )
-    verification = want.verification(pin, got.sha256)
-    downloaded.append(verification)
-    log(("WARNING: " if want.sha256 is None else "") + verification.describe())
+    _expected(pin, plan, bundle).fetch(pin, dest, label=pin.name, layout=layout,
+                                       progress=progress, downloaded=downloaded, log=log)
     return dest
 
 

@@ -142,23 +142,32 @@ def test_a_redis_that_can_lose_threads_is_said_so_with_a_fix(
         server.stop()
 
 
+# what a provisioned device user sees (it may not read CONFIG)
+DEVICE_STATUSES = {
+    "redis.reachable": "ok", "redis.version": "ok", "redis.topology": "ok",
+    "redis.persistence": "skip", "redis.maxmemory_policy": "skip",
+    "redis.functions": "ok", "redis.permissions": "ok"}
+
+
+def provision_one(admin_url: str, device_id: str, base_url: str,
+                  access: str = "direct") -> acl.DeviceCredentials:
+    async def provision() -> acl.ProvisionResult:
+        admin = await connect(admin_url)
+        try:
+            return await acl.provision(admin, "shops", [device_id], base_url=base_url,
+                                       access=access)
+        finally:
+            await admin.aclose()
+    return asyncio.run(provision()).credentials[0]
+
+
 def test_as_a_provisioned_device_user_it_can_do_what_it_needs_and_nothing_more(
         home: Path, tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "central", password=ADMIN, aclfile=True, aof=True).start()
     try:
-        async def provision() -> acl.ProvisionResult:
-            admin = await connect(server.url)
-            try:
-                return await acl.provision(admin, "shops", ["kiosk-1"], base_url=server.url)
-            finally:
-                await admin.aclose()
-        creds = asyncio.run(provision()).credentials[0]
-
+        creds = provision_one(server.url, "kiosk-1", server.url)
         checks = redis_checks_of(home, creds.redis_url, fleet="shops")
-        assert {i: c.status for i, c in checks.items()} == {
-            "redis.reachable": "ok", "redis.version": "ok", "redis.topology": "ok",
-            "redis.persistence": "skip", "redis.maxmemory_policy": "skip",
-            "redis.functions": "ok", "redis.permissions": "ok"}
+        assert {i: c.status for i, c in checks.items()} == DEVICE_STATUSES
         assert "user dev:kiosk-1 may not read CONFIG" in checks["redis.persistence"].summary
         assert checks["redis.permissions"].summary == (
             "user dev:kiosk-1 can do what the sync core and the agent need, and EVAL, "
@@ -196,20 +205,9 @@ def test_a_proxied_device_user_is_checked_through_the_proxy(home: Path, tmp_path
     server = RedisServer(tmp_path / "central", password=ADMIN, aclfile=True, aof=True).start()
     proxy = ProxyProcess(server.url, tmp_path / "proxy")
     try:
-        async def provision() -> acl.ProvisionResult:
-            admin = await connect(server.url)
-            try:
-                return await acl.provision(admin, "shops", ["kiosk-2"], base_url=proxy.url,
-                                           access="proxied")
-            finally:
-                await admin.aclose()
-        creds = asyncio.run(provision()).credentials[0]
-
+        creds = provision_one(server.url, "kiosk-2", proxy.url, access="proxied")
         checks = redis_checks_of(home, creds.redis_url, fleet="shops")
-        assert {i: c.status for i, c in checks.items()} == {
-            "redis.reachable": "ok", "redis.version": "ok", "redis.topology": "ok",
-            "redis.persistence": "skip", "redis.maxmemory_policy": "skip",
-            "redis.functions": "ok", "redis.permissions": "ok"}
+        assert {i: c.status for i, c in checks.items()} == DEVICE_STATUSES
         assert checks["redis.permissions"].summary.endswith(
             "thread keys are read-only for it (the sync proxy runs the functions)")
 

@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from tests.support.guest import REPO
+from tests.support.guest import REPO, build_probe
 
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("probe") / "probe.wasm"
-    subprocess.run(["clang", "--target=wasm32-wasi", "-O2", "-Wl,--strip-all", "-o", str(out),
-                    str(REPO / "tests" / "guests" / "exec_probe.c")], check=True, timeout=120)
-    return out
+    return build_probe(tmp_path_factory.mktemp("probe"))
 
 
 def edgebundle_exec(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

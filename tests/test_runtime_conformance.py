@@ -28,7 +28,14 @@ import wasmtime
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.guest_protocol import EndReason, Fatal, Ready
-from tests.support.guest import EDGECHAT, FRAME, REPO, GuestProcess, llama3_prompt
+from tests.support.guest import (
+    EDGECHAT,
+    FRAME,
+    REPO,
+    GuestProcess,
+    build_probe,
+    llama3_prompt,
+)
 
 REPLY = "Certainly, the engine streams this scripted sentence word by word."
 GENUINE = os.environ.get("EDGEBUNDLE_CONFORMANCE_WASMEDGE", "")
@@ -53,10 +60,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("probe") / "probe.wasm"
-    subprocess.run(["clang", "--target=wasm32-wasi", "-O2", "-Wl,--strip-all", "-o", str(out),
-                    str(REPO / "tests" / "guests" / "exec_probe.c")], check=True, timeout=120)
-    return out
+    return build_probe(tmp_path_factory.mktemp("probe"))
 
 
 def guest(runtime: list[str], model: Path | str, tmp_path: Path, *, preload: str | None = None,

@@ -31,6 +31,15 @@ EDGECHAT = REPO / "wasm" / "edgechat.wasm"
 FRAME = "t35tfram3"  # the protocol frame the tests' guests get (run picks a random one)
 
 
+def build_probe(directory: Path) -> Path:
+    """tests/guests/exec_probe.c built for wasm32-wasi (prints its argv/env, exits,
+    copies files, echoes stdin or traps, as asked)."""
+    out = directory / "probe.wasm"
+    subprocess.run(["clang", "--target=wasm32-wasi", "-O2", "-Wl,--strip-all", "-o", str(out),
+                    str(REPO / "tests" / "guests" / "exec_probe.c")], check=True, timeout=120)
+    return out
+
+
 def llama3_prompt(user: str, system: str | None = None) -> bytes:
     """A llama-3-chat prompt (ends with the assistant header and "\\n\\n")."""
     parts = ["<|begin_of_text|>"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 
 def free_port() -> int:
@@ -57,3 +58,14 @@ def exited(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """SIGTERM a child we started, SIGKILL it after ``timeout`` s; its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.processes import stop_child
+
 
 class ProxyProcess:
     """``python -m edgebundle fleet proxy`` in front of ``redis_url``; ``url`` is where
@@ -46,10 +48,4 @@ class ProxyProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_child(self.proc)
