@@ -26,6 +26,9 @@ it, because it is what the user reads.
     ├── SupervisorError             exit 1   the supervised process could not be started or kept up
     │   └── GuestProtocolError      exit 1   the chat guest wrote something that is not its protocol
     ├── RedisError                  exit 1   the sync Redis cannot be reached or refused us
+    ├── StateError                  exit 1   state stored in Redis or on disk cannot be read
+    │                                        (not JSON, an unknown status): the store's fault,
+    │                                        not the command line's
     ├── GatewayError                exit 1   the chat's gateway cannot be reached or refused us
     └── SyncError                   exit 1   a sync operation on a thread could not be done
         ├── ThreadNotFoundError     exit 1   the thread does not exist (expired or never created)
@@ -34,15 +37,28 @@ it, because it is what the user reads.
         ├── ThreadBusyError         exit 1   a run is active and the policy is reject (.retry_after)
         ├── LeaseLostError          exit 1   the run no longer holds the thread; nothing was written
         └── OfflineError            exit 1   the device is offline and this needs the central store
+
+A leaf: it imports nothing of edgebundle. Errors that carry a feature's objects type
+them by the little they need (:class:`ManifestProblem`, :class:`RunObject`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from edgebundle.fleet.manifest import Problem
-    from edgebundle.sync.models import Run
+
+class ManifestProblem(Protocol):
+    """What a ManifestError carries per problem (edgebundle.fleet.manifest.Problem):
+    ``str()`` is ``file:line:column: key.path: what is wrong``."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class RunObject(Protocol):
+    """The run a ThreadBusyError names (edgebundle.sync.models.Run)."""
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 class EdgebundleError(Exception):
@@ -85,7 +101,7 @@ class ManifestError(UsageError):
     the input file is wrong. ``fleet validate`` is a check and exits 1 instead.
     """
 
-    def __init__(self, message: str, problems: list[Problem]) -> None:
+    def __init__(self, message: str, problems: Sequence[ManifestProblem]) -> None:
         super().__init__(message)
         self.problems = problems
 
@@ -131,6 +147,11 @@ class RedisError(EdgebundleError):
     """The sync Redis could not be reached, or refused the connection."""
 
 
+class StateError(EdgebundleError):
+    """State stored in Redis (or on disk) cannot be read: not JSON, not an object, a
+    status this version does not know. Rewriting it (e.g. ``fleet apply``) fixes it."""
+
+
 class GatewayError(EdgebundleError):
     """A gateway this process is a client of (``edgebundle chat``) cannot be reached,
     or refused a request."""
@@ -165,7 +186,7 @@ class ThreadBusyError(SyncError):
     ``active_run`` is the run in the way (the active one, or the next queued one).
     """
 
-    def __init__(self, message: str, active_run: Run | None, retry_after: int) -> None:
+    def __init__(self, message: str, active_run: RunObject | None, retry_after: int) -> None:
         super().__init__(message)
         self.active_run = active_run
         self.retry_after = retry_after

@@ -9,6 +9,7 @@ import pytest
 from edgebundle.errors import (
     EpochMismatchError,
     MutationGapError,
+    StateError,
     ThreadNotFoundError,
     UsageError,
 )
@@ -343,5 +344,20 @@ def test_every_key_carries_the_thread_hash_tag(standalone_redis: RedisServer) ->
             everything = [key async for key in sync.redis.scan_iter()]
             tagged = ("eb:{", "eb:dev:{dev:", "eb:fleet:{fleet:")
             assert [key for key in everything if not key.startswith(tagged)] == []
+
+    asyncio.run(main())
+
+
+def test_a_message_changed_outside_edgebundle_is_a_state_error(sync_redis_url: str) -> None:
+    """A key written by hand (or by incompatible code) is the store's fault, exit 1, not
+    a usage error and not a bare ValueError (a 500 in the gateway)."""
+
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            state = await sync.create_thread(new_thread_id())
+            await sync.push(state.id, "kiosk", state.epoch, 0, [put(1, "a", "one")])
+            await sync.redis.hset(keys.messages(state.id), "a", "{not json")
+            with pytest.raises(StateError, match="a message stored in Redis is not a JSON"):
+                await sync.sync(state.id, None, 0)
 
     asyncio.run(main())

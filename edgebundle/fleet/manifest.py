@@ -51,7 +51,7 @@ from pydantic import (
     model_validator,
 )
 
-from edgebundle.errors import ManifestError, UsageError
+from edgebundle.errors import ManifestError, ManifestProblem, UsageError
 from edgebundle.fleet.state import Revision
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
@@ -859,7 +859,7 @@ class Validation:
 
     file: str
     manifest: Manifest | None
-    problems: Sequence[Problem]
+    problems: Sequence[ManifestProblem]
 
     @property
     def ok(self) -> bool:

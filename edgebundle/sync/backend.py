@@ -25,6 +25,7 @@ from edgebundle.errors import (
     EpochMismatchError,
     LeaseLostError,
     RunNotFoundError,
+    StateError,
     ThreadNotFoundError,
 )
 from edgebundle.sync.client import Client
@@ -105,11 +106,24 @@ def parse_state(thread_id: str, parts: Sequence[Any]) -> SyncState:
 
 
 def parse_message(raw: str) -> Message:
-    return Message.from_json(json.loads(raw))
+    return Message.from_json(_document(raw, "a message"))
 
 
 def parse_run(raw: str) -> Run:
-    return Run.from_json(json.loads(raw))
+    return Run.from_json(_document(raw, "a run"))
+
+
+def _document(raw: str, what: str) -> dict[str, Any]:
+    """A JSON object stored by the sync functions; StateError for anything else (a key
+    written by hand, or by a newer edgebundle's incompatible code)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise StateError(f"{what} stored in Redis is not a JSON object ({raw[:60]!r}): "
+                         "the thread's keys were changed outside edgebundle")
+    return data
 
 
 def raise_for(reply: Sequence[Any], thread_id: str, run_id: str | None = None) -> None:
