@@ -81,7 +81,7 @@ from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta, chat_s
 from edgebundle.config import Settings, load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.serving import launch_spec
 from edgebundle.templates import Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,7 +115,7 @@ class Direct:
     """The runtime called directly: one engine, one ChatService, in this process."""
 
     def __init__(self, settings: Settings) -> None:
-        spec = resolve_launch(replace(settings, app=None, app_kind=None))
+        spec = launch_spec(replace(settings, app=None, app_kind=None))
         self.setup = chat_setup(settings, spec)
         self.engine = Engine(spec, log_path=settings.layout.logs / "bench-direct.log")
         self.chat = ChatService(self.engine, self.setup.template, self.setup.model_info,

@@ -10,14 +10,14 @@ the client; on a match the guest is told to stop. This is what keeps a model who
 end-of-turn token is not an end-of-generation token (Llama 3 with eos =
 <|end_of_text|>) from talking to itself.
 
-:func:`ask` is the one-shot core of ``edgebundle ask``: start an engine, answer one
-prompt, stop it.
+The one-shot ``edgebundle ask`` (start an engine, answer one prompt, stop it) is
+:func:`edgebundle.serving.ask`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,9 +25,9 @@ from typing import Any
 from edgebundle.config import Settings
 from edgebundle.context_window import ESTIMATE_ATTEMPTS, ContextWindow
 from edgebundle.engine import Delta, Engine
-from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
+from edgebundle.errors import UsageError
 from edgebundle.model_info import ModelInfo, load_model_info, resolve_template
-from edgebundle.runtime.launch import LaunchSpec, resolve_launch
+from edgebundle.runtime.launch import LaunchSpec
 from edgebundle.templates import ChatTemplate, Message
 
 # The GGML plugin's own defaults (llama.cpp common_params_sampling). Sampling options
@@ -275,68 +275,3 @@ def chat_setup(settings: Settings, spec: LaunchSpec) -> ChatSetup:
 def runtime_line(spec: LaunchSpec) -> str:
     """``runtime embedded (auto: no wasmedge found)``: which runtime and why, in one line."""
     return f"runtime {spec.runtime} ({spec.reason})" if spec.reason else f"runtime {spec.runtime}"
-
-
-@dataclass(frozen=True)
-class AskResult:
-    text: str
-    reason: str  # eos | length | context_full
-    usage: Usage
-
-
-async def ask(
-    settings: Settings,
-    prompt: str,
-    *,
-    max_tokens: int | None = None,
-    on_text: Callable[[str], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> AskResult:
-    """Answer one prompt with a guest started for it (and stopped after).
-
-    ``on_text`` gets the reply as it streams; ``on_note`` the lines the user must read
-    (the demo model is used, which runtime and why). A stop string ends the turn like
-    the model's own end-of-turn token: both report ``eos``.
-    """
-    if not prompt.strip():
-        raise UsageError("the prompt is empty: give the question as an argument, e.g. "
-                         "edgebundle ask \"hello\"")
-    # ask always talks to the chat guest, whatever app `run` is configured with.
-    spec = resolve_launch(replace(settings, app=None, app_kind=None), environ)
-    setup = chat_setup(settings, spec)
-    for note in (*spec.notes, runtime_line(spec)):
-        if on_note is not None:
-            on_note(note)
-    engine = Engine(spec, log_path=settings.layout.logs / "ask.log")
-    await engine.start()
-    pieces: list[str] = []
-    finished = Finished("error", Usage(), "the reply ended without a reason")
-    try:
-        service = ChatService(engine, setup.template, setup.model_info, settings.system_prompt,
-                              spec.ctx_size)
-        params = ChatParams(max_tokens=max_tokens)
-        async with aclosing(service.complete([Message("user", prompt)], params)) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    pieces.append(event.text)
-                    if on_text is not None:
-                        on_text(event.text)
-                else:
-                    finished = event
-    finally:
-        await engine.stop()
-    return AskResult("".join(pieces), _ask_reason(finished, spec), finished.usage)
-
-
-def _ask_reason(finished: Finished, spec: LaunchSpec) -> str:
-    if finished.reason in ("eos", "stop"):
-        return "eos"
-    if finished.reason in ("length", "context_full"):
-        return finished.reason
-    if finished.reason == "prompt_too_long":
-        raise EdgebundleError(
-            f"the prompt is {finished.usage.input_tokens} tokens, too long for the context of "
-            f"{spec.ctx_size} tokens: shorten it (or raise ctx_size if the model allows more)"
-        )
-    raise SupervisorError(finished.detail or f"the reply ended with {finished.reason}")

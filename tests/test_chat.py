@@ -19,7 +19,7 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine
 from edgebundle.errors import UsageError
 from edgebundle.model_info import load_model_info
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.serving import launch_spec
 from edgebundle.templates import Message, get_template
 from tests.support.serving import LoopThread
 
@@ -71,7 +71,7 @@ def talker(loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     home = tmp_path_factory.mktemp("home")
     model = write_scripted_model(home / "talk.gguf", ScriptedModelSpec(
         reply=TURN, eot_is_special=False, after_end=AFTER))  # fmt: skip
-    spec = resolve_launch(
+    spec = launch_spec(
         load_settings({"home": str(home), "model": str(model), "runtime": "embedded"}), environ={}
     )
     engine = Engine(spec, log_path=home / "talk.log")

@@ -29,7 +29,7 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine
 from edgebundle.errors import ConfigError, UsageError
 from edgebundle.model_info import ModelInfo, load_model_info
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.serving import launch_spec
 from edgebundle.templates import Message, get_template
 from tests.support.serving import LoopThread
 
@@ -230,7 +230,7 @@ def guest(loop: LoopThread, model: Path, info: ModelInfo,
     home = tmp_path_factory.mktemp("home")
     settings = load_settings({"home": str(home), "model": str(model), "runtime": "embedded",
                               "ctx_size": 512}, {})
-    engine = Engine(resolve_launch(settings, environ={}), log_path=home / "guest.log")
+    engine = Engine(launch_spec(settings, environ={}), log_path=home / "guest.log")
     loop.run(engine.start())
     yield engine
     loop.run(engine.stop())

@@ -21,7 +21,7 @@ from edgebundle.doctor import Report
 from edgebundle.errors import RuntimeNotFoundError, UsageError
 from edgebundle.host import detect
 from edgebundle.pins import load_runtime_lock
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.serving import launch_spec
 from tests.support.doctor_env import (
     PLUGIN_LIB,
     environ,
@@ -59,7 +59,7 @@ def test_auto_with_a_failing_wasmedge_is_embedded_in_both(
     env = environ((binary.parent,))
     settings = Settings(home=home, model=model)
     report = _doctor(settings, env)
-    spec = resolve_launch(settings, environ=env)
+    spec = launch_spec(settings, environ=env)
     why = "auto: wasmedge fails doctor's wasmedge.plugin check(s)"
     assert (report.runtime, report.reason) == (spec.runtime, spec.reason) == ("embedded", why)
     assert report.to_json()["runtime_reason"] == why
@@ -75,7 +75,7 @@ def test_auto_with_a_passing_wasmedge_is_wasmedge_in_both(
     env = environ()
     settings = Settings(home=home, model=model)
     report = _doctor(settings, env)
-    spec = resolve_launch(settings, environ=env)
+    spec = launch_spec(settings, environ=env)
     why = "auto: doctor's wasmedge checks pass"
     assert (report.runtime, report.reason) == (spec.runtime, spec.reason) == ("wasmedge", why)
 
@@ -87,7 +87,7 @@ def test_a_plugin_path_entry_that_does_not_exist_no_longer_sends_run_to_embedded
     fake_plugin(tmp_path / "opt" / "plugin" / PLUGIN_LIB)
     env = environ((binary.parent,), WASMEDGE_PLUGIN_PATH=str(tmp_path / "gone"))
     settings = Settings(home=home, model=model)
-    assert _doctor(settings, env).runtime == resolve_launch(settings, environ=env).runtime \
+    assert _doctor(settings, env).runtime == launch_spec(settings, environ=env).runtime \
         == "wasmedge"  # fmt: skip
 
 
@@ -102,7 +102,7 @@ def test_an_app_only_wasmedge_runs_without_wasmedge_is_a_refusal(
     settings = Settings(home=home, model=model, app=app, template="chatml")
     report = _doctor(settings, env)
     with pytest.raises(RuntimeNotFoundError) as refused:
-        resolve_launch(settings, environ=env)
+        launch_spec(settings, environ=env)
     assert report.refusal == str(refused.value) and not report.ok
     binary = report.check("wasmedge.binary")
     assert binary.status == "fail" and "llama-api-server runs only on WasmEdge" in binary.summary
@@ -117,6 +117,6 @@ def test_an_app_only_wasmedge_runs_on_the_embedded_runtime_is_a_refusal(
     settings = Settings(home=home, model=model, app=app, template="chatml", runtime="embedded")
     report = _doctor(settings, environ())
     with pytest.raises(UsageError) as refused:
-        resolve_launch(settings, environ=environ())
+        launch_spec(settings, environ=environ())
     assert report.refusal == str(refused.value)
     assert report.check("runtime.embedded").status == "fail"

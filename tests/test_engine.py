@@ -21,8 +21,9 @@ from edgebundle.config import load_settings
 from edgebundle.demo_model import ScriptedModelSpec, pieces_for, write_scripted_model
 from edgebundle.engine import Delta, End, Engine
 from edgebundle.errors import SupervisorError
-from edgebundle.runtime.launch import LaunchSpec, resolve_launch
+from edgebundle.runtime.launch import LaunchSpec
 from edgebundle.runtime.supervisor import Backoff
+from edgebundle.serving import launch_spec
 from tests.support.guest import llama3_prompt
 from tests.support.processes import gone
 from tests.support.serving import LoopThread, wait_for
@@ -34,7 +35,7 @@ FAST = Backoff(initial=0.05, factor=2.0, maximum=1.0)
 
 def spec_for(home: Path, model: Path) -> LaunchSpec:
     settings = load_settings({"home": str(home), "model": str(model), "runtime": "embedded"})
-    return resolve_launch(settings, environ={})
+    return launch_spec(settings, environ={})
 
 
 def prompt(text: str = "Hello") -> str:

@@ -39,7 +39,7 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.gateway.openapi import build_spec
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.serving import launch_spec
 from edgebundle.sync.service import SyncService
 from tests.support.devices import Device, sync_devices
 from tests.support.redis_server import RedisServer
@@ -81,7 +81,7 @@ def spec(device: Device) -> dict[str, Any]:
 def app_routes(model: Path, home: Path) -> set[tuple[str, str]]:
     """(path, method) of every route of the app `run` serves with sync on and a key."""
     config = load_settings({"home": str(home), "model": str(model), "runtime": "embedded"})
-    launch = resolve_launch(config, environ={})
+    launch = launch_spec(config, environ={})
     setup = chat_setup(config, launch)
     engine = Engine(launch, log_path=home / "unused.log")  # never started: routes only
     chat = ChatService(engine, setup.template, setup.model_info)

@@ -21,7 +21,8 @@ import pytest
 
 from edgebundle.config import load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.runtime.launch import LaunchSpec, resolve_launch
+from edgebundle.runtime.launch import LaunchSpec
+from edgebundle.serving import launch_spec
 from tests.support.guest import REPO
 from tests.support.standin_wasmedge import install_delegating_runtime
 
@@ -73,7 +74,7 @@ def test_the_edgechat_app_gets_no_directory_at_all(home: Path, tmp_path: Path) -
     furnish(home)
     model = write_scripted_model(tmp_path / "m.gguf", ScriptedModelSpec(reply="hi"))
     escape = build_escape(tmp_path / "escape.wasm", home)
-    spec = resolve_launch(load_settings({"model": str(model), "app": str(escape),
+    spec = launch_spec(load_settings({"model": str(model), "app": str(escape),
                                          "app_kind": "edgechat", "runtime": "embedded"}))
     before = snapshot(home)
 
@@ -93,7 +94,7 @@ def test_a_llamaedge_app_gets_only_its_own_data_directory(home: Path, tmp_path: 
     install_delegating_runtime(home)
     model = write_scripted_model(tmp_path / "m.gguf", ScriptedModelSpec(reply="hi"))
     escape = build_escape(tmp_path / "llama-api-server.wasm", home)
-    spec = resolve_launch(load_settings({"model": str(model), "app": str(escape),
+    spec = launch_spec(load_settings({"model": str(model), "app": str(escape),
                                          "runtime": "wasmedge", "template": "llama-3-chat"}),
                           environ={})
     data = home / "apps" / "llama-api-server" / "data"
@@ -121,5 +122,5 @@ def test_a_llamaedge_app_gets_only_its_own_data_directory(home: Path, tmp_path: 
 def test_dry_run_shows_the_confinement(home: Path, tmp_path: Path, runtime: str) -> None:
     install_delegating_runtime(home)
     model = write_scripted_model(tmp_path / "m.gguf", ScriptedModelSpec(reply="hi"))
-    spec = resolve_launch(load_settings({"model": str(model), "runtime": runtime}), environ={})
+    spec = launch_spec(load_settings({"model": str(model), "runtime": runtime}), environ={})
     assert "--dir" not in spec.argv and spec.cwd == home

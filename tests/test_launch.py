@@ -15,7 +15,8 @@ import pytest
 from edgebundle.config import load_settings
 from edgebundle.errors import RuntimeNotFoundError, UsageError
 from edgebundle.host import usable_cpus
-from edgebundle.runtime.launch import DEMO_MODEL_NOTE, default_app, resolve_launch, wasmedge_launch
+from edgebundle.runtime.launch import DEMO_MODEL_NOTE, default_app, wasmedge_launch
+from edgebundle.serving import launch_spec
 from tests.support.standin_wasmedge import fake_plugin, write_standin
 
 
@@ -55,7 +56,7 @@ def test_dry_run_spec_has_the_api_shape(home: Path, tmp_path: Path) -> None:
         {"model": str(model), "app": str(app), "template": "llama-3-chat", "port": 8181},
         environ={"EDGEBUNDLE_HOME": str(home)},
     )
-    spec = resolve_launch(settings, environ=env_with_path())
+    spec = launch_spec(settings, environ=env_with_path())
     data = spec.to_json()
 
     assert set(data) == {"runtime", "argv", "env", "cwd"}
@@ -84,7 +85,7 @@ def test_installed_runtime_is_preferred_over_path(home: Path, tmp_path: Path) ->
     on_path = write_standin(tmp_path / "elsewhere" / "bin" / "wasmedge")
     model, app = files(tmp_path)
     settings = load_settings({"model": str(model), "app": str(app), "template": "chatml"})
-    spec = resolve_launch(settings, environ=env_with_path(on_path.parent))
+    spec = launch_spec(settings, environ=env_with_path(on_path.parent))
     assert spec.argv[0] == str(installed)
 
 
@@ -99,19 +100,19 @@ def test_wasmedge_on_path_gets_an_explicit_plugin_path(
 
     # Unset: explicitly empty, which genuine WasmEdge ignores, so its own default applies
     # exactly as for a bare `wasmedge` (an inherited value cannot slip in).
-    spec = resolve_launch(settings, environ=env_with_path(on_path.parent))
+    spec = launch_spec(settings, environ=env_with_path(on_path.parent))
     assert spec.argv[0] == str(on_path)
     assert spec.env == {"WASMEDGE_PLUGIN_PATH": ""}
 
     chosen = tmp_path / "plugins-a"
     environ = {**env_with_path(on_path.parent), "WASMEDGE_PLUGIN_PATH": str(chosen)}
-    assert resolve_launch(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == str(chosen)
+    assert launch_spec(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == str(chosen)
 
     # A trailing ':' aborts genuine WasmEdge (even --version): run passes the value without
     # it. A relative entry is made absolute here: wasmedge runs in another directory.
     monkeypatch.chdir(tmp_path)
     environ["WASMEDGE_PLUGIN_PATH"] = f"plugins-a:{tmp_path / 'gone'}:"
-    assert resolve_launch(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == \
+    assert launch_spec(settings, environ=environ).env["WASMEDGE_PLUGIN_PATH"] == \
         f"{chosen}:{tmp_path / 'gone'}"  # fmt: skip
 
 
@@ -122,12 +123,12 @@ def test_explicit_wasmedge_wins_and_a_missing_one_is_named(home: Path, tmp_path:
     model, app = files(tmp_path)
     flags = {"model": str(model), "app": str(app), "template": "chatml"}
     settings = load_settings({**flags, "wasmedge": str(explicit)})
-    spec = resolve_launch(settings, environ=env_with_path())
+    spec = launch_spec(settings, environ=env_with_path())
     assert spec.argv[0] == str(explicit)
 
     missing = tmp_path / "nope" / "wasmedge"
     with pytest.raises(RuntimeNotFoundError, match=r"nope/wasmedge.*--wasmedge"):
-        resolve_launch(load_settings({**flags, "wasmedge": str(missing)}), environ=env_with_path())
+        launch_spec(load_settings({**flags, "wasmedge": str(missing)}), environ=env_with_path())
 
 
 def test_llama_chat_gets_system_prompt_and_no_socket(home: Path, tmp_path: Path) -> None:
@@ -143,7 +144,7 @@ def test_llama_chat_gets_system_prompt_and_no_socket(home: Path, tmp_path: Path)
          "system_prompt": "You are terse."}
     )  # fmt: skip
     with pytest.raises(UsageError, match=r"interactive terminal app.*edgebundle exec"):
-        resolve_launch(settings, environ=env_with_path())
+        launch_spec(settings, environ=env_with_path())
     spec = wasmedge_launch(settings, app=app, model=model, environ=env_with_path())
     assert spec.kind == "llama-chat"
     tail = list(spec.argv[spec.argv.index(str(app)) + 1 :])
@@ -159,19 +160,19 @@ def test_app_kind_from_name_or_setting(home: Path, tmp_path: Path) -> None:
     model, app = files(tmp_path, "server.wasm")
     flags = {"model": str(model), "app": str(app), "template": "chatml"}
     with pytest.raises(UsageError, match=r"cannot tell which app server.wasm is.*--app-kind"):
-        resolve_launch(load_settings(flags), environ=env_with_path())
-    spec = resolve_launch(load_settings({**flags, "app_kind": "llama-api-server"}), environ={})
+        launch_spec(load_settings(flags), environ=env_with_path())
+    spec = launch_spec(load_settings({**flags, "app_kind": "llama-api-server"}), environ={})
     assert spec.kind == "llama-api-server" and "--socket-addr" in spec.argv
 
     # The chat guest's tail: the alias and the load options; the template stays outside.
-    spec = resolve_launch(load_settings({**flags, "app_kind": "edgechat"}), environ={})
+    spec = launch_spec(load_settings({**flags, "app_kind": "edgechat"}), environ={})
     assert spec.kind == "edgechat"
     assert list(spec.argv[spec.argv.index(str(app)) + 1 :]) == [
         "--model-alias", "default", "--config",
         f'{{"ctx-size":4096,"threads":{usable_cpus()},"threads-batch":{usable_cpus()}}}'
     ]  # fmt: skip
     _, edgechat = files(tmp_path, "edgechat.wasm")
-    spec = resolve_launch(load_settings({**flags, "app": str(edgechat)}), environ={})
+    spec = launch_spec(load_settings({**flags, "app": str(edgechat)}), environ={})
     assert spec.kind == "edgechat"
 
 
@@ -181,12 +182,12 @@ def test_missing_inputs_name_the_flag_and_variable(home: Path, tmp_path: Path) -
     model, app = files(tmp_path)
     gone = tmp_path / "gone.gguf"
     with pytest.raises(UsageError, match=rf"model file not found: {gone}.*--model"):
-        resolve_launch(load_settings({"model": str(gone), "app": str(app)}), environ={})
+        launch_spec(load_settings({"model": str(gone), "app": str(app)}), environ={})
     with pytest.raises(UsageError, match=r"app file not found.*--app"):
         missing_app = load_settings({"model": str(model), "app": str(tmp_path / "x.wasm")})
-        resolve_launch(missing_app, environ={})
+        launch_spec(missing_app, environ={})
     with pytest.raises(UsageError, match=r"--template NAME.*EDGEBUNDLE_TEMPLATE"):
-        resolve_launch(load_settings({"model": str(model), "app": str(app)}), environ={})
+        launch_spec(load_settings({"model": str(model), "app": str(app)}), environ={})
 
 
 def test_no_model_and_no_app_mean_the_demo_model_and_the_chat_guest(
@@ -194,7 +195,7 @@ def test_no_model_and_no_app_mean_the_demo_model_and_the_chat_guest(
 ) -> None:
     """Stand-in wasmedge (test double) in the installed layout."""
     install_runtime(home)
-    spec = resolve_launch(load_settings({"runtime": "wasmedge"}), environ={})
+    spec = launch_spec(load_settings({"runtime": "wasmedge"}), environ={})
     assert spec.notes == (DEMO_MODEL_NOTE,)
     assert spec.model is not None and spec.model.parent == home / "models"
     assert spec.model.is_file()  # generated on first use
@@ -217,7 +218,7 @@ def test_settings_come_from_the_environment(home: Path, tmp_path: Path) -> None:
         "EDGEBUNDLE_HOME": str(home), "EDGEBUNDLE_MODEL": str(model), "EDGEBUNDLE_APP": str(app),
         "EDGEBUNDLE_TEMPLATE": "phi-3-chat", "EDGEBUNDLE_PORT": "9001",
     }  # fmt: skip
-    spec = resolve_launch(load_settings({}, environ=environ), environ=environ)
+    spec = launch_spec(load_settings({}, environ=environ), environ=environ)
     assert value_after(spec.argv, "--prompt-template") == "phi-3-chat"
     assert value_after(spec.argv, "--socket-addr") == "127.0.0.1:9001"
 
@@ -228,14 +229,14 @@ def test_no_runtime_errors_say_how_to_fix(home: Path, tmp_path: Path) -> None:
     flags = {"model": str(model), "app": str(app), "template": "chatml"}
     empty = env_with_path(tmp_path / "empty-bin")
     with pytest.raises(RuntimeNotFoundError, match=r"no wasmedge found.*install\.sh.*--wasmedge"):
-        resolve_launch(load_settings({**flags, "runtime": "wasmedge"}), environ=empty)
+        launch_spec(load_settings({**flags, "runtime": "wasmedge"}), environ=empty)
     # llama-api-server has no embedded fallback (it needs WasmEdge's sockets) ...
     with pytest.raises(RuntimeNotFoundError, match=r"no wasmedge found.*runs only on WasmEdge"):
-        resolve_launch(load_settings({**flags, "runtime": "auto"}), environ=empty)
+        launch_spec(load_settings({**flags, "runtime": "auto"}), environ=empty)
     with pytest.raises(UsageError, match=r"cannot run on the embedded runtime.*--runtime wasmedge"):
-        resolve_launch(load_settings({**flags, "runtime": "embedded"}), environ=empty)
+        launch_spec(load_settings({**flags, "runtime": "embedded"}), environ=empty)
     # ... the chat guest has: auto falls back to the embedded runtime and says why.
-    spec = resolve_launch(load_settings({"model": str(model)}), environ=empty)
+    spec = launch_spec(load_settings({"model": str(model)}), environ=empty)
     assert (spec.runtime, spec.reason) == ("embedded", "auto: no wasmedge found")
 
 
@@ -247,11 +248,11 @@ def test_pinned_model_fills_in_the_template(home: Path, tmp_path: Path) -> None:
     pinned_app.write_bytes(b"\0asm\x01\0\0\0")
     model = tmp_path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
     model.write_bytes(b"GGUF")
-    spec = resolve_launch(load_settings({"model": str(model), "app": str(pinned_app)}), environ={})
+    spec = launch_spec(load_settings({"model": str(model), "app": str(pinned_app)}), environ={})
     assert spec.argv[5] == str(pinned_app)
     assert value_after(spec.argv, "--prompt-template") == "llama-3-chat"
     # An installed LlamaEdge app is used only when asked for: the default is the chat guest.
-    assert resolve_launch(load_settings({"model": str(model)}), environ={}).kind == "edgechat"
+    assert launch_spec(load_settings({"model": str(model)}), environ={}).kind == "edgechat"
 
 
 def test_ipv6_host_is_bracketed(home: Path, tmp_path: Path) -> None:
@@ -259,4 +260,4 @@ def test_ipv6_host_is_bracketed(home: Path, tmp_path: Path) -> None:
     install_runtime(home)
     model, app = files(tmp_path)
     settings = load_settings({"model": str(model), "app": str(app), "template": "t", "host": "::1"})
-    assert value_after(resolve_launch(settings, environ={}).argv, "--socket-addr") == "[::1]:8080"
+    assert value_after(launch_spec(settings, environ={}).argv, "--socket-addr") == "[::1]:8080"

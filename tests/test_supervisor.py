@@ -24,8 +24,9 @@ import pytest
 from edgebundle import apps
 from edgebundle.config import load_settings
 from edgebundle.errors import SupervisorError
-from edgebundle.runtime.launch import LaunchSpec, resolve_launch
+from edgebundle.runtime.launch import LaunchSpec
 from edgebundle.runtime.supervisor import Backoff, RestartLimit, Supervisor
+from edgebundle.serving import launch_spec
 from tests.support.processes import free_port, gone
 from tests.support.standin_wasmedge import fake_plugin, write_standin
 
@@ -50,7 +51,7 @@ def spec(home: Path, tmp_path: Path) -> LaunchSpec:
     settings = load_settings(
         {"model": str(model), "app": str(app), "template": "chatml", "port": free_port()}
     )
-    return resolve_launch(settings)
+    return launch_spec(settings)
 
 
 @pytest.fixture

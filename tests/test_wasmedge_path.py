@@ -23,7 +23,7 @@ import pytest
 
 from edgebundle.config import load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.serving import launch_spec
 from tests.support.serving import RunProcess
 from tests.support.standin_wasmedge import install_delegating_runtime
 
@@ -37,8 +37,8 @@ def model(tmp_path: Path) -> Path:
 def test_both_runtimes_start_the_same_argv_tail(home: Path, model: Path) -> None:
     binary = install_delegating_runtime(home)
     flags = {"model": str(model)}
-    on_wasmedge = resolve_launch(load_settings({**flags, "runtime": "wasmedge"}), environ={})
-    embedded = resolve_launch(load_settings({**flags, "runtime": "embedded"}), environ={})
+    on_wasmedge = launch_spec(load_settings({**flags, "runtime": "wasmedge"}), environ={})
+    embedded = launch_spec(load_settings({**flags, "runtime": "embedded"}), environ={})
     assert on_wasmedge.argv[0] == str(binary)
     assert embedded.argv[:4] == (sys.executable, "-m", "edgebundle", "exec")
     # the same but for the protocol frame, which is random per launch
@@ -52,11 +52,11 @@ def test_both_runtimes_start_the_same_argv_tail(home: Path, model: Path) -> None
 def test_auto_uses_wasmedge_when_doctor_passes_else_embedded(home: Path, model: Path) -> None:
     install_delegating_runtime(home)
     settings = load_settings({"model": str(model)})
-    spec = resolve_launch(settings, environ={"PATH": "/usr/bin:/bin"})
+    spec = launch_spec(settings, environ={"PATH": "/usr/bin:/bin"})
     assert (spec.runtime, spec.reason) == ("wasmedge", "auto: doctor's wasmedge checks pass")
 
     (home / "runtime" / "current" / "plugin" / "libwasmedgePluginWasiNN.so").unlink()
-    spec = resolve_launch(settings, environ={"PATH": "/usr/bin:/bin"})
+    spec = launch_spec(settings, environ={"PATH": "/usr/bin:/bin"})
     assert spec.runtime == "embedded"
     assert spec.reason.startswith("auto: wasmedge fails doctor's ") and "wasmedge.plugin" in \
         spec.reason

@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from edgebundle.chat import ask as ask_core
 from edgebundle.config import RUNTIMES, load_settings
+from edgebundle.serving import ask as ask_core
 
 
 def _text(text: str) -> None:

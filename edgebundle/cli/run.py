@@ -14,8 +14,7 @@ from edgebundle.config import RUNTIMES, load_settings
 from edgebundle.errors import ConfigError
 from edgebundle.fleet.agent import fleet_managed_run
 from edgebundle.pins import APP_KINDS
-from edgebundle.runtime.launch import resolve_launch
-from edgebundle.runtime.serve import ServeInfo, serve
+from edgebundle.serving import ServeInfo, launch_spec, serve
 
 
 def _announce(info: ServeInfo) -> None:
@@ -80,7 +79,7 @@ def run(ctx: click.Context, /, dry_run: bool, no_preflight: bool, no_fleet: bool
         fleet_managed_run(settings, _note)
         return
     if dry_run:
-        spec = resolve_launch(settings)
+        spec = launch_spec(settings)
         for note in spec.notes:
             _note(note)
         click.echo(json.dumps(spec.to_json(), indent=2))

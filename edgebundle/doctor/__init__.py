@@ -6,6 +6,7 @@ never prints and never exits; ``edgebundle doctor`` renders it.
 """
 
 from edgebundle.doctor.report import CHECK_IDS, CheckResult, Report, Status
-from edgebundle.doctor.runner import run_doctor, wasmedge_results
+from edgebundle.doctor.runner import failed_wasmedge_checks, run_doctor, wasmedge_results
 
-__all__ = ["CHECK_IDS", "CheckResult", "Report", "Status", "run_doctor", "wasmedge_results"]
+__all__ = ["CHECK_IDS", "CheckResult", "Report", "Status", "failed_wasmedge_checks",
+           "run_doctor", "wasmedge_results"]

@@ -28,7 +28,7 @@ from edgebundle.demo_model import DEMO_REPLY
 from edgebundle.doctor.report import CheckResult, fail, ok, warn
 from edgebundle.engine import Engine
 from edgebundle.errors import EdgebundleError
-from edgebundle.runtime.launch import resolve_launch
+from edgebundle.runtime.launch import WasmEdgeFailures, resolve_launch
 from edgebundle.templates import Message
 
 PROBE = "runtime.probe"
@@ -36,10 +36,11 @@ SLOW_TOKENS_PER_S = 50.0  # the demo model is tiny: any sane runtime does far mo
 TIMEOUT = 300.0  # s for start + reply (a slow device loading from an SD card)
 
 
-def probe(settings: Settings) -> CheckResult:
-    """Run the probe (blocking) and say what it saw."""
+def probe(settings: Settings, wasmedge_failures: WasmEdgeFailures) -> CheckResult:
+    """Run the probe (blocking) and say what it saw; ``wasmedge_failures`` decides
+    ``--runtime auto`` as for ``run``."""
     try:
-        return asyncio.run(asyncio.wait_for(_probe(settings), TIMEOUT))
+        return asyncio.run(asyncio.wait_for(_probe(settings, wasmedge_failures), TIMEOUT))
     except TimeoutError:
         return fail(PROBE, f"no reply from the runtime within {TIMEOUT:g} s",
                     "see the probe's guest log named above; run `edgebundle doctor` "
@@ -49,9 +50,9 @@ def probe(settings: Settings) -> CheckResult:
                     "fix what the other runtime.* and wasmedge.* checks report")
 
 
-async def _probe(settings: Settings) -> CheckResult:
+async def _probe(settings: Settings, wasmedge_failures: WasmEdgeFailures) -> CheckResult:
     demo = replace(settings, model=None, app=None, app_kind=None, template=None)
-    spec = resolve_launch(demo)
+    spec = resolve_launch(demo, wasmedge_failures=wasmedge_failures)
     setup = chat_setup(demo, spec)
     log_dir = Path(tempfile.mkdtemp(prefix="edgebundle-probe-"))
     engine = Engine(spec, log_path=log_dir / "probe.log")

@@ -83,7 +83,7 @@ def run_doctor(
     if probe:
         from edgebundle.doctor.probe import probe as run_probe  # starts a guest: on demand
 
-        results.append(run_probe(settings))
+        results.append(run_probe(settings, failed_wasmedge_checks))
     refusal = str(choice.refusal) if choice.refusal is not None else None
     return assemble(ctx.runtime, results, reason=choice.reason, refusal=refusal)
 
@@ -99,6 +99,12 @@ def wasmedge_results(
     ``run --runtime auto`` decides by, without the rest of doctor)."""
     ctx = _context(settings, None, host, environ, False, lock, None, PROC_MEMINFO, False)
     return wasmedge_checks.checks(ctx)
+
+
+def failed_wasmedge_checks(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """The ids of the ``wasmedge.*`` checks that fail for ``settings``: what
+    ``--runtime auto`` decides by (given to ``runtime.launch.resolve_launch``)."""
+    return [c.id for c in wasmedge_results(settings, environ=environ) if c.status == "fail"]
 
 
 def _context(

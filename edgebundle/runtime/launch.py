@@ -85,8 +85,18 @@ def default_app() -> Path:
     return resources.wasm_dir() / DEFAULT_APP
 
 
-def resolve_launch(settings: Settings, environ: Mapping[str, str] | None = None) -> LaunchSpec:
-    """The one spec ``run`` / ``ask`` start for these settings (inputs checked first)."""
+WasmEdgeFailures = Callable[[Settings, Mapping[str, str]], Sequence[str]]
+
+
+def resolve_launch(settings: Settings, environ: Mapping[str, str] | None = None, *,
+                   wasmedge_failures: WasmEdgeFailures | None = None) -> LaunchSpec:
+    """The one spec ``run`` / ``ask`` start for these settings (inputs checked first).
+
+    ``wasmedge_failures(settings, environ)``: the ids of doctor's ``wasmedge.*`` checks
+    that fail, which ``--runtime auto`` decides by. It is passed in from above
+    (``edgebundle.serving.launch_spec`` gives doctor's), because runtime/ sits below
+    doctor; without it a wasmedge that is found counts as passing.
+    """
     env = os.environ if environ is None else environ
     notes: list[str] = []
     model = settings.model
@@ -106,7 +116,7 @@ def resolve_launch(settings: Settings, environ: Mapping[str, str] | None = None)
         settings,
         kind=kind,
         wasmedge_found=wasmedge.locate(settings.layout, settings.wasmedge, env) is not None,
-        wasmedge_failures=lambda: failed_wasmedge_checks(settings, env),
+        wasmedge_failures=lambda: wasmedge_failures(settings, env) if wasmedge_failures else [],
     )
     if choice.refusal is not None:
         raise choice.refusal
@@ -148,7 +158,9 @@ def choose_runtime(
 
     ``wasmedge_failures`` gives the ids of doctor's ``wasmedge.*`` checks that fail
     (asked only under ``auto`` with a wasmedge found): ``run`` computes them
-    (:func:`failed_wasmedge_checks`), doctor passes the results it already has.
+    (``resolve_launch``'s ``wasmedge_failures``, doctor's
+    :func:`~edgebundle.doctor.failed_wasmedge_checks`); doctor's verdict passes the
+    results it already has.
     """
     if settings.runtime == "wasmedge":
         return RuntimeChoice("wasmedge", "chosen with --runtime")
@@ -175,13 +187,6 @@ def choose_runtime(
             "embedded", f"auto: wasmedge fails doctor's {', '.join(failed)} check(s)"
         )
     return RuntimeChoice("wasmedge", "auto: doctor's wasmedge checks pass")
-
-
-def failed_wasmedge_checks(settings: Settings, environ: Mapping[str, str]) -> list[str]:
-    """The ids of doctor's ``wasmedge.*`` checks that fail for ``settings``."""
-    from edgebundle.doctor import wasmedge_results  # doctor imports much; only auto needs it
-
-    return [c.id for c in wasmedge_results(settings, environ=environ) if c.status == "fail"]
 
 
 def _require_embeddable(kind: str, why: str) -> None:
