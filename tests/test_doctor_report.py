@@ -1,4 +1,4 @@
-"""The report's contract: every stable id, in order, and the API.md JSON shape."""
+"""The report's contract: every stable id, in order, and the docs/api.md JSON shape."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ their own and take turns on the same thread at the same time, as people would: a
 device sends its next turn when it has the answer to the last one.
 
 Every device retries what failed (a 5xx, a cut connection) with the same ids, as
-API.md asks: push mutation ids, the turn's input id. Each device keeps a replica of
+docs/api.md asks: push mutation ids, the turn's input id. Each device keeps a replica of
 the thread built only from what it received (push answers, the runs' event streams
 and diffs by version). Pass means:
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 Status = Literal["ok", "warn", "fail", "skip"]
 STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
 
-# Every report carries each of these, in this order (API.md "Stable ids").
+# Every report carries each of these, in this order (docs/api.md "Stable ids").
 CHECK_IDS: tuple[str, ...] = (
     "wasmedge.binary",
     "wasmedge.version",

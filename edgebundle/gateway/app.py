@@ -5,7 +5,7 @@ Routes (docs/api.md): ``GET /healthz`` (503 while the model loads), ``GET
 route, :mod:`.openapi`), ``GET /v1/models``, ``POST /v1/chat/completions`` (stream or
 not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_chat`), and the sync
 routes (:mod:`.sync_api`) when sync is on. With an API key every route but /healthz
-needs ``Authorization: Bearer <key>`` (the spec too, as API.md says; it holds no data,
+needs ``Authorization: Bearer <key>`` (the spec too, as docs/api.md says; it holds no data,
 but a device answers nothing but its probe to strangers). Before the key, every
 request passes :mod:`.guard` (Host, Origin, application/json, body size); the caps
 on messages, threads, streams and turns are :mod:`.limits`. A bad request is a 400

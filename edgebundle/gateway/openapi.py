@@ -6,7 +6,7 @@ check, the two error shapes (OpenAI's error object on ``/v1/chat/completions`` a
 the gateway's own routes, ``{"error": code, "message": …}`` on the sync routes) and
 the server-sent event streams as ``text/event-stream``. ``tests/test_gateway_openapi.py``
 keeps it honest: it compares the spec with the app's routes and fuzzes the served API
-from it. With an API key the document itself needs the key too (API.md: every route
+from it. With an API key the document itself needs the key too (docs/api.md: every route
 but /healthz); it holds no data, but a device tells strangers nothing but its health.
 """
 

@@ -71,7 +71,7 @@ class LaunchSpec:
     notes: tuple[str, ...] = ()  # what the user must be told (e.g. the demo model is used)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``run --dry-run`` object of API.md."""
+        """The ``run --dry-run`` object of docs/api.md."""
         return {
             "runtime": self.runtime,
             "argv": list(self.argv),

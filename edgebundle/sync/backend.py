@@ -43,7 +43,7 @@ UNAVAILABLE = (_ConnectionError, _TimeoutError, ClusterDownError, OSError)
 
 @dataclass(frozen=True)
 class SyncSettings:
-    """Tunables of the sync core (API.md defaults); validated once, here."""
+    """Tunables of the sync core (docs/api.md defaults); validated once, here."""
 
     session_ttl: int = 1800  # s, sliding: refreshed on every access of a thread
     lease_ms: int = 30000  # the lock's lease; a holder silent this long is taken over

@@ -1,4 +1,4 @@
-"""The sync objects of API.md, as they travel in JSON (and are stored in Redis).
+"""The sync objects of docs/api.md, as they travel in JSON (and are stored in Redis).
 
 Only JSON goes to and comes from Redis; nothing is ever unpickled.
 """
