@@ -38,6 +38,11 @@ it, because it is what the user reads.
         ├── LeaseLostError          exit 1   the run no longer holds the thread; nothing was written
         └── OfflineError            exit 1   the device is offline and this needs the central store
 
+Outside the tree only: Python's built-ins for a caller's bug (``ValueError`` for a
+check id reported twice, a function name the library lacks), ``ValueError`` inside
+pydantic validators (pydantic turns it into a ManifestError problem), and parse
+errors caught where they arise (an ELF or JSON reader turns them into one of these).
+
 A leaf: it imports nothing of edgebundle. Errors that carry a feature's objects type
 them by the little they need (:class:`ManifestProblem`, :class:`RunObject`).
 """
