@@ -120,17 +120,12 @@ class ThreadSync(Protocol):
 class SyncService:
     """The sync core over ``redis``; ``blocking``: a client of its own for the blocking
     reads of readers and queued runs (see :class:`~edgebundle.sync.backend.Backend`),
-    default ``redis``. :meth:`aclose` closes both."""
+    default ``redis``. ``tunables`` are :class:`SyncSettings` fields (session_ttl,
+    lease_ms, …), whose defaults live there. :meth:`aclose` closes both."""
 
     def __init__(self, redis: Client, *, blocking: Client | None = None,
-                 session_ttl: int = 1800, lease_ms: int = 30000,
-                 renew_ms: int = 10000, delta_batch_ms: int = 20, delta_batch_chars: int = 256,
-                 retry_after: int = 3) -> None:
-        self.settings = SyncSettings(
-            session_ttl=session_ttl, lease_ms=lease_ms, renew_ms=renew_ms,
-            delta_batch_ms=delta_batch_ms, delta_batch_chars=delta_batch_chars,
-            retry_after=retry_after,
-        )
+                 **tunables: int) -> None:
+        self.settings = SyncSettings(**tunables)
         self.redis = redis
         self._blocking = blocking
         self._backend = Backend(redis, self.settings, blocking)
