@@ -7,8 +7,8 @@ devices are grouped by labels (``spec.groups``), how a change moves through them
 or overrides of parts of the spec). Unknown keys are errors everywhere, because a
 typo in a rollout policy that is silently ignored moves a fleet the wrong way.
 
-:func:`load_manifest` reads the YAML with PyYAML's composer so every node keeps its
-line and column, validates it, and raises :class:`~edgebundle.errors.ManifestError`
+:func:`load_manifest` reads the YAML with :mod:`edgebundle.fleet.yaml_loader` so every
+node keeps its line and column, validates it, and raises :class:`~edgebundle.errors.ManifestError`
 listing EVERY problem as ``file:line:column: key.path: what is wrong`` (the position
 of the offending key or value; for a missing key, of the mapping that lacks it).
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -52,7 +50,9 @@ from pydantic import (
 )
 
 from edgebundle.errors import ManifestError, UsageError
+from edgebundle.fleet.durations import parse_duration
 from edgebundle.fleet.state import Revision
+from edgebundle.fleet.yaml_loader import KeyPath, Position, dotted, read_yaml
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.sync.keys import check_id
@@ -64,7 +64,6 @@ BUILTIN_APP = "edgechat"
 PluginVariant = Literal["cpu", "noavx", "cuda-12", "metal"]  # plugins/wasmedge.lock.toml
 Multitask = Literal["enqueue", "reject", "interrupt"]  # edgebundle.sync.models
 
-KeyPath = tuple[str | int, ...]
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _REVISION = re.compile(r"^rev-[0-9a-f]{12}$")
@@ -73,8 +72,6 @@ _PLUGIN_BUILD = re.compile(r"^b\d+$")
 _ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:-]{0,63}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PERCENT = re.compile(r"^(\d+)%$")
 
 
@@ -148,23 +145,6 @@ def _label_value(value: str) -> str:
             f"{value!r} is not a label value: up to 63 letters, digits, '_', '.', ':' or '-'"
         )
     return value
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms`` or a number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or seconds")
-    if isinstance(value, str):
-        text = value.strip()
-        parts = _DURATION_PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or seconds")
-        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a duration: it must be 0 or more")
-    return seconds
 
 
 def _whole_seconds(value: Any) -> int:
@@ -542,117 +522,31 @@ class Problem:
                 "path": self.path, "message": self.message}
 
 
-@dataclass(frozen=True)
-class _Position:
-    value: tuple[int, int]  # where the node starts
-    key: tuple[int, int] | None  # where its key starts (mapping values only)
-    text: str | None = None  # an unquoted scalar as written (0123 is 83 to YAML 1.1)
-
-    @property
-    def anchor(self) -> tuple[int, int]:
-        return self.key or self.value
-
-
-def _mark(mark: yaml.Mark) -> tuple[int, int]:
-    return mark.line + 1, mark.column + 1
-
-
-class _Reader:
-    """YAML node tree -> Python values, remembering each key path's position."""
-
-    def __init__(self, loader: yaml.SafeLoader) -> None:
-        self.loader = loader
-        self.positions: dict[KeyPath, _Position] = {}
-        self.problems: list[tuple[KeyPath, tuple[int, int], str]] = []
-        self._open: set[int] = set()
-
-    def read(self, node: yaml.Node, path: KeyPath, key: yaml.Node | None) -> Any:
-        plain = isinstance(node, yaml.ScalarNode) and node.style is None
-        self.positions[path] = _Position(_mark(node.start_mark),
-                                         _mark(key.start_mark) if key is not None else None,
-                                         str(node.value) if plain else None)
-        if id(node) in self._open:
-            self.problems.append((path, _mark(node.start_mark), "an alias refers to itself"))
-            return None
-        if isinstance(node, yaml.ScalarNode):
-            try:
-                return self.loader.construct_object(node)
-            except (ValueError, TypeError, yaml.YAMLError) as exc:  # e.g. !!int x
-                why = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
-                self.problems.append((path, _mark(node.start_mark),
-                                      f"{node.tag} cannot read {node.value!r}: {why}"))
-                return None
-        self._open.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                return [self.read(item, (*path, i), None) for i, item in enumerate(node.value)]
-            assert isinstance(node, yaml.MappingNode)
-            result: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    self.problems.append((path, _mark(key_node.start_mark),
-                                          "a key must be a plain word, not a list or mapping"))
-                    continue
-                name = str(key_node.value)  # as written: device ids like 1234 stay text
-                if name in result:
-                    self.problems.append(((*path, name), _mark(key_node.start_mark),
-                                          "duplicate key: it was already set above"))
-                result[name] = self.read(value_node, (*path, name), key_node)
-            return result
-        finally:
-            self._open.discard(id(node))
-
-
-def dotted(path: Sequence[str | int]) -> str:
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
-
-
 def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
     """A validated Manifest from YAML text; ManifestError lists every problem."""
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line, column = _mark(mark) if mark is not None else (1, 1)
-            what = exc.problem or exc.context or "unreadable"
-            if exc.problem and exc.context:
-                opened = exc.context_mark
-                at = f" at {opened.line + 1}:{opened.column + 1}" if opened else ""
-                what += f" ({exc.context}{at})"
-            raise _error(source, [Problem(source, line, column, "",
-                                          f"invalid YAML: {what}")]) from None
-        except yaml.YAMLError as exc:
-            raise _error(source, [Problem(source, 1, 1, "", f"invalid YAML: {exc}")]) from None
-        if node is None:
-            raise _error(source, [Problem(source, 1, 1, "", "the file is empty: a manifest "
-                                          "has apiVersion, kind, metadata and spec")])
-        reader = _Reader(loader)
-        data = reader.read(node, (), None)
-    finally:
-        loader.dispose()
+    loaded = read_yaml(text)
+    if loaded.unreadable is not None:
+        (line, column), what = loaded.unreadable
+        raise _error(source, [Problem(source, line, column, "", f"invalid YAML: {what}")])
+    if loaded.empty:
+        raise _error(source, [Problem(source, 1, 1, "", "the file is empty: a manifest "
+                                      "has apiVersion, kind, metadata and spec")])
+    data = loaded.data
 
     problems = [Problem(source, line, column, dotted(path), message)
-                for path, (line, column), message in reader.problems]
+                for path, (line, column), message in loaded.problems]
     manifest: Manifest | None = None
     if not isinstance(data, dict):
-        problems.append(Problem(source, *reader.positions[()].value, "",
+        problems.append(Problem(source, *loaded.positions[()].value, "",
                                 "a manifest is a mapping with apiVersion, kind, metadata "
                                 "and spec"))
     else:
         try:
             manifest = Manifest.model_validate(data)
         except ValidationError as exc:
-            problems.extend(_problem(source, reader.positions, error) for error in exc.errors())
+            problems.extend(_problem(source, loaded.positions, error) for error in exc.errors())
         for path, message in cross_checks(data):
-            position = _find(reader.positions, path)[1]
+            position = _find(loaded.positions, path)[1]
             problems.append(Problem(source, *position.value, dotted(path), message))
     if problems or manifest is None:
         raise _error(source, problems)
@@ -677,8 +571,8 @@ def _error(source: str, problems: list[Problem]) -> ManifestError:
     return ManifestError("\n".join(str(p) for p in ordered), ordered)
 
 
-def _find(positions: Mapping[KeyPath, _Position],
-          loc: Sequence[str | int]) -> tuple[KeyPath, _Position]:
+def _find(positions: Mapping[KeyPath, Position],
+          loc: Sequence[str | int]) -> tuple[KeyPath, Position]:
     """The deepest prefix of ``loc`` that is in the file, and its position."""
     path: KeyPath = ()
     for part in loc:
@@ -688,7 +582,7 @@ def _find(positions: Mapping[KeyPath, _Position],
     return path, positions[path]
 
 
-def _problem(source: str, positions: Mapping[KeyPath, _Position],
+def _problem(source: str, positions: Mapping[KeyPath, Position],
              error: Mapping[str, Any]) -> Problem:
     loc: list[str | int] = list(error["loc"])
     kind = error["type"]
