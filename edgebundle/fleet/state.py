@@ -12,6 +12,8 @@
 - :class:`Heartbeat` (per device, with a TTL): the device is online while it exists.
 - :class:`Rollout` (per fleet, written by the controller): where a rollout is, so a
   controller that restarts continues where the last one stopped.
+- :class:`DeviceView` (not stored): one device's documents as one pass read them, and
+  :data:`Move`, a device's next desired revision and spec.
 
 Field names are the wire format: add fields freely, never rename them.
 """
@@ -176,3 +178,19 @@ class Rollout:
                    deadline_at=float(data.get("deadline_at", 0.0)),
                    rollout=dict(data.get("rollout", {})), groups=list(data.get("groups", [])),
                    pins=dict(data.get("pins", {})), message=str(data.get("message", "")))
+
+
+@dataclass
+class DeviceView:
+    """One device of the fleet as the controller read it in one pass (not stored: the
+    registration, desired, actual and heartbeat documents of one device, together)."""
+
+    id: str
+    labels: dict[str, str]
+    desired: DesiredState | None
+    actual: ActualState | None
+    online: bool
+    unreadable: str | None = None  # why a document could not be read (it is ignored)
+
+
+Move = tuple[DeviceView, Revision, dict[str, Any]]  # a device, its new revision and spec
