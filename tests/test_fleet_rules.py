@@ -1,4 +1,4 @@
-"""The rollout rules as pure functions: plain documents in, moves and the next Rollout out.
+"""The rollout rules as pure functions: plain documents in, moves and the next rollout out.
 
 No Redis and no clock: every test builds the devices as one controller pass would read
 them and passes ``now`` explicitly (the Redis side is in test_fleet_controller.py).
@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from edgebundle.fleet import rules
-from edgebundle.fleet.state import ActualState, DesiredState, DeviceView, Revision, Rollout
+from edgebundle.fleet.state import ActualState, DesiredState, DeviceView, Revision, RolloutState
 
 T0 = 1_000_000.0
 OLD = Revision(id="rev-000000000001", fleet="shops", spec={"model": {"name": "a"}})
@@ -19,13 +19,13 @@ REVISIONS = {OLD.id: OLD, NEW.id: NEW}
 CANARY_PHASES: list[dict[str, Any]] = [{"group": "canary"}, {"percent": 100, "after": 30.0}]
 
 
-def rollout(**settings: Any) -> Rollout:
+def rollout(**settings: Any) -> RolloutState:
     base: dict[str, Any] = {"phases": CANARY_PHASES, "max_unavailable": "100%",
                             "health": {"window": 20.0, "failure_threshold": 0},
                             "offline": "wait", "on_failure": "rollback",
                             "progress_deadline": 600.0}
     base.update(settings)
-    return Rollout(revision=NEW.id, previous=OLD.id, phase_started_at=T0, started_at=T0,
+    return RolloutState(revision=NEW.id, previous=OLD.id, phase_started_at=T0, started_at=T0,
                    deadline_at=T0 + 600.0, rollout=base,
                    groups=[{"name": "canary", "selector": {"ring": "canary"}}])
 

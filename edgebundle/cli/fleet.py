@@ -131,8 +131,8 @@ def apply_cmd(manifest_file: str, redis_url: str | None, wait: bool, timeout: fl
     click.echo(f"waiting for the controller (edgebundle fleet controller {result.fleet}) …")
     final = _with_redis(url, lambda r: operator.wait(r, result.fleet, result.revision,
                                                        timeout))
-    click.echo(f"fleet {result.fleet}: {final.get('status')}: {final.get('message')}")
-    if final.get("status") != "complete":
+    click.echo(f"fleet {result.fleet}: {final.status}: {final.message}")
+    if final.status != "complete":
         raise click.exceptions.Exit(1)
 
 
@@ -171,14 +171,14 @@ def _ignored(ignored: dict[str, str], limit: int = 10) -> str:
 
 
 def _rollout_line(result: operator.FleetStatus) -> str:
-    rollout = result.rollout
+    rollout = result.state
     if rollout is None:
         return f"fleet {result.fleet}: no rollout (edgebundle fleet apply FILE)"
-    line = (f"fleet {result.fleet}: {rollout['revision']} {rollout['status']}, "
-            f"phase {rollout['phase']}, previous {rollout['previous'] or '-'}")
+    line = (f"fleet {result.fleet}: {rollout.revision} {rollout.status}, "
+            f"phase {rollout.phase}, previous {rollout.previous or '-'}")
     if result.paused:
         line += " (PAUSED)"
-    return line + (f": {rollout['message']}" if rollout["message"] else "")
+    return line + (f": {rollout.message}" if rollout.message else "")
 
 
 @fleet.command("pause")

@@ -6,7 +6,7 @@ Owns :class:`Controller` (one pass: read with :mod:`edgebundle.fleet.store`, dec
 or another one that takes over the lease, continues where the last one stopped.
 
 :func:`run_controller` ticks while holding the lease ``controller_lock`` (``SET NX PX``,
-renewed each pass), so two controllers never act at once: every Rollout write checks
+renewed each pass), so two controllers never act at once: every RolloutState write checks
 the lease in the same Redis function, and every DesiredState write is a compare-and-set
 on the generation the controller read. A pause (the ``paused`` key) makes a tick do
 nothing. The operator's commands are in :mod:`edgebundle.fleet.operator`.
@@ -28,7 +28,7 @@ from redis.exceptions import RedisError as _RedisPyError
 from edgebundle.errors import EdgebundleError
 from edgebundle.fleet import rules, selection
 from edgebundle.fleet.rules import Step
-from edgebundle.fleet.state import DeviceView, Rollout
+from edgebundle.fleet.state import DeviceView, RolloutState
 from edgebundle.fleet.store import LEASE_MS, FleetStore
 from edgebundle.sync.client import Client
 
@@ -89,7 +89,7 @@ class Controller:
             return summary
         return await self._progress(raw, rollout, views, now, summary)
 
-    async def _progress(self, raw: str, rollout: Rollout, views: list[DeviceView], now: float,
+    async def _progress(self, raw: str, rollout: RolloutState, views: list[DeviceView], now: float,
                         summary: TickSummary) -> TickSummary:
         revs = await self.store.revisions([rollout.revision, *(
             selection.pinned_revision(entry) for entry in rollout.pins.values())])
@@ -104,7 +104,7 @@ class Controller:
         step = decision.after(len(summary.moved))
         return await self._take(raw, decision.rollout, views, now, summary, step)
 
-    async def _take(self, raw: str, rollout: Rollout, views: list[DeviceView], now: float,
+    async def _take(self, raw: str, rollout: RolloutState, views: list[DeviceView], now: float,
                     summary: TickSummary, step: Step) -> TickSummary:
         if step.rollback:
             return await self.roll_back(raw, rollout, views, now, summary, step.message)
@@ -113,7 +113,7 @@ class Controller:
         summary.message = step.message
         return summary
 
-    async def _store(self, raw: str, updated: Rollout, summary: TickSummary) -> TickSummary:
+    async def _store(self, raw: str, updated: RolloutState, summary: TickSummary) -> TickSummary:
         reply = await self.store.write_rollout(raw, updated)
         if reply == "ok":
             summary.status, summary.phase, summary.message = (updated.status, updated.phase,
@@ -122,11 +122,11 @@ class Controller:
             summary.message = _not_written(reply)
         return summary
 
-    async def roll_back(self, raw: str, rollout: Rollout, views: list[DeviceView], now: float,
+    async def roll_back(self, raw: str, rollout: RolloutState, views: list[DeviceView], now: float,
                         summary: TickSummary, message: str) -> TickSummary:
         """Every device whose desired state is the target goes back to the previous revision
         (new generation), all at once; 'rolling_back' is stored first so a controller that
-        dies half-way is continued by the next one. ``raw`` is the stored Rollout's JSON."""
+        dies half-way is continued by the next one. ``raw`` is the stored RolloutState's JSON."""
         store = self.store
         if rollout.status != "rolling_back":
             started = replace(rollout, status="rolling_back", message=message)

@@ -2,7 +2,7 @@
 
 Owns what ``edgebundle fleet …`` does to a fleet's Redis documents, without the CLI:
 :func:`plan` says what an apply would change, per device; :func:`apply` stores the
-manifest's :class:`~edgebundle.fleet.state.Revision` and starts a Rollout (applying the
+manifest's :class:`~edgebundle.fleet.state.Revision` and starts a RolloutState (applying the
 revision that is already rolling out or rolled out changes nothing and says so);
 :func:`wait` follows a rollout until it finishes. The controller's run loop
 (:mod:`edgebundle.fleet.controller`) moves the devices. Manifests are the validated
@@ -16,14 +16,14 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypedDict
 
 from edgebundle.errors import ConfigError, UsageError
 from edgebundle.fleet import rules, selection
 from edgebundle.fleet.controller import Controller, TickSummary
 from edgebundle.fleet.manifest import Manifest, builtin_app
 from edgebundle.fleet.rules import FINISHED
-from edgebundle.fleet.state import Revision
+from edgebundle.fleet.state import Revision, RolloutState
 from edgebundle.fleet.store import FleetStore, read_devices
 from edgebundle.sync.client import Client
 
@@ -72,16 +72,50 @@ class ApplyResult:
         return asdict(self)
 
 
+class DeviceStatus(TypedDict):
+    """One device in ``fleet status`` (its JSON shape: the keys are the wire format)."""
+
+    device: str
+    labels: dict[str, str]
+    online: bool
+    state: str | None  # its state in the rollout (rules.device_state); None: no rollout
+    desired_revision: str | None
+    desired_generation: int | None
+    actual_revision: str | None
+    actual_generation: int | None
+    actual_status: str | None
+    attempts: int
+    last_error: str | None
+    doctor_ok: bool | None
+    doctor_failed: list[str]
+
+
 @dataclass
 class FleetStatus:
     fleet: str
-    rollout: dict[str, Any] | None
+    state: RolloutState | None  # the fleet's rollout document (None: nothing applied yet)
     paused: bool
-    devices: list[dict[str, Any]]
+    devices: list[DeviceStatus]
     ignored: dict[str, str] = field(default_factory=dict)  # set members left out, and why
 
+    @property
+    def rollout(self) -> dict[str, Any] | None:
+        """The rollout document as JSON (the ``rollout`` of :meth:`to_json`)."""
+        return self.state.to_json() if self.state is not None else None
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"fleet": self.fleet, "rollout": self.rollout, "paused": self.paused,
+                "devices": [dict(device) for device in self.devices],
+                "ignored": dict(self.ignored)}
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    """How :func:`wait` ended: a finished rollout's status (complete, rolled_back, frozen,
+    failed), "replaced" or "timeout"; and why."""
+
+    status: str
+    message: str
 
 
 # -- the manifest ------------------------------------------------------------------------
@@ -213,12 +247,12 @@ async def status(redis: Client, fleet: str, *, now: float | None = None) -> Flee
     target = None
     if rollout is not None:
         target = (await store.revisions([rollout.revision])).get(rollout.revision)
-    devices = []
+    devices: list[DeviceStatus] = []
     for view in views:
         desired, actual = view.desired, view.actual
         state = (rules.device_state(view, rollout, target, now)
                  if rollout is not None and target is not None else None)
-        devices.append({
+        devices.append(DeviceStatus(**{
             "device": view.id, "labels": view.labels, "online": view.online, "state": state,
             "desired_revision": desired.revision if desired else None,
             "desired_generation": desired.generation if desired else None,
@@ -229,8 +263,8 @@ async def status(redis: Client, fleet: str, *, now: float | None = None) -> Flee
             "last_error": (actual.last_error if actual else None) or view.unreadable,
             "doctor_ok": actual.doctor_ok if actual else None,
             "doctor_failed": actual.doctor_failed if actual else [],
-        })
-    return FleetStatus(fleet, rollout.to_json() if rollout else None, paused, devices, ignored)
+        }))
+    return FleetStatus(fleet, rollout, paused, devices, ignored)
 
 
 async def pause(redis: Client, fleet: str, *, now: float | None = None) -> bool:
@@ -280,19 +314,18 @@ async def rollback(redis: Client, fleet: str, *, now: float | None = None) -> Ti
 
 
 async def wait(redis: Client, fleet: str, revision: str, timeout: float, *,
-               poll: float = WAIT_POLL) -> dict[str, Any]:
-    """Follow the rollout of ``revision`` until it finishes (its Rollout JSON), another
-    revision replaces it (status "replaced") or ``timeout`` s pass (status "timeout";
-    0 = no limit)."""
+               poll: float = WAIT_POLL) -> WaitResult:
+    """Follow the rollout of ``revision`` until it finishes, another revision replaces it
+    (status "replaced") or ``timeout`` s pass (status "timeout"; 0 = no limit)."""
     deadline = time.monotonic() + timeout if timeout > 0 else None
     while True:
-        rollout = (await status(redis, fleet)).rollout or {}
-        if rollout.get("revision") != revision:
-            return {"status": "replaced", "message": f"another revision was applied: "
-                                                     f"{rollout.get('revision')}"}
-        if rollout.get("status") in FINISHED:
-            return rollout
+        rollout = (await status(redis, fleet)).state
+        if rollout is None or rollout.revision != revision:
+            return WaitResult("replaced", "another revision was applied: "
+                                          f"{rollout.revision if rollout else None}")
+        if rollout.status in FINISHED:
+            return WaitResult(rollout.status, rollout.message)
         if deadline is not None and time.monotonic() > deadline:
-            return {"status": "timeout", "message": f"still {rollout.get('status')} after "
-                                                    f"{timeout:g}s (phase {rollout.get('phase')})"}
+            return WaitResult("timeout", f"still {rollout.status} after {timeout:g}s "
+                                         f"(phase {rollout.phase})")
         await asyncio.sleep(poll)

@@ -2,9 +2,9 @@
 
 No Redis and no clock (``now`` is an argument), like :mod:`edgebundle.fleet.selection`
 (which owns the phase, budget and per-device spec arithmetic these rules use).
-:func:`decide` takes the stored :class:`~edgebundle.fleet.state.Rollout`, the devices
+:func:`decide` takes the stored :class:`~edgebundle.fleet.state.RolloutState`, the devices
 as one pass read them, the revisions it names and ``now``, and returns a
-:class:`Decision`: the devices to move and what to do with the Rollout afterwards.
+:class:`Decision`: the devices to move and what to do with the RolloutState afterwards.
 Per device, relative to the rollout's target revision (:func:`device_state`):
 
 ``old``      its desired state is not the target (or a failure from before this
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgebundle.fleet import selection
-from edgebundle.fleet.state import DEFAULT_RETRIES, DeviceView, Move, Revision, Rollout
+from edgebundle.fleet.state import DEFAULT_RETRIES, DeviceView, Move, Revision, RolloutState
 
 DEFAULT_MAX_UNAVAILABLE = 1
 ACTIVE = ("progressing", "rolling_back")
@@ -48,12 +48,12 @@ FINISHED = ("complete", "rolled_back", "frozen", "failed")
 
 @dataclass(frozen=True)
 class Step:
-    """What a pass does with the Rollout once its moves are written: nothing but report
+    """What a pass does with the RolloutState once its moves are written: nothing but report
     ``message``, compare-and-set ``store``, or roll back (``rollback``, then ``message``
     is why)."""
 
     message: str
-    store: Rollout | None = None
+    store: RolloutState | None = None
     rollback: bool = False
 
 
@@ -63,7 +63,7 @@ class Decision:
     :meth:`after` (which depends on how many moves were written: a device someone else
     wrote in between is not moved this pass)."""
 
-    rollout: Rollout  # the stored one, its phase clamped when re-applied with fewer phases
+    rollout: RolloutState  # the stored one, its phase clamped when re-applied with fewer phases
     states: dict[str, str] = field(default_factory=dict)  # device -> its state (above)
     counts: dict[str, int] = field(default_factory=dict)  # devices per state
     pins: list[Move] = field(default_factory=list)
@@ -103,7 +103,7 @@ class Decision:
         return Step(message)
 
 
-def decide(rollout: Rollout, devices: Sequence[DeviceView], revisions: Mapping[str, Revision],
+def decide(rollout: RolloutState, devices: Sequence[DeviceView], revisions: Mapping[str, Revision],
            now: float) -> Decision:
     """One pass over a progressing or complete rollout (see the module docstring).
 
@@ -164,7 +164,7 @@ def decide(rollout: Rollout, devices: Sequence[DeviceView], revisions: Mapping[s
     return decision
 
 
-def device_state(view: DeviceView, rollout: Rollout, target: Revision, now: float) -> str:
+def device_state(view: DeviceView, rollout: RolloutState, target: Revision, now: float) -> str:
     """The device's state in the rollout (see the module docstring)."""
     entry = rollout.pins.get(view.id)
     if selection.pinned_revision(entry):
@@ -187,7 +187,7 @@ def device_state(view: DeviceView, rollout: Rollout, target: Revision, now: floa
     return "updating"
 
 
-def pin_moves(rollout: Rollout, devices: Sequence[DeviceView],
+def pin_moves(rollout: RolloutState, devices: Sequence[DeviceView],
               revisions: Mapping[str, Revision]) -> tuple[list[Move], dict[str, str]]:
     """Pinned devices whose desired state is not their pin yet; and the devices pinned to
     a revision this fleet never applied (left alone), with that revision."""
@@ -208,7 +208,7 @@ def pin_moves(rollout: Rollout, devices: Sequence[DeviceView],
     return moves, missing
 
 
-def on_failure(rollout: Rollout, message: str, *, deadline: bool) -> Step:
+def on_failure(rollout: RolloutState, message: str, *, deadline: bool) -> Step:
     """``on_failure: rollback`` rolls back (when there is a previous revision); otherwise
     the rollout stops: ``frozen`` (devices failed) or ``failed`` (deadline passed)."""
     if rollout.rollout.get("on_failure", "rollback") == "rollback" and rollout.previous:
@@ -219,7 +219,7 @@ def on_failure(rollout: Rollout, message: str, *, deadline: bool) -> Step:
     return Step(message, store=replace(rollout, status=status, message=message))
 
 
-def rollback_moves(rollout: Rollout, devices: Sequence[DeviceView],
+def rollback_moves(rollout: RolloutState, devices: Sequence[DeviceView],
                    previous: Revision) -> list[Move]:
     """Every unpinned device whose desired state is the target goes back to ``previous``."""
     return [(view, previous, selection.device_spec(previous.spec, rollout.pins.get(view.id)))
@@ -228,7 +228,7 @@ def rollback_moves(rollout: Rollout, devices: Sequence[DeviceView],
             and not selection.pinned_revision(rollout.pins.get(view.id))]
 
 
-def advance(rollout: Rollout, now: float) -> Rollout:
+def advance(rollout: RolloutState, now: float) -> RolloutState:
     """The rollout once its phase completed: the next phase opens, or it is complete."""
     phases = selection.rollout_phases(rollout.rollout)
     if rollout.phase + 1 >= len(phases):
@@ -239,7 +239,7 @@ def advance(rollout: Rollout, now: float) -> Rollout:
     return replace(updated, deadline_at=deadline(updated, now))
 
 
-def needs_labels(rollout: Rollout) -> bool:
+def needs_labels(rollout: RolloutState) -> bool:
     """Whether a phase selects devices by group (else a pass need not read labels)."""
     return any("group" in phase for phase in selection.rollout_phases(rollout.rollout))
 
@@ -248,20 +248,20 @@ def needs_labels(rollout: Rollout) -> bool:
 
 
 def new_rollout(spec: Mapping[str, Any], now: float, revision: str,
-                previous: str | None) -> Rollout:
-    """The Rollout an apply starts from the manifest's ``spec``: phase 0, deadline set."""
+                previous: str | None) -> RolloutState:
+    """The RolloutState an apply starts from the manifest's ``spec``: phase 0, deadline set."""
     settings = dict(spec.get("rollout") or {})
     groups = [dict(group) for group in spec.get("groups") or []]
     for phase in selection.rollout_phases(settings):
         if "group" in phase:
             selection.group_devices(str(phase["group"]), groups, {})
-    rollout = Rollout(revision=revision, previous=previous, status="progressing", phase=0,
+    rollout = RolloutState(revision=revision, previous=previous, status="progressing", phase=0,
                       phase_started_at=now, started_at=now, rollout=settings, groups=groups,
                       pins=dict(spec.get("devices") or {}))
     return replace(rollout, deadline_at=deadline(rollout, now))
 
 
-def previous_of(current: Rollout | None, revision_id: str) -> str | None:
+def previous_of(current: RolloutState | None, revision_id: str) -> str | None:
     """The revision the fleet ran before a new rollout: the last one that completed."""
     if current is None:
         return None
@@ -276,28 +276,28 @@ def previous_of(current: Rollout | None, revision_id: str) -> str | None:
 # -- the rollout's settings, as numbers -----------------------------------------------------
 
 
-def retries(rollout: Rollout) -> int:
+def retries(rollout: RolloutState) -> int:
     return int(rollout.rollout.get("retries", DEFAULT_RETRIES))
 
 
-def window(rollout: Rollout) -> float:
+def window(rollout: RolloutState) -> float:
     return selection.duration_seconds((rollout.rollout.get("health") or {}).get("window"),
                                       "rollout.health.window")
 
 
-def progress_deadline(rollout: Rollout) -> float:
+def progress_deadline(rollout: RolloutState) -> float:
     return selection.duration_seconds(rollout.rollout.get("progress_deadline"),
                                       "rollout.progress_deadline")
 
 
-def deadline(rollout: Rollout, phase_started_at: float) -> float:
+def deadline(rollout: RolloutState, phase_started_at: float) -> float:
     limit = progress_deadline(rollout)
     if limit <= 0:
         return 0.0
     return phase_started_at + after(rollout, rollout.phase) + limit
 
 
-def after(rollout: Rollout, phase: int) -> float:
+def after(rollout: RolloutState, phase: int) -> float:
     phases = selection.rollout_phases(rollout.rollout)
     if phase >= len(phases):
         return 0.0

@@ -3,7 +3,7 @@
 Owns the round trips (batched reads of a whole fleet: MGET in chunks plus one pipelined
 HMGET per device), the parsing memo of a long-running controller, and the calls of the
 fleet's Redis functions (:data:`edgebundle.sync.lua.FLEET_FUNCTIONS`): the lease, the
-compare-and-set of the Rollout and of each device's DesiredState. Decides nothing:
+compare-and-set of the RolloutState and of each device's DesiredState. Decides nothing:
 :mod:`edgebundle.fleet.rules` does, from what this module read.
 """
 
@@ -24,7 +24,7 @@ from edgebundle.fleet.state import (
     DeviceView,
     Move,
     Revision,
-    Rollout,
+    RolloutState,
     dumps,
     loads,
 )
@@ -152,7 +152,7 @@ class FleetStore:
         self._write_rollout = lua.Function(self._functions, "write_rollout")
         self._hold_lease = lua.Function(self._functions, "hold_lease")
         self._release_lease = lua.Function(self._functions, "release_lease")
-        self.last_rollout_raw = ""  # the Rollout JSON this store last wrote
+        self.last_rollout_raw = ""  # the RolloutState JSON this store last wrote
         self._memo: ParseMemo = {}  # parsed device documents of the last read
 
     # lease
@@ -192,14 +192,14 @@ class FleetStore:
         """:func:`read_devices`, with this store's parsing memo."""
         return await read_devices(self.redis, self.fleet, labels=labels, memo=self._memo)
 
-    async def read_rollout(self) -> tuple[str, Rollout | None]:
+    async def read_rollout(self) -> tuple[str, RolloutState | None]:
         raw = await self.redis.get(keys.rollout(self.fleet))
         data = loads(raw, f"the rollout of fleet {self.fleet}")
-        return str(raw or ""), (Rollout.from_json(data) if data else None)
+        return str(raw or ""), (RolloutState.from_json(data) if data else None)
 
-    async def write_rollout(self, expected: str, rollout: Rollout, *,
+    async def write_rollout(self, expected: str, rollout: RolloutState, *,
                             revision: Revision | None = None, resume: bool = False) -> str:
-        """Compare-and-set the Rollout: 'ok' (then :attr:`last_rollout_raw` is what was
+        """Compare-and-set the RolloutState: 'ok' (then :attr:`last_rollout_raw` is what was
         written), 'changed' or 'lease'."""
         raw = dumps(rollout.to_json())
         reply = await self._write_rollout(
