@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgebundle.fleet.manifest import Problem
+    from edgebundle.fleet.manifest_file import Problem
     from edgebundle.sync.models import Run
 
 

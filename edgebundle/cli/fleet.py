@@ -44,7 +44,7 @@ from edgebundle.fleet.acl import (
     provision_fleet,
     read_device_ids,
 )
-from edgebundle.fleet.manifest import load_manifest, validate_files
+from edgebundle.fleet.manifest_file import load_manifest, validate_files
 from edgebundle.fleet.proxy import SyncProxy, parse_listen, server_tls
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect

@@ -39,11 +39,17 @@ the fleet's state), so a per-device ACL user is enough:
 What the agent has handled survives a restart (``<home>/fleet/state.json``): a
 restarted agent does not redo a generation it finished (healthy or failed).
 
-This module owns the reconcile loop (and the WasmEdge a revision needs, the credentials
-of its sync Redis, doctor's verdict); the pieces it drives are their own modules:
+This module owns the reconcile loop (an attempt, its rollback, doctor's verdict, the
+reports and the heartbeat and nudge loops); the pieces it drives are their own modules:
 :mod:`edgebundle.fleet.device` (the Redis protocol: register, beat, report, desired,
 nudges), :mod:`edgebundle.fleet.staging` (placing, verifying and switching revision
-files) and :mod:`edgebundle.runtime.run_child` (the served ``edgebundle run``).
+files), :mod:`edgebundle.fleet.wasmedge` (the WasmEdge a revision pins and its
+install), :mod:`edgebundle.fleet.credentials` (the device's login on a revision's sync
+Redis) and :mod:`edgebundle.runtime.run_child` (the served ``edgebundle run``).
+
+Why it is over 400 lines: :class:`Agent` is one state machine (the handled generation,
+the pending report, the running child, Redis up or down) whose loops share that state;
+cutting it further would pass that state between modules instead of keeping it in one.
 """
 
 from __future__ import annotations
@@ -57,27 +63,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle import installer
-from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, redis_checks, run_doctor
 from edgebundle.errors import (
-    ChecksumMismatchError,
     ConfigError,
     EdgebundleError,
     UsageError,
 )
+from edgebundle.fleet.credentials import login_refused, with_credentials
 from edgebundle.fleet.device import (
     beat,
     is_registered,
@@ -100,7 +100,7 @@ from edgebundle.fleet.state import (
     Heartbeat,
     loads,
 )
-from edgebundle.host import detect
+from edgebundle.fleet.wasmedge import WantedRuntime, install_wanted
 from edgebundle.pins import RuntimeLock
 from edgebundle.runtime.run_child import RunChild
 from edgebundle.sync.client import Client, connect
@@ -112,7 +112,6 @@ BACKOFF_CAP = 30.0
 HEALTHZ_TIMEOUT = 120.0  # s a restarted runtime gets to load its model (RunChild's wait)
 DEVICE_ID_FILE = "agent-device-id"
 ENVIRONMENT_CHECKS = frozenset(redis_checks.IDS)  # doctor ids that do not gate a revision
-LOGIN_TIMEOUT = 2.0  # s for the login check of a revision's sync Redis
 STOP_GRACE = 20.0  # s a served run gets to stop after SIGTERM, then SIGKILL (RunChild.stop)
 
 Log = Callable[[str], None]
@@ -145,44 +144,6 @@ def agent_device_id(settings: Settings) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(made + "\n")
     return made
-
-
-@dataclass(frozen=True)
-class WantedRuntime:
-    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge).
-
-    ``archives``: the sha256 the manifest pins for release archives, by file name.
-    """
-
-    version: str
-    build: str
-    variant: str
-    archives: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"WasmEdge {self.version} with plugin build {self.build} ({self.variant})"
-
-    @staticmethod
-    def of(spec: Mapping[str, Any]) -> WantedRuntime | None:
-        """None for an embedded revision (which leaves ``runtime/current`` alone)."""
-        runtime = spec.get("runtime") or {}
-        if not isinstance(runtime, dict) or runtime.get("kind") != "wasmedge":
-            return None
-        plugin = runtime.get("plugin") or {}
-        version = runtime.get("wasmedge")
-        build = plugin.get("build") if isinstance(plugin, dict) else None
-        if not version or not build:
-            raise ConfigError("the revision's runtime is wasmedge but names no wasmedge version "
-                              "or plugin build; fix spec.runtime in the manifest")
-        variant = plugin.get("variant") or "cpu"
-        archives = runtime.get("archives") or {}
-        if not isinstance(archives, dict) or not all(
-                isinstance(v, str) and len(v) == 64 for v in archives.values()):
-            raise ConfigError("the revision's runtime.archives is not {file name: sha256}; "
-                              "fix spec.runtime in the manifest")
-        return WantedRuntime(str(version), str(build), str(variant),
-                             {str(k): v.lower() for k, v in archives.items()})
 
 
 class AttemptFailed(EdgebundleError):
@@ -362,7 +323,8 @@ class Agent:
             raise AttemptFailed(f"cannot place revision {desired.revision}: {exc}") from None
         try:  # installed (and verified) now, made current below with the revision
             wanted = WantedRuntime.of(desired.spec)
-            runtime = (await asyncio.to_thread(self._install_runtime, wanted)
+            runtime = (await asyncio.to_thread(install_wanted, wanted, self.settings.layout,
+                                             self.bundle_dir, self.log)
                        if wanted is not None else None)
         except EdgebundleError as exc:
             raise AttemptFailed(str(exc)) from None
@@ -392,56 +354,6 @@ class Agent:
                 raise
             raise AttemptFailed(str(exc)) from None
         return doctor, started
-
-    def _install_runtime(self, wanted: WantedRuntime) -> tuple[Path, RuntimeLock]:
-        """Install ``wanted`` in its versioned dir (not current yet) by the installer's code.
-
-        Returns the dir and the lock doctor compares the running WasmEdge with. The
-        archives come from the bundle (``--bundle DIR`` with a bundle.json) or the shipped
-        lock's URLs, and each one's sha256 must be pinned by the revision's
-        ``runtime.archives`` or published in the shipped lock (:func:`pin_archives`): a
-        bundle's own bundle.json and lock copy never vouch for a runtime alone. The
-        installer verifies every archive before unpacking it; an installed runtime is
-        reused.
-        """
-        host = detect()
-        layout = self.settings.layout
-        plans = []
-        if self.bundle_dir is not None and (self.bundle_dir / BUNDLE_MANIFEST).is_file():
-            plans.append(installer.make_plan(host, bundle=self.bundle_dir,
-                                             require_wasmedge=True))
-        plans.append(installer.make_plan(host, require_wasmedge=True))
-        for plan in plans:
-            lock = plan.lock
-            if wanted.variant not in lock.variants(host.os, host.arch) or (
-                    lock.wasmedge_version,
-                    lock.plugin_build_for(host.os, host.arch, wanted.variant),
-            ) != (wanted.version, wanted.build):
-                continue
-            plan = pin_archives(plan, wanted, shipped=plans[-1].lock)
-            lock = plan.lock
-            target, unpacked = installer.install_runtime(
-                replace(plan, variant=wanted.variant), layout, log=self.log)
-            where = f"the bundle {self.bundle_dir}" if plan.bundle else f"the lock {lock.path}"
-            self.log(f"{wanted.label}: installed in {target} from {where}" if unpacked
-                     else f"{wanted.label}: already installed in {target}")
-            return target, lock
-        for installed in installer.list_runtimes(layout):  # pinned nowhere now, but here
-            if (installed.wasmedge_version, installed.plugin_build, installed.variant) == (
-                    wanted.version, wanted.build, wanted.variant):
-                self.log(f"{wanted.label}: already installed in {installed.path}")
-                shipped = plans[-1].lock
-                # No lock pins this build: doctor is to expect the installed one for every
-                # variant (the shipped rows' own builds are of another release).
-                assets = tuple(replace(a, build=None) for a in shipped.assets)
-                return installed.path, replace(
-                    shipped, wasmedge_version=wanted.version, plugin_build=wanted.build,
-                    assets=assets,
-                    plugin_reported_version=None)  # no lock says what this build prints
-        bundle = f" nor in the bundle {self.bundle_dir}" if len(plans) > 1 else ""
-        raise ConfigError(
-            f"{wanted.label} is pinned neither in the shipped lock{bundle}: build a bundle "
-            "for it (edgebundle bundle build) and start the agent with --bundle DIR")
 
     def _runtime_link(self) -> str | None:
         """Where ``<home>/runtime/current`` points now (None: no link)."""
@@ -674,115 +586,6 @@ def fleet_managed_run(settings: Settings, log: Log) -> None:
     if agent.paths.current_revision() is None:
         log(f"fleet {settings.fleet}: nothing to serve until its controller assigns a revision")
     asyncio.run(run_until_stopped(agent))
-
-
-def pin_archives(plan: installer.InstallPlan, wanted: WantedRuntime,
-                 shipped: RuntimeLock) -> installer.InstallPlan:
-    """``plan`` with the two archives it installs pinned from outside the bundle.
-
-    Each one's sha256 comes from the revision (``wanted.archives``, by file name) or
-    else from the shipped lock where that publishes one. A bundle's archive whose
-    sha256 neither pins is refused (ConfigError), and so is one whose bundle sha256
-    differs from the pin; an unpinned archive of the shipped lock is left to the
-    installer, which refuses an unknown sha256 itself.
-    """
-    host, lock = plan.host, plan.lock
-    try:
-        needed = {lock.runtime_for(host.os, host.arch, wanted.variant),
-                  lock.plugin_asset(host.os, host.arch, wanted.variant)}
-    except EdgebundleError:
-        return plan  # nothing pinned for this machine: the installer says so
-    published = {a.filename: a.sha256.lower() for a in shipped.assets if a.verified}
-    assets = []
-    for asset in lock.assets:
-        if asset in needed:
-            pin = wanted.archives.get(asset.filename) or published.get(asset.filename)
-            where = ("the revision's runtime.archives" if asset.filename in wanted.archives
-                     else f"the shipped lock {shipped.path}")
-            if pin is None and plan.bundle is not None:
-                raise ConfigError(
-                    f"{asset.filename} (sha256 {asset.sha256}) is vouched for only by the "
-                    f"bundle {plan.bundle} itself: pin it in the manifest, spec.runtime.archives:"
-                    f" {{{asset.filename}: <its sha256 from the release's SHA256SUM>}}")
-            if pin is not None and asset.verified and asset.sha256.lower() != pin:
-                holder = f"the bundle {plan.bundle}" if plan.bundle else f"the lock {lock.path}"
-                raise ChecksumMismatchError(
-                    f"{asset.filename}: sha256 mismatch: {holder} has {asset.sha256}, "
-                    f"{where} pins {pin}; an altered bundle, or another release: fix the pin "
-                    "or rebuild the bundle")
-            if pin is not None:
-                asset = replace(asset, sha256=pin)
-        assets.append(asset)
-    return replace(plan, lock=replace(lock, assets=tuple(assets)))
-
-
-def with_credentials(url: str | None, own: str) -> str | None:
-    """``url`` logged in as this device: manifests carry no passwords (each device has its
-    own ACL user, see fleet provision), so the agent's own credentials are used.
-
-    Only on the central Redis the device was provisioned for (``own``: same scheme, host
-    and port; the db may differ): a manifest naming another server, or ``redis://`` for
-    a ``rediss://`` one, would carry the device's password there. ConfigError instead.
-    The credentials are copied as ``own`` spells them (already percent-encoded).
-    """
-    if not url:
-        return None
-    parts, mine = urlsplit(url), urlsplit(own)
-    if parts.username is not None or parts.password is not None:
-        return url  # logs in as someone else (the manifest schema refuses that): not ours
-    userinfo, at, _ = mine.netloc.rpartition("@")
-    if not at:
-        return url  # the device itself logs in without credentials: nothing to leak
-    if _endpoint(url) != _endpoint(own):
-        downgrade = (mine.scheme.lower() == "rediss" and parts.scheme.lower() != "rediss")
-        why = " and without TLS (rediss -> redis)" if downgrade else ""
-        raise ConfigError(
-            f"the revision's sync.redis_url {redact_url(url)} is not the Redis this device was "
-            f"provisioned for ({redact_url(own)}): the device's password is sent nowhere "
-            f"else{why}; point spec.sync.redis_url at that Redis, or leave it out")
-    return parts._replace(netloc=f"{userinfo}@{parts.netloc}").geturl()
-
-
-def _endpoint(url: str) -> tuple[str, str, int | str | None]:
-    """(scheme, host, port) a Redis URL connects to (a unix socket: its path)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "unix":
-        return scheme, "", parts.path
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        port = None
-    return scheme, (parts.hostname or "").lower(), port
-
-
-async def login_refused(url: str | None) -> str | None:
-    """Why ``url``'s Redis refuses to log us in, or None (logged in, or not reachable now).
-
-    A refused login is the revision's (or the device's) fault and fails the revision; an
-    unreachable Redis is the network's state (see :func:`revision_failures`).
-    """
-    if not url:
-        return None
-    client = aioredis.from_url(url, socket_connect_timeout=LOGIN_TIMEOUT,
-                               socket_timeout=LOGIN_TIMEOUT, retry=Retry(NoBackoff(), 0))
-    try:
-        await client.ping()
-    except (AuthenticationError, ResponseError) as exc:
-        if isinstance(exc, ResponseError) and not isinstance(exc, AuthenticationError) and not any(
-                word in str(exc) for word in ("NOAUTH", "WRONGPASS")):
-            return None  # logged in; PING itself not allowed
-        user = unquote(urlsplit(url).username or "default")
-        password = urlsplit(url).password
-        detail = str(exc).replace(unquote(password), "***") if password else str(exc)
-        return (f"the sync Redis {redact_url(url)} refused this device's login as {user} "
-                f"({detail}): provision the device again (edgebundle fleet provision) and "
-                "give the agent its new --redis-url")
-    except (_RedisPyError, OSError):
-        return None
-    finally:
-        await client.aclose()
-    return None
 
 
 def revision_failures(doctor: Report) -> list[CheckResult]:

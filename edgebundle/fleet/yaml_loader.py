@@ -2,8 +2,8 @@
 
 Owns reading YAML with PyYAML's composer (not its constructor), so every value keeps
 its line and column and a schema error can point at ``file:line:column``. Knows
-nothing about manifests: :mod:`edgebundle.fleet.manifest` turns what it returns into
-:class:`~edgebundle.fleet.manifest.Problem` s.
+nothing about manifests: :mod:`edgebundle.fleet.manifest_file` turns what it returns into
+:class:`~edgebundle.fleet.manifest_file.Problem` s.
 """
 
 from __future__ import annotations
