@@ -31,7 +31,7 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import RedisError, UsageError
 from edgebundle.fleet import acl, controller, keys, operator
 from edgebundle.fleet.device import register
-from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
+from edgebundle.fleet.documents import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService

@@ -33,7 +33,7 @@ from edgebundle.errors import ConfigError
 from edgebundle.fleet import acl, keys
 from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.credentials import with_credentials
-from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
+from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
 from edgebundle.host import detect
 from edgebundle.pins import load_app_pins, load_runtime_lock
 from edgebundle.resources import app_pins_file, runtime_lock_file

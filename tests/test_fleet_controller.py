@@ -1,7 +1,7 @@
 """The rollout controller against a real redis-server, with simulated agents in-process.
 
 The agents here write exactly the documents a real agent writes (registration,
-heartbeat, ActualState from edgebundle.fleet.state) and the controller is driven one
+heartbeat, ActualState from edgebundle.fleet.documents) and the controller is driven one
 pass at a time with an explicit clock (``tick(now=…)``), so every rule (phases,
 ``after``, health window, thresholds, deadline, offline, pins, budget) is checked
 deterministically. Heartbeats are real TTL keys; "offline" deletes the key, which is
@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from edgebundle.cli import cli
 from edgebundle.fleet import controller, keys, operator
 from edgebundle.fleet.controller import Controller
-from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps
+from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps
 from edgebundle.sync.client import Client, connect
 from tests.support.redis_server import RedisServer
 
@@ -59,7 +59,7 @@ def manifest(model: str, *, phases: list[dict[str, Any]] | None = None,
 
 
 class Agent:
-    """A simulated device agent: the documents of edgebundle.fleet.state, written directly."""
+    """A simulated device agent: the documents of edgebundle.fleet.documents, written directly."""
 
     def __init__(self, redis: Client, device_id: str, labels: dict[str, str],
                  fleet: str = FLEET) -> None:

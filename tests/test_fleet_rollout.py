@@ -22,8 +22,8 @@ from typing import Any
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.fleet import controller, keys, operator
 from edgebundle.fleet.device import beat, read_desired, register, report
+from edgebundle.fleet.documents import ActualState, Heartbeat
 from edgebundle.fleet.manifest_file import load_manifest
-from edgebundle.fleet.state import ActualState, Heartbeat
 from edgebundle.sync.client import Client, connect
 from tests.support.fleet import FLEET, AgentProcess
 from tests.support.redis_server import RedisServer

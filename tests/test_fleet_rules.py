@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from edgebundle.fleet import rules
-from edgebundle.fleet.state import ActualState, DesiredState, DeviceView, Revision, RolloutState
+from edgebundle.fleet.documents import ActualState, DesiredState, DeviceView, Revision, RolloutState
 
 T0 = 1_000_000.0
 OLD = Revision(id="rev-000000000001", fleet="shops", spec={"model": {"name": "a"}})

@@ -86,19 +86,19 @@ from edgebundle.fleet.device import (
     report,
     watch_nudges,
 )
+from edgebundle.fleet.documents import (
+    HEARTBEAT_INTERVAL,
+    ActualState,
+    DesiredState,
+    Heartbeat,
+    loads,
+)
 from edgebundle.fleet.staging import (
     APP_FILE,
     MODEL_FILE,
     FleetPaths,
     Staging,
     write_json_atomic,
-)
-from edgebundle.fleet.state import (
-    HEARTBEAT_INTERVAL,
-    ActualState,
-    DesiredState,
-    Heartbeat,
-    loads,
 )
 from edgebundle.fleet.wasmedge import WantedRuntime, install_wanted
 from edgebundle.pins import RuntimeLock

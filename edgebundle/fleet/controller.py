@@ -27,8 +27,8 @@ from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle.errors import EdgebundleError
 from edgebundle.fleet import rules, selection
+from edgebundle.fleet.documents import DeviceView, RolloutState
 from edgebundle.fleet.rules import Step
-from edgebundle.fleet.state import DeviceView, RolloutState
 from edgebundle.fleet.store import LEASE_MS, FleetStore
 from edgebundle.sync.client import Client
 

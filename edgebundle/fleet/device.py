@@ -20,7 +20,14 @@ from edgebundle import __version__
 from edgebundle.errors import UsageError
 from edgebundle.fleet import keys
 from edgebundle.fleet.acl import USER_PREFIX
-from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps, loads
+from edgebundle.fleet.documents import (
+    HEARTBEAT_TTL,
+    ActualState,
+    DesiredState,
+    Heartbeat,
+    dumps,
+    loads,
+)
 from edgebundle.sync.client import Client
 
 

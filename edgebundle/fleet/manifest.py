@@ -46,8 +46,8 @@ from pydantic import (
 )
 
 from edgebundle.errors import UsageError
+from edgebundle.fleet.documents import Revision
 from edgebundle.fleet.durations import parse_duration
-from edgebundle.fleet.state import Revision
 from edgebundle.fleet.yaml_loader import KeyPath
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file

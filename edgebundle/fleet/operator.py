@@ -2,7 +2,7 @@
 
 Owns what ``edgebundle fleet …`` does to a fleet's Redis documents, without the CLI:
 :func:`plan` says what an apply would change, per device; :func:`apply` stores the
-manifest's :class:`~edgebundle.fleet.state.Revision` and starts a RolloutState (applying the
+manifest's :class:`~edgebundle.fleet.documents.Revision` and starts a RolloutState (applying the
 revision that is already rolling out or rolled out changes nothing and says so);
 :func:`wait` follows a rollout until it finishes. The controller's run loop
 (:mod:`edgebundle.fleet.controller`) moves the devices. Manifests are the validated
@@ -21,9 +21,9 @@ from typing import Any, TypedDict
 from edgebundle.errors import ConfigError, UsageError
 from edgebundle.fleet import rules, selection
 from edgebundle.fleet.controller import Controller, TickSummary
+from edgebundle.fleet.documents import Revision, RolloutState
 from edgebundle.fleet.manifest import Manifest, builtin_app
 from edgebundle.fleet.rules import FINISHED
-from edgebundle.fleet.state import Revision, RolloutState
 from edgebundle.fleet.store import FleetStore, read_devices
 from edgebundle.sync.client import Client
 

@@ -2,7 +2,7 @@
 
 No Redis and no clock (``now`` is an argument), like :mod:`edgebundle.fleet.selection`
 (which owns the phase, budget and per-device spec arithmetic these rules use).
-:func:`decide` takes the stored :class:`~edgebundle.fleet.state.RolloutState`, the devices
+:func:`decide` takes the stored :class:`~edgebundle.fleet.documents.RolloutState`, the devices
 as one pass read them, the revisions it names and ``now``, and returns a
 :class:`Decision`: the devices to move and what to do with the RolloutState afterwards.
 Per device, relative to the rollout's target revision (:func:`device_state`):
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgebundle.fleet import selection
-from edgebundle.fleet.state import DEFAULT_RETRIES, DeviceView, Move, Revision, RolloutState
+from edgebundle.fleet.documents import DEFAULT_RETRIES, DeviceView, Move, Revision, RolloutState
 
 DEFAULT_MAX_UNAVAILABLE = 1
 ACTIVE = ("progressing", "rolling_back")

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import ConfigError, EdgebundleError
-from edgebundle.fleet.state import dumps
+from edgebundle.fleet.documents import dumps
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.sync.keys import check_id

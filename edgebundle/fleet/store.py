@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from edgebundle.errors import UsageError
 from edgebundle.fleet import keys
-from edgebundle.fleet.state import (
+from edgebundle.fleet.documents import (
     DEFAULT_RETRIES,
     ActualState,
     DesiredState,
