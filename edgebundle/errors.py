@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 
 class ManifestProblem(Protocol):
-    """What a ManifestError carries per problem (edgebundle.fleet.manifest.Problem):
+    """What a ManifestError carries per problem (edgebundle.fleet.manifest_file.Problem):
     ``str()`` is ``file:line:column: key.path: what is wrong``."""
 
     def to_json(self) -> dict[str, Any]: ...

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.fleet.manifest import Manifest, load_manifest
+from edgebundle.fleet.manifest import Manifest
+from edgebundle.fleet.manifest_file import load_manifest
 from tests.support.doctor_env import diagnose
 
 MANIFEST_IDS = ("manifest.model", "manifest.template", "manifest.runtime", "manifest.app")

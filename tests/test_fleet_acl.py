@@ -29,9 +29,9 @@ from redis.exceptions import NoPermissionError, RedisClusterException, ResponseE
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import RedisError, UsageError
-from edgebundle.fleet import acl, controller, keys
-from edgebundle.fleet.agent import register
-from edgebundle.fleet.state import DesiredState, Heartbeat, Revision, dumps
+from edgebundle.fleet import acl, controller, keys, operator
+from edgebundle.fleet.device import register
+from edgebundle.fleet.documents import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
@@ -407,7 +407,7 @@ def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
                 while not await admin.exists(keys.heartbeat(device)):
                     assert agent.proc.poll() is None, agent.stderr()
                     await asyncio.sleep(0.1)
-                await controller.apply(admin, manifest)
+                await operator.apply(admin, manifest)
                 ctl = controller.Controller(admin, fleet)
                 summary = await ctl.tick()
                 assert device in summary.moved, summary

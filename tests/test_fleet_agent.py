@@ -31,8 +31,9 @@ from edgebundle.config import Settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import ConfigError
 from edgebundle.fleet import acl, keys
-from edgebundle.fleet.agent import Agent, with_credentials
-from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
+from edgebundle.fleet.agent import Agent
+from edgebundle.fleet.credentials import with_credentials
+from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
 from edgebundle.host import detect
 from edgebundle.pins import load_app_pins, load_runtime_lock
 from edgebundle.resources import app_pins_file, runtime_lock_file

@@ -1,7 +1,7 @@
 """The rollout controller against a real redis-server, with simulated agents in-process.
 
 The agents here write exactly the documents a real agent writes (registration,
-heartbeat, ActualState from edgebundle.fleet.state) and the controller is driven one
+heartbeat, ActualState from edgebundle.fleet.documents) and the controller is driven one
 pass at a time with an explicit clock (``tick(now=…)``), so every rule (phases,
 ``after``, health window, thresholds, deadline, offline, pins, budget) is checked
 deterministically. Heartbeats are real TTL keys; "offline" deletes the key, which is
@@ -26,9 +26,9 @@ import yaml
 from click.testing import CliRunner
 
 from edgebundle.cli import cli
-from edgebundle.fleet import controller, keys
+from edgebundle.fleet import controller, keys, operator
 from edgebundle.fleet.controller import Controller
-from edgebundle.fleet.state import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps
+from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps
 from edgebundle.sync.client import Client, connect
 from tests.support.redis_server import RedisServer
 
@@ -59,7 +59,7 @@ def manifest(model: str, *, phases: list[dict[str, Any]] | None = None,
 
 
 class Agent:
-    """A simulated device agent: the documents of edgebundle.fleet.state, written directly."""
+    """A simulated device agent: the documents of edgebundle.fleet.documents, written directly."""
 
     def __init__(self, redis: Client, device_id: str, labels: dict[str, str],
                  fleet: str = FLEET) -> None:
@@ -151,7 +151,7 @@ async def rollout_of(redis: Client) -> dict[str, Any]:
 async def settle_on(server: RedisServer, redis: Client, agents: dict[str, Agent], model: str,
                     now: float) -> str:
     """Roll the whole fleet out to a first revision in one phase; its id."""
-    applied = await controller.apply(redis, manifest(model, health={"window": 0}), now=now)
+    applied = await operator.apply(redis, manifest(model, health={"window": 0}), now=now)
     await tick(server, now)
     await converge_online(agents, now)
     summary = await tick(server, now + 1)
@@ -164,7 +164,7 @@ def test_a_rollout_moves_the_canary_then_half_then_everyone_waiting_for_health_a
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            applied = await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES,
+            applied = await operator.apply(redis, manifest("model-b", phases=CANARY_PHASES,
                                                              retries=4), now=T0)
             rev_b = applied.revision
             assert (applied.changed, applied.previous) == (True, rev_a)
@@ -194,7 +194,7 @@ def test_a_rollout_moves_the_canary_then_half_then_everyone_waiting_for_health_a
             assert done.status == "complete"
             assert await revisions(agents) == {device: (rev_b, 2) for device in IDS}
             assert (await rollout_of(redis))["previous"] == rev_a
-            again = await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES,
+            again = await operator.apply(redis, manifest("model-b", phases=CANARY_PHASES,
                                                            retries=4), now=T0 + 200)
             assert not again.changed and "no change" in again.message
     asyncio.run(main())
@@ -206,7 +206,7 @@ def test_a_failing_canary_rolls_the_moved_devices_back_or_freezes_the_fleet(
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            rev_b = (await controller.apply(redis, manifest(
+            rev_b = (await operator.apply(redis, manifest(
                 "model-b", phases=CANARY_PHASES, on_failure=on_failure), now=T0)).revision
             assert (await tick(redis_server, T0)).moved == ["c1"]
             await agents["c1"].report("failed", T0 + 1, error="sha256 mismatch")
@@ -235,7 +235,7 @@ def test_an_offline_device_is_waited_for_not_failed_and_catches_up_when_back(
         async with fleet_of(redis_server) as (redis, agents):
             await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
             await agents["d03"].go_offline()
-            rev_b = (await controller.apply(redis, manifest(
+            rev_b = (await operator.apply(redis, manifest(
                 "model-b", progress_deadline="60s"), now=T0)).revision
             moved = (await tick(redis_server, T0)).moved
             assert moved == [device for device in IDS if device != "d03"]
@@ -245,7 +245,7 @@ def test_an_offline_device_is_waited_for_not_failed_and_catches_up_when_back(
             assert waiting.status == "progressing"
             assert waiting.counts == {"healthy": 9, "old": 1}
             assert "1 offline" in waiting.message
-            state = {d["device"]: d for d in (await controller.status(redis, FLEET)).devices}
+            state = {d["device"]: d for d in (await operator.status(redis, FLEET)).devices}
             assert (state["d03"]["online"], state["d03"]["state"]) == (False, "old")
 
             await agents["d03"].beat()
@@ -262,7 +262,7 @@ def test_offline_skip_completes_without_the_offline_device_which_is_moved_when_b
         async with fleet_of(redis_server) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
             await agents["d03"].go_offline()
-            rev_b = (await controller.apply(redis, manifest("model-b", offline="skip"),
+            rev_b = (await operator.apply(redis, manifest("model-b", offline="skip"),
                                             now=T0)).revision
             await tick(redis_server, T0)
             await converge_online(agents, T0)
@@ -280,17 +280,17 @@ def test_pause_stops_every_move_and_resume_continues_with_the_deadline_shifted(
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest("model-b", progress_deadline="60s"), now=T0)
+            await operator.apply(redis, manifest("model-b", progress_deadline="60s"), now=T0)
             deadline = (await rollout_of(redis))["deadline_at"]
-            assert await controller.pause(redis, FLEET, now=T0)
-            assert not await controller.pause(redis, FLEET, now=T0 + 1)
+            assert await operator.pause(redis, FLEET, now=T0)
+            assert not await operator.pause(redis, FLEET, now=T0 + 1)
             paused = await tick(redis_server, T0 + 5)
             assert (paused.acted, paused.moved) == (False, [])
             assert {rev for rev, _ in (await revisions(agents)).values()} == {rev_a}
-            assert (await controller.status(redis, FLEET)).paused
+            assert (await operator.status(redis, FLEET)).paused
 
-            assert await controller.resume(redis, FLEET, now=T0 + 100)
-            assert not await controller.resume(redis, FLEET, now=T0 + 101)
+            assert await operator.resume(redis, FLEET, now=T0 + 100)
+            assert not await operator.resume(redis, FLEET, now=T0 + 101)
             assert (await rollout_of(redis))["deadline_at"] == deadline + 100
             assert len((await tick(redis_server, T0 + 101)).moved) == len(IDS)
     asyncio.run(main())
@@ -301,7 +301,7 @@ def test_a_restarted_controller_continues_and_a_second_controller_does_not_act_m
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest("model-b", phases=CANARY_PHASES), now=T0)
+            await operator.apply(redis, manifest("model-b", phases=CANARY_PHASES), now=T0)
             first = Controller(redis, FLEET, token="first", lease_ms=600)
             assert (await first.tick(now=T0)).moved == ["c1"]
             await agents["c1"].converge(T0)
@@ -328,7 +328,7 @@ def test_run_controller_loops_hold_the_lease_one_at_a_time(redis_server: RedisSe
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest("model-b", max_unavailable=1))
+            await operator.apply(redis, manifest("model-b", max_unavailable=1))
             acted: dict[str, list[controller.TickSummary]] = {"a": [], "b": []}
             stops = {"a": asyncio.Event(), "b": asyncio.Event()}
 
@@ -368,10 +368,10 @@ def test_a_pinned_device_stays_and_a_device_override_changes_only_its_spec(
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
             devices = {"d05": {"pin": rev_a}, "d06": {"model": {"ctx_size": 2048}}}
             new = manifest("model-b", devices=devices)
-            plan = {change.device: change for change in (await controller.plan(redis, new)).changes}
+            plan = {change.device: change for change in (await operator.plan(redis, new)).changes}
             assert (plan["d05"].action, plan["d05"].new) == ("none", rev_a)
             assert (plan["d01"].action, plan["d01"].phase) == ("update", 0)
-            rev_b = (await controller.apply(redis, new, now=T0)).revision
+            rev_b = (await operator.apply(redis, new, now=T0)).revision
             assert "d05" not in (await tick(redis_server, T0)).moved
             await converge_online(agents, T0)
             assert (await tick(redis_server, T0 + 20)).status == "complete"
@@ -390,7 +390,7 @@ def test_the_progress_deadline_fails_a_rollout_stuck_on_online_devices(
     async def main() -> None:
         async with fleet_of(redis_server, ["d01", "d02"]) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest("model-b", progress_deadline="60s",
+            await operator.apply(redis, manifest("model-b", progress_deadline="60s",
                                                    on_failure=on_failure), now=T0)
             await tick(redis_server, T0)
             await agents["d01"].converge(T0)  # d02 stays "applying" forever
@@ -411,7 +411,7 @@ def test_max_unavailable_bounds_devices_updating_or_failed_at_once(
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest(
+            await operator.apply(redis, manifest(
                 "model-b", max_unavailable=2, health={"window": 0, "failure_threshold": 3}),
                 now=T0)
             assert (await tick(redis_server, T0)).moved == ["c1", "d01"]
@@ -429,9 +429,9 @@ def test_operator_rollback_moves_every_moved_device_back_and_nothing_moves_after
     async def main() -> None:
         async with fleet_of(redis_server) as (redis, agents):
             rev_a = await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest("model-b", max_unavailable=2), now=T0)
+            await operator.apply(redis, manifest("model-b", max_unavailable=2), now=T0)
             await tick(redis_server, T0)
-            summary = await controller.rollback(redis, FLEET, now=T0 + 1)
+            summary = await operator.rollback(redis, FLEET, now=T0 + 1)
             assert (summary.status, summary.rolled_back) == ("rolled_back", ["c1", "d01"])
             assert (await revisions(agents))["c1"] == (rev_a, 3)
             assert (await tick(redis_server, T0 + 100)).moved == []
@@ -450,7 +450,7 @@ def test_members_that_are_no_device_of_the_fleet_are_ignored_and_reported(
             await neighbour.register()
             await redis.sadd(keys.fleet_devices(FLEET), "bad}id", "bad id", "ghost-1",
                              "their-kiosk")
-            await controller.apply(redis, manifest("model-a", health={"window": 0},
+            await operator.apply(redis, manifest("model-a", health={"window": 0},
                                                    offline="wait"), now=T0)
             first = await tick(redis_server, T0)
             assert first.moved == ["c1", "d01", "d02"]
@@ -463,7 +463,7 @@ def test_members_that_are_no_device_of_the_fleet_are_ignored_and_reported(
             assert await neighbour.desired() is None  # never given this fleet's revision
             assert await redis.get(keys.desired("ghost-1")) is None
 
-            shown = await controller.status(redis, FLEET, now=T0 + 3)
+            shown = await operator.status(redis, FLEET, now=T0 + 3)
             assert [d["device"] for d in shown.devices] == ["c1", "d01", "d02"]
             assert shown.ignored == first.ignored
     asyncio.run(main())
@@ -486,7 +486,7 @@ def test_one_pass_over_ten_thousand_devices_moves_exactly_the_budget(
                 pipe.set(keys.heartbeat(device), "{}", ex=HEARTBEAT_TTL * 20)
             pipe.sadd(keys.fleet_devices(FLEET), *ids)
             await pipe.execute()
-            await controller.apply(redis, manifest("model-b", max_unavailable="5%"), now=T0)
+            await operator.apply(redis, manifest("model-b", max_unavailable="5%"), now=T0)
             summary = await Controller(redis, FLEET).tick(now=T0)
             assert summary.moved == ids[:500]
             assert summary.counts == {"old": 10_000}
@@ -506,13 +506,13 @@ def test_a_rollout_and_its_rollback_work_the_same_on_a_redis_cluster(
             for agent in agents:
                 await agent.register()
             ctl = Controller(redis, fleet, token="only")
-            rev_a = (await controller.apply(redis, manifest(
+            rev_a = (await operator.apply(redis, manifest(
                 "model-a", fleet=fleet, health={"window": 0}), now=T0)).revision
             assert len((await ctl.tick(now=T0)).moved) == 6
             for agent in agents:
                 await agent.converge(T0)
             assert (await ctl.tick(now=T0 + 1)).status == "complete"
-            await controller.apply(redis, manifest("model-b", fleet=fleet, max_unavailable=2),
+            await operator.apply(redis, manifest("model-b", fleet=fleet, max_unavailable=2),
                                    now=T0 + 2)
             assert len((await ctl.tick(now=T0 + 2)).moved) == 2
             await agents[0].report("failed", T0 + 3, error="doctor failed")
@@ -529,7 +529,7 @@ def test_cli_status_table_json_apply_plan_pause_and_errors(
     async def setup() -> None:
         async with fleet_of(redis_server, ["c1", "d01", "d02"]) as (redis, agents):
             await settle_on(redis_server, redis, agents, "model-a", T0 - 100)
-            await controller.apply(redis, manifest("model-b", max_unavailable=1), now=T0)
+            await operator.apply(redis, manifest("model-b", max_unavailable=1), now=T0)
             await tick(redis_server, T0)
             await agents["c1"].report("failed", T0 + 1, error="sha256 mismatch for model-b")
             await agents["d02"].go_offline()

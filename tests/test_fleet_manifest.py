@@ -18,12 +18,9 @@ import pytest
 
 from edgebundle.errors import ManifestError, UsageError
 from edgebundle.fleet import selection
-from edgebundle.fleet.manifest import (
-    Multitask,
-    load_manifest,
-    parse_manifest,
-)
-from edgebundle.fleet.state import Revision
+from edgebundle.fleet.documents import Revision
+from edgebundle.fleet.manifest import Multitask
+from edgebundle.fleet.manifest_file import load_manifest, parse_manifest
 from edgebundle.sync.models import MULTITASK_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.fleet import controller, keys
-from edgebundle.fleet.agent import beat, read_desired, register, report
-from edgebundle.fleet.manifest import load_manifest
-from edgebundle.fleet.state import ActualState, Heartbeat
+from edgebundle.fleet import controller, keys, operator
+from edgebundle.fleet.device import beat, read_desired, register, report
+from edgebundle.fleet.documents import ActualState, Heartbeat
+from edgebundle.fleet.manifest_file import load_manifest
 from edgebundle.sync.client import Client, connect
 from tests.support.fleet import FLEET, AgentProcess
 from tests.support.redis_server import RedisServer
@@ -81,7 +81,7 @@ async def roll_until(redis: Client, handled: dict[str, int], statuses: set[str])
     while True:
         await simulate(redis, handled)
         await controller.Controller(redis, FLEET).tick()
-        rollout = (await controller.status(redis, FLEET)).rollout
+        rollout = (await operator.status(redis, FLEET)).rollout
         if rollout is not None and rollout["status"] in statuses:
             return str(rollout["status"])
         assert time.monotonic() < deadline, f"rollout stuck: {rollout}"
@@ -98,7 +98,7 @@ async def desired_revisions(redis: Client) -> dict[str, str | None]:
 
 async def actual_of(redis: Client, device: str) -> dict[str, Any]:
     """The device's row of `fleet status` (its actual_* fields are what it reported)."""
-    return next(d for d in (await controller.status(redis, FLEET)).devices
+    return next(d for d in (await operator.status(redis, FLEET)).devices
                 if d["device"] == device)
 
 
@@ -122,11 +122,11 @@ def test_revisions_roll_through_real_and_simulated_agents_and_a_bad_canary_rolls
             while await redis.scard(keys.fleet_devices(FLEET)) < len(REAL) + len(SIMULATED):
                 await asyncio.sleep(0.1)  # the real agents registered themselves
 
-            first = await controller.apply(redis, manifest_a, source="a.yaml")
+            first = await operator.apply(redis, manifest_a, source="a.yaml")
             assert await roll_until(redis, handled, {"complete"}) == "complete"
             assert set((await desired_revisions(redis)).values()) == {first.revision}
 
-            second = await controller.apply(redis, manifest_b, source="b.yaml")
+            second = await operator.apply(redis, manifest_b, source="b.yaml")
             assert await roll_until(redis, handled, {"complete"}) == "complete"
             assert set((await desired_revisions(redis)).values()) == {second.revision}
             for device in REAL:  # the real agents fetched, verified, switched, passed doctor
@@ -134,10 +134,10 @@ def test_revisions_roll_through_real_and_simulated_agents_and_a_bad_canary_rolls
                 assert (row["actual_revision"], row["actual_status"], row["doctor_ok"]) == (
                     second.revision, "healthy", True)
 
-            bad = await controller.apply(redis, manifest_bad, source="bad.yaml")
+            bad = await operator.apply(redis, manifest_bad, source="bad.yaml")
             assert await roll_until(redis, handled, {"rolled_back", "frozen", "failed"}) \
                 == "rolled_back"
-            rollout = (await controller.status(redis, FLEET)).rollout
+            rollout = (await operator.status(redis, FLEET)).rollout
             assert rollout is not None and "c-real" in rollout["message"], rollout
             assert (await desired_revisions(redis)) == dict.fromkeys([*REAL, *SIMULATED],
                                                                       second.revision)

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from edgebundle.config import RUNTIMES, load_settings
 from edgebundle.doctor import Report, Status, run_doctor
-from edgebundle.fleet.manifest import load_manifest
+from edgebundle.fleet.manifest_file import load_manifest
 
 PIPED_WIDTH = 120
 # status -> (symbol, fallback for terminals that cannot print it, rich style)

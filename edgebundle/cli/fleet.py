@@ -26,10 +26,9 @@ import contextlib
 import json
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 from redis.exceptions import NoPermissionError
@@ -37,41 +36,25 @@ from rich.console import Console
 from rich.table import Table
 
 from edgebundle.config import load_settings, redact_url
-from edgebundle.errors import ConfigError, RedisError, UsageError
-from edgebundle.fleet import controller
+from edgebundle.errors import RedisError, UsageError
+from edgebundle.fleet import controller, operator
 from edgebundle.fleet.acl import (
     ACCESS_MODES,
     default_credentials_path,
     provision_fleet,
     read_device_ids,
 )
-from edgebundle.fleet.manifest import load_manifest as validated_manifest
-from edgebundle.fleet.manifest import validate_files
+from edgebundle.fleet.manifest_file import load_manifest, validate_files
 from edgebundle.fleet.proxy import SyncProxy, parse_listen, server_tls
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 
 T = TypeVar("T")
 PIPED_WIDTH = 160
-WAIT_POLL = 2.0  # s between status reads of `apply --wait`
 
 _redis_option = click.option(
     "--redis-url", metavar="URL", envvar="EDGEBUNDLE_REDIS_URL",
     help="The fleet's Redis (default: EDGEBUNDLE_REDIS_URL, then the manifest's spec.sync).")
-
-
-def load_manifest(path: str) -> dict[str, Any]:
-    """The validated manifest in normal form (ManifestError, exit 2, if it is not valid)."""
-    return validated_manifest(path).document()
-
-
-def _url(flag: str | None, manifest: dict[str, Any] | None = None) -> str:
-    if flag:
-        return flag
-    from_manifest = ((manifest or {}).get("spec") or {}).get("sync", {}) or {}
-    if from_manifest.get("redis_url"):
-        return str(from_manifest["redis_url"])
-    raise ConfigError("no Redis for the fleet: pass --redis-url or set EDGEBUNDLE_REDIS_URL")
 
 
 def _with_redis(url: str, work: Callable[[Client], Awaitable[T]]) -> T:
@@ -117,7 +100,8 @@ def validate(ctx: click.Context, files: tuple[str, ...], as_json: bool) -> None:
 def plan_cmd(manifest_file: str, redis_url: str | None, as_json: bool) -> None:
     """Show what `fleet apply FILE` would change, per device."""
     manifest = load_manifest(manifest_file)
-    result = _with_redis(_url(redis_url, manifest), lambda r: controller.plan(r, manifest))
+    url = operator.redis_url(redis_url, manifest)
+    result = _with_redis(url, lambda r: operator.plan(r, manifest))
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return
@@ -139,31 +123,17 @@ def plan_cmd(manifest_file: str, redis_url: str | None, as_json: bool) -> None:
 def apply_cmd(manifest_file: str, redis_url: str | None, wait: bool, timeout: float) -> None:
     """Store the manifest's revision and start rolling it out (the controller moves devices)."""
     manifest = load_manifest(manifest_file)
-    url = _url(redis_url, manifest)
-    result = _with_redis(url, lambda r: controller.apply(r, manifest, source=manifest_file))
+    url = operator.redis_url(redis_url, manifest)
+    result = _with_redis(url, lambda r: operator.apply(r, manifest, source=manifest_file))
     click.echo(f"fleet {result.fleet}: {result.message}")
     if not wait:
         return
     click.echo(f"waiting for the controller (edgebundle fleet controller {result.fleet}) …")
-    final = _with_redis(url, lambda r: _wait(r, result.fleet, result.revision, timeout))
-    click.echo(f"fleet {result.fleet}: {final.get('status')}: {final.get('message')}")
-    if final.get("status") != "complete":
+    final = _with_redis(url, lambda r: operator.wait(r, result.fleet, result.revision,
+                                                       timeout))
+    click.echo(f"fleet {result.fleet}: {final.status}: {final.message}")
+    if final.status != "complete":
         raise click.exceptions.Exit(1)
-
-
-async def _wait(redis: Client, fleet_id: str, revision: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout if timeout > 0 else None
-    while True:
-        rollout = (await controller.status(redis, fleet_id)).rollout or {}
-        if rollout.get("revision") != revision:
-            return {"status": "replaced", "message": f"another revision was applied: "
-                                                     f"{rollout.get('revision')}"}
-        if rollout.get("status") in controller.FINISHED:
-            return rollout
-        if deadline is not None and time.monotonic() > deadline:
-            return {"status": "timeout", "message": f"still {rollout.get('status')} after "
-                                                    f"{timeout:g}s (phase {rollout.get('phase')})"}
-        await asyncio.sleep(WAIT_POLL)
 
 
 @fleet.command("status")
@@ -172,7 +142,7 @@ async def _wait(redis: Client, fleet_id: str, revision: str, timeout: float) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status_cmd(name: str, redis_url: str | None, as_json: bool) -> None:
     """Per device: what it should run and what it runs; and the rollout."""
-    result = _with_redis(_url(redis_url), lambda r: controller.status(r, name))
+    result = _with_redis(operator.redis_url(redis_url), lambda r: operator.status(r, name))
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return
@@ -200,15 +170,15 @@ def _ignored(ignored: dict[str, str], limit: int = 10) -> str:
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
-def _rollout_line(result: controller.FleetStatus) -> str:
-    rollout = result.rollout
+def _rollout_line(result: operator.FleetStatus) -> str:
+    rollout = result.state
     if rollout is None:
         return f"fleet {result.fleet}: no rollout (edgebundle fleet apply FILE)"
-    line = (f"fleet {result.fleet}: {rollout['revision']} {rollout['status']}, "
-            f"phase {rollout['phase']}, previous {rollout['previous'] or '-'}")
+    line = (f"fleet {result.fleet}: {rollout.revision} {rollout.status}, "
+            f"phase {rollout.phase}, previous {rollout.previous or '-'}")
     if result.paused:
         line += " (PAUSED)"
-    return line + (f": {rollout['message']}" if rollout["message"] else "")
+    return line + (f": {rollout.message}" if rollout.message else "")
 
 
 @fleet.command("pause")
@@ -216,7 +186,7 @@ def _rollout_line(result: controller.FleetStatus) -> str:
 @_redis_option
 def pause_cmd(name: str, redis_url: str | None) -> None:
     """Pause the rollout: the controller moves nothing until resume."""
-    paused = _with_redis(_url(redis_url), lambda r: controller.pause(r, name))
+    paused = _with_redis(operator.redis_url(redis_url), lambda r: operator.pause(r, name))
     click.echo(f"fleet {name}: " + ("paused" if paused else "was already paused"))
 
 
@@ -225,7 +195,7 @@ def pause_cmd(name: str, redis_url: str | None) -> None:
 @_redis_option
 def resume_cmd(name: str, redis_url: str | None) -> None:
     """Resume a paused rollout (time spent paused does not count against its deadline)."""
-    resumed = _with_redis(_url(redis_url), lambda r: controller.resume(r, name))
+    resumed = _with_redis(operator.redis_url(redis_url), lambda r: operator.resume(r, name))
     click.echo(f"fleet {name}: " + ("resumed" if resumed else "was not paused"))
 
 
@@ -234,7 +204,7 @@ def resume_cmd(name: str, redis_url: str | None) -> None:
 @_redis_option
 def rollback_cmd(name: str, redis_url: str | None) -> None:
     """Move every device of the rollout back to the previous revision now."""
-    summary = _with_redis(_url(redis_url), lambda r: controller.rollback(r, name))
+    summary = _with_redis(operator.redis_url(redis_url), lambda r: operator.rollback(r, name))
     click.echo(f"fleet {name}: {summary.status}: {summary.message} "
                f"({len(summary.rolled_back)} device(s) moved back this time)")
 
@@ -246,7 +216,7 @@ def rollback_cmd(name: str, redis_url: str | None) -> None:
               metavar="SECONDS", help="Time between passes over the fleet.")
 def controller_cmd(name: str, redis_url: str | None, interval: float) -> None:
     """Run the fleet's controller until interrupted (one acts at a time; others stand by)."""
-    url = _url(redis_url)
+    url = operator.redis_url(redis_url)
     last: list[str] = []
 
     def report(summary: controller.TickSummary) -> None:

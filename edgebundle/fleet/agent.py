@@ -39,124 +39,85 @@ the fleet's state), so a per-device ACL user is enough:
 What the agent has handled survives a restart (``<home>/fleet/state.json``): a
 restarted agent does not redo a generation it finished (healthy or failed).
 
-:func:`report` and :func:`beat` are the two writes of the protocol, exported so tests
-of the controller can play many agents in-process with the agent's own code.
+This module owns the reconcile loop (an attempt, its rollback, doctor's verdict, the
+reports and the heartbeat and nudge loops); the pieces it drives are their own modules:
+:mod:`edgebundle.fleet.device` (the Redis protocol: register, beat, report, desired,
+nudges), :mod:`edgebundle.fleet.staging` (placing, verifying and switching revision
+files), :mod:`edgebundle.fleet.wasmedge` (the WasmEdge a revision pins and its
+install), :mod:`edgebundle.fleet.credentials` (the device's login on a revision's sync
+Redis) and :mod:`edgebundle.runtime.run_child` (the served ``edgebundle run``).
+
+Why it is over 400 lines: :class:`Agent` is one state machine (the handled generation,
+the pending report, the running child, Redis up or down) whose loops share that state;
+cutting it further would pass that state between modules instead of keeping it in one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
 
-from edgebundle import __version__, installer
-from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
+from edgebundle import installer
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor import CheckResult, Report, redis_checks, run_doctor
-from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import (
-    ChecksumMismatchError,
     ConfigError,
     EdgebundleError,
-    SupervisorError,
     UsageError,
 )
-from edgebundle.fleet import keys
-from edgebundle.fleet.acl import USER_PREFIX
-from edgebundle.fleet.state import (
+from edgebundle.fleet.credentials import login_refused, with_credentials
+from edgebundle.fleet.device import (
+    beat,
+    is_registered,
+    read_desired,
+    register,
+    report,
+    watch_nudges,
+)
+from edgebundle.fleet.documents import (
     HEARTBEAT_INTERVAL,
-    HEARTBEAT_TTL,
     ActualState,
     DesiredState,
     Heartbeat,
-    dumps,
     loads,
 )
-from edgebundle.host import detect
-from edgebundle.pins import RuntimeLock, load_app_pins
-from edgebundle.resources import app_pins_file
+from edgebundle.fleet.staging import (
+    APP_FILE,
+    MODEL_FILE,
+    FleetPaths,
+    Staging,
+    write_json_atomic,
+)
+from edgebundle.fleet.wasmedge import WantedRuntime, install_wanted
+from edgebundle.pins import RuntimeLock
+from edgebundle.runtime.run_child import RunChild
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.keys import check_id
 
 POLL_INTERVAL = 3.0  # s between reads of desired (the nudge only makes it sooner)
 BACKOFF_BASE = 1.0  # s before the second attempt; doubles per attempt
 BACKOFF_CAP = 30.0
-HEALTHZ_TIMEOUT = 120.0  # s a restarted runtime gets to load its model
+HEALTHZ_TIMEOUT = 120.0  # s a restarted runtime gets to load its model (RunChild's wait)
 DEVICE_ID_FILE = "agent-device-id"
-MODEL_FILE = "model.gguf"
-APP_FILE = "app.wasm"
-BUILTIN = "builtin:"  # an app shipped with edgebundle (the manifest's default: edgechat)
-REVISION_FILE = "revision.json"  # written last: a revision dir without it is incomplete
 ENVIRONMENT_CHECKS = frozenset(redis_checks.IDS)  # doctor ids that do not gate a revision
-LOGIN_TIMEOUT = 2.0  # s for the login check of a revision's sync Redis
-STOP_GRACE = 20.0  # s a served run gets to stop after SIGTERM, then SIGKILL
+STOP_GRACE = 20.0  # s a served run gets to stop after SIGTERM, then SIGKILL (RunChild.stop)
 
 Log = Callable[[str], None]
 
 # What a Redis call can raise when the server is down or refuses us.
 _REDIS_DOWN = (_RedisPyError, OSError, EdgebundleError)
-
-
-async def report(redis: Client, device_id: str, state: ActualState) -> None:
-    """Publish a device's actual state (what the controller reads)."""
-    await redis.set(keys.actual(device_id), dumps(state.to_json()))
-
-
-async def beat(redis: Client, device_id: str, heartbeat: Heartbeat,
-               ttl: int = HEARTBEAT_TTL) -> None:
-    """One heartbeat: the device counts as online while this key lives."""
-    await redis.set(keys.heartbeat(device_id), dumps(heartbeat.to_json()), ex=ttl)
-
-
-async def register(redis: Client, device_id: str, fleet: str, labels: Mapping[str, str]) -> None:
-    """Announce the device to its fleet: its info hash (the fleet it runs for, labels).
-
-    Membership of the fleet's device set is the admin's: ``fleet provision`` adds the
-    device, and its Redis user (``dev:<id>``) may not write the set. Only under another
-    user (a Redis without per-device users, where every device is trusted anyway) does
-    the agent add itself, so such a fleet needs no setup.
-    """
-    await redis.hset(keys.device_info(device_id), mapping={
-        "fleet": fleet, "labels": dumps(dict(labels)), "agent_version": __version__,
-        "registered_at": str(time.time()),
-    })
-    try:
-        user = str(await redis.execute_command("ACL", "WHOAMI"))
-        if not user.startswith(USER_PREFIX):
-            await redis.sadd(keys.fleet_devices(fleet), device_id)
-    except NoPermissionError:
-        pass  # a user the admin fenced some other way: membership is theirs
-
-
-async def read_desired(redis: Client, device_id: str) -> DesiredState | None:
-    data = loads(await redis.get(keys.desired(device_id)), f"desired state of {device_id}")
-    if data is None:
-        return None
-    try:
-        return DesiredState.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"desired state of {device_id} in Redis lacks or mangles {exc}: "
-                         "rewrite it (fleet apply)") from None
 
 
 def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -185,91 +146,12 @@ def agent_device_id(settings: Settings) -> str:
     return made
 
 
-@dataclass(frozen=True)
-class FleetPaths:
-    """Where the agent keeps revisions and its own state, below ``<home>/fleet``."""
-
-    root: Path
-
-    @property
-    def revisions(self) -> Path:
-        return self.root / "revisions"
-
-    @property
-    def current(self) -> Path:
-        return self.root / "current"
-
-    @property
-    def state_file(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def pending_report(self) -> Path:
-        return self.root / "pending-report.json"
-
-    def revision(self, revision: str) -> Path:
-        return self.revisions / check_id("revision", revision)
-
-    def current_revision(self) -> str | None:
-        """The revision ``current`` points at, None when there is none yet."""
-        try:
-            target = os.readlink(self.current)
-        except OSError:
-            return None
-        return Path(target).name
-
-
-@dataclass(frozen=True)
-class WantedRuntime:
-    """The WasmEdge a revision runs on (``spec.runtime`` of kind wasmedge).
-
-    ``archives``: the sha256 the manifest pins for release archives, by file name.
-    """
-
-    version: str
-    build: str
-    variant: str
-    archives: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"WasmEdge {self.version} with plugin build {self.build} ({self.variant})"
-
-    @staticmethod
-    def of(spec: Mapping[str, Any]) -> WantedRuntime | None:
-        """None for an embedded revision (which leaves ``runtime/current`` alone)."""
-        runtime = spec.get("runtime") or {}
-        if not isinstance(runtime, dict) or runtime.get("kind") != "wasmedge":
-            return None
-        plugin = runtime.get("plugin") or {}
-        version = runtime.get("wasmedge")
-        build = plugin.get("build") if isinstance(plugin, dict) else None
-        if not version or not build:
-            raise ConfigError("the revision's runtime is wasmedge but names no wasmedge version "
-                              "or plugin build; fix spec.runtime in the manifest")
-        variant = plugin.get("variant") or "cpu"
-        archives = runtime.get("archives") or {}
-        if not isinstance(archives, dict) or not all(
-                isinstance(v, str) and len(v) == 64 for v in archives.values()):
-            raise ConfigError("the revision's runtime.archives is not {file name: sha256}; "
-                              "fix spec.runtime in the manifest")
-        return WantedRuntime(str(version), str(build), str(variant),
-                             {str(k): v.lower() for k, v in archives.items()})
-
-
 class AttemptFailed(EdgebundleError):
     """One attempt at a revision failed; ``doctor`` is set when doctor's checks did."""
 
     def __init__(self, message: str, doctor: Report | None = None) -> None:
         super().__init__(message)
         self.doctor = doctor
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(dumps(value))
-    os.replace(tmp, path)
 
 
 class Agent:
@@ -298,9 +180,21 @@ class Agent:
         self.pending: ActualState | None = self._load_pending()
         self.redis: Client | None = None
         self.registered = False
-        self.child: subprocess.Popen[bytes] | None = None
+        self.staging = Staging(self.paths, bundle_dir=bundle_dir,
+                               downloads=settings.layout.downloads, log=self.log)
+        self.run_child = RunChild(settings.layout.logs / "agent-run.log")
         self._nudged = asyncio.Event()
         self._redis_down = False
+
+    @property
+    def child(self) -> subprocess.Popen[bytes] | None:
+        """The served ``edgebundle run`` (None: none started)."""
+        return self.run_child.process
+
+    @child.setter
+    def child(self, process: subprocess.Popen[bytes] | None) -> None:
+        """Adopt a running process as the served ``run`` (it is stopped before the next)."""
+        self.run_child.process = process
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -309,7 +203,7 @@ class Agent:
         self.log(f"agent {self.device_id} of fleet {self.fleet}: "
                  f"Redis {redact_url(self.redis_url)}")
         running = self.paths.current_revision()
-        spec = self._revision_spec(running) if running is not None else None
+        spec = self.staging.revision_spec(running) if running is not None else None
         if self.serve and running is not None and spec is not None:
             await self._restart_runtime(running, spec)
         tasks = [asyncio.create_task(self._heartbeat_loop()),
@@ -422,14 +316,15 @@ class Agent:
         if refused is not None:
             raise AttemptFailed(refused)
         try:
-            rev_dir = await asyncio.to_thread(self._stage, desired)
+            rev_dir = await asyncio.to_thread(self.staging.stage, desired.revision, desired.spec)
         except EdgebundleError as exc:
             raise AttemptFailed(str(exc)) from None
         except OSError as exc:
             raise AttemptFailed(f"cannot place revision {desired.revision}: {exc}") from None
         try:  # installed (and verified) now, made current below with the revision
             wanted = WantedRuntime.of(desired.spec)
-            runtime = (await asyncio.to_thread(self._install_runtime, wanted)
+            runtime = (await asyncio.to_thread(install_wanted, wanted, self.settings.layout,
+                                             self.bundle_dir, self.log)
                        if wanted is not None else None)
         except EdgebundleError as exc:
             raise AttemptFailed(str(exc)) from None
@@ -441,7 +336,7 @@ class Agent:
             not self.serve or (self.child is not None and self.child.poll() is None))
         # Same revision again (a re-sent generation): it keeps running, and so does its clock.
         started = self.actual.running_since if unchanged else time.time()
-        self._switch(desired.revision)
+        self.staging.switch(desired.revision)
         try:
             if runtime is not None:
                 installer.switch_current(self.settings.layout, runtime[0].name)
@@ -460,56 +355,6 @@ class Agent:
             raise AttemptFailed(str(exc)) from None
         return doctor, started
 
-    def _install_runtime(self, wanted: WantedRuntime) -> tuple[Path, RuntimeLock]:
-        """Install ``wanted`` in its versioned dir (not current yet) by the installer's code.
-
-        Returns the dir and the lock doctor compares the running WasmEdge with. The
-        archives come from the bundle (``--bundle DIR`` with a bundle.json) or the shipped
-        lock's URLs, and each one's sha256 must be pinned by the revision's
-        ``runtime.archives`` or published in the shipped lock (:func:`pin_archives`): a
-        bundle's own bundle.json and lock copy never vouch for a runtime alone. The
-        installer verifies every archive before unpacking it; an installed runtime is
-        reused.
-        """
-        host = detect()
-        layout = self.settings.layout
-        plans = []
-        if self.bundle_dir is not None and (self.bundle_dir / BUNDLE_MANIFEST).is_file():
-            plans.append(installer.make_plan(host, bundle=self.bundle_dir,
-                                             require_wasmedge=True))
-        plans.append(installer.make_plan(host, require_wasmedge=True))
-        for plan in plans:
-            lock = plan.lock
-            if wanted.variant not in lock.variants(host.os, host.arch) or (
-                    lock.wasmedge_version,
-                    lock.plugin_build_for(host.os, host.arch, wanted.variant),
-            ) != (wanted.version, wanted.build):
-                continue
-            plan = pin_archives(plan, wanted, shipped=plans[-1].lock)
-            lock = plan.lock
-            target, unpacked = installer.install_runtime(
-                replace(plan, variant=wanted.variant), layout, log=self.log)
-            where = f"the bundle {self.bundle_dir}" if plan.bundle else f"the lock {lock.path}"
-            self.log(f"{wanted.label}: installed in {target} from {where}" if unpacked
-                     else f"{wanted.label}: already installed in {target}")
-            return target, lock
-        for installed in installer.list_runtimes(layout):  # pinned nowhere now, but here
-            if (installed.wasmedge_version, installed.plugin_build, installed.variant) == (
-                    wanted.version, wanted.build, wanted.variant):
-                self.log(f"{wanted.label}: already installed in {installed.path}")
-                shipped = plans[-1].lock
-                # No lock pins this build: doctor is to expect the installed one for every
-                # variant (the shipped rows' own builds are of another release).
-                assets = tuple(replace(a, build=None) for a in shipped.assets)
-                return installed.path, replace(
-                    shipped, wasmedge_version=wanted.version, plugin_build=wanted.build,
-                    assets=assets,
-                    plugin_reported_version=None)  # no lock says what this build prints
-        bundle = f" nor in the bundle {self.bundle_dir}" if len(plans) > 1 else ""
-        raise ConfigError(
-            f"{wanted.label} is pinned neither in the shipped lock{bundle}: build a bundle "
-            "for it (edgebundle bundle build) and start the agent with --bundle DIR")
-
     def _runtime_link(self) -> str | None:
         """Where ``<home>/runtime/current`` points now (None: no link)."""
         try:
@@ -520,7 +365,7 @@ class Agent:
     def _running_runtime(self) -> str | None:
         """What the running revision runs on, for reports (see ActualState.runtime)."""
         running = self.paths.current_revision()
-        spec = self._revision_spec(running) if running is not None else None
+        spec = self.staging.revision_spec(running) if running is not None else None
         if spec is None:
             return None
         try:
@@ -532,113 +377,19 @@ class Agent:
         link = self._runtime_link()
         return Path(link).name if link else None
 
-    def _stage(self, desired: DesiredState) -> Path:
-        """``revisions/<rev>/`` with verified files; reused when an earlier run made it."""
-        target = self.paths.revision(desired.revision)
-        if (target / REVISION_FILE).is_file():
-            return target
-        spec = desired.spec
-        model = spec.get("model") or {}
-        if not isinstance(model, dict) or not model.get("url"):
-            raise ConfigError(f"revision {desired.revision} names no model url")
-        self.paths.revisions.mkdir(parents=True, exist_ok=True)
-        work = self.paths.revisions / f".{desired.revision}.{secrets.token_hex(4)}.tmp"
-        work.mkdir()
-        try:
-            self._place(model, work / MODEL_FILE, "model")
-            app = spec.get("app")
-            if isinstance(app, dict) and str(app.get("url", "")).startswith(BUILTIN):
-                check_builtin_app(app)  # shipped with edgebundle: nothing to place
-            elif isinstance(app, dict) and app.get("url"):
-                self._place(app, work / APP_FILE, "app")
-            _write_json_atomic(work / REVISION_FILE, {
-                "revision": desired.revision, "spec": spec, "placed_at": time.time()})
-            if target.exists():  # an incomplete dir of an interrupted run
-                shutil.rmtree(target)
-            os.replace(work, target)
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
-        return target
-
-    def _place(self, item: dict[str, Any], dest: Path, what: str) -> None:
-        sha256 = item.get("sha256")
-        if not isinstance(sha256, str) or not sha256:
-            raise ConfigError(f"the revision's {what} has no sha256; refusing an unverified file")
-        source = self._source(str(item["url"]))  # a bad URL fails even if the bytes are here
-        local = self._already_have(sha256, dest.name)
-        if local is not None:  # same bytes in another revision (e.g. a prompt-only change)
-            os.link(local, dest)
-            # Hashed again once linked (the same inode): that revision's copy may have been
-            # damaged since it was verified, and then it is fetched again instead.
-            if sha256_file(dest) == sha256.lower():
-                return
-            dest.unlink()
-            self.log(f"{local}: no longer has sha256 {sha256.lower()[:12]}…; fetching the "
-                     f"{what} again")
-        fetch(source, dest, sha256=sha256.lower(),
-              downloads_dir=self.settings.layout.downloads)
-
-    def _already_have(self, sha256: str, name: str) -> Path | None:
-        """A verified file with this sha256 in a completed revision dir, if any."""
-        if not self.paths.revisions.is_dir():
-            return None
-        for revision_file in self.paths.revisions.glob(f"*/{REVISION_FILE}"):
-            try:
-                spec = json.loads(revision_file.read_text())["spec"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            for part in ("model", "app"):
-                item = spec.get(part)
-                candidate = revision_file.parent / name
-                if (isinstance(item, dict) and str(item.get("sha256", "")).lower() == sha256.lower()
-                        and candidate.is_file()):
-                    return candidate
-        return None
-
-    def _source(self, url: str) -> str:
-        """http(s):// and file:// as they are; bundle:<path> below the bundle dir."""
-        if not url.startswith("bundle:"):
-            return url
-        if self.bundle_dir is None:
-            raise ConfigError(f"{url}: this revision comes from an offline bundle; "
-                              "start the agent with --bundle DIR")
-        relative = Path(unquote(url[len("bundle:"):]))
-        path = (self.bundle_dir / relative).resolve()
-        if relative.is_absolute() or not path.is_relative_to(self.bundle_dir.resolve()):
-            raise ConfigError(f"{url}: a bundle path must stay inside the bundle dir")
-        if not path.is_file():
-            raise ConfigError(f"{url}: {path} is not in the bundle; copy the bundle again")
-        return str(path)
-
-    def _switch(self, revision: str) -> None:
-        """Point ``current`` at ``revisions/<rev>`` in one rename (never a missing link)."""
-        link = self.paths.root / f".current.{secrets.token_hex(4)}"
-        os.symlink(Path("revisions") / revision, link)
-        os.replace(link, self.paths.current)
-
     async def _switch_back(self, previous: str | None, previous_runtime: str | None) -> None:
         if self._runtime_link() != previous_runtime:
             with contextlib.suppress(EdgebundleError, OSError):
                 installer.switch_current(self.settings.layout, previous_runtime)
         if previous is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.paths.current.unlink()
+            self.staging.unswitch()
             await self._stop_child()
             return
-        self._switch(previous)
-        spec = self._revision_spec(previous)
+        self.staging.switch(previous)
+        spec = self.staging.revision_spec(previous)
         if self.serve and spec is not None:
             with contextlib.suppress(EdgebundleError):
                 await self._restart_runtime(previous, spec)
-
-    def _revision_spec(self, revision: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads((self.paths.revision(revision) / REVISION_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        spec = data.get("spec") if isinstance(data, dict) else None
-        return spec if isinstance(spec, dict) else None
 
     def revision_settings(self, rev_dir: Path, spec: Mapping[str, Any]) -> Settings:
         """The settings ``run`` and doctor use for a placed revision."""
@@ -689,54 +440,30 @@ class Agent:
         env.pop("EDGEBUNDLE_REDIS_URL", None)
         if settings.redis_url:  # by environment: a password in argv is visible to ps
             env["EDGEBUNDLE_REDIS_URL"] = settings.redis_url
-        self.settings.layout.logs.mkdir(parents=True, exist_ok=True)
-        with (self.settings.layout.logs / "agent-run.log").open("ab") as out:
-            self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=out, env=env)
-        self.log(f"{revision}: started edgebundle run (pid {self.child.pid}) on "
+        child = self.run_child.start(argv, env)
+        self.log(f"{revision}: started edgebundle run (pid {child.pid}) on "
                  f"{settings.host}:{settings.port}")
-        await self._wait_healthy(settings, self.child)
-
-    async def _wait_healthy(self, settings: Settings, child: subprocess.Popen[bytes]) -> None:
-        url = f"http://{settings.host}:{settings.port}/healthz"
-        deadline = time.monotonic() + HEALTHZ_TIMEOUT
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                log = self.settings.layout.logs / "agent-run.log"
-                raise SupervisorError(f"edgebundle run exited with {child.returncode}"
-                                      f"{_last_error(log)}; see {log}")
-            if await asyncio.to_thread(_healthz_ok, url):
-                return
-            await asyncio.sleep(0.2)
-        raise SupervisorError(f"edgebundle run did not answer {url} within {HEALTHZ_TIMEOUT:.0f} s")
+        await self.run_child.wait_healthy(f"http://{settings.host}:{settings.port}/healthz",
+                                          HEALTHZ_TIMEOUT)
 
     async def _keep_child_up(self) -> None:
         """Start ``edgebundle run`` again if it died between switches."""
-        if not self.serve or self.child is None or self.child.poll() is None:
+        child = self.child
+        if not self.serve or child is None or child.poll() is None:
             return
         running = self.paths.current_revision()
-        spec = self._revision_spec(running) if running is not None else None
+        spec = self.staging.revision_spec(running) if running is not None else None
         if running is None or spec is None:
             return
-        self.log(f"{running}: edgebundle run exited with {self.child.returncode}; restarting it")
+        self.log(f"{running}: edgebundle run exited with {child.returncode}; restarting it")
         try:
             await self._restart_runtime(running, spec)
         except EdgebundleError as exc:
             self.log(f"{running}: {exc}")
 
     async def _stop_child(self) -> None:
-        """SIGTERM the served ``run``, SIGKILL after :data:`STOP_GRACE` s; the waits run in
-        a thread, so heartbeats and nudges go on meanwhile (the grace is longer than the
-        heartbeat's TTL: a blocked loop would make the device look offline)."""
-        child, self.child = self.child, None
-        if child is None or child.poll() is not None:
-            return
-        child.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(child.wait, STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            await asyncio.to_thread(child.wait)
+        """Stop the served ``run`` (:meth:`RunChild.stop`); heartbeats go on meanwhile."""
+        await self.run_child.stop(STOP_GRACE)
 
     # --- Redis: reports, heartbeats, nudges ----------------------------------------------
 
@@ -749,9 +476,9 @@ class Agent:
         """Record ``state`` locally, then send it; keep it for later if Redis is down."""
         state = replace(state, updated_at=time.time(), runtime=self._running_runtime())
         self.actual = state
-        _write_json_atomic(self.paths.state_file, state.to_json())
+        write_json_atomic(self.paths.state_file, state.to_json())
         self.pending = state
-        _write_json_atomic(self.paths.pending_report, state.to_json())
+        write_json_atomic(self.paths.pending_report, state.to_json())
         await self._flush_pending()
 
     async def _flush_pending(self) -> None:
@@ -773,7 +500,7 @@ class Agent:
         """Register, and again whenever Redis lost our info (a restart without persistence,
         shorter than the client's retries, is otherwise invisible to us)."""
         client = await self._client()
-        if self.registered and await client.exists(keys.device_info(self.device_id)):
+        if self.registered and await is_registered(client, self.device_id):
             return
         await register(client, self.device_id, self.fleet, self.labels)
         if self.pending is None and self.actual.updated_at:
@@ -802,23 +529,13 @@ class Agent:
     async def _nudge_loop(self) -> None:
         """Wake the reconcile loop on a nudge; resubscribe after an outage."""
         while True:
-            pubsub = None
             try:
-                pubsub = (await self._client()).pubsub()
-                await pubsub.subscribe(keys.nudge(self.device_id))
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=self.poll_interval)
-                    if message is not None:
-                        self._nudged.set()
+                await watch_nudges(await self._client(), self.device_id, self.poll_interval,
+                                   self._nudged.set)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 (the poll of desired covers any pub/sub trouble)
                 await asyncio.sleep(self.poll_interval)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
 
     def _note_redis_down(self, exc: BaseException) -> None:
         if not self._redis_down:
@@ -871,128 +588,6 @@ def fleet_managed_run(settings: Settings, log: Log) -> None:
     asyncio.run(run_until_stopped(agent))
 
 
-def check_builtin_app(app: Mapping[str, Any]) -> None:
-    """A ``builtin:<name>`` app must be the build this edgebundle ships (same sha256)."""
-    name = str(app["url"])[len(BUILTIN):]
-    try:
-        shipped = load_app_pins(app_pins_file()).app(name).sha256
-    except EdgebundleError as exc:
-        raise ConfigError(f"builtin:{name}: {exc}") from None
-    wanted = str(app.get("sha256") or "").lower()
-    if wanted and wanted != shipped.lower():
-        raise ConfigError(f"builtin:{name}: this device ships sha256 {shipped[:12]}…, the "
-                          f"revision wants {wanted[:12]}…; upgrade edgebundle on the device")
-
-
-def pin_archives(plan: installer.InstallPlan, wanted: WantedRuntime,
-                 shipped: RuntimeLock) -> installer.InstallPlan:
-    """``plan`` with the two archives it installs pinned from outside the bundle.
-
-    Each one's sha256 comes from the revision (``wanted.archives``, by file name) or
-    else from the shipped lock where that publishes one. A bundle's archive whose
-    sha256 neither pins is refused (ConfigError), and so is one whose bundle sha256
-    differs from the pin; an unpinned archive of the shipped lock is left to the
-    installer, which refuses an unknown sha256 itself.
-    """
-    host, lock = plan.host, plan.lock
-    try:
-        needed = {lock.runtime_for(host.os, host.arch, wanted.variant),
-                  lock.plugin_asset(host.os, host.arch, wanted.variant)}
-    except EdgebundleError:
-        return plan  # nothing pinned for this machine: the installer says so
-    published = {a.filename: a.sha256.lower() for a in shipped.assets if a.verified}
-    assets = []
-    for asset in lock.assets:
-        if asset in needed:
-            pin = wanted.archives.get(asset.filename) or published.get(asset.filename)
-            where = ("the revision's runtime.archives" if asset.filename in wanted.archives
-                     else f"the shipped lock {shipped.path}")
-            if pin is None and plan.bundle is not None:
-                raise ConfigError(
-                    f"{asset.filename} (sha256 {asset.sha256}) is vouched for only by the "
-                    f"bundle {plan.bundle} itself: pin it in the manifest, spec.runtime.archives:"
-                    f" {{{asset.filename}: <its sha256 from the release's SHA256SUM>}}")
-            if pin is not None and asset.verified and asset.sha256.lower() != pin:
-                holder = f"the bundle {plan.bundle}" if plan.bundle else f"the lock {lock.path}"
-                raise ChecksumMismatchError(
-                    f"{asset.filename}: sha256 mismatch: {holder} has {asset.sha256}, "
-                    f"{where} pins {pin}; an altered bundle, or another release: fix the pin "
-                    "or rebuild the bundle")
-            if pin is not None:
-                asset = replace(asset, sha256=pin)
-        assets.append(asset)
-    return replace(plan, lock=replace(lock, assets=tuple(assets)))
-
-
-def with_credentials(url: str | None, own: str) -> str | None:
-    """``url`` logged in as this device: manifests carry no passwords (each device has its
-    own ACL user, see fleet provision), so the agent's own credentials are used.
-
-    Only on the central Redis the device was provisioned for (``own``: same scheme, host
-    and port; the db may differ): a manifest naming another server, or ``redis://`` for
-    a ``rediss://`` one, would carry the device's password there. ConfigError instead.
-    The credentials are copied as ``own`` spells them (already percent-encoded).
-    """
-    if not url:
-        return None
-    parts, mine = urlsplit(url), urlsplit(own)
-    if parts.username is not None or parts.password is not None:
-        return url  # logs in as someone else (the manifest schema refuses that): not ours
-    userinfo, at, _ = mine.netloc.rpartition("@")
-    if not at:
-        return url  # the device itself logs in without credentials: nothing to leak
-    if _endpoint(url) != _endpoint(own):
-        downgrade = (mine.scheme.lower() == "rediss" and parts.scheme.lower() != "rediss")
-        why = " and without TLS (rediss -> redis)" if downgrade else ""
-        raise ConfigError(
-            f"the revision's sync.redis_url {redact_url(url)} is not the Redis this device was "
-            f"provisioned for ({redact_url(own)}): the device's password is sent nowhere "
-            f"else{why}; point spec.sync.redis_url at that Redis, or leave it out")
-    return parts._replace(netloc=f"{userinfo}@{parts.netloc}").geturl()
-
-
-def _endpoint(url: str) -> tuple[str, str, int | str | None]:
-    """(scheme, host, port) a Redis URL connects to (a unix socket: its path)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "unix":
-        return scheme, "", parts.path
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        port = None
-    return scheme, (parts.hostname or "").lower(), port
-
-
-async def login_refused(url: str | None) -> str | None:
-    """Why ``url``'s Redis refuses to log us in, or None (logged in, or not reachable now).
-
-    A refused login is the revision's (or the device's) fault and fails the revision; an
-    unreachable Redis is the network's state (see :func:`revision_failures`).
-    """
-    if not url:
-        return None
-    client = aioredis.from_url(url, socket_connect_timeout=LOGIN_TIMEOUT,
-                               socket_timeout=LOGIN_TIMEOUT, retry=Retry(NoBackoff(), 0))
-    try:
-        await client.ping()
-    except (AuthenticationError, ResponseError) as exc:
-        if isinstance(exc, ResponseError) and not isinstance(exc, AuthenticationError) and not any(
-                word in str(exc) for word in ("NOAUTH", "WRONGPASS")):
-            return None  # logged in; PING itself not allowed
-        user = unquote(urlsplit(url).username or "default")
-        password = urlsplit(url).password
-        detail = str(exc).replace(unquote(password), "***") if password else str(exc)
-        return (f"the sync Redis {redact_url(url)} refused this device's login as {user} "
-                f"({detail}): provision the device again (edgebundle fleet provision) and "
-                "give the agent its new --redis-url")
-    except (_RedisPyError, OSError):
-        return None
-    finally:
-        await client.aclose()
-    return None
-
-
 def revision_failures(doctor: Report) -> list[CheckResult]:
     """The failed checks that speak against the revision.
 
@@ -1001,24 +596,3 @@ def revision_failures(doctor: Report) -> list[CheckResult]:
     sees an unreachable device as offline (its heartbeat expires).
     """
     return [c for c in doctor.checks if c.status == "fail" and c.id not in ENVIRONMENT_CHECKS]
-
-
-def _last_error(log: Path) -> str:
-    """``: <the last error line>`` of ``edgebundle run``'s log, or "" when it has none."""
-    try:
-        with log.open("rb") as fh:
-            fh.seek(max(0, log.stat().st_size - 8192))
-            lines = fh.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    errors = [line for line in lines if line.startswith("edgebundle: error: ")]
-    return f": {errors[-1][len('edgebundle: error: '):]}" if errors else ""
-
-
-def _healthz_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (our own http URL)
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-

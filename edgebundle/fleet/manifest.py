@@ -1,4 +1,4 @@
-"""The fleet manifest: its schema, and loading a YAML file with file:line:column errors.
+"""The fleet manifest's schema: what a manifest may say, its defaults and normal forms.
 
 A manifest (``apiVersion: edgebundle/v1``, ``kind: Fleet``) says what every device of
 a fleet runs (``spec.runtime``, ``spec.model``, ``spec.app``, ``spec.sync``), how the
@@ -6,11 +6,11 @@ devices are grouped by labels (``spec.groups``), how a change moves through them
 (``spec.rollout``) and which devices differ (``spec.devices``: a pin to a revision,
 or overrides of parts of the spec). Unknown keys are errors everywhere, because a
 typo in a rollout policy that is silently ignored moves a fleet the wrong way.
+:func:`cross_checks` are the rules that span keys. Reading a file (YAML with
+``file:line:column`` problems) is :mod:`edgebundle.fleet.manifest_file`.
 
-:func:`load_manifest` reads the YAML with PyYAML's composer so every node keeps its
-line and column, validates it, and raises :class:`~edgebundle.errors.ManifestError`
-listing EVERY problem as ``file:line:column: key.path: what is wrong`` (the position
-of the offending key or value; for a missing key, of the mapping that lacks it).
+Why it is over 400 lines: it is one schema (the pydantic models with their
+validators); split, a reader would have to put the manifest back together.
 
 Normal forms (what :meth:`Manifest.revision_spec` and the ``*_json`` helpers give the
 controller and the agent, as plain JSON): durations are seconds (float;
@@ -29,17 +29,12 @@ in as its own ACL user (``fleet provision``), with credentials kept on the devic
 
 from __future__ import annotations
 
-import difflib
 import functools
-import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,12 +42,13 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     model_validator,
 )
 
-from edgebundle.errors import ManifestError, ManifestProblem, UsageError
-from edgebundle.fleet.state import Revision
+from edgebundle.errors import UsageError
+from edgebundle.fleet.documents import Revision
+from edgebundle.fleet.durations import parse_duration
+from edgebundle.fleet.yaml_loader import KeyPath
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.sync.keys import check_id
@@ -64,7 +60,6 @@ BUILTIN_APP = "edgechat"
 PluginVariant = Literal["cpu", "noavx", "cuda-12", "metal"]  # plugins/wasmedge.lock.toml
 Multitask = Literal["enqueue", "reject", "interrupt"]  # edgebundle.sync.models
 
-KeyPath = tuple[str | int, ...]
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _REVISION = re.compile(r"^rev-[0-9a-f]{12}$")
@@ -73,8 +68,6 @@ _PLUGIN_BUILD = re.compile(r"^b\d+$")
 _ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:-]{0,63}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PERCENT = re.compile(r"^(\d+)%$")
 
 
@@ -148,23 +141,6 @@ def _label_value(value: str) -> str:
             f"{value!r} is not a label value: up to 63 letters, digits, '_', '.', ':' or '-'"
         )
     return value
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms`` or a number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or seconds")
-    if isinstance(value, str):
-        text = value.strip()
-        parts = _DURATION_PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or seconds")
-        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a duration: it must be 0 or more")
-    return seconds
 
 
 def _whole_seconds(value: Any) -> int:
@@ -520,281 +496,6 @@ def _builtin_sha256() -> str:
     return load_app_pins(app_pins_file()).app(BUILTIN_APP).sha256
 
 
-# ---- loading with positions -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a manifest, where it is (1-based; None: the whole file)."""
-
-    source: str
-    line: int | None
-    column: int | None
-    path: str  # dotted key path, e.g. spec.rollout.phases[1].percent ("" = the file)
-    message: str
-
-    def __str__(self) -> str:
-        where = self.source if self.line is None else f"{self.source}:{self.line}:{self.column}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"file": self.source, "line": self.line, "column": self.column,
-                "path": self.path, "message": self.message}
-
-
-@dataclass(frozen=True)
-class _Position:
-    value: tuple[int, int]  # where the node starts
-    key: tuple[int, int] | None  # where its key starts (mapping values only)
-    text: str | None = None  # an unquoted scalar as written (0123 is 83 to YAML 1.1)
-
-    @property
-    def anchor(self) -> tuple[int, int]:
-        return self.key or self.value
-
-
-def _mark(mark: yaml.Mark) -> tuple[int, int]:
-    return mark.line + 1, mark.column + 1
-
-
-class _Reader:
-    """YAML node tree -> Python values, remembering each key path's position."""
-
-    def __init__(self, loader: yaml.SafeLoader) -> None:
-        self.loader = loader
-        self.positions: dict[KeyPath, _Position] = {}
-        self.problems: list[tuple[KeyPath, tuple[int, int], str]] = []
-        self._open: set[int] = set()
-
-    def read(self, node: yaml.Node, path: KeyPath, key: yaml.Node | None) -> Any:
-        plain = isinstance(node, yaml.ScalarNode) and node.style is None
-        self.positions[path] = _Position(_mark(node.start_mark),
-                                         _mark(key.start_mark) if key is not None else None,
-                                         str(node.value) if plain else None)
-        if id(node) in self._open:
-            self.problems.append((path, _mark(node.start_mark), "an alias refers to itself"))
-            return None
-        if isinstance(node, yaml.ScalarNode):
-            try:
-                return self.loader.construct_object(node)
-            except (ValueError, TypeError, yaml.YAMLError) as exc:  # e.g. !!int x
-                why = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
-                self.problems.append((path, _mark(node.start_mark),
-                                      f"{node.tag} cannot read {node.value!r}: {why}"))
-                return None
-        self._open.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                return [self.read(item, (*path, i), None) for i, item in enumerate(node.value)]
-            assert isinstance(node, yaml.MappingNode)
-            result: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    self.problems.append((path, _mark(key_node.start_mark),
-                                          "a key must be a plain word, not a list or mapping"))
-                    continue
-                name = str(key_node.value)  # as written: device ids like 1234 stay text
-                if name in result:
-                    self.problems.append(((*path, name), _mark(key_node.start_mark),
-                                          "duplicate key: it was already set above"))
-                result[name] = self.read(value_node, (*path, name), key_node)
-            return result
-        finally:
-            self._open.discard(id(node))
-
-
-def dotted(path: Sequence[str | int]) -> str:
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
-
-
-def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
-    """A validated Manifest from YAML text; ManifestError lists every problem."""
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line, column = _mark(mark) if mark is not None else (1, 1)
-            what = exc.problem or exc.context or "unreadable"
-            if exc.problem and exc.context:
-                opened = exc.context_mark
-                at = f" at {opened.line + 1}:{opened.column + 1}" if opened else ""
-                what += f" ({exc.context}{at})"
-            raise _error(source, [Problem(source, line, column, "",
-                                          f"invalid YAML: {what}")]) from None
-        except yaml.YAMLError as exc:
-            raise _error(source, [Problem(source, 1, 1, "", f"invalid YAML: {exc}")]) from None
-        if node is None:
-            raise _error(source, [Problem(source, 1, 1, "", "the file is empty: a manifest "
-                                          "has apiVersion, kind, metadata and spec")])
-        reader = _Reader(loader)
-        data = reader.read(node, (), None)
-    finally:
-        loader.dispose()
-
-    problems = [Problem(source, line, column, dotted(path), message)
-                for path, (line, column), message in reader.problems]
-    manifest: Manifest | None = None
-    if not isinstance(data, dict):
-        problems.append(Problem(source, *reader.positions[()].value, "",
-                                "a manifest is a mapping with apiVersion, kind, metadata "
-                                "and spec"))
-    else:
-        try:
-            manifest = Manifest.model_validate(data)
-        except ValidationError as exc:
-            problems.extend(_problem(source, reader.positions, error) for error in exc.errors())
-        for path, message in cross_checks(data):
-            position = _find(reader.positions, path)[1]
-            problems.append(Problem(source, *position.value, dotted(path), message))
-    if problems or manifest is None:
-        raise _error(source, problems)
-    manifest._source = source
-    return manifest
-
-
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest file; ManifestError (exit 2) lists every problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise _error(source, [Problem(source, None, None, "",
-                                      f"cannot read the manifest: {reason}")]) from None
-    return parse_manifest(text, source)
-
-
-def _error(source: str, problems: list[Problem]) -> ManifestError:
-    ordered = sorted(problems, key=lambda p: (p.line or 0, p.column or 0, p.path, p.message))
-    return ManifestError("\n".join(str(p) for p in ordered), ordered)
-
-
-def _find(positions: Mapping[KeyPath, _Position],
-          loc: Sequence[str | int]) -> tuple[KeyPath, _Position]:
-    """The deepest prefix of ``loc`` that is in the file, and its position."""
-    path: KeyPath = ()
-    for part in loc:
-        if (*path, part) not in positions:
-            break
-        path = (*path, part)
-    return path, positions[path]
-
-
-def _problem(source: str, positions: Mapping[KeyPath, _Position],
-             error: Mapping[str, Any]) -> Problem:
-    loc: list[str | int] = list(error["loc"])
-    kind = error["type"]
-    on_key = bool(loc) and loc[-1] == "[key]"  # a dict key failed (pydantic's marker)
-    if on_key:
-        loc.pop()
-    found, position = _find(positions, loc)
-    message = _message(error, loc, position.text if found == tuple(loc) else None)
-    if on_key or kind == "extra_forbidden":
-        where = position.anchor
-    elif len(found) < len(loc):  # missing: point at the mapping that lacks the key
-        where = position.anchor
-    else:
-        where = position.value
-    return Problem(source, *where, dotted(loc), message)
-
-
-def _message(error: Mapping[str, Any], loc: Sequence[str | int], written: str | None) -> str:
-    kind, given = error["type"], error.get("input")
-    shown = written if written is not None and not isinstance(given, str) else _yaml_repr(given)
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"unknown key{hint}{listed}"
-    if kind == "value_error":
-        return str(error["ctx"]["error"])
-    if kind == "literal_error":
-        return f"{given!r} is not allowed: use {error['ctx']['expected']}"
-    if kind in ("string_type", "str_type"):
-        return f"expected a string, got {shown}{_quote_hint(given)}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"expected a whole number, got {shown}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"expected a mapping (key: value), got {shown}"
-    if kind == "list_type":
-        return f"expected a list (- item), got {shown}"
-    if kind == "too_short":
-        return "must not be empty"
-    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        return f"{given!r} is out of range: {error['msg'].lower().removeprefix('input ')}"
-    return f"{error['msg']} (got {shown})"
-
-
-def _yaml_repr(value: Any) -> str:
-    if value is None:
-        return "null (nothing)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _quote_hint(value: Any) -> str:
-    if isinstance(value, bool):
-        return " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
-    if isinstance(value, int | float):
-        return " (YAML reads it as a number: quote it)"
-    if value is None:
-        return " (an empty value is null to YAML: write a value or quote it)"
-    return ""
-
-
-def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
-    """The keys the schema allows in the mapping at ``loc`` (for unknown-key hints)."""
-    current: Any = Manifest
-    for part in loc:
-        current = _unwrap(current)
-        origin = get_origin(current)
-        if origin is list and isinstance(part, int) or origin is dict:
-            current = get_args(current)[-1]  # a list's item, a dict's value
-        elif isinstance(current, type) and issubclass(current, BaseModel):
-            field = next((f for n, f in current.model_fields.items()
-                          if (f.alias or n) == part), None)
-            if field is None:
-                return []
-            current = field.annotation
-        else:
-            return []
-    model = _unwrap(current)
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return []
-    return [field.alias or name for name, field in model.model_fields.items()]
-
-
-def _unwrap(annotation: Any) -> Any:
-    """``annotation`` without Annotated[...] and Optional: a model, list[...] or dict[...]."""
-    if get_origin(annotation) in (list, dict) or isinstance(annotation, type):
-        return annotation
-    for arg in get_args(annotation):
-        if arg is type(None):
-            continue
-        found = _unwrap(arg)
-        if get_origin(found) in (list, dict) or (
-            isinstance(found, type) and issubclass(found, BaseModel)
-        ):
-            return found
-    return annotation
-
-
 def cross_checks(data: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
     """Problems that span keys (group references, duplicates, percent order).
 
@@ -851,45 +552,3 @@ def cross_checks(data: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
                              f"{previous[1]}%: percents are cumulative, so each is larger"))
         previous = (index, percent)
     return problems
-
-
-@dataclass(frozen=True)
-class Validation:
-    """The outcome of validating one manifest file (``fleet validate``)."""
-
-    file: str
-    manifest: Manifest | None
-    problems: Sequence[ManifestProblem]
-
-    @property
-    def ok(self) -> bool:
-        return self.manifest is not None and not self.problems
-
-    def summary(self) -> str:
-        if self.manifest is None:
-            return "\n".join(str(p) for p in self.problems)
-        phases = len(self.manifest.spec.rollout.phases)
-        return (f"{self.file}: ok (fleet {self.manifest.name}, {phases} "
-                f"phase{'s' if phases != 1 else ''}, revision {self.manifest.revision_id()})")
-
-    def to_json(self) -> dict[str, Any]:
-        manifest = self.manifest
-        return {
-            "file": self.file,
-            "ok": self.ok,
-            "fleet": manifest.name if manifest else None,
-            "phases": len(manifest.spec.rollout.phases) if manifest else None,
-            "revision": manifest.revision_id() if manifest else None,
-            "errors": [p.to_json() for p in self.problems],
-        }
-
-
-def validate_files(paths: Sequence[str | Path]) -> list[Validation]:
-    """Validate each manifest file; every file is read, whatever the others hold."""
-    results: list[Validation] = []
-    for path in paths:
-        try:
-            results.append(Validation(str(path), load_manifest(path), ()))
-        except ManifestError as exc:
-            results.append(Validation(str(path), None, tuple(exc.problems)))
-    return results

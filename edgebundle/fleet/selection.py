@@ -17,32 +17,24 @@ of the shape in the fleet contract; the manifest schema fills defaults before th
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgebundle.errors import UsageError
+from edgebundle.fleet.durations import parse_duration
 
 SPEC_PARTS = ("runtime", "model", "app", "sync")
 DEFAULT_PHASES: list[dict[str, Any]] = [{"percent": 100}]
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def duration_seconds(value: Any, what: str) -> float:
-    """``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"`` or a number of seconds, as seconds."""
+    """A duration (:func:`edgebundle.fleet.durations.parse_duration`) as seconds; None is 0."""
     if value is None:
         return 0.0
-    if isinstance(value, bool):
-        raise UsageError(f"{what} must be a duration like 30s, 5m or 1h, not {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise UsageError(f"{what} must not be negative (got {value})")
-        return float(value)
-    match = _DURATION.match(str(value))
-    if match is None:
-        raise UsageError(f"{what} must be a duration like 30s, 5m or 1h, not {value!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 def count_or_percent(value: Any, total: int, what: str, *, round_up: bool) -> int:

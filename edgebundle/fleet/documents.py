@@ -10,8 +10,12 @@
 - :class:`ActualState` (per device, written by the agent): the generation it last
   worked on, the revision it runs, its status, attempts, last error and doctor result.
 - :class:`Heartbeat` (per device, with a TTL): the device is online while it exists.
-- :class:`Rollout` (per fleet, written by the controller): where a rollout is, so a
-  controller that restarts continues where the last one stopped.
+- :class:`RolloutState` (per fleet, written by the controller): where a rollout is, so a
+  controller that restarts continues where the last one stopped. (Not the manifest's
+  ``spec.rollout``, :class:`edgebundle.fleet.manifest.Rollout`: that is the policy,
+  kept in this document's ``rollout`` field.)
+- :class:`DeviceView` (not stored): one device's documents as one pass read them, and
+  :data:`Move`, a device's next desired revision and spec.
 
 Field names are the wire format: add fields freely, never rename them.
 """
@@ -148,7 +152,7 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
-class Rollout:
+class RolloutState:
     revision: str  # rolling out to this
     previous: str | None  # what the fleet ran before (the rollback target)
     status: str = "progressing"  # ROLLOUT_STATUSES
@@ -165,7 +169,7 @@ class Rollout:
         return shallow_json(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Rollout:
+    def from_json(cls, data: dict[str, Any]) -> RolloutState:
         status = data.get("status", "progressing")
         if status not in ROLLOUT_STATUSES:
             raise UsageError(f"unknown rollout status {status!r} in Redis")
@@ -176,3 +180,19 @@ class Rollout:
                    deadline_at=float(data.get("deadline_at", 0.0)),
                    rollout=dict(data.get("rollout", {})), groups=list(data.get("groups", [])),
                    pins=dict(data.get("pins", {})), message=str(data.get("message", "")))
+
+
+@dataclass
+class DeviceView:
+    """One device of the fleet as the controller read it in one pass (not stored: the
+    registration, desired, actual and heartbeat documents of one device, together)."""
+
+    id: str
+    labels: dict[str, str]
+    desired: DesiredState | None
+    actual: ActualState | None
+    online: bool
+    unreadable: str | None = None  # why a document could not be read (it is ignored)
+
+
+Move = tuple[DeviceView, Revision, dict[str, Any]]  # a device, its new revision and spec

@@ -1,0 +1,164 @@
+"""The rollout rules as pure functions: plain documents in, moves and the next rollout out.
+
+No Redis and no clock: every test builds the devices as one controller pass would read
+them and passes ``now`` explicitly (the Redis side is in test_fleet_controller.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from edgebundle.fleet import rules
+from edgebundle.fleet.documents import ActualState, DesiredState, DeviceView, Revision, RolloutState
+
+T0 = 1_000_000.0
+OLD = Revision(id="rev-000000000001", fleet="shops", spec={"model": {"name": "a"}})
+NEW = Revision(id="rev-000000000002", fleet="shops", spec={"model": {"name": "b"}})
+REVISIONS = {OLD.id: OLD, NEW.id: NEW}
+CANARY_PHASES: list[dict[str, Any]] = [{"group": "canary"}, {"percent": 100, "after": 30.0}]
+
+
+def rollout(**settings: Any) -> RolloutState:
+    base: dict[str, Any] = {"phases": CANARY_PHASES, "max_unavailable": "100%",
+                            "health": {"window": 20.0, "failure_threshold": 0},
+                            "offline": "wait", "on_failure": "rollback",
+                            "progress_deadline": 600.0}
+    base.update(settings)
+    return RolloutState(revision=NEW.id, previous=OLD.id, phase_started_at=T0, started_at=T0,
+                   deadline_at=T0 + 600.0, rollout=base,
+                   groups=[{"name": "canary", "selector": {"ring": "canary"}}])
+
+
+def device(device_id: str, *, on: Revision = OLD, status: str | None = "healthy",
+           online: bool = True, since: float = T0 - 3600, written: float = T0 - 3600,
+           generation: int = 1) -> DeviceView:
+    ring = "canary" if device_id.startswith("c") else "main"
+    desired = DesiredState(generation=generation, revision=on.id, spec=dict(on.spec),
+                           written_at=written)
+    actual = None if status is None else ActualState(
+        generation=generation, revision=on.id, status=status, doctor_ok=status == "healthy",
+        running_since=since)
+    return DeviceView(id=device_id, labels={"ring": ring}, desired=desired, actual=actual,
+                      online=online)
+
+
+FLEET = [device("c1"), device("d1"), device("d2")]
+
+
+def test_phase_zero_moves_only_the_canary_and_waits_for_it() -> None:
+    decision = rules.decide(rollout(), FLEET, REVISIONS, T0)
+    assert [view.id for view, revision, _ in decision.moves] == ["c1"]
+    assert all(revision is NEW for _, revision, _ in decision.moves)
+    assert decision.counts == {"old": 3}
+    step = decision.after(moved=1)
+    assert step.store is not None and step.store.deadline_at == T0 + 600.0  # the clock restarts
+    assert step.message == "phase 0: waiting for 1 updating and 0 offline device(s)"
+
+
+def test_a_healthy_canary_completes_its_phase_and_the_next_opens_after_its_delay() -> None:
+    fleet = [device("c1", on=NEW, written=T0, since=T0), device("d1"), device("d2")]
+    assert rules.decide(rollout(), fleet, REVISIONS, T0 + 10).states["c1"] == "updating"
+    step = rules.decide(rollout(), fleet, REVISIONS, T0 + 20).after(moved=0)
+    assert step.store is not None
+    assert (step.store.phase, step.store.phase_started_at, step.store.message) == (
+        1, T0 + 20, "phase 0 complete")
+    assert step.store.deadline_at == T0 + 20 + 30 + 600  # after + progress_deadline
+
+    opened = step.store
+    waiting = rules.decide(opened, fleet, REVISIONS, T0 + 40)
+    assert waiting.moves == []
+    assert waiting.after(moved=0).message == "phase 1 opens in 10s"
+    later = rules.decide(opened, fleet, REVISIONS, T0 + 50)
+    assert [view.id for view, _, _ in later.moves] == ["d1", "d2"]
+
+
+def test_max_unavailable_counts_devices_already_updating() -> None:
+    fleet = [device(f"d{n}") for n in range(5)]
+    fleet[0] = device("d0", on=NEW, status="applying", written=T0)
+    decided = rules.decide(rollout(phases=[{"percent": 100}], max_unavailable=2), fleet,
+                           REVISIONS, T0 + 1)
+    assert [view.id for view, _, _ in decided.moves] == ["d1"]
+
+
+def test_failures_above_the_threshold_roll_back_or_freeze() -> None:
+    fleet = [device("c1", on=NEW, status="failed", written=T0 + 1), device("d1")]
+    decided = rules.decide(rollout(), fleet, REVISIONS, T0 + 5)
+    assert decided.moves == []
+    step = decided.after(moved=0)
+    assert step.rollback and step.message.startswith("1 device(s) failed in phase 0")
+
+    frozen = rules.decide(rollout(on_failure="freeze"), fleet, REVISIONS, T0 + 5).after(0)
+    assert not frozen.rollback and frozen.store is not None
+    assert frozen.store.status == "frozen"
+
+    first = replace(rollout(), previous=None)
+    nothing = rules.decide(first, fleet, REVISIONS, T0 + 5).after(0)
+    assert nothing.store is not None and nothing.store.status == "frozen"
+    assert nothing.message.endswith("nothing to roll back to (first revision of the fleet): frozen")
+
+
+def test_a_failure_from_before_this_rollout_is_tried_again() -> None:
+    fleet = [device("c1", on=NEW, status="failed", written=T0 - 10)]
+    decided = rules.decide(rollout(), fleet, REVISIONS, T0)
+    assert decided.states == {"c1": "old"}
+    assert [view.id for view, _, _ in decided.moves] == ["c1"]
+
+
+def test_the_progress_deadline_fails_only_on_online_devices_stuck_without_progress() -> None:
+    stuck = [device("c1", on=NEW, status="applying", written=T0)]
+    late = T0 + 601
+    step = rules.decide(rollout(on_failure="freeze"), stuck, REVISIONS, late).after(0)
+    assert step.store is not None and step.store.status == "failed"
+    assert step.message.startswith("progress deadline passed in phase 0: 1 device(s)")
+
+    offline = [device("c1", on=NEW, status="applying", written=T0, online=False)]
+    waiting = rules.decide(rollout(on_failure="freeze"), offline, REVISIONS, late).after(0)
+    assert waiting.store is not None and waiting.store.status == "progressing"
+    assert waiting.store.deadline_at == late + 600  # waiting for offline devices restarts it
+
+
+def test_offline_skip_does_not_wait_for_offline_devices() -> None:
+    fleet = [device("c1", on=NEW, written=T0, since=T0), device("c2", online=False)]
+    wait = rules.decide(rollout(), fleet, REVISIONS, T0 + 30).after(0)
+    assert wait.message == "phase 0: waiting for 0 updating and 1 offline device(s)"
+    skip = rules.decide(rollout(offline="skip"), fleet, REVISIONS, T0 + 30).after(0)
+    assert skip.store is not None and skip.store.phase == 1
+
+
+def test_pins_move_pinned_devices_and_keep_them_out_of_the_rollout() -> None:
+    pinned = replace(rollout(), pins={"d1": {"pin": OLD.id}, "d2": {"pin": "rev-00000000dead"}})
+    fleet = [device("c1"), device("d1", on=NEW), device("d2")]
+    decided = rules.decide(pinned, fleet, REVISIONS, T0)
+    assert [(view.id, revision.id) for view, revision, _ in decided.pins] == [("d1", OLD.id)]
+    assert decided.missing_pins == {"d2": "rev-00000000dead"}
+    assert decided.states == {"c1": "old", "d1": "pinned", "d2": "pinned"}
+
+
+def test_a_complete_rollout_moves_stragglers_and_a_missing_target_decides_nothing() -> None:
+    done = replace(rollout(), status="complete")
+    fleet = [device("c1", on=NEW, since=T0), device("d1")]
+    decided = rules.decide(done, fleet, REVISIONS, T0 + 100)
+    assert [view.id for view, _, _ in decided.moves] == ["d1"]
+    assert decided.after(moved=1).message == "complete; moved 1 straggler(s)"
+
+    missing = rules.decide(done, fleet, {OLD.id: OLD}, T0)
+    assert missing.moves == [] and missing.pins == []
+    assert missing.after(0).message == f"revision {NEW.id} is missing from Redis: apply again"
+
+
+def test_rollback_moves_every_unpinned_device_on_the_target() -> None:
+    pinned = replace(rollout(), pins={"d2": {"pin": NEW.id}})
+    fleet = [device("c1", on=NEW), device("d1"), device("d2", on=NEW)]
+    moves = rules.rollback_moves(pinned, fleet, OLD)
+    assert [(view.id, revision.id) for view, revision, _ in moves] == [("c1", OLD.id)]
+
+
+def test_a_new_rollout_takes_the_last_completed_revision_as_previous() -> None:
+    started = rules.new_rollout({"rollout": {"progress_deadline": 60.0,
+                                             "phases": [{"percent": 100, "after": "1m"}]}},
+                                T0, NEW.id, rules.previous_of(None, NEW.id))
+    assert (started.previous, started.deadline_at) == (None, T0 + 60 + 60)
+    complete = replace(rollout(), status="complete")
+    assert rules.previous_of(complete, "rev-000000000003") == NEW.id
+    assert rules.previous_of(replace(rollout(), status="rolled_back"), NEW.id) == OLD.id
