@@ -117,15 +117,20 @@ class ThreadSync(Protocol):
                ) -> AsyncIterator[RunEvent]: ...
 
 
+_DEFAULTS = SyncSettings()  # the defaults are SyncSettings' own, written there once
+
+
 class SyncService:
     """The sync core over ``redis``; ``blocking``: a client of its own for the blocking
     reads of readers and queued runs (see :class:`~edgebundle.sync.backend.Backend`),
     default ``redis``. :meth:`aclose` closes both."""
 
     def __init__(self, redis: Client, *, blocking: Client | None = None,
-                 session_ttl: int = 1800, lease_ms: int = 30000,
-                 renew_ms: int = 10000, delta_batch_ms: int = 20, delta_batch_chars: int = 256,
-                 retry_after: int = 3) -> None:
+                 session_ttl: int = _DEFAULTS.session_ttl, lease_ms: int = _DEFAULTS.lease_ms,
+                 renew_ms: int = _DEFAULTS.renew_ms,
+                 delta_batch_ms: int = _DEFAULTS.delta_batch_ms,
+                 delta_batch_chars: int = _DEFAULTS.delta_batch_chars,
+                 retry_after: int = _DEFAULTS.retry_after) -> None:
         self.settings = SyncSettings(
             session_ttl=session_ttl, lease_ms=lease_ms, renew_ms=renew_ms,
             delta_batch_ms=delta_batch_ms, delta_batch_chars=delta_batch_chars,
