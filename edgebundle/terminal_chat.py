@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import json
 import os
 import random
@@ -52,6 +51,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from edgebundle.config import Settings, local_gateway_url
+from edgebundle.device_ids import kept_device_id
 from edgebundle.errors import ConfigError, GatewayError
 from edgebundle.sync import keys
 from edgebundle.sync.models import Message, Run, SyncState
@@ -85,19 +85,9 @@ def check_server(url: str) -> str:
 
 
 def chat_device_id(settings: Settings) -> str:
-    """The configured device id, else the chat's own, made once and kept in the state dir."""
-    if settings.device_id:
-        return keys.check_id("device", settings.device_id)
-    path = settings.layout.state / CHAT_DEVICE_FILE
-    with contextlib.suppress(OSError):
-        kept = path.read_text().strip()
-        if kept:
-            return keys.check_id("device", kept)
-    made = f"chat-{secrets.token_hex(6)}"
-    with contextlib.suppress(OSError):  # a read-only home: an id for this session only
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(made + "\n")
-    return made
+    """The configured device id, else the chat's own, made once and kept in the state dir
+    (a read-only home: an id for this session only)."""
+    return kept_device_id(settings, CHAT_DEVICE_FILE, "chat", unkept_ok=True)
 
 
 def chat_options(settings: Settings, *, server: str | None, thread_id: str | None,
