@@ -47,26 +47,34 @@ class _OwnIds:
     EventSource keeps it (an event without ``id:`` repeats the one before). Callers
     here need to know which events are resume points (a run's events are; ``sync``
     and ``error`` are not), so an id equal to the previous one is taken as none: the
-    gateway's ids are Redis stream ids, never twice in one stream."""
+    gateway's ids are Redis stream ids, never twice in one stream.
+
+    Also, httpx-sse dispatches a block without ``data:`` (a ``: keep-alive`` comment
+    once an id was seen) as an empty ``message`` event; the spec dispatches no event
+    for it, and neither does this reader (:meth:`__call__` gives None)."""
 
     def __init__(self) -> None:
         self._previous = ""
 
-    def __call__(self, sse: ServerSentEvent) -> Event:
+    def __call__(self, sse: ServerSentEvent) -> Event | None:
         own = sse.id if sse.id and sse.id != self._previous else None
         self._previous = sse.id
-        return Event(own, sse.event or "message", json.loads(sse.data) if sse.data else None)
+        if not sse.data:
+            return None
+        return Event(own, sse.event or "message", json.loads(sse.data))
 
 
 def iter_events(response: httpx.Response) -> Iterator[Event]:
     """The events of a streamed ``text/event-stream`` response (comments skipped)."""
     own = _OwnIds()
     for sse in EventSource(response).iter_sse():
-        yield own(sse)
+        if (event := own(sse)) is not None:
+            yield event
 
 
 async def aiter_events(response: httpx.Response) -> AsyncIterator[Event]:
     """:func:`iter_events` of an async response."""
     own = _OwnIds()
     async for sse in EventSource(response).aiter_sse():
-        yield own(sse)
+        if (event := own(sse)) is not None:
+            yield event
