@@ -62,14 +62,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,6 +81,7 @@ from edgebundle.config import Settings, load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine
 from edgebundle.serving import launch_spec
+from edgebundle.sse import aiter_events
 from edgebundle.templates import Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,28 +143,12 @@ class Direct:
         await self.engine.stop()
 
 
-def sse(lines: list[str]) -> dict[str, Any] | None:
-    """One SSE event from its lines (None for a comment-only block)."""
-    event: dict[str, Any] = {}
-    for line in lines:
-        name, _, value = line.partition(": ")
-        event[name] = value
-    if "data" not in event:
-        return None
-    event["data"] = json.loads(event["data"])
-    return event
-
-
-async def read_events(response: httpx.Response) -> Any:
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line:
-            lines.append(line)
-            continue
-        event = sse(lines)
-        lines = []
-        if event is not None:
-            yield event
+async def read_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The SSE events of ``response`` (:func:`edgebundle.sse.aiter_events`) as
+    {"id", "event", "data"} each, "id" only on an event that has its own."""
+    async for event in aiter_events(response):
+        yield {**({"id": event.id} if event.id is not None else {}),
+               "event": event.type, "data": event.data}
 
 
 RUN_ENDS = ("run.completed", "run.failed", "run.cancelled", "error")

@@ -26,9 +26,7 @@ by the revision (``spec.runtime.archives``) or the shipped lock.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -49,6 +47,7 @@ from edgebundle.download import (
     sha256_file,
 )
 from edgebundle.errors import ChecksumMismatchError, DownloadError, InstallError, UsageError
+from edgebundle.files import write_text as write_atomic
 from edgebundle.pins import (
     RELEASE_SHA256SUM,
     AppPins,
@@ -209,7 +208,7 @@ def build_bundle(
     if wheels:
         files.update(_build_wheels(project, dest / WHEELS, log))
     manifest = BundleManifest(root=dest, created=stamp, edgebundle_version=__version__, files=files)
-    _write_atomic(dest / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
+    write_atomic(dest / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
     log(f"bundle written to {dest}: {len(files)} files")
     return manifest
 
@@ -310,17 +309,7 @@ def _write_pins_copy(
         "# this bundle (trust on first use); sha256_origin says which.\n"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(target, header + dump_toml(data))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(target, header + dump_toml(data))
 
 
 def _project_dir() -> Path:

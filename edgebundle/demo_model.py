@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgebundle import files
+
 SPECIAL_TOKENS = (
     "<unk>",
     "<s>",
@@ -175,7 +177,6 @@ def demo_model_path(models_dir: Path) -> Path:
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
     path = models_dir / f"edgebundle-demo-{digest}.gguf"
     if not path.exists():
-        tmp = path.with_suffix(".gguf.tmp")
-        write_scripted_model(tmp, spec)
-        tmp.replace(path)
+        with files.replacing(path) as tmp:  # two first uses at once: one whole file wins
+            write_scripted_model(tmp, spec)
     return path

@@ -36,7 +36,6 @@ import hashlib
 import http.client
 import os
 import re
-import secrets
 import shutil
 import socket
 import ssl
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import IO, TextIO
 from urllib.parse import unquote, urlsplit
 
-from edgebundle import __version__
+from edgebundle import __version__, files
 from edgebundle.errors import (
     ChecksumMismatchError,
     ChecksumSourceError,
@@ -314,16 +313,12 @@ def _verify_and_place(
             "discarded (check the pin, or the mirror serving this URL)"
         )
     size = part.stat().st_size
-    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
-    try:
+    with files.replacing(dest) as tmp:
         try:
             os.replace(part, tmp)
         except OSError:  # another file system: copy, then drop the partial file
             shutil.copyfile(part, tmp)
             part.unlink()
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Fetched(path=dest, sha256=actual, size=size, resumed_from=resumed_from)
 
 
@@ -335,11 +330,10 @@ def _copy(source: Path, dest: Path, sha256: str | None, progress: Progress | Non
         raise DownloadError(f"{source}: file not found") from None
     except OSError as exc:
         raise DownloadError(f"{source}: cannot read ({exc.strerror})") from None
-    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
     digest = hashlib.sha256()
-    try:
-        with reader, tmp.open("wb") as writer:
-            done = 0
+    done = 0
+    with reader, files.replacing(dest) as tmp:  # a mismatch below: dest is left as it was
+        with tmp.open("wb") as writer:
             while chunk := reader.read(CHUNK):
                 writer.write(chunk)
                 digest.update(chunk)
@@ -352,9 +346,6 @@ def _copy(source: Path, dest: Path, sha256: str | None, progress: Progress | Non
                 f"{source}: sha256 mismatch: expected {sha256}, got {actual}; the file was "
                 "not used (the bundle is damaged or was altered: rebuild it)"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Fetched(path=dest, sha256=actual, size=done)
 
 

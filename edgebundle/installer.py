@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgebundle import resources
+from edgebundle import files, resources
 from edgebundle.bundle import Bundle, open_bundle
 from edgebundle.download import (
     Log,
@@ -645,15 +645,10 @@ def _switch_current(layout: Layout, name: str) -> None:
     current = layout.runtime_current
     if current.exists() and not current.is_symlink():
         raise InstallError(f"{current} is a directory, not a link; move it away and retry")
-    tmp = layout.runtime_root / f".current-{secrets.token_hex(4)}"
     try:
-        os.symlink(name, tmp)  # relative, so the home can be moved
-        os.replace(tmp, current)
+        files.switch_link(current, name)  # relative, so the home can be moved
     except OSError as exc:
         raise InstallError(f"cannot switch {current} to {name}: {exc}") from None
-    finally:
-        if tmp.is_symlink():
-            tmp.unlink()
 
 
 def _current_name(layout: Layout) -> str | None:
@@ -680,13 +675,7 @@ def write_env_file(layout: Layout) -> Path:
     else:
         lines.append("# no WasmEdge installed: edgebundle uses its embedded runtime")
     lines.append(_prepend("PATH", os.pathsep.join(prefix)))
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = home / f".env.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, layout.env_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_text(layout.env_file, "\n".join(lines) + "\n")
     return layout.env_file
 
 

@@ -30,21 +30,22 @@ The device id of the chat is ``--device-id``, else the configured ``device_id``
 (``EDGEBUNDLE_DEVICE_ID`` or config.toml), else one made on first use
 (``chat-<hex>``) and kept in ``<home>/state/chat-device-id``: the chat is a device
 of its own, apart from the gateway it talks to.
+
+This module is the terminal (lines in, text out, Ctrl-C) and what it shows; the HTTP
+of the gateway is :class:`~edgebundle.gateway_client.GatewayClient`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
-import json
 import os
 import random
 import secrets
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -52,17 +53,24 @@ from urllib.parse import urlsplit
 import httpx
 
 from edgebundle.config import Settings, local_gateway_url
+from edgebundle.device_ids import kept_device_id
 from edgebundle.errors import ConfigError, GatewayError
+from edgebundle.gateway_client import (
+    Dropped,
+    EpochMoved,
+    Events,
+    GatewayClient,
+    Gone,
+    reason,
+)
+from edgebundle.sse import Event
 from edgebundle.sync import keys
 from edgebundle.sync.models import Message, Run, SyncState
 from edgebundle.sync.replica import Replica
 
 CHAT_DEVICE_FILE = "chat-device-id"
-STREAM_READ_TIMEOUT = 60.0  # s; the watch sends a keep-alive every 15 s, a silent run
-# stream is simply rejoined from its last event id (nothing is lost or repeated)
 BACKOFF_FIRST = 0.2  # s, doubled per failed attempt up to BACKOFF_MAX, with jitter
 BACKOFF_MAX = 5.0
-_RETRY_STATUSES = {502, 503, 504}  # a gateway restarting, or its Redis away for a moment
 LINK_POLL_INTERVAL = 3.0  # s between looks at the gateway's /healthz (its central link)
 
 
@@ -85,19 +93,9 @@ def check_server(url: str) -> str:
 
 
 def chat_device_id(settings: Settings) -> str:
-    """The configured device id, else the chat's own, made once and kept in the state dir."""
-    if settings.device_id:
-        return keys.check_id("device", settings.device_id)
-    path = settings.layout.state / CHAT_DEVICE_FILE
-    with contextlib.suppress(OSError):
-        kept = path.read_text().strip()
-        if kept:
-            return keys.check_id("device", kept)
-    made = f"chat-{secrets.token_hex(6)}"
-    with contextlib.suppress(OSError):  # a read-only home: an id for this session only
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(made + "\n")
-    return made
+    """The configured device id, else the chat's own, made once and kept in the state dir
+    (a read-only home: an id for this session only)."""
+    return kept_device_id(settings, CHAT_DEVICE_FILE, "chat", unkept_ok=True)
 
 
 def chat_options(settings: Settings, *, server: str | None, thread_id: str | None,
@@ -196,85 +194,7 @@ class Console:
         self.err.flush()
 
 
-# -- the gateway over HTTP ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SseEvent:
-    id: str | None
-    type: str
-    data: dict[str, Any]
-
-
-class _Dropped(Exception):
-    """A stream or request failed in a way worth retrying (connection, 5xx, cut short)."""
-
-
-class _EpochMoved(Exception):
-    """The gateway has the thread under another epoch than the replica's (409)."""
-
-
-async def read_sse(response: httpx.Response) -> AsyncIterator[SseEvent]:
-    """The events of a ``text/event-stream`` response (comments skipped)."""
-    fields: dict[str, str] = {}
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:
-            if data or fields:
-                payload = json.loads("\n".join(data)) if data else {}
-                yield SseEvent(fields.get("id"), fields.get("event", "message"),
-                               payload if isinstance(payload, dict) else {})
-            fields, data = {}, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            data.append(value)
-        else:
-            fields[name] = value
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        return str(body.get("message") or body.get("error") or body)
-    except (ValueError, AttributeError):
-        return response.text.strip()[:200] or f"HTTP {response.status_code}"
-
-
-def _epoch_moved(response: httpx.Response) -> bool:
-    if response.status_code != 409:
-        return False
-    try:
-        return bool(response.json().get("error") == "epoch_mismatch")
-    except (ValueError, AttributeError):
-        return False
-
-
-async def _read_error(response: httpx.Response) -> None:
-    """Read the body of a streamed request's error answer, so that its text can be told."""
-    if response.status_code >= 400:
-        await response.aread()
-
-
-def _refused(server: str, response: httpx.Response) -> GatewayError:
-    if response.status_code == 401:
-        return GatewayError(f"the gateway at {server} needs an API key: set "
-                            "EDGEBUNDLE_API_KEY (or api_key in config.toml) to its key")
-    if response.status_code == 404 and response.request.url.path == "/v1/threads":
-        return GatewayError(f"{server} does not serve the sync API: is it an "
-                            "`edgebundle run` gateway? (pass --server URL)")
-    return GatewayError(f"the gateway at {server} refused the request "
-                        f"(HTTP {response.status_code}): {_error_text(response)}")
-
-
-def _check(server: str, response: httpx.Response) -> None:
-    if response.status_code in _RETRY_STATUSES:
-        raise _Dropped(f"HTTP {response.status_code}: {_error_text(response)}")
-    if response.status_code >= 400:
-        raise _refused(server, response)
+# -- retrying ---------------------------------------------------------------------
 
 
 async def _backoff(attempt: int) -> None:
@@ -306,7 +226,7 @@ class TerminalChat:
                  http: httpx.AsyncClient) -> None:
         self.options = options
         self.console = console
-        self.http = http
+        self.gateway = GatewayClient(http, options.server)
         self.replica: Replica | None = None
         self._printed: dict[str, str] = {}  # message id -> the text of it shown so far
         self._finished: set[str] = set()  # messages shown to their end
@@ -326,9 +246,6 @@ class TerminalChat:
         assert self.replica is not None, "join first"
         return self.replica
 
-    def _path(self, *parts: str) -> str:
-        return "/".join(("/v1/threads", self.thread.thread_id, *parts))
-
     async def join(self) -> None:
         """Create or join the thread and print its history (one clear error if the
         gateway cannot be reached)."""
@@ -340,15 +257,7 @@ class TerminalChat:
 
     async def _join(self) -> None:
         server = self.options.server
-        body = {} if self.options.thread_id is None else {"id": self.options.thread_id}
-        try:
-            response = await self.http.post("/v1/threads", json=body)
-        except httpx.TransportError as exc:
-            raise GatewayError(f"cannot reach the gateway at {server} ({_reason(exc)}): "
-                               "start it with `edgebundle run`, or pass --server URL") from None
-        if response.status_code >= 400:
-            raise _refused(server, response)
-        state = SyncState.from_json(response.json())
+        state = await self.gateway.join(self.options.thread_id)
         self.replica = Replica(state.id)
         self.thread.apply_sync(state)
         self.console.write(f"thread {state.id} on {server} (this device: "
@@ -437,15 +346,12 @@ class TerminalChat:
             self._reply = None
 
     async def _cancel(self, run_id: str, content_seen: str | None) -> None:
-        body: dict[str, Any] = {"device_id": self.options.device_id}
-        if content_seen is not None:
-            body["content_seen"] = content_seen
         for attempt in range(5):
             try:
-                response = await self.http.post(self._path("runs", run_id, "cancel"), json=body)
-                _check(self.options.server, response)
+                await self.gateway.cancel(self.thread.thread_id, run_id,
+                                          self.options.device_id, content_seen)
                 return
-            except (httpx.TransportError, _Dropped):
+            except (httpx.TransportError, Dropped):
                 await _backoff(attempt)
             except GatewayError as exc:
                 self.console.note(f"could not stop the reply: {exc}")
@@ -532,25 +438,20 @@ class TerminalChat:
             # sync brings only what the replica lacks.
             body["epoch"], body["since"] = self.thread.cursor
             try:
-                async with self.http.stream("POST", self._path("runs"), json=body,
-                                            timeout=_stream_timeout()) as response:
-                    await _read_error(response)
-                    if _epoch_moved(response):
-                        raise _EpochMoved
-                    _check(self.options.server, response)
+                async with self.gateway.start_run(self.thread.thread_id, body) as events:
                     self._back_online()
-                    await self._show_events(response, reply)
+                    await self._show_events(events, reply)
                     if reply.done:
                         return
-                    raise _Dropped("the reply stream ended early")
-            except _EpochMoved:
+                    raise Dropped("the reply stream ended early")
+            except EpochMoved:
                 attempt += 1
                 try:
                     await self._sync_in_full()
-                except (httpx.TransportError, _Dropped) as exc:
+                except (httpx.TransportError, Dropped) as exc:
                     self._dropped(exc)
                 await _backoff(attempt)
-            except (httpx.TransportError, _Dropped) as exc:
+            except (httpx.TransportError, Dropped) as exc:
                 self._dropped(exc)
                 if reply.run_id is None:
                     attempt += 1
@@ -559,9 +460,7 @@ class TerminalChat:
 
     async def _sync_in_full(self) -> None:
         """The whole thread as the gateway has it now, in place of the replica's copy."""
-        response = await self.http.get(self._path())
-        _check(self.options.server, response)
-        self.thread.apply_sync(SyncState.from_json(response.json()))
+        self.thread.apply_sync(await self.gateway.thread(self.thread.thread_id))
         self._changed.set()
 
     async def _follow_elsewhere(self, run: Run) -> None:
@@ -574,34 +473,28 @@ class TerminalChat:
         assert reply.run_id is not None
         attempt = 0
         while not reply.done:
-            headers = {"Last-Event-ID": reply.last_event_id} if reply.last_event_id else {}
             try:
-                async with self.http.stream("GET", self._path("runs", reply.run_id, "events"),
-                                            headers=headers,
-                                            timeout=_stream_timeout()) as response:
-                    await _read_error(response)
-                    if response.status_code == 404:  # the thread expired meanwhile
-                        self.console.note(f"the reply is gone: {_error_text(response)}")
-                        return
-                    _check(self.options.server, response)
+                async with self.gateway.run_events(self.thread.thread_id, reply.run_id,
+                                                   after=reply.last_event_id) as events:
                     self._back_online()
                     attempt = 0
-                    await self._show_events(response, reply)
+                    await self._show_events(events, reply)
                     if not reply.done:
-                        raise _Dropped("the reply stream ended early")
-            except (httpx.TransportError, _Dropped) as exc:
+                        raise Dropped("the reply stream ended early")
+            except Gone as exc:  # the thread expired meanwhile
+                self.console.note(f"the reply is gone: {exc}")
+                return
+            except (httpx.TransportError, Dropped) as exc:
                 self._dropped(exc)
                 attempt += 1
                 await _backoff(attempt)
 
-    async def _show_events(self, response: httpx.Response, reply: _Reply) -> None:
-        async for event in read_sse(response):
+    async def _show_events(self, events: Events, reply: _Reply) -> None:
+        async for event in events:
             if event.type == "sync":  # a turn's opening: what others did since our cursor
                 self.thread.apply_sync(SyncState.from_json(event.data))
                 self._changed.set()
                 continue
-            if event.type == "error":  # the gateway lost Redis (or the thread) mid-stream
-                raise _Dropped(str(event.data.get("message", "stream error")))
             self.thread.apply_event(event.type, event.data)
             if event.id is not None:
                 reply.last_event_id = event.id
@@ -610,7 +503,7 @@ class TerminalChat:
                 reply.done = True
                 return
 
-    def _on_event(self, event: SseEvent, reply: _Reply) -> None:
+    def _on_event(self, event: Event, reply: _Reply) -> None:
         data = event.data
         if event.type.startswith("run."):
             run = Run.from_json(data["run"])
@@ -632,7 +525,7 @@ class TerminalChat:
                 return  # Ctrl-C: its final copy (= what was printed) still comes
         self._show(message)
 
-    def _ended(self, run: Run, event: SseEvent, reply: _Reply) -> None:
+    def _ended(self, run: Run, event: Event, reply: _Reply) -> None:
         if event.type == "run.failed":
             self.console.end_line()
             self.console.note(f"the reply failed: {event.data.get('error') or 'no reason given'}")
@@ -647,25 +540,20 @@ class TerminalChat:
         """Keep the replica up to date while the chat runs; rejoin after a drop."""
         attempt = 0
         while True:
+            epoch, since = self.thread.cursor
             try:
-                async with self.http.stream("GET", self._path("watch"),
-                                            params=_cursor(self.thread),
-                                            timeout=_stream_timeout()) as response:
-                    await _read_error(response)
-                    if response.status_code == 404:
-                        self.console.note(f"the thread is gone: {_error_text(response)}")
-                        return
-                    _check(self.options.server, response)
-                    async for event in read_sse(response):
-                        if event.type == "error":
-                            raise _Dropped(str(event.data.get("message", "stream error")))
+                async with self.gateway.watch(self.thread.thread_id, epoch, since) as events:
+                    async for event in events:  # an ``error`` event is Dropped
                         if event.type == "sync":
                             self._back_online()
                             attempt = 0
                             self.thread.apply_sync(SyncState.from_json(event.data))
                             self._changed.set()
-                    raise _Dropped("the watch stream ended")
-            except (httpx.TransportError, _Dropped, GatewayError) as exc:
+                    raise Dropped("the watch stream ended")
+            except Gone as exc:
+                self.console.note(f"the thread is gone: {exc}")
+                return
+            except (httpx.TransportError, Dropped, GatewayError) as exc:
                 self._dropped(exc)
                 attempt += 1
                 await _backoff(attempt)
@@ -677,8 +565,9 @@ class TerminalChat:
         A client of its own: /healthz needs no key, and the chat's connections stay
         the chat's (a poll never holds one a turn or a stream would use)."""
         async with httpx.AsyncClient(base_url=self.options.server, timeout=5.0) as probe:
+            gateway = GatewayClient(probe, self.options.server)
             while True:
-                self._note_link(await _device_link(probe))
+                self._note_link(await gateway.sync_link())
                 await asyncio.sleep(LINK_POLL_INTERVAL)
 
     def _note_link(self, link: dict[str, Any] | None) -> None:
@@ -701,38 +590,13 @@ class TerminalChat:
     def _dropped(self, exc: Exception) -> None:
         if not self._offline_noted:
             self.console.note(f"lost the connection to {self.options.server} "
-                              f"({_reason(exc)}); reconnecting")
+                              f"({reason(exc)}); reconnecting")
             self._offline_noted = True
 
     def _back_online(self) -> None:
         if self._offline_noted:
             self.console.note(f"reconnected to {self.options.server}")
             self._offline_noted = False
-
-
-async def _device_link(probe: httpx.AsyncClient) -> dict[str, Any] | None:
-    """``sync`` of the gateway's /healthz; None if it has none or does not answer (the
-    chat's streams note a gateway that is away)."""
-    try:
-        response = await probe.get("/healthz")
-        sync = response.json().get("sync") if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None
-    return sync if isinstance(sync, dict) else None
-
-
-def _cursor(replica: Replica) -> dict[str, str | int]:
-    epoch, version = replica.cursor
-    return {"epoch": epoch or "", "since": version}
-
-
-def _stream_timeout() -> httpx.Timeout:
-    return httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT)
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text or type(exc).__name__
 
 
 def _client(options: ChatOptions) -> httpx.AsyncClient:

@@ -16,7 +16,6 @@ cancels its generation (the engine stops the guest and moves on).
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edgebundle import sse
 from edgebundle.chat import ChatService, Finished, TextDelta, Usage
 from edgebundle.engine import Engine
 from edgebundle.errors import UsageError
@@ -140,7 +140,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
         if parsed.stream:
             return StreamingResponse(
                 _stream(completion, parsed, first, events),
-                media_type="text/event-stream",
+                media_type=sse.MEDIA_TYPE,
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await _whole(completion, first, events)
@@ -228,25 +228,23 @@ async def _stream(
     """SSE: the role, the content deltas, the finish reason, (usage), then [DONE]."""
     usage = request.include_usage
     async with aclosing(events):
-        yield _sse(completion.chunk({"role": "assistant", "content": ""}, include_usage=usage))
+        opening = {"role": "assistant", "content": ""}
+        yield sse.encode(completion.chunk(opening, include_usage=usage))
         event: TextDelta | Finished | None = first
         while event is not None:
             if isinstance(event, Finished):
                 if event.reason == "error":
                     # Text already sent stays; the client learns the reply broke off.
-                    yield _sse(error_body(event.detail or "generation failed", "server_error"))
+                    detail = event.detail or "generation failed"
+                    yield sse.encode(error_body(detail, "server_error"))
                 else:
-                    yield _sse(completion.chunk({}, event.reason, include_usage=usage))
+                    yield sse.encode(completion.chunk({}, event.reason, include_usage=usage))
                     if usage:
-                        yield _sse(completion.usage_chunk(event.usage))
+                        yield sse.encode(completion.usage_chunk(event.usage))
                 break
-            yield _sse(completion.chunk({"content": event.text}, include_usage=usage))
+            yield sse.encode(completion.chunk({"content": event.text}, include_usage=usage))
             event = await anext(events, None)
-    yield "data: [DONE]\n\n"
-
-
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+    yield sse.frame("[DONE]")  # OpenAI's end: not JSON
 
 
 def _failed(finished: Finished) -> Response:

@@ -1,40 +1,56 @@
 """``GET /metrics``: the gateway's Prometheus metrics, in the text exposition format 0.0.4.
 
-Hand-written on purpose (a device should not need another runtime dependency for a
-few counters): :class:`Counter`, :class:`Gauge` and :class:`Histogram` keep labelled
-values, :class:`GatewayMetrics` owns the gateway's metrics and renders them.
+Built on prometheus_client, each app with its own :class:`CollectorRegistry` (a
+process may serve several apps, tests build many: the global registry would mix
+them and refuse a second registration of the same name).
 
 Two kinds of values:
 
 - observed as they happen, by :class:`MetricsMiddleware` (outermost, so a request
   refused for its API key counts too): HTTP requests by route *template* (never the
   raw path: a thread id in a label would grow the series without bound), method and
-  status; request durations by route; SSE streams open.
+  status; request durations by route; SSE streams open. These are the library's
+  Counter, Histogram and Gauge.
 - read at scrape time from what already counts them (:meth:`GatewayMetrics.collect`):
   the engine (ready, guest restarts, tokens), this device's run generator (runs by
   final status, runs whose prompt left out older messages and how many) and a PING of
-  the sync Redis with a short timeout.
+  the sync Redis with a short timeout. The gauges among them are the library's Gauge;
+  the counters are :class:`Totals`, see there why.
 
-Everything is single-threaded on the event loop, so no locks.
+Everything is single-threaded on the event loop, so no locks of our own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector as PrometheusCollector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from edgebundle.sync.replication import ReplicationStatus
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The 0.0.4 text format, as /metrics always answered (scrapers and the OpenAPI
+# document say 0.0.4; the library's latest is a newer version).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 # Prometheus' default buckets, plus long ones: a streamed reply lasts seconds to minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
@@ -43,132 +59,38 @@ UNMATCHED = "unmatched"  # the route label of a path no route serves
 # HTTP allows any token as a method: others share one label, so labels stay bounded.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-Labels = tuple[str, ...]
+# No ``*_created`` series: /metrics exposes the same series it always did (the library's
+# documented switch; it is process-wide, and nothing else here uses the library).
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class Totals(PrometheusCollector):
+    """A counter whose totals are counted elsewhere (the engine, the run generator) and
+    taken at scrape time with :meth:`set_total`.
 
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    pairs = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
-    return "{" + pairs + "}"
-
-
-class _Metric:
-    kind = ""
+    Hand-written on purpose: prometheus_client's :class:`~prometheus_client.Counter`
+    only moves by ``inc()`` from inside this process, so a total owned by another part
+    is exposed the way the library documents for that, a custom collector yielding a
+    :class:`~prometheus_client.core.CounterMetricFamily`.
+    """
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name = name
+        self.name = name.removesuffix("_total")  # the family adds it to the sample
         self.help = help_text
         self.label_names = tuple(labels)
-
-    def _key(self, labels: Sequence[str]) -> Labels:
-        if len(labels) != len(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
-        return tuple(labels)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape(self.help)}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self) -> Iterable[str]:
-        raise NotImplementedError
-
-    def render(self) -> list[str]:
-        return [*self.header(), *self.samples()]
-
-
-class Counter(_Metric):
-    """A value that only goes up; the exposed name ends in ``_total``."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        if name.endswith("_total"):
-            name = name[: -len("_total")]
-        super().__init__(name, help_text, labels)
-        self._values: dict[Labels, float] = {} if labels else {(): 0.0}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        # Unlabelled: a 0 from the start, as the library's own counters show.
+        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
 
     def set_total(self, *labels: str, total: float) -> None:
-        """Take a total counted elsewhere (read at scrape time)."""
-        self._values[self._key(labels)] = total
+        if len(labels) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
+        self._values[tuple(labels)] = total
 
-    def value(self, *labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterable[str]:
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.help, labels=self.label_names)
         for key, value in sorted(self._values.items()):
-            yield f"{self.name}_total{_labels(self.label_names, key)} {_number(value)}"
-
-
-class Gauge(_Metric):
-    """A value that goes up and down."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[Labels, float] = {} if labels else {(): 0.0}
-
-    def set(self, value: float, *labels: str) -> None:
-        self._values[self._key(labels)] = value
-
-    def add(self, amount: float, *labels: str) -> None:
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterable[str]:
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(self.label_names, key)} {_number(value)}"
-
-
-class Histogram(_Metric):
-    """Observations counted in cumulative ``le`` buckets, with their sum and count."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (),
-                 buckets: Sequence[float] = DURATION_BUCKETS) -> None:
-        super().__init__(name, help_text, labels)
-        self.buckets = tuple(sorted(buckets))
-        self._counts: dict[Labels, list[int]] = {}
-        self._sums: dict[Labels, float] = {}
-
-    def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
-        counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
-        for index, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[index] += 1
-        counts[-1] += 1  # +Inf
-        self._sums[key] = self._sums.get(key, 0.0) + value
-
-    def samples(self) -> Iterable[str]:
-        names = (*self.label_names, "le")
-        for key, counts in sorted(self._counts.items()):
-            for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-                yield f"{self.name}_bucket{_labels(names, (*key, _number(bound)))} {count}"
-            yield f"{self.name}_sum{_labels(self.label_names, key)} {_number(self._sums[key])}"
-            yield f"{self.name}_count{_labels(self.label_names, key)} {counts[-1]}"
+            family.add_metric(list(key), value)
+        yield family
 
 
 Collector = Callable[[], Awaitable[None]]
@@ -178,41 +100,51 @@ class GatewayMetrics:
     """The gateway's metrics; :meth:`render` is the body of ``GET /metrics``."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        into = self.registry
         self.requests = Counter("edgebundle_http_requests_total",
                                 "HTTP requests answered, by route template, method and status.",
-                                ("route", "method", "status"))
+                                ("route", "method", "status"), registry=into)
         self.duration = Histogram("edgebundle_http_request_duration_seconds",
                                   "Time from request to the end of the response (whole stream "
-                                  "for SSE), by route template.", ("route",))
+                                  "for SSE), by route template.", ("route",),
+                                  buckets=DURATION_BUCKETS, registry=into)
         self.sse_open = Gauge("edgebundle_sse_streams_open",
-                              "Server-sent event streams open now.")
-        self.runs = Counter("edgebundle_runs_total",
-                            "Sync runs generated on this device, by final status.", ("status",))
-        self.windowed_runs = Counter("edgebundle_context_windowed_runs_total",
-                                     "Completed sync runs on this device whose prompt left out "
-                                     "older messages of the thread to fit the context.")
-        self.dropped_messages = Counter("edgebundle_context_dropped_messages_total",
-                                        "Older thread messages left out of the prompts of "
-                                        "completed sync runs on this device.")
-        self.tokens = Counter("edgebundle_tokens_generated_total",
-                              "Tokens the model generated on this device.")
-        self.prompt_tokens = Counter("edgebundle_prompt_tokens_total",
-                                     "Prompt tokens the model evaluated on this device.")
+                              "Server-sent event streams open now.", registry=into)
+        self.runs = self._register(Totals("edgebundle_runs_total",
+                                          "Sync runs generated on this device, by final status.",
+                                          ("status",)))
+        self.tokens = self._register(Totals("edgebundle_tokens_generated_total",
+                                            "Tokens the model generated on this device."))
+        self.prompt_tokens = self._register(Totals(
+            "edgebundle_prompt_tokens_total", "Prompt tokens the model evaluated on this device."))
         self.engine_ready = Gauge("edgebundle_engine_ready",
-                                  "1 while the chat guest is up and has loaded its model.")
-        self.restarts = Counter("edgebundle_guest_restarts_total",
-                                "Times the supervisor restarted the chat guest.")
+                                  "1 while the chat guest is up and has loaded its model.",
+                                  registry=into)
+        self.restarts = self._register(Totals("edgebundle_guest_restarts_total",
+                                              "Times the supervisor restarted the chat guest."))
+        # Exposed only once sync is on (watch_redis) or the device keeps a local store
+        # (watch_replication): a gateway without them has no such series at all.
+        self.windowed_runs = Totals("edgebundle_context_windowed_runs_total",
+                                    "Completed sync runs on this device whose prompt left out "
+                                    "older messages of the thread to fit the context.")
+        self.dropped_messages = Totals("edgebundle_context_dropped_messages_total",
+                                       "Older thread messages left out of the prompts of "
+                                       "completed sync runs on this device.")
         self.redis_up = Gauge("edgebundle_sync_redis_up",
                               "1 if the sync Redis answered PING at scrape time "
-                              f"(within {REDIS_PING_TIMEOUT:g} s).")
+                              f"(within {REDIS_PING_TIMEOUT:g} s).", registry=None)
         self.offline = Gauge("edgebundle_sync_offline",
                              "1 while this device serves from its local store because the "
-                             "central Redis does not answer.")
+                             "central Redis does not answer.", registry=None)
         self.pending = Gauge("edgebundle_sync_pending_changes",
-                             "Changes made offline on this device not yet in the central store.")
-        self._sync_on = False
-        self._replicated = False
+                             "Changes made offline on this device not yet in the central store.",
+                             registry=None)
         self._collectors: list[Collector] = []
+
+    def _register(self, totals: Totals) -> Totals:
+        self.registry.register(totals)
+        return totals
 
     def add_collector(self, collector: Collector) -> None:
         """``collector`` updates values counted elsewhere, at every scrape."""
@@ -220,7 +152,8 @@ class GatewayMetrics:
 
     def watch_redis(self, ping: Callable[[], Awaitable[Any]]) -> None:
         """Expose :attr:`redis_up` (sync is on), set by ``ping`` at every scrape."""
-        self._sync_on = True
+        for metric in (self.windowed_runs, self.dropped_messages, self.redis_up):
+            self.registry.register(metric)
 
         async def check() -> None:
             try:
@@ -234,7 +167,8 @@ class GatewayMetrics:
 
     def watch_replication(self, status: Callable[[], Awaitable[ReplicationStatus]]) -> None:
         """Expose :attr:`offline` and :attr:`pending` (the device has a local store)."""
-        self._replicated = True
+        self.registry.register(self.offline)
+        self.registry.register(self.pending)
 
         async def check() -> None:
             now = await status()
@@ -248,14 +182,7 @@ class GatewayMetrics:
             await collector()
 
     def render(self) -> str:
-        metrics: list[_Metric] = [self.requests, self.duration, self.sse_open, self.runs,
-                                  self.tokens, self.prompt_tokens, self.engine_ready,
-                                  self.restarts]
-        if self._sync_on:
-            metrics += [self.windowed_runs, self.dropped_messages, self.redis_up]
-        if self._replicated:
-            metrics += [self.offline, self.pending]
-        return "\n".join(line for metric in metrics for line in metric.render()) + "\n"
+        return generate_latest(self.registry).decode()
 
     async def endpoint(self, request: Request) -> Response:
         await self.collect()
@@ -296,14 +223,14 @@ class MetricsMiddleware:
                 headers = dict(message.get("headers", []))
                 if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
                     streaming = True
-                    self.metrics.sse_open.add(1)
+                    self.metrics.sse_open.inc()
             await send(message)
 
         try:
             await self.app(scope, receive, observing_send)
         finally:
             if streaming:
-                self.metrics.sse_open.add(-1)
+                self.metrics.sse_open.dec()
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            self.metrics.requests.inc(route, method, str(status))
-            self.metrics.duration.observe(time.monotonic() - started, route)
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.duration.labels(route).observe(time.monotonic() - started)

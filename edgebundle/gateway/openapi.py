@@ -19,6 +19,7 @@ from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
 from edgebundle.gateway.sync_api import MAX_VERSION
 from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.guest_protocol import MAX_TOKENS
+from edgebundle.sync import keys
 from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.models import (
     MESSAGE_STATUSES,
@@ -31,7 +32,8 @@ from edgebundle.sync.store import MAX_POSITION
 
 Schema = dict[str, Any]
 
-ID_PATTERN = "^[A-Za-z0-9_.:-]{1,128}$"  # edgebundle.sync.keys.check_id
+# The checks the gateway makes, anchored (JSON Schema patterns match anywhere).
+ID_PATTERN = f"^{keys.ID_CHARS}$"
 EVENT_ID_PATTERN = f"^{EVENT_ID.pattern}$"
 NOT_BLANK = r"\S"
 

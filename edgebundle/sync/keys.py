@@ -36,7 +36,8 @@ import re
 from edgebundle.errors import UsageError
 
 PREFIX = "eb"
-_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+ID_CHARS = r"[A-Za-z0-9_.:-]{1,128}"  # a thread, run or device id (the OpenAPI pattern too)
+_ID = re.compile(ID_CHARS)
 
 
 def check_id(kind: str, value: str) -> str:
@@ -118,15 +119,34 @@ def run_wakeup(thread_id: str, run_id: str) -> str:
     return f"{run(thread_id, run_id)}:go"
 
 
-def thread_keys(thread_id: str) -> list[str]:
-    """The fixed keys of a thread (run keys are found through :func:`runs`)."""
+def fixed_keys(thread_id: str) -> list[str]:
+    """The fixed keys of a thread, in the order the Lua functions see them as
+    ``KEYS[1..9]`` (:func:`edgebundle.sync.lua.script_keys`: the order is the API)."""
     return [
         meta(thread_id),
         messages(thread_id),
         changes(thread_id),
         mutation_ids(thread_id),
+        lock(thread_id),
         fence(thread_id),
         queue(thread_id),
         runs(thread_id),
         turn_inputs(thread_id),
+    ]
+
+
+def thread_keys(thread_id: str) -> list[str]:
+    """The fixed keys that hold a thread's state: :func:`fixed_keys` but the lock (a
+    lease that ends on its own). Run keys are found through :func:`runs`."""
+    held = lock(thread_id)
+    return [key for key in fixed_keys(thread_id) if key != held]
+
+
+def run_keys(thread_id: str, run_id: str) -> list[str]:
+    """One run's keys, in the order the Lua functions see them after the fixed ones."""
+    return [
+        run(thread_id, run_id),
+        run_events(thread_id, run_id),
+        run_wakeup(thread_id, run_id),
+        run_text(thread_id, run_id),
     ]

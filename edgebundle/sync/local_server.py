@@ -84,8 +84,8 @@ from typing import Any, Literal
 import redis
 
 from edgebundle.config import Settings, redact_url
+from edgebundle.device_ids import kept_device_id
 from edgebundle.errors import RedisError
-from edgebundle.sync import keys
 
 START_TIMEOUT = 10.0  # s; an AOF of a small device loads in well under a second
 STOP_TIMEOUT = 10.0
@@ -99,17 +99,7 @@ Owner = Literal["gone", "other", "ours", "unknown"]
 
 def device_id(settings: Settings) -> str:
     """The configured device id, else the one kept in the state directory (made once)."""
-    if settings.device_id:
-        return keys.check_id("device", settings.device_id)
-    path = settings.layout.state / "device-id"
-    if path.is_file():
-        kept = path.read_text().strip()
-        if kept:
-            return keys.check_id("device", kept)
-    made = f"dev-{secrets.token_hex(6)}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(made + "\n")
-    return made
+    return kept_device_id(settings, "device-id", "dev")
 
 
 def _free_port() -> int:

@@ -78,25 +78,8 @@ from edgebundle.sync.client import Client
 
 def script_keys(thread_id: str, run_id: str | None = None) -> list[str]:
     """The ``KEYS`` of a script call: the thread's fixed keys, then the run's if any."""
-    fixed = [
-        keys.meta(thread_id),
-        keys.messages(thread_id),
-        keys.changes(thread_id),
-        keys.mutation_ids(thread_id),
-        keys.lock(thread_id),
-        keys.fence(thread_id),
-        keys.queue(thread_id),
-        keys.runs(thread_id),
-        keys.turn_inputs(thread_id),
-    ]
-    if run_id is None:
-        return fixed
-    return fixed + [
-        keys.run(thread_id, run_id),
-        keys.run_events(thread_id, run_id),
-        keys.run_wakeup(thread_id, run_id),
-        keys.run_text(thread_id, run_id),
-    ]
+    fixed = keys.fixed_keys(thread_id)
+    return fixed if run_id is None else fixed + keys.run_keys(thread_id, run_id)
 
 
 def _key_layout() -> dict[str, str]:

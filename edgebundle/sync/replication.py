@@ -631,4 +631,4 @@ def _copy(message: Message, *, position: bool = True) -> dict[str, Any]:
 async def _drop_thread(store: SyncService, thread_id: str) -> None:
     """Delete a thread's copy from ``store`` before a new one is made. Its runs' keys
     stay (they expire on their own): a client may still be reading an offline run."""
-    await store.redis.delete(*keys.thread_keys(thread_id), keys.lock(thread_id))
+    await store.redis.delete(*keys.fixed_keys(thread_id))

@@ -7,7 +7,6 @@ if any), :func:`read_sse` parses a streamed response's events.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ import httpx
 import redis as redis_py
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from edgebundle.sse import iter_events
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
 
@@ -43,17 +43,11 @@ class Device:
 
 
 def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    """The SSE events of ``response``: {"id", "event", "data"} each."""
-    event: dict[str, Any] = {}
-    for line in response.iter_lines():
-        if not line:
-            if event:
-                event["data"] = json.loads(event["data"])
-                yield event
-                event = {}
-            continue
-        name, _, value = line.partition(": ")
-        event[name] = value
+    """The SSE events of ``response`` (:func:`edgebundle.sse.iter_events`) as
+    {"id", "event", "data"} each, "id" only on an event that has its own."""
+    for event in iter_events(response):
+        yield {**({"id": event.id} if event.id is not None else {}),
+               "event": event.type, "data": event.data}
 
 
 def messages_of(device: Device, thread_id: str) -> list[dict[str, Any]]:
