@@ -43,10 +43,11 @@ from edgebundle.gateway.openai_api import (
     parse_json,
 )
 from edgebundle.gateway.openapi import build_spec
-from edgebundle.gateway.sync_api import ApiError, RunGenerator, holding, sync_routes
+from edgebundle.gateway.sync_api import ApiError, holding, sync_routes
 from edgebundle.gateway.thread_chat import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
 from edgebundle.sync.replication import DeviceSync
+from edgebundle.turns import RunGenerator
 
 if TYPE_CHECKING:
     from edgebundle.sync.service import ThreadSync
@@ -110,7 +111,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
             return _error(400, exc.message, exc.param, exc.code)
         if parsed.thread_id is None or thread_chat is None:
             return await answer(parsed, request)
-        try:  # a turn: held against the device's cap on turns (gateway.limits)
+        try:  # a turn: held against the device's cap on turns (edgebundle.limits)
             return await holding(thread_chat.runner.turns, parsed.thread_id, "turns",
                                  lambda: answer(parsed, request))
         except ApiError as exc:
