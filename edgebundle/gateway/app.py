@@ -29,7 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgebundle.chat import ChatService, Finished, TextDelta, Usage
-from edgebundle.engine import Engine
+from edgebundle.engine import ChatEngine
 from edgebundle.errors import UsageError
 from edgebundle.gateway.guard import GuardSettings, RequestGuard
 from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -61,7 +61,7 @@ OPEN_PATHS = frozenset({"/healthz"}) | WEB_PATHS
 class GatewayState:
     """What the routes serve: the engine, the chat on top of it, and how to name them."""
 
-    engine: Engine
+    engine: ChatEngine  # the real Engine, or a double at its boundary (tests)
     chat: ChatService
     model_id: str
     runtime: str
