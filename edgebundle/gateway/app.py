@@ -8,9 +8,9 @@ routes (:mod:`.sync_api`) when sync is on. With an API key every route but /heal
 needs ``Authorization: Bearer <key>`` (the spec too, as API.md says; it holds no data,
 but a device answers nothing but its probe to strangers). Before the key, every
 request passes :mod:`.guard` (Host, Origin, application/json, body size); the caps
-on messages, threads, streams and turns are :mod:`.limits`. A bad request is a 400
-with OpenAI's error object and changes nothing; a client that goes away mid-stream
-cancels its generation (the engine stops the guest and moves on).
+on messages, threads, streams and turns are :mod:`edgebundle.limits`. A bad request
+is a 400 with OpenAI's error object and changes nothing; a client that goes away
+mid-stream cancels its generation (the engine stops the guest and moves on).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
                guard: GuardSettings | None = None) -> Starlette:
     """The ASGI app for ``state``; ``api_key`` None = no authentication; ``guard``: what
     requests may come from (:mod:`.guard`, default: served on 127.0.0.1). The caps of
-    :mod:`.limits` are those of ``state.runs``."""
+    :mod:`edgebundle.limits` are those of ``state.runs``."""
     metrics = GatewayMetrics()
     runner: RunGenerator | None = None
     thread_chat: ThreadChat | None = None
