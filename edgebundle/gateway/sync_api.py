@@ -55,11 +55,19 @@ from edgebundle.errors import (
 )
 from edgebundle.gateway.limits import Holding
 from edgebundle.gateway.openai_api import INVALID_JSON, parse_json
-from edgebundle.guest_protocol import MAX_TOKENS
+from edgebundle.gateway.sync_bodies import (
+    MAX_VERSION,
+    CancelBody,
+    NewThreadBody,
+    PushBody,
+    RunBody,
+    epoch_of,
+    parse,
+)
 from edgebundle.limits import RETRY_AFTER, Full, Limits, Slot, Slots
 from edgebundle.sync import keys
 from edgebundle.sync.events import EVENT_ID
-from edgebundle.sync.models import MULTITASK_POLICIES, Run, SyncState
+from edgebundle.sync.models import Run, SyncState
 from edgebundle.sync.service import RunEvent, ThreadSync
 from edgebundle.sync.store import check_mutation
 from edgebundle.turns import (
@@ -78,7 +86,6 @@ WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comme
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 REDIS_UNAVAILABLE = ("the sync Redis is unavailable: try again in a few seconds (the device's "
                      "log says why)")
-MAX_VERSION = 2**53 - 1  # a thread's version is a Lua number: exact up to here
 _VERSION = re.compile(r"[0-9]{1,16}")
 
 
@@ -167,23 +174,6 @@ def _id(kind: str, value: Any, field: str) -> str:
         raise _bad(f"{field}: {exc}") from None
 
 
-def _int(body: dict[str, Any], field: str, default: int | None = None, low: int = 0) -> int:
-    value = body.get(field, default)
-    if value is None or isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"{field} must be an integer")
-    if not low <= value <= MAX_VERSION:
-        raise _bad(f"{field} must be between {low} and {MAX_VERSION}, got {value}")
-    return value
-
-
-def _epoch(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise _bad("epoch must be a string (the epoch of the client's last sync)")
-    return value
-
-
 def _since_query(request: Request) -> int:
     raw = request.query_params.get("since", "0")
     # ASCII digits only: str.isdigit() takes "²" or "٣", which int() then refuses.
@@ -193,9 +183,8 @@ def _since_query(request: Request) -> int:
     return int(raw)
 
 
-def _mutations(value: Any, limits: Limits) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        raise _bad("mutations must be a list of {mid, op, message} objects")
+def _mutations(value: list[Any], limits: Limits) -> list[dict[str, Any]]:
+    """The mutations of a push, each checked in order (sync_bodies.PushBody: the rest)."""
     for index, item in enumerate(value):
         where = f"mutations[{index}]"
         if not isinstance(item, dict):
@@ -225,49 +214,18 @@ def _mutations(value: Any, limits: Limits) -> list[dict[str, Any]]:
 
 def parse_run_request(body: dict[str, Any], default_device: str,
                       idempotency_key: str | None = None) -> RunRequest:
-    device = body.get("device_id", default_device)
-    given = body.get("input")
-    if not isinstance(given, dict) or not isinstance(given.get("content"), str):
-        raise _bad('input must be an object {"content": "…"} with the user\'s message')
-    if not given["content"].strip():
-        raise _bad("input.content is empty: send the user's message")
-    input_id = given.get("id")
-    multitask = body.get("multitask", "enqueue")
-    if multitask not in MULTITASK_POLICIES:
-        raise _bad(f"multitask must be one of {', '.join(MULTITASK_POLICIES)}, "
-                   f"not {multitask!r}")
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise _bad("stream must be a boolean")
+    """The turn ``body`` asks for (:class:`~.sync_bodies.RunBody`); UsageError if bad."""
+    run = parse(RunBody, body, device_id=default_device)
     return RunRequest(
-        device_id=_id("device", device, "device_id"),
-        epoch=_epoch(body.get("epoch")),
-        since=_int(body, "since", 0),
-        content=given["content"],
-        input_id=idempotent_input_id(
-            None if input_id is None else _id("message", input_id, "input.id"), idempotency_key),
-        multitask=multitask,
-        params=_params(body.get("params")),
-        stream=stream,
+        device_id=run.device_id,
+        epoch=run.epoch,
+        since=run.since,
+        content=run.input.content,
+        input_id=idempotent_input_id(run.input.id, idempotency_key),
+        multitask=run.multitask,
+        params=run.params.chat() if run.params is not None else ChatParams(),
+        stream=run.stream,
     )
-
-
-def _params(value: Any) -> ChatParams:
-    if value is None:
-        return ChatParams()
-    if not isinstance(value, dict):
-        raise _bad("params must be an object such as {\"max_tokens\": 256}")
-    max_tokens = value.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or not 1 <= max_tokens <= MAX_TOKENS):
-        raise _bad(f"params.max_tokens must be an integer between 1 and {MAX_TOKENS}")
-    temperature = value.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool)
-                                    or not isinstance(temperature, int | float)
-                                    or not 0 <= temperature <= 2):
-        raise _bad("params.temperature must be a number between 0 and 2")
-    return ChatParams(max_tokens=max_tokens,
-                      temperature=None if temperature is None else float(temperature))
 
 
 def busy(code: str, message: str) -> ApiError:
@@ -420,42 +378,33 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
     streams = Slots(limits.max_streams, limits.streams_per_thread)  # readers (limits)
 
     async def create_thread(request: Request) -> Response:
-        body = await _body(request, optional=True)
-        thread_id = body.get("id")
-        if thread_id is not None:
-            thread_id = _id("thread", thread_id, "id")
-        state = await sync.create_thread(thread_id)
+        given = parse(NewThreadBody, await _body(request, optional=True))
+        state = await sync.create_thread(given.id)
         return JSONResponse(state.to_json(), status_code=201)
 
     async def get_thread(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        epoch = _epoch(request.query_params.get("epoch"))
+        epoch = epoch_of(request.query_params.get("epoch"))
         state = await sync.sync(thread_id, epoch, _since_query(request))
         return JSONResponse(state.to_json())
 
     async def watch_thread(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        epoch = _epoch(request.query_params.get("epoch"))
+        epoch = epoch_of(request.query_params.get("epoch"))
         since = _since_query(request)
         return await holding(streams, thread_id, "streams",
                              lambda: _watch(sync, thread_id, epoch, since))
 
     async def push(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        body = await _body(request)
-        reseed = body.get("reseed", False)
-        if not isinstance(reseed, bool):
-            raise _bad("reseed must be a boolean")
-        epoch = _epoch(body.get("epoch"))
-        if epoch is None and not reseed:
-            raise _bad("epoch is missing: send the epoch of your last sync (or reseed: true)")
-        device = _id("device", body.get("device_id"), "device_id")
-        since = _int(body, "since", 0)
-        mutations = _mutations(body.get("mutations"), limits)
+        # device_id has no default: its None is refused, after a missing epoch.
+        given = parse(PushBody, await _body(request), device_id=None)
+        mutations = _mutations(given.mutations, limits)
         puts = sum(1 for item in mutations if item["op"] == "put")
         if puts:
             check_thread_room(limits, thread_id, await sync.size(thread_id), puts)
-        state = await sync.push(thread_id, device, epoch or "", since, mutations, reseed=reseed)
+        state = await sync.push(thread_id, given.device_id, given.epoch or "", given.since,
+                                mutations, reseed=given.reseed)
         return JSONResponse(state.to_json())
 
     async def start_run(request: Request) -> Response:
@@ -486,12 +435,8 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
     async def cancel_run(request: Request) -> Response:
         thread_id = _id("thread", request.path_params["thread_id"], "thread id")
         run_id = _id("run", request.path_params["run_id"], "run id")
-        body = await _body(request, optional=True)
-        seen = body.get("content_seen")
-        if seen is not None and not isinstance(seen, str):
-            raise _bad("content_seen must be a string (the text the user saw)")
-        device = _id("device", body.get("device_id", device_id), "device_id")
-        run = await sync.cancel_run(thread_id, run_id, device, seen)
+        given = parse(CancelBody, await _body(request, optional=True), device_id=device_id)
+        run = await sync.cancel_run(thread_id, run_id, given.device_id, given.content_seen)
         return JSONResponse(run.to_json())
 
     base = "/v1/threads/{thread_id}"
