@@ -24,7 +24,7 @@ from typing import Any
 
 from edgebundle.config import Settings
 from edgebundle.context_window import ESTIMATE_ATTEMPTS, ContextWindow
-from edgebundle.engine import Delta, Engine
+from edgebundle.engine import ChatEngine, Delta
 from edgebundle.errors import UsageError
 from edgebundle.model_info import ModelInfo, load_model_info, resolve_template
 from edgebundle.runtime.launch import LaunchSpec
@@ -120,7 +120,7 @@ class ChatService:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ChatEngine,
         template: ChatTemplate,
         model_info: ModelInfo | None = None,
         system_prompt: str | None = None,

@@ -53,7 +53,7 @@ class Settings:
     # that may POST; both comma-separated.
     allowed_hosts: str | None = None
     allowed_origins: str | None = None
-    # Caps (edgebundle.gateway.limits): a request body, a message's content (UTF-8
+    # Caps (edgebundle.limits): a request body, a message's content (UTF-8
     # bytes), the messages of a thread (tombstones too), open streams of readers, turns
     # this device has going (waiting or generating), runs waiting in line on a thread.
     max_body_bytes: int = 1024 * 1024

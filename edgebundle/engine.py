@@ -16,6 +16,10 @@ Ending a request early: :meth:`Engine.cancel` writes ``STOP`` to the guest, whic
 ends the running request with ``END cancelled``; the caller keeps reading until the
 End. A consumer that stops iterating (a client that went away) is handled the same
 way in the background, so the next request never sees the old one's output.
+
+:class:`ChatEngine` is what the layers above need of an engine (the chat's
+:class:`~edgebundle.chat.ChatService`, the gateway's health and metrics): the boundary
+where a test puts a double in place of the guest process.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgebundle import guest_protocol as protocol
 from edgebundle.errors import GuestProtocolError, SupervisorError
@@ -59,6 +63,33 @@ class End:
     output_tokens: int = 0
     errno: int = 0
     detail: str = ""  # for "error": what went wrong, in one line
+
+
+class ChatEngine(Protocol):
+    """What the chat and the gateway need of an engine; :class:`Engine` is the real one.
+
+    ``generate`` streams one request's text and ends with one :class:`End` (never
+    raising for a guest failure: that is ``End("error")``); ``cancel`` ends the running
+    request early (``End("cancelled")``). ``ready``, ``restarts`` and the token counts
+    are read by the gateway's /healthz and /metrics.
+    """
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def input_tokens(self) -> int: ...
+
+    @property
+    def output_tokens(self) -> int: ...
+
+    def generate(self, prompt: str, metadata: Mapping[str, Any],
+                 max_tokens: int) -> AsyncGenerator[Delta | End, None]: ...
+
+    async def cancel(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,14 @@ it, because it is what the user reads.
         ├── EpochMismatchError      exit 1   the client's epoch is not the thread's (.epoch)
         ├── ThreadBusyError         exit 1   a run is active and the policy is reject (.retry_after)
         ├── LeaseLostError          exit 1   the run no longer holds the thread; nothing was written
-        └── OfflineError            exit 1   the device is offline and this needs the central store
+        ├── OfflineError            exit 1   the device is offline and this needs the central store
+        └── LimitError              exit 1   a cap of the device (edgebundle.limits) leaves no room;
+            │                                nothing was written
+            ├── MessageTooLargeError exit 1  a message's content is over max_message_bytes
+            ├── ThreadFullError     exit 1   the thread would pass max_thread_messages
+            └── BusyError           exit 1   at a cap on load: retry after .retry_after s
+                ├── TooManyRunsError exit 1  this device generates max_runs turns already
+                └── QueueFullError  exit 1   the thread has max_queued_runs runs waiting in line
 
 Outside the tree only: Python's built-ins for a caller's bug (``ValueError`` for a
 check id reported twice, a function name the library lacks), ``ValueError`` inside
@@ -207,3 +214,32 @@ class LeaseLostError(SyncError):
 class OfflineError(SyncError):
     """The device is offline (the central Redis does not answer) and what was asked
     needs it: a thread it never saw, a run on another device."""
+
+
+class LimitError(SyncError):
+    """A cap of the device (:mod:`edgebundle.limits`) leaves no room for what was asked;
+    checked before anything is written, so nothing was."""
+
+
+class MessageTooLargeError(LimitError):
+    """A message's content is over ``max_message_bytes`` (UTF-8)."""
+
+
+class ThreadFullError(LimitError):
+    """The thread would hold more than ``max_thread_messages`` messages: start a new one."""
+
+
+class BusyError(LimitError):
+    """The device is at a cap on load: try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyRunsError(BusyError):
+    """This device already has ``max_runs`` turns going."""
+
+
+class QueueFullError(BusyError):
+    """The thread already has ``max_queued_runs`` runs waiting in line."""

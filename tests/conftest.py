@@ -13,6 +13,13 @@ from tests.support.serving import LoopThread
 from tests.support.tls import TestCA, make_test_ca
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast tier first: tests marked ``inprocess`` (the app in process on an engine
+    double, seconds in all) run before the real-process ones (guests, servers, minutes),
+    so a broken route fails fast. A stable sort: each tier keeps its own order."""
+    items.sort(key=lambda item: item.get_closest_marker("inprocess") is None)
+
+
 @pytest.fixture(scope="module")
 def loop() -> Iterator[LoopThread]:
     """One asyncio loop in a thread for a module's engines and chats."""

@@ -8,9 +8,9 @@ routes (:mod:`.sync_api`) when sync is on. With an API key every route but /heal
 needs ``Authorization: Bearer <key>`` (the spec too, as docs/api.md says; it holds no data,
 but a device answers nothing but its probe to strangers). Before the key, every
 request passes :mod:`.guard` (Host, Origin, application/json, body size); the caps
-on messages, threads, streams and turns are :mod:`.limits`. A bad request is a 400
-with OpenAI's error object and changes nothing; a client that goes away mid-stream
-cancels its generation (the engine stops the guest and moves on).
+on messages, threads, streams and turns are :mod:`edgebundle.limits`. A bad request
+is a 400 with OpenAI's error object and changes nothing; a client that goes away
+mid-stream cancels its generation (the engine stops the guest and moves on).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgebundle import sse
 from edgebundle.chat import ChatService, Finished, TextDelta, Usage
-from edgebundle.engine import Engine
+from edgebundle.engine import ChatEngine
 from edgebundle.errors import UsageError
 from edgebundle.gateway.guard import GuardSettings, RequestGuard
 from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -43,10 +43,11 @@ from edgebundle.gateway.openai_api import (
     parse_json,
 )
 from edgebundle.gateway.openapi import build_spec
-from edgebundle.gateway.sync_api import ApiError, RunGenerator, holding, sync_routes
+from edgebundle.gateway.sync_api import ApiError, holding, sync_routes
 from edgebundle.gateway.thread_chat import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
 from edgebundle.sync.replication import DeviceSync
+from edgebundle.turns import RunGenerator
 
 if TYPE_CHECKING:
     from edgebundle.sync.service import ThreadSync
@@ -60,7 +61,7 @@ OPEN_PATHS = frozenset({"/healthz"}) | WEB_PATHS
 class GatewayState:
     """What the routes serve: the engine, the chat on top of it, and how to name them."""
 
-    engine: Engine
+    engine: ChatEngine  # the real Engine, or a double at its boundary (tests)
     chat: ChatService
     model_id: str
     runtime: str
@@ -73,7 +74,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
                guard: GuardSettings | None = None) -> Starlette:
     """The ASGI app for ``state``; ``api_key`` None = no authentication; ``guard``: what
     requests may come from (:mod:`.guard`, default: served on 127.0.0.1). The caps of
-    :mod:`.limits` are those of ``state.runs``."""
+    :mod:`edgebundle.limits` are those of ``state.runs``."""
     metrics = GatewayMetrics()
     runner: RunGenerator | None = None
     thread_chat: ThreadChat | None = None
@@ -110,7 +111,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
             return _error(400, exc.message, exc.param, exc.code)
         if parsed.thread_id is None or thread_chat is None:
             return await answer(parsed, request)
-        try:  # a turn: held against the device's cap on turns (gateway.limits)
+        try:  # a turn: held against the device's cap on turns (edgebundle.limits)
             return await holding(thread_chat.runner.turns, parsed.thread_id, "turns",
                                  lambda: answer(parsed, request))
         except ApiError as exc:

@@ -41,8 +41,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgebundle.gateway.limits import DEFAULTS
 from edgebundle.gateway.openai_api import error_body
+from edgebundle.limits import DEFAULTS
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::"})

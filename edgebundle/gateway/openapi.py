@@ -16,7 +16,7 @@ from typing import Any
 
 from edgebundle import __version__
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
-from edgebundle.gateway.sync_api import MAX_VERSION
+from edgebundle.gateway.sync_bodies import MAX_VERSION
 from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync import keys

@@ -24,11 +24,11 @@ from edgebundle.engine import READY_TIMEOUT, Engine
 from edgebundle.errors import EdgebundleError, RedisError, SupervisorError, UsageError
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.gateway.guard import guard_settings
-from edgebundle.gateway.limits import Limits, blocking_connections
-from edgebundle.gateway.sync_api import RunGenerator
+from edgebundle.limits import Limits, blocking_connections
 from edgebundle.sync.client import connect
 from edgebundle.sync.replication import DeviceSync
 from edgebundle.sync.service import SyncService, ThreadSync
+from edgebundle.turns import RunGenerator
 
 log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN = 3  # seconds in-flight requests get once a stop was asked for
@@ -173,7 +173,7 @@ async def _sync_for(settings: Settings, redis_url: str, local_url: str | None,
 
 async def _service(url: str, blocking: int) -> SyncService:
     """The sync core on ``url``, its blocking reads on a pool of their own of
-    ``blocking`` connections (edgebundle.gateway.limits); both pools wait when full."""
+    ``blocking`` connections (edgebundle.limits); both pools wait when full."""
     redis = await connect(url, wait_for_pool=True)
     try:
         readers = await connect(url, pool_size=blocking, wait_for_pool=True)

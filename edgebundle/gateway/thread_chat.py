@@ -16,7 +16,7 @@ conversation that several devices share:
   moment, its history wins and the seed is dropped.
 - The run is started with the ``enqueue`` policy (a busy thread makes it wait its
   turn) and generated on this device exactly as ``POST /v1/threads/{id}/runs`` does
-  (:func:`~edgebundle.gateway.sync_api.start_turn`): other devices can watch or join
+  (:func:`~edgebundle.turns.start_turn`): other devices can watch or join
   it, and its text is stored in the thread.
 - The answer is OpenAI's: a ``chat.completion`` with ``usage``, or with ``stream``
   ``chat.completion.chunk`` events ending in ``[DONE]`` (the usage chunk with
@@ -52,23 +52,26 @@ from typing import Any, cast
 from redis.exceptions import RedisError as RedisPyError
 
 from edgebundle.chat import Finished, TextDelta, Usage
-from edgebundle.errors import EdgebundleError, EpochMismatchError, ThreadNotFoundError
-from edgebundle.gateway.openai_api import BadRequest, ChatRequest
-from edgebundle.gateway.sync_api import (
-    TOO_LONG,
-    ApiError,
-    RunGenerator,
-    RunRequest,
-    api_error,
-    check_content,
-    idempotent_input_id,
-    redis_unavailable,
-    start_turn,
+from edgebundle.errors import (
+    EdgebundleError,
+    EpochMismatchError,
+    ThreadFullError,
+    ThreadNotFoundError,
 )
+from edgebundle.gateway.openai_api import BadRequest, ChatRequest
+from edgebundle.gateway.sync_api import api_error, redis_unavailable
 from edgebundle.sync.backend import new_id
 from edgebundle.sync.models import SyncState
 from edgebundle.sync.service import RunEvent
 from edgebundle.templates import Message
+from edgebundle.turns import (
+    TOO_LONG,
+    RunGenerator,
+    RunRequest,
+    check_content,
+    idempotent_input_id,
+    start_turn,
+)
 
 # Who the seeding push is made as. Mutation ids are kept per device and thread, so the
 # seed must not use a real device's id: that device's own first pushes (mid 1, 2 …)
@@ -102,8 +105,8 @@ class ThreadChat:
         if not last.content.strip():
             raise BadRequest("with thread_id the last message is the new turn and it is "
                              "empty: send the user's message", f"{where}.content")
-        self._check_sizes(request.messages)
         try:
+            self._check_sizes(request.messages)
             input_id = idempotent_input_id(request.input_id, idempotency_key)
             state = await self._join_or_seed(thread_id, request.messages[:-1])
             ticket, _ = await start_turn(self.runner, thread_id, RunRequest(
@@ -138,15 +141,15 @@ class ThreadChat:
                 self._cancel_later(thread_id, run_id, "".join(sent))
 
     def _check_sizes(self, messages: Sequence[Message]) -> None:
-        """The caps on what may land in the thread (edgebundle.gateway.limits): each
-        message (the earlier ones may seed it) and how many; ApiError before any write."""
+        """The caps on what may land in the thread (edgebundle.limits): each
+        message (the earlier ones may seed it) and how many; a LimitError before any write."""
         limits = self.runner.limits
         for index, message in enumerate(messages):
             check_content(limits, message.content, f"messages[{index}].content")
         if len(messages) + 1 > limits.max_thread_messages:  # the seed, the input, the reply
-            raise ApiError(409, "thread_full", f"{len(messages)} messages would seed a thread "
-                           f"of {limits.max_thread_messages} messages at most "
-                           "(max_thread_messages): send fewer")
+            raise ThreadFullError(f"{len(messages)} messages would seed a thread of "
+                                  f"{limits.max_thread_messages} messages at most "
+                                  "(max_thread_messages): send fewer")
 
     async def _join_or_seed(self, thread_id: str, earlier: Sequence[Message]) -> SyncState:
         """The thread's state; a missing thread is created, seeded with ``earlier``."""

@@ -9,7 +9,7 @@ Queued turns keep the conversation's shape. The input takes the next free positi
 and the one right after it is kept for the reply (the run's hash holds it; acquire
 puts the assistant message there), so however requests interleave the thread reads
 Q1 A1 Q2 A2 Q3 A3 on every device. A run's prompt is the thread up to and including
-its input (:func:`edgebundle.gateway.sync_api.prompt_messages`): earlier runs' replies
+its input (:func:`edgebundle.turns.prompt_messages`): earlier runs' replies
 are in it (FIFO: they ended before it started), inputs queued behind it are not. A
 message pushed while runs wait takes the next free position, after all of them: it
 is in the prompts of turns asked later and in none of theirs. An edit or delete of an
