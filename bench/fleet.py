@@ -4,7 +4,7 @@ Prints one JSON object per line (docs/api.md "Benchmarks"):
 
 - ``fleet.heartbeats_per_s``: heartbeats written the way the agent writes them (``SET
   eb:dev:{dev:<id>}:hb <Heartbeat JSON> EX 15``, key names from
-  :mod:`edgebundle.fleet.keys`, JSON from :mod:`edgebundle.fleet.documents`), from
+  :mod:`edgebundle.keys`, JSON from :mod:`edgebundle.fleet.documents`), from
   ``SIMULATORS`` processes running ``CONNECTIONS`` asyncio tasks in all, a connection
   each, pipelining ``BATCH`` devices per round trip (a few client processes standing in
   for many devices; the rate is that of the whole span, first start to last end). Goal
@@ -40,7 +40,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from edgebundle.fleet import controller, keys, operator
+from edgebundle import keys
+from edgebundle.fleet import controller, operator
 from edgebundle.fleet.documents import (
     HEARTBEAT_TTL,
     ActualState,

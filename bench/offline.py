@@ -66,7 +66,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from edgebundle.sync import keys
+from edgebundle import keys
 from edgebundle.sync.client import connect
 from edgebundle.sync.models import Message
 from edgebundle.sync.replication import PROBE_INTERVAL, DeviceSync

@@ -11,12 +11,13 @@ Layers, each importing only those below it (the folder tree shows them)::
     fleet/                    manifests, rollouts, the agent, ACL users, the sync proxy
     serving.py                run and ask: wiring of everything below
     gateway/                  HTTP: OpenAI API, sync API, web page, metrics
+    turns.py, limits.py       a turn on a synced thread, and the device's caps (no HTTP)
     doctor/                   the checks (and --probe)
     chat.py, context_window   prompts, stop strings, context windows
     engine.py                 one supervised chat guest and its protocol
     sync/                     threads in Redis: functions, runs, replication
     runtime/                  wasmedge or the embedded runtime: launch, supervise
-    config, layout, host, pins, download, errors …   leaves
+    keys, config, layout, host, pins, download, files, sse, errors …   leaves
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import secrets
 
+from edgebundle import keys
 from edgebundle.config import Settings
-from edgebundle.sync import keys
 
 
 def new_device_id(prefix: str) -> str:

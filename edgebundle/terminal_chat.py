@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from edgebundle import keys
 from edgebundle.config import Settings, local_gateway_url
 from edgebundle.device_ids import kept_device_id
 from edgebundle.errors import ConfigError, GatewayError
@@ -64,7 +65,6 @@ from edgebundle.gateway_client import (
     reason,
 )
 from edgebundle.sse import Event
-from edgebundle.sync import keys
 from edgebundle.sync.models import Message, Run, SyncState
 from edgebundle.sync.replica import Replica
 

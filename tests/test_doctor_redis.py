@@ -13,9 +13,10 @@ import pytest
 import redis as redis_py
 from click.testing import CliRunner
 
+from edgebundle import keys
 from edgebundle.cli import cli
 from edgebundle.doctor import CheckResult, redis_checks
-from edgebundle.fleet import acl, keys
+from edgebundle.fleet import acl
 from edgebundle.sync import lua
 from edgebundle.sync.client import connect
 from tests.support.doctor_env import diagnose

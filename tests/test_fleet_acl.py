@@ -27,9 +27,10 @@ import pytest
 import redis as redis_py
 from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
+from edgebundle import keys
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import RedisError, UsageError
-from edgebundle.fleet import acl, controller, keys, operator
+from edgebundle.fleet import acl, controller, operator
 from edgebundle.fleet.device import register
 from edgebundle.fleet.documents import DesiredState, Heartbeat, Revision, dumps
 from edgebundle.sync import lua

@@ -26,11 +26,12 @@ import httpx
 import pytest
 import redis as redis_sync
 
+from edgebundle import keys
 from edgebundle.bundle import build_bundle
 from edgebundle.config import Settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.errors import ConfigError
-from edgebundle.fleet import acl, keys
+from edgebundle.fleet import acl
 from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.credentials import with_credentials
 from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision

@@ -25,8 +25,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from edgebundle import keys
 from edgebundle.cli import cli
-from edgebundle.fleet import controller, keys, operator
+from edgebundle.fleet import controller, operator
 from edgebundle.fleet.controller import Controller
 from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps
 from edgebundle.sync.client import Client, connect

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgebundle import keys
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.fleet import controller, keys, operator
+from edgebundle.fleet import controller, operator
 from edgebundle.fleet.device import beat, read_desired, register, report
 from edgebundle.fleet.documents import ActualState, Heartbeat
 from edgebundle.fleet.manifest_file import load_manifest

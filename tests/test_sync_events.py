@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from edgebundle import keys
 from edgebundle.errors import RunNotFoundError, ThreadNotFoundError
-from edgebundle.sync import keys
 from edgebundle.sync.service import RunEvent, RunLease, RunTicket, SyncService
 from tests.support.sync import collect, new_thread_id, sync_service, turn
 

@@ -20,12 +20,13 @@ import pytest
 import redis as redis_py
 from redis.exceptions import NoPermissionError, ResponseError
 
+from edgebundle import keys
+from edgebundle import keys as sync_keys
 from edgebundle.errors import RedisError
-from edgebundle.fleet import acl, keys
+from edgebundle.fleet import acl
 from edgebundle.fleet.proxy import SyncProxy
 from edgebundle.fleet.proxy_session import MAX_PENDING
 from edgebundle.fleet.resp import MAX_REQUEST_BYTES
-from edgebundle.sync import keys as sync_keys
 from edgebundle.sync import lua
 from edgebundle.sync.client import connect
 from edgebundle.sync.service import SyncService

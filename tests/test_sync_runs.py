@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from edgebundle import keys
 from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
 from edgebundle.gateway.sync_api import prompt_messages
-from edgebundle.sync import keys
 from edgebundle.sync.models import Message, SyncState
 from edgebundle.sync.service import RunLease, RunTicket, SyncService
 from tests.support.sync import collect, delete, new_thread_id, put, sync_service, turn

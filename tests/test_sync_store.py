@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from edgebundle import keys
 from edgebundle.errors import (
     EpochMismatchError,
     MutationGapError,
@@ -13,7 +14,6 @@ from edgebundle.errors import (
     ThreadNotFoundError,
     UsageError,
 )
-from edgebundle.sync import keys
 from edgebundle.sync.models import SyncState
 from tests.support.redis_server import RedisServer
 from tests.support.sync import delete, new_thread_id, put, sync_service

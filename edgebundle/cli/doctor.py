@@ -17,7 +17,7 @@ from rich.text import Text
 
 from edgebundle.config import RUNTIMES, load_settings
 from edgebundle.doctor import Report, Status, run_doctor
-from edgebundle.fleet.manifest_file import load_manifest
+from edgebundle.fleet.manifest_file import device_target, load_manifest
 
 PIPED_WIDTH = 120
 # status -> (symbol, fallback for terminals that cannot print it, rich style)
@@ -70,8 +70,10 @@ def doctor(
         "redis_url": redis_url,
         "wasmedge": wasmedge,
     }
-    wanted = load_manifest(manifest) if manifest else None  # a bad manifest: exit 2
-    report = run_doctor(load_settings(flags), manifest=wanted, central_redis=True, probe=probe)
+    settings = load_settings(flags)
+    # a bad manifest: exit 2; doctor gets only what this device must run
+    target = device_target(load_manifest(manifest), settings.device_id) if manifest else None
+    report = run_doctor(settings, target=target, central_redis=True, probe=probe)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -1,22 +1,23 @@
-"""Checks of this device against a fleet manifest (``doctor --manifest FILE``).
+"""Checks of this device against what its fleet says it must run (``doctor --manifest FILE``).
 
-The device is compared with what the manifest says it must run (the fleet's spec,
-with this device's overrides from ``spec.devices`` applied): the model file's sha256,
-the chat template, the runtime kind and WasmEdge version, and the app's sha256. Each
-difference is one named check with a fix, like every other drift; these ids exist
-only in reports made with a manifest.
+The device is compared with a :class:`DeviceTarget`: the fleet's revision spec with
+this device's overrides applied, which the fleet layer makes from a manifest
+(``edgebundle.fleet.selection.device_target``; doctor sits below fleet and takes only
+what it compares). Compared: the model file's sha256, the chat template, the runtime
+kind and WasmEdge version, and the app's sha256. Each difference is one named check
+with a fix, like every other drift; these ids exist only in reports made with a target.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgebundle.doctor.app_checks import configured_app, sha256_file
 from edgebundle.doctor.context import Context
 from edgebundle.doctor.report import CheckResult, fail, ok, skip
-from edgebundle.fleet.manifest import Manifest
-from edgebundle.fleet.selection import device_spec
 from edgebundle.runtime.launch import default_app
 
 MODEL = "manifest.model"
@@ -26,14 +27,17 @@ APP = "manifest.app"
 AGENT_FIX = "let the fleet agent apply the revision (edgebundle agent), or install it by hand"
 
 
-def wanted_spec(manifest: Manifest, device_id: str | None) -> dict[str, Any]:
-    """What this device must run: the fleet's spec with the device's own overrides."""
-    return device_spec(manifest.revision_spec(), manifest.pins_json().get(device_id or ""))
+@dataclass(frozen=True)
+class DeviceTarget:
+    """What a fleet says this device must run."""
+
+    source: str  # where that is said, for people: "manifest shop"
+    spec: Mapping[str, Any]  # the revision spec with the device's overrides: model, runtime, app
 
 
-def checks(ctx: Context, manifest: Manifest) -> list[CheckResult]:
-    spec = wanted_spec(manifest, ctx.settings.device_id)
-    where = f"manifest {manifest.metadata.name}"
+def checks(ctx: Context, target: DeviceTarget) -> list[CheckResult]:
+    spec = target.spec
+    where = target.source
     return [_model(ctx, spec["model"], where), _template(ctx, spec["model"], where),
             _runtime(ctx, spec["runtime"], where), _app(ctx, spec["app"], where)]
 

@@ -432,8 +432,8 @@ class Probe:
 
 
 def _permissions(server: Server, settings: Settings) -> CheckResult:
-    from edgebundle.fleet import keys as fleet_keys
-    from edgebundle.sync import keys as sync_keys
+    from edgebundle import keys as fleet_keys
+    from edgebundle import keys as sync_keys
     from edgebundle.sync import lua
 
     probe_id = f"doctor-{secrets.token_hex(6)}"  # names no real thread, device or member

@@ -20,9 +20,9 @@ from edgebundle.doctor import (
     wasmedge_checks,
 )
 from edgebundle.doctor.context import Context
+from edgebundle.doctor.manifest_checks import DeviceTarget
 from edgebundle.doctor.report import CheckResult, Report, assemble
 from edgebundle.errors import UsageError
-from edgebundle.fleet.manifest import Manifest
 from edgebundle.host import PROC_MEMINFO, HostInfo, detect
 from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
 from edgebundle.runtime.launch import RuntimeChoice, choose_runtime, default_app
@@ -50,7 +50,7 @@ def run_doctor(
     lock: RuntimeLock | None = None,
     app_pins: AppPins | None = None,
     meminfo: Path = PROC_MEMINFO,
-    manifest: Manifest | None = None,
+    target: DeviceTarget | None = None,
     central_redis: bool = False,
     probe: bool = False,
 ) -> Report:
@@ -65,9 +65,10 @@ def run_doctor(
     not ``run``'s preflight or a fleet agent's checks of a revision, which must not stop
     a device over how the central Redis is kept). ``lock`` / ``app_pins`` default to
     the shipped pins.
-    With ``manifest`` the device is also compared with what that fleet manifest says
-    it must run (the ``manifest.*`` checks). ``probe`` adds ``runtime.probe``: a short
-    generation on the runtime ``run`` would use (:mod:`edgebundle.doctor.probe`).
+    With ``target`` the device is also compared with what its fleet says it must run
+    (the ``manifest.*`` checks; the fleet layer makes the target from a manifest).
+    ``probe`` adds ``runtime.probe``: a short generation on the runtime ``run`` would
+    use (:mod:`edgebundle.doctor.probe`).
     The report's runtime and reason come from :func:`choose_runtime`, the function
     ``run`` starts by, given these wasmedge checks' results.
     Raises PinError (exit 2) when a shipped lock file is malformed.
@@ -78,8 +79,8 @@ def run_doctor(
     choice = _choose(ctx, wasmedge)
     ctx = replace(ctx, runtime=choice.runtime)
     results = [*wasmedge, *(result for area in AREAS for result in area(ctx))]
-    if manifest is not None:
-        results.extend(manifest_checks.checks(ctx, manifest))
+    if target is not None:
+        results.extend(manifest_checks.checks(ctx, target))
     if probe:
         from edgebundle.doctor.probe import probe as run_probe  # starts a guest: on demand
 

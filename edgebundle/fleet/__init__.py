@@ -2,7 +2,7 @@
 
 One module per noun:
 
-- documents and names: :mod:`keys` (every fleet key name), :mod:`documents` (the typed
+- documents and names: :mod:`edgebundle.keys` (every key name), :mod:`documents` (the typed
   JSON documents kept in Redis: revisions, a device's desired and actual state,
   heartbeats, the rollout);
 - the manifest: :mod:`manifest` (the schema), :mod:`manifest_file` (reading a file,

@@ -66,10 +66,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
 
+from edgebundle import keys
+from edgebundle import keys as sync_keys
 from edgebundle.config import validate_redis_url
 from edgebundle.errors import RedisError, UsageError
-from edgebundle.fleet import keys
-from edgebundle.sync import keys as sync_keys
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 

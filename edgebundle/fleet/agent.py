@@ -101,10 +101,10 @@ from edgebundle.fleet.staging import (
     write_json_atomic,
 )
 from edgebundle.fleet.wasmedge import WantedRuntime, install_wanted
+from edgebundle.keys import check_id
 from edgebundle.pins import RuntimeLock
 from edgebundle.runtime.run_child import RunChild
 from edgebundle.sync.client import Client, connect
-from edgebundle.sync.keys import check_id
 
 POLL_INTERVAL = 3.0  # s between reads of desired (the nudge only makes it sooner)
 BACKOFF_BASE = 1.0  # s before the second attempt; doubles per attempt

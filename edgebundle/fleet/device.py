@@ -1,6 +1,6 @@
 """The device side of the fleet's Redis protocol: what an agent writes and reads.
 
-Owns the device's own keys (:mod:`edgebundle.fleet.keys`, tag ``{dev:<id>}``), so a
+Owns the device's own keys (:mod:`edgebundle.keys`, tag ``{dev:<id>}``), so a
 per-device ACL user is enough: ``register`` (its info hash, and the fleet's device set
 only without a provisioned user), ``beat`` (the heartbeat with its TTL), ``report``
 (the ActualState), ``read_desired`` (the DesiredState the controller wrote) and
@@ -16,9 +16,8 @@ from collections.abc import Callable, Mapping
 
 from redis.exceptions import NoPermissionError
 
-from edgebundle import __version__
+from edgebundle import __version__, keys
 from edgebundle.errors import UsageError
-from edgebundle.fleet import keys
 from edgebundle.fleet.acl import USER_PREFIX
 from edgebundle.fleet.documents import (
     HEARTBEAT_TTL,

@@ -49,9 +49,9 @@ from edgebundle.errors import UsageError
 from edgebundle.fleet.documents import Revision
 from edgebundle.fleet.durations import parse_duration
 from edgebundle.fleet.yaml_loader import KeyPath
+from edgebundle.keys import check_id
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
-from edgebundle.sync.keys import check_id
 from edgebundle.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 API_VERSION = "edgebundle/v1"

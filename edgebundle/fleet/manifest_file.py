@@ -19,8 +19,10 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from edgebundle.doctor.manifest_checks import DeviceTarget
 from edgebundle.errors import ManifestError, ManifestProblem
 from edgebundle.fleet.manifest import Manifest, cross_checks
+from edgebundle.fleet.selection import device_spec
 from edgebundle.fleet.yaml_loader import KeyPath, Position, dotted, read_yaml
 
 
@@ -250,3 +252,10 @@ def validate_files(paths: Sequence[str | Path]) -> list[Validation]:
         except ManifestError as exc:
             results.append(Validation(str(path), None, tuple(exc.problems)))
     return results
+
+
+def device_target(manifest: Manifest, device_id: str | None) -> DeviceTarget:
+    """What ``manifest`` says the device ``device_id`` must run (the fleet's revision
+    spec with that device's overrides), for doctor's ``manifest.*`` checks."""
+    spec = device_spec(manifest.revision_spec(), manifest.pins_json().get(device_id or ""))
+    return DeviceTarget(f"manifest {manifest.metadata.name}", spec)

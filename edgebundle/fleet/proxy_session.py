@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from edgebundle import keys as sync_keys
 from edgebundle.config import validate_redis_url
 from edgebundle.errors import RedisError, UsageError
 from edgebundle.fleet.resp import (
@@ -28,7 +29,6 @@ from edgebundle.fleet.resp import (
     read_command,
     read_reply,
 )
-from edgebundle.sync import keys as sync_keys
 from edgebundle.sync import lua
 
 log = logging.getLogger(__name__)

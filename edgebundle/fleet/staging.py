@@ -24,9 +24,9 @@ from urllib.parse import unquote
 from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import ConfigError, EdgebundleError
 from edgebundle.fleet.documents import dumps
+from edgebundle.keys import check_id
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
-from edgebundle.sync.keys import check_id
 
 MODEL_FILE = "model.gguf"
 APP_FILE = "app.wasm"

@@ -15,8 +15,8 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
+from edgebundle import keys
 from edgebundle.errors import UsageError
-from edgebundle.fleet import keys
 from edgebundle.fleet.documents import (
     DEFAULT_RETRIES,
     ActualState,
@@ -28,9 +28,9 @@ from edgebundle.fleet.documents import (
     dumps,
     loads,
 )
+from edgebundle.keys import check_id
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client
-from edgebundle.sync.keys import check_id
 
 LEASE_MS = 15_000  # the controller's lease; renewed every pass
 READ_CHUNK = 1000  # keys per MGET when reading the fleet

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgebundle import keys
 from edgebundle.chat import ChatParams, Usage
 from edgebundle.errors import UsageError
 from edgebundle.guest_protocol import MAX_TOKENS
-from edgebundle.sync import keys
 from edgebundle.templates import Message
 
 MAX_STOP_STRINGS = 4  # as OpenAI

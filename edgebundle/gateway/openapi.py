@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgebundle import __version__
+from edgebundle import __version__, keys
 from edgebundle.gateway.openai_api import MAX_STOP_STRINGS
 from edgebundle.gateway.sync_bodies import MAX_VERSION
 from edgebundle.gateway.web import WEB_MEDIA_TYPES
 from edgebundle.guest_protocol import MAX_TOKENS
-from edgebundle.sync import keys
 from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.models import (
     MESSAGE_STATUSES,

@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from edgebundle import keys
 from edgebundle.chat import ChatParams, ChatService
 from edgebundle.errors import (
     BusyError,
@@ -65,7 +66,6 @@ from edgebundle.gateway.sync_bodies import (
     parse,
 )
 from edgebundle.limits import RETRY_AFTER, Full, Limits, Slot, Slots
-from edgebundle.sync import keys
 from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.models import Run, SyncState
 from edgebundle.sync.service import RunEvent, ThreadSync

@@ -31,10 +31,10 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from edgebundle import keys
 from edgebundle.chat import ChatParams
 from edgebundle.errors import UsageError
 from edgebundle.guest_protocol import MAX_TOKENS
-from edgebundle.sync import keys
 from edgebundle.sync.models import MULTITASK_POLICIES
 
 MAX_VERSION = 2**53 - 1  # a thread's version is a Lua number: exact up to here
@@ -49,7 +49,7 @@ def refuse(message: str) -> PydanticCustomError:
 
 
 def string_id(kind: str, field: str) -> Callable[[Any], Any]:
-    """A check of an id of ``kind`` (edgebundle.sync.keys) named ``field`` in messages;
+    """A check of an id of ``kind`` (edgebundle.keys) named ``field`` in messages;
     None passes (an optional id left out)."""
 
     def check(value: Any) -> Any:

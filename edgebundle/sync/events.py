@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from edgebundle import keys
 from edgebundle.errors import UsageError
-from edgebundle.sync import keys
 from edgebundle.sync.backend import BLOCK_SLICE, Backend
 from edgebundle.sync.runs import RunStore
 

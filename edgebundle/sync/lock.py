@@ -46,8 +46,8 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError as _RedisPyError
 
+from edgebundle import keys
 from edgebundle.errors import LeaseLostError, RedisError, ThreadBusyError, UsageError
-from edgebundle.sync import keys
 from edgebundle.sync.backend import (
     BLOCK_SLICE,
     UNAVAILABLE,

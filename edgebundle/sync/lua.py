@@ -71,8 +71,8 @@ from typing import Any
 
 from redis.exceptions import NoPermissionError, ResponseError
 
+from edgebundle import keys
 from edgebundle.errors import RedisError
-from edgebundle.sync import keys
 from edgebundle.sync.client import Client
 
 
@@ -83,7 +83,7 @@ def script_keys(thread_id: str, run_id: str | None = None) -> list[str]:
 
 
 def _key_layout() -> dict[str, str]:
-    """How Lua builds keys of runs it finds by id, taken from :mod:`keys` (one place)."""
+    """How Lua builds keys of runs it finds by id, taken from :mod:`edgebundle.keys` (one place)."""
     thread, run = "T", "RUN0ID"
     tag = os.path.commonprefix([keys.meta(thread), keys.lock(thread), keys.run(thread, run)])
     layout = {"META_SUFFIX_LEN": str(len(keys.meta(thread)) - len(tag))}

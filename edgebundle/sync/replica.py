@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from edgebundle.errors import EpochMismatchError, UsageError
-from edgebundle.sync.keys import check_id
+from edgebundle.keys import check_id
 from edgebundle.sync.models import Message, Run, SyncState
 
 # Runs have no version; their status only moves forward, so a stale copy (an older

@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError as RedisPyError
 
+from edgebundle import keys
 from edgebundle.errors import (
     EpochMismatchError,
     InputTakenError,
@@ -67,7 +68,6 @@ from edgebundle.errors import (
     RedisError,
     ThreadNotFoundError,
 )
-from edgebundle.sync import keys
 from edgebundle.sync.client import Client
 from edgebundle.sync.models import Message, Run, SyncState, dumps
 from edgebundle.sync.service import (

@@ -40,8 +40,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from edgebundle import keys
 from edgebundle.errors import InputTakenError, ThreadBusyError, UsageError
-from edgebundle.sync import keys
 from edgebundle.sync.backend import Backend, new_id, parse_run, parse_state, raise_for
 from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState, dumps
 from edgebundle.sync.store import check_since

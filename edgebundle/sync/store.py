@@ -25,8 +25,8 @@ import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from edgebundle import keys
 from edgebundle.errors import MutationGapError, UsageError
-from edgebundle.sync import keys
 from edgebundle.sync.backend import Backend, new_id, parse_state, raise_for
 from edgebundle.sync.models import MESSAGE_STATUSES, ROLES, SyncState, dumps
 

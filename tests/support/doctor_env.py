@@ -18,6 +18,7 @@ import numpy as np
 from edgebundle.config import Settings
 from edgebundle.doctor import Report, run_doctor
 from edgebundle.fleet.manifest import Manifest
+from edgebundle.fleet.manifest_file import device_target
 from edgebundle.host import HostInfo
 from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
 from tests.support.standin_wasmedge import fake_libwasmedge, fake_plugin, write_standin
@@ -204,6 +205,7 @@ def diagnose(
         lock=lock or write_lock(pins_dir),
         app_pins=app_pins or write_app_pins(pins_dir),
         meminfo=meminfo or write_meminfo(pins_dir, 8 * 1024 * 1024, 6 * 1024 * 1024),
-        manifest=manifest,
+        target=device_target(manifest, settings.get("device_id")  # type: ignore[arg-type]
+                             ) if manifest is not None else None,
         central_redis=central_redis,
     )
