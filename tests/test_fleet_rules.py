@@ -9,8 +9,18 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
+from edgebundle.errors import StateError, UsageError
 from edgebundle.fleet import rules
-from edgebundle.fleet.documents import ActualState, DesiredState, DeviceView, Revision, RolloutState
+from edgebundle.fleet.documents import (
+    ActualState,
+    DesiredState,
+    DeviceView,
+    Revision,
+    RolloutState,
+    loads,
+)
 
 T0 = 1_000_000.0
 OLD = Revision(id="rev-000000000001", fleet="shops", spec={"model": {"name": "a"}})
@@ -162,3 +172,13 @@ def test_a_new_rollout_takes_the_last_completed_revision_as_previous() -> None:
     complete = replace(rollout(), status="complete")
     assert rules.previous_of(complete, "rev-000000000003") == NEW.id
     assert rules.previous_of(replace(rollout(), status="rolled_back"), NEW.id) == OLD.id
+
+
+def test_a_stored_document_that_cannot_be_read_is_a_state_error_not_a_usage_error() -> None:
+    """Exit 1, the store's fault (the command line was right): rewrite it."""
+    for raw in ("{not json", "[1, 2]"):
+        with pytest.raises(StateError) as caught:
+            loads(raw, "the rollout of fleet shops")
+        assert not isinstance(caught.value, UsageError) and caught.value.exit_code == 1
+    with pytest.raises(StateError, match="unknown device status 'dancing'"):
+        ActualState.from_json({"generation": 1, "revision": "rev-1", "status": "dancing"})

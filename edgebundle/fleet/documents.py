@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from edgebundle.errors import UsageError
+from edgebundle.errors import StateError
 
 DEVICE_STATUSES = ("pending", "applying", "healthy", "failed")
 ROLLOUT_STATUSES = ("progressing", "paused", "complete", "rolling_back", "rolled_back",
@@ -49,15 +49,15 @@ def dumps(value: Any) -> str:
 
 
 def loads(raw: str | bytes | None, what: str) -> dict[str, Any] | None:
-    """A JSON object from Redis, None if the key is missing; UsageError if corrupt."""
+    """A JSON object from Redis, None if the key is missing; StateError if corrupt."""
     if raw is None:
         return None
     try:
         value = json.loads(raw)
     except ValueError:
-        raise UsageError(f"{what} in Redis is not valid JSON: rewrite it (fleet apply)") from None
+        raise StateError(f"{what} in Redis is not valid JSON: rewrite it (fleet apply)") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{what} in Redis is not a JSON object: rewrite it (fleet apply)")
+        raise StateError(f"{what} in Redis is not a JSON object: rewrite it (fleet apply)")
     return value
 
 
@@ -125,7 +125,8 @@ class ActualState:
     def from_json(cls, data: dict[str, Any]) -> ActualState:
         status = data.get("status", "pending")
         if status not in DEVICE_STATUSES:
-            raise UsageError(f"unknown device status {status!r} in Redis")
+            raise StateError(f"unknown device status {status!r} in Redis: a newer edgebundle "
+                             "wrote it, or it was changed by hand")
         return cls(generation=int(data.get("generation", 0)), revision=data.get("revision"),
                    status=status, attempts=int(data.get("attempts", 0)),
                    last_error=data.get("last_error"), doctor_ok=data.get("doctor_ok"),
@@ -172,7 +173,8 @@ class RolloutState:
     def from_json(cls, data: dict[str, Any]) -> RolloutState:
         status = data.get("status", "progressing")
         if status not in ROLLOUT_STATUSES:
-            raise UsageError(f"unknown rollout status {status!r} in Redis")
+            raise StateError(f"unknown rollout status {status!r} in Redis: a newer edgebundle "
+                             "wrote it, or it was changed by hand")
         return cls(revision=data["revision"], previous=data.get("previous"), status=status,
                    phase=int(data.get("phase", 0)),
                    phase_started_at=float(data.get("phase_started_at", 0.0)),

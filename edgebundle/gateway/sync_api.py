@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -37,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgebundle import keys
+from edgebundle import keys, sse
 from edgebundle.chat import ChatParams, ChatService
 from edgebundle.errors import (
     BusyError,
@@ -286,11 +285,6 @@ def _resume_from(request: Request) -> str | None:
     return after
 
 
-def _sse(event_type: str, data: Any, event_id: str | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 def _events(sync: ThreadSync, thread_id: str, run_id: str,
             after: str | None) -> AsyncGenerator[RunEvent, None]:
     # SyncService.events is an async generator: close it when the client goes away.
@@ -303,10 +297,10 @@ async def _relay(sync: ThreadSync, thread_id: str, run_id: str,
     try:
         async with aclosing(_events(sync, thread_id, run_id, after)) as events:
             async for event in events:
-                yield _sse(event.type, event.data, event.id)
+                yield sse.encode(event.data, event.type, event.id)
     except EdgebundleError as exc:  # the thread expired or Redis went away mid-stream
         error = api_error(exc)
-        yield _sse("error", {"error": error.code, "message": error.message})
+        yield sse.encode({"error": error.code, "message": error.message}, "error")
 
 
 async def _last_run(sync: ThreadSync, thread_id: str, run_id: str) -> Run:
@@ -331,7 +325,7 @@ async def _turn(runner: RunGenerator, thread_id: str, parsed: RunRequest,
 
     async def stream() -> AsyncIterator[str]:
         if after is None:  # a client resuming after an event id had the opening
-            yield _sse("sync", opening.to_json())
+            yield sse.encode(opening.to_json(), "sync")
         async for chunk in _relay(sync, thread_id, run_id, after):
             yield chunk
 
@@ -346,7 +340,7 @@ async def _watch(sync: ThreadSync, thread_id: str, epoch: str | None,
     first = await anext(changes)  # an unknown thread is a 404, not an empty stream
 
     async def stream() -> AsyncIterator[str]:
-        yield _sse("sync", first.to_json())
+        yield sse.encode(first.to_json(), "sync")
         step: asyncio.Future[SyncState] | None = None
         try:
             while True:
@@ -355,10 +349,10 @@ async def _watch(sync: ThreadSync, thread_id: str, epoch: str | None,
                 step = asyncio.ensure_future(anext(changes))
                 while not (await asyncio.wait({step}, timeout=WATCH_KEEPALIVE))[0]:
                     yield ": keep-alive\n\n"  # proxies close silent streams
-                yield _sse("sync", step.result().to_json())
+                yield sse.encode(step.result().to_json(), "sync")
         except EdgebundleError as exc:
             error = api_error(exc)
-            yield _sse("error", {"error": error.code, "message": error.message})
+            yield sse.encode({"error": error.code, "message": error.message}, "error")
         finally:  # the client went away (or the thread did): stop polling Redis
             if step is not None and not step.done():
                 step.cancel()
