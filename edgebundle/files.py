@@ -32,10 +32,18 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    """``path``'s text (UTF-8) replaced atomically."""
+def write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    """``path``'s text (UTF-8) replaced atomically. With ``mode`` (e.g. 0o600 for a
+    secret) the new file has that mode from its first byte, whatever the umask, so it
+    is never readable by others, not even for a moment."""
     with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        if mode is None:
+            tmp.write_text(text, encoding="utf-8")
+            return
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)  # whatever the umask took away
+            handle.write(text)
 
 
 def switch_link(link: Path, target: str | Path) -> None:

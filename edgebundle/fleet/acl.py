@@ -52,7 +52,6 @@ writes them to a file readable by its owner only (:func:`write_credentials`).
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
@@ -66,7 +65,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import RedisError as _RedisPyError
 
-from edgebundle import keys
+from edgebundle import files, keys
 from edgebundle import keys as sync_keys
 from edgebundle.config import validate_redis_url
 from edgebundle.errors import RedisError, UsageError
@@ -305,18 +304,7 @@ def write_credentials(path: Path, result: ProvisionResult) -> dict[str, Any]:
             "user": creds.user, "password": creds.password, "redis_url": creds.redis_url}
     document["devices"] = dict(sorted(document["devices"].items()))
     document["updated_at"] = time.time()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-        os.chmod(temporary, 0o600)  # whatever the umask did
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    files.write_text(path, json.dumps(document, indent=2) + "\n", mode=0o600)
     return document
 
 

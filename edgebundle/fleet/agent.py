@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -71,6 +70,7 @@ from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle import installer
 from edgebundle.config import Settings, redact_url
+from edgebundle.device_ids import kept_device_id
 from edgebundle.doctor import CheckResult, Report, redis_checks, run_doctor
 from edgebundle.errors import (
     ConfigError,
@@ -133,17 +133,7 @@ def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 def agent_device_id(settings: Settings) -> str:
     """The configured device id, else one made once and kept in ``<home>/state``."""
-    if settings.device_id:
-        return check_id("device", settings.device_id)
-    path = settings.layout.state / DEVICE_ID_FILE
-    with contextlib.suppress(OSError):
-        kept = path.read_text().strip()
-        if kept:
-            return check_id("device", kept)
-    made = f"dev-{secrets.token_hex(6)}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(made + "\n")
-    return made
+    return kept_device_id(settings, DEVICE_ID_FILE, "dev")
 
 
 class AttemptFailed(EdgebundleError):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from edgebundle import files
 from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import ConfigError, EdgebundleError
 from edgebundle.fleet.documents import dumps
@@ -71,10 +72,7 @@ class FleetPaths:
 
 
 def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(dumps(value))
-    os.replace(tmp, path)
+    files.write_text(path, dumps(value))
 
 
 class Staging:
@@ -118,9 +116,7 @@ class Staging:
 
     def switch(self, revision: str) -> None:
         """Point ``current`` at ``revisions/<rev>`` in one rename (never a missing link)."""
-        link = self.paths.root / f".current.{secrets.token_hex(4)}"
-        os.symlink(Path("revisions") / revision, link)
-        os.replace(link, self.paths.current)
+        files.switch_link(self.paths.current, Path("revisions") / revision)
 
     def unswitch(self) -> None:
         """No current revision any more (back to before the first one)."""
