@@ -183,32 +183,18 @@ def _since_query(request: Request) -> int:
 
 
 def _mutations(value: list[Any], limits: Limits) -> list[dict[str, Any]]:
-    """The mutations of a push, each checked in order (sync_bodies.PushBody: the rest)."""
+    """The mutations of a push, each checked in order by the store's own rules
+    (sync.store.check_mutation: one definition of a valid mutation) and the message
+    cap; the first fault is the 400, named by its index."""
     for index, item in enumerate(value):
         where = f"mutations[{index}]"
-        if not isinstance(item, dict):
-            raise _bad(f"{where} must be an object with mid, op and message")
-        mid = item.get("mid")
-        if isinstance(mid, bool) or not isinstance(mid, int) or mid < 1:
-            raise _bad(f"{where}.mid must be a positive integer")
-        if item.get("op") not in ("put", "delete"):
-            raise _bad(f"{where}.op must be put or delete")
-        message = item.get("message")
-        if not isinstance(message, dict):
-            raise _bad(f"{where}.message must be an object")
-        _id("message", message.get("id"), f"{where}.message.id")
-        if item["op"] == "put":
-            if message.get("role") not in ("system", "user", "assistant"):
-                raise _bad(f"{where}.message.role must be system, user or assistant")
-            if not isinstance(message.get("content"), str):
-                raise _bad(f"{where}.message.content must be a string")
-            check_content(limits, message["content"], f"{where}.message.content")
-        try:  # the store's own checks too (status, position <= MAX_POSITION, run_id …)
-            check_mutation(item)
+        try:
+            checked = check_mutation(item)
         except UsageError as exc:
             raise _bad(f"{where}: {exc}") from None
+        if checked["op"] == "put":
+            check_content(limits, checked["message"]["content"], f"{where}.message.content")
     return value
-
 
 
 def parse_run_request(body: dict[str, Any], default_device: str,
