@@ -68,7 +68,7 @@ from typing import Any
 
 from edgebundle import keys
 from edgebundle.sync.client import connect
-from edgebundle.sync.models import Message
+from edgebundle.sync.models import ThreadMessage
 from edgebundle.sync.replication import PROBE_INTERVAL, DeviceSync
 from edgebundle.sync.service import SyncService, ThreadSync
 
@@ -147,23 +147,23 @@ async def offline(device: DeviceSync) -> bool:
 
 
 async def converged(device: DeviceSync, central: SyncService, thread: str,
-                    made: list[Message]) -> bool:
+                    made: list[ThreadMessage]) -> bool:
     status = await device.status()
     return (status.online and status.pending == 0
             and transcript(await messages(central, thread)) == transcript(made))
 
 
-async def messages(service: ThreadSync, thread: str) -> list[Message]:
+async def messages(service: ThreadSync, thread: str) -> list[ThreadMessage]:
     """The thread's visible messages in order."""
     state = await service.sync(thread, None, 0)
     return sorted((m for m in state.messages if not m.deleted), key=lambda m: m.position)
 
 
-def transcript(made: list[Message]) -> list[tuple[str, str, str, str]]:
+def transcript(made: list[ThreadMessage]) -> list[tuple[str, str, str, str]]:
     return [(m.id, m.role, m.content, m.status) for m in made]
 
 
-def as_put(mid: int, message: Message) -> dict[str, Any]:
+def as_put(mid: int, message: ThreadMessage) -> dict[str, Any]:
     """``message`` as a push mutation (without its position: it goes at the end)."""
     fields = {"id": message.id, "role": message.role, "content": message.content,
               "status": message.status, "created_at": message.created_at}

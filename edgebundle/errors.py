@@ -25,7 +25,7 @@ it, because it is what the user reads.
     ├── ModelError                  exit 1   a model file is missing, not GGUF, or truncated
     ├── SupervisorError             exit 1   the supervised process could not be started or kept up
     │   └── GuestProtocolError      exit 1   the chat guest wrote something that is not its protocol
-    ├── RedisError                  exit 1   the sync Redis cannot be reached or refused us
+    ├── RedisAccessError            exit 1   the sync Redis cannot be reached or refused us
     ├── StateError                  exit 1   state stored in Redis or on disk cannot be read
     │                                        (not JSON, an unknown status): the store's fault,
     │                                        not the command line's
@@ -155,7 +155,7 @@ class GuestProtocolError(SupervisorError):
     """The chat guest's stdout broke the protocol (edgebundle.guest_protocol)."""
 
 
-class RedisError(EdgebundleError):
+class RedisAccessError(EdgebundleError):
     """The sync Redis could not be reached, or refused the connection."""
 
 

@@ -65,7 +65,7 @@ from edgebundle.gateway_client import (
     reason,
 )
 from edgebundle.sse import Event
-from edgebundle.sync.models import Message, Run, SyncState
+from edgebundle.sync.models import Run, SyncState, ThreadMessage
 from edgebundle.sync.replica import Replica
 
 CHAT_DEVICE_FILE = "chat-device-id"
@@ -360,13 +360,13 @@ class TerminalChat:
 
     # -- showing messages -----------------------------------------------------------
 
-    def _run_of(self, message: Message) -> Run | None:
+    def _run_of(self, message: ThreadMessage) -> Run | None:
         runs = self.thread.runs()
         if message.run_id is not None:
             return runs.get(message.run_id)
         return next((r for r in runs.values() if r.input_message_id == message.id), None)
 
-    def _label(self, message: Message) -> str:
+    def _label(self, message: ThreadMessage) -> str:
         run = self._run_of(message)
         mine = run is not None and (run.id in self._my_runs
                                     or run.device_id == self.options.device_id)
@@ -375,7 +375,7 @@ class TerminalChat:
         device = run.device_id if run is not None and run.device_id else "elsewhere"
         return f"[{device}] {message.role}: "
 
-    def _show(self, message: Message, label: str | None = None) -> None:
+    def _show(self, message: ThreadMessage, label: str | None = None) -> None:
         """Print what of ``message`` was not printed yet; end its line when it is final."""
         if message.id in self._finished or message.deleted:
             return

@@ -54,14 +54,14 @@ from edgebundle.errors import (
     LeaseLostError,
     MessageTooLargeError,
     QueueFullError,
-    RedisError,
+    RedisAccessError,
     ThreadFullError,
     TooManyRunsError,
     UsageError,
 )
 from edgebundle.limits import RETRY_AFTER, Limits, Slots
 from edgebundle.sync.lock import RunLease
-from edgebundle.sync.models import Message, Run, SyncState
+from edgebundle.sync.models import Run, SyncState, ThreadMessage
 from edgebundle.sync.runs import RunTicket
 from edgebundle.sync.service import ThreadSize, ThreadSync
 from edgebundle.templates import Message as PromptMessage
@@ -103,7 +103,7 @@ def idempotent_input_id(input_id: str | None, idempotency_key: str | None) -> st
 
 
 
-def prompt_messages(messages: tuple[Message, ...], run: Run) -> list[PromptMessage]:
+def prompt_messages(messages: tuple[ThreadMessage, ...], run: Run) -> list[PromptMessage]:
     """The thread as the model sees it for ``run``: the visible messages by position up
     to and including the run's input, minus the reply being written and replies stopped
     before any text (the person saw nothing of them).
@@ -183,7 +183,7 @@ class RunGenerator:
                 await self._write(lease, params)
             except LeaseLostError:
                 pass  # cancelled or interrupted elsewhere: the engine request was stopped
-            except (RedisError, RedisPyError, OSError) as exc:
+            except (RedisAccessError, RedisPyError, OSError) as exc:
                 # Leaving _write stopped the engine request; Redis must hear the end.
                 await self._end_after_outage(lease, exc)
             except EdgebundleError as exc:
@@ -199,7 +199,7 @@ class RunGenerator:
         while True:
             try:
                 return await self.sync.acquire(ticket)
-            except RedisError as exc:
+            except RedisAccessError as exc:
                 if deadline is None:
                     deadline = loop.time() + 2 * self.sync.settings.lease_ms / 1000
                 if loop.time() + delay > deadline:

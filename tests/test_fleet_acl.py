@@ -29,7 +29,7 @@ from redis.exceptions import NoPermissionError, RedisClusterException, ResponseE
 
 from edgebundle import keys
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.errors import RedisError, UsageError
+from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.fleet import acl, controller, operator
 from edgebundle.fleet.device import register
 from edgebundle.fleet.documents import DesiredState, Heartbeat, Revision, dumps
@@ -292,8 +292,9 @@ def test_a_device_says_clearly_when_the_library_is_missing_until_an_admin_loads_
         device = await connect(url_of(result, "kiosk-14"))
         try:
             await admin.function_flush()  # e.g. a restart without persistence
-            with pytest.raises(RedisError, match=rf"functions \({lua.LIBRARY}\) are not loaded"
-                                                 r".*may not load them.*fleet load-functions"):
+            with pytest.raises(RedisAccessError,
+                               match=rf"functions \({lua.LIBRARY}\) are not loaded"
+                                     r".*may not load them.*fleet load-functions"):
                 await SyncService(device).create_thread(new_thread_id())
             loaded = edgebundle("fleet", "load-functions", "--redis-url", acl_redis.url,
                                 home=tmp_path)
@@ -307,8 +308,9 @@ def test_a_device_says_clearly_when_the_library_is_missing_until_an_admin_loads_
             assert result.credentials[0].password not in refused.stderr
             # a user made by an older edgebundle (EVAL, no FCALL) is told what to do
             await admin.execute_command("ACL", "SETUSER", "dev:kiosk-14", "-fcall", "+eval")
-            with pytest.raises(RedisError, match=r"may not run edgebundle's functions .*'fcall'"
-                                                 r".*provision it again"):
+            with pytest.raises(RedisAccessError,
+                               match=r"may not run edgebundle's functions .*'fcall'"
+                                     r".*provision it again"):
                 await SyncService(device).create_thread(new_thread_id())
         finally:
             await device.aclose()
@@ -497,7 +499,7 @@ def test_on_a_cluster_every_node_gets_the_user(cluster_redis: RedisCluster) -> N
                                        revoke_ids=["kiosk-c1"])
             assert done.revoked == ["kiosk-c1"]
             for node in cluster_redis.nodes:  # gone from every node
-                with pytest.raises(RedisError, match="refused the password"):
+                with pytest.raises(RedisAccessError, match="refused the password"):
                     await connect(device_url_on(node, result))
         finally:
             await admin.aclose()
@@ -516,7 +518,7 @@ def test_reprovisioning_rotates_and_revoke_deletes(acl_redis: RedisServer) -> No
         old = await connect(url_of(first, "kiosk-5"))
         second = await provisioned(acl_redis, "kiosk-5")
         assert second.credentials[0].password != first.credentials[0].password
-        with pytest.raises(RedisError, match="refused the password"):
+        with pytest.raises(RedisAccessError, match="refused the password"):
             await connect(url_of(first, "kiosk-5"))
         new = await connect(url_of(second, "kiosk-5"))
         await new.set(keys.actual("kiosk-5"), "{}")
@@ -532,7 +534,7 @@ def test_reprovisioning_rotates_and_revoke_deletes(acl_redis: RedisServer) -> No
             with pytest.raises(Exception):  # noqa: B017 - closed, then refused on reconnect
                 await client.ping()
             await client.aclose()
-        with pytest.raises(RedisError, match="refused the password"):
+        with pytest.raises(RedisAccessError, match="refused the password"):
             await connect(url_of(second, "kiosk-5"))
         again = await provisioned(acl_redis, revoke=("kiosk-5",))
         assert again.revoked == []  # idempotent
@@ -571,7 +573,7 @@ def test_a_user_without_acl_rights_cannot_provision(acl_redis: RedisServer) -> N
         result = await provisioned(acl_redis, "kiosk-8")
         device: Client = await connect(url_of(result, "kiosk-8"))
         try:
-            with pytest.raises(RedisError, match="may not manage ACL users"):
+            with pytest.raises(RedisAccessError, match="may not manage ACL users"):
                 await acl.provision(device, FLEET, ["kiosk-9"], base_url=acl_redis.url)
         finally:
             await device.aclose()

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis
 
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 from edgebundle.sync.local_server import LocalRedis, owner_of
 from tests.support.processes import children, exited, free_port
 from tests.support.redis_server import RedisServer
@@ -209,7 +209,7 @@ def test_without_proc_a_leftover_is_stopped_only_when_it_answers_as_ours(
     state: Path, left: subprocess.Popen[bytes],
 ) -> None:
     local = LocalRedis(state, procfs=False)
-    with pytest.raises(RedisError) as refused:
+    with pytest.raises(RedisAccessError) as refused:
         local.start()  # no port recorded (an older version): it cannot be asked
     assert str(refused.value) == (
         f"a process (pid {left.pid}) named in {state / 'redis.pid'} may be a redis-server "

@@ -36,7 +36,7 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.sync.models import Message, SyncState
+from edgebundle.sync.models import SyncState, ThreadMessage
 from edgebundle.sync.replica import Replica
 from tests.support.devices import Device, messages_of, prompt_tokens, sync_devices
 from tests.support.redis_cluster import RedisCluster
@@ -218,7 +218,7 @@ def _check(peers: list[Peer], gateway: Device, thread_id: str) -> None:
         # Q A: the reply sits right after its own input, whatever the interleaving.
         assert order.index(run["message_id"]) == order.index(input_id) + 1
 
-    server = [Message.from_json(m).to_json() for m in messages]
+    server = [ThreadMessage.from_json(m).to_json() for m in messages]
     for peer in peers:  # built only from what each device received
         mine = peer.replica.snapshot()
         assert (mine["epoch"], mine["version"]) == (full["epoch"], full["version"]), peer.name

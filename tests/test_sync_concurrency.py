@@ -30,7 +30,7 @@ from typing import Any
 
 from edgebundle.errors import LeaseLostError, ThreadBusyError
 from edgebundle.sync.client import Client, connect
-from edgebundle.sync.models import Message, Run, SyncState
+from edgebundle.sync.models import Run, SyncState, ThreadMessage
 from edgebundle.sync.replica import Replica
 from edgebundle.sync.service import RunTicket, SyncService
 
@@ -154,7 +154,7 @@ class Device:
         self.replica.apply_sync(await self.step(
             self.service.push(self.thread, self.name, epoch, since, [mutation])))
 
-    def user_messages(self) -> list[Message]:
+    def user_messages(self) -> list[ThreadMessage]:
         # Devices edit and delete user messages only: assistant messages belong to
         # runs, whose outcome the oracle checks on its own.
         return [m for m in self.replica.messages() if m.role == "user"]
@@ -294,7 +294,7 @@ class Device:
             await asyncio.sleep(self.rng.uniform(0, 0.004))
 
 
-def check_runs(oracle: Oracle, full: list[Message], finals: dict[str, Run]) -> Counter[str]:
+def check_runs(oracle: Oracle, full: list[ThreadMessage], finals: dict[str, Run]) -> Counter[str]:
     """Each run's assistant message against its outcome; how many runs got which check."""
     checked: Counter[str] = Counter()
     by_run = Counter(m.run_id for m in full if m.role == "assistant")
@@ -329,7 +329,7 @@ def check_runs(oracle: Oracle, full: list[Message], finals: dict[str, Run]) -> C
     return checked
 
 
-def check_writes(oracle: Oracle, full: dict[str, Message]) -> None:
+def check_writes(oracle: Oracle, full: dict[str, ThreadMessage]) -> None:
     """Each acknowledged change is there unless a later (higher version) one replaced it."""
     for message_id, writes in oracle.writes.items():
         version, deleted, content = max(writes)

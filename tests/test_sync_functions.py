@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis as redis_py
 
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 from edgebundle.sync import lua
 from edgebundle.sync.client import connect
 from tests.support.redis_cluster import RedisCluster
@@ -94,7 +94,7 @@ def test_a_redis_without_fcall_is_refused_clearly(tmp_path: Path) -> None:
     try:
         async def main() -> None:
             async with sync_service(server.url) as sync:
-                with pytest.raises(RedisError, match=r"older than 7\.0.*Redis 7\.0 or newer"):
+                with pytest.raises(RedisAccessError, match=r"older than 7\.0.*Redis 7\.0 or newer"):
                     await sync.create_thread(new_thread_id())
         asyncio.run(main())
     finally:

@@ -22,7 +22,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from edgebundle import keys
 from edgebundle import keys as sync_keys
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 from edgebundle.fleet import acl
 from edgebundle.fleet.proxy import SyncProxy
 from edgebundle.fleet.proxy_session import MAX_PENDING
@@ -249,7 +249,7 @@ def test_revoking_a_device_closes_its_proxied_connection(acl_redis: RedisServer)
             with pytest.raises(Exception):  # noqa: B017 - closed, then refused on reconnect
                 await device.fcall_ro(lua.function_name("version"), 0)
             await device.aclose()
-            with pytest.raises(RedisError, match="refused the password"):
+            with pytest.raises(RedisAccessError, match="refused the password"):
                 await connect(url_of(result, "till-4"))
         finally:
             await proxy.close()

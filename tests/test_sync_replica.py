@@ -12,19 +12,19 @@ from typing import Any
 import pytest
 
 from edgebundle.errors import EpochMismatchError, UsageError
-from edgebundle.sync.models import Message, Run, SyncState
+from edgebundle.sync.models import Run, SyncState, ThreadMessage
 from edgebundle.sync.replica import Replica
 
 T = "thread-r1"
 
 
-def msg(id_: str, version: int, content: str = "", **kw: Any) -> Message:
+def msg(id_: str, version: int, content: str = "", **kw: Any) -> ThreadMessage:
     fields: dict[str, Any] = {"role": "user", "position": float(version)}
     fields.update(kw)
-    return Message(id=id_, content=content or f"{id_}@{version}", version=version, **fields)
+    return ThreadMessage(id=id_, content=content or f"{id_}@{version}", version=version, **fields)
 
 
-def state(version: int, *messages: Message, full: bool = False, epoch: str = "e1",
+def state(version: int, *messages: ThreadMessage, full: bool = False, epoch: str = "e1",
           active: Run | None = None, queued: tuple[Run, ...] = ()) -> SyncState:
     return SyncState(id=T, epoch=epoch, version=version, full=full, messages=messages,
                      active_run=active, queued_runs=queued)
@@ -89,7 +89,7 @@ def test_events_stream_text_once_and_never_move_the_cursor() -> None:
     replica = Replica(T)
     replica.apply_sync(state(2, msg("u1", 2), full=True))
     assistant = msg("a1", 3, "", role="assistant", status="in_progress", run_id="r1")
-    assistant = Message.from_json({**assistant.to_json(), "content": ""})
+    assistant = ThreadMessage.from_json({**assistant.to_json(), "content": ""})
     replica.apply_event("message.created", {"message": assistant.to_json()})
     for seq, text in [(1, "Hel"), (2, "lo"), (2, "lo"), (1, "Hel"), (3, " world")]:
         replica.apply_event("message.delta", {"message_id": "a1", "seq": seq, "text": text})
@@ -108,7 +108,7 @@ def test_events_stream_text_once_and_never_move_the_cursor() -> None:
 
 def test_a_replayed_stream_read_twice_gives_the_same_text() -> None:
     """Two readers (or a resumed one) applying overlapping event ranges agree."""
-    created = Message(id="a", role="assistant", content="", status="in_progress",
+    created = ThreadMessage(id="a", role="assistant", content="", status="in_progress",
                       version=5, position=5.0)
     texts = [f"t{i} " for i in range(20)]
     deltas = [{"message_id": "a", "seq": i + 1, "text": t} for i, t in enumerate(texts)]
@@ -177,8 +177,8 @@ def test_any_grouping_of_diffs_converges_to_the_full_state() -> None:
     at different moments (every change, now and then, only at the end): all equal
     the full state."""
     rng = random.Random(7)
-    server: dict[str, Message] = {}
-    history: list[Message] = []  # every change, in version order
+    server: dict[str, ThreadMessage] = {}
+    history: list[ThreadMessage] = []  # every change, in version order
     for version in range(1, 201):
         live = [m for m in server.values() if not m.deleted]
         roll = rng.random()
@@ -186,11 +186,11 @@ def test_any_grouping_of_diffs_converges_to_the_full_state() -> None:
             changed = msg(f"m{version}", version, position=float(version))
         elif roll < 0.8:
             old = rng.choice(live)
-            changed = Message.from_json({**old.to_json(), "version": version,
+            changed = ThreadMessage.from_json({**old.to_json(), "version": version,
                                          "content": f"edit@{version}"})
         else:
             old = rng.choice(live)
-            changed = Message.from_json({**old.to_json(), "version": version,
+            changed = ThreadMessage.from_json({**old.to_json(), "version": version,
                                          "content": "", "deleted": True})
         server[changed.id] = changed
         history.append(changed)

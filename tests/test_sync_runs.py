@@ -12,12 +12,12 @@ import pytest
 from edgebundle import keys
 from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
 from edgebundle.gateway.sync_api import prompt_messages
-from edgebundle.sync.models import Message, SyncState
+from edgebundle.sync.models import SyncState, ThreadMessage
 from edgebundle.sync.service import RunLease, RunTicket, SyncService
 from tests.support.sync import collect, delete, new_thread_id, put, sync_service, turn
 
 
-def message(state: SyncState, message_id: str | None) -> Message:
+def message(state: SyncState, message_id: str | None) -> ThreadMessage:
     return next(m for m in state.messages if m.id == message_id)
 
 

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgebundle.config import load_settings, redact_url
-from edgebundle.errors import RedisError, UsageError
+from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.fleet import controller, operator
 from edgebundle.fleet.acl import (
     ACCESS_MODES,
@@ -348,5 +348,5 @@ async def _load_library(redis: Client) -> int:
     try:
         return await lua.load_library(redis)
     except NoPermissionError as exc:
-        raise RedisError(f"this Redis user may not load functions ({exc}): pass --redis-url "
+        raise RedisAccessError(f"this Redis user may not load functions ({exc}): pass --redis-url "
                          "with an admin user's credentials") from None

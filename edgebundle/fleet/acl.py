@@ -68,7 +68,7 @@ from redis.exceptions import RedisError as _RedisPyError
 from edgebundle import files, keys
 from edgebundle import keys as sync_keys
 from edgebundle.config import validate_redis_url
-from edgebundle.errors import RedisError, UsageError
+from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 
@@ -175,18 +175,18 @@ async def _acl(redis: Client, *args: str) -> Any:
     return await redis.execute_command("ACL", *args)  # type: ignore[no-untyped-call]
 
 
-def _refused(exc: Exception, secret: str | None = None) -> RedisError:
+def _refused(exc: Exception, secret: str | None = None) -> RedisAccessError:
     """The error to show for ``exc``, never with ``secret`` in it (redis-py's messages
     may quote the whole command)."""
     text = str(exc)
     if secret:
         text = text.replace(secret, "***")
     if isinstance(exc, NoPermissionError):
-        return RedisError(f"the Redis user may not manage ACL users or load functions "
+        return RedisAccessError(f"the Redis user may not manage ACL users or load functions "
                           f"({text}): pass --redis-url with an admin user's credentials")
     if isinstance(exc, ResponseError):
-        return RedisError(f"Redis refused to change ACL users: {text}")
-    return RedisError(f"cannot provision devices on Redis: {text}")
+        return RedisAccessError(f"Redis refused to change ACL users: {text}")
+    return RedisAccessError(f"cannot provision devices on Redis: {text}")
 
 
 async def _save(redis: Client) -> bool:

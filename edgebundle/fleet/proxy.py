@@ -37,7 +37,7 @@ and rewrites the node addresses in ``CLUSTER SLOTS`` replies and in ``MOVED``/``
 redirections to its own, so a device's cluster client only ever talks to the proxy.
 Nodes are found when the proxy starts; restart it after adding nodes.
 
-Errors: :class:`edgebundle.errors.RedisError` when the upstream Redis cannot be reached
+Errors: :class:`edgebundle.errors.RedisAccessError` when the upstream Redis cannot be reached
 at start, :class:`edgebundle.errors.UsageError` for a bad address or TLS files.
 """
 
@@ -48,7 +48,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from edgebundle.config import redact_url
-from edgebundle.errors import RedisError, UsageError
+from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.fleet.proxy_session import DeviceSession, Routes, Upstream, open_privileged
 from edgebundle.fleet.resp import LINE_LIMIT, Address, call, node_text, parse_reply
 
@@ -74,7 +74,7 @@ class SyncProxy:
         try:
             reader, writer = await open_privileged(self.upstream, address, b"0")
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            raise RedisError(f"the proxy cannot reach Redis at "
+            raise RedisAccessError(f"the proxy cannot reach Redis at "
                              f"{redact_url(self.upstream_url)}: {exc}") from None
         try:
             raw = await call(reader, writer, [b"CLUSTER", b"SLOTS"])

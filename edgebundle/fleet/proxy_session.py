@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from edgebundle import keys as sync_keys
 from edgebundle.config import validate_redis_url
-from edgebundle.errors import RedisError, UsageError
+from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.fleet.resp import (
     Address,
     Node,
@@ -121,7 +121,7 @@ async def open_privileged(upstream: Upstream, node: Address, db: bytes, protocol
         answer = await call(reader, writer, command)
         if answer.startswith((b"-", b"!")):
             writer.close()
-            raise RedisError(f"Redis refused the proxy's {command[0].decode()}: "
+            raise RedisAccessError(f"Redis refused the proxy's {command[0].decode()}: "
                              f"{answer.decode(errors='replace').strip()}")
     return reader, writer
 
@@ -312,7 +312,7 @@ class DeviceSession:
                 self.privileged = await open_privileged(self.upstream, self.node, self.db,
                                                                    self.protocol)
             except (OSError, asyncio.IncompleteReadError, TimeoutError,
-                    RedisError) as exc:
+                    RedisAccessError) as exc:
                 log.warning("proxy: cannot open its own connection to Redis at %s:%d: %s",
                             *self.node, exc)
                 self._refuse("ERR the edgebundle proxy cannot reach Redis")

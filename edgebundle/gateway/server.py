@@ -21,7 +21,7 @@ import uvicorn
 from edgebundle.chat import ChatService, ChatSetup
 from edgebundle.config import Settings
 from edgebundle.engine import READY_TIMEOUT, Engine
-from edgebundle.errors import EdgebundleError, RedisError, SupervisorError, UsageError
+from edgebundle.errors import EdgebundleError, RedisAccessError, SupervisorError, UsageError
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.gateway.guard import guard_settings
 from edgebundle.limits import Limits, blocking_connections
@@ -161,7 +161,7 @@ async def _sync_for(settings: Settings, redis_url: str, local_url: str | None,
     local = await _service(local_url, blocking)
     try:
         central: SyncService | None = await connect_central()
-    except RedisError as exc:  # a device that boots offline serves at once
+    except RedisAccessError as exc:  # a device that boots offline serves at once
         log.warning("the central Redis is unreachable (%s): serving offline from the local "
                     "store until it answers", exc)
         central = None

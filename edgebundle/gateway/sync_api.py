@@ -46,7 +46,7 @@ from edgebundle.errors import (
     MessageTooLargeError,
     OfflineError,
     QueueFullError,
-    RedisError,
+    RedisAccessError,
     RunNotFoundError,
     ThreadBusyError,
     ThreadFullError,
@@ -137,7 +137,7 @@ def api_error(exc: EdgebundleError) -> ApiError:
         return ApiError(409, "run_ended", str(exc))
     if isinstance(exc, UsageError):
         return ApiError(400, "invalid_request", str(exc))
-    if isinstance(exc, RedisError):
+    if isinstance(exc, RedisAccessError):
         return redis_unavailable(exc)
     if isinstance(exc, OfflineError):
         return ApiError(503, "offline", str(exc))

@@ -30,7 +30,7 @@ from edgebundle.errors import (
 )
 from edgebundle.sync.client import Client
 from edgebundle.sync.lua import Function, Functions, script_keys
-from edgebundle.sync.models import Message, Run, SyncState
+from edgebundle.sync.models import Run, SyncState, ThreadMessage
 
 # The longest one blocking command (XREAD BLOCK, BLPOP) may wait, in s: redis-py gives
 # every connection a read timeout (5 s by default in redis-py 8.x) that a longer block
@@ -105,8 +105,8 @@ def parse_state(thread_id: str, parts: Sequence[Any]) -> SyncState:
     )
 
 
-def parse_message(raw: str) -> Message:
-    return Message.from_json(_document(raw, "a message"))
+def parse_message(raw: str) -> ThreadMessage:
+    return ThreadMessage.from_json(_document(raw, "a message"))
 
 
 def parse_run(raw: str) -> Run:

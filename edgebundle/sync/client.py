@@ -31,7 +31,7 @@ from redis.exceptions import RedisError as _RedisPyError
 from redis.exceptions import TimeoutError as _TimeoutError
 
 from edgebundle.config import redact_url, validate_redis_url
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 
 Client = aioredis.Redis | RedisCluster
 
@@ -48,7 +48,7 @@ def _retry() -> Retry:
 
 async def connect(url: str, *, pool_size: int = POOL_SIZE, wait_for_pool: bool = False,
                   **options: Any) -> Client:
-    """A connected client for ``url``; RedisError with a clear line if it cannot be.
+    """A connected client for ``url``; RedisAccessError with a clear line if it cannot be.
 
     Its pool holds ``pool_size`` connections at most (per node of a cluster). A command
     that finds them all busy fails ("Too many connections", retried like a lost
@@ -72,10 +72,10 @@ async def connect(url: str, *, pool_size: int = POOL_SIZE, wait_for_pool: bool =
         info = await probe.info("cluster")
     except AuthenticationError:
         await probe.aclose()
-        raise RedisError(f"Redis at {redact_url(url)} refused the password") from None
+        raise RedisAccessError(f"Redis at {redact_url(url)} refused the password") from None
     except (_RedisPyError, OSError) as exc:
         await probe.aclose()
-        raise RedisError(f"cannot reach Redis at {redact_url(url)}: {exc}") from None
+        raise RedisAccessError(f"cannot reach Redis at {redact_url(url)}: {exc}") from None
     if int(info.get("cluster_enabled", 0)) != 1:
         return probe
     await probe.aclose()

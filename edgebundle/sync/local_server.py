@@ -85,7 +85,7 @@ import redis
 
 from edgebundle.config import Settings, redact_url
 from edgebundle.device_ids import kept_device_id
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 
 START_TIMEOUT = 10.0  # s; an AOF of a small device loads in well under a second
 STOP_TIMEOUT = 10.0
@@ -209,7 +209,7 @@ class LocalRedis:
     def start(self) -> LocalRedis:
         binary = self.binary or shutil.which("redis-server")
         if binary is None:
-            raise RedisError(
+            raise RedisAccessError(
                 "redis-server is not installed and no --redis-url was given: install it "
                 "(./install.sh --with-redis, or apt install redis-server) or pass --redis-url"
             )
@@ -226,7 +226,7 @@ class LocalRedis:
                                             preexec_fn=_dies_with_parent(),
                                             umask=0o077)  # its files: 0600 (module doc)
         except OSError as exc:
-            raise RedisError(f"cannot start {binary} ({exc.strerror or exc}): install "
+            raise RedisAccessError(f"cannot start {binary} ({exc.strerror or exc}): install "
                              "redis-server or pass --redis-url") from None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -234,7 +234,7 @@ class LocalRedis:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() \
                     else []
                 self.process = None
-                raise RedisError(
+                raise RedisAccessError(
                     f"the private redis-server exited at start ({' '.join(tail) or 'no log'}); "
                     f"log: {log}, or pass --redis-url"
                 )
@@ -246,8 +246,8 @@ class LocalRedis:
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise RedisError(f"the private redis-server did not listen within {START_TIMEOUT:g} s; "
-                         f"log: {log}")
+        raise RedisAccessError(f"the private redis-server did not listen within "
+                               f"{START_TIMEOUT:g} s; log: {log}")
 
     def _stop_a_leftover(self, name: str) -> None:
         """Stop a server an earlier ``run`` left on this directory (module docstring):
@@ -260,7 +260,7 @@ class LocalRedis:
             owner = owner_of(pid, self.directory, _read_int(self.portfile), names=(name,),
                              procfs=self.procfs, password=self.password)
             if owner == "unknown":
-                raise RedisError(
+                raise RedisAccessError(
                     f"a process (pid {pid}) named in {self.pidfile} may be a redis-server "
                     f"left by an earlier `edgebundle run` on {self.directory}, but it cannot "
                     f"be shown to be one: stop it (kill {pid}) and start again, or pass "
@@ -356,7 +356,7 @@ def _terminate(pid: int, pidfd: int | None) -> None:
                 return
             if select.select([pidfd], [], [], STOP_TIMEOUT)[0]:  # readable: it exited
                 return
-        raise RedisError(f"the redis-server (pid {pid}) left by an earlier `edgebundle run` "
+        raise RedisAccessError(f"the redis-server (pid {pid}) left by an earlier `edgebundle run` "
                          "did not exit after SIGKILL")
     try:
         os.kill(pid, signal.SIGTERM)
@@ -367,7 +367,7 @@ def _terminate(pid: int, pidfd: int | None) -> None:
         if _exited(pid):
             return
         time.sleep(0.05)
-    raise RedisError(f"the redis-server (pid {pid}) left by an earlier `edgebundle run` did "
+    raise RedisAccessError(f"the redis-server (pid {pid}) left by an earlier `edgebundle run` did "
                      f"not stop within {STOP_TIMEOUT:g} s of SIGTERM: stop it (kill -9 {pid}) "
                      "and start again, or pass --redis-url")
 

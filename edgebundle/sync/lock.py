@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError as _RedisPyError
 
 from edgebundle import keys
-from edgebundle.errors import LeaseLostError, RedisError, ThreadBusyError, UsageError
+from edgebundle.errors import LeaseLostError, RedisAccessError, ThreadBusyError, UsageError
 from edgebundle.sync.backend import (
     BLOCK_SLICE,
     UNAVAILABLE,
@@ -58,7 +58,7 @@ from edgebundle.sync.backend import (
     raise_for,
 )
 from edgebundle.sync.lua import Function
-from edgebundle.sync.models import Message, Run, SyncState, dumps
+from edgebundle.sync.models import Run, SyncState, ThreadMessage, dumps
 from edgebundle.sync.runs import RunTicket
 from edgebundle.sync.store import ThreadStore
 
@@ -114,7 +114,7 @@ class RunLease:
     the run (with the exception's text, if any) and always stops the watchdog.
     """
 
-    def __init__(self, backend: Backend, run: Run, message: Message, fence: int,
+    def __init__(self, backend: Backend, run: Run, message: ThreadMessage, fence: int,
                  token: str) -> None:
         self.run = run
         self.fence = fence
@@ -270,7 +270,7 @@ class RunLease:
         while True:
             try:
                 return await call()
-            except (*UNAVAILABLE, RedisError) as exc:
+            except (*UNAVAILABLE, RedisAccessError) as exc:
                 left = self._lease_until - loop.time()
                 if left <= delay:
                     raise

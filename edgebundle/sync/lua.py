@@ -19,7 +19,7 @@ code: ``FCALL eb_<v>_push`` runs exactly the code this module holds, or answers
 Loading. :class:`Functions` calls FCALL; on "Function not found" it loads the
 library (``FUNCTION LOAD REPLACE``; on a cluster on every primary, and replicas copy
 it) and calls again, so a private Redis, or a central Redis without ACL users, works
-with no setup. A device user may not load: it gets a RedisError saying that an admin
+with no setup. A device user may not load: it gets a RedisAccessError saying that an admin
 loads the library, which ``edgebundle fleet provision`` and ``edgebundle fleet
 load-functions`` do. Redis keeps functions in its RDB/AOF; a Redis that restarted
 without persistence has lost them (and every thread): callers that may, load again.
@@ -72,7 +72,7 @@ from typing import Any
 from redis.exceptions import NoPermissionError, ResponseError
 
 from edgebundle import keys
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 from edgebundle.sync.client import Client
 
 
@@ -815,15 +815,15 @@ def _missing(exc: ResponseError) -> bool:
     return "function not found" in str(exc).lower()
 
 
-def _refusal(exc: ResponseError, what: str) -> RedisError | None:
+def _refusal(exc: ResponseError, what: str) -> RedisAccessError | None:
     """The clear error for a Redis that cannot run edgebundle's functions at all."""
     text = str(exc)
     if "unknown command" in text.lower() and "fcall" in text.lower():
-        return RedisError(
+        return RedisAccessError(
             f"this Redis cannot {what}: it has no FCALL, so it is older than 7.0; edgebundle "
             "calls its Lua as Redis Functions, which need Redis 7.0 or newer: upgrade it")
     if isinstance(exc, NoPermissionError) and "'fcall" in text.lower():
-        return RedisError(
+        return RedisAccessError(
             f"this Redis user may not {what} ({text}): a device user made by an older "
             "edgebundle has EVAL instead of FCALL; provision it again "
             "(edgebundle fleet provision FLEET --device ID)")
@@ -834,7 +834,7 @@ async def load_library(redis: Client) -> int:
     """FUNCTION LOAD REPLACE the library (on a cluster: on every primary, whose replicas
     copy it); the number of nodes it was loaded on. Loading it again is harmless: the
     name carries the version, so REPLACE only ever puts back the same code. A user that
-    may not load gets redis-py's NoPermissionError; a Redis older than 7.0 a RedisError."""
+    may not load gets redis-py's NoPermissionError; a Redis older than 7.0 a RedisAccessError."""
     try:
         reply = await redis.function_load(SOURCE, replace=True)
     except NoPermissionError:
@@ -858,7 +858,7 @@ class Function:
 
 class Functions:
     """The library on one client: FCALL, and FUNCTION LOAD when Redis answers "Function
-    not found" and this user may load (else a RedisError saying who can)."""
+    not found" and this user may load (else a RedisAccessError saying who can)."""
 
     def __init__(self, redis: Client) -> None:
         self.redis = redis
@@ -908,7 +908,7 @@ class Functions:
             try:
                 await load_library(self.redis)
             except NoPermissionError as exc:
-                raise RedisError(
+                raise RedisAccessError(
                     f"the edgebundle functions ({LIBRARY}) are not loaded on this Redis and "
                     f"this user may not load them ({exc}): an admin loads them with "
                     "`edgebundle fleet load-functions --redis-url ADMIN_URL` (provisioning "

@@ -22,7 +22,7 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Message:
+class ThreadMessage:
     id: str
     role: str
     content: str
@@ -37,14 +37,8 @@ class Message:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Message:
+    def from_json(cls, data: dict[str, Any]) -> ThreadMessage:
         return cls(**_known(cls, data))
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,7 @@ class SyncState:
     epoch: str
     version: int
     full: bool
-    messages: tuple[Message, ...] = ()
+    messages: tuple[ThreadMessage, ...] = ()
     active_run: Run | None = None
     queued_runs: tuple[Run, ...] = field(default_factory=tuple)
 
@@ -98,7 +92,7 @@ class SyncState:
             epoch=data["epoch"],
             version=int(data["version"]),
             full=bool(data["full"]),
-            messages=tuple(Message.from_json(m) for m in data.get("messages", [])),
+            messages=tuple(ThreadMessage.from_json(m) for m in data.get("messages", [])),
             active_run=Run.from_json(data["active_run"]) if data.get("active_run") else None,
             queued_runs=tuple(Run.from_json(r) for r in data.get("queued_runs", [])),
         )

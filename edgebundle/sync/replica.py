@@ -27,7 +27,7 @@ from typing import Any
 
 from edgebundle.errors import EpochMismatchError, UsageError
 from edgebundle.keys import check_id
-from edgebundle.sync.models import Message, Run, SyncState
+from edgebundle.sync.models import Run, SyncState, ThreadMessage
 
 # Runs have no version; their status only moves forward, so a stale copy (an older
 # sync object's active_run after run.completed arrived) is recognised by its rank.
@@ -47,7 +47,7 @@ class Replica:
         self.version = 0
         self.active_run: Run | None = None
         self.queued_runs: tuple[Run, ...] = ()
-        self._messages: dict[str, Message] = {}
+        self._messages: dict[str, ThreadMessage] = {}
         self._runs: dict[str, Run] = {}
         # message id -> (last applied delta seq, streamed text so far)
         self._streamed: dict[str, tuple[int, str]] = {}
@@ -101,7 +101,7 @@ class Replica:
         Unknown types are ignored, so an older replica can follow a newer server.
         """
         if type_ in ("message.created", "message.completed"):
-            self._merge(Message.from_json(dict(data["message"])))
+            self._merge(ThreadMessage.from_json(dict(data["message"])))
         elif type_ == "message.delta":
             self._delta(str(data["message_id"]), int(data["seq"]), str(data["text"]))
         elif type_.startswith("run."):
@@ -109,7 +109,7 @@ class Replica:
         elif type_ == "sync":
             self.apply_sync(SyncState.from_json(dict(data)))
 
-    def _merge(self, message: Message) -> None:
+    def _merge(self, message: ThreadMessage) -> None:
         current = self._messages.get(message.id)
         # Equal versions are the same change (streamed text is kept apart, in _streamed).
         if current is None or message.version > current.version:
@@ -147,24 +147,24 @@ class Replica:
 
     # -- what the device shows -----------------------------------------------------------
 
-    def messages(self) -> list[Message]:
+    def messages(self) -> list[ThreadMessage]:
         """Visible messages in thread order (no tombstones), streamed text included."""
         visible = [self._shown(m) for m in self._messages.values() if not m.deleted]
         return sorted(visible, key=lambda m: (m.position, m.id))
 
-    def message(self, message_id: str) -> Message | None:
+    def message(self, message_id: str) -> ThreadMessage | None:
         """The copy of one message (tombstone included), or None if never received."""
         stored = self._messages.get(message_id)
         return None if stored is None else self._shown(stored)
 
-    def _shown(self, message: Message) -> Message:
+    def _shown(self, message: ThreadMessage) -> ThreadMessage:
         streamed = self._streamed.get(message.id)
         if message.status != "in_progress" or streamed is None:
             return message
         # The stored in-progress copy may hold text the server saved so far; the
         # stream's text starts from the beginning, so the longer one is the newer.
         text = streamed[1] if len(streamed[1]) >= len(message.content) else message.content
-        return Message.from_json({**message.to_json(), "content": text})
+        return ThreadMessage.from_json({**message.to_json(), "content": text})
 
     def runs(self) -> dict[str, Run]:
         """Every run this device heard of, by id, in its latest known state."""

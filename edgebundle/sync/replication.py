@@ -65,11 +65,11 @@ from edgebundle.errors import (
     InputTakenError,
     MutationGapError,
     OfflineError,
-    RedisError,
+    RedisAccessError,
     ThreadNotFoundError,
 )
 from edgebundle.sync.client import Client
-from edgebundle.sync.models import Message, Run, SyncState, dumps
+from edgebundle.sync.models import Run, SyncState, ThreadMessage, dumps
 from edgebundle.sync.service import (
     RunEvent,
     RunLease,
@@ -147,7 +147,7 @@ class DeviceSync:
     @property
     def central(self) -> SyncService:
         if self._central is None:
-            raise RedisError("the central Redis has not been reachable since this device "
+            raise RedisAccessError("the central Redis has not been reachable since this device "
                              "started")
         return self._central
 
@@ -249,7 +249,7 @@ class DeviceSync:
                         break  # moved: go on from the other store
                     try:
                         state = step.result()
-                    except RedisError:
+                    except RedisAccessError:
                         if store is self.local or self._online:
                             raise
                         break  # the link went: the next round serves the local copy
@@ -308,7 +308,7 @@ class DeviceSync:
         if store is not self.local:
             try:
                 result = await do(store)
-            except RedisError as exc:
+            except RedisAccessError as exc:
                 if not self._central_failed(exc):
                     raise  # a blip (a restart): 503, the client retries with the same ids
                 store = self.local
@@ -444,7 +444,7 @@ class DeviceSync:
                     await self._heal_all()
                 elif self._online:
                     await self._mirror_all()
-            except (RedisError, RedisPyError, OSError) as exc:
+            except (RedisAccessError, RedisPyError, OSError) as exc:
                 log.warning("replication paused: %s", exc)  # the probe judges the link
             except Exception:  # noqa: BLE001 (the loop must survive one thread's trouble)
                 log.exception("replication round failed; trying again")
@@ -616,7 +616,7 @@ class DeviceSync:
         await self.central.push(thread_id, me, epoch, 0, outbox)
 
 
-def _copy(message: Message, *, position: bool = True) -> dict[str, Any]:
+def _copy(message: ThreadMessage, *, position: bool = True) -> dict[str, Any]:
     """A message as a push mutation carries it."""
     fields: dict[str, Any] = {"id": message.id, "role": message.role,
                               "content": message.content, "status": message.status,

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from edgebundle import keys
 from edgebundle.errors import InputTakenError, ThreadBusyError, UsageError
 from edgebundle.sync.backend import Backend, new_id, parse_run, parse_state, raise_for
-from edgebundle.sync.models import MULTITASK_POLICIES, Message, Run, SyncState, dumps
+from edgebundle.sync.models import MULTITASK_POLICIES, Run, SyncState, ThreadMessage, dumps
 from edgebundle.sync.store import check_since
 
 
@@ -82,7 +82,7 @@ class RunStore:
                   message_id=new_id("msg"),
                   input_message_id=keys.check_id("message", input_id or new_id("msg")),
                   created_at=now)
-        message = Message(id=run.input_message_id or "", role="user", content=content,
+        message = ThreadMessage(id=run.input_message_id or "", role="user", content=content,
                           created_at=now).to_json()
         message["position"] = None  # the next free position, given by the function
         reply = await self._backend.call(

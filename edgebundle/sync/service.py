@@ -21,7 +21,7 @@ and any device follows it with ``async for event in sync.events(thread, run_id)`
 
 Redis unavailable (down, restarting, unreachable after the client's own reconnect
 attempts, see :mod:`~edgebundle.sync.client`): every method here, and every step of
-``events`` and ``watch``, raises :class:`~edgebundle.errors.RedisError` with one line
+``events`` and ``watch``, raises :class:`~edgebundle.errors.RedisAccessError` with one line
 saying so, never a driver exception; the next call reconnects by itself. A
 :class:`RunLease` (the holder's side) raises the driver's errors as they are: its
 holder decides what to do with a run it cannot write (see
@@ -34,7 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, 
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
-from edgebundle.errors import RedisError
+from edgebundle.errors import RedisAccessError
 from edgebundle.sync.backend import UNAVAILABLE, Backend, SyncSettings
 from edgebundle.sync.client import Client
 from edgebundle.sync.events import RunEvent, follow
@@ -51,11 +51,11 @@ T = TypeVar("T")
 
 @contextmanager
 def redis_errors() -> Iterator[None]:
-    """Turn the driver's "Redis is not there" errors into one clear RedisError."""
+    """Turn the driver's "Redis is not there" errors into one clear RedisAccessError."""
     try:
         yield
     except UNAVAILABLE as exc:
-        raise RedisError(f"Redis is unavailable ({exc or type(exc).__name__}): it is retried "
+        raise RedisAccessError(f"Redis is unavailable ({exc or type(exc).__name__}): it is retried "
                          "by itself when it is back; check the Redis server") from exc
 
 
