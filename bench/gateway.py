@@ -76,7 +76,7 @@ from typing import Any
 
 import httpx
 
-from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta, chat_setup
+from edgebundle.completion import ChatParams, ChatService, Finished, TextDelta, chat_setup
 from edgebundle.config import Settings, load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine

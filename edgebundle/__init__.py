@@ -13,7 +13,7 @@ Layers, each importing only those below it (the folder tree shows them)::
     gateway/                  HTTP: OpenAI API, sync API, web page, metrics
     turns.py, limits.py       a turn on a synced thread, and the device's caps (no HTTP)
     doctor/                   the checks (and --probe)
-    chat.py, context_window   prompts, stop strings, context windows
+    completion.py, context_window   prompts, stop strings, context windows
     engine.py                 one supervised chat guest and its protocol
     sync/                     threads in Redis: functions, runs, replication
     runtime/                  wasmedge or the embedded runtime: launch, supervise
@@ -37,7 +37,7 @@ _API = {
     "launch_spec": "edgebundle.serving",
     "run_doctor": "edgebundle.doctor",
     "Engine": "edgebundle.engine",
-    "ChatService": "edgebundle.chat",
+    "ChatService": "edgebundle.completion",
     "SyncService": "edgebundle.sync.service",
     "connect": "edgebundle.sync.client",
     "install": "edgebundle.installer",

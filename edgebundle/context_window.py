@@ -35,7 +35,7 @@ parsed), as cheaply as possible:
    still refuses as too long (it reports its token count) teaches the estimate that
    prompt's ratio and is fitted again, at most :data:`ESTIMATE_ATTEMPTS` times.
 
-No I/O and no HTTP here: the chat (:meth:`edgebundle.chat.ChatService.complete`)
+No I/O and no HTTP here: the chat (:meth:`edgebundle.completion.ChatService.complete`)
 sends the window's prompt and reports :attr:`Window.dropped`.
 """
 

@@ -18,7 +18,7 @@ End. A consumer that stops iterating (a client that went away) is handled the sa
 way in the background, so the next request never sees the old one's output.
 
 :class:`ChatEngine` is what the layers above need of an engine (the chat's
-:class:`~edgebundle.chat.ChatService`, the gateway's health and metrics): the boundary
+:class:`~edgebundle.completion.ChatService`, the gateway's health and metrics): the boundary
 where a test puts a double in place of the guest process.
 """
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from edgebundle import apps
-from edgebundle.chat import (
+from edgebundle.completion import (
     ChatParams,
     ChatService,
     Finished,

@@ -1,12 +1,12 @@
 """A turn of a synced thread, without HTTP: start it, check the caps, generate its run.
 
 Owns the turn's core, what the gateway's sync routes (:mod:`edgebundle.gateway.sync_api`)
-and chat completions with ``thread_id`` (:mod:`edgebundle.gateway.thread_chat`) share,
+and chat completions with ``thread_id`` (:mod:`edgebundle.gateway.thread_completions`) share,
 and what any other front end (the terminal chat, offline replication) can call as it is:
 :func:`start_turn` (refuse a turn the caps leave no room for, start it idempotently,
 generate it here), :func:`check_room` and its parts, :func:`prompt_messages` (the thread
 as the model sees it) and :class:`RunGenerator`. It depends on the sync core
-(:mod:`edgebundle.sync`) and the chat (:mod:`edgebundle.chat`), never on the gateway;
+(:mod:`edgebundle.sync`) and the chat (:mod:`edgebundle.completion`), never on the gateway;
 what it refuses it raises as the project's errors (:mod:`edgebundle.errors`), which the
 gateway maps to HTTP statuses at its boundary.
 
@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError as RedisPyError
 
-from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta, Usage
+from edgebundle.completion import ChatParams, ChatService, Finished, TextDelta, Usage
 from edgebundle.context_window import check_policy
 from edgebundle.errors import (
     EdgebundleError,

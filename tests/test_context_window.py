@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebundle.chat import ChatParams, ChatService, Finished, TextDelta
+from edgebundle.completion import ChatParams, ChatService, Finished, TextDelta
 from edgebundle.config import load_settings
 from edgebundle.context_window import (
     ContextWindow,

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edgebundle.chat import ChatService
+from edgebundle.completion import ChatService
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.limits import Limits
 from edgebundle.sync.client import connect

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.routing import Route
 
-from edgebundle.chat import ChatService, chat_setup
+from edgebundle.completion import ChatService, chat_setup
 from edgebundle.config import load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgebundle.chat import ChatParams
+from edgebundle.completion import ChatParams
 from edgebundle.errors import UsageError
 from edgebundle.gateway.sync_bodies import (
     MAX_VERSION,

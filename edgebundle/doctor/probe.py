@@ -22,7 +22,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
-from edgebundle.chat import ChatParams, ChatService, TextDelta, chat_setup
+from edgebundle.completion import ChatParams, ChatService, TextDelta, chat_setup
 from edgebundle.config import Settings
 from edgebundle.demo_model import DEMO_REPLY
 from edgebundle.doctor.report import CheckResult, fail, ok, warn

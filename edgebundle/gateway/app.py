@@ -3,7 +3,7 @@
 Routes (docs/api.md): ``GET /healthz`` (503 while the model loads), ``GET
 /metrics`` (Prometheus, :mod:`.metrics`), ``GET /openapi.json`` (the spec of every
 route, :mod:`.openapi`), ``GET /v1/models``, ``POST /v1/chat/completions`` (stream or
-not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_chat`), and the sync
+not; with ``thread_id`` a turn of a synced thread, :mod:`.thread_completions`), and the sync
 routes (:mod:`.sync_api`) when sync is on. With an API key every route but /healthz
 needs ``Authorization: Bearer <key>`` (the spec too, as docs/api.md says; it holds no data,
 but a device answers nothing but its probe to strangers). Before the key, every
@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgebundle import sse
-from edgebundle.chat import ChatService, Finished, TextDelta, Usage
+from edgebundle.completion import ChatService, Finished, TextDelta, Usage
 from edgebundle.engine import ChatEngine
 from edgebundle.errors import UsageError
 from edgebundle.gateway.guard import GuardSettings, RequestGuard
@@ -44,7 +44,7 @@ from edgebundle.gateway.openai_api import (
 )
 from edgebundle.gateway.openapi import build_spec
 from edgebundle.gateway.sync_api import ApiError, holding, sync_routes
-from edgebundle.gateway.thread_chat import ThreadChat
+from edgebundle.gateway.thread_completions import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
 from edgebundle.sync.replication import DeviceSync
 from edgebundle.turns import RunGenerator
@@ -77,10 +77,10 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
     :mod:`edgebundle.limits` are those of ``state.runs``."""
     metrics = GatewayMetrics()
     runner: RunGenerator | None = None
-    thread_chat: ThreadChat | None = None
+    thread_completions: ThreadChat | None = None
     if state.sync is not None:
         runner = state.runs or RunGenerator(state.sync, state.chat)
-        thread_chat = ThreadChat(runner, state.device_id)
+        thread_completions = ThreadChat(runner, state.device_id)
     spec = build_spec(state.model_id, sync=state.sync is not None,
                       api_key=bool(api_key))  # fmt: skip
 
@@ -109,10 +109,10 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
             parsed = parse_chat_request(body)
         except BadRequest as exc:
             return _error(400, exc.message, exc.param, exc.code)
-        if parsed.thread_id is None or thread_chat is None:
+        if parsed.thread_id is None or thread_completions is None:
             return await answer(parsed, request)
         try:  # a turn: held against the device's cap on turns (edgebundle.limits)
-            return await holding(thread_chat.runner.turns, parsed.thread_id, "turns",
+            return await holding(thread_completions.runner.turns, parsed.thread_id, "turns",
                                  lambda: answer(parsed, request))
         except ApiError as exc:
             return _sync_error(exc)
@@ -121,12 +121,12 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
         try:
             if parsed.thread_id is None:
                 events = state.chat.complete(parsed.messages, parsed.params)
-            elif thread_chat is None:
+            elif thread_completions is None:
                 raise BadRequest("thread_id needs sync, and this device serves without it: "
                                  "start `edgebundle run` with --redis-url (or install "
                                  "redis-server), or leave thread_id out", "thread_id")
             else:
-                events = thread_chat.complete(parsed, request.headers.get("idempotency-key"))
+                events = thread_completions.complete(parsed, request.headers.get("idempotency-key"))
             first = await anext(events)  # renders first: a bad conversation is still a 400
         except BadRequest as exc:
             return _error(400, exc.message, exc.param, exc.code)

@@ -5,7 +5,7 @@ error object ``{"error": {"message", "type", "param", "code"}}``), which the off
 clients parse. Validation is strict about what we use and quiet about the rest:
 unknown fields are ignored (clients send many), but a field we use with a wrong type
 or range is a 400 naming the field. One extension: ``thread_id`` names a synced thread
-the exchange belongs to (see :mod:`edgebundle.gateway.thread_chat`).
+the exchange belongs to (see :mod:`edgebundle.gateway.thread_completions`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgebundle import keys
-from edgebundle.chat import ChatParams, Usage
+from edgebundle.completion import ChatParams, Usage
 from edgebundle.errors import UsageError
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.templates import Message

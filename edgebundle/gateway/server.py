@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from edgebundle.chat import ChatService, ChatSetup
+from edgebundle.completion import ChatService, ChatSetup
 from edgebundle.config import Settings
 from edgebundle.engine import READY_TIMEOUT, Engine
 from edgebundle.errors import EdgebundleError, RedisAccessError, SupervisorError, UsageError

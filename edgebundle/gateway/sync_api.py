@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edgebundle import keys, sse
-from edgebundle.chat import ChatParams, ChatService
+from edgebundle.completion import ChatParams, ChatService
 from edgebundle.errors import (
     BusyError,
     EdgebundleError,

@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from edgebundle import keys
-from edgebundle.chat import ChatParams
+from edgebundle.completion import ChatParams
 from edgebundle.errors import UsageError
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.sync.models import MULTITASK_POLICIES

@@ -51,7 +51,7 @@ from typing import Any, cast
 
 from redis.exceptions import RedisError as RedisPyError
 
-from edgebundle.chat import Finished, TextDelta, Usage
+from edgebundle.completion import Finished, TextDelta, Usage
 from edgebundle.errors import (
     EdgebundleError,
     EpochMismatchError,

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from edgebundle.chat import ChatParams, ChatService, Finished, StopScanner, TextDelta
+from edgebundle.completion import ChatParams, ChatService, Finished, StopScanner, TextDelta
 from edgebundle.config import load_settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.engine import Engine
