@@ -178,7 +178,8 @@ class ChatService:
         """
         if not fit_context or self.window is None:
             prompt = self.render(messages)
-            if self.window is not None:
+            if self.window is not None and not self.window.surely_fits(prompt):
+                # counting may load the vocabulary and tokenize: not on the loop
                 tokens = await asyncio.to_thread(self.window.over_limit, prompt)
                 if tokens is not None:
                     yield Finished("prompt_too_long", Usage(input_tokens=tokens))

@@ -314,11 +314,17 @@ class ContextWindow:
         return fit_window(messages, render, budget=budget, limit=limit, count=self.estimate,
                           bound=self.bound)
 
+    def surely_fits(self, prompt: str) -> bool:
+        """The byte bound alone shows that the guest takes ``prompt`` (no vocabulary
+        loaded, nothing tokenized: what most requests need)."""
+        return self.bound is not None and self.bound(prompt) <= guest_limit(self.ctx_size)
+
     def over_limit(self, prompt: str) -> int | None:
         """The token count of ``prompt`` when it is certainly more than the guest takes
         (so it is refused before the guest sees it: genuine WasmEdge's plugin would log
-        the refusal on the guest's stdout), else None. Only an exact count decides."""
-        if self.counter is None:
+        the refusal on the guest's stdout), else None. Only an exact count decides,
+        and only where the byte bound cannot (:meth:`surely_fits`)."""
+        if self.counter is None or self.surely_fits(prompt):
             return None
         try:
             tokens = self.counter(prompt)
