@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -59,6 +60,13 @@ def loads(raw: str | bytes | None, what: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise StateError(f"{what} in Redis is not a JSON object: rewrite it (fleet apply)")
     return value
+
+
+def _known_status(status: Any, known: Sequence[str], what: str) -> str:
+    if status not in known:
+        raise StateError(f"unknown {what} status {status!r} in Redis: a newer edgebundle "
+                         "wrote it, or it was changed by hand")
+    return str(status)
 
 
 @dataclass(frozen=True)
@@ -123,10 +131,7 @@ class ActualState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ActualState:
-        status = data.get("status", "pending")
-        if status not in DEVICE_STATUSES:
-            raise StateError(f"unknown device status {status!r} in Redis: a newer edgebundle "
-                             "wrote it, or it was changed by hand")
+        status = _known_status(data.get("status", "pending"), DEVICE_STATUSES, "device")
         return cls(generation=int(data.get("generation", 0)), revision=data.get("revision"),
                    status=status, attempts=int(data.get("attempts", 0)),
                    last_error=data.get("last_error"), doctor_ok=data.get("doctor_ok"),
@@ -171,10 +176,7 @@ class RolloutState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RolloutState:
-        status = data.get("status", "progressing")
-        if status not in ROLLOUT_STATUSES:
-            raise StateError(f"unknown rollout status {status!r} in Redis: a newer edgebundle "
-                             "wrote it, or it was changed by hand")
+        status = _known_status(data.get("status", "progressing"), ROLLOUT_STATUSES, "rollout")
         return cls(revision=data["revision"], previous=data.get("previous"), status=status,
                    phase=int(data.get("phase", 0)),
                    phase_started_at=float(data.get("phase_started_at", 0.0)),

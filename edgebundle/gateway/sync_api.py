@@ -164,13 +164,12 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
 
 
-def _id(kind: str, value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise _bad(f"{field} must be a string id")
+def _path_id(request: Request, kind: str) -> str:
+    """The ``<kind>_id`` of the route's path, checked (path parameters are strings)."""
     try:
-        return keys.check_id(kind, value)
+        return keys.check_id(kind, request.path_params[f"{kind}_id"])
     except UsageError as exc:
-        raise _bad(f"{field}: {exc}") from None
+        raise _bad(f"{kind} id: {exc}") from None
 
 
 def _since_query(request: Request) -> int:
@@ -363,20 +362,20 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         return JSONResponse(state.to_json(), status_code=201)
 
     async def get_thread(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        thread_id = _path_id(request, "thread")
         epoch = epoch_of(request.query_params.get("epoch"))
         state = await sync.sync(thread_id, epoch, _since_query(request))
         return JSONResponse(state.to_json())
 
     async def watch_thread(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        thread_id = _path_id(request, "thread")
         epoch = epoch_of(request.query_params.get("epoch"))
         since = _since_query(request)
         return await holding(streams, thread_id, "streams",
                              lambda: _watch(sync, thread_id, epoch, since))
 
     async def push(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        thread_id = _path_id(request, "thread")
         # device_id has no default: its None is refused, after a missing epoch.
         given = parse(PushBody, await _body(request), device_id=None)
         mutations = _mutations(given.mutations, limits)
@@ -388,7 +387,7 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         return JSONResponse(state.to_json())
 
     async def start_run(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
+        thread_id = _path_id(request, "thread")
         after = _resume_from(request)
         parsed = parse_run_request(await _body(request), device_id,
                                    request.headers.get("idempotency-key"))
@@ -396,13 +395,13 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
                              lambda: _turn(runner, thread_id, parsed, after))
 
     async def get_run(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        run = await sync.get_run(thread_id, _id("run", request.path_params["run_id"], "run id"))
+        thread_id = _path_id(request, "thread")
+        run = await sync.get_run(thread_id, _path_id(request, "run"))
         return JSONResponse(run.to_json())
 
     async def run_events(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        run_id = _id("run", request.path_params["run_id"], "run id")
+        thread_id = _path_id(request, "thread")
+        run_id = _path_id(request, "run")
         after = _resume_from(request)
 
         async def answer() -> Response:
@@ -413,8 +412,8 @@ def sync_routes(sync: ThreadSync, chat: ChatService, device_id: str,
         return await holding(streams, thread_id, "streams", answer)
 
     async def cancel_run(request: Request) -> Response:
-        thread_id = _id("thread", request.path_params["thread_id"], "thread id")
-        run_id = _id("run", request.path_params["run_id"], "run id")
+        thread_id = _path_id(request, "thread")
+        run_id = _path_id(request, "run")
         given = parse(CancelBody, await _body(request, optional=True), device_id=device_id)
         run = await sync.cancel_run(thread_id, run_id, given.device_id, given.content_seen)
         return JSONResponse(run.to_json())
