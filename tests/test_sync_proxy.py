@@ -342,3 +342,40 @@ def test_a_long_pipeline_comes_back_whole_and_in_order(acl_redis: RedisServer) -
             await proxy.close()
 
     asyncio.run(main())
+
+
+def test_a_redis_restart_under_a_proxied_device_is_ridden_out(tmp_path: Path) -> None:
+    """redis-server SIGKILLed and restarted on its AOF while a device works through the
+    proxy: the device's client reconnects by itself (the proxy closes a connection it
+    cannot carry on, as Redis would), and every acknowledged turn is still there."""
+    server = RedisServer(tmp_path / "redis", password=ADMIN_PASSWORD, aclfile=True,
+                         aof=True).start()
+
+    async def main() -> None:
+        proxy = SyncProxy(server.url, port=0)
+        [port] = await proxy.start()
+        try:
+            result = await provision(server.url, f"redis://127.0.0.1:{port}", "till-r")
+            device = await connect(url_of(result, "till-r"))
+            sync = SyncService(device)
+            try:
+                thread_id = (await sync.create_thread(new_thread_id())).id
+                await turn(sync, thread_id, "till-r", "before", "the restart")
+                server.kill()
+                restart = asyncio.get_running_loop().call_later(0.5, server.start)
+                try:
+                    await turn(sync, thread_id, "till-r", "after", "it")  # waits it out
+                finally:
+                    restart.cancel()
+                state = await sync.sync(thread_id, None, 0)
+                assert [m.content for m in sorted(state.messages, key=lambda m: m.position)] \
+                    == ["before", "the restart", "after", "it"]
+            finally:
+                await sync.aclose()
+        finally:
+            await proxy.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

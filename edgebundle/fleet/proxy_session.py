@@ -141,6 +141,14 @@ class _Reply:
     then_pipe: bool = False  # a subscription: from now on pass everything through
 
 
+def _unreachable(node: Address, exc: BaseException) -> ConnectionError:
+    """Redis cannot be reached: the device's connection is closed, as a direct one would
+    be, so its client reconnects with backoff and rides out a restart (an error reply
+    would reach it as a refusal, not as a lost connection)."""
+    log.warning("proxy: cannot reach Redis at %s:%d: %s", *node, exc)
+    return ConnectionError(f"Redis at {node[0]}:{node[1]} unreachable")
+
+
 class DeviceSession:
     """One device connection: ``serve()`` until either side ends it."""
 
@@ -243,9 +251,7 @@ class DeviceSession:
                 selected = await call(reader, writer, [b"SELECT", self.db])
                 accepted = selected.startswith(b"+")
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            log.warning("proxy: cannot reach Redis at %s:%d: %s", *self.node, exc)
-            self._refuse("ERR the edgebundle proxy cannot reach Redis")
-            return
+            raise _unreachable(self.node, exc) from None
         if not accepted:
             writer.close()
             self._owe(_Reply(ready=answer))
@@ -311,11 +317,11 @@ class DeviceSession:
             try:
                 self.privileged = await open_privileged(self.upstream, self.node, self.db,
                                                                    self.protocol)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError,
-                    RedisAccessError) as exc:
-                log.warning("proxy: cannot open its own connection to Redis at %s:%d: %s",
-                            *self.node, exc)
-                self._refuse("ERR the edgebundle proxy cannot reach Redis")
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                raise _unreachable(self.node, exc) from None
+            except RedisAccessError as exc:  # Redis refused the proxy's own credentials
+                log.warning("proxy: %s", exc)
+                self._refuse("ERR the edgebundle proxy cannot log in to Redis")
                 return
             self.privileged_db = self.db
             self.privileged_protocol = self.protocol
