@@ -16,11 +16,9 @@ model (so it needs nothing but the installation), and reports:
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from contextlib import aclosing
 from dataclasses import replace
-from pathlib import Path
 
 from edgebundle.completion import ChatParams, ChatService, TextDelta, chat_setup
 from edgebundle.config import Settings
@@ -54,8 +52,8 @@ async def _probe(settings: Settings, wasmedge_failures: WasmEdgeFailures) -> Che
     demo = replace(settings, model=None, app=None, app_kind=None, template=None)
     spec = resolve_launch(demo, wasmedge_failures=wasmedge_failures)
     setup = chat_setup(demo, spec)
-    log_dir = Path(tempfile.mkdtemp(prefix="edgebundle-probe-"))
-    engine = Engine(spec, log_path=log_dir / "probe.log")
+    log_path = settings.layout.logs / "probe.log"  # kept with the device's other logs
+    engine = Engine(spec, log_path=log_path)
     started = time.monotonic()
     await engine.start()
     start_s = time.monotonic() - started
@@ -75,7 +73,7 @@ async def _probe(settings: Settings, wasmedge_failures: WasmEdgeFailures) -> Che
     threads = _threads(spec.argv)
     if reply.strip() != DEMO_REPLY:
         return fail(PROBE, f"{spec.runtime}: the demo model answered {reply[:60]!r}, not its "
-                           f"scripted reply (guest log: {log_dir / 'probe.log'})",
+                           f"scripted reply (guest log: {log_path})",
                     "reinstall the runtime (./install.sh) or run with --runtime embedded")
     first_ms = (times[0] - asked) * 1000
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
@@ -84,7 +82,7 @@ async def _probe(settings: Settings, wasmedge_failures: WasmEdgeFailures) -> Che
     problems = []
     if engine.foreign_lines:
         problems.append(f"{engine.foreign_lines} line(s) of the runtime's log on the guest's "
-                        f"stdout (see {log_dir / 'probe.log'})")
+                        f"stdout (see {log_path})")
     if engine.restarts:
         problems.append(f"the guest was restarted {engine.restarts} time(s)")
     if rate and rate < SLOW_TOKENS_PER_S:
