@@ -280,3 +280,52 @@ def test_with_no_threads_anywhere_the_plugin_default_of_4_runs(chat: Guest) -> N
     chat.context(config='{"ctx-size": 256}')
     graph = chat.nn.graphs[0]
     assert graph is not None and llama_cpp.llama_n_threads(graph.ctx) == 4
+
+
+def _prompt_tokens_evaluated(graph: ggml.Graph) -> int:
+    """llama.cpp's own count of prompt tokens evaluated since the last reset."""
+    return int(llama_cpp.llama_perf_context(graph.ctx).n_p_eval)
+
+
+def test_a_prompt_evaluates_only_what_follows_the_prefix_the_context_holds(
+        chat: Guest, models: dict[str, Path]) -> None:
+    """Unlike the plugin (which clears the KV cache at every set_input and compute), the
+    graph keeps it: a thread's next turn evaluates its new message, not the history,
+    and answers exactly what a fresh graph answers."""
+    ctx = chat.context()
+    graph = chat.nn.graphs[0]
+    assert graph is not None
+    first = llama3_prompt("hello")
+    assert chat.generate(ctx, first) == 0
+    reply = chat.output(ctx, 0)[1]
+    follow_up = (first + reply + b"<|start_header_id|>user<|end_header_id|>\n\nand then?"
+                 b"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    # The scripted tokenizer spells the reply's text in other tokens than it generated,
+    # so what is shared is the first prompt (a real vocabulary shares the reply too).
+    history, whole = len(graph.tokenize(first)), len(graph.tokenize(follow_up))
+
+    def evaluated(prompt: bytes, context: int = ctx) -> tuple[int, bytes, bytes]:
+        llama_cpp.llama_perf_context_reset(graph.ctx)
+        assert chat.generate(context, prompt) == 0
+        return (_prompt_tokens_evaluated(graph), chat.output(context, 0)[1],
+                chat.output(context, 1)[1])
+
+    fresh = Guest([Preload("default", "ggml", "auto", str(models["chat"]))])
+    fresh_ctx = fresh.context()
+    assert fresh.generate(fresh_ctx, follow_up) == 0
+    expected = (fresh.output(fresh_ctx, 0)[1], fresh.output(fresh_ctx, 1)[1])
+
+    count, text, info = evaluated(follow_up)
+    assert (text, info) == expected
+    assert 0 < count <= whole - history
+    assert evaluated(follow_up)[:2] == (1, expected[0])  # the same prompt: its last token
+    other = llama3_prompt("something else entirely")
+    held, wanted = list(graph.tokenize(follow_up)), list(graph.tokenize(other))
+    shared = next(i for i, (a, b) in enumerate(zip(held, wanted, strict=False)) if a != b)
+    assert 0 < shared < 20  # the template's opening
+    assert evaluated(other)[0] == len(wanted) - shared
+    # Another execution context of the graph moved its KV cache: still exact.
+    second = chat.context()
+    assert evaluated(first, second)[1] == reply
+    count, text, info = evaluated(follow_up)
+    assert (text, info) == expected and count <= whole - history

@@ -21,7 +21,15 @@ compute/inference_manager.cpp):
   output 1: ``{"input_tokens": N, "output_tokens": M, "llama_build_number": B,
   "llama_commit": "C"}``.
 
-Differences, on purpose: the sampler is rebuilt whenever any sampling option
+Differences, on purpose: the KV cache is kept between prompts. The plugin clears it
+at every set_input and compute (GGML/core/input_processor.cpp, compute/
+inference_manager.cpp clearContext), so every turn evaluates its whole prompt again;
+here the graph remembers which tokens its context holds (:attr:`Graph.cached`) and a
+new prompt evaluates only what follows the longest common prefix (at least its last
+token, for the logits). A chat thread's next turn starts with the whole previous
+turn, so its first token costs the new message, not the history: what llama.cpp's
+own server and llama_cpp.server do. The guest sees the same outputs (input_tokens
+counts the whole prompt). The sampler is rebuilt whenever any sampling option
 changes (the plugin checks only temp, top-p, penalties, grammar and seed). Like the
 plugin (GGML/core/ggml_core.cpp), ``ctx-size``, ``batch-size`` and ``threads`` take
 effect at load only (give them in load_by_name_with_config's config), prompt batches
@@ -110,6 +118,16 @@ class Graph:
         self.n_vocab = 0
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
+        # The tokens whose keys and values the context holds, at positions 0..len-1 of
+        # sequence 0: what a next prompt may reuse.
+        self.cached: list[int] = []
+
+    def forget(self, keep: int = 0) -> None:
+        """Drop the context's keys and values from position ``keep`` on."""
+        if keep <= 0 or not _llama.llama_memory_seq_rm(self.memory, 0, keep, -1):
+            _llama.llama_memory_clear(self.memory, True)
+            keep = 0
+        del self.cached[keep:]
 
     def load(self) -> None:
         if not self.path or not os.path.exists(self.path):
@@ -148,6 +166,7 @@ class Graph:
 
     def unload(self) -> None:
         lib = _llama
+        self.cached = []
         if self.ctx is not None:
             lib.llama_free(self.ctx)
             self.ctx = self.memory = None
@@ -247,7 +266,6 @@ class ExecutionContext:
 
     def set_prompt(self, raw: bytes) -> None:
         graph = self._require_graph()
-        _llama.llama_memory_clear(graph.memory, True)
         self.inputs = graph.tokenize(raw)
         self.n_inputs = len(self.inputs)
         self.single_started = False
@@ -373,8 +391,8 @@ class ExecutionContext:
         self._sampler_for = replace(s)
 
     def _clear(self) -> None:
-        """clearContext: empty KV cache, reset sampler, forget outputs."""
-        _llama.llama_memory_clear(self.graph.memory, True)
+        """clearContext: reset sampler, forget outputs (the KV cache is kept for the
+        next prompt's common prefix: see the module doc)."""
         _llama.llama_sampler_reset(self.sampler)
         self.npos = 0
         self.outputs.clear()
@@ -395,8 +413,17 @@ class ExecutionContext:
     def _evaluate_prompt(self) -> int:
         graph = self.graph
         n = self.n_inputs
-        if self.npos + n > graph.n_ctx:
+        if n > graph.n_ctx:
             return CONTEXT_FULL
+        inputs = self.inputs
+        cached = graph.cached
+        reuse = 0
+        limit = min(len(cached), n - 1)  # the last prompt token is evaluated for its logits
+        while reuse < limit and cached[reuse] == inputs[reuse]:
+            reuse += 1
+        graph.forget(reuse)
+        reuse = len(graph.cached)
+        self.npos = reuse
         step = max(1, min(graph.settings.batch_size, graph.n_batch))
         if self._batch is None or self._batch_size != step:
             if self._batch is not None:
@@ -406,8 +433,7 @@ class ExecutionContext:
         batch = self._batch
         tokens, pos, n_seq, seq, logits = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id,
                                            batch.logits)
-        inputs = self.inputs
-        for start in range(0, n, step):
+        for start in range(reuse, n, step):
             count = min(step, n - start)
             for j in range(count):
                 tokens[j] = inputs[start + j]
@@ -418,8 +444,9 @@ class ExecutionContext:
             if start + count >= n:
                 logits[count - 1] = 1
             batch.n_tokens = count
+            self._decode(batch)
             self.npos += count
-            self._check_decode(_llama.llama_decode(graph.ctx, batch))
+            cached.extend(inputs[start:start + count])
         return SUCCESS
 
     def _sample(self, *, single: bool) -> int:
@@ -445,11 +472,16 @@ class ExecutionContext:
             return CONTEXT_FULL
         self._one_token[0] = token
         self._one_pos[0] = self.npos
+        self._decode(self._one)
         self.npos += 1
-        status = lib.llama_decode(graph.ctx, self._one)
-        if status:
-            self._check_decode(status)
+        graph.cached.append(token)
         return SUCCESS
+
+    def _decode(self, batch: Any) -> None:
+        status = _llama.llama_decode(self.graph.ctx, batch)
+        if status:
+            self.graph.forget()  # what the context holds is unknown now: nothing to reuse
+            self._check_decode(status)
 
     @staticmethod
     def _check_decode(status: int) -> None:
