@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -41,6 +42,8 @@ MAX_VERSION = 2**53 - 1  # a thread's version is a Lua number: exact up to here
 OURS = "invalid_request"  # the error type of a check of ours, its message in ctx
 
 M = TypeVar("M", bound="Body")
+# What keys.check_id accepts, for the OpenAPI schema (anchored: patterns match anywhere).
+ID_SCHEMA = WithJsonSchema({"type": "string", "pattern": f"^{keys.ID_CHARS}$"})
 
 
 def refuse(message: str) -> PydanticCustomError:
@@ -48,15 +51,16 @@ def refuse(message: str) -> PydanticCustomError:
     return PydanticCustomError(OURS, "{message}", {"message": message})
 
 
-def string_id(kind: str, field: str) -> Callable[[Any], Any]:
-    """A check of an id of ``kind`` (edgebundle.keys) named ``field`` in messages;
-    None passes (an optional id left out)."""
+def string_id(kind: str, field: str, what: str = "a string id") -> Callable[[Any], Any]:
+    """A check of an id of ``kind`` (edgebundle.keys) named ``field`` in messages, which
+    say a value that is no string is not ``what``; None passes (an optional id left out).
+    Its JSON schema is :data:`ID_SCHEMA` (the check is code, so pydantic cannot tell)."""
 
     def check(value: Any) -> Any:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise refuse(f"{field} must be a string id")
+            raise refuse(f"{field} must be {what}")
         try:
             return keys.check_id(kind, value)
         except UsageError as exc:
