@@ -114,12 +114,13 @@ THREAD_ID = ("Extension: the exchange is a turn of this synced thread. The last 
 
 class ChatBody(_Wire):
     """The body of ``POST /v1/chat/completions``. Unknown fields are ignored, as OpenAI
-    clients send many. Of several things wrong the one answered is the first field's,
-    in this order (the order the API has always checked them in)."""
+    clients send many. Of several things wrong the one answered is the first field's in
+    the order they are declared (the order the API has always checked them in)."""
 
     model: str | None = Field(None, description="Ignored: the device serves one model.")
     n: Literal[1] | None = None
-    tools: Annotated[list[Any] | None, Field(max_length=0)] = None  # not supported
+    tools: Annotated[list[Any] | None, Field(
+        max_length=0, description="Not supported: absent, null or [].")] = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_completion_tokens: Tokens = None
