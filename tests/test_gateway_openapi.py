@@ -105,7 +105,7 @@ def test_every_route_of_the_app_is_in_the_spec_and_nothing_else(
     assert {"/metrics", "/healthz", WATCH, "/v1/chat/completions"} <= set(spec["paths"])
     # The documented details the clients rely on.
     chat = spec["paths"]["/v1/chat/completions"]["post"]
-    body = spec["components"]["schemas"]["ChatCompletionRequest"]
+    body = spec["components"]["schemas"]["ChatBody"]
     assert "thread_id" in body["properties"] and body["required"] == ["messages"]
     assert chat["responses"]["400"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/OpenAIError"}

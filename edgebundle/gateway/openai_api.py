@@ -13,13 +13,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from edgebundle import keys
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails
+
 from edgebundle.completion import ChatParams, Usage
-from edgebundle.errors import UsageError
+from edgebundle.gateway.sync_bodies import ID_SCHEMA, OURS, string_id
 from edgebundle.guest_protocol import MAX_TOKENS
 from edgebundle.templates import Message
 
@@ -72,157 +79,159 @@ class ChatRequest:
     input_id: str | None = None  # with thread_id: the turn's input id (a retry names it again)
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate a /v1/chat/completions body; BadRequest on the first problem."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("model must be a string", "model")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise BadRequest("only n=1 is supported", "n")
-    if body.get("tools"):
-        raise BadRequest("tools are not supported by this server", "tools")
-    stream = _optional(body, "stream", bool) or False
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise BadRequest("stream_options must be an object", "stream_options")
-    include_usage = bool(options and _optional(options, "include_usage", bool, "stream_options."))
-    max_tokens = _optional(body, "max_completion_tokens", int)
-    if max_tokens is None:
-        max_tokens = _optional(body, "max_tokens", int)
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest("max_tokens must be at least 1", "max_tokens")
-    if max_tokens is not None and max_tokens > MAX_TOKENS:
-        raise BadRequest(f"max_tokens must be at most {MAX_TOKENS}", "max_tokens")
-    params = ChatParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0),
-        seed=_seed(body),
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
-        stop=_stop(body.get("stop")),
-    )
-    return ChatRequest(
-        messages=_messages(body.get("messages")),
-        params=params,
-        stream=stream,
-        include_usage=include_usage,
-        model=model,
-        thread_id=_thread_id(body.get("thread_id")),
-        input_id=_input_id(body.get("input_id")),
-    )
+class _Wire(BaseModel):
+    # JSON's types as they are (no "1" for 1, no true for 1); unknown keys are ignored.
+    model_config = ConfigDict(strict=True, frozen=True, protected_namespaces=())
 
 
-def _input_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest("input_id must be a string (the id of the turn's input message)",
-                         "input_id")
-    try:
-        return keys.check_id("message", value)
-    except UsageError as exc:
-        raise BadRequest(f"input_id: {exc}", "input_id") from None
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
 
 
-def _thread_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest("thread_id must be a string (the id of a synced thread)", "thread_id")
-    try:
-        return keys.check_id("thread", value)
-    except UsageError as exc:
-        raise BadRequest(f"thread_id: {exc}", "thread_id") from None
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def message(self) -> Message:
+        """As the templates take it: the text parts joined, "developer" a system prompt."""
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content)
+        return Message(ROLE_ALIASES.get(self.role, self.role), text)
 
 
-def _optional(body: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    # bool is an int in Python; JSON true is not a number.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        name = {bool: "a boolean", int: "an integer"}.get(kind, kind.__name__)
-        raise BadRequest(f"{prefix}{key} must be {name}", prefix + key)
-    return value
+class StreamOptions(_Wire):
+    include_usage: bool | None = None
 
 
 SEED_LIMIT = 2**63  # the plugin reads seed as an int64: 2^64-1 fails it (1), 2^70 (2)
+Tokens = Annotated[int | None, Field(ge=1, le=MAX_TOKENS)]
+Penalty = Annotated[float | None, Field(ge=-2, le=2)]
+THREAD_ID = ("Extension: the exchange is a turn of this synced thread. The last message must "
+             "be the user's; the prompt is the thread's history; a new thread is created and "
+             "seeded with the earlier messages (system ones excluded).")
 
 
-def _seed(body: Mapping[str, Any]) -> int | None:
-    """A seed the plugin takes, refused here before the guest sees it (genuine WasmEdge
-    would log the refusal on the guest's stdout and fail the request)."""
-    seed: int | None = _optional(body, "seed", int)
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise BadRequest(f"seed must be between 0 and {SEED_LIMIT - 1}", "seed")
-    return seed
+class ChatBody(_Wire):
+    """The body of ``POST /v1/chat/completions``. Unknown fields are ignored, as OpenAI
+    clients send many. Of several things wrong the one answered is the first field's in
+    the order they are declared (the order the API has always checked them in)."""
+
+    model: str | None = Field(None, description="Ignored: the device serves one model.")
+    n: Literal[1] | None = None
+    tools: Annotated[list[Any] | None, Field(
+        max_length=0, description="Not supported: absent, null or [].")] = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_completion_tokens: Tokens = None
+    max_tokens: Tokens = None
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
+    top_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    # A seed the plugin takes, refused here before the guest sees it (genuine WasmEdge
+    # would log the refusal on the guest's stdout and fail the request).
+    seed: Annotated[int | None, Field(ge=0, le=SEED_LIMIT - 1)] = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    thread_id: Annotated[str, BeforeValidator(string_id(
+        "thread", "thread_id", "a string (the id of a synced thread)")), ID_SCHEMA] | None = Field(
+        None, description=THREAD_ID)
+    input_id: Annotated[str, BeforeValidator(string_id(
+        "message", "input_id", "a string (the id of the turn's input message)")),
+        ID_SCHEMA] | None = Field(None, description="With thread_id: the turn's input id "
+                                  "(a retry names it again).")
+
+    def request(self) -> ChatRequest:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        params = ChatParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            stop=stop,
+        )
+        return ChatRequest(
+            messages=tuple(message.message() for message in self.messages),
+            params=params,
+            stream=bool(self.stream),
+            include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            model=self.model,
+            thread_id=self.thread_id,
+            input_id=self.input_id,
+        )
 
 
-def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{key} must be a number", key)
-    if not low <= value <= high:
-        raise BadRequest(f"{key} must be between {low:g} and {high:g}, got {value}", key)
-    return float(value)
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a /v1/chat/completions body (:class:`ChatBody`); BadRequest on the first
+    problem, in the API's words."""
+    try:
+        return ChatBody.model_validate(body).request()
+    except ValidationError as exc:
+        raise _bad_request(exc.errors()) from None
 
 
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if (
-        not isinstance(value, list)
-        or not all(isinstance(s, str) for s in value)
-        or len(value) > MAX_STOP_STRINGS
-    ):
-        raise BadRequest(f"stop must be a string or a list of up to {MAX_STOP_STRINGS} strings",
-                         "stop")
-    return tuple(value)
+def _bad_request(errors: list[ErrorDetails]) -> BadRequest:
+    """The API's message for the first of ``errors``, named by its field."""
+    first = errors[0]
+    loc = first["loc"]
+    if not loc:
+        return BadRequest("the request body must be a JSON object")
+    field = str(loc[0])
+    if first["type"] == OURS:
+        return BadRequest(str((first.get("ctx") or {})["message"]), field)
+    if field == "messages":
+        return _bad_message(loc, first, errors)
+    if field == "stream_options" and len(loc) > 1:
+        return BadRequest("stream_options.include_usage must be a boolean",
+                          "stream_options.include_usage")
+    fixed = {
+        "n": "only n=1 is supported",
+        "tools": "tools are not supported by this server",
+        "model": "model must be a string",
+        "stream": "stream must be a boolean",
+        "stream_options": "stream_options must be an object",
+        "stop": f"stop must be a string or a list of up to {MAX_STOP_STRINGS} strings",
+    }
+    if field in fixed:
+        return BadRequest(fixed[field], field)
+    low, high = _bounds(field)
+    whole = int in get_args(ChatBody.model_fields[field].annotation)
+    if first["type"] not in ("greater_than_equal", "less_than_equal"):
+        return BadRequest(f"{field} must be {'an integer' if whole else 'a number'}", field)
+    if field.startswith("max_"):  # max_completion_tokens is OpenAI's new max_tokens
+        bound = f"at least {low}" if first["type"] == "greater_than_equal" else f"at most {high}"
+        return BadRequest(f"max_tokens must be {bound}", "max_tokens")
+    if whole:
+        return BadRequest(f"{field} must be between {low} and {high}", field)
+    return BadRequest(f"{field} must be between {low:g} and {high:g}, got {first['input']}",
+                      field)
 
 
-def _messages(value: Any) -> tuple[Message, ...]:
-    if not isinstance(value, list) or not value:
-        raise BadRequest("messages must be a non-empty list of {role, content} objects",
-                         "messages")
-    out: list[Message] = []
-    for index, item in enumerate(value):
-        where = f"messages[{index}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f"{where} must be an object with role and content", where)
-        role = item.get("role")
-        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
-        if role not in ROLES:
-            raise BadRequest(
-                f"{where}.role must be one of system, user, assistant (got {item.get('role')!r})",
-                f"{where}.role",
-            )
-        out.append(Message(role, _content(item.get("content"), f"{where}.content")))
-    return tuple(out)
+def _bounds(field: str) -> tuple[Any, Any]:
+    """The (ge, le) bounds of a field of :class:`ChatBody`, as its annotation says."""
+    metadata = ChatBody.model_fields[field].metadata
+    low = next(item.ge for item in metadata if hasattr(item, "ge"))
+    high = next(item.le for item in metadata if hasattr(item, "le"))
+    return low, high
 
 
-def _content(value: Any, where: str) -> str:
-    """A string, or a list of text parts joined (images and audio are not supported)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts: list[str] = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                part.get("text"), str
-            ):
-                raise BadRequest(f"{where}: only text parts ({{\"type\": \"text\", \"text\": …}}) "
-                                 "are supported", where)
-            texts.append(part["text"])
-        return "".join(texts)
-    raise BadRequest(f"{where} must be a string or a list of text parts", where)
+def _bad_message(loc: tuple[int | str, ...], first: ErrorDetails,
+                 errors: list[ErrorDetails]) -> BadRequest:
+    if len(loc) == 1:
+        return BadRequest("messages must be a non-empty list of {role, content} objects",
+                          "messages")
+    where = f"messages[{loc[1]}]"
+    if len(loc) == 2:
+        return BadRequest(f"{where} must be an object with role and content", where)
+    if loc[2] == "role":
+        got = first["input"] if first["type"] != "missing" else None
+        return BadRequest(f"{where}.role must be one of {', '.join(ROLES)} (got {got!r})",
+                          f"{where}.role")
+    where += ".content"
+    if any(error["loc"][:3] == loc[:3] and len(error["loc"]) > 4 for error in errors):
+        return BadRequest(f"{where}: only text parts ({{\"type\": \"text\", \"text\": …}}) "
+                          "are supported", where)
+    return BadRequest(f"{where} must be a string or a list of text parts", where)
 
 
 # -- responses ----------------------------------------------------------------------

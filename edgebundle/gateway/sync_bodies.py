@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -35,12 +36,16 @@ from edgebundle import keys
 from edgebundle.completion import ChatParams
 from edgebundle.errors import UsageError
 from edgebundle.guest_protocol import MAX_TOKENS
-from edgebundle.sync.models import MULTITASK_POLICIES
+from edgebundle.sync.models import MESSAGE_STATUSES, MULTITASK_POLICIES, ROLES
+from edgebundle.sync.store import MAX_MUTATION_ID, MAX_POSITION, OPS
 
 MAX_VERSION = 2**53 - 1  # a thread's version is a Lua number: exact up to here
+NOT_BLANK = r"\S"
 OURS = "invalid_request"  # the error type of a check of ours, its message in ctx
 
 M = TypeVar("M", bound="Body")
+# What keys.check_id accepts, for the OpenAPI schema (anchored: patterns match anywhere).
+ID_SCHEMA = WithJsonSchema({"type": "string", "pattern": f"^{keys.ID_CHARS}$"})
 
 
 def refuse(message: str) -> PydanticCustomError:
@@ -48,15 +53,16 @@ def refuse(message: str) -> PydanticCustomError:
     return PydanticCustomError(OURS, "{message}", {"message": message})
 
 
-def string_id(kind: str, field: str) -> Callable[[Any], Any]:
-    """A check of an id of ``kind`` (edgebundle.keys) named ``field`` in messages;
-    None passes (an optional id left out)."""
+def string_id(kind: str, field: str, what: str = "a string id") -> Callable[[Any], Any]:
+    """A check of an id of ``kind`` (edgebundle.keys) named ``field`` in messages, which
+    say a value that is no string is not ``what``; None passes (an optional id left out).
+    Its JSON schema is :data:`ID_SCHEMA` (the check is code, so pydantic cannot tell)."""
 
     def check(value: Any) -> Any:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise refuse(f"{field} must be a string id")
+            raise refuse(f"{field} must be {what}")
         try:
             return keys.check_id(kind, value)
         except UsageError as exc:
@@ -89,28 +95,52 @@ def check_multitask(value: Any) -> Any:
     return value
 
 
-def _non_empty(value: Any) -> Any:
-    if isinstance(value, str) and not value.strip():
-        raise refuse("input.content is empty: send the user's message")
-    return value
-
-
-DeviceId = Annotated[str, BeforeValidator(string_id("device", "device_id"))]
+# A mutation of a push, as sync.store.check_mutation checks it: written here by hand
+# because pydantic does not check it. The store does, one mutation at a time in order,
+# for every writer of a thread (not only this API), with its own messages; this is what
+# its checks accept, from the same constants.
+_ID = ID_SCHEMA.json_schema
+MUTATION = WithJsonSchema({"type": "object", "required": ["mid", "op", "message"], "properties": {
+    "mid": {"type": "integer", "minimum": 1, "maximum": MAX_MUTATION_ID},
+    "op": {"enum": list(OPS)},
+    "message": {
+        "type": "object", "required": ["id"],
+        "description": "role and content are required for put.",
+        "properties": {
+            "id": _ID, "role": {"enum": list(ROLES)}, "content": {"type": "string"},
+            "status": {"enum": list(MESSAGE_STATUSES)},
+            "position": {"type": "number", "minimum": 0, "maximum": MAX_POSITION},
+            "created_at": {"type": "number", "minimum": 0}, "run_id": _ID,
+        },
+    },
+}})
+DeviceId = Annotated[str, BeforeValidator(string_id("device", "device_id")), ID_SCHEMA]
 Epoch = Annotated[str | None, BeforeValidator(check_epoch)]
 Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
 
 
+def _wire_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema of a body as clients send it: a field :func:`parse` gets a
+    default for from the route (``route_fills``) is optional there."""
+    filled = getattr(model, "route_fills", ())
+    if "required" in schema:
+        schema["required"] = [name for name in schema["required"] if name not in filled]
+
+
 class Body(BaseModel):
     # Strict: JSON's types as they are (no "1" for 1, no true for 1); keys we do not
-    # know are left alone, as before.
-    model_config = ConfigDict(strict=True, frozen=True)
+    # know are left alone, as before. Patterns are Python's (\s as str.isspace).
+    model_config = ConfigDict(strict=True, frozen=True, regex_engine="python-re",
+                              json_schema_extra=_wire_schema)
     # Which of several errors the body is refused with: the first of these it has.
     check_order: ClassVar[tuple[str, ...]] = ()
+    # Required here, but the route fills them in when the body leaves them out.
+    route_fills: ClassVar[tuple[str, ...]] = ()
 
 
 class TurnInput(Body):
-    content: Annotated[str, BeforeValidator(_non_empty)]
-    id: Annotated[str | None, BeforeValidator(string_id("message", "input.id"))] = None
+    content: Annotated[str, Field(pattern=NOT_BLANK)]
+    id: Annotated[str, BeforeValidator(string_id("message", "input.id")), ID_SCHEMA] | None = None
 
 
 class RunParams(Body):
@@ -126,12 +156,14 @@ class RunBody(Body):
 
     check_order = ("input", "multitask", "stream", "device_id", "epoch", "since", "input.id",
                    "params")
+    route_fills = ("device_id",)
 
     input: TurnInput
-    multitask: Annotated[str, BeforeValidator(check_multitask)] = "enqueue"
-    stream: bool = True
-    device_id: DeviceId
-    epoch: Epoch = None
+    multitask: Annotated[str, BeforeValidator(check_multitask),
+                         WithJsonSchema({"enum": list(MULTITASK_POLICIES)})] = "enqueue"
+    stream: bool = Field(True, description="false: wait and answer the run object.")
+    device_id: DeviceId = Field(description="The device the run is for (default: this one).")
+    epoch: Epoch = Field(None, description="The epoch of the client's last sync.")
     since: Version = 0
     params: RunParams | None = None
 
@@ -142,10 +174,10 @@ class PushBody(Body):
     check_order = ("reseed", "epoch", "device_id", "since", "mutations")
 
     reseed: bool = False
-    epoch: Epoch = None
+    epoch: Epoch = Field(None, description="Required unless reseed is true.")
     device_id: DeviceId
     since: Version = 0
-    mutations: list[Any]
+    mutations: list[Annotated[Any, MUTATION]]
 
     @field_validator("device_id", mode="before")
     @classmethod
@@ -162,15 +194,17 @@ class PushBody(Body):
 class NewThreadBody(Body):
     """``POST /v1/threads``: an id of the client's choosing, or none."""
 
-    id: Annotated[str | None, BeforeValidator(string_id("thread", "id"))] = None
+    id: Annotated[str, BeforeValidator(string_id("thread", "id")), ID_SCHEMA] | None = None
 
 
 class CancelBody(Body):
     """``POST …/runs/{id}/cancel``: who cancels, and what the user saw of the reply."""
 
     check_order = ("content_seen", "device_id")
+    route_fills = ("device_id",)
 
-    content_seen: str | None = None
+    content_seen: str | None = Field(
+        None, description="The text the user saw: what the thread keeps.")
     device_id: DeviceId
 
 
@@ -179,6 +213,8 @@ def _message(error: ErrorDetails) -> str:
     if error["type"] == OURS:
         return str((error.get("ctx") or {})["message"])
     where = tuple(str(part) for part in error["loc"][:2])
+    if where == ("input", "content") and error["type"] == "string_pattern_mismatch":
+        return "input.content is empty: send the user's message"
     if where[0] == "input":
         return 'input must be an object {"content": "…"} with the user\'s message'
     if where[0] == "params":

@@ -23,6 +23,8 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ThreadMessage:
+    """A message of a thread; deleted ones are tombstones (content empty)."""
+
     id: str
     role: str
     content: str
@@ -43,6 +45,8 @@ class ThreadMessage:
 
 @dataclass(frozen=True)
 class Run:
+    """One inference on a thread."""
+
     id: str
     thread_id: str
     status: str = "queued"
