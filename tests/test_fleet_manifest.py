@@ -12,14 +12,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import pytest
 
 from edgebundle.errors import ManifestError, UsageError
 from edgebundle.fleet import selection
 from edgebundle.fleet.documents import Revision
-from edgebundle.fleet.manifest import Multitask
+from edgebundle.fleet.manifest import Device, Group, Multitask, Phase, Runtime
 from edgebundle.fleet.manifest_file import load_manifest, parse_manifest
 from edgebundle.sync.models import MULTITASK_POLICIES
 
@@ -395,12 +395,10 @@ LABELS = {
     "d02": {"ring": "canary", "site": "south"},
     "d04": {"site": "north"},
 }
-GROUPS = [{"name": "canary", "selector": {"ring": "canary"}},
-          {"name": "north-canary", "selector": {"ring": "canary", "site": "north"}},
-          {"name": "everyone", "selector": {}}]
-PHASES: list[dict[str, Any]] = [{"group": "canary", "after": 0.0},
-                                {"percent": 50, "after": 30.0},
-                                {"percent": 100, "after": 30.0}]
+GROUPS = [Group(name="canary", selector={"ring": "canary"}),
+          Group(name="north-canary", selector={"ring": "canary", "site": "north"}),
+          Group(name="everyone")]
+PHASES = [Phase(group="canary"), Phase(percent=50, after=30.0), Phase(percent=100, after=30.0)]
 
 
 def test_group_selection_needs_every_label() -> None:
@@ -437,14 +435,15 @@ def test_a_device_spec_applies_its_overrides_and_pins_are_read() -> None:
     fleet_spec = parse_manifest(BASE).revision_spec()
     wasmedge = {"kind": "wasmedge", "wasmedge": "0.14.1",
                 "plugin": {"name": "wasi_nn-ggml", "build": "b5593", "variant": "cpu"}}
-    entry = {"model": {"ctx_size": 2048}, "runtime": wasmedge}
+    entry = Device.model_validate({"model": {"ctx_size": 2048}, "runtime": wasmedge})
     spec = selection.device_spec(fleet_spec, entry)
     assert spec["model"] == {**fleet_spec["model"], "ctx_size": 2048}
     assert spec["runtime"] == wasmedge and spec["app"] == fleet_spec["app"]
     assert fleet_spec["model"]["ctx_size"] == 4096  # the fleet's spec is not changed
-    back = selection.device_spec(spec, {"runtime": {"kind": "embedded"}})
-    assert back["runtime"] == {"kind": "embedded"}  # replaced whole, nothing left over
-    assert selection.pinned_revision({"pin": "rev-0123456789ab"}) == "rev-0123456789ab"
+    back = selection.device_spec(spec, Device(runtime=Runtime()))
+    assert back["runtime"] == Runtime().to_json()  # replaced whole, nothing left over
+    assert back["runtime"]["kind"] == "embedded" and back["runtime"]["plugin"] is None
+    assert selection.pinned_revision(Device(pin="rev-0123456789ab")) == "rev-0123456789ab"
     assert selection.pinned_revision(entry) is None and selection.pinned_revision(None) is None
 
 
@@ -452,6 +451,6 @@ def test_manifest_overrides_feed_the_device_spec_unchanged() -> None:
     text = BASE + ("  devices:\n    kiosk-9:\n      model: {url: \"bundle:assets/b.gguf\", "
                    f"sha256: \"{'cd' * 32}\"}}\n")
     manifest = parse_manifest(text)
-    desired = selection.device_spec(manifest.revision_spec(), manifest.pins_json()["kiosk-9"])
+    desired = selection.device_spec(manifest.revision_spec(), manifest.spec.devices["kiosk-9"])
     assert desired["model"]["url"] == "bundle:assets/b.gguf"
     assert desired["model"]["sha256"] == "cd" * 32 and desired["model"]["name"] == "m"
