@@ -120,7 +120,7 @@ def test_base_manifest_is_valid_and_defaults_are_filled() -> None:
     assert spec["app"]["name"] == "edgechat" and spec["app"]["url"] == "builtin:edgechat"
     assert len(spec["app"]["sha256"]) == 64
     assert spec["sync"] == {"redis_url": None, "session_ttl": 1800, "multitask": "enqueue"}
-    rollout = manifest.rollout_json()
+    rollout = manifest.spec.rollout.to_json()
     assert rollout["phases"] == [{"group": "canary", "after": 0.0},
                                  {"percent": 50, "after": 30.0},
                                  {"percent": 100, "after": 0.0}]
@@ -128,8 +128,9 @@ def test_base_manifest_is_valid_and_defaults_are_filled() -> None:
     assert (rollout["max_unavailable"], rollout["retries"], rollout["offline"],
             rollout["on_failure"], rollout["progress_deadline"]) == (1, 2, "wait", "rollback",
                                                                      600.0)
-    assert manifest.groups_json() == [{"name": "canary", "selector": {"ring": "canary"}}]
-    assert manifest.pins_json() == {}
+    assert [group.to_json() for group in manifest.spec.groups] == [
+        {"name": "canary", "selector": {"ring": "canary"}}]
+    assert manifest.spec.devices == {}
 
 
 def test_normal_forms_of_durations_percents_and_pins() -> None:
@@ -142,16 +143,16 @@ def test_normal_forms_of_durations_percents_and_pins() -> None:
                  "    kiosk-11: {runtime: {kind: embedded}}\n")
     text = text.replace("percent: 50", 'percent: "50%"')
     manifest = parse_manifest(text, "f.yaml")
-    rollout = manifest.rollout_json()
+    rollout = manifest.spec.rollout.to_json()
     assert rollout["health"] == {"window": 5400.0, "failure_threshold": "10%"}
     assert rollout["max_unavailable"] == "25%" and rollout["progress_deadline"] == 90.0
     assert rollout["phases"][1]["percent"] == 50
     assert manifest.revision_spec()["sync"]["session_ttl"] == 7200
-    assert manifest.pins_json() == {"kiosk-7": {"pin": "rev-0123456789ab"},
-                                    "kiosk-9": {"model": {"ctx_size": 2048}},
-                                    "kiosk-11": {"runtime": {"kind": "embedded",
-                                                             "wasmedge": None,
-                                                             "plugin": None}}}
+    pins = {device: entry.to_json() for device, entry in manifest.spec.devices.items()}
+    assert pins == {"kiosk-7": {"pin": "rev-0123456789ab"},
+                    "kiosk-9": {"model": {"ctx_size": 2048}},
+                    "kiosk-11": {"runtime": {"kind": "embedded", "wasmedge": None,
+                                             "plugin": None}}}
 
 
 def test_same_spec_is_same_revision_and_a_change_is_a_new_one() -> None:

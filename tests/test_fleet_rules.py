@@ -230,10 +230,12 @@ def test_the_rollout_document_is_the_manifests_normal_form_and_reads_back_typed(
     data = state.to_json()
     assert sorted(data) == ["deadline_at", "groups", "message", "phase", "phase_started_at",
                             "pins", "previous", "revision", "rollout", "started_at", "status"]
-    assert data["rollout"] == manifest.rollout_json()
+    assert data["rollout"] == manifest.spec.rollout.to_json()
     assert data["rollout"]["phases"] == [{"group": "canary", "after": 0.0},
                                          {"percent": 100, "after": 60.0}]
-    assert (data["groups"], data["pins"]) == (manifest.groups_json(), manifest.pins_json())
+    assert (data["groups"], data["pins"]) == (
+        [group.to_json() for group in manifest.spec.groups],
+        {device: entry.to_json() for device, entry in manifest.spec.devices.items()})
     assert data["pins"] == {"d1": {"pin": OLD.id}, "d2": {"model": {"ctx_size": 8192}}}
     assert RolloutState.from_json(json.loads(dumps(data))) == state
     assert RolloutState.from_json({"revision": NEW.id}).policy == Rollout()  # defaults filled

@@ -34,16 +34,16 @@ from typing import Any, NamedTuple, TypeVar
 from pydantic import ValidationError
 
 from edgebundle.errors import StateError
-from edgebundle.fleet.manifest import DEFAULT_RETRIES, Device, Group, Rollout
-from edgebundle.fleet.wire import dumps, revision_id
+from edgebundle.fleet.manifest import DEFAULT_RETRIES as DEFAULT_RETRIES  # re-exported
+from edgebundle.fleet.manifest import Device, Group, Rollout
+from edgebundle.fleet.wire import dumps as dumps  # re-exported: one encoding for every document
+from edgebundle.fleet.wire import revision_id
 
 DEVICE_STATUSES = ("pending", "applying", "healthy", "failed")
 ROLLOUT_STATUSES = ("progressing", "paused", "complete", "rolling_back", "rolled_back",
                     "frozen", "failed")
 HEARTBEAT_INTERVAL = 5.0  # s between an agent's heartbeats
 HEARTBEAT_TTL = 15  # s a heartbeat lives: three missed beats = offline
-__all__ = ["DEFAULT_RETRIES", "dumps"]  # re-exported: the agent and the tests take them here
-
 T = TypeVar("T")
 
 

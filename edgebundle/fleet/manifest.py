@@ -471,27 +471,6 @@ class Manifest(_Strict):
     def revision_id(self) -> str:
         return revision_id(self.revision_spec())
 
-    def groups_json(self) -> list[dict[str, Any]]:
-        """spec.groups as plain JSON (RolloutState's ``groups``)."""
-        return [group.to_json() for group in self.spec.groups]
-
-    def rollout_json(self) -> dict[str, Any]:
-        """spec.rollout in normal form (RolloutState's ``rollout``): :meth:`Rollout.to_json`."""
-        return self.spec.rollout.to_json()
-
-    def document(self) -> dict[str, Any]:
-        """The validated manifest as plain JSON in normal form, defaults filled: what the
-        controller plans and applies (its spec's runtime, model, app and sync are
-        exactly :meth:`revision_spec`, so the revision id is the one validate prints)."""
-        return {"apiVersion": "edgebundle/v1", "kind": "Fleet",
-                "metadata": {"name": self.metadata.name},
-                "spec": {**self.revision_spec(), "groups": self.groups_json(),
-                         "rollout": self.rollout_json(), "devices": self.pins_json()}}
-
-    def pins_json(self) -> dict[str, dict[str, Any]]:
-        """spec.devices as plain JSON (RolloutState's ``pins``): :meth:`Device.to_json`."""
-        return {device_id: device.to_json() for device_id, device in self.spec.devices.items()}
-
 
 def builtin_app() -> dict[str, Any]:
     """The app a revision runs when the manifest has no spec.app: the shipped edgechat."""
