@@ -12,8 +12,8 @@ typo in a rollout policy that is silently ignored moves a fleet the wrong way.
 Why it is over 400 lines: it is one schema (the pydantic models with their
 validators); split, a reader would have to put the manifest back together.
 
-Normal forms (what :meth:`Manifest.revision_spec` and the ``*_json`` helpers give the
-controller and the agent, as plain JSON): durations are seconds (float;
+Normal forms (what :meth:`Manifest.revision_spec` and the models' ``to_json`` give the
+agent and the stored rollout document, as plain JSON): durations are seconds (float;
 ``session_ttl`` an int), a phase's percent an int 1..100, ``max_unavailable`` and
 ``failure_threshold`` an int count or an ``"N%"`` string (see
 :func:`edgebundle.fleet.selection.count_or_percent`). When ``spec.app`` is left out the
