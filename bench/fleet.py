@@ -50,6 +50,7 @@ from edgebundle.fleet.documents import (
     Revision,
     dumps,
 )
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.sync.client import Client, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -220,7 +221,7 @@ async def controller_tick(client: Client, now: float) -> None:
     manifest = dict(MANIFEST)
     manifest["spec"] = {**MANIFEST["spec"],
                         "model": {**MANIFEST["spec"]["model"], "ctx_size": 8192}}
-    await operator.apply(client, manifest, now=now)
+    await operator.apply(client, Manifest.model_validate(manifest), now=now)
 
     async def one_pass(at: float) -> float:
         started = time.perf_counter()

@@ -33,6 +33,7 @@ from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.fleet import acl, controller, operator
 from edgebundle.fleet.device import register
 from edgebundle.fleet.documents import DesiredState, Heartbeat, Revision, dumps
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
@@ -410,7 +411,7 @@ def test_a_provisioned_agent_and_the_controller_roll_out_with_no_eval(
                 while not await admin.exists(keys.heartbeat(device)):
                     assert agent.proc.poll() is None, agent.stderr()
                     await asyncio.sleep(0.1)
-                await operator.apply(admin, manifest)
+                await operator.apply(admin, Manifest.model_validate(manifest))
                 ctl = controller.Controller(admin, fleet)
                 summary = await ctl.tick()
                 assert device in summary.moved, summary

@@ -30,6 +30,7 @@ from edgebundle.cli import cli
 from edgebundle.fleet import controller, operator
 from edgebundle.fleet.controller import Controller
 from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, dumps
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.sync.client import Client, connect
 from tests.support.redis_server import RedisServer
 
@@ -40,9 +41,14 @@ CANARY_PHASES: list[dict[str, Any]] = [{"group": "canary"}, {"percent": 50, "aft
 IDS = ["c1"] + [f"d{n:02d}" for n in range(1, 10)]  # c1 sorts first: 50% = c1, d01..d04
 
 
-def manifest(model: str, *, phases: list[dict[str, Any]] | None = None,
-             devices: dict[str, Any] | None = None, fleet: str = FLEET,
-             **rollout: Any) -> dict[str, Any]:
+def manifest(model: str, **changes: Any) -> Manifest:
+    """The fleet's manifest (:func:`manifest_data`), validated as ``fleet apply`` does."""
+    return Manifest.model_validate(manifest_data(model, **changes))
+
+
+def manifest_data(model: str, *, phases: list[dict[str, Any]] | None = None,
+                  devices: dict[str, Any] | None = None, fleet: str = FLEET,
+                  **rollout: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {"phases": phases or [{"percent": 100}],
                                 "max_unavailable": "100%",
                                 "health": {"window": "20s", "failure_threshold": 0},
@@ -246,8 +252,8 @@ def test_an_offline_device_is_waited_for_not_failed_and_catches_up_when_back(
             assert waiting.status == "progressing"
             assert waiting.counts == {"healthy": 9, "old": 1}
             assert "1 offline" in waiting.message
-            state = {d["device"]: d for d in (await operator.status(redis, FLEET)).devices}
-            assert (state["d03"]["online"], state["d03"]["state"]) == (False, "old")
+            state = {d.device: d for d in (await operator.status(redis, FLEET)).devices}
+            assert (state["d03"].online, state["d03"].state) == (False, "old")
 
             await agents["d03"].beat()
             assert (await tick(redis_server, T0 + 501)).moved == ["d03"]
@@ -465,7 +471,7 @@ def test_members_that_are_no_device_of_the_fleet_are_ignored_and_reported(
             assert await redis.get(keys.desired("ghost-1")) is None
 
             shown = await operator.status(redis, FLEET, now=T0 + 3)
-            assert [d["device"] for d in shown.devices] == ["c1", "d01", "d02"]
+            assert [d.device for d in shown.devices] == ["c1", "d01", "d02"]
             assert shown.ignored == first.ignored
     asyncio.run(main())
 
@@ -557,9 +563,20 @@ def test_cli_status_table_json_apply_plan_pause_and_errors(
     assert devices["c1"]["last_error"] == "sha256 mismatch for model-b"
     assert (devices["d02"]["online"], devices["d02"]["labels"]) == (False, {"ring": "main",
                                                                           "site": "s1"})
+    # the JSON's keys are a contract: the stored rollout document and each device's status
+    assert sorted(data) == ["devices", "fleet", "ignored", "paused", "rollout"]
+    assert sorted(data["rollout"]) == ["deadline_at", "groups", "message", "phase",
+                                       "phase_started_at", "pins", "previous", "revision",
+                                       "rollout", "started_at", "status"]
+    assert data["rollout"]["rollout"]["health"] == {"window": 20.0, "failure_threshold": 0}
+    assert sorted(devices["c1"]) == [
+        "actual_generation", "actual_revision", "actual_status", "attempts", "desired_generation",
+        "desired_revision", "device", "doctor_failed", "doctor_ok", "labels", "last_error",
+        "online", "state"]
+    assert operator.DeviceStatus.from_json(devices["c1"]).to_json() == devices["c1"]
 
     path = tmp_path / "fleet.yaml"
-    path.write_text(yaml.safe_dump(manifest("model-c")))
+    path.write_text(yaml.safe_dump(manifest_data("model-c")))
     planned = runner.invoke(cli, ["fleet", "plan", str(path), *url, "--json"])
     assert planned.exit_code == 0, planned.output
     assert {c["action"] for c in json.loads(planned.output)["changes"]} == {"update"}
@@ -587,7 +604,7 @@ def test_the_controller_command_rolls_out_while_apply_wait_waits_for_complete(
             pass
     asyncio.run(register())
     path = tmp_path / "fleet.yaml"
-    path.write_text(yaml.safe_dump(manifest("model-a", health={"window": 0})))
+    path.write_text(yaml.safe_dump(manifest_data("model-a", health={"window": 0})))
     url = ["--redis-url", redis_server.url]
     logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("controller", "apply")}
     ctl = subprocess.Popen([sys.executable, "-m", "edgebundle", "fleet", "controller", FLEET,

@@ -12,14 +12,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import pytest
 
 from edgebundle.errors import ManifestError, UsageError
 from edgebundle.fleet import selection
 from edgebundle.fleet.documents import Revision
-from edgebundle.fleet.manifest import Multitask
+from edgebundle.fleet.manifest import Device, Group, Multitask, Phase, Runtime
 from edgebundle.fleet.manifest_file import load_manifest, parse_manifest
 from edgebundle.sync.models import MULTITASK_POLICIES
 
@@ -120,7 +120,7 @@ def test_base_manifest_is_valid_and_defaults_are_filled() -> None:
     assert spec["app"]["name"] == "edgechat" and spec["app"]["url"] == "builtin:edgechat"
     assert len(spec["app"]["sha256"]) == 64
     assert spec["sync"] == {"redis_url": None, "session_ttl": 1800, "multitask": "enqueue"}
-    rollout = manifest.rollout_json()
+    rollout = manifest.spec.rollout.to_json()
     assert rollout["phases"] == [{"group": "canary", "after": 0.0},
                                  {"percent": 50, "after": 30.0},
                                  {"percent": 100, "after": 0.0}]
@@ -128,8 +128,9 @@ def test_base_manifest_is_valid_and_defaults_are_filled() -> None:
     assert (rollout["max_unavailable"], rollout["retries"], rollout["offline"],
             rollout["on_failure"], rollout["progress_deadline"]) == (1, 2, "wait", "rollback",
                                                                      600.0)
-    assert manifest.groups_json() == [{"name": "canary", "selector": {"ring": "canary"}}]
-    assert manifest.pins_json() == {}
+    assert [group.to_json() for group in manifest.spec.groups] == [
+        {"name": "canary", "selector": {"ring": "canary"}}]
+    assert manifest.spec.devices == {}
 
 
 def test_normal_forms_of_durations_percents_and_pins() -> None:
@@ -142,16 +143,16 @@ def test_normal_forms_of_durations_percents_and_pins() -> None:
                  "    kiosk-11: {runtime: {kind: embedded}}\n")
     text = text.replace("percent: 50", 'percent: "50%"')
     manifest = parse_manifest(text, "f.yaml")
-    rollout = manifest.rollout_json()
+    rollout = manifest.spec.rollout.to_json()
     assert rollout["health"] == {"window": 5400.0, "failure_threshold": "10%"}
     assert rollout["max_unavailable"] == "25%" and rollout["progress_deadline"] == 90.0
     assert rollout["phases"][1]["percent"] == 50
     assert manifest.revision_spec()["sync"]["session_ttl"] == 7200
-    assert manifest.pins_json() == {"kiosk-7": {"pin": "rev-0123456789ab"},
-                                    "kiosk-9": {"model": {"ctx_size": 2048}},
-                                    "kiosk-11": {"runtime": {"kind": "embedded",
-                                                             "wasmedge": None,
-                                                             "plugin": None}}}
+    pins = {device: entry.to_json() for device, entry in manifest.spec.devices.items()}
+    assert pins == {"kiosk-7": {"pin": "rev-0123456789ab"},
+                    "kiosk-9": {"model": {"ctx_size": 2048}},
+                    "kiosk-11": {"runtime": {"kind": "embedded", "wasmedge": None,
+                                             "plugin": None}}}
 
 
 def test_same_spec_is_same_revision_and_a_change_is_a_new_one() -> None:
@@ -395,12 +396,10 @@ LABELS = {
     "d02": {"ring": "canary", "site": "south"},
     "d04": {"site": "north"},
 }
-GROUPS = [{"name": "canary", "selector": {"ring": "canary"}},
-          {"name": "north-canary", "selector": {"ring": "canary", "site": "north"}},
-          {"name": "everyone", "selector": {}}]
-PHASES: list[dict[str, Any]] = [{"group": "canary", "after": 0.0},
-                                {"percent": 50, "after": 30.0},
-                                {"percent": 100, "after": 30.0}]
+GROUPS = [Group(name="canary", selector={"ring": "canary"}),
+          Group(name="north-canary", selector={"ring": "canary", "site": "north"}),
+          Group(name="everyone")]
+PHASES = [Phase(group="canary"), Phase(percent=50, after=30.0), Phase(percent=100, after=30.0)]
 
 
 def test_group_selection_needs_every_label() -> None:
@@ -437,14 +436,15 @@ def test_a_device_spec_applies_its_overrides_and_pins_are_read() -> None:
     fleet_spec = parse_manifest(BASE).revision_spec()
     wasmedge = {"kind": "wasmedge", "wasmedge": "0.14.1",
                 "plugin": {"name": "wasi_nn-ggml", "build": "b5593", "variant": "cpu"}}
-    entry = {"model": {"ctx_size": 2048}, "runtime": wasmedge}
+    entry = Device.model_validate({"model": {"ctx_size": 2048}, "runtime": wasmedge})
     spec = selection.device_spec(fleet_spec, entry)
     assert spec["model"] == {**fleet_spec["model"], "ctx_size": 2048}
     assert spec["runtime"] == wasmedge and spec["app"] == fleet_spec["app"]
     assert fleet_spec["model"]["ctx_size"] == 4096  # the fleet's spec is not changed
-    back = selection.device_spec(spec, {"runtime": {"kind": "embedded"}})
-    assert back["runtime"] == {"kind": "embedded"}  # replaced whole, nothing left over
-    assert selection.pinned_revision({"pin": "rev-0123456789ab"}) == "rev-0123456789ab"
+    back = selection.device_spec(spec, Device(runtime=Runtime()))
+    assert back["runtime"] == Runtime().to_json()  # replaced whole, nothing left over
+    assert back["runtime"]["kind"] == "embedded" and back["runtime"]["plugin"] is None
+    assert selection.pinned_revision(Device(pin="rev-0123456789ab")) == "rev-0123456789ab"
     assert selection.pinned_revision(entry) is None and selection.pinned_revision(None) is None
 
 
@@ -452,6 +452,6 @@ def test_manifest_overrides_feed_the_device_spec_unchanged() -> None:
     text = BASE + ("  devices:\n    kiosk-9:\n      model: {url: \"bundle:assets/b.gguf\", "
                    f"sha256: \"{'cd' * 32}\"}}\n")
     manifest = parse_manifest(text)
-    desired = selection.device_spec(manifest.revision_spec(), manifest.pins_json()["kiosk-9"])
+    desired = selection.device_spec(manifest.revision_spec(), manifest.spec.devices["kiosk-9"])
     assert desired["model"]["url"] == "bundle:assets/b.gguf"
     assert desired["model"]["sha256"] == "cd" * 32 and desired["model"]["name"] == "m"

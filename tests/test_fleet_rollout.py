@@ -17,13 +17,13 @@ import asyncio
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
 
 from edgebundle import keys
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.fleet import controller, operator
 from edgebundle.fleet.device import beat, read_desired, register, report
 from edgebundle.fleet.documents import ActualState, Heartbeat
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.fleet.manifest_file import load_manifest
 from edgebundle.sync.client import Client, connect
 from tests.support.fleet import FLEET, AgentProcess
@@ -34,7 +34,7 @@ SIMULATED = [f"sim{i}" for i in range(1, 6)]
 DEADLINE = 120.0  # s per rollout; generous: two cores, agents poll every 3 s
 
 
-def write_manifest(path: Path, model: Path, sha256: str) -> dict[str, Any]:
+def write_manifest(path: Path, model: Path, sha256: str) -> Manifest:
     path.write_text(f"""\
 apiVersion: edgebundle/v1
 kind: Fleet
@@ -55,7 +55,7 @@ spec:
     retries: 1
     on_failure: rollback
 """)
-    return load_manifest(path).document()
+    return load_manifest(path)
 
 
 def model_file(directory: Path, reply: str) -> tuple[Path, str]:
@@ -82,9 +82,9 @@ async def roll_until(redis: Client, handled: dict[str, int], statuses: set[str])
     while True:
         await simulate(redis, handled)
         await controller.Controller(redis, FLEET).tick()
-        rollout = (await operator.status(redis, FLEET)).rollout
-        if rollout is not None and rollout["status"] in statuses:
-            return str(rollout["status"])
+        rollout = (await operator.status(redis, FLEET)).state
+        if rollout is not None and rollout.status in statuses:
+            return rollout.status
         assert time.monotonic() < deadline, f"rollout stuck: {rollout}"
         await asyncio.sleep(0.3)
 
@@ -97,10 +97,9 @@ async def desired_revisions(redis: Client) -> dict[str, str | None]:
     return result
 
 
-async def actual_of(redis: Client, device: str) -> dict[str, Any]:
+async def actual_of(redis: Client, device: str) -> operator.DeviceStatus:
     """The device's row of `fleet status` (its actual_* fields are what it reported)."""
-    return next(d for d in (await operator.status(redis, FLEET)).devices
-                if d["device"] == device)
+    return next(d for d in (await operator.status(redis, FLEET)).devices if d.device == device)
 
 
 def test_revisions_roll_through_real_and_simulated_agents_and_a_bad_canary_rolls_back(
@@ -132,23 +131,23 @@ def test_revisions_roll_through_real_and_simulated_agents_and_a_bad_canary_rolls
             assert set((await desired_revisions(redis)).values()) == {second.revision}
             for device in REAL:  # the real agents fetched, verified, switched, passed doctor
                 row = await actual_of(redis, device)
-                assert (row["actual_revision"], row["actual_status"], row["doctor_ok"]) == (
+                assert (row.actual_revision, row.actual_status, row.doctor_ok) == (
                     second.revision, "healthy", True)
 
             bad = await operator.apply(redis, manifest_bad, source="bad.yaml")
             assert await roll_until(redis, handled, {"rolled_back", "frozen", "failed"}) \
                 == "rolled_back"
-            rollout = (await operator.status(redis, FLEET)).rollout
-            assert rollout is not None and "c-real" in rollout["message"], rollout
+            rollout = (await operator.status(redis, FLEET)).state
+            assert rollout is not None and "c-real" in rollout.message, rollout
             assert (await desired_revisions(redis)) == dict.fromkeys([*REAL, *SIMULATED],
                                                                       second.revision)
             assert bad.revision != second.revision
             # The canary's own log: it refused the bytes, then went back to B.
             deadline = time.monotonic() + DEADLINE  # the canary is back on B, healthy
-            while (await actual_of(redis, "c-real"))["actual_status"] != "healthy":
+            while (await actual_of(redis, "c-real")).actual_status != "healthy":
                 assert time.monotonic() < deadline, await actual_of(redis, "c-real")
                 await asyncio.sleep(0.3)
-            assert (await actual_of(redis, "c-real"))["actual_revision"] == second.revision
+            assert (await actual_of(redis, "c-real")).actual_revision == second.revision
         finally:
             await redis.aclose()
 

@@ -1,4 +1,4 @@
-"""The rollout rules as pure functions: plain documents in, moves and the next rollout out.
+"""The rollout rules as pure functions: typed documents in, moves and the next rollout out.
 
 No Redis and no clock: every test builds the devices as one controller pass would read
 them and passes ``now`` explicitly (the Redis side is in test_fleet_controller.py).
@@ -6,6 +6,7 @@ them and passes ``now`` explicitly (the Redis side is in test_fleet_controller.p
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -19,8 +20,11 @@ from edgebundle.fleet.documents import (
     DeviceView,
     Revision,
     RolloutState,
+    dumps,
     loads,
+    read_document,
 )
+from edgebundle.fleet.manifest import Device, Group, Manifest, Rollout
 
 T0 = 1_000_000.0
 OLD = Revision(id="rev-000000000001", fleet="shops", spec={"model": {"name": "a"}})
@@ -36,8 +40,8 @@ def rollout(**settings: Any) -> RolloutState:
                             "progress_deadline": 600.0}
     base.update(settings)
     return RolloutState(revision=NEW.id, previous=OLD.id, phase_started_at=T0, started_at=T0,
-                   deadline_at=T0 + 600.0, rollout=base,
-                   groups=[{"name": "canary", "selector": {"ring": "canary"}}])
+                        deadline_at=T0 + 600.0, policy=Rollout.model_validate(base),
+                        groups=(Group(name="canary", selector={"ring": "canary"}),))
 
 
 def device(device_id: str, *, on: Revision = OLD, status: str | None = "healthy",
@@ -137,10 +141,11 @@ def test_offline_skip_does_not_wait_for_offline_devices() -> None:
 
 
 def test_pins_move_pinned_devices_and_keep_them_out_of_the_rollout() -> None:
-    pinned = replace(rollout(), pins={"d1": {"pin": OLD.id}, "d2": {"pin": "rev-00000000dead"}})
+    pinned = replace(rollout(), pins={"d1": Device(pin=OLD.id),
+                                      "d2": Device(pin="rev-00000000dead")})
     fleet = [device("c1"), device("d1", on=NEW), device("d2")]
     decided = rules.decide(pinned, fleet, REVISIONS, T0)
-    assert [(view.id, revision.id) for view, revision, _ in decided.pins] == [("d1", OLD.id)]
+    assert [(move.device.id, move.revision.id) for move in decided.pin_moves] == [("d1", OLD.id)]
     assert decided.missing_pins == {"d2": "rev-00000000dead"}
     assert decided.states == {"c1": "old", "d1": "pinned", "d2": "pinned"}
 
@@ -153,22 +158,27 @@ def test_a_complete_rollout_moves_stragglers_and_a_missing_target_decides_nothin
     assert decided.after(moved=1).message == "complete; moved 1 straggler(s)"
 
     missing = rules.decide(done, fleet, {OLD.id: OLD}, T0)
-    assert missing.moves == [] and missing.pins == []
+    assert missing.moves == [] and missing.pin_moves == []
     assert missing.after(0).message == f"revision {NEW.id} is missing from Redis: apply again"
 
 
 def test_rollback_moves_every_unpinned_device_on_the_target() -> None:
-    pinned = replace(rollout(), pins={"d2": {"pin": NEW.id}})
+    pinned = replace(rollout(), pins={"d2": Device(pin=NEW.id)})
     fleet = [device("c1", on=NEW), device("d1"), device("d2", on=NEW)]
     moves = rules.rollback_moves(pinned, fleet, OLD)
     assert [(view.id, revision.id) for view, revision, _ in moves] == [("c1", OLD.id)]
 
 
 def test_a_new_rollout_takes_the_last_completed_revision_as_previous() -> None:
-    started = rules.new_rollout({"rollout": {"progress_deadline": 60.0,
-                                             "phases": [{"percent": 100, "after": "1m"}]}},
-                                T0, NEW.id, rules.previous_of(None, NEW.id))
+    manifest = Manifest.model_validate({
+        "apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": "shops"},
+        "spec": {"model": {"name": "m", "url": "file:///m.gguf", "sha256": "0" * 64},
+                 "rollout": {"progress_deadline": 60.0,
+                             "phases": [{"percent": 100, "after": "1m"}]}}})
+    started = rules.new_rollout(manifest, T0, NEW.id, rules.previous_of(None, NEW.id))
     assert (started.previous, started.deadline_at) == (None, T0 + 60 + 60)
+    assert started.policy is manifest.spec.rollout  # the schema's defaults, not re-derived
+    assert started.policy.retries == rules.retries(started) == 2
     complete = replace(rollout(), status="complete")
     assert rules.previous_of(complete, "rev-000000000003") == NEW.id
     assert rules.previous_of(replace(rollout(), status="rolled_back"), NEW.id) == OLD.id
@@ -182,3 +192,50 @@ def test_a_stored_document_that_cannot_be_read_is_a_state_error_not_a_usage_erro
         assert not isinstance(caught.value, UsageError) and caught.value.exit_code == 1
     with pytest.raises(StateError, match="unknown device status 'dancing'"):
         ActualState.from_json({"generation": 1, "revision": "rev-1", "status": "dancing"})
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"previous": null}', "no 'revision'"),
+    ('{"revision": "rev-1", "status": "dancing"}', "unknown rollout status 'dancing'"),
+    ('{"revision": "rev-1", "rollout": {"max_unavailable": "lots"}}', "rollout.max_unavailable"),
+    ('{"revision": "rev-1", "rollout": {"phases": [{"percent": 50, "color": "red"}]}}',
+     "rollout.phases.0.color"),
+    ('{"revision": "rev-1", "groups": [{"selector": {}}]}', "groups.0.name"),
+    ('{"revision": "rev-1", "pins": ["d1"]}', "pins is list"),
+    ('{"revision": "rev-1", "pins": {"d1": {"pin": "yesterday"}}}', "pins.d1.pin"),
+])
+def test_a_corrupt_rollout_document_is_a_state_error_naming_its_key(raw: str, why: str) -> None:
+    key = "edgebundle:fleet:shops:rollout"
+    with pytest.raises(StateError) as caught:
+        read_document(raw, key, RolloutState.from_json)
+    assert not isinstance(caught.value, UsageError) and caught.value.exit_code == 1
+    assert key in str(caught.value) and why in str(caught.value), str(caught.value)
+    assert read_document(None, key, RolloutState.from_json) is None
+
+
+def test_the_rollout_document_is_the_manifests_normal_form_and_reads_back_typed() -> None:
+    """The JSON keys stay what they were (``rollout``, ``groups``, ``pins``: the manifest's
+    spec.rollout, spec.groups and spec.devices in normal form); reading it back gives the
+    same typed document."""
+    manifest = Manifest.model_validate({
+        "apiVersion": "edgebundle/v1", "kind": "Fleet", "metadata": {"name": "shops"},
+        "spec": {"model": {"name": "m", "url": "file:///m.gguf", "sha256": "0" * 64},
+                 "groups": [{"name": "canary", "selector": {"ring": "canary"}}],
+                 "rollout": {"phases": [{"group": "canary"}, {"percent": 100, "after": "1m"}],
+                             "health": {"window": "20s"}, "max_unavailable": "25%"},
+                 "devices": {"d1": {"pin": OLD.id}, "d2": {"model": {"ctx_size": 8192}}}}})
+    state = rules.new_rollout(manifest, T0, NEW.id, OLD.id)
+    data = state.to_json()
+    assert sorted(data) == ["deadline_at", "groups", "message", "phase", "phase_started_at",
+                            "pins", "previous", "revision", "rollout", "started_at", "status"]
+    assert data["rollout"] == manifest.spec.rollout.to_json()
+    assert data["rollout"]["phases"] == [{"group": "canary", "after": 0.0},
+                                         {"percent": 100, "after": 60.0}]
+    assert (data["groups"], data["pins"]) == (
+        [group.to_json() for group in manifest.spec.groups],
+        {device: entry.to_json() for device, entry in manifest.spec.devices.items()})
+    assert data["pins"] == {"d1": {"pin": OLD.id}, "d2": {"model": {"ctx_size": 8192}}}
+    assert RolloutState.from_json(json.loads(dumps(data))) == state
+    assert RolloutState.from_json({"revision": NEW.id}).policy == Rollout()  # defaults filled

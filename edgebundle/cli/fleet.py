@@ -151,13 +151,13 @@ def status_cmd(name: str, redis_url: str | None, as_json: bool) -> None:
     table = Table("DEVICE", "LABELS", "DESIRED", "ACTUAL", "STATE", "ONLINE", "LAST ERROR",
                   box=None)
     for device in result.devices:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(device["labels"].items())) or "-"
-        desired = (f"{device['desired_revision']}/{device['desired_generation']}"
-                   if device["desired_revision"] else "-")
-        actual = (f"{device['actual_revision'] or '-'}/{device['actual_status']}"
-                  if device["actual_status"] else "-")
-        table.add_row(device["device"], labels, desired, actual, device["state"] or "-",
-                      "yes" if device["online"] else "no", device["last_error"] or "")
+        labels = ",".join(f"{k}={v}" for k, v in sorted(device.labels.items())) or "-"
+        desired = (f"{device.desired_revision}/{device.desired_generation}"
+                   if device.desired_revision else "-")
+        actual = (f"{device.actual_revision or '-'}/{device.actual_status}"
+                  if device.actual_status else "-")
+        table.add_row(device.device, labels, desired, actual, device.state or "-",
+                      "yes" if device.online else "no", device.last_error or "")
     console.print(table)
     if result.ignored:
         console.print(f"ignored: {_ignored(result.ignored)}", soft_wrap=True)

@@ -4,7 +4,7 @@ One module per noun:
 
 - documents and names: :mod:`edgebundle.keys` (every key name), :mod:`documents` (the typed
   JSON documents kept in Redis: revisions, a device's desired and actual state,
-  heartbeats, the rollout);
+  heartbeats, the rollout), :mod:`wire` (their one JSON encoding, and revision ids);
 - the manifest: :mod:`manifest` (the schema), :mod:`manifest_file` (reading a file,
   every problem located), :mod:`yaml_loader` (position-keeping YAML),
   :mod:`durations` (the one duration grammar);

@@ -97,7 +97,7 @@ class Controller:
         for device, pin in decision.missing_pins.items():
             log.warning("device %s is pinned to %s, which this fleet never applied", device, pin)
         summary.counts = decision.counts
-        summary.pinned = await self.store.write_desired(decision.pins, now,
+        summary.pinned = await self.store.write_desired(decision.pin_moves, now,
                                                         rules.retries(rollout))
         summary.moved = await self.store.write_desired(decision.moves, now,
                                                        rules.retries(rollout))

@@ -13,29 +13,38 @@
 - :class:`RolloutState` (per fleet, written by the controller): where a rollout is, so a
   controller that restarts continues where the last one stopped. (Not the manifest's
   ``spec.rollout``, :class:`edgebundle.fleet.manifest.Rollout`: that is the policy,
-  kept in this document's ``rollout`` field.)
+  the attribute :attr:`RolloutState.policy`, stored under the key ``rollout``; its
+  ``groups`` and ``pins`` are the manifest's :class:`~edgebundle.fleet.manifest.Group`
+  and :class:`~edgebundle.fleet.manifest.Device` entries, typed by the same schema.)
 - :class:`DeviceView` (not stored): one device's documents as one pass read them, and
-  :data:`Move`, a device's next desired revision and spec.
+  :class:`Move`, a device's next desired revision and spec.
 
-Field names are the wire format: add fields freely, never rename them.
+JSON keys are the wire format: add keys freely, never rename them. Every document is
+read with :func:`read_document`: a corrupt one is a :class:`~edgebundle.errors.StateError`
+naming its Redis key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
+
+from pydantic import ValidationError
 
 from edgebundle.errors import StateError
+from edgebundle.fleet.manifest import DEFAULT_RETRIES as DEFAULT_RETRIES  # re-exported
+from edgebundle.fleet.manifest import Device, Group, Rollout
+from edgebundle.fleet.wire import dumps as dumps  # re-exported: one encoding for every document
+from edgebundle.fleet.wire import revision_id
 
 DEVICE_STATUSES = ("pending", "applying", "healthy", "failed")
 ROLLOUT_STATUSES = ("progressing", "paused", "complete", "rolling_back", "rolled_back",
                     "frozen", "failed")
 HEARTBEAT_INTERVAL = 5.0  # s between an agent's heartbeats
 HEARTBEAT_TTL = 15  # s a heartbeat lives: three missed beats = offline
-DEFAULT_RETRIES = 2  # an agent's attempts per generation when the manifest does not say
+T = TypeVar("T")
 
 
 def shallow_json(document: Any) -> dict[str, Any]:
@@ -43,10 +52,6 @@ def shallow_json(document: Any) -> dict[str, Any]:
     dataclasses.asdict deep-copies every spec, which costs a controller pass over
     thousands of devices more than the JSON encoding itself."""
     return {f.name: getattr(document, f.name) for f in fields(document)}
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def loads(raw: str | bytes | None, what: str) -> dict[str, Any] | None:
@@ -60,6 +65,37 @@ def loads(raw: str | bytes | None, what: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise StateError(f"{what} in Redis is not a JSON object: rewrite it (fleet apply)")
     return value
+
+
+def read_document(raw: str | bytes | None, key: str,
+                  parse: Callable[[dict[str, Any]], T]) -> T | None:
+    """The document stored at Redis key ``key`` (None if missing), parsed by ``parse``
+    (a ``from_json``); StateError naming the key if it is corrupt or of the wrong shape."""
+    data = loads(raw, key)
+    if data is None:
+        return None
+    try:
+        return parse(data)
+    except StateError as exc:
+        raise StateError(f"{key}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"{key} in Redis is not a valid document ({_why(exc)}): rewrite it "
+                         "(fleet apply)") from None
+
+
+def _why(exc: Exception) -> str:
+    return f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+
+
+def _validated(name: str, parse: Callable[[Any], T], value: Any) -> T:
+    """``parse(value)`` (a pydantic ``model_validate``); ValueError located under ``name``
+    (the document's key) if the value does not fit the manifest's schema."""
+    try:
+        return parse(value)
+    except ValidationError as exc:
+        raise ValueError("; ".join(
+            f"{'.'.join(str(part) for part in (name, *error['loc']))}: {error['msg']}"
+            for error in exc.errors()[:3])) from None
 
 
 def _known_status(status: Any, known: Sequence[str], what: str) -> str:
@@ -81,7 +117,7 @@ class Revision:
 
     @staticmethod
     def id_for(spec: dict[str, Any]) -> str:
-        return "rev-" + hashlib.sha256(dumps(spec).encode()).hexdigest()[:12]
+        return revision_id(spec)
 
     def to_json(self) -> dict[str, Any]:
         return shallow_json(self)
@@ -166,24 +202,36 @@ class RolloutState:
     phase_started_at: float = 0.0
     started_at: float = 0.0
     deadline_at: float = 0.0  # progress deadline (0 = none)
-    rollout: dict[str, Any] = field(default_factory=dict)  # the manifest's spec.rollout
-    groups: list[dict[str, Any]] = field(default_factory=list)  # the manifest's spec.groups
-    pins: dict[str, Any] = field(default_factory=dict)  # the manifest's spec.devices
+    policy: Rollout = field(default_factory=Rollout)  # the manifest's spec.rollout ("rollout")
+    groups: tuple[Group, ...] = ()  # the manifest's spec.groups
+    pins: Mapping[str, Device] = field(default_factory=dict)  # the manifest's spec.devices
     message: str = ""  # why it stopped, for status
 
     def to_json(self) -> dict[str, Any]:
-        return shallow_json(self)
+        data = shallow_json(self)
+        del data["policy"]
+        data.update(rollout=self.policy.to_json(),
+                    groups=[group.to_json() for group in self.groups],
+                    pins={device: entry.to_json() for device, entry in self.pins.items()})
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RolloutState:
         status = _known_status(data.get("status", "progressing"), ROLLOUT_STATUSES, "rollout")
-        return cls(revision=data["revision"], previous=data.get("previous"), status=status,
+        pins = data.get("pins", {})
+        if not isinstance(pins, dict):
+            raise TypeError(f"pins is {type(pins).__name__}, not an object")
+        return cls(revision=str(data["revision"]), previous=data.get("previous"), status=status,
                    phase=int(data.get("phase", 0)),
                    phase_started_at=float(data.get("phase_started_at", 0.0)),
                    started_at=float(data.get("started_at", 0.0)),
                    deadline_at=float(data.get("deadline_at", 0.0)),
-                   rollout=dict(data.get("rollout", {})), groups=list(data.get("groups", [])),
-                   pins=dict(data.get("pins", {})), message=str(data.get("message", "")))
+                   policy=_validated("rollout", Rollout.model_validate, data.get("rollout", {})),
+                   groups=tuple(_validated(f"groups.{index}", Group.model_validate, group)
+                                for index, group in enumerate(data.get("groups", []))),
+                   pins={str(device): _validated(f"pins.{device}", Device.model_validate, entry)
+                         for device, entry in pins.items()},
+                   message=str(data.get("message", "")))
 
 
 @dataclass
@@ -199,4 +247,10 @@ class DeviceView:
     unreadable: str | None = None  # why a document could not be read (it is ignored)
 
 
-Move = tuple[DeviceView, Revision, dict[str, Any]]  # a device, its new revision and spec
+class Move(NamedTuple):
+    """A device's next desired state: its revision and its spec (the revision's, with the
+    device's ``spec.devices`` entry applied)."""
+
+    device: DeviceView
+    revision: Revision
+    spec: dict[str, Any]

@@ -1,8 +1,8 @@
 """The fleet's one duration grammar: ``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms`` or seconds.
 
-A leaf module so the manifest schema (which normalises durations to seconds) and the
-rollout rules (which also read bare-dict manifests and stored rollouts) parse the same
-text the same way.
+A leaf module, used by the manifest schema only: it turns every duration into seconds,
+both when a manifest is read and when the stored rollout document (which keeps the
+manifest's ``spec.rollout``) is read back, so the controller never parses one itself.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ typo in a rollout policy that is silently ignored moves a fleet the wrong way.
 Why it is over 400 lines: it is one schema (the pydantic models with their
 validators); split, a reader would have to put the manifest back together.
 
-Normal forms (what :meth:`Manifest.revision_spec` and the ``*_json`` helpers give the
-controller and the agent, as plain JSON): durations are seconds (float;
+Normal forms (what :meth:`Manifest.revision_spec` and the models' ``to_json`` give the
+agent and the stored rollout document, as plain JSON): durations are seconds (float;
 ``session_ttl`` an int), a phase's percent an int 1..100, ``max_unavailable`` and
 ``failure_threshold`` an int count or an ``"N%"`` string (see
 :func:`edgebundle.fleet.selection.count_or_percent`). When ``spec.app`` is left out the
@@ -46,8 +46,8 @@ from pydantic import (
 )
 
 from edgebundle.errors import UsageError
-from edgebundle.fleet.documents import Revision
 from edgebundle.fleet.durations import parse_duration
+from edgebundle.fleet.wire import revision_id
 from edgebundle.fleet.yaml_loader import KeyPath
 from edgebundle.keys import check_id
 from edgebundle.pins import load_app_pins
@@ -57,6 +57,7 @@ from edgebundle.templates import DEFAULT_TEMPLATE, TEMPLATES
 API_VERSION = "edgebundle/v1"
 KIND = "Fleet"
 BUILTIN_APP = "edgechat"
+DEFAULT_RETRIES = 2  # an agent's attempts per generation when the manifest does not say
 PluginVariant = Literal["cpu", "noavx", "cuda-12", "metal"]  # plugins/wasmedge.lock.toml
 Multitask = Literal["enqueue", "reject", "interrupt"]  # edgebundle.sync.models
 
@@ -317,6 +318,9 @@ class Group(_Strict):
     name: Id
     selector: dict[LabelKey, LabelValue] = Field(default_factory=dict)  # all must match
 
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
 
 class Phase(_Strict):
     group: Id | None = None
@@ -346,10 +350,18 @@ class Rollout(_Strict):
     phases: list[Phase] = Field(default_factory=_default_phases, min_length=1)
     max_unavailable: Annotated[int | str, BeforeValidator(_count_or_percent(1))] = 1
     health: Health = Field(default_factory=Health)
-    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    retries: Annotated[int, Field(ge=0, le=100)] = DEFAULT_RETRIES
     offline: Literal["wait", "skip"] = "wait"
     on_failure: Literal["rollback", "freeze"] = "rollback"
     progress_deadline: Duration = 600.0  # 0: no deadline
+
+    def to_json(self) -> dict[str, Any]:
+        """Normal form: seconds, int percents; a phase has only the keys it sets (group or
+        percent)."""
+        rollout = self.model_dump(mode="json")
+        rollout["phases"] = [{k: v for k, v in phase.items() if v is not None}
+                             for phase in rollout["phases"]]
+        return rollout
 
 
 class _SourceOverride(_Strict):
@@ -410,6 +422,14 @@ class Device(_Strict):
             )
         return self
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON, only the keys it sets; a runtime override is whole (it replaces the
+        fleet's), like :meth:`Manifest.revision_spec`'s."""
+        entry = self.model_dump(mode="json", exclude_none=True)
+        if self.runtime is not None:
+            entry["runtime"] = self.runtime.to_json()
+        return entry
+
 
 class FleetSpec(_Strict):
     runtime: Runtime = Field(default_factory=Runtime)
@@ -449,41 +469,7 @@ class Manifest(_Strict):
         }
 
     def revision_id(self) -> str:
-        return Revision.id_for(self.revision_spec())
-
-    def groups_json(self) -> list[dict[str, Any]]:
-        """spec.groups as plain JSON (Rollout.groups)."""
-        return [group.model_dump(mode="json") for group in self.spec.groups]
-
-    def rollout_json(self) -> dict[str, Any]:
-        """spec.rollout in normal form (Rollout.rollout): seconds, int percents; a phase
-        has only the keys it sets (group or percent)."""
-        rollout = self.spec.rollout.model_dump(mode="json")
-        rollout["phases"] = [{k: v for k, v in phase.items() if v is not None}
-                             for phase in rollout["phases"]]
-        return rollout
-
-    def document(self) -> dict[str, Any]:
-        """The validated manifest as plain JSON in normal form, defaults filled: what the
-        controller plans and applies (its spec's runtime, model, app and sync are
-        exactly :meth:`revision_spec`, so the revision id is the one validate prints)."""
-        return {"apiVersion": "edgebundle/v1", "kind": "Fleet",
-                "metadata": {"name": self.metadata.name},
-                "spec": {**self.revision_spec(), "groups": self.groups_json(),
-                         "rollout": self.rollout_json(), "devices": self.pins_json()}}
-
-    def pins_json(self) -> dict[str, Any]:
-        """spec.devices as plain JSON (Rollout.pins), only the keys each device sets.
-
-        A runtime override is whole (it replaces the fleet's), like revision_spec's.
-        """
-        pins: dict[str, Any] = {}
-        for device_id, device in self.spec.devices.items():
-            entry = device.model_dump(mode="json", exclude_none=True)
-            if device.runtime is not None:
-                entry["runtime"] = device.runtime.to_json()
-            pins[device_id] = entry
-        return pins
+        return revision_id(self.revision_spec())
 
 
 def builtin_app() -> dict[str, Any]:

@@ -6,32 +6,28 @@ manifest's :class:`~edgebundle.fleet.documents.Revision` and starts a RolloutSta
 revision that is already rolling out or rolled out changes nothing and says so);
 :func:`wait` follows a rollout until it finishes. The controller's run loop
 (:mod:`edgebundle.fleet.controller`) moves the devices. Manifests are the validated
-:class:`~edgebundle.fleet.manifest.Manifest` or its normal form as a plain dict
-(:meth:`Manifest.document`), as tests and scripts write them.
+:class:`~edgebundle.fleet.manifest.Manifest` (a script holding a plain dict validates it
+with ``Manifest.model_validate``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypedDict
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from edgebundle.errors import ConfigError, UsageError
 from edgebundle.fleet import rules, selection
 from edgebundle.fleet.controller import Controller, TickSummary
 from edgebundle.fleet.documents import Revision, RolloutState
-from edgebundle.fleet.manifest import Manifest, builtin_app
+from edgebundle.fleet.manifest import Manifest
 from edgebundle.fleet.rules import FINISHED
 from edgebundle.fleet.store import FleetStore, read_devices
 from edgebundle.sync.client import Client
 
 CAS_ATTEMPTS = 5  # an operator command retries its compare-and-set this often
 WAIT_POLL = 2.0  # s between status reads of wait()
-
-ManifestLike = Manifest | Mapping[str, Any]
-
 
 @dataclass
 class PlannedChange:
@@ -72,8 +68,9 @@ class ApplyResult:
         return asdict(self)
 
 
-class DeviceStatus(TypedDict):
-    """One device in ``fleet status`` (its JSON shape: the keys are the wire format)."""
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device in ``fleet status`` (its JSON keys are the wire format)."""
 
     device: str
     labels: dict[str, str]
@@ -89,6 +86,14 @@ class DeviceStatus(TypedDict):
     doctor_ok: bool | None
     doctor_failed: list[str]
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceStatus:
+        """From its JSON (what ``fleet status --json`` prints); KeyError if a key is missing."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
 
 @dataclass
 class FleetStatus:
@@ -98,14 +103,12 @@ class FleetStatus:
     devices: list[DeviceStatus]
     ignored: dict[str, str] = field(default_factory=dict)  # set members left out, and why
 
-    @property
-    def rollout(self) -> dict[str, Any] | None:
-        """The rollout document as JSON (the ``rollout`` of :meth:`to_json`)."""
-        return self.state.to_json() if self.state is not None else None
-
     def to_json(self) -> dict[str, Any]:
-        return {"fleet": self.fleet, "rollout": self.rollout, "paused": self.paused,
-                "devices": [dict(device) for device in self.devices],
+        """``fleet status --json``: the rollout document as stored, and each device."""
+        return {"fleet": self.fleet,
+                "rollout": self.state.to_json() if self.state is not None else None,
+                "paused": self.paused,
+                "devices": [device.to_json() for device in self.devices],
                 "ignored": dict(self.ignored)}
 
 
@@ -121,34 +124,6 @@ class WaitResult:
 # -- the manifest ------------------------------------------------------------------------
 
 
-def manifest_document(manifest: ManifestLike) -> Mapping[str, Any]:
-    """The manifest as plain JSON in normal form (a Manifest's defaults are filled)."""
-    return manifest.document() if isinstance(manifest, Manifest) else manifest
-
-
-def fleet_name(manifest: ManifestLike) -> str:
-    if isinstance(manifest, Manifest):
-        return manifest.name
-    try:
-        return str(manifest["metadata"]["name"])
-    except (KeyError, TypeError):
-        raise UsageError("the manifest has no metadata.name: name the fleet") from None
-
-
-def revision_spec(manifest: ManifestLike) -> dict[str, Any]:
-    """The revision's spec: the manifest's runtime, model, app and sync. A Manifest has
-    every default filled; for a bare dict the runtime and app default as the schema's do."""
-    if isinstance(manifest, Manifest):
-        return manifest.revision_spec()
-    spec = manifest.get("spec") or {}
-    if "model" not in spec:
-        raise UsageError("the manifest has no spec.model: say which model the fleet runs")
-    return {"runtime": spec.get("runtime") or {"kind": "embedded"},
-            "model": spec["model"],
-            "app": spec.get("app") or builtin_app(),
-            "sync": spec.get("sync") or {}}
-
-
 def redis_url(flag: str | None, manifest: Manifest | None = None) -> str:
     """The fleet's Redis: the flag (or EDGEBUNDLE_REDIS_URL, which the CLI reads into
     it), else the manifest's ``spec.sync.redis_url``."""
@@ -162,25 +137,24 @@ def redis_url(flag: str | None, manifest: Manifest | None = None) -> str:
 # -- the commands ------------------------------------------------------------------------
 
 
-async def plan(redis: Client, manifest: ManifestLike) -> Plan:
+async def plan(redis: Client, manifest: Manifest) -> Plan:
     """What :func:`apply` would change: per registered device, its desired revision now,
     the one it will get, and the first phase that covers it."""
-    fleet = fleet_name(manifest)
-    spec = revision_spec(manifest)
+    fleet = manifest.name
+    spec = manifest.revision_spec()
     revision_id = Revision.id_for(spec)
     _, current = await FleetStore(redis, fleet).read_rollout()
     previous = rules.previous_of(current, revision_id)
-    rollout = rules.new_rollout(manifest_document(manifest).get("spec") or {}, 0.0,
-                                revision_id, previous)
+    rollout = rules.new_rollout(manifest, 0.0, revision_id, previous)
     views, _ = await read_devices(redis, fleet)
-    cumulative = selection.cumulative_phases(selection.rollout_phases(rollout.rollout),
-                                             rollout.groups, {v.id: v.labels for v in views})
+    cumulative = selection.cumulative_phases(rollout.policy.phases, rollout.groups,
+                                             {v.id: v.labels for v in views})
     changes = []
     for view in views:
         current_rev = view.desired.revision if view.desired else None
         entry = rollout.pins.get(view.id)
         pin = selection.pinned_revision(entry)
-        if pin:
+        if pin is not None:
             changes.append(PlannedChange(view.id, current_rev, pin, None,
                                          "none" if current_rev == pin else "pin"))
             continue
@@ -199,7 +173,7 @@ async def plan(redis: Client, manifest: ManifestLike) -> Plan:
     return Plan(fleet, revision_id, previous, noop, message, changes)
 
 
-async def apply(redis: Client, manifest: ManifestLike, *, now: float | None = None,
+async def apply(redis: Client, manifest: Manifest, *, now: float | None = None,
                 source: str = "") -> ApplyResult:
     """Store the manifest's revision and start its rollout (phase 0, deadline set).
 
@@ -208,19 +182,18 @@ async def apply(redis: Client, manifest: ManifestLike, *, now: float | None = No
     rollback, freeze or failure it starts the rollout again.
     """
     now = time.time() if now is None else now
-    fleet = fleet_name(manifest)
-    spec = revision_spec(manifest)
-    settings = manifest_document(manifest).get("spec") or {}
+    fleet = manifest.name
+    spec = manifest.revision_spec()
     revision = Revision(id=Revision.id_for(spec), fleet=fleet, spec=spec, created_at=now,
                         manifest=source)
     store = FleetStore(redis, fleet)
     for _ in range(CAS_ATTEMPTS):
         raw, current = await store.read_rollout()
-        fresh = rules.new_rollout(settings, now, revision.id,
+        fresh = rules.new_rollout(manifest, now, revision.id,
                                   rules.previous_of(current, revision.id))
         if current is not None and current.revision == revision.id \
                 and current.status in ("progressing", "complete"):
-            updated = replace(current, rollout=fresh.rollout, groups=fresh.groups, pins=fresh.pins)
+            updated = replace(current, policy=fresh.policy, groups=fresh.groups, pins=fresh.pins)
             if updated == current:
                 return ApplyResult(fleet, revision.id, current.previous, False,
                                    f"no change: {revision.id} is already {current.status}")
@@ -252,18 +225,17 @@ async def status(redis: Client, fleet: str, *, now: float | None = None) -> Flee
         desired, actual = view.desired, view.actual
         state = (rules.device_state(view, rollout, target, now)
                  if rollout is not None and target is not None else None)
-        devices.append(DeviceStatus(**{
-            "device": view.id, "labels": view.labels, "online": view.online, "state": state,
-            "desired_revision": desired.revision if desired else None,
-            "desired_generation": desired.generation if desired else None,
-            "actual_revision": actual.revision if actual else None,
-            "actual_generation": actual.generation if actual else None,
-            "actual_status": actual.status if actual else None,
-            "attempts": actual.attempts if actual else 0,
-            "last_error": (actual.last_error if actual else None) or view.unreadable,
-            "doctor_ok": actual.doctor_ok if actual else None,
-            "doctor_failed": actual.doctor_failed if actual else [],
-        }))
+        devices.append(DeviceStatus(
+            device=view.id, labels=view.labels, online=view.online, state=state,
+            desired_revision=desired.revision if desired else None,
+            desired_generation=desired.generation if desired else None,
+            actual_revision=actual.revision if actual else None,
+            actual_generation=actual.generation if actual else None,
+            actual_status=actual.status if actual else None,
+            attempts=actual.attempts if actual else 0,
+            last_error=(actual.last_error if actual else None) or view.unreadable,
+            doctor_ok=actual.doctor_ok if actual else None,
+            doctor_failed=list(actual.doctor_failed) if actual else []))
     return FleetStatus(fleet, rollout, paused, devices, ignored)
 
 

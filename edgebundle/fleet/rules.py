@@ -1,10 +1,13 @@
-"""The rollout rules: what one controller pass decides, as pure functions of plain data.
+"""The rollout rules: what one controller pass decides, as pure functions of typed documents.
 
 No Redis and no clock (``now`` is an argument), like :mod:`edgebundle.fleet.selection`
 (which owns the phase, budget and per-device spec arithmetic these rules use).
-:func:`decide` takes the stored :class:`~edgebundle.fleet.documents.RolloutState`, the devices
-as one pass read them, the revisions it names and ``now``, and returns a
-:class:`Decision`: the devices to move and what to do with the RolloutState afterwards.
+:func:`decide` takes the stored :class:`~edgebundle.fleet.documents.RolloutState` (its
+``policy`` is the manifest's :class:`~edgebundle.fleet.manifest.Rollout`, defaults filled
+and durations in seconds by the schema), the devices as one pass read them, the
+revisions it names and ``now``, and returns a :class:`Decision`: the
+:class:`~edgebundle.fleet.documents.Move` of each device to move and what to do with the
+RolloutState afterwards.
 Per device, relative to the rollout's target revision (:func:`device_state`):
 
 ``old``      its desired state is not the target (or a failure from before this
@@ -36,12 +39,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from edgebundle.fleet import selection
-from edgebundle.fleet.documents import DEFAULT_RETRIES, DeviceView, Move, Revision, RolloutState
+from edgebundle.fleet.documents import DeviceView, Move, Revision, RolloutState
+from edgebundle.fleet.manifest import Manifest
 
-DEFAULT_MAX_UNAVAILABLE = 1
 ACTIVE = ("progressing", "rolling_back")
 FINISHED = ("complete", "rolled_back", "frozen", "failed")
 
@@ -59,14 +61,14 @@ class Step:
 
 @dataclass
 class Decision:
-    """One pass's decision: write ``pins`` and ``moves`` (in that order), then take
+    """One pass's decision: write ``pin_moves`` and ``moves`` (in that order), then take
     :meth:`after` (which depends on how many moves were written: a device someone else
     wrote in between is not moved this pass)."""
 
     rollout: RolloutState  # the stored one, its phase clamped when re-applied with fewer phases
     states: dict[str, str] = field(default_factory=dict)  # device -> its state (above)
     counts: dict[str, int] = field(default_factory=dict)  # devices per state
-    pins: list[Move] = field(default_factory=list)
+    pin_moves: list[Move] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
     missing_pins: dict[str, str] = field(default_factory=dict)  # device -> unknown revision
     # what comes after the moves
@@ -114,18 +116,16 @@ def decide(rollout: RolloutState, devices: Sequence[DeviceView], revisions: Mapp
     if target is None:
         decision.step = Step(f"revision {rollout.revision} is missing from Redis: apply again")
         return decision
-    decision.pins, decision.missing_pins = pin_moves(rollout, devices, revisions)
+    decision.pin_moves, decision.missing_pins = pin_moves(rollout, devices, revisions)
     states = {view.id: device_state(view, rollout, target, now) for view in devices}
     decision.states = states
     for state in states.values():
         decision.counts[state] = decision.counts.get(state, 0) + 1
     by_id = {view.id: view for view in devices}
     rollable = [view.id for view in devices if states[view.id] != "pinned"]
-    settings = rollout.rollout
-    health = settings.get("health") or {}
+    policy = rollout.policy
     window_phases = selection.cumulative_phases(
-        selection.rollout_phases(settings), rollout.groups,
-        {view.id: view.labels for view in devices})
+        policy.phases, rollout.groups, {view.id: view.labels for view in devices})
     complete = rollout.status == "complete"
     if not complete and rollout.phase >= len(window_phases):  # re-applied with fewer phases
         rollout = replace(rollout, phase=len(window_phases) - 1)
@@ -135,7 +135,7 @@ def decide(rollout: RolloutState, devices: Sequence[DeviceView], revisions: Mapp
     if not complete:
         failed = sorted(device for device in in_phase if states[device] == "failed")
         tolerated = selection.count_or_percent(
-            health.get("failure_threshold", 0), len(in_phase),
+            policy.health.failure_threshold, len(in_phase),
             "rollout.health.failure_threshold", round_up=False)
         if len(failed) > tolerated:
             message = (f"{len(failed)} device(s) failed in phase {rollout.phase} "
@@ -146,17 +146,17 @@ def decide(rollout: RolloutState, devices: Sequence[DeviceView], revisions: Mapp
     opens_at = rollout.phase_started_at + (0.0 if complete else after(rollout, rollout.phase))
     if now >= opens_at:
         limit = selection.count_or_percent(
-            settings.get("max_unavailable", DEFAULT_MAX_UNAVAILABLE), len(rollable),
+            policy.max_unavailable, len(rollable),
             "rollout.max_unavailable", round_up=True)
         unavailable = sum(1 for device in rollable if states[device] in ("updating", "failed"))
         candidates = [device for device in sorted(in_phase)
                       if states[device] == "old" and by_id[device].online]
         chosen = candidates[:max(0, max(limit, 1) - unavailable)]
-        decision.moves = [(by_id[device], target,
-                           selection.device_spec(target.spec, rollout.pins.get(device)))
+        decision.moves = [Move(by_id[device], target,
+                               selection.device_spec(target.spec, rollout.pins.get(device)))
                           for device in chosen]
     decision.complete, decision.opens_at = complete, opens_at
-    skip_offline = settings.get("offline", "wait") == "skip"
+    skip_offline = policy.offline == "skip"
     # a device moved this pass was "old", so it is waited for either way
     decision.waiting = sorted(device for device in in_phase if states[device] != "healthy"
                               and not (skip_offline and not by_id[device].online))
@@ -167,12 +167,12 @@ def decide(rollout: RolloutState, devices: Sequence[DeviceView], revisions: Mapp
 def device_state(view: DeviceView, rollout: RolloutState, target: Revision, now: float) -> str:
     """The device's state in the rollout (see the module docstring)."""
     entry = rollout.pins.get(view.id)
-    if selection.pinned_revision(entry):
+    if selection.pinned_revision(entry) is not None:
         return "pinned"
     desired, actual = view.desired, view.actual
     if (desired is None or desired.revision != target.id
-            or desired.spec != (selection.device_spec(target.spec, entry) if entry
-                                else target.spec)):
+            or desired.spec != (selection.device_spec(target.spec, entry)
+                                if entry is not None else target.spec)):
         return "old"
     current = actual is not None and actual.generation == desired.generation
     if current and actual is not None and actual.status == "failed":
@@ -204,16 +204,16 @@ def pin_moves(rollout: RolloutState, devices: Sequence[DeviceView],
             continue
         spec = selection.device_spec(revision.spec, entry)
         if view.desired is None or view.desired.revision != pin or view.desired.spec != spec:
-            moves.append((view, revision, spec))
+            moves.append(Move(view, revision, spec))
     return moves, missing
 
 
 def on_failure(rollout: RolloutState, message: str, *, deadline: bool) -> Step:
     """``on_failure: rollback`` rolls back (when there is a previous revision); otherwise
     the rollout stops: ``frozen`` (devices failed) or ``failed`` (deadline passed)."""
-    if rollout.rollout.get("on_failure", "rollback") == "rollback" and rollout.previous:
+    if rollout.policy.on_failure == "rollback" and rollout.previous:
         return Step(message, rollback=True)
-    if rollout.rollout.get("on_failure", "rollback") == "rollback":
+    if rollout.policy.on_failure == "rollback":
         message += "; nothing to roll back to (first revision of the fleet): frozen"
     status = "failed" if deadline else "frozen"
     return Step(message, store=replace(rollout, status=status, message=message))
@@ -222,16 +222,15 @@ def on_failure(rollout: RolloutState, message: str, *, deadline: bool) -> Step:
 def rollback_moves(rollout: RolloutState, devices: Sequence[DeviceView],
                    previous: Revision) -> list[Move]:
     """Every unpinned device whose desired state is the target goes back to ``previous``."""
-    return [(view, previous, selection.device_spec(previous.spec, rollout.pins.get(view.id)))
+    return [Move(view, previous, selection.device_spec(previous.spec, rollout.pins.get(view.id)))
             for view in devices
             if view.desired is not None and view.desired.revision == rollout.revision
-            and not selection.pinned_revision(rollout.pins.get(view.id))]
+            and selection.pinned_revision(rollout.pins.get(view.id)) is None]
 
 
 def advance(rollout: RolloutState, now: float) -> RolloutState:
     """The rollout once its phase completed: the next phase opens, or it is complete."""
-    phases = selection.rollout_phases(rollout.rollout)
-    if rollout.phase + 1 >= len(phases):
+    if rollout.phase + 1 >= len(rollout.policy.phases):
         return replace(rollout, status="complete", phase_started_at=now, deadline_at=0.0,
                        message=f"complete: every device runs {rollout.revision}")
     updated = replace(rollout, phase=rollout.phase + 1, phase_started_at=now,
@@ -241,23 +240,23 @@ def advance(rollout: RolloutState, now: float) -> RolloutState:
 
 def needs_labels(rollout: RolloutState) -> bool:
     """Whether a phase selects devices by group (else a pass need not read labels)."""
-    return any("group" in phase for phase in selection.rollout_phases(rollout.rollout))
+    return any(phase.group is not None for phase in rollout.policy.phases)
 
 
 # -- a new rollout ------------------------------------------------------------------------
 
 
-def new_rollout(spec: Mapping[str, Any], now: float, revision: str,
+def new_rollout(manifest: Manifest, now: float, revision: str,
                 previous: str | None) -> RolloutState:
-    """The RolloutState an apply starts from the manifest's ``spec``: phase 0, deadline set."""
-    settings = dict(spec.get("rollout") or {})
-    groups = [dict(group) for group in spec.get("groups") or []]
-    for phase in selection.rollout_phases(settings):
-        if "group" in phase:
-            selection.group_devices(str(phase["group"]), groups, {})
+    """The RolloutState an apply starts from the manifest: phase 0, deadline set; a phase
+    naming a group that ``spec.groups`` does not define is a UsageError."""
+    spec = manifest.spec
+    for phase in spec.rollout.phases:
+        if phase.group is not None:
+            selection.group_devices(phase.group, spec.groups, {})
     rollout = RolloutState(revision=revision, previous=previous, status="progressing", phase=0,
-                      phase_started_at=now, started_at=now, rollout=settings, groups=groups,
-                      pins=dict(spec.get("devices") or {}))
+                           phase_started_at=now, started_at=now, policy=spec.rollout,
+                           groups=tuple(spec.groups), pins=dict(spec.devices))
     return replace(rollout, deadline_at=deadline(rollout, now))
 
 
@@ -273,21 +272,19 @@ def previous_of(current: RolloutState | None, revision_id: str) -> str | None:
         else previous
 
 
-# -- the rollout's settings, as numbers -----------------------------------------------------
+# -- the rollout's settings ------------------------------------------------------------------
 
 
 def retries(rollout: RolloutState) -> int:
-    return int(rollout.rollout.get("retries", DEFAULT_RETRIES))
+    return rollout.policy.retries
 
 
 def window(rollout: RolloutState) -> float:
-    return selection.duration_seconds((rollout.rollout.get("health") or {}).get("window"),
-                                      "rollout.health.window")
+    return rollout.policy.health.window
 
 
 def progress_deadline(rollout: RolloutState) -> float:
-    return selection.duration_seconds(rollout.rollout.get("progress_deadline"),
-                                      "rollout.progress_deadline")
+    return rollout.policy.progress_deadline
 
 
 def deadline(rollout: RolloutState, phase_started_at: float) -> float:
@@ -298,7 +295,5 @@ def deadline(rollout: RolloutState, phase_started_at: float) -> float:
 
 
 def after(rollout: RolloutState, phase: int) -> float:
-    phases = selection.rollout_phases(rollout.rollout)
-    if phase >= len(phases):
-        return 0.0
-    return selection.duration_seconds(phases[phase].get("after"), f"rollout.phases[{phase}].after")
+    phases = rollout.policy.phases
+    return phases[phase].after if phase < len(phases) else 0.0

@@ -1,8 +1,10 @@
-"""Pure rollout arithmetic: which devices a phase covers, budgets, durations, per-device specs.
+"""Pure rollout arithmetic: which devices a phase covers, budgets, per-device specs.
 
 No Redis and no clock here, so the controller's decisions can be read (and tested) as
-plain functions of the registered devices and the manifest's ``spec`` (a plain dict
-of the shape in the fleet contract; the manifest schema fills defaults before this).
+plain functions of the registered devices and the manifest's typed parts
+(:class:`~edgebundle.fleet.manifest.Phase`, :class:`~edgebundle.fleet.manifest.Group`,
+:class:`~edgebundle.fleet.manifest.Device`; the schema fills their defaults and parses
+their durations, so nothing here does).
 
 - A group's devices: those whose labels contain every ``key: value`` of its selector
   (an empty selector matches everyone).
@@ -21,20 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgebundle.errors import UsageError
-from edgebundle.fleet.durations import parse_duration
-
-SPEC_PARTS = ("runtime", "model", "app", "sync")
-DEFAULT_PHASES: list[dict[str, Any]] = [{"percent": 100}]
-
-
-def duration_seconds(value: Any, what: str) -> float:
-    """A duration (:func:`edgebundle.fleet.durations.parse_duration`) as seconds; None is 0."""
-    if value is None:
-        return 0.0
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise UsageError(f"{what}: {exc}") from None
+from edgebundle.fleet.manifest import Device, Group, Phase
 
 
 def count_or_percent(value: Any, total: int, what: str, *, round_up: bool) -> int:
@@ -57,37 +46,34 @@ def count_or_percent(value: Any, total: int, what: str, *, round_up: bool) -> in
     return math.ceil(share) if round_up else math.floor(share)
 
 
-def matches(labels: Mapping[str, str], selector: Mapping[str, Any]) -> bool:
+def matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     """True when every ``key: value`` of the selector is among the labels."""
-    return all(labels.get(key) == str(value) for key, value in selector.items())
+    return all(labels.get(key) == value for key, value in selector.items())
 
 
-def group_devices(group: str, groups: Sequence[Mapping[str, Any]],
+def group_devices(group: str, groups: Sequence[Group],
                   labels: Mapping[str, Mapping[str, str]]) -> set[str]:
     """The devices (of ``labels``: id -> labels) a named group selects."""
     for entry in groups:
-        if entry.get("name") == group:
-            selector = entry.get("selector") or {}
+        if entry.name == group:
             return {device for device, device_labels in labels.items()
-                    if matches(device_labels, selector)}
-    known = ", ".join(str(entry.get("name")) for entry in groups) or "none"
+                    if matches(device_labels, entry.selector)}
+    known = ", ".join(entry.name for entry in groups) or "none"
     raise UsageError(f"rollout phase names group {group!r}, which spec.groups does not define "
                      f"(groups: {known})")
 
 
-def phase_devices(phase: Mapping[str, Any], groups: Sequence[Mapping[str, Any]],
+def phase_devices(phase: Phase, groups: Sequence[Group],
                   labels: Mapping[str, Mapping[str, str]]) -> set[str]:
-    """The devices one phase names on its own (not cumulative)."""
-    if "group" in phase:
-        return group_devices(str(phase["group"]), groups, labels)
-    if "percent" in phase:
-        percent = float(phase["percent"])
-        ordered = sorted(labels)
-        return set(ordered[:math.ceil(len(ordered) * percent / 100.0)])
-    raise UsageError(f"a rollout phase needs `group` or `percent`, got {dict(phase)!r}")
+    """The devices one phase names on its own (not cumulative): its group's, or the first
+    ``percent`` of all by id (the schema sees to it that a phase has one of the two)."""
+    if phase.group is not None:
+        return group_devices(phase.group, groups, labels)
+    ordered = sorted(labels)
+    return set(ordered[:math.ceil(len(ordered) * (phase.percent or 0) / 100.0)])
 
 
-def cumulative_phases(phases: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]],
+def cumulative_phases(phases: Sequence[Phase], groups: Sequence[Group],
                       labels: Mapping[str, Mapping[str, str]]) -> list[set[str]]:
     """For each phase k, every device of phases 0..k."""
     covered: set[str] = set()
@@ -106,30 +92,20 @@ def first_phase_of(device: str, cumulative: Sequence[set[str]]) -> int | None:
     return None
 
 
-def rollout_phases(rollout: Mapping[str, Any]) -> list[dict[str, Any]]:
-    phases = rollout.get("phases") or DEFAULT_PHASES
-    return [dict(phase) for phase in phases]
+def pinned_revision(device: Device | None) -> str | None:
+    """The revision a ``spec.devices`` entry pins its device to (None: not pinned)."""
+    return device.pin if device is not None else None
 
 
-def pinned_revision(device_entry: Mapping[str, Any] | None) -> str | None:
-    if not device_entry:
-        return None
-    pin = device_entry.get("pin")
-    return str(pin) if pin else None
-
-
-def device_spec(revision_spec: Mapping[str, Any], device_entry: Mapping[str, Any] | None
-                ) -> dict[str, Any]:
-    """The revision's spec with the device's overrides (``spec.devices[id]``): a runtime
-    override replaces the fleet's runtime whole (it is a complete runtime of its own
-    kind); model, app and sync overrides are merged over the fleet's."""
+def device_spec(revision_spec: Mapping[str, Any], device: Device | None) -> dict[str, Any]:
+    """The revision's spec (plain JSON, as stored) with the device's overrides
+    (``spec.devices[id]``): a runtime override replaces the fleet's runtime whole (it is a
+    complete runtime of its own kind); model, app and sync overrides are merged over the
+    fleet's."""
     spec = {part: _copy(value) for part, value in revision_spec.items()}
-    for part, override in (device_entry or {}).items():
-        if part == "pin":
-            continue
-        if part not in SPEC_PARTS:
-            raise UsageError(f"spec.devices may override {', '.join(SPEC_PARTS)} or set pin, "
-                             f"not {part!r}")
+    overrides = device.to_json() if device is not None else {}
+    overrides.pop("pin", None)
+    for part, override in overrides.items():
         base = spec.get(part)
         if part == "runtime" or not isinstance(base, dict):
             spec[part] = _copy(override)

@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from edgebundle import keys
-from edgebundle.errors import UsageError
+from edgebundle.errors import StateError, UsageError
 from edgebundle.fleet.documents import (
     DEFAULT_RETRIES,
     ActualState,
@@ -27,6 +27,7 @@ from edgebundle.fleet.documents import (
     RolloutState,
     dumps,
     loads,
+    read_document,
 )
 from edgebundle.keys import check_id
 from edgebundle.sync import lua
@@ -94,11 +95,12 @@ async def read_devices(redis: Client, fleet: str, *, labels: bool = True,
     memo = {} if memo is None else memo
     fresh: ParseMemo = {}
 
-    def parsed(kind: str, device: str, raw: str | None, parse: Callable[[str], Any]) -> Any:
+    def parsed(kind: str, device: str, raw: str | None,
+               parse: Callable[[str, str], Any]) -> Any:
         if raw is None:
             return None
         known = memo.get((kind, device))
-        value = known[1] if known is not None and known[0] == raw else parse(raw)
+        value = known[1] if known is not None and known[0] == raw else parse(raw, device)
         fresh[(kind, device)] = (raw, value)
         return value
 
@@ -116,24 +118,24 @@ async def read_devices(redis: Client, fleet: str, *, labels: bool = True,
                 view.labels = parsed("labels", device, info[index][1], _labels) or {}
             view.desired = parsed("desired", device, desired_raw[index], _desired)
             view.actual = parsed("actual", device, actual_raw[index], _actual)
-        except (UsageError, KeyError, ValueError, TypeError) as exc:
-            view.unreadable = f"{device}: {exc}"
+        except StateError as exc:  # its Redis key is named: the device's own document
+            view.unreadable = str(exc)
         views.append(view)
     memo.clear()
     memo.update(fresh)
     return views, ignored
 
 
-def _desired(raw: str) -> DesiredState:
-    return DesiredState.from_json(loads(raw, "desired state") or {})
+def _desired(raw: str, device: str) -> DesiredState | None:
+    return read_document(raw, keys.desired(device), DesiredState.from_json)
 
 
-def _actual(raw: str) -> ActualState:
-    return ActualState.from_json(loads(raw, "actual state") or {})
+def _actual(raw: str, device: str) -> ActualState | None:
+    return read_document(raw, keys.actual(device), ActualState.from_json)
 
 
-def _labels(raw: str) -> dict[str, str]:
-    value = loads(raw, "device labels")
+def _labels(raw: str, device: str) -> dict[str, str]:
+    value = loads(raw, f"{keys.device_info(device)} field labels")
     return {str(key): str(item) for key, item in (value or {}).items()}
 
 
@@ -193,9 +195,9 @@ class FleetStore:
         return await read_devices(self.redis, self.fleet, labels=labels, memo=self._memo)
 
     async def read_rollout(self) -> tuple[str, RolloutState | None]:
-        raw = await self.redis.get(keys.rollout(self.fleet))
-        data = loads(raw, f"the rollout of fleet {self.fleet}")
-        return str(raw or ""), (RolloutState.from_json(data) if data else None)
+        key = keys.rollout(self.fleet)
+        raw = await self.redis.get(key)
+        return str(raw or ""), read_document(raw, key, RolloutState.from_json)
 
     async def write_rollout(self, expected: str, rollout: RolloutState, *,
                             revision: Revision | None = None, resume: bool = False) -> str:
@@ -217,10 +219,11 @@ class FleetStore:
             return {}
         raws = await self.redis.hmget(keys.revisions(self.fleet), wanted)
         found = {}
+        key = keys.revisions(self.fleet)
         for rev, raw in zip(wanted, raws, strict=True):
-            data = loads(raw, f"revision {rev}")
-            if data:
-                found[rev] = Revision.from_json(data)
+            revision = read_document(raw, f"{key} field {rev}", Revision.from_json)
+            if revision is not None:
+                found[rev] = revision
         return found
 
     async def write_desired(self, moves: Sequence[Move], now: float,
