@@ -38,13 +38,16 @@ REDIS_UNAVAILABLE = ("the sync Redis is unavailable: try again in a few seconds 
 class ApiError(Exception):
     """A request the sync API refuses: HTTP ``status``, ``code`` and one-line message."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, *,
+                 retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.extra = extra
         self.headers: dict[str, str] = {}
+        if retry_after is not None:  # when to try again (a busy thread, a cap reached)
+            self.headers["Retry-After"] = str(retry_after)
 
     def response(self) -> JSONResponse:
         body = {"error": self.code, "message": self.message, **self.extra}
@@ -63,10 +66,8 @@ def api_error(exc: EdgebundleError) -> ApiError:
     if isinstance(exc, EpochMismatchError):
         return ApiError(409, "epoch_mismatch", str(exc), epoch=exc.epoch)
     if isinstance(exc, ThreadBusyError):
-        error = ApiError(409, "thread_busy", str(exc),
-                         active_run=exc.active_run.to_json() if exc.active_run else None)
-        error.headers["Retry-After"] = str(exc.retry_after)
-        return error
+        return ApiError(409, "thread_busy", str(exc), retry_after=exc.retry_after,
+                        active_run=exc.active_run.to_json() if exc.active_run else None)
     if isinstance(exc, ThreadNotFoundError):
         return ApiError(404, "thread_not_found", str(exc))
     if isinstance(exc, RunNotFoundError):
@@ -77,9 +78,7 @@ def api_error(exc: EdgebundleError) -> ApiError:
         return ApiError(409, "thread_full", str(exc))
     if isinstance(exc, BusyError):
         code = "queue_full" if isinstance(exc, QueueFullError) else "too_many_runs"
-        error = ApiError(429, code, str(exc))
-        error.headers["Retry-After"] = str(exc.retry_after)
-        return error
+        return ApiError(429, code, str(exc), retry_after=exc.retry_after)
     if isinstance(exc, LeaseLostError):
         return ApiError(409, "run_ended", str(exc))
     if isinstance(exc, UsageError):
@@ -93,6 +92,4 @@ def api_error(exc: EdgebundleError) -> ApiError:
 
 def busy(code: str, message: str) -> ApiError:
     """A 429 that says when to try again."""
-    error = ApiError(429, code, message)
-    error.headers["Retry-After"] = str(RETRY_AFTER)
-    return error
+    return ApiError(429, code, message, retry_after=RETRY_AFTER)
