@@ -34,6 +34,7 @@ class InstallPlan:
     apps: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
 
+
 def make_plan(
     host: HostInfo,
     *,

@@ -44,6 +44,7 @@ class InstalledRuntime:
             "variant": self.variant,
         }
 
+
 def marker(
     lock: RuntimeLock, variant: str, host: HostInfo, runtime_asset: Asset, plugin_asset: Asset
 ) -> dict[str, Any]:
@@ -86,6 +87,7 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
         return None
     return data
 
+
 def place(tree: Path, target: Path, layout: Layout) -> None:
     """Rename the finished tree to its versioned name, replacing a stale copy."""
     if target.exists():
@@ -113,6 +115,7 @@ def current_name(layout: Layout) -> str | None:
     if current.is_symlink() and (current / "bin" / "wasmedge").exists():
         return os.readlink(current)
     return None
+
 
 def list_runtimes(layout: Layout) -> list[InstalledRuntime]:
     """Every installed runtime directory, with the active one marked."""

@@ -115,6 +115,7 @@ class InstallResult:
             "verified": [v.to_json() for v in self.verified],
         }
 
+
 def install(
     plan: InstallPlan,
     layout: Layout,
@@ -291,6 +292,7 @@ def switch_current(layout: Layout, name: str | None) -> None:
         link_current(layout, name)
     write_env_file(layout)
 
+
 # ---------------------------------------------------------------- unpacking
 
 
@@ -337,6 +339,7 @@ def _unpack_plugin(archive: Path, staging: Path, tree: Path, library: str) -> No
         if item.is_file():
             shutil.copy2(item, plugin_dir / item.name, follow_symlinks=False)
 
+
 # ---------------------------------------------------------------- apps and models
 
 
@@ -361,6 +364,7 @@ def _install_pinned_file(
     expected_for(pin, plan, bundle).fetch(pin, dest, label=pin.name, layout=layout,
                                        progress=progress, downloaded=downloaded, log=log)
     return dest
+
 
 def activate(layout: Layout, name: str) -> InstalledRuntime:
     """Make an installed runtime current (upgrade or rollback) and refresh the env file."""

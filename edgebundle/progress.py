@@ -19,6 +19,7 @@ ProgressFactory = Callable[[str], AbstractContextManager[Progress]]
 Log = Callable[[str], None]
 """Where installers and bundle builders say what they do, one line at a time."""
 
+
 def progress_for(
     factory: ProgressFactory | None, label: str
 ) -> AbstractContextManager[Progress | None]:

@@ -88,6 +88,7 @@ class Expected:
         log(("WARNING: " if self.sha256 is None else "") + verification.describe())
         return got.path, verification
 
+
 def expected_for(artifact: Artifact, plan: InstallPlan, bundle: Bundle | None) -> Expected:
     """Where to take a pinned file from and the sha256 it must have, and who says so.
 
