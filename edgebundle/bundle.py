@@ -38,14 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebundle import __version__
-from edgebundle.download import (
-    Log,
-    ProgressFactory,
-    fetch,
-    progress_for,
-    published_sha256,
-    sha256_file,
-)
+from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import ChecksumMismatchError, DownloadError, InstallError, UsageError
 from edgebundle.files import write_text as write_atomic
 from edgebundle.pins import (
@@ -57,6 +50,8 @@ from edgebundle.pins import (
     load_app_pins,
     load_runtime_lock,
 )
+from edgebundle.progress import Log, ProgressFactory, progress_for
+from edgebundle.sha256sum import published_sha256
 
 SCHEMA = 1
 MANIFEST = "bundle.json"

@@ -20,9 +20,8 @@ and leaves a verified file at ``dest``:
 refuses that unless ``--allow-unverified``); the actual sha256 is always returned so
 it can be reported or recorded.
 
-``published_sha256`` reads the value a release's own ``SHA256SUM`` lists for a file,
-for pins that quote no published value (``verify = "release-sha256sum"``): https only,
-redirects included, since the file is the only thing vouching for the download.
+A release's own ``SHA256SUM`` (for pins that quote no published value) is read by
+:mod:`edgebundle.sha256sum`; progress bars are :mod:`edgebundle.progress`'s.
 
 TLS: the system's trusted CAs, plus the certificates of ``$EDGEBUNDLE_EXTRA_CA_FILE``
 when it is set (a site's TLS-intercepting proxy; the test suite's throwaway CA). It
@@ -39,38 +38,24 @@ import re
 import shutil
 import socket
 import ssl
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
-from typing import IO, TextIO
 from urllib.parse import unquote, urlsplit
 
 from edgebundle import __version__, files
 from edgebundle.errors import (
     ChecksumMismatchError,
-    ChecksumSourceError,
     ConfigError,
     DownloadError,
 )
-
-Progress = Callable[[int, int | None], None]
-"""Called with (bytes so far, total bytes or None when the server does not say)."""
-
-ProgressFactory = Callable[[str], AbstractContextManager[Progress]]
-"""Makes the progress callback for one labelled download; leaving the context ends it."""
-
-Log = Callable[[str], None]
-"""Where installers and bundle builders say what they do, one line at a time."""
+from edgebundle.progress import Progress
 
 CHUNK = 256 * 1024
 EXTRA_CA_ENV = "EDGEBUNDLE_EXTRA_CA_FILE"
-SUMS_MAX_BYTES = 1024 * 1024  # WasmEdge's SHA256SUM is a few kB; more is not one
 _CONTENT_RANGE = re.compile(r"bytes\s+(?P<start>\d+)-\d+/(?P<total>\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(?P<total>\d+)")
 
@@ -85,7 +70,7 @@ class Fetched:
     resumed_from: int = 0  # bytes a previous attempt or run had already fetched
 
 
-class _Retry(Exception):
+class Transient(Exception):
     """A transient failure: try again, resuming from what the partial file holds."""
 
 
@@ -143,7 +128,7 @@ def _download(url: str, part: Path, progress: Progress | None, timeout: float, r
     for attempt in range(1, retries + 1):
         try:
             return _attempt(url, part, progress, timeout)
-        except _Retry as exc:
+        except Transient as exc:
             if attempt == retries:
                 have = part.stat().st_size if part.exists() else 0
                 raise DownloadError(
@@ -176,24 +161,24 @@ def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) ->
             if match and int(match["total"]) == have:
                 return have  # an earlier run got every byte but stopped before verifying
             _discard(part)
-            raise _Retry("the server rejected the resume range; starting over") from None
+            raise Transient("the server rejected the resume range; starting over") from None
         if exc.code >= 500 or exc.code == 429:
-            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
+            raise Transient(f"HTTP {exc.code} {exc.reason}") from None
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise _connect_error(url, exc.reason, timeout) from None
+        raise connect_error(url, exc.reason, timeout) from None
     except (TimeoutError, http.client.HTTPException, OSError) as exc:
-        raise _Retry(_describe(exc)) from None
+        raise Transient(describe_error(exc)) from None
     with response:
         total: int | None
         if response.status == 206:
             match = _CONTENT_RANGE.search(response.headers.get("Content-Range", "") or "")
             if match is None or int(match["start"]) != have:
                 _discard(part)
-                raise _Retry("the server answered a different range; starting over")
+                raise Transient("the server answered a different range; starting over")
             if validator is not None and _changed(validator, response.headers):
                 _discard(part)  # a server that ignored If-Range: these bytes are of another file
-                raise _Retry("the file changed on the server; starting over")
+                raise Transient("the file changed on the server; starting over")
             mode = "ab"
             total = None if match["total"] == "*" else int(match["total"])
         else:
@@ -212,9 +197,9 @@ def _attempt(url: str, part: Path, progress: Progress | None, timeout: float) ->
                     if progress is not None:
                         progress(done, total)
         except (TimeoutError, http.client.HTTPException, OSError) as exc:
-            raise _Retry(f"connection lost after {done} bytes ({_describe(exc)})") from None
+            raise Transient(f"connection lost after {done} bytes ({describe_error(exc)})") from None
         if total is not None and done < total:
-            raise _Retry(f"connection closed after {done} of {total} bytes")
+            raise Transient(f"connection closed after {done} of {total} bytes")
     return have
 
 
@@ -261,7 +246,7 @@ def _discard(part: Path) -> None:
     _validator_file(part).unlink(missing_ok=True)
 
 
-def _connect_error(url: str, reason: object, timeout: float) -> Exception:
+def connect_error(url: str, reason: object, timeout: float) -> Exception:
     """Host-level failures are final (retrying a DNS miss or a firewall helps nobody)."""
     host = urlsplit(url).hostname or url
     if isinstance(reason, ssl.SSLCertVerificationError):  # the same certificate next time
@@ -278,11 +263,11 @@ def _connect_error(url: str, reason: object, timeout: float) -> Exception:
     if isinstance(reason, OSError) and reason.errno in (101, 113):  # ENETUNREACH, EHOSTUNREACH
         return DownloadError(f"{url}: {host} unreachable ({reason.strerror})")
     if isinstance(reason, BaseException):
-        return _Retry(_describe(reason))
-    return _Retry(str(reason))
+        return Transient(describe_error(reason))
+    return Transient(str(reason))
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
@@ -349,7 +334,7 @@ def _copy(source: Path, dest: Path, sha256: str | None, progress: Progress | Non
     return Fetched(path=dest, sha256=actual, size=done)
 
 
-# ---------------------------------------------------------------- TLS and SHA256SUM
+# ---------------------------------------------------------------- TLS
 
 
 def tls_context() -> ssl.SSLContext:
@@ -366,192 +351,6 @@ def _tls_context(extra_ca_file: str | None) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"{EXTRA_CA_ENV}={extra_ca_file}: cannot load CA certificates from it "
-                f"({_describe(exc)}); fix the file or unset {EXTRA_CA_ENV}"
+                f"({describe_error(exc)}); fix the file or unset {EXTRA_CA_ENV}"
             ) from None
     return context
-
-
-class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects (GitHub sends release files from another host) to https only."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        if urlsplit(newurl).scheme.lower() != "https":
-            fp.close()
-            raise ChecksumSourceError(
-                f"{req.full_url}: redirected to {newurl}, which is not https; a checksum "
-                "list vouches for a file only over TLS: refusing it (check the release URL)"
-            )
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_SUM_LINE = re.compile(r"^(?P<sha256>[0-9a-fA-F]{64}) [ *](?P<name>\S.*)$")
-
-
-def parse_sha256sum(text: str) -> dict[str, set[str]]:
-    """``sha256sum`` output (``<hex>  <name>``, ``*`` before a name in binary mode) as
-    {name: {sha256, ...}}; other lines (comments, blank) are skipped."""
-    listed: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        match = _SUM_LINE.match(line.rstrip())
-        if match is None:
-            continue
-        name = str(match["name"])
-        name = name[2:] if name.startswith("./") else name  # `sha256sum ./*` spells it so
-        listed.setdefault(name, set()).add(str(match["sha256"]).lower())
-    return listed
-
-
-def published_sha256(
-    sums_url: str, filename: str, *, timeout: float = 30, retries: int = 3
-) -> str:
-    """The sha256 the checksum list at ``sums_url`` (https only) gives for ``filename``.
-
-    Every way it can fail is a one-line error with a fix; nothing is guessed: a missing
-    list, one that does not name the file, or names it twice with two values.
-    """
-    scheme = urlsplit(sums_url).scheme.lower()
-    if scheme != "https":
-        raise ChecksumSourceError(
-            f"{sums_url}: refusing to read a checksum list over {scheme or 'no scheme'}: it "
-            f"vouches for {filename} only when it comes over https; put the https:// release "
-            "URL in the lock"
-        )
-    text = _read_sums(sums_url, filename, timeout, max(1, retries))
-    values = parse_sha256sum(text).get(filename, set())
-    if not values:
-        raise ChecksumSourceError(
-            f"{sums_url} does not list {filename}, so nothing published vouches for it; pin "
-            "a sha256 quoted from a published source in the lock, or install from a bundle"
-        )
-    if len(values) > 1:
-        raise ChecksumSourceError(
-            f"{sums_url} lists {filename} with {len(values)} different sha256s; refusing to "
-            "pick one (report it to the publisher; pin a published sha256 in the lock)"
-        )
-    return next(iter(values))
-
-
-def _read_sums(url: str, filename: str, timeout: float, retries: int) -> str:
-    opener = urllib.request.build_opener(
-        urllib.request.HTTPSHandler(context=tls_context()), _HttpsOnlyRedirects()
-    )
-    request = urllib.request.Request(url, headers={"User-Agent": f"edgebundle/{__version__}"})
-    for attempt in range(1, retries + 1):
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                data: bytes = response.read(SUMS_MAX_BYTES + 1)
-            break
-        except urllib.error.HTTPError as exc:
-            if exc.code in (404, 410):
-                raise ChecksumSourceError(
-                    f"{url}: HTTP {exc.code} {exc.reason}: the release publishes no SHA256SUM "
-                    f"to verify {filename} against; pin a sha256 quoted from a published "
-                    "source in the lock, or install from a bundle"
-                ) from None
-            if exc.code < 500 and exc.code != 429:
-                raise ChecksumSourceError(
-                    f"{url}: HTTP {exc.code} {exc.reason}; cannot read the checksum list to "
-                    f"verify {filename} (try again later, or install from a bundle)"
-                ) from None
-            failure: Exception = _Retry(f"HTTP {exc.code} {exc.reason}")
-        except urllib.error.URLError as exc:
-            failure = _connect_error(url, exc.reason, timeout)
-            if not isinstance(failure, _Retry):
-                raise failure from None
-        except (TimeoutError, http.client.HTTPException, OSError) as exc:
-            failure = _Retry(_describe(exc))
-        if attempt == retries:
-            raise DownloadError(
-                f"{url}: {failure} (gave up after {retries} attempts); cannot verify "
-                f"{filename} without it: try again later, or install from a bundle"
-            ) from None
-        time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
-    if len(data) > SUMS_MAX_BYTES:
-        raise ChecksumSourceError(
-            f"{url}: larger than {SUMS_MAX_BYTES // 1024} kB, so not a checksum list; "
-            "check the release URL in the lock"
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ChecksumSourceError(
-            f"{url}: not text, so not a checksum list; check the release URL in the lock"
-        ) from None
-
-
-# ---------------------------------------------------------------- progress rendering
-
-
-def progress_for(
-    factory: ProgressFactory | None, label: str
-) -> AbstractContextManager[Progress | None]:
-    """The factory's progress context for ``label``, or one yielding None (no progress)."""
-    if factory is None:
-        return nullcontext(None)
-    return factory(label)
-
-
-@contextmanager
-def terminal_progress(label: str, stream: TextIO | None = None) -> Iterator[Progress]:
-    """A rich progress bar on a terminal; elsewhere (CI logs) a plain line every ~10 %."""
-    out = stream if stream is not None else sys.stderr
-    if out.isatty():
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.progress import Progress as RichProgress
-
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-        )
-        with RichProgress(*columns, console=Console(file=out)) as bar:
-            task = bar.add_task(label, total=None)
-
-            def update(done: int, total: int | None) -> None:
-                bar.update(task, completed=done, total=total)
-
-            yield update
-        return
-    yield _PlainProgress(label, out)
-
-
-class _PlainProgress:
-    """Log-friendly progress: one line per 10 % (or per 10 MB when the size is unknown)."""
-
-    def __init__(self, label: str, out: TextIO) -> None:
-        self.label, self.out, self.last_step = label, out, -1
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if total:
-            step = min(10, done * 10 // total)
-            text = f"{step * 10}% of {_size(total)}"
-        else:
-            step = done // (10 * 1024 * 1024)
-            text = _size(done)
-        if step > self.last_step and (step > 0 or done == total):
-            self.last_step = step
-            print(f"{self.label}: {text}", file=self.out, flush=True)
-
-
-def _size(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size / 1e3:.1f} kB"

@@ -20,6 +20,11 @@ way in the background, so the next request never sees the old one's output.
 :class:`ChatEngine` is what the layers above need of an engine (the chat's
 :class:`~edgebundle.completion.ChatService`, the gateway's health and metrics): the boundary
 where a test puts a double in place of the guest process.
+
+Why it is over 400 lines: :class:`Engine` is one protocol client whose parts share one
+state (the current guest, the request queue, the reader thread's hand-off to the
+loop, a cancel in flight); the types it answers in (:class:`Delta`, :class:`End`,
+:class:`ChatEngine`) are a few lines each and belong to it.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ Runtime and plugin rows may name their ``dist`` (``manylinux2014``, ``ubuntu20.0
 ``darwin``): the plugin uses WasmEdge's internal C++ API, so it only works with a
 runtime built the same way, and the installer always takes the runtime of the
 plugin's dist. A lock whose plugin has no runtime of its dist is refused when loaded.
+
+Why it is over 400 lines: it is one file format (the two lock files' types, their
+shared row reader and the checks of each row); split, the rules of a row would be
+read in one module and applied in another.
 """
 
 from __future__ import annotations

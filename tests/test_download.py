@@ -15,20 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from edgebundle.download import (
-    EXTRA_CA_ENV,
-    fetch,
-    parse_sha256sum,
-    published_sha256,
-    terminal_progress,
-    tls_context,
-)
+from edgebundle.download import EXTRA_CA_ENV, fetch, tls_context
 from edgebundle.errors import (
     ChecksumMismatchError,
     ChecksumSourceError,
     ConfigError,
     DownloadError,
 )
+from edgebundle.progress import terminal_progress
+from edgebundle.sha256sum import parse_sha256sum, published_sha256
 from tests.support.release_server import ReleaseServer, closed_port_url
 
 SIZE = 300_000

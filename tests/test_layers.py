@@ -35,6 +35,19 @@ FORBIDDEN: dict[str, set[str]] = {
     "fleet": {"cli"},
 }
 
+# Installing (pins, downloads, the installer's pieces) sits below everything that runs
+# a model or a thread; the terminal chat is a client of a gateway, never a gateway.
+_ABOVE_INSTALLING = {"engine", "completion", "context_window", "sync", "doctor", "gateway",
+                     "turns", "serving", "fleet", "cli", "terminal_chat", "chat_session",
+                     "chat_transcript", "chat_options"}
+for _module in ("progress", "download", "sha256sum", "archives", "install_plan",
+                "verification", "installed_runtimes", "env_file", "installer"):
+    FORBIDDEN[_module] = _ABOVE_INSTALLING
+for _module in ("chat_options", "chat_transcript", "chat_session", "terminal_chat"):
+    FORBIDDEN[_module] = {"runtime", "engine", "completion", "gateway", "turns", "doctor",
+                          "serving", "fleet", "cli", "installer"}
+FORBIDDEN["runtime"] |= {"chat_options", "chat_transcript", "chat_session"}
+
 
 def layer_of(path: Path) -> str:
     parts = path.relative_to(PACKAGE).with_suffix("").parts

@@ -24,7 +24,8 @@ import pytest
 import redis
 
 from edgebundle.errors import RedisAccessError
-from edgebundle.sync.local_server import LocalRedis, owner_of
+from edgebundle.sync.leftover_server import owner_of
+from edgebundle.sync.local_server import LocalRedis
 from tests.support.processes import children, exited, free_port
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for

@@ -25,7 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
-from edgebundle.terminal_chat import ChatOptions, Console, TerminalChat
+from edgebundle.chat_options import ChatOptions
+from edgebundle.chat_session import ChatSession
+from edgebundle.terminal_chat import Console
 from tests.support.devices import ENDLESS, endless_model, mirrored, sync_devices
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
@@ -305,7 +307,7 @@ def test_a_turn_refused_for_another_epoch_syncs_in_full_and_is_sent_again(
         with open(os.devnull) as nothing:
             console = Console(nothing.fileno(), out, err)
             async with httpx.AsyncClient(base_url=a.base_url, timeout=TIMEOUT) as http:
-                session = TerminalChat(options, console, http)
+                session = ChatSession(options, console, http)
                 await session.join()
                 session.thread.epoch = "an-epoch-of-another-store"
                 await session._turn("after the switch")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from edgebundle.chat_options import chat_options
 from edgebundle.config import load_settings
 from edgebundle.terminal_chat import chat as chat_core
-from edgebundle.terminal_chat import chat_options
 
 
 @click.command()

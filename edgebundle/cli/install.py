@@ -15,9 +15,9 @@ import click
 
 from edgebundle import bundle as bundle_core
 from edgebundle import config, host, installer, resources
-from edgebundle.download import terminal_progress
 from edgebundle.layout import Layout
 from edgebundle.pins import load_app_pins, load_runtime_lock
+from edgebundle.progress import terminal_progress
 
 _PATH = click.Path(dir_okay=True, path_type=Path)
 _F = TypeVar("_F", bound=Callable[..., Any])

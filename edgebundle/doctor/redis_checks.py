@@ -34,22 +34,33 @@ a cluster: on every primary):
 
 A device user may not read CONFIG: persistence and eviction then skip, saying to run
 doctor with an admin URL.
+
+The connection and what it learns of the server are :mod:`~edgebundle.doctor.redis_server`'s;
+the permissions probe is :mod:`~edgebundle.doctor.redis_permissions`'.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from edgebundle.config import Settings, redact_url
 from edgebundle.doctor.context import Context
+from edgebundle.doctor.redis_permissions import PERMISSIONS, permissions
+from edgebundle.doctor.redis_server import (
+    Server,
+    client_for,
+    command,
+    connect,
+    location,
+    may,
+    scrub,
+)
 from edgebundle.doctor.report import CheckResult, fail, ok, skip, warn
 
 if TYPE_CHECKING:
-    import redis
+    pass
 
 REACHABLE = "redis.reachable"
 VERSION = "redis.version"
@@ -57,12 +68,10 @@ TOPOLOGY = "redis.topology"
 PERSISTENCE = "redis.persistence"
 EVICTION = "redis.maxmemory_policy"
 FUNCTIONS = "redis.functions"
-PERMISSIONS = "redis.permissions"
 # Facts about the Redis a device uses, not about the revision it runs (a fleet agent
 # does not fail a revision on them).
 IDS = (REACHABLE, VERSION, TOPOLOGY, PERSISTENCE, EVICTION, FUNCTIONS, PERMISSIONS)
 
-TIMEOUT_SECONDS = 1.0
 MIN_VERSION = (7, 0)
 _AUTH_WORDS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password")
 _ADMIN_HINT = "run `edgebundle doctor --redis-url ADMIN_URL` (a user that may read CONFIG)"
@@ -80,35 +89,12 @@ def checks(ctx: Context) -> list[CheckResult]:
     return [reachable, *central(url, ctx.settings)]
 
 
-def _where(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    return f"{parts.hostname}:{parts.port or 6379}"
-
-
-def _scrub(message: str, url: str) -> str:
-    password = urlsplit(url).password
-    return message.replace(password, "***") if password else message
-
-
-def _client(url: str) -> redis.Redis:
-    # Imported here: redis-py takes ~0.1 s to import, and offline doctor never needs it.
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_SECONDS,
-                                socket_connect_timeout=TIMEOUT_SECONDS,
-                                retry=Retry(NoBackoff(), 0), decode_responses=True)
-
-
 def ping(url: str) -> CheckResult:
     import redis
 
-    where = _where(url)
+    where = location(url)
     has_password = urlsplit(url).password is not None
-    client = _client(url)
+    client = client_for(url)
     try:
         client.ping()
     except redis.AuthenticationError as exc:
@@ -118,13 +104,13 @@ def ping(url: str) -> CheckResult:
             return _auth_failed(url, where, has_password, str(exc))
         return fail(
             REACHABLE,
-            f"Redis at {where} answered PING with an error: {_scrub(str(exc), url)}",
+            f"Redis at {where} answered PING with an error: {scrub(str(exc), url)}",
             "check the Redis user's ACL allows PING",
         )
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         return fail(
             REACHABLE,
-            f"cannot reach redis at {where}: {_scrub(str(exc), url) or type(exc).__name__}",
+            f"cannot reach redis at {where}: {scrub(str(exc), url) or type(exc).__name__}",
             "start Redis there, or fix --redis-url / EDGEBUNDLE_REDIS_URL (and any firewall)",
         )
     finally:
@@ -141,7 +127,7 @@ def _auth_failed(url: str, where: str, has_password: bool, message: str) -> Chec
         )
     return fail(
         REACHABLE,
-        f"Redis at {where} refused the password ({_scrub(message, url)})",
+        f"Redis at {where} refused the password ({scrub(message, url)})",
         "fix the password in --redis-url / EDGEBUNDLE_REDIS_URL (redis://user:PASSWORD@host:port)",
     )
 
@@ -149,35 +135,15 @@ def _auth_failed(url: str, where: str, has_password: bool, message: str) -> Chec
 # -- the central Redis, as the configured user -----------------------------------------
 
 
-@dataclass
-class Server:
-    """What one doctor run learnt about the Redis, and a client per primary."""
-
-    url: str
-    client: redis.Redis
-    user: str
-    name: str  # redis, valkey …
-    version: tuple[int, ...]
-    version_text: str
-    cluster: bool
-    primaries: list[tuple[str, redis.Redis]]  # (host:port, client): the node itself if standalone
-
-    def close(self) -> None:
-        for _, node in self.primaries:
-            if node is not self.client:
-                node.close()
-        self.client.close()
-
-
 def central(url: str, settings: Settings) -> list[CheckResult]:
     """Every check after ``redis.reachable`` passed (the Redis answered PING)."""
     import redis
 
     try:
-        server = _connect(url)
+        server = connect(url)
     except redis.RedisError as exc:
-        return [fail(VERSION, f"Redis at {_where(url)} would not say what it is: "
-                              f"{_scrub(str(exc), url)}", "check the Redis (HELLO must work)")]
+        return [fail(VERSION, f"Redis at {location(url)} would not say what it is: "
+                              f"{scrub(str(exc), url)}", "check the Redis (HELLO must work)")]
     try:
         steps: list[tuple[str, Callable[[], CheckResult]]] = [
             (VERSION, lambda: _version(server)),
@@ -185,75 +151,23 @@ def central(url: str, settings: Settings) -> list[CheckResult]:
             (PERSISTENCE, lambda: _persistence(server)),
             (EVICTION, lambda: _eviction(server)),
             (FUNCTIONS, lambda: _functions(server)),
-            (PERMISSIONS, lambda: _permissions(server, settings)),
+            (PERMISSIONS, lambda: permissions(server, settings)),
         ]
         results = []
         for check_id, step in steps:
             try:
                 results.append(step())
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                results.append(fail(check_id, f"lost Redis at {_where(url)} while checking: "
-                                              f"{_scrub(str(exc), url) or type(exc).__name__}",
+                results.append(fail(check_id, f"lost Redis at {location(url)} while checking: "
+                                              f"{scrub(str(exc), url) or type(exc).__name__}",
                                     "check the Redis and the network, then run doctor again"))
             except redis.RedisError as exc:  # an answer no check expects: say it, go on
-                results.append(fail(check_id, f"Redis at {_where(url)} refused the check: "
-                                              f"{_scrub(str(exc), url)}",
+                results.append(fail(check_id, f"Redis at {location(url)} refused the check: "
+                                              f"{scrub(str(exc), url)}",
                                     "check the Redis and the user's ACL, then run doctor again"))
         return results
     finally:
         server.close()
-
-
-def _connect(url: str) -> Server:
-    import redis
-
-    client = _client(url)
-    try:
-        hello = _command(client, "HELLO")
-        info = hello if isinstance(hello, dict) else dict(zip(hello[::2], hello[1::2], strict=True))
-        text = str(info.get("version", "0"))
-        version = tuple(int(part) for part in text.split(".") if part.isdigit())
-        cluster = str(info.get("mode")) == "cluster"
-        try:
-            user = str(_command(client, "ACL", "WHOAMI"))
-        except redis.ResponseError:
-            user = urlsplit(url).username or "default"
-        primaries: list[tuple[str, redis.Redis]] = [(_where(url), client)]
-        if cluster:
-            primaries = [(f"{host}:{port}", client if (host, port) == _address(client)
-                          else _node(url, host, port))
-                         for host, port in _cluster_primaries(client)]
-    except BaseException:
-        client.close()
-        raise
-    return Server(url, client, user, str(info.get("server", "redis")), version, text, cluster,
-                  primaries)
-
-
-def _command(client: redis.Redis, *args: Any) -> Any:
-    """One command, whatever it is (redis-py's sync execute_command is untyped)."""
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _address(client: redis.Redis) -> tuple[str, int]:
-    kwargs = client.connection_pool.connection_kwargs
-    return str(kwargs.get("host")), int(kwargs.get("port", 6379))
-
-
-def _node(url: str, host: str, port: int) -> redis.Redis:
-    """A client of one cluster node: ``url`` (user, password, scheme, db) at host:port."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    address = f"[{host}]" if ":" in host else host
-    netloc = f"{userinfo}@{address}:{port}" if userinfo else f"{address}:{port}"
-    return _client(parts._replace(netloc=netloc).geturl())
-
-
-def _cluster_primaries(client: redis.Redis) -> list[tuple[str, int]]:
-    """(host, port) of every primary that serves slots, from CLUSTER SLOTS
-    (``[[start, end, [host, port, id, …], replicas…], …]``)."""
-    return sorted({(str(entry[2][0]), int(entry[2][1]))
-                   for entry in _command(client, "CLUSTER SLOTS")})
 
 
 def _version(server: Server) -> CheckResult:
@@ -269,10 +183,10 @@ def _topology(server: Server) -> CheckResult:
     import redis
 
     if not server.cluster:
-        return ok(TOPOLOGY, f"standalone at {_where(server.url)}")
+        return ok(TOPOLOGY, f"standalone at {location(server.url)}")
     nodes = ", ".join(address for address, _ in server.primaries)
     try:
-        info = _command(server.client, "CLUSTER INFO")
+        info = command(server.client, "CLUSTER INFO")
     except redis.ResponseError:  # a device user may not ask: CLUSTER SLOTS was enough
         info = None
     state = _cluster_state(info)
@@ -392,7 +306,7 @@ def _functions(server: Server) -> CheckResult:
         where = f" on all {len(server.primaries)} primaries" if server.cluster else ""
         return ok(FUNCTIONS, f"{lua.LIBRARY} (this version's library) is loaded{where}{also}")
     where = f" on {', '.join(missing)}" if server.cluster else ""
-    if _may(server, "FUNCTION", "LOAD", "x"):
+    if may(server, "FUNCTION", "LOAD", "x"):
         return warn(FUNCTIONS, f"{lua.LIBRARY} is not loaded{where}; user {server.user} may load "
                                f"it, so the first sync call does{also}",
                     "nothing to do, or load it now: edgebundle fleet load-functions")
@@ -414,91 +328,3 @@ def _other_libraries(server: Server, mine: str) -> list[str]:
     return sorted(names - {mine})
 
 
-def _may(server: Server, *command: str) -> bool:
-    """Whether this user may run ``command`` (ACL DRYRUN; False when it may not even ask)."""
-    import redis
-
-    try:
-        return str(_command(server.client, "ACL", "DRYRUN", server.user,
-                                                 *command)) == "OK"
-    except redis.ResponseError:
-        return False
-
-
-@dataclass(frozen=True)
-class Probe:
-    what: str  # for people: "FCALL_RO", "GET its desired state" …
-    command: tuple[str | int, ...]
-
-
-def _permissions(server: Server, settings: Settings) -> CheckResult:
-    from edgebundle import keys as fleet_keys
-    from edgebundle import keys as sync_keys
-    from edgebundle.sync import lua
-
-    probe_id = f"doctor-{secrets.token_hex(6)}"  # names no real thread, device or member
-    device = server.user.removeprefix("dev:") if server.user.startswith("dev:") else (
-        settings.device_id)
-    needed = [Probe("FCALL_RO (the library's functions)",
-                    ("FCALL_RO", lua.function_name("version"), 0)),
-              Probe("HMGET on a thread's keys (watch)", ("HMGET", sync_keys.meta(probe_id), "v")),
-              Probe("XRANGE on a run's events", ("XRANGE", sync_keys.run_events(
-                  probe_id, "r1"), "-", "+", "COUNT", 1))]
-    thread_writes = Probe("writes on a thread's keys", ("PEXPIRE", sync_keys.meta(probe_id), 1))
-    extra = [Probe("EVAL", ("EVAL", "return 1", 0)),
-             Probe("FUNCTION LOAD", ("FUNCTION", "LOAD", "#!lua name=doctor_probe\n")),
-             Probe("CONFIG", ("CONFIG", "GET", "maxmemory")),
-             Probe("SCAN", ("SCAN", 0, "COUNT", 1)),
-             Probe("PUBLISH", ("PUBLISH", f"{probe_id}-channel", "")),
-             Probe("writes on another device's keys",
-                   ("PEXPIRE", fleet_keys.desired(probe_id), 1))]
-    if device:
-        needed += [Probe("GET its desired state", ("GET", fleet_keys.desired(device))),
-                   Probe("writes on its own keys",
-                         ("PEXPIRE", f"{fleet_keys.device_prefix(device)}{probe_id}", 1))]
-    if settings.fleet:
-        needed += [Probe("HLEN the fleet's revisions", ("HLEN", fleet_keys.revisions(
-                       settings.fleet)))]
-        extra += [Probe("writes on the fleet's device set",
-                        ("SREM", fleet_keys.fleet_devices(settings.fleet), probe_id))]
-    refused = [probe.what for probe in needed if not _runs(server.client, probe)]
-    allowed = [probe.what for probe in extra if _runs(server.client, probe)]
-    direct = _runs(server.client, thread_writes)  # else proxied: the proxy runs the functions
-    if refused == [needed[0].what] and not direct:
-        return fail(PERMISSIONS, f"user {server.user} is provisioned for the sync proxy "
-                                 "(--access proxied) but connects to Redis directly, where "
-                                 "it may not run the sync functions",
-                    "use the credentials' redis_url, which names the proxy (edgebundle fleet "
-                    "proxy), or provision the device again with --access direct")
-    if refused:
-        return fail(PERMISSIONS, f"user {server.user} may not run what the sync core and the "
-                                 f"agent need: {', '.join(refused)}",
-                    "provision the device again with this version (edgebundle fleet provision "
-                    "FLEET --device ID) and use the credentials it writes")
-    if allowed:
-        return warn(PERMISSIONS, f"user {server.user} can do what the sync core and the agent "
-                                 f"need, and more: {', '.join(allowed)}; one stolen credential "
-                                 "of a device could block or wipe this Redis",
-                    "give every device its own user: edgebundle fleet provision FLEET "
-                    "--device ID (fine as it is for a private Redis)")
-    access = ("thread keys are read-only for it (the sync proxy runs the functions)"
-              if not direct else
-              "it may also write every thread's keys directly (provision with --access "
-              "proxied behind edgebundle fleet proxy so that a stolen credential cannot)")
-    return ok(PERMISSIONS, f"user {server.user} can do what the sync core and the agent need, "
-                           f"and {', '.join(probe.what for probe in extra)} are refused; "
-                           f"{access}")
-
-
-def _runs(client: redis.Redis, probe: Probe) -> bool:
-    """Whether the server let the user run ``probe`` (any answer but NOPERM counts)."""
-    import redis
-
-    try:
-        _command(client, *probe.command)
-    except redis.exceptions.NoPermissionError:
-        return False
-    except redis.ResponseError as exc:
-        # refused inside a function, or a FUNCTION LOAD refused for its (empty) content
-        return "no permissions" not in str(exc).lower()
-    return True

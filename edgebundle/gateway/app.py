@@ -31,7 +31,9 @@ from edgebundle import sse
 from edgebundle.completion import ChatService, Finished, TextDelta, Usage
 from edgebundle.engine import ChatEngine
 from edgebundle.errors import UsageError
+from edgebundle.gateway.api_errors import ApiError
 from edgebundle.gateway.guard import GuardSettings, RequestGuard
+from edgebundle.gateway.limits import holding
 from edgebundle.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from edgebundle.gateway.openai_api import (
     INVALID_JSON,
@@ -43,7 +45,7 @@ from edgebundle.gateway.openai_api import (
     parse_json,
 )
 from edgebundle.gateway.openapi import build_spec
-from edgebundle.gateway.sync_api import ApiError, holding, sync_routes
+from edgebundle.gateway.sync_api import sync_routes
 from edgebundle.gateway.thread_completions import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
 from edgebundle.sync.replication import DeviceSync

@@ -7,8 +7,8 @@ over the same Redis, so a thread started on one device continues on any other.
 Owns the HTTP side only: parse and check a request, call the sync core
 (:mod:`edgebundle.sync`) or the turn core (:mod:`edgebundle.turns`: a turn is started,
 checked against the caps and generated there), and render the answer as JSON or SSE.
-The cores raise the errors of :mod:`edgebundle.errors`; :func:`api_error` maps them to
-HTTP statuses here.
+The cores raise the errors of :mod:`edgebundle.errors`;
+:func:`~edgebundle.gateway.api_errors.api_error` maps them to HTTP statuses.
 
 A turn is idempotent by its input id (or an ``Idempotency-Key`` header): a retry gets
 the run it started (see :func:`edgebundle.turns.start_turn`).
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -39,21 +38,11 @@ from starlette.routing import Route
 from edgebundle import keys, sse
 from edgebundle.completion import ChatParams, ChatService
 from edgebundle.errors import (
-    BusyError,
     EdgebundleError,
-    EpochMismatchError,
-    LeaseLostError,
-    MessageTooLargeError,
-    OfflineError,
-    QueueFullError,
-    RedisAccessError,
-    RunNotFoundError,
-    ThreadBusyError,
-    ThreadFullError,
-    ThreadNotFoundError,
     UsageError,
 )
-from edgebundle.gateway.limits import Holding
+from edgebundle.gateway.api_errors import ApiError, api_error
+from edgebundle.gateway.limits import holding
 from edgebundle.gateway.openai_api import INVALID_JSON, parse_json
 from edgebundle.gateway.sync_bodies import (
     MAX_VERSION,
@@ -64,7 +53,7 @@ from edgebundle.gateway.sync_bodies import (
     epoch_of,
     parse,
 )
-from edgebundle.limits import RETRY_AFTER, Full, Limits, Slot, Slots
+from edgebundle.limits import Limits, Slots
 from edgebundle.sync.events import EVENT_ID
 from edgebundle.sync.models import Run, SyncState
 from edgebundle.sync.service import RunEvent, ThreadSync
@@ -79,69 +68,9 @@ from edgebundle.turns import (
 )
 from edgebundle.turns import prompt_messages as prompt_messages  # its old home, kept
 
-log = logging.getLogger(__name__)
-
 WATCH_KEEPALIVE = 15.0  # seconds of silence before a watch stream sends a comment
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-REDIS_UNAVAILABLE = ("the sync Redis is unavailable: try again in a few seconds (the device's "
-                     "log says why)")
 _VERSION = re.compile(r"[0-9]{1,16}")
-
-
-class ApiError(Exception):
-    """A request the sync API refuses: HTTP ``status``, ``code`` and one-line message."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
-        self.headers: dict[str, str] = {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": self.code, "message": self.message, **self.extra}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def redis_unavailable(exc: Exception) -> ApiError:
-    """The 503 for a sync Redis that did not answer. Clients learn that, not where it
-    is: the driver's text names the internal host and port, so it goes to the log."""
-    log.warning("the sync Redis is unavailable: %s", exc)
-    return ApiError(503, "redis_unavailable", REDIS_UNAVAILABLE)
-
-
-def api_error(exc: EdgebundleError) -> ApiError:
-    """The HTTP answer for an error of the sync core."""
-    if isinstance(exc, EpochMismatchError):
-        return ApiError(409, "epoch_mismatch", str(exc), epoch=exc.epoch)
-    if isinstance(exc, ThreadBusyError):
-        error = ApiError(409, "thread_busy", str(exc),
-                         active_run=exc.active_run.to_json() if exc.active_run else None)
-        error.headers["Retry-After"] = str(exc.retry_after)
-        return error
-    if isinstance(exc, ThreadNotFoundError):
-        return ApiError(404, "thread_not_found", str(exc))
-    if isinstance(exc, RunNotFoundError):
-        return ApiError(404, "run_not_found", str(exc))
-    if isinstance(exc, MessageTooLargeError):
-        return ApiError(413, "message_too_large", str(exc))
-    if isinstance(exc, ThreadFullError):
-        return ApiError(409, "thread_full", str(exc))
-    if isinstance(exc, BusyError):
-        code = "queue_full" if isinstance(exc, QueueFullError) else "too_many_runs"
-        error = ApiError(429, code, str(exc))
-        error.headers["Retry-After"] = str(exc.retry_after)
-        return error
-    if isinstance(exc, LeaseLostError):
-        return ApiError(409, "run_ended", str(exc))
-    if isinstance(exc, UsageError):
-        return ApiError(400, "invalid_request", str(exc))
-    if isinstance(exc, RedisAccessError):
-        return redis_unavailable(exc)
-    if isinstance(exc, OfflineError):
-        return ApiError(503, "offline", str(exc))
-    return ApiError(500, "sync_error", str(exc))
 
 
 # -- request parsing (all checks before any write) ------------------------------------
@@ -210,36 +139,6 @@ def parse_run_request(body: dict[str, Any], default_device: str,
         params=run.params.chat() if run.params is not None else ChatParams(),
         stream=run.stream,
     )
-
-
-def busy(code: str, message: str) -> ApiError:
-    """A 429 that says when to try again."""
-    error = ApiError(429, code, message)
-    error.headers["Retry-After"] = str(RETRY_AFTER)
-    return error
-
-
-def take(slots: Slots, thread_id: str, what: str) -> Slot:
-    """A slot of ``slots`` for a request on ``thread_id``; 429 if the cap is reached."""
-    try:
-        return slots.take(thread_id)
-    except Full as full:
-        where = "this device" if full.scope == "gateway" else f"thread {thread_id}"
-        code = "too_many_streams" if what == "streams" else "too_many_runs"
-        raise busy(code, f"{where} already serves {full.cap} {what} at once, its cap: try "
-                   "again in a few seconds") from None
-
-
-async def holding(slots: Slots, thread_id: str, what: str,
-                  answer: Callable[[], Awaitable[Response]]) -> Response:
-    """``answer()`` while holding a slot of ``slots``, released once it was sent."""
-    slot = take(slots, thread_id, what)
-    try:
-        response = await answer()
-    except BaseException:
-        slot.release()
-        raise
-    return Holding(response, slot)
 
 
 # -- routes ---------------------------------------------------------------------------

@@ -58,8 +58,8 @@ from edgebundle.errors import (
     ThreadFullError,
     ThreadNotFoundError,
 )
+from edgebundle.gateway.api_errors import api_error, redis_unavailable
 from edgebundle.gateway.openai_api import BadRequest, ChatRequest
-from edgebundle.gateway.sync_api import api_error, redis_unavailable
 from edgebundle.sync.backend import new_id
 from edgebundle.sync.models import SyncState
 from edgebundle.sync.service import RunEvent

@@ -26,7 +26,7 @@ def pinned_assets(
     lock: RuntimeLock, host: HostInfo, variant: str | None = None
 ) -> tuple[Asset, Asset] | None:
     """The runtime and plugin archives install.sh would pick here; None if none is pinned."""
-    from edgebundle.installer import AUTO, resolve_variant  # the installer's own choice
+    from edgebundle.install_plan import AUTO, resolve_variant  # the installer's own choice
 
     try:
         chosen = variant or resolve_variant(lock, host, AUTO)

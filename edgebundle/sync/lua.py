@@ -58,6 +58,10 @@ thread frees up, the next queued run is woken (a token RPUSHed on its ``go`` lis
 which its ``acquire`` BLPOPs) and the thread is reserved for it for one lease. A run
 whose reservation ran out (its device went away before taking its turn) is failed by
 the next run that wants the thread, exactly like a holder whose lease ran out.
+
+Why it is over 400 lines: it is the text of one Redis Functions library (Lua), loaded
+as a whole with one FUNCTION LOAD; its functions share local helpers (``end_run``,
+the lock, the TTLs) that Lua cannot import from another library.
 """
 
 from __future__ import annotations

@@ -44,6 +44,11 @@ again and the central store applies each id once. The ids go on from heal to hea
 from the id it expects. A thread the central store no
 longer has (it expired, or was made offline) is re-seeded from the device's copy under
 a new epoch, as any device does after expiry.
+
+Why it is over 400 lines: :class:`DeviceSync` is one state machine (the link up or
+down, the dirty threads, the outbox of each, the per-thread locks) that every sync
+call, the probe and the replication loop read and change; split, that state would be
+handed between modules instead of kept in one place.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ sends threads only per request runs llama.cpp's default of 4 on both runtimes.
 
 The per-token path makes a handful of C calls and no Python allocations beyond
 the token's cached piece.
+
+Why it is over 400 lines: it mirrors one backend of WasmEdge's plugin (a graph and its
+execution context, with the plugin's error codes and option handling), kept in one
+module so that it can be read side by side with GGML/core/ggml_core.cpp.
 """
 
 from __future__ import annotations
