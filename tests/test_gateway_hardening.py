@@ -306,9 +306,11 @@ def capped(redis: RedisServer, model: Path,
 def test_a_retried_turn_gets_its_run_even_when_it_filled_the_thread(capped: Device) -> None:
     """The caps count what a request adds; a retry of a turn that started adds nothing."""
     tid = new_thread(capped)["id"]
-    body = {"input": {"id": "fills-it", "content": "last one"}, "stream": False}
+    short = {"stream": False, "params": {"max_tokens": 2}}  # the endless model: seconds else
+    body = {"input": {"id": "fills-it", "content": "last one"}, **short}
     for _ in range(2):  # four messages, then a turn of two: the thread is full
-        capped.post(f"/v1/threads/{tid}/runs", {"input": {"content": "q"}, "stream": False})
+        filler = capped.post(f"/v1/threads/{tid}/runs", {"input": {"content": "q"}, **short})
+        assert filler.status_code == 200, filler.text
     first = capped.post(f"/v1/threads/{tid}/runs", body)
     assert first.status_code == 200, first.text
     again = capped.post(f"/v1/threads/{tid}/runs", body)  # its answer was lost: retried
