@@ -130,15 +130,43 @@ def test_deltas_are_batched_by_size_and_by_time(sync_redis_url: str) -> None:
             ticket, lease = await begin(sync)
             stream = keys.run_events(ticket.run.thread_id, ticket.run.id)
             before = await sync.redis.xlen(stream)
+            await lease.delta("the ")
+            await lease.flush()  # the first text: written at once anyway (next test)
             await lease.delta("slow ")
             await lease.delta("model")
-            assert await sync.redis.xlen(stream) == before  # buffered
+            assert await sync.redis.xlen(stream) == before + 1  # buffered
             await asyncio.sleep(0.2)
-            assert await sync.redis.xlen(stream) == before + 1  # flushed by time
+            assert await sync.redis.xlen(stream) == before + 2  # flushed by time
             await lease.finish("eos", {})
             events = await collect(sync, ticket.run.thread_id, ticket.run.id)
             assert [e.data["text"] for e in events if e.type == "message.delta"] == [
-                "slow model"]
+                "the ", "slow model"]
+
+    asyncio.run(main())
+
+
+def test_a_runs_first_text_waits_for_no_batch(sync_redis_url: str) -> None:
+    """Time to first token: the first piece is written as it comes, the rest batched."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url, delta_batch_ms=10000,
+                                delta_batch_chars=1000) as sync:
+            ticket, lease = await begin(sync)
+            stream = keys.run_events(ticket.run.thread_id, ticket.run.id)
+            before = await sync.redis.xlen(stream)
+            await lease.delta("first")
+            for _ in range(200):  # written behind the caller: a round trip, not 10 s
+                if await sync.redis.xlen(stream) == before + 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert await sync.redis.xlen(stream) == before + 1
+            await lease.delta(" second")
+            await lease.delta(" third")
+            await asyncio.sleep(0.2)
+            assert await sync.redis.xlen(stream) == before + 1  # these wait for the batch
+            await lease.finish("eos", {})
+            events = await collect(sync, ticket.run.thread_id, ticket.run.id)
+            assert [e.data["text"] for e in events if e.type == "message.delta"] == [
+                "first", " second third"]
 
     asyncio.run(main())
 

@@ -11,7 +11,8 @@ that run as incomplete (its text so far kept) and goes on.
 
 :class:`RunLease` is the holder's side: a watchdog task renews the lease every
 ``renew_ms``; text is batched (``delta_batch_ms`` / ``delta_batch_chars``) into
-``message.delta`` events; with batching off each piece is its own event, written
+``message.delta`` events, except the run's first text, written at once (behind the
+caller) so a reader's first token waits for no batch; with batching off each piece is its own event, written
 behind the caller: pieces that arrive while a write is in flight go out together in
 the next function call (one round trip, many events) and ``flush()`` waits for them.
 ``finish`` / ``fail`` / ``interrupt`` end the run and release the lock by
@@ -155,6 +156,10 @@ class RunLease:
                 self._writer = asyncio.create_task(self._write_pending())
             if len(self._buffer) >= _MAX_PENDING:
                 await asyncio.shield(self._writer)
+        elif self._writer is None:
+            # The run's first text is never held for a batch: it is the one a person
+            # waits for (time to first token); batching starts with the second.
+            self._writer = asyncio.create_task(self._write_pending(once=True))
         elif self._buffered >= settings.delta_batch_chars:
             await self.flush()
         elif self._timer is None:
@@ -184,11 +189,14 @@ class RunLease:
             return pieces
         return ["".join(pieces)]
 
-    async def _write_pending(self) -> None:
-        """Write behind the caller; what goes wrong is raised by the caller's next call."""
+    async def _write_pending(self, *, once: bool = False) -> None:
+        """Write behind the caller (what piled up, or with ``once`` one call's worth);
+        what goes wrong is raised by the caller's next call."""
         try:
             while self._buffer:
                 await self.flush()
+                if once:
+                    break
         except LeaseLostError:
             pass  # kept in _failure
         except (_RedisPyError, OSError) as exc:
