@@ -108,9 +108,8 @@ def device_spec(revision_spec: RevisionSpec, device: Device | None) -> RevisionS
         return revision_spec
     spec = revision_spec.to_json()  # a fresh copy: merged in place
     for part, override in overrides.items():
-        base = spec.get(part)
-        if part == "runtime" or not isinstance(base, dict):
+        if part == "runtime":
             spec[part] = override
         else:
-            base.update(override)
+            spec[part].update(override)
     return RevisionSpec.from_json(spec)
