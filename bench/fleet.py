@@ -50,7 +50,7 @@ from edgebundle.fleet.documents import (
     Revision,
     dumps,
 )
-from edgebundle.fleet.manifest import Manifest
+from edgebundle.fleet.manifest import Manifest, RevisionSpec
 from edgebundle.sync.client import Client, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,9 +96,10 @@ def heartbeat_json(now: float, revision: str) -> str:
     return dumps(Heartbeat(at=now, generation=1, revision=revision, doctor_ok=True).to_json())
 
 
-def revision_spec(model: dict[str, Any]) -> dict[str, Any]:
+def revision_spec(model: dict[str, Any]) -> RevisionSpec:
     spec = MANIFEST["spec"]
-    return {"runtime": spec["runtime"], "model": model, "app": spec["app"], "sync": spec["sync"]}
+    return RevisionSpec.from_json({"runtime": spec["runtime"], "model": model, "app": spec["app"],
+                                   "sync": spec["sync"]})
 
 
 # -- heartbeats --------------------------------------------------------------------------

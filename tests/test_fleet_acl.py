@@ -33,7 +33,7 @@ from edgebundle.errors import RedisAccessError, UsageError
 from edgebundle.fleet import acl, controller, operator
 from edgebundle.fleet.device import register
 from edgebundle.fleet.documents import DesiredState, Heartbeat, Revision, dumps
-from edgebundle.fleet.manifest import Manifest
+from edgebundle.fleet.manifest import Manifest, Model, RevisionSpec, builtin_app
 from edgebundle.sync import lua
 from edgebundle.sync.client import Client, connect
 from edgebundle.sync.service import SyncService
@@ -132,11 +132,12 @@ def test_the_device_user_can_do_what_the_agent_does(acl_redis: RedisServer) -> N
         device = await connect(creds.redis_url)
         try:
             assert await device.execute_command("ACL", "WHOAMI") == "dev:kiosk-1"
-            revision = Revision(id="rev-0123456789ab", fleet=FLEET, spec={"model": {}})
+            revision = Revision(id="rev-0123456789ab", fleet=FLEET, spec=RevisionSpec(
+                model=Model(name="m", url="file:///m.gguf", sha256="0" * 64), app=builtin_app()))
             await admin.hset(keys.revisions(FLEET), revision.id, dumps(revision.to_json()))
             await admin.set(keys.rollout(FLEET), dumps({"revision": revision.id}))
             await admin.set(keys.paused(FLEET), "1")
-            desired = DesiredState(generation=3, revision=revision.id, spec={"model": {}})
+            desired = DesiredState(generation=3, revision=revision.id, spec=revision.spec)
             await admin.set(keys.desired("kiosk-1"), dumps(desired.to_json()))
 
             # register (the agent's own code), heartbeat, report: the agent's writes

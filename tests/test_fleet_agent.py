@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,11 +30,12 @@ from edgebundle import keys
 from edgebundle.bundle import build_bundle
 from edgebundle.config import Settings
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.errors import ConfigError
+from edgebundle.errors import ConfigError, StateError
 from edgebundle.fleet import acl
 from edgebundle.fleet.agent import Agent
 from edgebundle.fleet.credentials import with_credentials
 from edgebundle.fleet.documents import HEARTBEAT_TTL, ActualState, DesiredState, Heartbeat, Revision
+from edgebundle.fleet.manifest import RevisionSpec
 from edgebundle.host import detect
 from edgebundle.pins import load_app_pins, load_runtime_lock
 from edgebundle.resources import app_pins_file, runtime_lock_file
@@ -59,15 +60,16 @@ def scripted_model(directory: Path, reply: str) -> Path:
     return write_scripted_model(directory / "m.gguf", ScriptedModelSpec(reply=reply))
 
 
-def spec_for(url: str, digest: str, redis_url: str, *, prompt: str = "Be brief.") -> dict[str, Any]:
-    return {"runtime": {"kind": "embedded"},
-            "model": {"name": "shop-model", "url": url, "sha256": digest,
-                      "template": "llama-3-chat", "system_prompt": prompt, "ctx_size": 2048},
-            "app": {"name": "edgechat", "url": "builtin:edgechat", "sha256": EDGECHAT_SHA256},
-            "sync": {"redis_url": redis_url, "session_ttl": 1800, "multitask": "enqueue"}}
+def spec_for(url: str, digest: str, redis_url: str, *, prompt: str = "Be brief.") -> RevisionSpec:
+    return RevisionSpec.from_json({
+        "runtime": {"kind": "embedded"},
+        "model": {"name": "shop-model", "url": url, "sha256": digest,
+                  "template": "llama-3-chat", "system_prompt": prompt, "ctx_size": 2048},
+        "app": {"name": "edgechat", "url": "builtin:edgechat", "sha256": EDGECHAT_SHA256},
+        "sync": {"redis_url": redis_url, "session_ttl": 1800, "multitask": "enqueue"}})
 
 
-def desire(client: redis_sync.Redis, device: str, generation: int, spec: dict[str, Any],
+def desire(client: redis_sync.Redis, device: str, generation: int, spec: RevisionSpec,
            retries: int = 2) -> DesiredState:
     """What the controller does: write the device's desired state, then nudge it."""
     state = DesiredState(generation=generation, revision=Revision.id_for(spec), spec=spec,
@@ -172,7 +174,8 @@ def test_new_generations_are_fetched_verified_switched_and_reported_healthy(
     assert current_target(home) == f"revisions/{gen1.revision}"
     placed = home / "fleet" / "current" / "model.gguf"
     assert sha256(placed) == sha256(first_model)
-    assert json.loads((home / "fleet" / "current" / "revision.json").read_text())["spec"] == spec1
+    placed_spec = json.loads((home / "fleet" / "current" / "revision.json").read_text())["spec"]
+    assert placed_spec == spec1.to_json()
     assert len(release_server.gets("v1/m.gguf")) == 1
 
     # Generation 2: another model by file://; the heartbeat follows the new revision.
@@ -342,6 +345,51 @@ def test_once_exits_1_when_the_revision_failed(
     assert "sha256" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_mis_shaped_desired_state_is_a_state_error_and_the_device_keeps_its_revision(
+        tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis) -> None:
+    """The controller's document is at fault, not the command line: exit 1 naming the key.
+    The agent's loop logs it and waits for a fix, running what it ran, reporting nothing."""
+    model = scripted_model(tmp_path / "m", "model")
+    home = tmp_path / "home"
+    lines: list[str] = []
+    agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, log=lines.append,
+                  poll_interval=0.1)
+    good = desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), redis_server.url))
+    key = keys.desired("kiosk-1")
+
+    async def logged(text: str) -> None:
+        while not any(text in line for line in lines):
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> ActualState:
+        await agent.step()
+        healthy = agent.actual
+        client.set(key, json.dumps({**good.to_json(), "generation": 2,
+                                    "spec": {"model": {"name": "shop-model"}}}))
+        with pytest.raises(StateError, match=re.escape(key)) as caught:
+            await agent.step()
+        assert "spec.model.url" in str(caught.value)
+        task = asyncio.create_task(agent.run_forever())
+        try:
+            await asyncio.wait_for(logged("cannot reconcile"), DEADLINE)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return healthy
+
+    healthy = asyncio.run(scenario())
+    assert (healthy.generation, healthy.status) == (1, "healthy")
+    assert agent.actual == healthy  # nothing reported about generation 2
+    reported = actual(client, "kiosk-1")
+    assert reported is not None and (reported.generation, reported.status) == (1, "healthy")
+    assert current_target(home) == f"revisions/{good.revision}"
+    assert any(key in line for line in lines if "cannot reconcile" in line)
+    done = run_once(home, "kiosk-1", redis_server.url)
+    assert done.returncode == 1, done.stderr
+    assert key in done.stderr and "Traceback" not in done.stderr
+
+
 def test_three_agent_processes_reconcile_the_same_revision(
         tmp_path: Path, redis_server: RedisServer, client: redis_sync.Redis,
         release_server: ReleaseServer, agents: list[AgentProcess]) -> None:
@@ -368,13 +416,19 @@ def test_bundle_urls_are_read_from_the_bundle_dir_and_cannot_leave_it(
     model = scripted_model(bundle / "models", "air-gapped model")
     home = tmp_path / "home"
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET, bundle_dir=bundle)
+    # A "bundle:../" URL is no revision spec (the schema refuses it before any device
+    # reads it); a link in the bundle to a file outside is refused by the agent.
+    with pytest.raises(ValueError, match="no '..'"):
+        spec_for("bundle:../outside.gguf", sha256(model), redis_server.url)
+    shutil.copy(model, tmp_path / "outside.gguf")
+    (bundle / "models" / "outside.gguf").symlink_to(tmp_path / "outside.gguf")
 
     async def scenario() -> tuple[ActualState, ActualState]:
         desire(client, "kiosk-1", 1, spec_for("bundle:models/m.gguf", sha256(model),
                                                redis_server.url))
         await agent.step()
         ok = agent.actual
-        desire(client, "kiosk-1", 2, spec_for("bundle:../outside.gguf", sha256(model),
+        desire(client, "kiosk-1", 2, spec_for("bundle:models/outside.gguf", sha256(model),
                                                redis_server.url), retries=1)
         await agent.step()
         await agent.close()
@@ -523,9 +577,9 @@ def test_a_builtin_app_of_another_build_fails_and_credentials_come_from_the_devi
         desire(client, "kiosk-1", 1, spec_for(model.as_uri(), sha256(model), shared_url))
         await agent.step()
         ok = agent.actual
-        other_build = spec_for(model.as_uri(), sha256(model), shared_url)
+        other_build = spec_for(model.as_uri(), sha256(model), shared_url).to_json()
         other_build["app"]["sha256"] = "e" * 64
-        desire(client, "kiosk-1", 2, other_build, retries=1)
+        desire(client, "kiosk-1", 2, RevisionSpec.from_json(other_build), retries=1)
         await agent.step()
         await agent.close()
         return ok, agent.actual
@@ -802,13 +856,14 @@ HOST = detect()
 
 
 def wasmedge_spec(model: Path, redis_url: str, version: str,
-                  archives: dict[str, str] | None = None) -> dict[str, Any]:
-    spec = spec_for(model.as_uri(), sha256(model), redis_url)
+                  archives: dict[str, str] | None = None, *, build: str = "b0001",
+                  variant: str = "cpu") -> RevisionSpec:
+    spec = spec_for(model.as_uri(), sha256(model), redis_url).to_json()
     spec["runtime"] = {"kind": "wasmedge", "wasmedge": version,
-                       "plugin": {"name": "wasi_nn-ggml", "build": "b0001", "variant": "cpu"}}
+                       "plugin": {"name": "wasi_nn-ggml", "build": build, "variant": variant}}
     if archives:
         spec["runtime"]["archives"] = archives
-    return spec
+    return RevisionSpec.from_json(spec)
 
 
 def runtime_bundle(server: ReleaseServer, workdir: Path, dest: Path, version: str, *,
@@ -859,7 +914,7 @@ def test_a_wasmedge_revision_installs_and_switches_its_runtime_and_rolls_back_of
     spec1 = wasmedge_spec(model, redis_server.url, "0.14.1", pins1)
     runtimes = home / "runtime"
 
-    async def step(generation: int, spec: dict[str, Any]) -> ActualState:
+    async def step(generation: int, spec: RevisionSpec) -> ActualState:
         desire(client, "kiosk-1", generation, spec)
         await agent.step()
         return agent.actual
@@ -984,9 +1039,8 @@ def test_the_shipped_locks_unknown_sha256s_are_refused_without_a_bundle(
     # noavx: a plugin the shipped lock neither pins nor can verify against a SHA256SUM
     # (the cpu one is verifiable, but only online, and there is no internet here).
     assert not shipped.plugin_asset(HOST.os, HOST.arch, "noavx").checkable  # else: no proof
-    spec = wasmedge_spec(model, redis_server.url, shipped.wasmedge_version)
-    spec["runtime"]["plugin"]["variant"] = "noavx"
-    spec["runtime"]["plugin"]["build"] = shipped.plugin_build_for(HOST.os, HOST.arch, "noavx")
+    spec = wasmedge_spec(model, redis_server.url, shipped.wasmedge_version, variant="noavx",
+                         build=shipped.plugin_build_for(HOST.os, HOST.arch, "noavx"))
     agent = Agent(Settings(home=home), redis_server.url, "kiosk-1", FLEET)
 
     async def scenario() -> ActualState:
@@ -1020,7 +1074,7 @@ def test_a_bundle_is_no_trust_root_for_the_runtime_it_carries(
     pinned_swap = wasmedge_spec(model, redis_server.url, "0.14.1",
                                 {**published, runtime_name: swapped})
 
-    async def step(generation: int, spec: dict[str, Any]) -> ActualState:
+    async def step(generation: int, spec: RevisionSpec) -> ActualState:
         desire(client, "kiosk-1", generation, spec, retries=1)
         await agent.step()
         return agent.actual

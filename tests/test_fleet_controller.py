@@ -385,9 +385,9 @@ def test_a_pinned_device_stays_and_a_device_override_changes_only_its_spec(
             desired = {device: await agent.desired() for device, agent in agents.items()}
             assert (desired["d05"].revision, desired["d05"].generation) == (rev_a, 1)  # type: ignore[union-attr]
             assert desired["d06"].revision == rev_b  # type: ignore[union-attr]
-            assert desired["d06"].spec["model"]["ctx_size"] == 2048  # type: ignore[union-attr]
-            assert desired["d06"].spec["model"]["name"] == "model-b"  # type: ignore[union-attr]
-            assert desired["d01"].spec["model"]["ctx_size"] == 4096  # type: ignore[union-attr]
+            assert desired["d06"].spec.model.ctx_size == 2048  # type: ignore[union-attr]
+            assert desired["d06"].spec.model.name == "model-b"  # type: ignore[union-attr]
+            assert desired["d01"].spec.model.ctx_size == 4096  # type: ignore[union-attr]
     asyncio.run(main())
 
 

@@ -19,7 +19,7 @@ import pytest
 from edgebundle.errors import ManifestError, UsageError
 from edgebundle.fleet import selection
 from edgebundle.fleet.documents import Revision
-from edgebundle.fleet.manifest import Device, Group, Multitask, Phase, Runtime
+from edgebundle.fleet.manifest import Device, Group, Multitask, Phase, RevisionSpec, Runtime
 from edgebundle.fleet.manifest_file import load_manifest, parse_manifest
 from edgebundle.sync.models import MULTITASK_POLICIES
 
@@ -75,15 +75,16 @@ def test_there_are_the_three_examples() -> None:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_manifest_validates(path: Path) -> None:
     manifest = load_manifest(path)
-    spec = manifest.revision_spec()
+    spec = manifest.revision_spec().to_json()
     assert set(spec) == {"runtime", "model", "app", "sync"}
     assert json.loads(json.dumps(spec)) == spec  # plain JSON
-    assert manifest.revision_id() == Revision.id_for(spec)
+    assert RevisionSpec.from_json(spec) == manifest.revision_spec()  # reads back the same
+    assert manifest.revision_id() == Revision.id_for(manifest.revision_spec())
     assert manifest.source == str(path)
 
 
 def test_air_gapped_example_takes_every_file_from_the_bundle() -> None:
-    spec = load_manifest(REPO / "manifests" / "air-gapped.yaml").revision_spec()
+    spec = load_manifest(REPO / "manifests" / "air-gapped.yaml").revision_spec().to_json()
     assert spec["model"]["url"].startswith("bundle:assets/")
     assert spec["app"]["url"].startswith("bundle:assets/")
     assert len(spec["runtime"]["archives"]) == 2  # the runtime is pinned, not the bundle's
@@ -95,11 +96,11 @@ def test_runtime_archives_are_pinned_by_file_name_and_sha256() -> None:
     pinned = parse_manifest(BASE.replace("spec:\n", "spec:\n" + wasmedge + (
         f"    archives: {{WasmEdge-0.14.1-ubuntu20.04_x86_64.tar.gz: {SHA.upper()}}}\n")),
         "f.yaml")
-    assert pinned.revision_spec()["runtime"]["archives"] == {
+    assert pinned.revision_spec().to_json()["runtime"]["archives"] == {
         "WasmEdge-0.14.1-ubuntu20.04_x86_64.tar.gz": SHA}
     # A runtime without pins keeps its normal form (and so its revision id).
     bare = parse_manifest(BASE.replace("spec:\n", "spec:\n" + wasmedge), "f.yaml")
-    assert "archives" not in bare.revision_spec()["runtime"]
+    assert "archives" not in bare.revision_spec().to_json()["runtime"]
     assert bare.revision_id() != pinned.revision_id()
     bad = _problems(BASE.replace("spec:\n", "spec:\n" + wasmedge + (
         "    archives: {../evil.tar.gz: abc}\n")))
@@ -112,7 +113,7 @@ def test_runtime_archives_are_pinned_by_file_name_and_sha256() -> None:
 
 def test_base_manifest_is_valid_and_defaults_are_filled() -> None:
     manifest = parse_manifest(BASE, "f.yaml")
-    spec = manifest.revision_spec()
+    spec = manifest.revision_spec().to_json()
     assert spec["runtime"] == {"kind": "embedded", "wasmedge": None, "plugin": None}
     assert spec["model"] == {"name": "m", "url": "https://example.com/m.gguf", "sha256": SHA,
                              "template": "llama-3-chat", "system_prompt": None,
@@ -147,7 +148,7 @@ def test_normal_forms_of_durations_percents_and_pins() -> None:
     assert rollout["health"] == {"window": 5400.0, "failure_threshold": "10%"}
     assert rollout["max_unavailable"] == "25%" and rollout["progress_deadline"] == 90.0
     assert rollout["phases"][1]["percent"] == 50
-    assert manifest.revision_spec()["sync"]["session_ttl"] == 7200
+    assert manifest.revision_spec().sync.session_ttl == 7200
     pins = {device: entry.to_json() for device, entry in manifest.spec.devices.items()}
     assert pins == {"kiosk-7": {"pin": "rev-0123456789ab"},
                     "kiosk-9": {"model": {"ctx_size": 2048}},
@@ -438,12 +439,13 @@ def test_a_device_spec_applies_its_overrides_and_pins_are_read() -> None:
                 "plugin": {"name": "wasi_nn-ggml", "build": "b5593", "variant": "cpu"}}
     entry = Device.model_validate({"model": {"ctx_size": 2048}, "runtime": wasmedge})
     spec = selection.device_spec(fleet_spec, entry)
-    assert spec["model"] == {**fleet_spec["model"], "ctx_size": 2048}
-    assert spec["runtime"] == wasmedge and spec["app"] == fleet_spec["app"]
-    assert fleet_spec["model"]["ctx_size"] == 4096  # the fleet's spec is not changed
+    assert spec.model == fleet_spec.model.model_copy(update={"ctx_size": 2048})
+    assert spec.runtime.to_json() == wasmedge and spec.app == fleet_spec.app
+    assert fleet_spec.model.ctx_size == 4096  # the fleet's spec is not changed
+    assert selection.device_spec(fleet_spec, None) == fleet_spec
     back = selection.device_spec(spec, Device(runtime=Runtime()))
-    assert back["runtime"] == Runtime().to_json()  # replaced whole, nothing left over
-    assert back["runtime"]["kind"] == "embedded" and back["runtime"]["plugin"] is None
+    assert back.runtime == Runtime()  # replaced whole, nothing left over
+    assert back.runtime.kind == "embedded" and back.runtime.plugin is None
     assert selection.pinned_revision(Device(pin="rev-0123456789ab")) == "rev-0123456789ab"
     assert selection.pinned_revision(entry) is None and selection.pinned_revision(None) is None
 
@@ -453,5 +455,5 @@ def test_manifest_overrides_feed_the_device_spec_unchanged() -> None:
                    f"sha256: \"{'cd' * 32}\"}}\n")
     manifest = parse_manifest(text)
     desired = selection.device_spec(manifest.revision_spec(), manifest.spec.devices["kiosk-9"])
-    assert desired["model"]["url"] == "bundle:assets/b.gguf"
-    assert desired["model"]["sha256"] == "cd" * 32 and desired["model"]["name"] == "m"
+    assert desired.model.url == "bundle:assets/b.gguf"
+    assert desired.model.sha256 == "cd" * 32 and desired.model.name == "m"

@@ -7,11 +7,13 @@ them and passes ``now`` explicitly (the Redis side is in test_fleet_controller.p
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from edgebundle import keys
 from edgebundle.errors import StateError, UsageError
 from edgebundle.fleet import rules
 from edgebundle.fleet.documents import (
@@ -24,11 +26,27 @@ from edgebundle.fleet.documents import (
     loads,
     read_document,
 )
-from edgebundle.fleet.manifest import Device, Group, Manifest, Rollout
+from edgebundle.fleet.manifest import (
+    App,
+    Device,
+    Group,
+    Manifest,
+    Model,
+    RevisionSpec,
+    Rollout,
+)
 
 T0 = 1_000_000.0
-OLD = Revision(id="rev-000000000001", fleet="shops", spec={"model": {"name": "a"}})
-NEW = Revision(id="rev-000000000002", fleet="shops", spec={"model": {"name": "b"}})
+EDGECHAT = App(name="edgechat", url="builtin:edgechat", sha256="e" * 64)
+
+
+def spec_of(model: str) -> RevisionSpec:
+    return RevisionSpec(model=Model(name=model, url="file:///m.gguf", sha256="0" * 64),
+                        app=EDGECHAT)
+
+
+OLD = Revision(id="rev-000000000001", fleet="shops", spec=spec_of("a"))
+NEW = Revision(id="rev-000000000002", fleet="shops", spec=spec_of("b"))
 REVISIONS = {OLD.id: OLD, NEW.id: NEW}
 CANARY_PHASES: list[dict[str, Any]] = [{"group": "canary"}, {"percent": 100, "after": 30.0}]
 
@@ -48,7 +66,7 @@ def device(device_id: str, *, on: Revision = OLD, status: str | None = "healthy"
            online: bool = True, since: float = T0 - 3600, written: float = T0 - 3600,
            generation: int = 1) -> DeviceView:
     ring = "canary" if device_id.startswith("c") else "main"
-    desired = DesiredState(generation=generation, revision=on.id, spec=dict(on.spec),
+    desired = DesiredState(generation=generation, revision=on.id, spec=on.spec,
                            written_at=written)
     actual = None if status is None else ActualState(
         generation=generation, revision=on.id, status=status, doctor_ok=status == "healthy",
@@ -239,3 +257,40 @@ def test_the_rollout_document_is_the_manifests_normal_form_and_reads_back_typed(
     assert data["pins"] == {"d1": {"pin": OLD.id}, "d2": {"model": {"ctx_size": 8192}}}
     assert RolloutState.from_json(json.loads(dumps(data))) == state
     assert RolloutState.from_json({"revision": NEW.id}).policy == Rollout()  # defaults filled
+
+
+@pytest.mark.parametrize(("document", "why"), [
+    ({"generation": 1, "revision": "rev-1"}, "no 'spec'"),
+    ({"generation": 1, "revision": "rev-1", "spec": ["model"]}, "spec: Input should be"),
+    ({"generation": 1, "revision": "rev-1", "spec": {"model": {"name": "a"}}}, "spec.model.url"),
+    ({"generation": 1, "revision": "rev-1", "spec": {**spec_of("a").to_json(),
+                                                     "runtime": {"kind": "docker"}}},
+     "spec.runtime.kind"),
+])
+def test_a_mis_shaped_desired_state_is_a_state_error_naming_its_key(
+        document: dict[str, Any], why: str) -> None:
+    """The device's read (exit 1, like every stored document): its spec is validated by
+    the manifest's schema, so the agent never reads a half-shaped one."""
+    key = keys.desired("kiosk-1")
+    with pytest.raises(StateError) as caught:
+        read_document(dumps(document), key, DesiredState.from_json)
+    assert not isinstance(caught.value, UsageError) and caught.value.exit_code == 1
+    assert key in str(caught.value) and why in str(caught.value), str(caught.value)
+    revision = {"id": "rev-1", "fleet": "shops", "spec": document.get("spec")}
+    key = f"{keys.revisions('shops')} field rev-1"
+    with pytest.raises(StateError, match=re.escape(key)):
+        read_document(dumps(revision), key, Revision.from_json)
+
+
+def test_desired_state_and_revision_store_the_spec_in_its_normal_form_and_read_it_back() -> None:
+    desired = DesiredState(generation=2, revision=NEW.id, spec=NEW.spec, written_at=T0)
+    data = json.loads(dumps(desired.to_json()))
+    assert data["spec"] == NEW.spec.to_json() == {
+        "runtime": {"kind": "embedded", "wasmedge": None, "plugin": None},
+        "model": {"name": "b", "url": "file:///m.gguf", "sha256": "0" * 64,
+                  "template": "llama-3-chat", "system_prompt": None, "ctx_size": 4096},
+        "app": {"name": "edgechat", "url": "builtin:edgechat", "sha256": "e" * 64},
+        "sync": {"redis_url": None, "session_ttl": 1800, "multitask": "enqueue"}}
+    assert DesiredState.from_json(data) == desired
+    assert Revision.from_json(json.loads(dumps(NEW.to_json()))) == NEW
+    assert Revision.id_for(NEW.spec) == Revision.id_for(RevisionSpec.from_json(data["spec"]))

@@ -64,7 +64,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from redis.exceptions import RedisError as _RedisPyError
 
@@ -75,7 +74,7 @@ from edgebundle.doctor import CheckResult, Report, redis_checks, run_doctor
 from edgebundle.errors import (
     ConfigError,
     EdgebundleError,
-    UsageError,
+    StateError,
 )
 from edgebundle.fleet.credentials import login_refused, with_credentials
 from edgebundle.fleet.device import (
@@ -93,6 +92,7 @@ from edgebundle.fleet.documents import (
     Heartbeat,
     loads,
 )
+from edgebundle.fleet.manifest import RevisionSpec
 from edgebundle.fleet.staging import (
     APP_FILE,
     MODEL_FILE,
@@ -239,7 +239,7 @@ class Agent:
         try:
             client = await self._client()
             desired = await read_desired(client, self.device_id)
-        except UsageError:
+        except StateError:
             raise  # the controller wrote something unreadable; Redis itself is fine
         except _REDIS_DOWN as exc:
             self._note_redis_down(exc)
@@ -358,11 +358,7 @@ class Agent:
         spec = self.staging.revision_spec(running) if running is not None else None
         if spec is None:
             return None
-        try:
-            wanted = WantedRuntime.of(spec)
-        except ConfigError:
-            return None
-        if wanted is None:
+        if WantedRuntime.of(spec) is None:
             return "embedded"
         link = self._runtime_link()
         return Path(link).name if link else None
@@ -381,31 +377,29 @@ class Agent:
             with contextlib.suppress(EdgebundleError):
                 await self._restart_runtime(previous, spec)
 
-    def revision_settings(self, rev_dir: Path, spec: Mapping[str, Any]) -> Settings:
+    def revision_settings(self, rev_dir: Path, spec: RevisionSpec) -> Settings:
         """The settings ``run`` and doctor use for a placed revision."""
-        model = spec.get("model") or {}
-        runtime = (spec.get("runtime") or {}).get("kind", self.settings.runtime)
+        model, runtime = spec.model, spec.runtime.kind
         app = rev_dir / APP_FILE
         return replace(
             self.settings,
-            runtime=runtime if runtime in ("wasmedge", "embedded") else self.settings.runtime,
+            runtime=runtime,
             # A WasmEdge revision runs the WasmEdge the agent installed, never another binary.
             wasmedge=None if runtime == "wasmedge" else self.settings.wasmedge,
             model=rev_dir / MODEL_FILE,
             app=app if app.is_file() else None,
-            template=model.get("template") or self.settings.template,
-            system_prompt=model.get("system_prompt") or self.settings.system_prompt,
-            ctx_size=int(model.get("ctx_size") or self.settings.ctx_size),
+            template=model.template,
+            system_prompt=model.system_prompt or self.settings.system_prompt,
+            ctx_size=model.ctx_size,
             redis_url=self.sync_url(spec),
             device_id=self.device_id,
         )
 
-    def sync_url(self, spec: Mapping[str, Any]) -> str | None:
+    def sync_url(self, spec: RevisionSpec) -> str | None:
         """The Redis a revision's ``run`` syncs through, logged in as this device."""
-        sync = spec.get("sync") or {}
-        return with_credentials(sync.get("redis_url"), self.redis_url) or self.settings.redis_url
+        return with_credentials(spec.sync.redis_url, self.redis_url) or self.settings.redis_url
 
-    def _doctor(self, rev_dir: Path, spec: Mapping[str, Any],
+    def _doctor(self, rev_dir: Path, spec: RevisionSpec,
                 lock: RuntimeLock | None = None) -> Report:
         """Doctor's checks of a revision; ``lock`` pins the WasmEdge it runs on."""
         return run_doctor(self.revision_settings(rev_dir, spec), online=self.online_doctor,
@@ -413,7 +407,7 @@ class Agent:
 
     # --- the runtime (serve=True) ------------------------------------------------------
 
-    async def _restart_runtime(self, revision: str, spec: Mapping[str, Any]) -> None:
+    async def _restart_runtime(self, revision: str, spec: RevisionSpec) -> None:
         """Stop the running ``edgebundle run`` child, start one for ``revision``, wait healthy."""
         await self._stop_child()
         settings = self.revision_settings(self.paths.revision(revision), spec)

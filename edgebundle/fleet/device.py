@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from redis.exceptions import NoPermissionError
 
 from edgebundle import __version__, keys
-from edgebundle.errors import UsageError
 from edgebundle.fleet.acl import USER_PREFIX
 from edgebundle.fleet.documents import (
     HEARTBEAT_TTL,
@@ -25,7 +24,7 @@ from edgebundle.fleet.documents import (
     DesiredState,
     Heartbeat,
     dumps,
-    loads,
+    read_document,
 )
 from edgebundle.sync.client import Client
 
@@ -67,14 +66,10 @@ async def is_registered(redis: Client, device_id: str) -> bool:
 
 
 async def read_desired(redis: Client, device_id: str) -> DesiredState | None:
-    data = loads(await redis.get(keys.desired(device_id)), f"desired state of {device_id}")
-    if data is None:
-        return None
-    try:
-        return DesiredState.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"desired state of {device_id} in Redis lacks or mangles {exc}: "
-                         "rewrite it (fleet apply)") from None
+    """The desired state the controller wrote (None: none yet); StateError naming its key
+    if it is corrupt or of the wrong shape (its spec not a revision spec, say)."""
+    key = keys.desired(device_id)
+    return read_document(await redis.get(key), key, DesiredState.from_json)
 
 
 async def watch_nudges(redis: Client, device_id: str, timeout: float,

@@ -1,7 +1,8 @@
 """The fleet's documents in Redis (JSON only), shared by the agent and the controller.
 
 - :class:`Revision`: one immutable version of what a fleet runs (the manifest's
-  ``spec.runtime``, ``spec.model``, ``spec.app``, ``spec.sync`` as plain JSON), named
+  ``spec.runtime``, ``spec.model``, ``spec.app``, ``spec.sync``: a
+  :class:`~edgebundle.fleet.manifest.RevisionSpec`, stored in its normal form), named
   by a hash of its content, so applying the same manifest twice is the same revision.
 - :class:`DesiredState` (per device, written by the controller): the revision the
   device must run and a ``generation`` that grows by one on every change, so the
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 
 from edgebundle.errors import StateError
 from edgebundle.fleet.manifest import DEFAULT_RETRIES as DEFAULT_RETRIES  # re-exported
-from edgebundle.fleet.manifest import Device, Group, Rollout
+from edgebundle.fleet.manifest import Device, Group, RevisionSpec, Rollout
 from edgebundle.fleet.wire import dumps as dumps  # re-exported: one encoding for every document
 from edgebundle.fleet.wire import revision_id
 
@@ -98,6 +99,11 @@ def _validated(name: str, parse: Callable[[Any], T], value: Any) -> T:
             for error in exc.errors()[:3])) from None
 
 
+def _spec(value: Any) -> RevisionSpec:
+    """A stored revision spec, validated by the manifest's schema (ValueError if not)."""
+    return _validated("spec", RevisionSpec.from_json, value)
+
+
 def _known_status(status: Any, known: Sequence[str], what: str) -> str:
     if status not in known:
         raise StateError(f"unknown {what} status {status!r} in Redis: a newer edgebundle "
@@ -107,24 +113,24 @@ def _known_status(status: Any, known: Sequence[str], what: str) -> str:
 
 @dataclass(frozen=True)
 class Revision:
-    """What a fleet runs: ``spec`` = {"runtime", "model", "app", "sync"} of the manifest."""
+    """What a fleet runs: ``spec``, the manifest's runtime, model, app and sync."""
 
     id: str
     fleet: str
-    spec: dict[str, Any]
+    spec: RevisionSpec
     created_at: float = 0.0
     manifest: str = ""  # where it came from (file name), for people reading status
 
     @staticmethod
-    def id_for(spec: dict[str, Any]) -> str:
-        return revision_id(spec)
+    def id_for(spec: RevisionSpec) -> str:
+        return revision_id(spec.to_json())
 
     def to_json(self) -> dict[str, Any]:
-        return shallow_json(self)
+        return {**shallow_json(self), "spec": self.spec.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Revision:
-        return cls(id=data["id"], fleet=data["fleet"], spec=data["spec"],
+        return cls(id=data["id"], fleet=data["fleet"], spec=_spec(data["spec"]),
                    created_at=float(data.get("created_at", 0.0)),
                    manifest=str(data.get("manifest", "")))
 
@@ -133,17 +139,17 @@ class Revision:
 class DesiredState:
     generation: int
     revision: str
-    spec: dict[str, Any]  # the revision's spec, with this device's pins applied
+    spec: RevisionSpec  # the revision's spec, with this device's overrides applied
     written_at: float = 0.0
     retries: int = DEFAULT_RETRIES  # the agent's attempts at this generation (spec.rollout.retries)
 
     def to_json(self) -> dict[str, Any]:
-        return shallow_json(self)
+        return {**shallow_json(self), "spec": self.spec.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DesiredState:
         return cls(generation=int(data["generation"]), revision=str(data["revision"]),
-                   spec=dict(data["spec"]), written_at=float(data.get("written_at", 0.0)),
+                   spec=_spec(data["spec"]), written_at=float(data.get("written_at", 0.0)),
                    retries=int(data.get("retries", DEFAULT_RETRIES)))
 
 
@@ -253,4 +259,4 @@ class Move(NamedTuple):
 
     device: DeviceView
     revision: Revision
-    spec: dict[str, Any]
+    spec: RevisionSpec

@@ -12,11 +12,11 @@ typo in a rollout policy that is silently ignored moves a fleet the wrong way.
 Why it is over 400 lines: it is one schema (the pydantic models with their
 validators); split, a reader would have to put the manifest back together.
 
-Normal forms (what :meth:`Manifest.revision_spec` and the models' ``to_json`` give the
-agent and the stored rollout document, as plain JSON): durations are seconds (float;
-``session_ttl`` an int), a phase's percent an int 1..100, ``max_unavailable`` and
-``failure_threshold`` an int count or an ``"N%"`` string (see
-:func:`edgebundle.fleet.selection.count_or_percent`). When ``spec.app`` is left out the
+Normal forms (what the models' ``to_json`` give the agent, in the :class:`RevisionSpec`
+of :meth:`Manifest.revision_spec`, and the stored rollout document, as plain JSON):
+durations are seconds (float; ``session_ttl`` an int), a phase's percent an int
+1..100, ``max_unavailable`` and ``failure_threshold`` an int count or an ``"N%"``
+string (see :func:`edgebundle.fleet.selection.count_or_percent`). When ``spec.app`` is left out the
 revision runs the built-in chat guest: ``{"name": "edgechat", "url":
 "builtin:edgechat", "sha256": <sha256 of the shipped edgechat.wasm>}``.
 
@@ -457,24 +457,49 @@ class Manifest(_Strict):
         """The file it was read from ("" when built in code)."""
         return self._source
 
-    def revision_spec(self) -> dict[str, Any]:
-        """What every device runs, as plain JSON with defaults filled (Revision.spec)."""
+    def revision_spec(self) -> RevisionSpec:
+        """What every device runs, defaults filled (Revision.spec)."""
         spec = self.spec
-        app = spec.app.model_dump(mode="json") if spec.app else builtin_app()
-        return {
-            "runtime": spec.runtime.to_json(),
-            "model": spec.model.model_dump(mode="json"),
-            "app": app,
-            "sync": spec.sync.model_dump(mode="json"),
-        }
+        return RevisionSpec(runtime=spec.runtime, model=spec.model,
+                            app=spec.app or builtin_app(), sync=spec.sync)
 
     def revision_id(self) -> str:
-        return revision_id(self.revision_spec())
+        return revision_id(self.revision_spec().to_json())
 
 
-def builtin_app() -> dict[str, Any]:
+class RevisionSpec(_Strict):
+    """What a revision runs: the manifest's ``spec.runtime``, ``spec.model``, ``spec.app``
+    (the built-in edgechat when the manifest has none) and ``spec.sync``, defaults filled.
+
+    Stored (in the revision, each device's desired state and the device's placed
+    ``revision.json``) as :meth:`to_json`, the normal form whose hash is the revision's
+    id (:func:`~edgebundle.fleet.wire.revision_id`); read back by :meth:`from_json`,
+    which validates it by the manifest's own schema.
+    """
+
+    runtime: Runtime = Field(default_factory=Runtime)
+    model: Model
+    app: App
+    sync: Sync = Field(default_factory=Sync)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime.to_json(),
+            "model": self.model.model_dump(mode="json"),
+            "app": self.app.model_dump(mode="json"),
+            "sync": self.sync.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> RevisionSpec:
+        """The spec of stored JSON; pydantic's ValidationError (a ValueError) if it does
+        not fit the schema."""
+        return cls.model_validate(data)
+
+
+def builtin_app() -> App:
     """The app a revision runs when the manifest has no spec.app: the shipped edgechat."""
-    return {"name": BUILTIN_APP, "url": f"builtin:{BUILTIN_APP}", "sha256": _builtin_sha256()}
+    return App(name=BUILTIN_APP, url=f"builtin:{BUILTIN_APP}", sha256=_builtin_sha256())
 
 
 @functools.cache

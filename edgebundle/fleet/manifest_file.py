@@ -258,4 +258,4 @@ def device_target(manifest: Manifest, device_id: str | None) -> DeviceTarget:
     """What ``manifest`` says the device ``device_id`` must run (the fleet's revision
     spec with that device's overrides), for doctor's ``manifest.*`` checks."""
     spec = device_spec(manifest.revision_spec(), manifest.spec.devices.get(device_id or ""))
-    return DeviceTarget(f"manifest {manifest.metadata.name}", spec)
+    return DeviceTarget(f"manifest {manifest.metadata.name}", spec.to_json())

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgebundle.errors import UsageError
-from edgebundle.fleet.manifest import Device, Group, Phase
+from edgebundle.fleet.manifest import Device, Group, Phase, RevisionSpec
 
 
 def count_or_percent(value: Any, total: int, what: str, *, round_up: bool) -> int:
@@ -97,37 +97,19 @@ def pinned_revision(device: Device | None) -> str | None:
     return device.pin if device is not None else None
 
 
-def device_spec(revision_spec: Mapping[str, Any], device: Device | None) -> dict[str, Any]:
-    """The revision's spec (plain JSON, as stored) with the device's overrides
-    (``spec.devices[id]``): a runtime override replaces the fleet's runtime whole (it is a
-    complete runtime of its own kind); model, app and sync overrides are merged over the
-    fleet's."""
-    spec = {part: _copy(value) for part, value in revision_spec.items()}
+def device_spec(revision_spec: RevisionSpec, device: Device | None) -> RevisionSpec:
+    """The revision's spec with the device's overrides (``spec.devices[id]``): a runtime
+    override replaces the fleet's runtime whole (it is a complete runtime of its own
+    kind); model, app and sync overrides are merged over the fleet's. Merged in JSON
+    (normal form), then validated once by the schema."""
     overrides = device.to_json() if device is not None else {}
     overrides.pop("pin", None)
+    if not overrides:
+        return revision_spec
+    spec = revision_spec.to_json()  # a fresh copy: merged in place
     for part, override in overrides.items():
-        base = spec.get(part)
-        if part == "runtime" or not isinstance(base, dict):
-            spec[part] = _copy(override)
+        if part == "runtime":
+            spec[part] = override
         else:
-            spec[part] = _merge(base, override)
-    return spec
-
-
-def _merge(base: dict[str, Any], override: Any) -> Any:
-    if not isinstance(override, dict):
-        return _copy(override)
-    merged = {key: _copy(value) for key, value in base.items()}
-    for key, value in override.items():
-        current = merged.get(key)
-        merged[key] = _merge(current, value) if isinstance(current, dict) else _copy(value)
-    return merged
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy(item) for item in value]
-    return value
-
+            spec[part].update(override)
+    return RevisionSpec.from_json(spec)

@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from edgebundle import files
 from edgebundle.download import fetch, sha256_file
 from edgebundle.errors import ConfigError, EdgebundleError
 from edgebundle.fleet.documents import dumps
+from edgebundle.fleet.manifest import App, Model, RevisionSpec
 from edgebundle.keys import check_id
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
@@ -86,26 +87,22 @@ class Staging:
         self.downloads = downloads
         self.log = log
 
-    def stage(self, revision: str, spec: Mapping[str, Any]) -> Path:
+    def stage(self, revision: str, spec: RevisionSpec) -> Path:
         """``revisions/<rev>/`` with verified files; reused when an earlier run made it."""
         target = self.paths.revision(revision)
         if (target / REVISION_FILE).is_file():
             return target
-        model = spec.get("model") or {}
-        if not isinstance(model, dict) or not model.get("url"):
-            raise ConfigError(f"revision {revision} names no model url")
         self.paths.revisions.mkdir(parents=True, exist_ok=True)
         work = self.paths.revisions / f".{revision}.{secrets.token_hex(4)}.tmp"
         work.mkdir()
         try:
-            self._place(model, work / MODEL_FILE, "model")
-            app = spec.get("app")
-            if isinstance(app, dict) and str(app.get("url", "")).startswith(BUILTIN):
-                check_builtin_app(app)  # shipped with edgebundle: nothing to place
-            elif isinstance(app, dict) and app.get("url"):
-                self._place(app, work / APP_FILE, "app")
+            self._place(spec.model, work / MODEL_FILE, "model")
+            if spec.app.url.startswith(BUILTIN):
+                check_builtin_app(spec.app)  # shipped with edgebundle: nothing to place
+            else:
+                self._place(spec.app, work / APP_FILE, "app")
             write_json_atomic(work / REVISION_FILE, {
-                "revision": revision, "spec": spec, "placed_at": time.time()})
+                "revision": revision, "spec": spec.to_json(), "placed_at": time.time()})
             if target.exists():  # an incomplete dir of an interrupted run
                 shutil.rmtree(target)
             os.replace(work, target)
@@ -125,20 +122,13 @@ class Staging:
         except FileNotFoundError:
             pass
 
-    def revision_spec(self, revision: str) -> dict[str, Any] | None:
-        """The spec a placed revision was staged with (None: not placed)."""
-        try:
-            data = json.loads((self.paths.revision(revision) / REVISION_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        spec = data.get("spec") if isinstance(data, dict) else None
-        return spec if isinstance(spec, dict) else None
+    def revision_spec(self, revision: str) -> RevisionSpec | None:
+        """The spec a placed revision was staged with (None: not placed, or unreadable)."""
+        return placed_spec(self.paths.revision(revision) / REVISION_FILE)
 
-    def _place(self, item: dict[str, Any], dest: Path, what: str) -> None:
-        sha256 = item.get("sha256")
-        if not isinstance(sha256, str) or not sha256:
-            raise ConfigError(f"the revision's {what} has no sha256; refusing an unverified file")
-        source = self._source(str(item["url"]))  # a bad URL fails even if the bytes are here
+    def _place(self, item: Model | App, dest: Path, what: str) -> None:
+        sha256 = item.sha256
+        source = self._source(item.url)  # a bad URL fails even if the bytes are here
         local = self._already_have(sha256, dest.name)
         if local is not None:  # same bytes in another revision (e.g. a prompt-only change)
             os.link(local, dest)
@@ -156,16 +146,12 @@ class Staging:
         if not self.paths.revisions.is_dir():
             return None
         for revision_file in self.paths.revisions.glob(f"*/{REVISION_FILE}"):
-            try:
-                spec = json.loads(revision_file.read_text())["spec"]
-            except (OSError, ValueError, KeyError, TypeError):
+            spec = placed_spec(revision_file)
+            if spec is None:
                 continue
-            for part in ("model", "app"):
-                item = spec.get(part)
-                candidate = revision_file.parent / name
-                if (isinstance(item, dict) and str(item.get("sha256", "")).lower() == sha256.lower()
-                        and candidate.is_file()):
-                    return candidate
+            candidate = revision_file.parent / name
+            if sha256.lower() in (spec.model.sha256, spec.app.sha256) and candidate.is_file():
+                return candidate
         return None
 
     def _source(self, url: str) -> str:
@@ -184,14 +170,22 @@ class Staging:
         return str(path)
 
 
-def check_builtin_app(app: Mapping[str, Any]) -> None:
+def placed_spec(revision_file: Path) -> RevisionSpec | None:
+    """The spec in a placed revision's ``revision.json`` (None: missing or unreadable)."""
+    try:
+        return RevisionSpec.from_json(json.loads(revision_file.read_text())["spec"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_builtin_app(app: App) -> None:
     """A ``builtin:<name>`` app must be the build this edgebundle ships (same sha256)."""
-    name = str(app["url"])[len(BUILTIN):]
+    name = app.url[len(BUILTIN):]
     try:
         shipped = load_app_pins(app_pins_file()).app(name).sha256
     except EdgebundleError as exc:
         raise ConfigError(f"builtin:{name}: {exc}") from None
-    wanted = str(app.get("sha256") or "").lower()
-    if wanted and wanted != shipped.lower():
+    wanted = app.sha256.lower()
+    if wanted != shipped.lower():
         raise ConfigError(f"builtin:{name}: this device ships sha256 {shipped[:12]}…, the "
                           f"revision wants {wanted[:12]}…; upgrade edgebundle on the device")

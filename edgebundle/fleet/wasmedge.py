@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from edgebundle import installer
 from edgebundle.bundle import MANIFEST as BUNDLE_MANIFEST
 from edgebundle.errors import ChecksumMismatchError, ConfigError, EdgebundleError
+from edgebundle.fleet.manifest import RevisionSpec
 from edgebundle.host import detect
 from edgebundle.layout import Layout
 from edgebundle.pins import RuntimeLock
@@ -40,25 +40,13 @@ class WantedRuntime:
         return f"WasmEdge {self.version} with plugin build {self.build} ({self.variant})"
 
     @staticmethod
-    def of(spec: Mapping[str, Any]) -> WantedRuntime | None:
+    def of(spec: RevisionSpec) -> WantedRuntime | None:
         """None for an embedded revision (which leaves ``runtime/current`` alone)."""
-        runtime = spec.get("runtime") or {}
-        if not isinstance(runtime, dict) or runtime.get("kind") != "wasmedge":
-            return None
-        plugin = runtime.get("plugin") or {}
-        version = runtime.get("wasmedge")
-        build = plugin.get("build") if isinstance(plugin, dict) else None
-        if not version or not build:
-            raise ConfigError("the revision's runtime is wasmedge but names no wasmedge version "
-                              "or plugin build; fix spec.runtime in the manifest")
-        variant = plugin.get("variant") or "cpu"
-        archives = runtime.get("archives") or {}
-        if not isinstance(archives, dict) or not all(
-                isinstance(v, str) and len(v) == 64 for v in archives.values()):
-            raise ConfigError("the revision's runtime.archives is not {file name: sha256}; "
-                              "fix spec.runtime in the manifest")
-        return WantedRuntime(str(version), str(build), str(variant),
-                             {str(k): v.lower() for k, v in archives.items()})
+        runtime = spec.runtime
+        if runtime.kind != "wasmedge" or runtime.wasmedge is None or runtime.plugin is None:
+            return None  # the schema sees to it that a wasmedge runtime names both
+        return WantedRuntime(runtime.wasmedge, runtime.plugin.build, runtime.plugin.variant,
+                             dict(runtime.archives))
 
 
 def install_wanted(wanted: WantedRuntime, layout: Layout, bundle_dir: Path | None,
