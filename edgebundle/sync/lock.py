@@ -12,9 +12,10 @@ that run as incomplete (its text so far kept) and goes on.
 :class:`RunLease` is the holder's side: a watchdog task renews the lease every
 ``renew_ms``; text is batched (``delta_batch_ms`` / ``delta_batch_chars``) into
 ``message.delta`` events, except the run's first text, written at once (behind the
-caller) so a reader's first token waits for no batch; with batching off each piece is its own event, written
-behind the caller: pieces that arrive while a write is in flight go out together in
-the next function call (one round trip, many events) and ``flush()`` waits for them.
+caller) so a reader's first token waits for no batch; with batching off each piece
+is its own event, written behind the caller: pieces that arrive while a write is in
+flight go out together in the next function call (one round trip, many events) and
+``flush()`` waits for them.
 ``finish`` / ``fail`` / ``interrupt`` end the run and release the lock by
 compare-and-delete in the same function. Every one of those writes is checked in Lua
 against the token and the fence, so a holder whose lease ran out (stalled,
