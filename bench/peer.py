@@ -225,30 +225,37 @@ def paired_ratio(ours: list[float], peer: list[float]) -> float:
 # -- the measures ---------------------------------------------------------------------
 
 
+def ask(tag: str) -> list[dict[str, str]]:
+    """The question with a tag of its own: every request's prompt differs from the one
+    before (as in use), so neither side answers from a prompt it has just evaluated."""
+    return [{"role": "user", "content": f"{QUESTION} ({tag})"}]
+
+
 async def single_turns(ours: Server, peer: Server, rounds: int) -> None:
-    question = [{"role": "user", "content": QUESTION}]
     async with httpx.AsyncClient(timeout=120) as http:
         for side in (ours, peer):  # warm: first use loads lazily on either side
-            await turn(http, side.base_url, chat_body(question))
+            await turn(http, side.base_url, chat_body(ask("warm")))
         turns: dict[str, list[float]] = {ours.name: [], peer.name: []}
-        texts: dict[str, set[str]] = {ours.name: set(), peer.name: set()}
+        same = True
         firsts: dict[str, list[float]] = {ours.name: [], peer.name: [], "thread": []}
-        for _ in range(rounds):
+        for n in range(rounds):
+            texts = []
             for side in (ours, peer):
-                seconds, text = await turn(http, side.base_url, chat_body(question))
+                seconds, text = await turn(http, side.base_url, chat_body(ask(f"t{n:03}")))
                 turns[side.name].append(seconds)
-                texts[side.name].add(text)
-                seconds, text, _ = await first_token(http, side.base_url, chat_body(question))
+                texts.append(text)
+                seconds, text, _ = await first_token(http, side.base_url,
+                                                     chat_body(ask(f"s{n:03}")))
                 firsts[side.name].append(seconds)
-                texts[side.name].add(text)
+                texts.append(text)
             thread_id = await new_thread(http, ours.base_url)
             seconds, text, _ = await first_token(http, ours.base_url,
-                                                 chat_body(question, thread_id=thread_id))
+                                                 chat_body(ask(f"x{n:03}"), thread_id=thread_id))
             firsts["thread"].append(seconds)
-            texts[ours.name].add(text)
-        same = len(texts[ours.name]) == 1 and texts[ours.name] == texts[peer.name]
-        if not same:
-            print(f"replies differ: {texts}", file=sys.stderr)
+            texts.append(text)
+            if len(set(texts)) != 1:
+                same = False
+                print(f"replies differ: {texts}", file=sys.stderr)
         emit("peer.turn_s.edgebundle", statistics.median(turns[ours.name]), "s", "", "")
         emit("peer.turn_s.peer", statistics.median(turns[peer.name]), "s", "", "")
         emit("peer.turn_s.ratio", paired_ratio(turns[ours.name], turns[peer.name]), "ratio",
@@ -264,14 +271,13 @@ async def single_turns(ours: Server, peer: Server, rounds: int) -> None:
 
 
 async def concurrent(ours: Server, peer: Server, rounds: int) -> None:
-    question = [{"role": "user", "content": QUESTION}]
     walls: dict[str, list[float]] = {ours.name: [], peer.name: []}
     async with httpx.AsyncClient(timeout=300) as http:
-        for _ in range(rounds):
+        for n in range(rounds):
             for side in (ours, peer):
                 began = time.perf_counter()
-                await asyncio.gather(*(turn(http, side.base_url, chat_body(question))
-                                       for _ in range(4)))
+                await asyncio.gather(*(turn(http, side.base_url, chat_body(ask(f"c{n}{i}")))
+                                       for i in range(4)))
                 walls[side.name].append(time.perf_counter() - began)
     emit("peer.concurrent_4_s.edgebundle", statistics.median(walls[ours.name]), "s", "", "")
     emit("peer.concurrent_4_s.peer", statistics.median(walls[peer.name]), "s", "", "")
