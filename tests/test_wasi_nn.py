@@ -329,3 +329,20 @@ def test_a_prompt_evaluates_only_what_follows_the_prefix_the_context_holds(
     assert evaluated(first, second)[1] == reply
     count, text, info = evaluated(follow_up)
     assert (text, info) == expected and count <= whole - history
+
+
+def test_compute_single_returns_a_token_before_evaluating_it(chat: Guest) -> None:
+    """The first piece reaches the guest one evaluation sooner; a guest that stops after
+    a token never pays for evaluating it (the plugin evaluates before returning)."""
+    ctx = chat.context()
+    graph = chat.nn.graphs[0]
+    assert graph is not None
+    assert chat.set_input(ctx, 0, llama3_prompt("hello")) == 0
+    assert chat.nn.compute_single(ctx) == 0
+    prompt = len(graph.cached)
+    assert chat.output(ctx, 0, single=True)[1] == REPLY.split()[0].encode()
+    llama_cpp.llama_perf_context_reset(graph.ctx)
+    assert chat.nn.compute_single(ctx) == 0  # evaluates the first, samples the second
+    assert (len(graph.cached), llama_cpp.llama_perf_context(graph.ctx).n_eval) == (prompt + 1, 1)
+    assert chat.nn.fini_single(ctx) == 0
+    assert len(graph.cached) == prompt + 1  # the second was never evaluated

@@ -29,7 +29,10 @@ new prompt evaluates only what follows the longest common prefix (at least its l
 token, for the logits). A chat thread's next turn starts with the whole previous
 turn, so its first token costs the new message, not the history: what llama.cpp's
 own server and llama_cpp.server do. The guest sees the same outputs (input_tokens
-counts the whole prompt). The sampler is rebuilt whenever any sampling option
+counts the whole prompt). compute_single evaluates the
+token it returns at the start of the next call, not before returning it (the plugin's
+sampleOutput evaluates first): the guest has each piece one evaluation sooner, and a
+guest that stops after a token never pays for evaluating it. The sampler is rebuilt whenever any sampling option
 changes (the plugin checks only temp, top-p, penalties, grammar and seed). Like the
 plugin (GGML/core/ggml_core.cpp), ``ctx-size``, ``batch-size`` and ``threads`` take
 effect at load only (give them in load_by_name_with_config's config), prompt batches
@@ -242,6 +245,7 @@ class ExecutionContext:
         self.output_tokens: list[int] = []
         self.npos = 0
         self.single_started = False
+        self._held: int | None = None  # sampled, returned, not yet evaluated
         self._batch: Any = None
         self._batch_size = 0
         one = lib.llama_batch_init(1, 0, 1)
@@ -297,6 +301,7 @@ class ExecutionContext:
             self._clear()
             self._evaluate_input("compute")
         try:
+            self._decode_held()
             status = self._sample(single=True)
         except NnError:
             self.single_started = False
@@ -306,6 +311,7 @@ class ExecutionContext:
         return status
 
     def fini_single(self) -> None:
+        self._held = None
         self.outputs.clear()
         self.output_tokens.clear()
         if self.sampler is not None:
@@ -397,6 +403,7 @@ class ExecutionContext:
     def _clear(self) -> None:
         """clearContext: reset sampler, forget outputs (the KV cache is kept for the
         next prompt's common prefix: see the module doc)."""
+        self._held = None
         _llama.llama_sampler_reset(self.sampler)
         self.npos = 0
         self.outputs.clear()
@@ -454,7 +461,8 @@ class ExecutionContext:
         return SUCCESS
 
     def _sample(self, *, single: bool) -> int:
-        """sampleOutput: one token sampled, recorded, checked, then evaluated."""
+        """sampleOutput: one token sampled, recorded, checked, then evaluated (by
+        compute_single: held for its next call, see :meth:`_decode_held`)."""
         graph = self.graph
         lib = _llama
         token = lib.llama_sampler_sample(self.sampler, graph.ctx, -1)
@@ -474,12 +482,24 @@ class ExecutionContext:
             return END_OF_SEQUENCE
         if self.npos + 1 > graph.n_ctx:
             return CONTEXT_FULL
+        self._held = token
+        if not single:
+            self._decode_held()
+        return SUCCESS
+
+    def _decode_held(self) -> None:
+        """Evaluate the token sampled last. compute_single returns its token first and
+        evaluates it at the start of the next call (the guest has the piece one
+        evaluation sooner: the first token's latency); a guest that stops there never
+        pays for it."""
+        token, self._held = self._held, None
+        if token is None:
+            return
         self._one_token[0] = token
         self._one_pos[0] = self.npos
         self._decode(self._one)
         self.npos += 1
-        graph.cached.append(token)
-        return SUCCESS
+        self.graph.cached.append(token)
 
     def _decode(self, batch: Any) -> None:
         status = _llama.llama_decode(self.graph.ctx, batch)
