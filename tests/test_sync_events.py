@@ -113,6 +113,12 @@ def test_a_second_reader_joins_a_live_run_and_both_see_identical_events(
     asyncio.run(main())
 
 
+async def delta_texts(sync: SyncService, ticket: RunTicket) -> list[str]:
+    """The texts of the run's message.delta events, in order (once it ended)."""
+    events = await collect(sync, ticket.run.thread_id, ticket.run.id)
+    return [e.data["text"] for e in events if e.type == "message.delta"]
+
+
 def test_deltas_are_batched_by_size_and_by_time(sync_redis_url: str) -> None:
     async def main() -> None:
         async with sync_service(sync_redis_url, delta_batch_ms=10000,
@@ -138,9 +144,7 @@ def test_deltas_are_batched_by_size_and_by_time(sync_redis_url: str) -> None:
             await asyncio.sleep(0.2)
             assert await sync.redis.xlen(stream) == before + 2  # flushed by time
             await lease.finish("eos", {})
-            events = await collect(sync, ticket.run.thread_id, ticket.run.id)
-            assert [e.data["text"] for e in events if e.type == "message.delta"] == [
-                "the ", "slow model"]
+            assert await delta_texts(sync, ticket) == ["the ", "slow model"]
 
     asyncio.run(main())
 
@@ -164,9 +168,7 @@ def test_a_runs_first_text_waits_for_no_batch(sync_redis_url: str) -> None:
             await asyncio.sleep(0.2)
             assert await sync.redis.xlen(stream) == before + 1  # these wait for the batch
             await lease.finish("eos", {})
-            events = await collect(sync, ticket.run.thread_id, ticket.run.id)
-            assert [e.data["text"] for e in events if e.type == "message.delta"] == [
-                "first", " second third"]
+            assert await delta_texts(sync, ticket) == ["first", " second third"]
 
     asyncio.run(main())
 
