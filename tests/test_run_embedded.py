@@ -126,7 +126,7 @@ def test_dry_run_shows_the_embedded_command(tmp_path: Path) -> None:
                  "--env", f"EDGECHAT_FRAME={frame}", "--nn-preload",
                  f"default:GGML:AUTO:{model}", str(app), "--model-alias", "default",
                  "--config", f'{{"ctx-size":256,"threads":{threads},"threads-batch":{threads}}}'],
-        "env": {},
+        "env": {"EDGEBUNDLE_HOME": str(tmp_path)},  # its compiled-module cache is there
         "cwd": str(tmp_path),
     }  # fmt: skip
     # the demo model's context is 512: a larger ctx-size is clipped to it

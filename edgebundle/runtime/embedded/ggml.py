@@ -74,7 +74,7 @@ def llama() -> Any:
     """llama_cpp, initialised once, with llama.cpp's logging gated by enable-log."""
     global _llama, _log_callback
     if _llama is None:
-        import llama_cpp
+        from edgebundle.runtime.embedded.llama_bindings import llama_cpp
 
         @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
         def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
