@@ -38,7 +38,6 @@ from edgebundle.completion import (
     runtime_line,
 )
 from edgebundle.config import Settings
-from edgebundle.doctor import failed_wasmedge_checks, run_doctor
 from edgebundle.engine import Engine
 from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
 from edgebundle.gateway import Listening, run_gateway
@@ -194,13 +193,23 @@ def _serve_chat(
 def launch_spec(settings: Settings, environ: Mapping[str, str] | None = None) -> LaunchSpec:
     """What ``run`` starts for ``settings``; ``--runtime auto`` asks doctor's wasmedge
     checks (the same rule doctor's verdict reports)."""
-    return resolve_launch(settings, environ, wasmedge_failures=failed_wasmedge_checks)
+    return resolve_launch(settings, environ, wasmedge_failures=_wasmedge_failures)
+
+
+def _wasmedge_failures(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    # doctor is imported only when asked (--runtime auto with a wasmedge found, or the
+    # preflight): serving with --no-preflight does without its checks' modules.
+    from edgebundle.doctor import failed_wasmedge_checks
+
+    return failed_wasmedge_checks(settings, environ)
 
 
 def run_preflight(
     settings: Settings, spec: LaunchSpec, environ: Mapping[str, str] | None = None
 ) -> None:
     """Raise EdgebundleError (exit 1) naming the failed doctor checks."""
+    from edgebundle.doctor import run_doctor
+
     report = run_doctor(settings, runtime=spec.runtime, environ=environ)
     if report.ok:
         return
