@@ -23,6 +23,7 @@ import wasmtime
 from click.testing import CliRunner
 
 from edgebundle.demo_model import demo_model_path
+from edgebundle.runtime.embedded import module_cache
 from edgebundle.runtime.embedded.module_cache import compile_cached
 from tests.support.guest import EDGECHAT, FRAME, REPO
 
@@ -159,6 +160,17 @@ def test_a_compiled_module_is_kept_and_loaded_again(tmp_path: Path) -> None:
     kept.chmod(0o664)
     assert answer(engine, compile_cached(engine, wasm, cache)) == 42
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_the_helper_compiles_and_when_it_cannot_the_guest_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, wasm = wasmtime.Engine(), wasmtime.wat2wasm(WAT)
+    with pytest.raises(wasmtime.WasmtimeError):  # the helper fails; wasmtime's own error
+        compile_cached(engine, b"\0asm not really", tmp_path / "cache")
+    assert list((tmp_path / "cache").glob("*.cwasm")) == []
+    monkeypatch.setattr(module_cache, "_compile_aside", lambda wasm, path: False)
+    assert answer(engine, compile_cached(engine, wasm, tmp_path / "cache")) == 42
+    assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 1  # written from here then
 
 
 def test_without_a_cache_folder_nothing_is_written(tmp_path: Path) -> None:

@@ -90,6 +90,7 @@ async def run_gateway(
             settings.host, settings.allowed_hosts, settings.allowed_origins,
             settings.max_body_bytes)),
         lifespan="off",
+        ws="none",  # no websocket routes: uvicorn need not import websockets/wsproto
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
