@@ -187,3 +187,15 @@ def test_a_command_runs_from_the_lazy_table(command: str) -> None:
     done = subprocess.run([sys.executable, "-m", "edgebundle", command, "--help"],
                           capture_output=True, timeout=60, cwd=REPO)
     assert done.returncode == 0 and b"Usage: edgebundle " + command.encode() in done.stdout
+
+
+def test_exec_without_a_home_compiles_and_leaves_nothing(tmp_path: Path) -> None:
+    app = tmp_path / "empty.wasm"
+    app.write_bytes(wasmtime.wat2wasm('(module (memory (export "memory") 1) '
+                                      '(func (export "_start")))'))
+    home = tmp_path / "no-home"
+    done = subprocess.run([sys.executable, "-m", "edgebundle", "exec", str(app)],
+                          capture_output=True, timeout=60, cwd=REPO,
+                          env={**os.environ, "EDGEBUNDLE_HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert not home.exists()
