@@ -110,8 +110,8 @@ class Direct:
 TIMED_RUNNER = """
 import json, os, sys, time
 from pathlib import Path
-import llama_cpp
 from edgebundle.runtime.embedded import host
+from edgebundle.runtime.embedded.llama_bindings import llama_cpp  # what the runtime calls
 from edgebundle.runtime.embedded.preload import parse_preload
 clock = time.perf_counter
 stats = {"host_s": 0.0, "llama_s": 0.0}

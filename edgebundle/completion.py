@@ -24,7 +24,7 @@ from typing import Any
 
 from edgebundle.config import Settings
 from edgebundle.context_window import ESTIMATE_ATTEMPTS, ContextWindow
-from edgebundle.engine import ChatEngine, Delta
+from edgebundle.engine import READY_TIMEOUT, ChatEngine, Delta, Engine
 from edgebundle.errors import UsageError
 from edgebundle.model_info import ModelInfo, load_model_info, resolve_template
 from edgebundle.runtime.launch import LaunchSpec
@@ -271,6 +271,14 @@ def chat_setup(settings: Settings, spec: LaunchSpec) -> ChatSetup:
     info = load_model_info(spec.model)
     template, source = resolve_template(settings.template, info)
     return ChatSetup(spec=spec, template=template, template_source=source, model_info=info)
+
+
+def chat_engine(settings: Settings, setup: ChatSetup,
+                ready_timeout: float = READY_TIMEOUT) -> Engine:
+    """The engine of the chat guest ``setup`` describes, not started yet; the guest's
+    stderr and the supervisor's notes go to ``<home>/logs/edgechat.log``."""
+    return Engine(setup.spec, log_path=settings.layout.logs / "edgechat.log",
+                  ready_timeout=ready_timeout)
 
 
 def runtime_line(spec: LaunchSpec) -> str:

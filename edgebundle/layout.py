@@ -13,6 +13,7 @@
     <home>/downloads/               partial downloads (<sha-or-name>.part), resumed on retry
     <home>/logs/                    supervisor logs
     <home>/state/                   device id and other small state
+    <home>/cache/wasm/              compiled wasm modules of the embedded runtime (safe to delete)
 """
 
 from __future__ import annotations
@@ -82,3 +83,7 @@ class Layout:
     @property
     def state(self) -> Path:
         return self.home / "state"
+
+    @property
+    def cache(self) -> Path:
+        return self.home / "cache"

@@ -26,26 +26,30 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from edgebundle import apps
 from edgebundle.completion import (
     ChatParams,
     ChatService,
+    ChatSetup,
     Finished,
     TextDelta,
     Usage,
+    chat_engine,
     chat_setup,
     runtime_line,
 )
 from edgebundle.config import Settings
-from edgebundle.doctor import failed_wasmedge_checks, run_doctor
 from edgebundle.engine import Engine
 from edgebundle.errors import EdgebundleError, SupervisorError, UsageError
-from edgebundle.gateway import Listening, run_gateway
+from edgebundle.gateway.listen import bind
 from edgebundle.runtime.launch import LaunchSpec, resolve_launch
 from edgebundle.runtime.supervisor import Supervisor
-from edgebundle.sync.local_server import LocalRedis, device_id
 from edgebundle.templates import Message
+
+if TYPE_CHECKING:
+    from edgebundle.gateway import Listening
 
 READY_TIMEOUT = 600.0  # loading a multi-GB model on a small device takes minutes
 
@@ -133,6 +137,11 @@ def _serve_chat(
     first (:mod:`edgebundle.sync.local_server`). With a Redis URL the private server is
     the device's local store (offline-first, see :mod:`edgebundle.sync.replication`)
     when redis-server is installed.
+
+    Start-up order: the port is bound (a taken port is one error before anything
+    starts), the guest starts loading its model, and only then this process imports
+    the gateway (Starlette, uvicorn, Redis, pydantic) and starts Redis: the two
+    overlap instead of adding up.
     """
 
     setup = chat_setup(settings, spec)
@@ -151,8 +160,30 @@ def _serve_chat(
             ))  # fmt: skip
 
     stop_event = stop if stop is not None else threading.Event()
-    device = device_id(settings)
     with _stop_on_signals(stop_event):
+        asyncio.run(_chat_gateway(settings, setup, stop=stop_event, on_listening=listening,
+                                  ready_timeout=ready_timeout, on_note=on_note))
+
+
+async def _chat_gateway(
+    settings: Settings,
+    setup: ChatSetup,
+    *,
+    stop: threading.Event,
+    on_listening: Callable[[Listening], None],
+    ready_timeout: float,
+    on_note: Callable[[str], None] | None,
+) -> None:
+    sock = bind(settings.host, settings.port)
+    engine = chat_engine(settings, setup, ready_timeout)
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0)  # its first step starts the supervisor, which spawns the guest
+    try:
+        # Everything below runs while the guest loads its model.
+        from edgebundle.gateway import run_gateway
+        from edgebundle.sync.local_server import LocalRedis, device_id
+
+        device = device_id(settings)
         local: LocalRedis | None = None
         redis_url = settings.redis_url
         if not redis_url and not LocalRedis.installed():
@@ -181,26 +212,44 @@ def _serve_chat(
         local_url = local.url if local is not None and redis_url else None
         redis_url = redis_url or (local.url if local is not None else None)
         try:
-            asyncio.run(run_gateway(
-                settings, setup, stop=stop_event, on_listening=listening,
+            await run_gateway(
+                settings, setup, stop=stop, on_listening=on_listening,
                 ready_timeout=ready_timeout, redis_url=redis_url, device_id=device,
-                local_url=local_url,
-            ))  # fmt: skip
+                local_url=local_url, sock=sock, engine=engine, starting=starting,
+            )  # fmt: skip
         finally:
             if local is not None:
                 local.stop()
+    finally:
+        # run_gateway stops and closes them itself; this is for a failure before it ran.
+        sock.close()
+        if not starting.done():
+            starting.cancel()
+        elif not starting.cancelled():
+            starting.exception()  # retrieved: run_gateway reports it, or nobody needs it
+        await engine.stop()
 
 
 def launch_spec(settings: Settings, environ: Mapping[str, str] | None = None) -> LaunchSpec:
     """What ``run`` starts for ``settings``; ``--runtime auto`` asks doctor's wasmedge
     checks (the same rule doctor's verdict reports)."""
-    return resolve_launch(settings, environ, wasmedge_failures=failed_wasmedge_checks)
+    return resolve_launch(settings, environ, wasmedge_failures=_wasmedge_failures)
+
+
+def _wasmedge_failures(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    # doctor is imported only when asked (--runtime auto with a wasmedge found, or the
+    # preflight): serving with --no-preflight does without its checks' modules.
+    from edgebundle.doctor import failed_wasmedge_checks
+
+    return failed_wasmedge_checks(settings, environ)
 
 
 def run_preflight(
     settings: Settings, spec: LaunchSpec, environ: Mapping[str, str] | None = None
 ) -> None:
     """Raise EdgebundleError (exit 1) naming the failed doctor checks."""
+    from edgebundle.doctor import run_doctor
+
     report = run_doctor(settings, runtime=spec.runtime, environ=environ)
     if report.ok:
         return

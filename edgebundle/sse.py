@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from httpx_sse import EventSource, ServerSentEvent
+if TYPE_CHECKING:  # the readers import httpx-sse when called: the gateway only writes
+    import httpx
+    from httpx_sse import ServerSentEvent
 
 MEDIA_TYPE = "text/event-stream"
 
@@ -66,6 +67,8 @@ class _OwnIds:
 
 def iter_events(response: httpx.Response) -> Iterator[Event]:
     """The events of a streamed ``text/event-stream`` response (comments skipped)."""
+    from httpx_sse import EventSource
+
     own = _OwnIds()
     for sse in EventSource(response).iter_sse():
         if (event := own(sse)) is not None:
@@ -74,6 +77,8 @@ def iter_events(response: httpx.Response) -> Iterator[Event]:
 
 async def aiter_events(response: httpx.Response) -> AsyncIterator[Event]:
     """:func:`iter_events` of an async response."""
+    from httpx_sse import EventSource
+
     own = _OwnIds()
     async for sse in EventSource(response).aiter_sse():
         if (event := own(sse)) is not None:

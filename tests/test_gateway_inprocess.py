@@ -120,6 +120,35 @@ def turn(content: str, input_id: str | None = None, *, stream: bool = True,
             "params": {"max_tokens": max_tokens}}
 
 
+class LoadingEngine(ScriptedEngine):
+    """The double while its model loads: not ready until ``loaded``."""
+
+    loaded = False
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded
+
+
+def test_healthz_says_loading_until_the_engine_is_ready() -> None:
+    """What a probe sees while the guest loads (in test_run_embedded.py the demo model is
+    often loaded by the time `run` listens: the guest starts before the gateway)."""
+
+    async def main() -> None:
+        engine = LoadingEngine()
+        state = GatewayState(engine=engine, chat=ChatService(engine, get_template("llama-3-chat")),
+                             model_id="scripted", runtime="double")
+        transport = httpx.ASGITransport(app=create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as http:
+            first = await http.get("/healthz")
+            assert (first.status_code, first.json()) == (503, {"status": "loading"})
+            engine.loaded = True
+            ready = await http.get("/healthz")
+            assert (ready.status_code, ready.json()["status"]) == (200, "ok")
+
+    asyncio.run(main())
+
+
 def test_create_thread_then_push_then_read_it_back(redis: RedisServer) -> None:
     async def body(gw: Gateway) -> None:
         blank = await gw.post("/v1/threads", None)

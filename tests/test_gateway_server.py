@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from edgebundle.errors import SupervisorError
-from edgebundle.gateway.server import bind
+from edgebundle.gateway.listen import bind
 
 
 def test_accepted_connections_send_without_waiting_for_acks() -> None:

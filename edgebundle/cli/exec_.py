@@ -2,7 +2,9 @@
 
 ``wasmedge`` in a command line can be swapped for ``edgebundle exec``: the options
 before APP are wasmedge's, everything after APP goes to the app untouched, stdio
-is the app's and the exit code is the app's.
+is the app's and the exit code is the app's. Compiled modules are kept in the home's
+``cache/wasm/`` (made only in a home that exists: a bare ``edgebundle exec`` on a
+machine without one leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import click
 
 from edgebundle.errors import RuntimeNotFoundError, UsageError
+from edgebundle.layout import Layout, default_home
 
 
 @click.command(
@@ -47,10 +50,13 @@ def exec_cmd(ctx: click.Context, dirs: tuple[str, ...], envs: tuple[str, ...],
     # Like wasmedge, die at Ctrl-C: Python would only notice it at the next host call,
     # and an idle guest blocked reading stdin makes none.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    home = (ctx.find_root().obj or {}).get("home")
+    layout = Layout(Path(home).expanduser() if home else default_home())
     code = run_app(
         Path(app), args,
         dirs=[parse_dir(d) for d in dirs],
         env=dict(parse_env(e) for e in envs),
         preloads=[p for p in map(parse_preload, preloads) if p is not None],
+        cache_dir=layout.cache / "wasm" if layout.home.is_dir() else None,
     )
     ctx.exit(code)

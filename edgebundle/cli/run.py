@@ -12,7 +12,6 @@ import click
 
 from edgebundle.config import RUNTIMES, load_settings
 from edgebundle.errors import ConfigError
-from edgebundle.fleet.agent import fleet_managed_run
 from edgebundle.pins import APP_KINDS
 from edgebundle.serving import ServeInfo, launch_spec, serve
 
@@ -76,6 +75,8 @@ def run(ctx: click.Context, /, dry_run: bool, no_preflight: bool, no_fleet: bool
             raise ConfigError(f"{option}: this device is in fleet {settings.fleet}, whose "
                               f"revision decides it; drop {option} (or unset EDGEBUNDLE_FLEET "
                               "and fleet in config.toml)")
+        from edgebundle.fleet.agent import fleet_managed_run  # only on a fleet's device
+
         fleet_managed_run(settings, _note)
         return
     if dry_run:

@@ -44,7 +44,6 @@ from edgebundle.gateway.openai_api import (
     parse_chat_request,
     parse_json,
 )
-from edgebundle.gateway.openapi import build_spec
 from edgebundle.gateway.sync_api import sync_routes
 from edgebundle.gateway.thread_completions import ThreadChat
 from edgebundle.gateway.web import WEB_PATHS, web_routes
@@ -83,8 +82,7 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
     if state.sync is not None:
         runner = state.runs or RunGenerator(state.sync, state.chat)
         thread_completions = ThreadChat(runner, state.device_id)
-    spec = build_spec(state.model_id, sync=state.sync is not None,
-                      api_key=bool(api_key))  # fmt: skip
+    spec: dict[str, Any] = {}  # built at the first GET /openapi.json
 
     async def healthz(request: Request) -> Response:
         if not state.engine.ready:
@@ -149,6 +147,11 @@ def create_app(state: GatewayState, *, api_key: str | None = None,
         return await _whole(completion, first, events)
 
     async def openapi(request: Request) -> Response:
+        if not spec:  # the document's module is imported only by those who ask for it
+            from edgebundle.gateway.openapi import build_spec
+
+            spec.update(build_spec(state.model_id, sync=state.sync is not None,
+                                   api_key=bool(api_key)))
         return JSONResponse(spec)
 
     app = Starlette(routes=[

@@ -1,15 +1,16 @@
 """Serve the gateway with uvicorn while the engine loads and runs behind it.
 
 Order matters for probes: the socket is bound first (a taken port is one clear
-error before anything starts), the HTTP server answers /healthz with 503 at once,
-then the guest starts and /healthz turns 200 when it said READY. Stopping reverses
-it: the HTTP server stops (in-flight replies get a short grace), then the guest.
+error before anything starts), then the guest starts (``run`` starts it before it
+even imports this module, see :func:`edgebundle.serving.serve`, so the model loads
+while the gateway starts); the HTTP server answers /healthz with 503 until the guest
+said READY, then 200. Stopping reverses it: the HTTP server stops (in-flight replies
+get a short grace), then the guest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import threading
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from edgebundle.completion import ChatService, ChatSetup
+from edgebundle.completion import ChatService, ChatSetup, chat_engine
 from edgebundle.config import Settings
 from edgebundle.engine import READY_TIMEOUT, Engine
-from edgebundle.errors import EdgebundleError, RedisAccessError, SupervisorError, UsageError
+from edgebundle.errors import EdgebundleError, RedisAccessError, SupervisorError
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.gateway.guard import guard_settings
+from edgebundle.gateway.listen import bind as bind
+from edgebundle.gateway.listen import url_for
 from edgebundle.limits import Limits, blocking_connections
 from edgebundle.sync.client import connect
 from edgebundle.sync.replication import DeviceSync
@@ -43,38 +46,6 @@ class Listening:
     engine: Engine
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port; one clear error if that is not possible."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        # proto IPPROTO_TCP, not socket.create_server's 0: asyncio turns Nagle off
-        # (TCP_NODELAY) only on accepted sockets whose proto says TCP. With Nagle on,
-        # each event after a response's headers waited for the client's delayed ACK,
-        # up to 40 ms before the first token.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise SupervisorError(
-                f"{host}:{port} is already in use by another process: stop it, or pass --port N"
-            ) from None
-        raise UsageError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host / --port"
-        ) from None
-
-
-def url_for(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
-
-
 async def run_gateway(
     settings: Settings,
     setup: ChatSetup,
@@ -85,14 +56,19 @@ async def run_gateway(
     redis_url: str | None = None,
     device_id: str = "",
     local_url: str | None = None,
+    sock: socket.socket | None = None,
+    engine: Engine | None = None,
+    starting: asyncio.Task[None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGINT/SIGTERM); raise if the guest cannot run.
 
     With ``redis_url`` the sync API is served too, this device being ``device_id``;
     with ``local_url`` too, that Redis is the device's local store and it keeps
     answering while ``redis_url`` is unreachable (:mod:`edgebundle.sync.replication`).
+    ``sock``, ``engine`` and ``starting`` (its ``start()`` task): bound and started
+    by the caller already; served, stopped and closed here like their own.
     """
-    sock = bind(settings.host, settings.port)
+    sock = sock if sock is not None else bind(settings.host, settings.port)
     sync: ThreadSync | None = None
     if redis_url:
         try:
@@ -100,9 +76,7 @@ async def run_gateway(
         except BaseException:
             sock.close()
             raise
-    engine = Engine(
-        setup.spec, log_path=settings.layout.logs / "edgechat.log", ready_timeout=ready_timeout
-    )
+    engine = engine if engine is not None else chat_engine(settings, setup, ready_timeout)
     chat = ChatService(
         engine, setup.template, setup.model_info, settings.system_prompt, setup.spec.ctx_size
     )
@@ -116,13 +90,13 @@ async def run_gateway(
             settings.host, settings.allowed_hosts, settings.allowed_origins,
             settings.max_body_bytes)),
         lifespan="off",
+        ws="none",  # no websocket routes: uvicorn need not import websockets/wsproto
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    starting: asyncio.Task[None] | None = None
     failure: BaseException | None = None
     try:
         while not server.started and not serving.done():
@@ -132,7 +106,8 @@ async def run_gateway(
             return
         if on_listening is not None:
             on_listening(Listening(url_for(settings.host, settings.port), engine))
-        starting = asyncio.create_task(engine.start())
+        if starting is None:
+            starting = asyncio.create_task(engine.start())
         while not serving.done():
             if stop.is_set():
                 server.should_exit = True

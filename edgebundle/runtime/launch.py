@@ -43,6 +43,7 @@ from edgebundle.demo_model import demo_model_path
 from edgebundle.errors import EdgebundleError, RuntimeNotFoundError, UsageError
 from edgebundle.guest_protocol import FRAME_ENV, new_frame
 from edgebundle.host import usable_cpus
+from edgebundle.layout import HOME_ENV
 from edgebundle.pins import load_app_pins
 from edgebundle.resources import app_pins_file
 from edgebundle.runtime import wasmedge
@@ -198,7 +199,10 @@ def _require_embeddable(kind: str, why: str) -> None:
 
 
 def embedded_launch(settings: Settings, *, app: Path, model: Path, kind: str) -> LaunchSpec:
-    """``python -m edgebundle exec …``: the app on the embedded runtime, wasmedge's argv."""
+    """``python -m edgebundle exec …``: the app on the embedded runtime, wasmedge's argv.
+
+    Its home is this one (``EDGEBUNDLE_HOME``, for the compiled-module cache), whatever
+    the environment says."""
     model, app = _existing_inputs(model, app)
     _require_embeddable(kind, "the embedded runtime")
     options = _options(settings, app=app, model=model, kind=kind)
@@ -210,7 +214,7 @@ def embedded_launch(settings: Settings, *, app: Path, model: Path, kind: str) ->
     return LaunchSpec(
         runtime="embedded",
         argv=argv,
-        env={},
+        env={HOME_ENV: str(_absolute(settings.home))},
         cwd=app_cwd(settings, app, kind),
         kind=kind,
         app=app,

@@ -21,24 +21,30 @@ compute/inference_manager.cpp):
   output 1: ``{"input_tokens": N, "output_tokens": M, "llama_build_number": B,
   "llama_commit": "C"}``.
 
-Differences, on purpose: the KV cache is kept between prompts. The plugin clears it
-at every set_input and compute (GGML/core/input_processor.cpp, compute/
-inference_manager.cpp clearContext), so every turn evaluates its whole prompt again;
-here the graph remembers which tokens its context holds (:attr:`Graph.cached`) and a
-new prompt evaluates only what follows the longest common prefix (at least its last
-token, for the logits). A chat thread's next turn starts with the whole previous
-turn, so its first token costs the new message, not the history: what llama.cpp's
-own server and llama_cpp.server do. The guest sees the same outputs (input_tokens
-counts the whole prompt). compute_single evaluates the
-token it returns at the start of the next call, not before returning it (the plugin's
-sampleOutput evaluates first): the guest has each piece one evaluation sooner, and a
-guest that stops after a token never pays for evaluating it. The sampler is rebuilt whenever any sampling option
-changes (the plugin checks only temp, top-p, penalties, grammar and seed). Like the
-plugin (GGML/core/ggml_core.cpp), ``ctx-size``, ``batch-size`` and ``threads`` take
-effect at load only (give them in load_by_name_with_config's config), prompt batches
-run with ``threads`` too (the plugin ignores ``threads-batch`` at load), and a later
-set_input's values are parsed but do not rebuild the llama context: a guest that
-sends threads only per request runs llama.cpp's default of 4 on both runtimes.
+Differences, on purpose:
+
+- The KV cache is kept between prompts. The plugin clears it at every set_input and
+  compute (GGML/core/input_processor.cpp, compute/inference_manager.cpp
+  clearContext), so every turn evaluates its whole prompt again; here the graph
+  remembers which tokens its context holds (:attr:`Graph.cached`) and a new prompt
+  evaluates only what follows the longest common prefix (at least its last token, for
+  the logits). A chat thread's next turn starts with the whole previous turn, so its
+  first token costs the new message, not the history: what llama.cpp's own server
+  and llama_cpp.server do. The guest sees the same outputs (input_tokens counts the
+  whole prompt).
+- compute_single evaluates the token it returns at the start of the next call, not
+  before returning it (the plugin's sampleOutput evaluates first): the guest has each
+  piece one evaluation sooner, and a guest that stops after a token never pays for
+  evaluating it.
+- The sampler is rebuilt whenever any sampling option changes (the plugin checks
+  only temp, top-p, penalties, grammar and seed).
+
+Like the plugin (GGML/core/ggml_core.cpp), ``ctx-size``, ``batch-size`` and
+``threads`` take effect at load only (give them in load_by_name_with_config's
+config), prompt batches run with ``threads`` too (the plugin ignores
+``threads-batch`` at load), and a later set_input's values are parsed but do not
+rebuild the llama context: a guest that sends threads only per request runs
+llama.cpp's default of 4 on both runtimes.
 
 The per-token path makes a handful of C calls and no Python allocations beyond
 the token's cached piece.
@@ -89,7 +95,7 @@ def llama() -> Any:
     """llama_cpp, initialised once, with llama.cpp's logging gated by enable-log."""
     global _llama, _log_callback
     if _llama is None:
-        import llama_cpp
+        from edgebundle.runtime.embedded.llama_bindings import llama_cpp
 
         @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
         def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:

@@ -21,6 +21,7 @@ import wasmtime
 from wasmtime import _ffi as ffi  # the unchecked host-function API (see HostCalls)
 
 from edgebundle.errors import RuntimeNotFoundError, UsageError
+from edgebundle.runtime.embedded.module_cache import compile_cached
 from edgebundle.runtime.embedded.nn_errno import RUNTIME_ERROR, log_error
 from edgebundle.runtime.embedded.preload import Preload
 from edgebundle.runtime.embedded.wasi_nn import MemoryFault, RawMemory, WasiNn
@@ -54,21 +55,23 @@ START_FAILED_EXIT = 1  # invalid wasm, an unknown import, no _start
 
 def run_app(app: Path, args: Sequence[str], *, dirs: Sequence[tuple[str, str]] = (),
             env: Mapping[str, str] | None = None, preloads: Sequence[Preload] = (),
-            log: TextIO | None = None) -> int:
+            log: TextIO | None = None, cache_dir: Path | None = None) -> int:
     """Run ``app`` to its end and return its exit code (errors logged on ``log``,
-    stdout by default, as genuine wasmedge does)."""
+    stdout by default, as genuine wasmedge does). ``cache_dir``: where compiled modules
+    are kept between runs (:mod:`.module_cache`); None compiles every time."""
     out = log or sys.stdout
     try:
-        return _run(app, args, dirs, env, preloads, out)
+        return _run(app, args, dirs, env, preloads, out, cache_dir)
     except (UsageError, RuntimeNotFoundError) as exc:
         log_error(str(exc), prefix="", stream=out)
         return START_FAILED_EXIT
 
 
 def _run(app: Path, args: Sequence[str], dirs: Sequence[tuple[str, str]],
-         env: Mapping[str, str] | None, preloads: Sequence[Preload], out: TextIO) -> int:
+         env: Mapping[str, str] | None, preloads: Sequence[Preload], out: TextIO,
+         cache_dir: Path | None) -> int:
     engine = wasmtime.Engine()
-    module = _compile(engine, app)
+    module = _compile(engine, app, cache_dir)
     wants_nn = _check_imports(app, module)
 
     config = wasmtime.WasiConfig()
@@ -216,14 +219,14 @@ class HostCalls:
                          _memory_size(context, self._memory_address))
 
 
-def _compile(engine: wasmtime.Engine, app: Path) -> wasmtime.Module:
+def _compile(engine: wasmtime.Engine, app: Path, cache_dir: Path | None) -> wasmtime.Module:
     try:
         wasm = app.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {app}: {exc.strerror or exc}; give the path of a .wasm "
                          "app") from None
     try:
-        return wasmtime.Module(engine, wasm)
+        return compile_cached(engine, wasm, cache_dir)
     except wasmtime.WasmtimeError as exc:
         raise UsageError(f"{app} is not a valid WebAssembly module: {_first_line(exc)}") from None
 
