@@ -59,6 +59,7 @@ class AppOptions:
     model_alias: str = DEFAULT_MODEL_ALIAS
     system_prompt: str | None = None
     threads: int = 0  # llama.cpp threads (edgechat's load config); 0 = not sent
+    flash_attn: str = ""  # llama.cpp flash attention (edgechat's load config); "" = not sent
 
 
 def app_kind(app: Path, explicit: str | None = None) -> str:
@@ -87,8 +88,8 @@ def app_args(kind: str, options: AppOptions) -> list[str]:
         # Prompt template and system prompt live in the orchestrator, not the guest.
         return [
             "--model-alias", options.model_alias,
-            "--config", json.dumps(load_config(options.ctx_size, options.threads),
-                                   separators=(",", ":")),
+            "--config", json.dumps(load_config(options.ctx_size, options.threads,
+                                               options.flash_attn), separators=(",", ":")),
         ]  # fmt: skip
     common = [
         "--prompt-template", options.template,
@@ -105,18 +106,21 @@ def app_args(kind: str, options: AppOptions) -> list[str]:
     raise UsageError(f"no launch recipe for app kind {kind!r}")
 
 
-def load_config(ctx_size: int, threads: int = 0) -> dict[str, int]:
+def load_config(ctx_size: int, threads: int = 0, flash_attn: str = "") -> dict[str, int | str]:
     """The GGML plugin options edgechat loads its model with (load_by_name_with_config).
 
     ctx-size must be given at load: the plugin builds the llama context then, and a
     later metadata ctx-size does not rebuild it. threads too, and always: without it
     genuine WasmEdge's plugin runs llama.cpp's default of 4 threads, which on a 2-core
     device is hundreds of times slower (the plugin sets batch threads from the same
-    value at load; threads-batch is sent for the metadata path).
+    value at load; threads-batch is sent for the metadata path). flash-attn is taken at
+    load only as well (the ``flash_attn`` setting says why it is off by default).
     """
-    config = {"ctx-size": ctx_size}
+    config: dict[str, int | str] = {"ctx-size": ctx_size}
     if threads > 0:
         config |= {"threads": threads, "threads-batch": threads}
+    if flash_attn:
+        config["flash-attn"] = flash_attn
     return config
 
 

@@ -20,6 +20,7 @@ from edgebundle.errors import ConfigError
 from edgebundle.layout import Layout, default_home
 
 RUNTIMES = ("auto", "wasmedge", "embedded")
+FLASH_ATTN = ("off", "on", "auto")  # the GGML plugin's flash-attn values
 ENV_PREFIX = "EDGEBUNDLE_"
 
 
@@ -36,6 +37,11 @@ class Settings:
     # (genuine WasmEdge's default is 4 whatever the CPUs); 0 = the CPUs this process
     # may use (host.usable_cpus: affinity and the cgroup's CPU quota).
     threads: int = 0
+    # llama.cpp's flash attention (auto | on | off), always sent to the plugin. Off by
+    # default: on CPUs its kernels evaluate prompts slower (bench/peer.py: a 95-token
+    # message on 2,400 tokens of history took 2x as long with it), and the prompt is
+    # what a device with a long thread waits for. On helps GPU builds.
+    flash_attn: str = "off"
     redis_url: str | None = None
     device_id: str | None = None
     api_key: str | None = None
@@ -193,6 +199,10 @@ def load_settings(
     if settings.runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {settings.runtime!r}")
     check_policy(settings.context_policy, sources.get("context_policy", ""))
+    if settings.flash_attn not in FLASH_ATTN:
+        where = sources.get("flash_attn", "flash_attn")
+        raise ConfigError(f"{where}: flash_attn must be one of {', '.join(FLASH_ATTN)}, "
+                          f"got {settings.flash_attn!r}")
     if settings.redis_url:
         validate_redis_url(settings.redis_url)
     return settings

@@ -7,13 +7,14 @@ boundary) plus fake ELF plugin files; the launcher only needs them to exist.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from edgebundle.config import load_settings
-from edgebundle.errors import RuntimeNotFoundError, UsageError
+from edgebundle.errors import ConfigError, RuntimeNotFoundError, UsageError
 from edgebundle.host import usable_cpus
 from edgebundle.runtime.launch import DEMO_MODEL_NOTE, default_app, wasmedge_launch
 from edgebundle.serving import launch_spec
@@ -169,8 +170,16 @@ def test_app_kind_from_name_or_setting(home: Path, tmp_path: Path) -> None:
     assert spec.kind == "edgechat"
     assert list(spec.argv[spec.argv.index(str(app)) + 1 :]) == [
         "--model-alias", "default", "--config",
-        f'{{"ctx-size":4096,"threads":{usable_cpus()},"threads-batch":{usable_cpus()}}}'
+        f'{{"ctx-size":4096,"threads":{usable_cpus()},"threads-batch":{usable_cpus()},'
+        '"flash-attn":"off"}'
     ]  # fmt: skip
+    # flash attention: off unless asked (slower prompts on CPUs), one of the plugin's values
+    spec = launch_spec(load_settings({**flags, "app_kind": "edgechat", "flash_attn": "on"}),
+                       environ={})
+    assert json.loads(value_after(spec.argv, "--config"))["flash-attn"] == "on"
+    with pytest.raises(ConfigError, match=r"--flash-attn: flash_attn must be one of off, on, "
+                                          r"auto, got 'fast'"):
+        load_settings({**flags, "flash_attn": "fast"})
     _, edgechat = files(tmp_path, "edgechat.wasm")
     spec = launch_spec(load_settings({**flags, "app": str(edgechat)}), environ={})
     assert spec.kind == "edgechat"
@@ -207,7 +216,8 @@ def test_no_model_and_no_app_mean_the_demo_model_and_the_chat_guest(
     assert spec.cwd == home
     threads = usable_cpus()  # always sent: genuine WasmEdge's plugin would run 4
     assert value_after(spec.argv, "--config") == (  # the demo model's context
-        f'{{"ctx-size":512,"threads":{threads},"threads-batch":{threads}}}')
+        f'{{"ctx-size":512,"threads":{threads},"threads-batch":{threads},"flash-attn":"off"}}'
+    )
 
 
 def test_settings_come_from_the_environment(home: Path, tmp_path: Path) -> None:

@@ -128,14 +128,16 @@ def test_dry_run_shows_the_embedded_command(tmp_path: Path) -> None:
         "argv": [sys.executable, "-m", "edgebundle", "exec",
                  "--env", f"EDGECHAT_FRAME={frame}", "--nn-preload",
                  f"default:GGML:AUTO:{model}", str(app), "--model-alias", "default",
-                 "--config", f'{{"ctx-size":256,"threads":{threads},"threads-batch":{threads}}}'],
+                 "--config", f'{{"ctx-size":256,"threads":{threads},'
+                             f'"threads-batch":{threads},"flash-attn":"off"}}'],
         "env": {"EDGEBUNDLE_HOME": str(tmp_path)},  # its compiled-module cache is there
         "cwd": str(tmp_path),
     }  # fmt: skip
     # the demo model's context is 512: a larger ctx-size is clipped to it
     out = run_once(tmp_path, "--runtime", "embedded", "--dry-run")
     assert json.loads(out.stdout)["argv"][-1] == (
-        f'{{"ctx-size":512,"threads":{threads},"threads-batch":{threads}}}')
+        f'{{"ctx-size":512,"threads":{threads},"threads-batch":{threads},"flash-attn":"off"}}'
+    )
 
 
 def test_the_guest_is_restarted_after_a_crash(tmp_path: Path) -> None:

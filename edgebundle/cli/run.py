@@ -48,6 +48,8 @@ def _note(text: str) -> None:
 @click.option("--ctx-size", type=click.IntRange(min=1), help="Context size (default 4096).")
 @click.option("--threads", type=click.IntRange(min=0), metavar="N",
               help="llama.cpp threads (default 0: the CPUs this process may use).")
+@click.option("--flash-attn", type=click.Choice(["off", "on", "auto"]),
+              help="llama.cpp flash attention (default off: slower prompts on CPUs).")
 @click.option("--context-policy", metavar="window|fail",
               help="A synced thread longer than the context: window (default) leaves out "
                    "its oldest messages, fail fails the run.")

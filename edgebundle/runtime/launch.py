@@ -303,6 +303,7 @@ def _options(settings: Settings, *, app: Path, model: Path, kind: str) -> apps.A
         model_alias=_model_alias(app),
         system_prompt=settings.system_prompt,
         threads=settings.threads or usable_cpus(),
+        flash_attn=settings.flash_attn,
     )
 
 
