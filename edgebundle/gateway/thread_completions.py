@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any, cast
@@ -77,6 +78,7 @@ from edgebundle.turns import (
 # seed must not use a real device's id: that device's own first pushes (mid 1, 2 …)
 # would then be taken for repeats and skipped.
 SEED_DEVICE = "chat-completions-seed"
+CURSORS = 1024  # threads whose last (epoch, version) this device keeps for the next turn
 
 
 class ThreadChat:
@@ -87,6 +89,10 @@ class ThreadChat:
         self.sync = runner.sync
         self.device_id = device_id
         self._cancels: set[asyncio.Task[None]] = set()
+        # Where each recent thread stood at its last turn here: the next turn asks for
+        # the diff since then, not the whole thread (a long thread is not read twice
+        # per turn: the run reads it to render the prompt).
+        self._cursors: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     async def complete(self, request: ChatRequest, idempotency_key: str | None = None,
                        ) -> AsyncGenerator[TextDelta | Finished, None]:
@@ -152,11 +158,18 @@ class ThreadChat:
                                   "(max_thread_messages): send fewer")
 
     async def _join_or_seed(self, thread_id: str, earlier: Sequence[Message]) -> SyncState:
-        """The thread's state; a missing thread is created, seeded with ``earlier``."""
+        """The thread's state (a diff since its last turn here); a missing thread is
+        created, seeded with ``earlier``."""
+        epoch, since = self._cursors.pop(thread_id, (None, 0))
         try:
-            return await self.sync.sync(thread_id, None, 0)
+            state = await self.sync.sync(thread_id, epoch, since)
         except ThreadNotFoundError:
             pass
+        else:
+            self._cursors[thread_id] = (state.epoch, state.version)
+            if len(self._cursors) > CURSORS:
+                self._cursors.popitem(last=False)
+            return state
         seed = [m for m in earlier if m.role != "system"]
         mutations = [{"mid": mid, "op": "put",
                       "message": {"id": new_id("msg"), "role": m.role, "content": m.content}}
