@@ -11,14 +11,16 @@ if docker image inspect "$tag" >/dev/null 2>&1; then
   echo "base-image: $tag exists"; exit 0
 fi
 command -v debootstrap >/dev/null || { echo "base-image: debootstrap is missing (apt-get install debootstrap)" >&2; exit 1; }
+sudo=()
+[[ $(id -u) -eq 0 ]] || sudo=(sudo -n)  # debootstrap makes device nodes and chroots
 root="$(mktemp -d /var/tmp/edgebundle-base.XXXXXX)"
-trap 'rm -rf "$root"' EXIT
-nice -n 19 debootstrap --variant=minbase bookworm "$root" "$mirror" >"$root.log" 2>&1 \
+trap '${sudo[@]+"${sudo[@]}"} rm -rf "$root"' EXIT
+${sudo[@]+"${sudo[@]}"} nice -n 19 debootstrap --variant=minbase bookworm "$root" "$mirror" >"$root.log" 2>&1 \
   || { tail -20 "$root.log" >&2; exit 1; }
 rm -f "$root.log"
 # what the slim image does too: no package caches, apt keeps none
-rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+${sudo[@]+"${sudo[@]}"} sh -c 'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*' - "$root"
 printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb http://deb.debian.org/debian-security bookworm-security main\n' \
-  "$mirror" "$mirror" >"$root/etc/apt/sources.list"
-tar -C "$root" -c . | docker import --change 'CMD ["bash"]' - "$tag" >/dev/null
+  "$mirror" "$mirror" | ${sudo[@]+"${sudo[@]}"} tee "$root/etc/apt/sources.list" >/dev/null
+${sudo[@]+"${sudo[@]}"} tar -C "$root" -c . | docker import --change 'CMD ["bash"]' - "$tag" >/dev/null
 echo "base-image: built $tag"
