@@ -44,6 +44,7 @@ from tests.support.containers import (
     wait_for,
 )
 from tests.support.processes import free_port
+from tests.support.tls import make_test_ca
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
 
@@ -83,14 +84,14 @@ def images(client: Any) -> dict[str, float]:
 class Central:
     """`docker compose up` of deploy/central/compose.yaml, as its own project."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, **env: str) -> None:
         self.client = client
         self.port = free_port()
         self.project = f"ebtest{uuid.uuid4().hex[:8]}"
         self.env = {**os.environ, "REDIS_ADMIN_PASSWORD": ADMIN_PASSWORD,
                     "EDGEBUNDLE_FLEET": FLEET, "REDIS_PORT": str(self.port),
                     "BASE": BASE_IMAGE, "DEVICE_IMAGE": DEVICE_IMAGE,
-                    "CENTRAL_REDIS_IMAGE": REDIS_IMAGE}
+                    "CENTRAL_REDIS_IMAGE": REDIS_IMAGE, **env}
         self.admin_url = f"redis://admin:{ADMIN_PASSWORD}@127.0.0.1:{self.port}/0"
 
     def compose(self, *args: str) -> None:
@@ -118,10 +119,10 @@ def central(client: Any, images: dict[str, float]) -> Iterator[Central]:
         stack.compose("down", "-v", "--timeout", "5")
 
 
-def redis_ping(port: int) -> bool:
+def redis_ping(port: int, **tls: Any) -> bool:
     import redis as redis_py
     connection = redis_py.Redis(port=port, username="admin", password=ADMIN_PASSWORD,
-                                socket_timeout=2)
+                                socket_timeout=2, **tls)
     try:
         return bool(connection.ping())
     finally:
@@ -286,3 +287,30 @@ def test_central_stack_and_two_device_containers_roll_out_chat_and_survive_kills
     finally:
         for device in devices:
             device.remove()
+
+
+def test_the_central_redis_speaks_tls_only_when_given_a_certificate(
+        client: Any, images: dict[str, float], tmp_path: Path) -> None:
+    import redis as redis_py
+    ca = make_test_ca(tmp_path / "ca")
+    tls = tmp_path / "tls"
+    tls.mkdir(mode=0o755)
+    for source, name in ((ca.server_cert, "server.crt"), (ca.server_key, "server.key")):
+        (tls / name).write_bytes(source.read_bytes())
+        (tls / name).chmod(0o644)  # the redis user of the image reads the bind mount
+    stack = Central(client, REDIS_TLS_DIR=str(tls), REDIS_SCHEME="rediss")
+    stack.compose("up", "-d", "--no-build", "redis")
+    try:
+        wait_for(lambda: redis_ping(stack.port, ssl=True, ssl_ca_certs=str(ca.ca_cert)), 60,
+                 "the central Redis over TLS")
+        with pytest.raises(redis_py.ConnectionError):
+            redis_ping(stack.port)  # plain TCP: refused
+        plain = redis_py.Redis(port=stack.port, ssl=True, ssl_ca_certs=str(ca.ca_cert),
+                               socket_timeout=2)
+        try:  # the default user is off: no command without a login
+            with pytest.raises(redis_py.AuthenticationError):
+                plain.get("x")
+        finally:
+            plain.close()
+    finally:
+        stack.compose("down", "-v", "--timeout", "5")
