@@ -173,10 +173,16 @@ class DeviceContainer:
 def kill_main_process(container: Any) -> int:
     """SIGKILL the container's main process from the host, as a crash or the OOM killer
     would (``docker kill`` counts as a manual stop, which a restart policy respects);
-    returns the restart count before."""
+    from a container in the host's PID namespace when dockerd's is not ours. Returns
+    the restart count before."""
     container.reload()
     before = int(container.attrs["RestartCount"])
-    os.kill(int(container.attrs["State"]["Pid"]), signal.SIGKILL)
+    pid = int(container.attrs["State"]["Pid"])
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # dockerd in another PID namespace
+        container.client.containers.run(BASE_IMAGE, ["bash", "-c", f"kill -9 {pid}"],
+                                         pid_mode="host", network_mode="none", remove=True)
     return before
 
 
