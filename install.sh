@@ -27,8 +27,10 @@ Options:
   --require-wasmedge    fail when WasmEdge cannot be installed (no embedded fallback)
   --no-runtime          skip WasmEdge; install the package (and apps/models) only
   --dev                 editable install of this checkout with test tools (.[dev]),
-                        plus redis-server, the wasm32-wasi C toolchain and
-                        Chromium with ChromeDriver for the web page tests (apt)
+                        plus redis-server, the wasm32-wasi C toolchain,
+                        Chromium with ChromeDriver for the web page tests and
+                        docker.io, docker-compose, debootstrap for the container
+                        tests (apt)
   --no-embedded         skip the embedded runtime (wasmtime + llama-cpp-python)
   --with-redis          apt-get install redis-server if it is missing (root or sudo)
   --python PY           Python >= 3.11 to build the venv with (default: python3)
@@ -140,6 +142,14 @@ wasm_toolchain_works() {
 }
 if [[ $with_toolchain -eq 1 ]] && ! wasm_toolchain_works; then
   apt_packages+=(clang lld wasi-libc libclang-rt-14-dev-wasm32)
+fi
+# The container tests (tests/test_containers.py) build images and run them on a real
+# Docker engine: dockerd, compose (Debian's docker-compose is v1) and debootstrap for
+# the base image, made from Debian packages so nothing comes from a Docker registry.
+if [[ $dev -eq 1 ]]; then
+  command -v dockerd >/dev/null 2>&1 || apt_packages+=(docker.io)
+  command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
+  command -v debootstrap >/dev/null 2>&1 || [[ -x /usr/sbin/debootstrap ]] || apt_packages+=(debootstrap)
 fi
 # The web chat page is tested in a real headless Chromium driven by selenium.
 if [[ $with_toolchain -eq 1 ]] && ! command -v chromedriver >/dev/null 2>&1; then

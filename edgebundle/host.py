@@ -10,12 +10,18 @@ import ctypes.util
 import os
 import platform
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PROC_CPUINFO = Path("/proc/cpuinfo")
 PROC_MEMINFO = Path("/proc/meminfo")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max …"
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # a container sees its own cgroup here
+PROC_MOUNTINFO = Path("/proc/self/mountinfo")
+# cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages); anything past
+# 2^60 bytes is that
+_NO_LIMIT = 1 << 60
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
 
@@ -132,3 +138,78 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     except (OSError, ValueError):
         pass
     return max(1, count)
+
+
+def cgroup_memory(root: Path = CGROUP_ROOT) -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's memory cgroup when it has a limit (a
+    container's ``--memory``), else None. cgroup v2 (``memory.max``,
+    ``memory.current``) or v1 (``memory/memory.limit_in_bytes``, ``…usage_in_bytes``)."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes",
+                                    "memory/memory.usage_in_bytes")):
+        try:
+            raw = (root / limit_file).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= _NO_LIMIT:
+            return None
+        try:
+            usage = int((root / usage_file).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            usage = 0
+        return int(raw), usage
+    return None
+
+
+@dataclass(frozen=True)
+class Container:
+    """What a process inside a container can tell about it."""
+
+    engine: str  # docker, podman, or what $container says
+    root_read_only: bool
+    state_mount: str | None  # the mount point holding the home, None when it is /
+
+
+def in_container(environ: Mapping[str, str], root: Path = Path("/")) -> str | None:
+    """The container engine this process runs under, or None on a bare device."""
+    if (root / ".dockerenv").exists():
+        return "docker"
+    if (root / "run" / ".containerenv").exists():
+        return "podman"
+    return environ.get("container") or None
+
+
+def mount_point(path: Path, mountinfo: Path = PROC_MOUNTINFO) -> str | None:
+    """The mount point (from /proc/self/mountinfo) that holds ``path``, or None."""
+    try:
+        lines = mountinfo.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    target = str(path)
+    best: str | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best)):
+            best = point
+    return best
+
+
+def container_facts(home: Path, environ: Mapping[str, str], root: Path = Path("/"),
+                    mountinfo: Path = PROC_MOUNTINFO) -> Container | None:
+    engine = in_container(environ, root)
+    if engine is None:
+        return None
+    try:
+        read_only = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    probe = home
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    point = mount_point(probe.resolve(), mountinfo)
+    return Container(engine=engine, root_read_only=read_only,
+                     state_mount=None if point in (None, "/") else point)

@@ -108,6 +108,26 @@ def test_unreadable_meminfo_is_skipped(home: Path, tmp_path: Path) -> None:
     assert check.status == "skip"
 
 
+def test_a_cgroup_memory_limit_is_the_memory_doctor_counts(home: Path, tmp_path: Path) -> None:
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{GIB}\n")  # docker run --memory 1g (cgroup v2)
+    (cgroup / "memory.current").write_text(f"{256 * MIB}\n")
+    meminfo = write_meminfo(tmp_path / "m", 8 * 1024 * 1024, 6 * 1024 * 1024)
+    check = diagnose(home, meminfo=meminfo, cgroup_root=cgroup).check("host.memory")
+    assert check.status == "ok"
+    assert check.summary == "768.0 MiB available of 1.0 GiB (cgroup limit)"
+
+
+def test_cgroup_v1_without_a_limit_leaves_meminfo(home: Path, tmp_path: Path) -> None:
+    v1 = tmp_path / "cgroup" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    meminfo = write_meminfo(tmp_path / "m", 4 * 1024 * 1024, 2 * 1024 * 1024)
+    check = diagnose(home, meminfo=meminfo, cgroup_root=v1.parent).check("host.memory")
+    assert check.summary == "2.0 GiB available of 4.0 GiB"
+
+
 # -- host.disk ----------------------------------------------------------------------
 
 
@@ -153,3 +173,27 @@ def test_embedded_runtime_present_passes(home: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(runtime_checks, "REQUIREMENTS", {"click": "click", "redis": "redis"})
     check = diagnose(home, runtime="embedded").check("runtime.embedded")
     assert check.status == "ok"
+
+
+def _container_root(tmp_path: Path, *mounts: str) -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / ".dockerenv").touch()
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("".join(f"{n} 1 0:{n} / {point} rw - overlay overlay rw\n"
+                                 for n, point in enumerate(("/", *mounts), start=20)))
+    return root, mountinfo
+
+
+def test_disk_in_a_container_names_the_state_volume(home: Path, tmp_path: Path) -> None:
+    root, mountinfo = _container_root(tmp_path, str(home.parent), str(home))
+    check = diagnose(home, root=root, mountinfo=mountinfo).check("host.disk")
+    assert check.summary.endswith(
+        f"; in a docker container (root writable), state on the volume at {home}")
+
+
+def test_disk_in_a_container_without_a_state_volume_says_so(home: Path, tmp_path: Path) -> None:
+    root, mountinfo = _container_root(tmp_path)
+    check = diagnose(home, root=root, mountinfo=mountinfo).check("host.disk")
+    assert "in a docker container (root writable), state in the container's own layer" \
+        f" (mount a volume at {home} to keep it)" in check.summary

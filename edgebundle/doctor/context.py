@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgebundle.config import Settings
-from edgebundle.host import HostInfo
+from edgebundle.host import CGROUP_ROOT, PROC_MOUNTINFO, HostInfo
 from edgebundle.layout import Layout
 from edgebundle.pins import AppPins, RuntimeLock
 from edgebundle.runtime.wasmedge import WasmEdgeSetup
@@ -71,6 +71,9 @@ class Context:
     app_pins: AppPins
     online: bool
     meminfo: Path
+    cgroup_root: Path = CGROUP_ROOT  # the memory cgroup's limit (host.memory)
+    root: Path = Path("/")  # container markers and the read-only root (host.disk)
+    mountinfo: Path = PROC_MOUNTINFO  # the mount holding the home (host.disk)
     version_timeout: float = 5.0
     central_redis: bool = False  # of the sync Redis more than redis.reachable (the CLI)
     app_kind: str | None = "edgechat"  # of the app run starts; None when it cannot tell

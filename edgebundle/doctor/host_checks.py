@@ -12,7 +12,14 @@ from __future__ import annotations
 from edgebundle.doctor.context import Context
 from edgebundle.doctor.report import CheckResult, fail, ok, skip, warn
 from edgebundle.doctor.sizes import GIB, KIB, MIB, human_bytes
-from edgebundle.host import cpu_count, disk_free_bytes, memory_kib, usable_cpus
+from edgebundle.host import (
+    cgroup_memory,
+    container_facts,
+    cpu_count,
+    disk_free_bytes,
+    memory_kib,
+    usable_cpus,
+)
 
 CPU, MEMORY, DISK = "host.cpu", "host.memory", "host.disk"
 DISK_WARN_BYTES = 1 * GIB
@@ -72,7 +79,13 @@ def _memory(ctx: Context) -> CheckResult:
     if mem is None:
         return skip(MEMORY, f"memory size unknown ({ctx.meminfo} not readable)")
     total, available = mem[0] * KIB, mem[1] * KIB
-    summary = f"{human_bytes(available)} available of {human_bytes(total)}"
+    limited = cgroup_memory(ctx.cgroup_root)
+    if limited is not None and limited[0] < total:  # a container's --memory, a systemd slice
+        limit, usage = limited
+        total, available = limit, max(0, min(available, limit - usage))
+        summary = f"{human_bytes(available)} available of {human_bytes(total)} (cgroup limit)"
+    else:
+        summary = f"{human_bytes(available)} available of {human_bytes(total)}"
     model = ctx.settings.model
     try:
         model_size = model.stat().st_size if model is not None and model.is_file() else None
@@ -108,6 +121,15 @@ def _disk(ctx: Context) -> CheckResult:
     summary = f"{human_bytes(free)} free under {home}"
     fix = f"free space on the file system holding {home} (models and downloads go there)"
     status = disk_status(free)
+    container = container_facts(home, ctx.environ, ctx.root, ctx.mountinfo)
+    if container is not None:
+        root_fs = "read-only" if container.root_read_only else "writable"
+        if container.state_mount is None:
+            summary += (f"; in a {container.engine} container (root {root_fs}), state in"
+                        f" the container's own layer (mount a volume at {home} to keep it)")
+        else:
+            summary += (f"; in a {container.engine} container (root {root_fs}),"
+                        f" state on the volume at {container.state_mount}")
     if status == "fail":
         return fail(DISK, f"{summary}: below {human_bytes(DISK_FAIL_BYTES)}", fix)
     if status == "warn":

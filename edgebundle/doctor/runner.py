@@ -23,7 +23,7 @@ from edgebundle.doctor.context import Context
 from edgebundle.doctor.manifest_checks import DeviceTarget
 from edgebundle.doctor.report import CheckResult, Report, assemble
 from edgebundle.errors import UsageError
-from edgebundle.host import PROC_MEMINFO, HostInfo, detect
+from edgebundle.host import CGROUP_ROOT, PROC_MEMINFO, PROC_MOUNTINFO, HostInfo, detect
 from edgebundle.pins import AppPins, RuntimeLock, load_app_pins, load_runtime_lock
 from edgebundle.runtime.launch import RuntimeChoice, choose_runtime, default_app
 from edgebundle.runtime.wasmedge import locate
@@ -53,11 +53,16 @@ def run_doctor(
     target: DeviceTarget | None = None,
     central_redis: bool = False,
     probe: bool = False,
+    cgroup_root: Path = CGROUP_ROOT,
+    root: Path = Path("/"),
+    mountinfo: Path = PROC_MOUNTINFO,
 ) -> Report:
     """Check everything ``run`` depends on and say, per stable id, what is wrong.
 
-    ``runtime`` overrides ``settings.runtime``; ``host``, ``environ`` and ``meminfo``
-    describe the machine (default: this one); ``online=False`` leaves the network
+    ``runtime`` overrides ``settings.runtime``; ``host``, ``environ``, ``meminfo``,
+    ``cgroup_root`` (a memory limit), ``root`` (container markers, a read-only root)
+    and ``mountinfo`` (the mount holding the home) describe the machine (default: this
+    one); ``online=False`` leaves the network
     alone (Redis and the running gateway are skipped). Of the sync Redis only
     ``redis.reachable`` unless ``central_redis``: then also its version, topology,
     persistence, eviction policy,
@@ -75,6 +80,7 @@ def run_doctor(
     """
     ctx = _context(settings, runtime, host, environ, online, lock, app_pins, meminfo,
                    central_redis)  # fmt: skip
+    ctx = replace(ctx, cgroup_root=cgroup_root, root=root, mountinfo=mountinfo)
     wasmedge = wasmedge_checks.checks(ctx)
     choice = _choose(ctx, wasmedge)
     ctx = replace(ctx, runtime=choice.runtime)

@@ -192,9 +192,13 @@ def diagnose(
     meminfo: Path | None = None,
     manifest: Manifest | None = None,
     central_redis: bool = False,
+    cgroup_root: Path | None = None,
+    root: Path | None = None,
+    mountinfo: Path | None = None,
     **settings: object,
 ) -> Report:
-    """run_doctor on a fabricated device below ``home`` (pins written next to it)."""
+    """run_doctor on a fabricated device below ``home`` (pins written next to it); by
+    default no memory cgroup limit, no container, no mount table."""
     pins_dir = home.parent / "pins"
     return run_doctor(
         Settings(home=home, **settings),  # type: ignore[arg-type]
@@ -208,4 +212,7 @@ def diagnose(
         target=device_target(manifest, settings.get("device_id")  # type: ignore[arg-type]
                              ) if manifest is not None else None,
         central_redis=central_redis,
+        cgroup_root=cgroup_root or pins_dir / "no-cgroup",
+        root=root or pins_dir / "no-root",
+        mountinfo=mountinfo or pins_dir / "no-mountinfo",
     )
