@@ -54,6 +54,7 @@ import httpx
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.host import usable_cpus
+from edgebundle.sse import DONE, aiter_events
 
 REPLY_WORDS = 120  # + the end token: 121 tokens a reply
 CTX = 8192
@@ -196,15 +197,15 @@ async def first_token(http: httpx.AsyncClient, base_url: str, body: dict[str, An
     first: float | None = None
     pieces: list[str] = []
     prompt = 0
-    seen: list[str] = []
+    seen: list[Any] = []
     async with http.stream("POST", base_url + "/v1/chat/completions",
                            json={**body, "stream": True}) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            seen.append(line)
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for event in aiter_events(response):
+            seen.append(event.data)
+            if event.data == DONE:
                 continue
-            chunk = json.loads(line[6:])
+            chunk = event.data
             prompt = int((chunk.get("usage") or {}).get("prompt_tokens", prompt))
             choices = chunk.get("choices") or [{}]
             content = choices[0].get("delta", {}).get("content")

@@ -3,7 +3,7 @@ their clients (the terminal chat, the tests, the benches).
 
 Reading is httpx-sse's (the line splitting, fields, comments and multi-line data of the
 spec). What is added here is the event's *own* id, see :func:`_own_ids`, and JSON
-data, which is what every edgebundle stream carries.
+data, which is what every edgebundle stream carries, but for OpenAI's :data:`DONE`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # the readers import httpx-sse when called: the gateway only 
     from httpx_sse import ServerSentEvent
 
 MEDIA_TYPE = "text/event-stream"
+DONE = "[DONE]"
+"""The data of a chat-completion stream's last event (OpenAI's end): not JSON, so a
+reader's :attr:`Event.data` is this string as it came."""
 
 
 def frame(data: str, event: str | None = None, event_id: str | None = None) -> str:
@@ -36,7 +39,7 @@ def encode(data: Any, event: str | None = None, event_id: str | None = None) -> 
 @dataclass(frozen=True)
 class Event:
     """A received event: ``id`` is its own (None if it had no ``id:`` line), ``type``
-    its ``event:`` (``message`` by default), ``data`` its JSON."""
+    its ``event:`` (``message`` by default), ``data`` its JSON (:data:`DONE` as is)."""
 
     id: str | None
     type: str
@@ -62,7 +65,8 @@ class _OwnIds:
         self._previous = sse.id
         if not sse.data:
             return None
-        return Event(own, sse.event or "message", json.loads(sse.data))
+        data = DONE if sse.data == DONE else json.loads(sse.data)
+        return Event(own, sse.event or "message", data)
 
 
 def iter_events(response: httpx.Response) -> Iterator[Event]:

@@ -8,7 +8,6 @@ guest, real llama.cpp) serving a scripted model that never ends its turn by itse
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -20,6 +19,8 @@ import httpx
 import pytest
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
+from edgebundle.sse import DONE, iter_events
+from tests.support.devices import completion_chunks
 from tests.support.serving import RunProcess, healthy_run
 
 KEY = "s3cret-key"
@@ -121,10 +122,6 @@ def test_non_stream_completion_shape(server: RunProcess) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + 4 and usage["prompt_tokens"] > 10
 
 
-def sse_events(response: httpx.Response) -> list[str]:
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-
-
 def test_stream_sends_role_deltas_finish_usage_and_done(server: RunProcess) -> None:
     body = {"messages": HELLO, "max_tokens": 3, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -132,9 +129,7 @@ def test_stream_sends_role_deltas_finish_usage_and_done(server: RunProcess) -> N
                       timeout=30) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(response)
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+        chunks = completion_chunks(response)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -154,8 +149,8 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_generation(
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH,
                       timeout=30) as response:
         received = 0
-        for line in response.iter_lines():
-            if line.startswith("data: ") and '"content":"' in line:
+        for event in iter_events(response):
+            if "content" in event.data["choices"][0]["delta"]:  # the role's "" too
                 received += 1
                 if received == 5:
                     break  # and leave: the connection closes
@@ -189,16 +184,15 @@ def test_a_guest_killed_mid_stream_ends_it_with_an_error_then_serving_resumes(
     body = {"messages": HELLO, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH,
                       timeout=30) as response:
-        events: list[str] = []
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-                if len(events) == 4:
-                    os.kill(guest, signal.SIGKILL)
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
+        events: list[Any] = []
+        for event in iter_events(response):
+            events.append(event.data)
+            if len(events) == 4:
+                os.kill(guest, signal.SIGKILL)
+    assert events[-1] == DONE
+    error = events[-2]["error"]
     assert error["type"] == "server_error" and "killed by SIGKILL" in error["message"]
-    contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:4]]
+    contents = [e["choices"][0]["delta"].get("content") for e in events[1:4]]
     assert contents == ["Looping", " forever", " forever"]  # what was sent stays sent
 
     server.wait_healthy()  # the supervisor restarted the guest

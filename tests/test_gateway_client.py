@@ -53,6 +53,14 @@ def test_events_carry_their_own_id_and_resume_sends_last_event_id() -> None:
     assert seen[0].headers["last-event-id"] == "0-5"
 
 
+def test_the_reader_gives_openai_done_as_is_and_every_other_data_as_json() -> None:
+    """A chat-completion stream (an OpenAI peer's too: CRLF, a ping comment) ends in
+    ``[DONE]``, the one payload that is not JSON."""
+    response = _stream('data: {"choices":[]}\r\n\r\n', ": ping\r\n\r\n",
+                       sse.frame(sse.DONE))
+    assert [e.data for e in sse.iter_events(response)] == [{"choices": []}, sse.DONE]
+
+
 @pytest.mark.parametrize(("answer", "raised"), [
     (httpx.Response(503, json={"error": "redis_unavailable", "message": "down"}), Dropped),
     (httpx.Response(409, json={"error": "epoch_mismatch"}), EpochMoved),

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edgebundle.sse import aiter_events
 from tests.support.devices import Device, endless_model, new_thread, read_sse, sync_devices
 from tests.support.redis_server import RedisServer
 from tests.support.serving import wait_for
@@ -389,8 +390,8 @@ async def start_turn(client: httpx.AsyncClient, tid: str, content: str) -> str:
     async with client.stream("POST", f"/v1/threads/{tid}/runs", json={
             "input": {"content": content}, "params": {"max_tokens": 4000}}) as response:
         assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
-            if line.startswith("event: run."):
+        async for event in aiter_events(response):
+            if event.type.startswith("run."):
                 break
     state = (await client.get(f"/v1/threads/{tid}")).json()
     [message_id] = [m["id"] for m in state["messages"] if m["content"] == content]
@@ -434,6 +435,7 @@ def test_150_readers_and_queued_runs_leave_every_other_route_answering(
                             "input": {"content": "a new turn"},
                             "params": {"max_tokens": 1}}) as turn:
                         assert turn.status_code == 200, await turn.aread()
+                        # raw on purpose: the first line on the wire is the sync event (no id first)
                         assert (await anext(turn.aiter_lines())) == "event: sync"
                     assert time.monotonic() - started < 5
                 # Past the cap: a 429 that says when to try again, for this reader only.

@@ -15,7 +15,6 @@ Marked ``inprocess``: tests/conftest.py runs these before everything else.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from edgebundle.sync.client import connect
 from edgebundle.sync.service import SyncService
 from edgebundle.templates import get_template
 from edgebundle.turns import RunGenerator
+from tests.support.devices import completion_chunks, read_sse
 from tests.support.engine_double import ScriptedEngine
 from tests.support.redis_server import RedisServer
 
@@ -91,18 +91,6 @@ def run_in(redis: RedisServer, body: Callable[[Gateway], Awaitable[None]],
             await body(gw)
 
     asyncio.run(main())
-
-
-def sse(response: httpx.Response) -> list[dict[str, Any]]:
-    """The SSE events of a whole (buffered) response: {"id", "event", "data"} each."""
-    events = []
-    for block in response.text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines()
-                      if line and not line.startswith(":"))
-        if fields:
-            fields["data"] = json.loads(fields["data"])
-            events.append(fields)
-    return events
 
 
 def types(events: list[dict[str, Any]]) -> list[str]:
@@ -189,7 +177,7 @@ def test_a_streamed_turn_and_a_turn_answered_whole(redis: RedisServer) -> None:
         streamed = await gw.post(f"/v1/threads/{tid}/runs", turn("first question"))
         assert streamed.status_code == 200, streamed.text
         assert streamed.headers["content-type"].startswith("text/event-stream")
-        events = sse(streamed)
+        events = list(read_sse(streamed))
         assert types(events) == TURN_EVENTS
         assert events[0]["data"]["full"] is True and "id" not in events[0]
         assert text_of(events) == REPLY_4
@@ -228,7 +216,7 @@ def test_a_retried_turn_gets_its_run_by_input_id_or_idempotency_key(
         # The retry streamed: the run's events from the start, the same text.
         replay = await gw.post(f"/v1/threads/{tid}/runs", turn("hi", "in-1"))
         assert replay.headers["Idempotent-Replayed"] == "true"
-        assert text_of(sse(replay)) == REPLY_4
+        assert text_of(list(read_sse(replay))) == REPLY_4
 
         keyed = {"Idempotency-Key": "order-42"}
         once = await gw.post(f"/v1/threads/{tid}/runs", turn("again", stream=False),
@@ -258,7 +246,7 @@ def test_turns_on_one_thread_queue_and_each_prompt_holds_the_turns_before(
         answers = await asyncio.gather(*(
             gw.post(f"/v1/threads/{tid}/runs", turn(f"question {n}", max_tokens=3 + n))
             for n in range(3)))
-        streams = [sse(answer) for answer in answers]
+        streams = [list(read_sse(answer)) for answer in answers]
         assert all(s[-1]["event"] == "done" for s in streams)
         # Started while another run was generating: they waited in the thread's queue.
         waited = [s for s in streams if s[0]["data"]["active_run"] is not None]
@@ -308,11 +296,8 @@ def test_a_chat_completion_with_and_without_a_thread(redis: RedisServer) -> None
             "thread_id": tid, "stream": True, "max_tokens": 2,
             "messages": [{"role": "user", "content": "more"}]})
         assert streamed.status_code == 200, streamed.text
-        chunks = [line[len("data: "):] for line in streamed.text.splitlines()
-                  if line.startswith("data: ")]
-        assert chunks[-1] == "[DONE]"
-        text = "".join(json.loads(c)["choices"][0]["delta"].get("content", "")
-                       for c in chunks[:-1])
+        text = "".join(c["choices"][0]["delta"].get("content", "")
+                       for c in completion_chunks(streamed))
         assert text == "Looping forever"
         # The thread's history wins: the prompt held the seeded turns, not the request's.
         assert "earlier" in gw.engine.prompts[-1] and REPLY_4 in gw.engine.prompts[-1]

@@ -12,7 +12,6 @@ the turn once.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,11 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
+from edgebundle.sse import iter_events
 from edgebundle.sync.client import connect
 from edgebundle.sync.service import SyncService
 from tests.support.devices import (
     ENDLESS,
     Device,
+    completion_chunks,
     endless_model,
     messages_of,
     new_thread,
@@ -151,14 +152,8 @@ def test_a_retry_sent_to_the_other_gateway_gets_the_same_run(
 def completion_text(response: httpx.Response) -> str:
     """The text of a streamed chat completion (its chunks up to ``[DONE]``)."""
     assert response.status_code == 200, response.read()
-    text, done = [], False
-    for line in response.iter_lines():
-        if line == "data: [DONE]":
-            done = True
-        elif line.startswith("data: "):
-            text += [c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"]]
-    assert done, "the stream ended without [DONE]"
-    return "".join(text)
+    return "".join(c["delta"].get("content") or ""
+                   for chunk in completion_chunks(response) for c in chunk["choices"])
 
 
 @pytest.mark.parametrize("named_by", ["input_id", "Idempotency-Key"])
@@ -193,8 +188,8 @@ def walk_away_mid_reply(device: Device, body: dict[str, Any]) -> None:
     with device.http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, response.read()
         words = 0
-        for line in response.iter_lines():
-            words += line.startswith("data: {")
+        for event in iter_events(response):
+            words += isinstance(event.data, dict)
             if words >= 3:
                 return
 

@@ -23,10 +23,9 @@ and diffs by version). Pass means:
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import pytest
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.sync.models import SyncState, ThreadMessage
 from edgebundle.sync.replica import Replica
-from tests.support.devices import Device, messages_of, prompt_tokens, sync_devices
+from tests.support.devices import Device, messages_of, prompt_tokens, read_sse, sync_devices
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 
@@ -130,7 +129,7 @@ class Peer:
                 if response.status_code != 200:
                     response.read()
                     raise _Cut(f"HTTP {response.status_code}: {response.text}")
-                for event in _sse(response):
+                for event in read_sse(response):
                     if "id" in event:
                         last_event.append(event["id"])
                     if event["event"] == "error":
@@ -147,21 +146,6 @@ class Peer:
 
 class _Cut(Exception):
     """A stream that broke off: retried like a cut connection."""
-
-
-def _sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    event: dict[str, Any] = {}
-    for line in response.iter_lines():
-        if not line:
-            if event:
-                event["data"] = json.loads(event.get("data", "{}"))
-                yield event
-                event = {}
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(": ")
-        event[name] = value
 
 
 def _model(directory: Path) -> Path:

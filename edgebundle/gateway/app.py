@@ -250,7 +250,7 @@ async def _stream(
                 break
             yield sse.encode(completion.chunk({"content": event.text}, include_usage=usage))
             event = await anext(events, None)
-    yield sse.frame("[DONE]")  # OpenAI's end: not JSON
+    yield sse.frame(sse.DONE)  # OpenAI's end: not JSON
 
 
 def _failed(finished: Finished) -> Response:

@@ -2,7 +2,8 @@
 
 Shared by the tests that drive devices over HTTP: :class:`Device` wraps a
 :class:`~tests.support.serving.RunProcess` with an httpx client (and the API key,
-if any), :func:`read_sse` parses a streamed response's events.
+if any), :func:`read_sse` parses a streamed response's events and
+:func:`completion_chunks` those of a streamed chat completion.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import httpx
 import redis as redis_py
 
 from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
-from edgebundle.sse import iter_events
+from edgebundle.sse import DONE, iter_events
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess
 
@@ -48,6 +49,14 @@ def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
     for event in iter_events(response):
         yield {**({"id": event.id} if event.id is not None else {}),
                "event": event.type, "data": event.data}
+
+
+def completion_chunks(response: httpx.Response) -> list[dict[str, Any]]:
+    """The ``chat.completion.chunk`` data of a streamed chat completion, which must
+    end in ``[DONE]`` (:data:`edgebundle.sse.DONE`, left off)."""
+    *chunks, last = [event.data for event in iter_events(response)]
+    assert last == DONE, f"the stream ended without [DONE]: {last}"
+    return chunks
 
 
 def messages_of(device: Device, thread_id: str) -> list[dict[str, Any]]:
