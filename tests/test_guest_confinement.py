@@ -8,12 +8,15 @@ and cwd of the :class:`LaunchSpec` that ``run`` resolves, the way the supervisor
 starts a child: as the edgechat app on the embedded runtime (no directory at all),
 and as a LlamaEdge app on wasmedge (the delegating stand-in runs the same flags on
 the embedded runtime: only its own data directory). Every file of the home is
-compared before and after.
+compared before and after, but for what the embedded runtime itself adds before the
+guest runs: the escape's compiled module in ``cache/wasm/`` (checked apart).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -44,10 +47,12 @@ def furnish(home: Path) -> None:
 
 
 def snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
-    """Every entry below ``root`` (links not followed) with its kind and contents."""
+    """Every entry below ``root`` (links not followed) with its kind and contents, but
+    for ``skip`` and the runtime's compiled-module cache (:func:`assert_only_compiled`)."""
     entries: dict[str, str] = {}
+    cache = root / "cache"
     for path in sorted(root.rglob("*")):
-        if skip is not None and (path == skip or skip in path.parents):
+        if any(s is not None and (path == s or s in path.parents) for s in (skip, cache)):
             continue
         name = str(path.relative_to(root))
         if path.is_symlink():
@@ -64,6 +69,17 @@ def start_like_run(spec: LaunchSpec) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(spec.argv), env={**os.environ, **spec.env}, cwd=spec.cwd,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
                           check=False)
+
+
+def assert_only_compiled(home: Path, wasm: Path) -> None:
+    """The cache holds nothing but ``wasm``'s compiled module, written by the runtime
+    (not the guest: it has no directory there) and readable only by its owner."""
+    cache = home / "cache"
+    digest = hashlib.sha256(wasm.read_bytes()).hexdigest()
+    entries = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    assert entries[0] == "wasm" and len(entries) == 2, entries
+    assert re.fullmatch(rf"wasm/{digest}-[0-9a-f]{{16}}\.cwasm", entries[1]), entries
+    assert (cache / entries[1]).stat().st_mode & 0o077 == 0
 
 
 def attempts(output: str, verdict: str) -> list[str]:
@@ -85,6 +101,7 @@ def test_the_edgechat_app_gets_no_directory_at_all(home: Path, tmp_path: Path) -
     assert attempts(done.stdout, "ok") == []  # not even "own.txt": there is no directory
     assert SECRET not in done.stdout
     assert snapshot(home) == before
+    assert_only_compiled(home, escape)
     assert not (tmp_path / "escaped").exists() and not (home.parent / "escaped").exists()
     assert spec.runtime == "embedded" and "--dir" not in spec.argv
 
@@ -106,6 +123,7 @@ def test_a_llamaedge_app_gets_only_its_own_data_directory(home: Path, tmp_path: 
     assert done.stdout.endswith("done\n")
     assert SECRET not in done.stdout
     assert snapshot(home, skip=data) == before
+    assert_only_compiled(home, escape)
     # What it could create, it created inside its directory ("/x" and "config.toml" too:
     # for the guest, "/" and "." are that directory), and all it could read was its own.
     for line in attempts(done.stdout, "ok"):
