@@ -196,9 +196,13 @@ class ChatService:
         self, window: ContextWindow, messages: Sequence[Message], params: ChatParams
     ) -> AsyncGenerator[TextDelta | Finished, None]:
         for attempt in range(1, ESTIMATE_ATTEMPTS + 1):
-            # Counting may load the vocabulary and tokenize a few times: not on the loop.
-            fitted = await asyncio.to_thread(window.fit, messages, self.render,
-                                             params.max_tokens)
+            # Counting may load the vocabulary and tokenize a few times: not on the loop
+            # (a thread that surely fits is not counted: no hop to a worker thread).
+            fitted = window.fits_whole(messages, self.render, params.max_tokens) \
+                if attempt == 1 else None
+            if fitted is None:
+                fitted = await asyncio.to_thread(window.fit, messages, self.render,
+                                                 params.max_tokens)
             async with aclosing(self._generate(fitted.prompt, params)) as events:
                 async for event in events:
                     if isinstance(event, Finished):

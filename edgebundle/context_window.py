@@ -142,9 +142,26 @@ def fit_window(messages: Sequence[Message], render: Render, *, budget: int, limi
     older messages are left out, which holds for every template (a prompt is its
     messages' text in order).
     """
+    whole, window = whole_by_bound(messages, render, budget=budget, bound=bound)
+    if window is not None:
+        return window
+    return _fit_counted(messages, render, whole, budget=budget, limit=limit, count=count,
+                        bound=bound)
+
+
+def whole_by_bound(messages: Sequence[Message], render: Render, *, budget: int,
+                   bound: TokenCount | None) -> tuple[str, Window | None]:
+    """The whole thread rendered, and as the window if the byte bound alone shows it
+    fits ``budget`` (what fit_window answers first, without counting)."""
     whole = render(messages)
     if bound is not None and bound(whole) <= budget:
-        return Window(tuple(messages), whole, 0, True, counted=False)
+        return whole, Window(tuple(messages), whole, 0, True, counted=False)
+    return whole, None
+
+
+def _fit_counted(messages: Sequence[Message], render: Render, whole: str, *, budget: int,
+                 limit: int, count: TokenCount, bound: TokenCount | None) -> Window:
+    """fit_window once the byte bound could not show that the whole thread fits."""
     system = tuple(_leading_system(messages))
     turns = tuple(messages[len(system):])
     counts: dict[int, tuple[str, int]] = {}
@@ -313,6 +330,14 @@ class ContextWindow:
                 self.counter = None
         return fit_window(messages, render, budget=budget, limit=limit, count=self.estimate,
                           bound=self.bound)
+
+    def fits_whole(self, messages: Sequence[Message], render: Render,
+                   max_tokens: int | None = None) -> Window | None:
+        """The whole thread as its window when the byte bound alone shows it fits (the
+        common case: no vocabulary, nothing tokenized, so no worker thread is needed);
+        None: :meth:`fit` decides."""
+        return whole_by_bound(messages, render, budget=prompt_budget(self.ctx_size, max_tokens),
+                              bound=self.bound)[1]
 
     def surely_fits(self, prompt: str) -> bool:
         """The byte bound alone shows that the guest takes ``prompt`` (no vocabulary
