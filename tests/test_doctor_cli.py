@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from edgebundle import resources
 from edgebundle.cli import cli
 from edgebundle.doctor import CHECK_IDS
+from edgebundle.doctor.probe import SLOW_TOKENS_PER_S
 from edgebundle.host import detect
 from edgebundle.pins import load_runtime_lock
 from edgebundle.runtime.install_hint import install_sh_works
@@ -166,8 +167,12 @@ def test_probe_generates_on_the_runtime_run_would_use(home: Path) -> None:
     done = _edgebundle(home, "doctor", "--probe", "--runtime", "embedded", "--json")
     checks = {c["id"]: c for c in json.loads(done.stdout)["checks"]}
     probe = checks["runtime.probe"]
-    assert probe["status"] == "ok", probe
+    measured, _, problems = probe["summary"].partition("; ")
     assert re.fullmatch(r"embedded: \d+ pieces at \d+ tokens/s, first token \d+ ms "
-                        r"\(start \d+\.\d\d s, threads \d+\)", probe["summary"]), probe
+                        r"\(start \d+\.\d\d s, threads \d+\)", measured), probe
+    # ok; or, on a machine whose cores other work keeps busy, only the slow-rate warning
+    # (what the probe is for: the guest's threads then wait for CPUs)
+    assert (probe["status"], problems) in {("ok", ""), (
+        "warn", f"under {SLOW_TOKENS_PER_S:g} tokens/s on the demo model")}, probe
     plain = _edgebundle(home, "doctor", "--runtime", "embedded", "--json")
     assert "runtime.probe" not in {c["id"] for c in json.loads(plain.stdout)["checks"]}
