@@ -195,14 +195,15 @@ class ChatService:
     async def _complete_window(
         self, window: ContextWindow, messages: Sequence[Message], params: ChatParams
     ) -> AsyncGenerator[TextDelta | Finished, None]:
+        whole = self.render(messages)
         for attempt in range(1, ESTIMATE_ATTEMPTS + 1):
             # Counting may load the vocabulary and tokenize a few times: not on the loop
             # (a thread that surely fits is not counted: no hop to a worker thread).
-            fitted = window.fits_whole(messages, self.render, params.max_tokens) \
+            fitted = window.fits_whole(messages, whole, params.max_tokens) \
                 if attempt == 1 else None
             if fitted is None:
                 fitted = await asyncio.to_thread(window.fit, messages, self.render,
-                                                 params.max_tokens)
+                                                 params.max_tokens, whole)
             async with aclosing(self._generate(fitted.prompt, params)) as events:
                 async for event in events:
                     if isinstance(event, Finished):

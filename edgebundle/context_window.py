@@ -132,7 +132,8 @@ class Window:
 
 
 def fit_window(messages: Sequence[Message], render: Render, *, budget: int, limit: int,
-               count: TokenCount, bound: TokenCount | None = None) -> Window:
+               count: TokenCount, bound: TokenCount | None = None,
+               whole: str | None = None) -> Window:
     """The newest messages that fit ``budget`` tokens, with the system prompt and the
     input (the last message) always kept (see the module docstring).
 
@@ -140,23 +141,24 @@ def fit_window(messages: Sequence[Message], render: Render, *, budget: int, limi
     out to make one renderable). ``count`` is called only when ``bound`` (an upper
     bound) does not already show that the whole thread fits; counts must not grow when
     older messages are left out, which holds for every template (a prompt is its
-    messages' text in order).
+    messages' text in order). ``whole``: the whole thread already rendered, if the
+    caller has it (it is not rendered again).
     """
-    whole, window = whole_by_bound(messages, render, budget=budget, bound=bound)
+    whole = render(messages) if whole is None else whole
+    window = whole_by_bound(messages, whole, budget=budget, bound=bound)
     if window is not None:
         return window
     return _fit_counted(messages, render, whole, budget=budget, limit=limit, count=count,
                         bound=bound)
 
 
-def whole_by_bound(messages: Sequence[Message], render: Render, *, budget: int,
-                   bound: TokenCount | None) -> tuple[str, Window | None]:
-    """The whole thread rendered, and as the window if the byte bound alone shows it
-    fits ``budget`` (what fit_window answers first, without counting)."""
-    whole = render(messages)
+def whole_by_bound(messages: Sequence[Message], whole: str, *, budget: int,
+                   bound: TokenCount | None) -> Window | None:
+    """The whole thread (rendered: ``whole``) as the window if the byte bound alone
+    shows it fits ``budget`` (what fit_window answers first, without counting)."""
     if bound is not None and bound(whole) <= budget:
-        return whole, Window(tuple(messages), whole, 0, True, counted=False)
-    return whole, None
+        return Window(tuple(messages), whole, 0, True, counted=False)
+    return None
 
 
 def _fit_counted(messages: Sequence[Message], render: Render, whole: str, *, budget: int,
@@ -315,13 +317,14 @@ class ContextWindow:
         return self.counter is None
 
     def fit(self, messages: Sequence[Message], render: Render,
-            max_tokens: int | None = None) -> Window:
-        """The window of ``messages`` for a reply of ``max_tokens`` (None: the reserve)."""
+            max_tokens: int | None = None, whole: str | None = None) -> Window:
+        """The window of ``messages`` for a reply of ``max_tokens`` (None: the reserve);
+        ``whole``: the whole thread already rendered, if the caller has it."""
         budget, limit = prompt_budget(self.ctx_size, max_tokens), guest_limit(self.ctx_size)
         if self.counter is not None:
             try:
                 return fit_window(messages, render, budget=budget, limit=limit,
-                                  count=self.counter, bound=self.bound)
+                                  count=self.counter, bound=self.bound, whole=whole)
             except (ModelError, ImportError, OSError) as exc:
                 # A llama.cpp here that cannot read this model's vocabulary (the guest's
                 # WasmEdge plugin may be newer): estimate, as without llama-cpp-python.
@@ -329,15 +332,15 @@ class ContextWindow:
                             "from now on", exc)
                 self.counter = None
         return fit_window(messages, render, budget=budget, limit=limit, count=self.estimate,
-                          bound=self.bound)
+                          bound=self.bound, whole=whole)
 
-    def fits_whole(self, messages: Sequence[Message], render: Render,
+    def fits_whole(self, messages: Sequence[Message], whole: str,
                    max_tokens: int | None = None) -> Window | None:
-        """The whole thread as its window when the byte bound alone shows it fits (the
-        common case: no vocabulary, nothing tokenized, so no worker thread is needed);
-        None: :meth:`fit` decides."""
-        return whole_by_bound(messages, render, budget=prompt_budget(self.ctx_size, max_tokens),
-                              bound=self.bound)[1]
+        """The whole thread (rendered: ``whole``) as its window when the byte bound alone
+        shows it fits (the common case: no vocabulary, nothing tokenized, so no worker
+        thread is needed); None: :meth:`fit` decides."""
+        return whole_by_bound(messages, whole, budget=prompt_budget(self.ctx_size, max_tokens),
+                              bound=self.bound)
 
     def surely_fits(self, prompt: str) -> bool:
         """The byte bound alone shows that the guest takes ``prompt`` (no vocabulary
