@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,12 @@ from edgebundle.demo_model import ScriptedModelSpec, write_scripted_model
 from edgebundle.host import usable_cpus
 from edgebundle.sse import DONE, aiter_events
 
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]
+from sync import emit, free_port  # noqa: E402  (the sibling bench's)
+
+from tests.support.processes import children  # noqa: E402
+
 REPLY_WORDS = 120  # + the end token: 121 tokens a reply
 CTX = 8192
 QUESTION = "Tell me about the weather on the coast today."
@@ -66,34 +70,13 @@ HISTORY_MARKS = (2000, 5000)
 HISTORY_REPLY = 8  # tokens: the history grows by its questions, in a few turns
 
 
-def emit(bench: str, value: float, unit: str, baseline: str, goal: str, **fields: Any) -> None:
-    print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit,
-                      "baseline": baseline, "goal": goal, **fields}), flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def tree_rss_mib(root: int) -> float:
     """Resident memory of ``root`` and all its descendants (VmRSS summed), MiB."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = {root}, [root]
+    tree, frontier = [root], [root]
     while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
+        found = children(frontier.pop())
+        tree += found
+        frontier += found
     total_kib = 0
     for pid in tree:
         try:
@@ -347,12 +330,6 @@ def running(*sides: Server) -> Iterator[None]:
             side.stop()
 
 
-def measure(step: Callable[[], Any]) -> None:
-    result = step()
-    if asyncio.iscoroutine(result):
-        asyncio.run(result)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds: under a minute")
@@ -367,14 +344,14 @@ def main() -> None:
             reply=reply, layers=8, width=768, context_length=CTX))
         ours, peer = servers(root, model, args.threads)
         with running(ours, peer):
-            measure(lambda: single_turns(ours, peer, rounds))
-            measure(lambda: concurrent(ours, peer, 1 if args.quick else 3))
+            asyncio.run(single_turns(ours, peer, rounds))
+            asyncio.run(concurrent(ours, peer, 1 if args.quick else 3))
             rss = {side.name: side.rss_mib() for side in (ours, peer)}
             emit("peer.rss_mib.edgebundle", rss[ours.name], "MiB", "", "")
             emit("peer.rss_mib.peer", rss[peer.name], "MiB", "", "")
             emit("peer.rss_mib.extra_mib", rss[ours.name] - rss[peer.name], "MiB",
                  "llama_cpp.server's process tree", "<= 32")
-            measure(lambda: history(ours, peer, 2 if args.quick else 5))
+            asyncio.run(history(ours, peer, 2 if args.quick else 5))
             start_times(ours, peer, 1 if args.quick else 3)
 
 

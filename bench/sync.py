@@ -59,7 +59,7 @@ DEVICE = "bench-device"
 
 
 def emit(bench: str, value: float, unit: str, baseline: str, goal: str,
-         **fields: bool | str) -> None:
+         **fields: bool | str | int) -> None:
     """One bench line; ``fields`` are extra facts of the measurement (checks, counts)."""
     print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit,
                       "baseline": baseline, "goal": goal, **fields}), flush=True)
