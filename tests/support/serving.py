@@ -8,6 +8,7 @@ asyncio loop in a thread so a module-scoped engine can serve many tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -65,7 +66,9 @@ class RunProcess:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBUNDLE_")}
-        environ.update({"EDGEBUNDLE_HOME": str(home), **(env or {})})
+        # A child that will not stop is made to print every thread's stack (SIGABRT).
+        environ.update({"EDGEBUNDLE_HOME": str(home), "PYTHONFAULTHANDLER": "1",
+                        **(env or {})})
         self.stderr_path = home / "run.stderr"
         home.mkdir(parents=True, exist_ok=True)
         self._stderr = self.stderr_path.open("wb")
@@ -94,6 +97,12 @@ class RunProcess:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler: its stacks to stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            raise AssertionError(f"edgebundle run did not stop in {timeout:g} s after "
+                                 f"{sig.name}; stderr:\n{self.stderr()}") from None
         finally:
             self.close()
 
