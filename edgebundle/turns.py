@@ -64,6 +64,7 @@ from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import Run, SyncState, ThreadMessage
 from edgebundle.sync.runs import RunTicket
 from edgebundle.sync.service import ThreadSize, ThreadSync
+from edgebundle.tasks import cancel_and_wait
 from edgebundle.templates import Message as PromptMessage
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,7 @@ class RunGenerator:
 
     async def close(self) -> None:
         """Stop every run generating here (each ends failed, its text kept)."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks.values())
 
     async def _generate(self, ticket: RunTicket, params: ChatParams) -> None:
         thread_id, run_id = ticket.run.thread_id, ticket.run.id

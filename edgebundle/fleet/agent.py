@@ -105,6 +105,7 @@ from edgebundle.keys import check_id
 from edgebundle.pins import RuntimeLock
 from edgebundle.runtime.run_child import RunChild
 from edgebundle.sync.client import Client, connect
+from edgebundle.tasks import cancel_and_wait
 
 POLL_INTERVAL = 3.0  # s between reads of desired (the nudge only makes it sooner)
 BACKOFF_BASE = 1.0  # s before the second attempt; doubles per attempt
@@ -206,12 +207,11 @@ class Agent:
                     self.log(f"cannot reconcile: {exc}")
                 self._nudged.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudged.wait(), self.poll_interval)
+                    async with asyncio.timeout(self.poll_interval):  # edgebundle.tasks
+                        await self._nudged.wait()
                 await self._keep_child_up()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             await self.close()
 
     async def once(self) -> ActualState:

@@ -181,8 +181,9 @@ async def run_controller(redis: Client, fleet: str, *, interval: float = TICK_IN
                 log.warning("fleet %s: pass failed, retrying: %s", fleet, exc)
             except EdgebundleError as exc:  # e.g. a corrupt document: fixed by a new apply
                 log.error("fleet %s: pass failed, retrying: %s", fleet, exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):  # not wait_for: edgebundle.tasks
+                    await stop.wait()
     finally:
         with contextlib.suppress(_RedisPyError, OSError):
             await controller.store.release_lease()

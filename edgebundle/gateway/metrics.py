@@ -157,7 +157,8 @@ class GatewayMetrics:
 
         async def check() -> None:
             try:
-                await asyncio.wait_for(ping(), REDIS_PING_TIMEOUT)
+                async with asyncio.timeout(REDIS_PING_TIMEOUT):  # edgebundle.tasks
+                    await ping()
             except Exception:  # any failure to answer is "down"; the scrape must go on
                 self.redis_up.set(0)
             else:

@@ -83,6 +83,7 @@ from edgebundle.sync.service import (
     SyncSettings,
     ThreadSize,
 )
+from edgebundle.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -288,11 +289,7 @@ class DeviceSync:
             self._link_back.set()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for store in (self._central, self.local):
             if store is not None:
@@ -428,9 +425,11 @@ class DeviceSync:
         while True:
             sent = time.monotonic()
             try:
-                if self._central is None and self._connect_central is not None:
-                    self._central = await asyncio.wait_for(self._connect_central(), timeout)
-                await asyncio.wait_for(self.central.redis.ping(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: edgebundle.tasks
+                    if self._central is None and self._connect_central is not None:
+                        self._central = await self._connect_central()
+                async with asyncio.timeout(timeout):
+                    await self.central.redis.ping()
             except Exception as exc:  # noqa: BLE001 (any failure, a timeout too, is one)
                 self._central_failed(exc, since=sent)
             else:
@@ -453,8 +452,9 @@ class DeviceSync:
                 log.warning("replication paused: %s", exc)  # the probe judges the link
             except Exception:  # noqa: BLE001 (the loop must survive one thread's trouble)
                 log.exception("replication round failed; trying again")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._nudge.wait(), MIRROR_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(MIRROR_INTERVAL):
+                    await self._nudge.wait()
             self._nudge.clear()
 
     async def _heal_all(self) -> None:
