@@ -19,6 +19,12 @@ thread up to and including the run's input, see :mod:`edgebundle.sync.runs`) and
 streams the engine's text into the run. A run cancelled or interrupted elsewhere
 makes the next write fail (LeaseLostError); the engine request is then stopped.
 
+The request that started a run here may follow it through a :class:`RunTap` instead of
+the run's stream: the text as the engine gives it, before Redis has acknowledged it,
+then the run's end if this device wrote it. A reader of the stream gets the same text
+a round trip to Redis and back later, which on a busy device (the guest decoding on
+every core) is milliseconds of time to first token.
+
 When the run cannot go on, it ends ``incomplete`` (its text kept, the next turn
 builds on it) rather than waiting for its lease to run out:
 
@@ -63,7 +69,7 @@ from edgebundle.limits import RETRY_AFTER, Limits, Slots
 from edgebundle.sync.lock import RunLease
 from edgebundle.sync.models import Run, SyncState, ThreadMessage
 from edgebundle.sync.runs import RunTicket
-from edgebundle.sync.service import ThreadSize, ThreadSync
+from edgebundle.sync.service import RunEvent, ThreadSize, ThreadSync
 from edgebundle.tasks import cancel_and_wait
 from edgebundle.templates import Message as PromptMessage
 
@@ -79,8 +85,10 @@ OUTAGE_RETRY = (0.2, 2.0)  # s: first and longest wait between attempts to end a
 
 @dataclass(frozen=True)
 class RunRequest:
-    """A turn as asked: who, from which sync point, the input, the queue policy, the
-    sampling, and whether the asker follows it as a stream."""
+    """A turn as asked: who, from which sync point (``epoch`` None: a client new to the
+    thread; ``CURRENT_EPOCH``: the thread as it is now, see :mod:`edgebundle.sync.runs`),
+    the input, the queue policy, the sampling, and whether the asker follows it as a
+    stream."""
 
     device_id: str
     epoch: str | None
@@ -123,6 +131,31 @@ def prompt_messages(messages: tuple[ThreadMessage, ...], run: Run) -> list[Promp
     return [PromptMessage(m.role, m.content) for m in visible]
 
 
+class RunTap:
+    """A run generated on this device, as the request that started it follows it: its
+    text pieces the moment the engine gives them, then one end: the run's terminal event
+    (``run.completed``) if this device ended it so, else None (it ended otherwise or
+    elsewhere: the run's stream says how)."""
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue[str | RunEvent | None] = asyncio.Queue()
+        self._closed = False
+
+    def text(self, piece: str) -> None:
+        if not self._closed:
+            self._items.put_nowait(piece)
+
+    def close(self, end: RunEvent | None = None) -> None:
+        """The run is over here; idempotent (the first end counts)."""
+        if not self._closed:
+            self._closed = True
+            self._items.put_nowait(end)
+
+    async def next(self) -> str | RunEvent | None:
+        """The next text piece, or the end (RunEvent or None), after which nothing comes."""
+        return await self._items.get()
+
+
 class RunGenerator:
     """Generates this device's runs in background tasks (see the module docstring)."""
 
@@ -137,6 +170,7 @@ class RunGenerator:
         # context (edgebundle.context_window); "fail": the whole thread or prompt_too_long.
         self.context_policy = check_policy(context_policy)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by run id
+        self._taps: dict[str, RunTap] = {}  # by run id, of the runs started with a tap
         self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
         self.windowed_runs = 0  # completed runs whose prompt left messages out (metrics)
         self.dropped_messages = 0  # the messages they left out, in all (metrics)
@@ -146,14 +180,20 @@ class RunGenerator:
         """Runs generating here, or waiting for their turn to."""
         return len(self._tasks)
 
-    def start(self, ticket: RunTicket, params: ChatParams) -> None:
-        """Generate the ticket's run here, unless this device already is."""
+    def start(self, ticket: RunTicket, params: ChatParams, *, tap: bool = False
+              ) -> RunTap | None:
+        """Generate the ticket's run here, unless this device already is; with ``tap``
+        a :class:`RunTap` of it for the caller (None if it was generating already)."""
         run_id = ticket.run.id
         if run_id in self._tasks:
-            return
+            return None
+        tapped = RunTap() if tap else None
+        if tapped is not None:
+            self._taps[run_id] = tapped
         task = asyncio.get_running_loop().create_task(self._generate(ticket, params))
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
+        return tapped
 
     async def close(self) -> None:
         """Stop every run generating here (each ends failed, its text kept)."""
@@ -168,6 +208,10 @@ class RunGenerator:
             # Nobody awaits this task: say it in the log. Redis unreachable: the run's
             # lease runs out and the next acquire (or a reader) ends it as incomplete.
             log.warning("run %s of thread %s: %s", run_id, thread_id, exc)
+        finally:
+            tap = self._taps.pop(run_id, None)
+            if tap is not None:
+                tap.close()
 
     async def _hold_and_write(self, ticket: RunTicket, params: ChatParams) -> None:
         try:
@@ -235,9 +279,8 @@ class RunGenerator:
             delay = min(delay * 2, longest)
 
     async def _write(self, lease: RunLease, params: ChatParams) -> None:
-        state = await lease.thread()  # where the run lives (a device's router may lag)
         try:
-            messages = prompt_messages(state.messages, lease.run)
+            messages = prompt_messages(lease.thread.messages, lease.run)
             events = self.chat.complete(messages, params,
                                         fit_context=self.context_policy == "window")
             first = await anext(events)
@@ -245,6 +288,7 @@ class RunGenerator:
             await lease.fail(f"the thread cannot be rendered as a prompt: {exc}")
             return
         finished: Finished | None = None
+        tap = self._taps.get(lease.run.id)
         async with aclosing(events):  # leaving early stops the engine request
             event: TextDelta | Finished | None = first
             while event is not None:
@@ -252,6 +296,8 @@ class RunGenerator:
                     finished = event
                     break
                 await lease.delta(event.text)
+                if tap is not None:
+                    tap.text(event.text)
                 if lease.lost:
                     raise LeaseLostError("the run ended elsewhere")
                 event = await anext(events, None)
@@ -273,7 +319,10 @@ class RunGenerator:
         usage = {"input_tokens": finished.usage.input_tokens,
                  "output_tokens": finished.usage.output_tokens,
                  "dropped_messages": dropped}
-        await lease.finish(_RUN_REASONS[finished.reason], usage)
+        reason = _RUN_REASONS[finished.reason]
+        await lease.finish(reason, usage)
+        if tap is not None:  # as the stream has it, without a round trip to read it
+            tap.close(RunEvent("", "run.completed", {"reason": reason, "usage": usage}))
         if dropped:
             self.windowed_runs += 1
             self.dropped_messages += dropped
@@ -289,10 +338,21 @@ def too_long_detail(usage: Usage) -> str:
             "even without the thread's older messages: shorten the message")
 
 
-async def start_turn(runner: RunGenerator, thread_id: str,
-                     request: RunRequest) -> tuple[RunTicket, SyncState]:
-    """Start a turn on the thread and generate it on this device: the ticket, and the
-    sync object its stream opens with (the whole thread for a client without an epoch).
+@dataclass(frozen=True)
+class StartedTurn:
+    """A turn as started: its ticket, the sync object its stream opens with (the whole
+    thread for a client without an epoch), and the run's tap if one was asked for and
+    this request started the run."""
+
+    ticket: RunTicket
+    opening: SyncState
+    tap: RunTap | None = None
+
+
+async def start_turn(runner: RunGenerator, thread_id: str, request: RunRequest, *,
+                     tap: bool = False) -> StartedTurn:
+    """Start a turn on the thread and generate it on this device (with ``tap``, to be
+    followed through a :class:`RunTap` when this request is what started it).
 
     A retry (the input id already started a run, ``ticket.again``) starts nothing new.
     If that run is still waiting for its turn this device waits for it too: the device
@@ -311,10 +371,11 @@ async def start_turn(runner: RunGenerator, thread_id: str,
         thread_id, request.device_id, epoch=epoch, since=since,
         content=request.content, input_id=request.input_id, multitask=request.multitask,
     )
+    tapped = None
     if not ticket.again or ticket.run.status == "queued":
-        runner.start(ticket, request.params)
-    opening = ticket.sync if request.epoch else replace(ticket.sync, full=True)
-    return ticket, opening
+        tapped = runner.start(ticket, request.params, tap=tap and not ticket.again)
+    opening = ticket.sync if request.epoch is not None else replace(ticket.sync, full=True)
+    return StartedTurn(ticket, opening, tapped)
 
 
 async def check_room(runner: RunGenerator, thread_id: str, content: str,

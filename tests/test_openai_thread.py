@@ -166,6 +166,38 @@ def test_a_client_that_goes_away_mid_stream_cancels_the_run_keeping_what_was_sen
     assert run["device_id"] == here.id
 
 
+def test_a_run_cancelled_on_another_device_ends_the_stream_here_with_what_was_stored(
+    devices: list[Device],
+) -> None:
+    """The reply reaches this client before Redis has acknowledged it (the run's tap):
+    a cancel from another device must still end the stream, and every text the thread
+    keeps must have reached the client."""
+    here, there = devices
+    tid = new_thread_id()
+    stream = client_of(here).chat.completions.create(
+        model="endless", stream=True, messages=[{"role": "user", "content": "go on"}],
+        extra_body={"thread_id": tid})  # no max_tokens: only the 4096-token context ends it
+    received: list[str] = []
+    finishes: list[str] = []
+    cancelled = False
+    for chunk in stream:
+        received.extend(c.delta.content for c in chunk.choices if c.delta.content)
+        finishes.extend(c.finish_reason for c in chunk.choices if c.finish_reason)
+        if len(received) >= 5 and not cancelled:
+            reply = stored(there, tid)[1]
+            response = there.post(f"/v1/threads/{tid}/runs/{reply['run_id']}/cancel", {})
+            assert response.status_code == 200, response.text
+            cancelled = True
+    assert cancelled and finishes == ["stop"]
+    question, reply = stored(there, tid)
+    assert reply["status"] == "incomplete"
+    assert reply["content"].startswith(ENDLESS)
+    assert "".join(received).startswith(reply["content"])
+    assert len("".join(received)) < 2000  # ended by the cancel, not by the context
+    run = there.http.get(f"/v1/threads/{tid}/runs/{reply['run_id']}").json()
+    assert (run["status"], run["reason"]) == ("cancelled", "cancelled")
+
+
 @pytest.mark.parametrize(("messages", "thread_id", "param", "says"), [
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
      None, "messages[1].role", "last message must be the user's"),

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from edgebundle import keys
-from edgebundle.errors import LeaseLostError, ThreadBusyError, UsageError
+from edgebundle.errors import EpochMismatchError, LeaseLostError, ThreadBusyError, UsageError
 from edgebundle.gateway.sync_api import prompt_messages
 from edgebundle.sync.models import SyncState, ThreadMessage
+from edgebundle.sync.runs import CURRENT_EPOCH
 from edgebundle.sync.service import RunLease, RunTicket, SyncService
 from tests.support.sync import collect, delete, new_thread_id, put, sync_service, turn
 
@@ -80,6 +81,43 @@ def test_scenario_2a_the_next_run_opens_with_the_other_devices_turn(
             assert ticket.sync.queued_runs[0].id == ticket.run.id
             assert ticket.sync.version == (await sync.sync(tid, laptop.epoch, 0)).version
             await sync.cancel_run(tid, ticket.run.id, "laptop")
+
+    asyncio.run(main())
+
+
+def test_a_run_started_on_the_current_epoch_needs_no_sync_and_opens_with_its_own_diff(
+    sync_redis_url: str,
+) -> None:
+    """CURRENT_EPOCH (chat completions with thread_id render from the thread itself):
+    no epoch check, whatever the thread went through; the diff is the run's own input;
+    a thread that does not exist is an EpochMismatchError without an epoch."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            created = await sync.create_thread(new_thread_id())
+            tid = created.id
+            await sync.push(tid, "laptop", created.epoch, 0, [put(1, "s", "be brief",
+                                                                  role="system")])
+            await turn(sync, tid, "phone", "What is Redis?", "An in-memory data store.")
+            before = await sync.sync(tid, None, 0)
+
+            ticket = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                          content="And Valkey?")
+            assert not ticket.again and not ticket.sync.full
+            assert ticket.sync.epoch == created.epoch
+            assert [(m.role, m.content) for m in ticket.sync.messages] == [
+                ("user", "And Valkey?")]
+            assert ticket.sync.version == before.version + 1
+            async with await sync.acquire(ticket) as lease:
+                await lease.finish("eos", {})
+            again = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                         content="And Valkey?",
+                                         input_id=ticket.run.input_message_id)
+            assert again.again and again.run.id == ticket.run.id and again.sync.messages == ()
+
+            with pytest.raises(EpochMismatchError) as missing:
+                await sync.start_run(new_thread_id(), "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                     content="Hello?")
+            assert missing.value.epoch is None
 
     asyncio.run(main())
 

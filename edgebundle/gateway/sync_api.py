@@ -199,7 +199,8 @@ async def _turn(runner: RunGenerator, thread_id: str, parsed: RunRequest,
                 after: str | None) -> Response:
     """Start the turn; its run's events as SSE, or the ended run with stream false."""
     sync = runner.sync
-    ticket, opening = await start_turn(runner, thread_id, parsed)
+    started = await start_turn(runner, thread_id, parsed)
+    ticket, opening = started.ticket, started.opening
     run_id = ticket.run.id
     # A retry gets the run it started, never a second one (Stripe's header says so).
     headers = {"Idempotent-Replayed": "true"} if ticket.again else {}

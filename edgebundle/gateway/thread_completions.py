@@ -17,7 +17,10 @@ conversation that several devices share:
 - The run is started with the ``enqueue`` policy (a busy thread makes it wait its
   turn) and generated on this device exactly as ``POST /v1/threads/{id}/runs`` does
   (:func:`~edgebundle.turns.start_turn`): other devices can watch or join
-  it, and its text is stored in the thread.
+  it, and its text is stored in the thread. It is started on the thread as it is now
+  (``CURRENT_EPOCH``: no sync round trip first), and its text reaches this request
+  through the run's tap (:class:`~edgebundle.turns.RunTap`), not a round trip through
+  its stream; a retry, and a run another device ended, are read from the stream.
 - The answer is OpenAI's: a ``chat.completion`` with ``usage``, or with ``stream``
   ``chat.completion.chunk`` events ending in ``[DONE]`` (the usage chunk with
   ``stream_options.include_usage``), produced by the same code as without a thread.
@@ -45,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any, cast
@@ -57,18 +59,19 @@ from edgebundle.errors import (
     EdgebundleError,
     EpochMismatchError,
     ThreadFullError,
-    ThreadNotFoundError,
 )
 from edgebundle.gateway.api_errors import api_error, redis_unavailable
 from edgebundle.gateway.openai_api import BadRequest, ChatRequest
 from edgebundle.sync.backend import new_id
-from edgebundle.sync.models import SyncState
+from edgebundle.sync.runs import CURRENT_EPOCH
 from edgebundle.sync.service import RunEvent
 from edgebundle.templates import Message
 from edgebundle.turns import (
     TOO_LONG,
     RunGenerator,
     RunRequest,
+    RunTap,
+    StartedTurn,
     check_content,
     idempotent_input_id,
     start_turn,
@@ -78,7 +81,7 @@ from edgebundle.turns import (
 # seed must not use a real device's id: that device's own first pushes (mid 1, 2 …)
 # would then be taken for repeats and skipped.
 SEED_DEVICE = "chat-completions-seed"
-CURSORS = 1024  # threads whose last (epoch, version) this device keeps for the next turn
+_ENDS = ("run.completed", "run.failed", "run.cancelled")
 
 
 class ThreadChat:
@@ -89,10 +92,6 @@ class ThreadChat:
         self.sync = runner.sync
         self.device_id = device_id
         self._cancels: set[asyncio.Task[None]] = set()
-        # Where each recent thread stood at its last turn here: the next turn asks for
-        # the diff since then, not the whole thread (a long thread is not read twice
-        # per turn: the run reads it to render the prompt).
-        self._cursors: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     async def complete(self, request: ChatRequest, idempotency_key: str | None = None,
                        ) -> AsyncGenerator[TextDelta | Finished, None]:
@@ -114,28 +113,25 @@ class ThreadChat:
         try:
             self._check_sizes(request.messages)
             input_id = idempotent_input_id(request.input_id, idempotency_key)
-            state = await self._join_or_seed(thread_id, request.messages[:-1])
-            ticket, _ = await start_turn(self.runner, thread_id, RunRequest(
-                device_id=self.device_id, epoch=state.epoch, since=state.version,
-                content=last.content, input_id=input_id, multitask="enqueue",
-                params=request.params, stream=request.stream,
-            ))  # fmt: skip
+            turn = RunRequest(device_id=self.device_id, epoch=CURRENT_EPOCH, since=0,
+                              content=last.content, input_id=input_id, multitask="enqueue",
+                              params=request.params, stream=request.stream)
+            started = await self._start(thread_id, turn, request.messages[:-1])
         except EdgebundleError as exc:
             raise api_error(exc) from None
         except (RedisPyError, OSError) as exc:
             raise redis_unavailable(exc) from None
 
-        run_id = ticket.run.id
+        run_id = started.ticket.run.id
         sent: list[str] = []
         ended = False
-        events = cast("AsyncGenerator[RunEvent, None]", self.sync.events(thread_id, run_id))
         try:
-            async with aclosing(events):
+            async with aclosing(self._followed(thread_id, run_id, started.tap)) as events:
                 async for event in events:
-                    if event.type == "message.delta":
-                        sent.append(event.data["text"])
-                        yield TextDelta(event.data["text"])
-                    elif event.type in ("run.completed", "run.failed", "run.cancelled"):
+                    if isinstance(event, str):
+                        sent.append(event)
+                        yield TextDelta(event)
+                    else:
                         ended = True
                         yield _finished(event)
                         return
@@ -145,6 +141,47 @@ class ThreadChat:
         finally:
             if not ended and input_id is None:  # the client went away mid-reply for good
                 self._cancel_later(thread_id, run_id, "".join(sent))
+
+    async def _start(self, thread_id: str, turn: RunRequest,
+                     earlier: Sequence[Message]) -> StartedTurn:
+        """Start the turn, tapped; a missing thread is created first, seeded with
+        ``earlier``."""
+        try:
+            return await start_turn(self.runner, thread_id, turn, tap=True)
+        except EpochMismatchError as exc:
+            if exc.epoch is not None:
+                raise
+        await self._seed(thread_id, earlier)
+        return await start_turn(self.runner, thread_id, turn, tap=True)
+
+    async def _followed(self, thread_id: str, run_id: str, tap: RunTap | None
+                        ) -> AsyncGenerator[str | RunEvent, None]:
+        """The run's text pieces, then its terminal event: from the tap while there is
+        one, then from the run's stream, whose text is skipped as far as the tap gave it
+        (a run another device generated gives the tap nothing, all of it is read)."""
+        tapped = 0
+        while tap is not None:
+            item = await tap.next()
+            if isinstance(item, str):
+                tapped += len(item)
+                yield item
+                continue
+            if item is not None:
+                yield item
+                return
+            break
+        events = cast("AsyncGenerator[RunEvent, None]", self.sync.events(thread_id, run_id))
+        async with aclosing(events):
+            async for event in events:
+                if event.type == "message.delta":
+                    text: str = event.data["text"]
+                    skipped = min(tapped, len(text))
+                    tapped -= skipped
+                    if text[skipped:]:
+                        yield text[skipped:]
+                elif event.type in _ENDS:
+                    yield event
+                    return
 
     def _check_sizes(self, messages: Sequence[Message]) -> None:
         """The caps on what may land in the thread (edgebundle.limits): each
@@ -157,27 +194,14 @@ class ThreadChat:
                                   f"{limits.max_thread_messages} messages at most "
                                   "(max_thread_messages): send fewer")
 
-    async def _join_or_seed(self, thread_id: str, earlier: Sequence[Message]) -> SyncState:
-        """The thread's state (a diff since its last turn here); a missing thread is
-        created, seeded with ``earlier``."""
-        epoch, since = self._cursors.pop(thread_id, (None, 0))
-        try:
-            state = await self.sync.sync(thread_id, epoch, since)
-        except ThreadNotFoundError:
-            pass
-        else:
-            self._cursors[thread_id] = (state.epoch, state.version)
-            if len(self._cursors) > CURSORS:
-                self._cursors.popitem(last=False)
-            return state
+    async def _seed(self, thread_id: str, earlier: Sequence[Message]) -> None:
+        """Create the thread, seeded with ``earlier`` (system messages left out)."""
         seed = [m for m in earlier if m.role != "system"]
         mutations = [{"mid": mid, "op": "put",
                       "message": {"id": new_id("msg"), "role": m.role, "content": m.content}}
                      for mid, m in enumerate(seed, 1)]  # fmt: skip
-        try:
-            return await self.sync.push(thread_id, SEED_DEVICE, "", 0, mutations, reseed=True)
-        except EpochMismatchError:  # created by someone else meanwhile: its history wins
-            return await self.sync.sync(thread_id, None, 0)
+        with contextlib.suppress(EpochMismatchError):  # created by someone else meanwhile:
+            await self.sync.push(thread_id, SEED_DEVICE, "", 0, mutations, reseed=True)
 
     def _cancel_later(self, thread_id: str, run_id: str, content_seen: str) -> None:
         """Cancel the run in a task of its own: the request's task is being cancelled."""

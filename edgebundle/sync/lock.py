@@ -3,9 +3,10 @@
 One inference per thread. :func:`acquire` runs the acquire function: when the lock is
 free (or reserved for this run) and the run is first in line, it sets the lock to a
 random token with a lease (``SET … PX``), takes a fence from ``INCR`` and starts the
-run, all in one step. Otherwise it waits with ``BLPOP`` on the run's own wake-up
-list: the function that ends the run ahead pushes a token there the moment it ends
-(no sleep-polling). The wait is bounded by what is left of the holder's lease, so a
+run, all in one step, and answers the whole thread as it took it (what the holder
+renders its prompt from: no second read). Otherwise it waits with ``BLPOP`` on the
+run's own wake-up list: the function that ends the run ahead pushes a token there the
+moment it ends (no sleep-polling). The wait is bounded by what is left of the holder's lease, so a
 holder that died is noticed when its lease runs out; the acquire function then ends
 that run as incomplete (its text so far kept) and goes on.
 
@@ -57,12 +58,12 @@ from edgebundle.sync.backend import (
     lease_lost,
     parse_message,
     parse_run,
+    parse_state,
     raise_for,
 )
 from edgebundle.sync.lua import Function
 from edgebundle.sync.models import Run, SyncState, ThreadMessage, dumps
 from edgebundle.sync.runs import RunTicket
-from edgebundle.sync.store import ThreadStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,7 +90,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
         raise_for(reply, thread_id, run.id)
         if reply[0] == "ok":
             return RunLease(backend, parse_run(reply[1]), parse_message(reply[2]),
-                            int(reply[3]), token)
+                            int(reply[3]), token, parse_state(thread_id, reply[4:]))
         if reply[0] == "ended":
             ended = parse_run(reply[1])
             raise LeaseLostError(
@@ -117,10 +118,14 @@ class RunLease:
     """
 
     def __init__(self, backend: Backend, run: Run, message: ThreadMessage, fence: int,
-                 token: str) -> None:
+                 token: str, thread: SyncState) -> None:
         self.run = run
         self.fence = fence
         self.message = message  # the assistant message, as created (in_progress)
+        # The whole thread the moment the run took it, read on the store the run lives
+        # on (a device's router may still point elsewhere while its link heals): what
+        # the prompt is rendered from.
+        self.thread = thread
         self._backend = backend
         self._token = token
         self._buffer: list[str] = []
@@ -261,14 +266,6 @@ class RunLease:
         """One fenced write, sent again through a Redis outage while the lease lasts
         (the functions make a repeat harmless); then the driver's error is raised."""
         return await self.ride_out(lambda: self._call(function, *args))
-
-    async def thread(self) -> SyncState:
-        """The whole thread, read from the store this run lives on (through an outage
-        while the lease lasts): on a device with a local store, the thread's router may
-        still point at the local copy while the link heals, when this run holds the
-        thread on the central store."""
-        store = ThreadStore(self._backend)
-        return await self.ride_out(lambda: store.sync(self.run.thread_id, None, 0))
 
     async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, made again through a Redis outage for as long as this lease

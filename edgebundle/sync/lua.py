@@ -494,24 +494,30 @@ START_RUN = r"""
 -- answer is {'again', that run's JSON, sync object...}; an input id that names another
 -- message is {'duplicate', id}.
 -- KEYS[1..9] fixed thread keys; KEYS[10..13] the new run's keys
--- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch; ARGV[5] since;
+-- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch ('' = the thread as it is now:
+-- no epoch check, and the diff is this call's own); ARGV[5] since;
 -- ARGV[6] policy enqueue|reject|interrupt; ARGV[7] run JSON (status queued);
 -- ARGV[8] input message JSON (position may be null)
 if redis.call('EXISTS', META) == 0 then return {'epoch', ''} end
 reap()
+local client_epoch, since = ARGV[4], tonumber(ARGV[5])
+if client_epoch == '' then
+  local now = redis.call('HMGET', META, 'epoch', 'version')
+  client_epoch, since = now[1], tonumber(now[2])
+end
 local run = cjson.decode(ARGV[7])
 local input = cjson.decode(ARGV[8])
 local started = redis.call('HGET', INPUTS, input.id)
 local started_raw = started and redis.call('HGET', run_key(started), 'run')
 if started_raw then
   touch()
-  local reply = snapshot(ARGV[4], tonumber(ARGV[5]))
+  local reply = snapshot(client_epoch, since)
   reply[1] = 'again'
   table.insert(reply, 2, started_raw)
   return reply
 end
 local epoch = redis.call('HGET', META, 'epoch')
-if epoch ~= ARGV[4] then return {'epoch', epoch} end
+if epoch ~= client_epoch then return {'epoch', epoch} end
 if redis.call('HEXISTS', MSGS, input.id) == 1 then return {'duplicate', input.id} end
 local active = redis.call('HGET', META, 'active_run')
 local policy = ARGV[6]
@@ -553,7 +559,7 @@ else
   if redis.call('EXISTS', LOCK) == 0 and redis.call('LLEN', QUEUE) == 1 then wake_next() end
 end
 touch()
-local reply = snapshot(ARGV[4], tonumber(ARGV[5]))
+local reply = snapshot(client_epoch, since)
 table.insert(reply, 2, redis.call('HGET', run_key(run.id), 'run'))
 return reply
 """
@@ -566,17 +572,25 @@ ACQUIRE = r"""
 -- message.created added. A holder whose lease ran out is ended (incomplete) first; so
 -- are queued runs ahead that never took their reserved turn. Otherwise answers
 -- {'wait', ms until the lock's lease or reservation runs out}. The same call again
--- (same token) after it took the thread answers the same 'ok'.
+-- (same token) after it took the thread answers the same 'ok'. 'ok' is
+-- {'ok', run JSON, message JSON, fence, the whole thread as a sync object...}: the
+-- holder renders its prompt from the thread as it took it, without a second read.
 -- KEYS[1..9] fixed thread keys; KEYS[10..13] this run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token
+local function taken(run_raw, msg_raw, fence)
+  local reply = {'ok', run_raw, msg_raw, fence}
+  local whole = snapshot('', 0)
+  for i = 2, #whole do reply[#reply + 1] = whole[i] end
+  return reply
+end
 if redis.call('EXISTS', META) == 0 then return {'gone'} end
 local id, token = ARGV[4], ARGV[5]
 local run = load_run(id)
 if not run then return {'norun'} end
 if run.status == 'in_progress' and redis.call('GET', LOCK) == token then
   -- Sent again after its reply was lost: this caller holds the run already.
-  return {'ok', redis.call('HGET', RUN, 'run'), redis.call('HGET', MSGS, run.message_id),
-          run.fence}
+  return taken(redis.call('HGET', RUN, 'run'), redis.call('HGET', MSGS, run.message_id),
+               run.fence)
 end
 if run.status ~= 'queued' then return {'ended', cjson.encode(run)} end
 reap()
@@ -615,7 +629,7 @@ emit(id, 'run.started', '{"run":' .. run_raw .. '}')
 emit(id, 'message.created', '{"message":' .. msg_raw .. '}')
 redis.call('DEL', RUN_GO)
 touch()
-return {'ok', run_raw, msg_raw, fence}
+return taken(run_raw, msg_raw, fence)
 """
 
 DELTA = r"""

@@ -25,6 +25,11 @@ Busy-thread policies:
 - ``interrupt``: the active run is ended (incomplete, its text so far kept) and
   this run goes first.
 
+A caller that renders the prompt from the thread itself rather than from a copy of its
+own (chat completions with ``thread_id``) starts its run with ``CURRENT_EPOCH``: on the
+thread as it is now, whatever its epoch, with no sync beforehand (one round trip less
+before the first token); its ticket's diff is then the run's own writes.
+
 Turns are idempotent by their input id: starting a run whose input id already started
 one (a retry after the answer was lost, on any device) starts nothing and returns
 that run's ticket (``again``), whatever became of it. An input id that names a message
@@ -45,6 +50,10 @@ from edgebundle.errors import InputTakenError, ThreadBusyError, UsageError
 from edgebundle.sync.backend import Backend, new_id, parse_run, parse_state, raise_for
 from edgebundle.sync.models import MULTITASK_POLICIES, Run, SyncState, ThreadMessage, dumps
 from edgebundle.sync.store import check_since
+
+# start_run's epoch for "the thread as it is now" (no epoch check, no diff of others'
+# changes): never a real epoch, and a client's empty epoch means "none" to the HTTP API.
+CURRENT_EPOCH = ""
 
 
 @dataclass(frozen=True)
