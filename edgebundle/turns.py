@@ -370,6 +370,7 @@ async def start_turn(runner: RunGenerator, thread_id: str, request: RunRequest, 
     ticket = await sync.start_run(
         thread_id, request.device_id, epoch=epoch, since=since,
         content=request.content, input_id=request.input_id, multitask=request.multitask,
+        take=True,  # generated here next: a free thread is taken in the same round trip
     )
     tapped = None
     if not ticket.again or ticket.run.status == "queued":

@@ -122,6 +122,47 @@ def test_a_run_started_on_the_current_epoch_needs_no_sync_and_opens_with_its_own
     asyncio.run(main())
 
 
+def test_a_run_started_with_take_on_a_free_thread_holds_it_at_once(
+    sync_redis_url: str,
+) -> None:
+    """take (the starter generates next): a free thread with no one in line is taken in
+    the start's own step, with the events and the thread acquire would give; a busy
+    thread is not taken: that run waits in line as ever."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            tid = (await sync.create_thread(new_thread_id())).id
+            first = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                         content="one", take=True)
+            assert first.holding is not None and first.run.status == "in_progress"
+            assert first.run.fence == first.holding.fence
+            assert [(m.role, m.status) for m in first.holding.thread.messages] == [
+                ("user", "completed"), ("assistant", "in_progress")]
+            assert first.holding.thread.active_run == first.run
+            second = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                          content="two", take=True)
+            assert second.holding is None and second.run.status == "queued"
+
+            lease = await asyncio.wait_for(sync.acquire(first), 1)
+            assert (lease.run.id, lease.fence) == (first.run.id, first.run.fence)
+            assert lease.message.id == first.run.message_id
+            waiting = asyncio.create_task(sync.acquire(second))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()  # in line behind the holder
+            await lease.delta("a reply")
+            await lease.finish("eos", {})
+            async with await asyncio.wait_for(waiting, 5) as next_lease:
+                prompt = [m.content for m in prompt_messages(next_lease.thread.messages,
+                                                             next_lease.run)]
+                assert prompt == ["one", "a reply", "two"]
+                await next_lease.finish("eos", {})
+            events = [e.type for e in await collect(sync, tid, first.run.id)]
+            assert events == ["run.queued", "message.created", "run.started",
+                              "message.created", "message.delta", "message.completed",
+                              "run.completed", "done"]
+
+    asyncio.run(main())
+
+
 def test_queued_runs_start_in_fifo_order_the_moment_the_previous_one_ends(
     sync_redis_url: str,
 ) -> None:

@@ -83,6 +83,9 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
     run = ticket.run
     thread_id = run.thread_id
     token = ticket.token
+    if ticket.holding is not None:  # it took the thread as it started
+        held = ticket.holding
+        return RunLease(backend, run, held.message, held.fence, token, held.thread)
     deadline = None if timeout is None else time.monotonic() + timeout
     wakeup = keys.run_wakeup(thread_id, run.id)
     while True:

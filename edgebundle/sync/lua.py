@@ -346,6 +346,43 @@ local function snapshot(client_epoch, since)
   end
   return {'ok', epoch, version, full and 1 or 0, active, queued, hmget_all(MSGS, ids)}
 end
+
+-- The declared run (KEYS[10..13]), queued and allowed its turn, takes the thread with
+-- token: SET lock token PX lease, fence = INCR, run in_progress, active run set, the
+-- assistant message created (in_progress, new version) at the position start_run
+-- reserved for it, run.started and message.created added. Returns the run's and the
+-- message's JSON and the fence.
+local function take(run, token)
+  local id = run.id
+  redis.call('LREM', QUEUE, 0, id)
+  redis.call('SET', LOCK, token, 'PX', LEASE)
+  local fence = redis.call('INCR', FENCE)
+  run.status = 'in_progress'
+  run.fence = fence
+  local run_raw = cjson.encode(run)
+  redis.call('HSET', RUN, 'run', run_raw, 'fence', fence, 'seq', 0)
+  redis.call('SET', RUN_TEXT, '')
+  redis.call('HSET', META, 'active_run', id)
+  local reply_position = tonumber(redis.call('HGET', RUN, 'reply_position') or '')
+  if reply_position == nil then reply_position = claim_position(nil) end
+  local msg = {id = run.message_id, role = 'assistant', content = '', status = 'in_progress',
+               position = reply_position, created_at = NOW, deleted = false, run_id = id}
+  local msg_raw = bump_and_write(msg)
+  emit(id, 'run.started', '{"run":' .. run_raw .. '}')
+  emit(id, 'message.created', '{"message":' .. msg_raw .. '}')
+  redis.call('DEL', RUN_GO)
+  return run_raw, msg_raw, fence
+end
+
+-- What the holder of a run that took the thread gets: the assistant message's JSON,
+-- the fence, and the whole thread as a sync object (epoch, version, full, active,
+-- queued, messages), from which it renders the prompt without a second read.
+local function taken(msg_raw, fence)
+  local reply = {msg_raw, fence}
+  local whole = snapshot('', 0)
+  for i = 2, #whole do reply[#reply + 1] = whole[i] end
+  return reply
+end
 """
 
 
@@ -497,7 +534,10 @@ START_RUN = r"""
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] client epoch ('' = the thread as it is now:
 -- no epoch check, and the diff is this call's own); ARGV[5] since;
 -- ARGV[6] policy enqueue|reject|interrupt; ARGV[7] run JSON (status queued);
--- ARGV[8] input message JSON (position may be null)
+-- ARGV[8] input message JSON (position may be null); ARGV[9] a lock token, or '': with
+-- a token a run that finds the thread free and no one in line takes it at once (as
+-- acquire would, the caller generates it next): then the answer ends with what acquire
+-- answers after its run JSON (take, taken), one round trip instead of two
 if redis.call('EXISTS', META) == 0 then return {'epoch', ''} end
 reap()
 local client_epoch, since = ARGV[4], tonumber(ARGV[5])
@@ -521,6 +561,7 @@ if epoch ~= client_epoch then return {'epoch', epoch} end
 if redis.call('HEXISTS', MSGS, input.id) == 1 then return {'duplicate', input.id} end
 local active = redis.call('HGET', META, 'active_run')
 local policy = ARGV[6]
+local holder = nil
 if policy == 'reject' then
   local blocker = active
   if blocker == '' then blocker = redis.call('LINDEX', QUEUE, 0) end
@@ -556,11 +597,21 @@ if policy == 'interrupt' then
   end
 else
   redis.call('RPUSH', QUEUE, run.id)
-  if redis.call('EXISTS', LOCK) == 0 and redis.call('LLEN', QUEUE) == 1 then wake_next() end
+  if redis.call('EXISTS', LOCK) == 0 and redis.call('LLEN', QUEUE) == 1 then
+    if ARGV[9] ~= '' then
+      local _, msg_raw, fence = take(run, ARGV[9])
+      holder = taken(msg_raw, fence)
+    else
+      wake_next()
+    end
+  end
 end
 touch()
 local reply = snapshot(client_epoch, since)
 table.insert(reply, 2, redis.call('HGET', run_key(run.id), 'run'))
+if holder then
+  for _, part in ipairs(holder) do reply[#reply + 1] = part end
+end
 return reply
 """
 
@@ -573,14 +624,14 @@ ACQUIRE = r"""
 -- are queued runs ahead that never took their reserved turn. Otherwise answers
 -- {'wait', ms until the lock's lease or reservation runs out}. The same call again
 -- (same token) after it took the thread answers the same 'ok'. 'ok' is
--- {'ok', run JSON, message JSON, fence, the whole thread as a sync object...}: the
--- holder renders its prompt from the thread as it took it, without a second read.
+-- {'ok', run JSON, message JSON, fence, the whole thread as a sync object...} (take,
+-- taken).
 -- KEYS[1..9] fixed thread keys; KEYS[10..13] this run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token
-local function taken(run_raw, msg_raw, fence)
-  local reply = {'ok', run_raw, msg_raw, fence}
-  local whole = snapshot('', 0)
-  for i = 2, #whole do reply[#reply + 1] = whole[i] end
+local function ok(run_raw, msg_raw, fence)
+  local reply = taken(msg_raw, fence)
+  table.insert(reply, 1, run_raw)
+  table.insert(reply, 1, 'ok')
   return reply
 end
 if redis.call('EXISTS', META) == 0 then return {'gone'} end
@@ -589,8 +640,8 @@ local run = load_run(id)
 if not run then return {'norun'} end
 if run.status == 'in_progress' and redis.call('GET', LOCK) == token then
   -- Sent again after its reply was lost: this caller holds the run already.
-  return taken(redis.call('HGET', RUN, 'run'), redis.call('HGET', MSGS, run.message_id),
-               run.fence)
+  return ok(redis.call('HGET', RUN, 'run'), redis.call('HGET', MSGS, run.message_id),
+            run.fence)
 end
 if run.status ~= 'queued' then return {'ended', cjson.encode(run)} end
 reap()
@@ -611,25 +662,9 @@ elseif lock ~= RESERVED .. id then
   touch()
   return {'wait', redis.call('PTTL', LOCK)}
 end
-redis.call('LREM', QUEUE, 0, id)
-redis.call('SET', LOCK, token, 'PX', LEASE)
-local fence = redis.call('INCR', FENCE)
-run.status = 'in_progress'
-run.fence = fence
-local run_raw = cjson.encode(run)
-redis.call('HSET', RUN, 'run', run_raw, 'fence', fence, 'seq', 0)
-redis.call('SET', RUN_TEXT, '')
-redis.call('HSET', META, 'active_run', id)
-local reply_position = tonumber(redis.call('HGET', RUN, 'reply_position') or '')
-if reply_position == nil then reply_position = claim_position(nil) end
-local msg = {id = run.message_id, role = 'assistant', content = '', status = 'in_progress',
-             position = reply_position, created_at = NOW, deleted = false, run_id = id}
-local msg_raw = bump_and_write(msg)
-emit(id, 'run.started', '{"run":' .. run_raw .. '}')
-emit(id, 'message.created', '{"message":' .. msg_raw .. '}')
-redis.call('DEL', RUN_GO)
+local run_raw, msg_raw, fence = take(run, token)
 touch()
-return taken(run_raw, msg_raw, fence)
+return ok(run_raw, msg_raw, fence)
 """
 
 DELTA = r"""

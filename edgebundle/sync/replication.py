@@ -190,14 +190,14 @@ class DeviceSync:
 
     async def start_run(self, thread_id: str, device_id: str, *, epoch: str, since: int,
                         content: str, input_id: str | None = None,
-                        multitask: str = "enqueue") -> RunTicket:
+                        multitask: str = "enqueue", take: bool = False) -> RunTicket:
         async def start(store: SyncService) -> RunTicket:
             if store is self.local and multitask == "interrupt":
                 await self._refuse_remote_interrupt(thread_id)
             try:
                 ticket = await store.start_run(thread_id, device_id, epoch=epoch, since=since,
                                                content=content, input_id=input_id,
-                                               multitask=multitask)
+                                               multitask=multitask, take=take)
             except InputTakenError:
                 if store is self.local:  # only its central copy has the run
                     raise OfflineError(

@@ -47,13 +47,31 @@ from dataclasses import dataclass, field
 
 from edgebundle import keys
 from edgebundle.errors import InputTakenError, ThreadBusyError, UsageError
-from edgebundle.sync.backend import Backend, new_id, parse_run, parse_state, raise_for
+from edgebundle.sync.backend import (
+    Backend,
+    new_id,
+    parse_message,
+    parse_run,
+    parse_state,
+    raise_for,
+)
 from edgebundle.sync.models import MULTITASK_POLICIES, Run, SyncState, ThreadMessage, dumps
 from edgebundle.sync.store import check_since
 
 # start_run's epoch for "the thread as it is now" (no epoch check, no diff of others'
 # changes): never a real epoch, and a client's empty epoch means "none" to the HTTP API.
 CURRENT_EPOCH = ""
+_SYNC_PARTS = 6  # a sync object's parts in a function's answer (backend.parse_state)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What a run gets when it takes its thread: its assistant message (created
+    in_progress), the fence of its writes, and the whole thread as it took it."""
+
+    message: ThreadMessage
+    fence: int
+    thread: SyncState
 
 
 @dataclass(frozen=True)
@@ -64,12 +82,15 @@ class RunTicket:
     one is a retry); ``run`` is that run as it is now. ``token``: the lock token this
     ticket's holder takes the thread with, the same on every attempt, so an acquire
     sent again after Redis took it but its answer was lost finds the run already its.
+    ``holding``: the run took the thread as it started (``take``: it was free and no one
+    in line), so acquire answers at once, without Redis.
     """
 
     run: Run
     sync: SyncState
     again: bool = False
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    holding: Holding | None = None
 
 
 class RunStore:
@@ -78,7 +99,7 @@ class RunStore:
 
     async def start(self, thread_id: str, device_id: str, *, epoch: str, since: int,
                     content: str, input_id: str | None = None,
-                    multitask: str = "enqueue") -> RunTicket:
+                    multitask: str = "enqueue", take: bool = False) -> RunTicket:
         keys.check_id("thread", thread_id)
         keys.check_id("device", device_id)
         if multitask not in MULTITASK_POLICIES:
@@ -94,9 +115,11 @@ class RunStore:
         message = ThreadMessage(id=run.input_message_id or "", role="user", content=content,
                           created_at=now).to_json()
         message["position"] = None  # the next free position, given by the function
+        token = secrets.token_hex(16)
         reply = await self._backend.call(
             self._backend.functions.start_run, thread_id, run.id,
             epoch or "", check_since(since), multitask, dumps(run.to_json()), dumps(message),
+            token if take else "",
         )
         raise_for(reply, thread_id, run.id)
         if reply[0] == "duplicate":
@@ -109,8 +132,14 @@ class RunStore:
                 f"thread {thread_id} is busy with run {blocker.id if blocker else '?'}: "
                 f"retry after {retry} s, or start the run with multitask=enqueue",
                 active_run=blocker, retry_after=retry)
-        return RunTicket(run=parse_run(reply[1]), sync=parse_state(thread_id, reply[2:]),
-                         again=reply[0] == "again")
+        holding = None
+        if len(reply) > 2 + _SYNC_PARTS:  # it took the thread: acquire's answer follows
+            rest = reply[2 + _SYNC_PARTS:]
+            holding = Holding(parse_message(rest[0]), int(rest[1]),
+                              parse_state(thread_id, rest[2:]))
+        return RunTicket(run=parse_run(reply[1]),
+                         sync=parse_state(thread_id, reply[2:2 + _SYNC_PARTS]),
+                         again=reply[0] == "again", token=token, holding=holding)
 
     async def cancel(self, thread_id: str, run_id: str, device_id: str,
                      content_seen: str | None = None) -> Run:

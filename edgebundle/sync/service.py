@@ -104,7 +104,7 @@ class ThreadSync(Protocol):
 
     async def start_run(self, thread_id: str, device_id: str, *, epoch: str, since: int,
                         content: str, input_id: str | None = None,
-                        multitask: str = "enqueue") -> RunTicket: ...
+                        multitask: str = "enqueue", take: bool = False) -> RunTicket: ...
 
     async def acquire(self, ticket: RunTicket, timeout: float | None = None) -> RunLease: ...
 
@@ -175,11 +175,13 @@ class SyncService:
 
     async def start_run(self, thread_id: str, device_id: str, *, epoch: str, since: int,
                         content: str, input_id: str | None = None,
-                        multitask: str = "enqueue") -> RunTicket:
-        """Queue a turn (the input message lands now); the ticket carries the diff."""
+                        multitask: str = "enqueue", take: bool = False) -> RunTicket:
+        """Queue a turn (the input message lands now); the ticket carries the diff.
+        With ``take`` (the caller acquires it next) a run that finds the thread free
+        takes it in the same step (``ticket.holding``)."""
         return await _checked(self._runs.start(
             thread_id, device_id, epoch=epoch, since=since, content=content, input_id=input_id,
-            multitask=multitask))
+            multitask=multitask, take=take))
 
     async def acquire(self, ticket: RunTicket, timeout: float | None = None) -> RunLease:
         """Wait for the run's turn (woken by Redis, no polling); the holder's lease.
