@@ -170,7 +170,6 @@ class RunGenerator:
         # context (edgebundle.context_window); "fail": the whole thread or prompt_too_long.
         self.context_policy = check_policy(context_policy)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by run id
-        self._taps: dict[str, RunTap] = {}  # by run id, of the runs started with a tap
         self.ended: Counter[str] = Counter()  # runs generated here, by final status (metrics)
         self.windowed_runs = 0  # completed runs whose prompt left messages out (metrics)
         self.dropped_messages = 0  # the messages they left out, in all (metrics)
@@ -183,44 +182,54 @@ class RunGenerator:
     def start(self, ticket: RunTicket, params: ChatParams, *, tap: bool = False
               ) -> RunTap | None:
         """Generate the ticket's run here, unless this device already is; with ``tap``
-        a :class:`RunTap` of it for the caller (None if it was generating already)."""
+        a :class:`RunTap` of it for the caller (None if it was generating already).
+
+        A ticket that holds the thread (a retry that took over a start whose answer
+        seemed lost, :mod:`edgebundle.sync.runs`) replaces the generation this device
+        may have going for the run: that one's lease is gone, its writes would fail."""
         run_id = ticket.run.id
-        if run_id in self._tasks:
-            return None
+        running = self._tasks.get(run_id)
+        if running is not None:
+            if ticket.holding is None:
+                return None
+            running.cancel()
         tapped = RunTap() if tap else None
-        if tapped is not None:
-            self._taps[run_id] = tapped
-        task = asyncio.get_running_loop().create_task(self._generate(ticket, params))
+        task = asyncio.get_running_loop().create_task(self._generate(ticket, params, tapped))
         self._tasks[run_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
+        task.add_done_callback(lambda done: self._forget(run_id, done))
         return tapped
+
+    def _forget(self, run_id: str, done: asyncio.Task[None]) -> None:
+        if self._tasks.get(run_id) is done:  # not the generation that replaced it
+            del self._tasks[run_id]
 
     async def close(self) -> None:
         """Stop every run generating here (each ends failed, its text kept)."""
         await cancel_and_wait(self._tasks.values())
 
-    async def _generate(self, ticket: RunTicket, params: ChatParams) -> None:
+    async def _generate(self, ticket: RunTicket, params: ChatParams, tap: RunTap | None
+                        ) -> None:
         thread_id, run_id = ticket.run.thread_id, ticket.run.id
         try:
-            await self._hold_and_write(ticket, params)
+            await self._hold_and_write(ticket, params, tap)
             self.ended[(await self.sync.get_run(thread_id, run_id)).status] += 1
         except (EdgebundleError, RedisPyError, OSError) as exc:
             # Nobody awaits this task: say it in the log. Redis unreachable: the run's
             # lease runs out and the next acquire (or a reader) ends it as incomplete.
             log.warning("run %s of thread %s: %s", run_id, thread_id, exc)
         finally:
-            tap = self._taps.pop(run_id, None)
             if tap is not None:
                 tap.close()
 
-    async def _hold_and_write(self, ticket: RunTicket, params: ChatParams) -> None:
+    async def _hold_and_write(self, ticket: RunTicket, params: ChatParams,
+                              tap: RunTap | None) -> None:
         try:
             lease = await self._acquire(ticket)
         except LeaseLostError:
             return  # cancelled before its turn came
         async with lease:
             try:
-                await self._write(lease, params)
+                await self._write(lease, params, tap)
             except LeaseLostError:
                 pass  # cancelled or interrupted elsewhere: the engine request was stopped
             except (RedisAccessError, RedisPyError, OSError) as exc:
@@ -278,7 +287,7 @@ class RunGenerator:
             await asyncio.sleep(delay)
             delay = min(delay * 2, longest)
 
-    async def _write(self, lease: RunLease, params: ChatParams) -> None:
+    async def _write(self, lease: RunLease, params: ChatParams, tap: RunTap | None) -> None:
         try:
             messages = prompt_messages(lease.thread.messages, lease.run)
             events = self.chat.complete(messages, params,
@@ -288,7 +297,6 @@ class RunGenerator:
             await lease.fail(f"the thread cannot be rendered as a prompt: {exc}")
             return
         finished: Finished | None = None
-        tap = self._taps.get(lease.run.id)
         async with aclosing(events):  # leaving early stops the engine request
             event: TextDelta | Finished | None = first
             while event is not None:
@@ -373,8 +381,11 @@ async def start_turn(runner: RunGenerator, thread_id: str, request: RunRequest, 
         take=True,  # generated here next: a free thread is taken in the same round trip
     )
     tapped = None
-    if not ticket.again or ticket.run.status == "queued":
-        tapped = runner.start(ticket, request.params, tap=tap and not ticket.again)
+    # A retry's ticket holds the thread when the start it repeats had only claimed it
+    # (its answer lost, nobody generating): this device generates it from the start.
+    fresh = not ticket.again or ticket.holding is not None
+    if fresh or ticket.run.status == "queued":
+        tapped = runner.start(ticket, request.params, tap=tap and fresh)
     opening = ticket.sync if request.epoch is not None else replace(ticket.sync, full=True)
     return StartedTurn(ticket, opening, tapped)
 

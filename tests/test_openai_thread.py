@@ -195,7 +195,8 @@ def test_a_run_cancelled_on_another_device_ends_the_stream_here_with_what_was_st
     assert cancelled and finishes == ["stop"]
     reply = stored(there, tid)[1]
     assert reply["status"] == "incomplete"
-    assert reply["content"].startswith(ENDLESS)
+    # Redis may have stored less than the client got (its writes trail the tap), never
+    # more.
     assert "".join(received).startswith(reply["content"])
     # Ended by the cancel, not by the context (4096 tokens of " forever": 32k characters).
     assert len("".join(received)) < 16_000

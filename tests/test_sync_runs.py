@@ -163,6 +163,49 @@ def test_a_run_started_with_take_on_a_free_thread_holds_it_at_once(
     asyncio.run(main())
 
 
+def test_a_retry_takes_over_a_claimed_run_whose_starter_never_wrote(
+    sync_redis_url: str,
+) -> None:
+    """A start with take whose answer was lost leaves its run claimed by nobody: the
+    retry (same input id) takes it over, and the lost start's lease writes nothing. A
+    run whose holder wrote, or that ended, is never taken over."""
+    async def main() -> None:
+        async with sync_service(sync_redis_url) as sync:
+            tid = (await sync.create_thread(new_thread_id())).id
+            lost = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                        content="hello?", input_id="turn-1", take=True)
+            retry = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                         content="hello?", input_id="turn-1", take=True)
+            assert retry.again and retry.holding is not None
+            assert retry.run.id == lost.run.id and retry.holding.fence > lost.run.fence
+            stale = await sync.acquire(lost)  # the starter that lost its answer, had it lived
+            async with await sync.acquire(retry) as lease:
+                await lease.delta("hi")
+                await lease.flush()
+                with pytest.raises(LeaseLostError):
+                    await stale.delta("ghost")
+                    await stale.flush()
+                await stale.close()
+                # Written: a second retry only follows the run.
+                again = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                             content="hello?", input_id="turn-1", take=True)
+                assert again.again and again.holding is None
+                assert again.run.status == "in_progress"
+                await lease.finish("eos", {})
+            state = await sync.sync(tid, None, 0)
+            assert [m.content for m in state.messages] == ["hello?", "hi"]
+
+            done = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                        content="bye", input_id="turn-2", take=True)
+            async with await sync.acquire(done) as quick:
+                await quick.finish("eos", {})  # its only write ends it
+            after = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
+                                         content="bye", input_id="turn-2", take=True)
+            assert after.again and after.holding is None and after.run.status == "completed"
+
+    asyncio.run(main())
+
+
 def test_queued_runs_start_in_fifo_order_the_moment_the_previous_one_ends(
     sync_redis_url: str,
 ) -> None:

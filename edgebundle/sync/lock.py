@@ -4,11 +4,13 @@ One inference per thread. :func:`acquire` runs the acquire function: when the lo
 free (or reserved for this run) and the run is first in line, it sets the lock to a
 random token with a lease (``SET … PX``), takes a fence from ``INCR`` and starts the
 run, all in one step, and answers the whole thread as it took it (what the holder
-renders its prompt from: no second read). Otherwise it waits with ``BLPOP`` on the
-run's own wake-up list: the function that ends the run ahead pushes a token there the
-moment it ends (no sleep-polling). The wait is bounded by what is left of the holder's lease, so a
-holder that died is noticed when its lease runs out; the acquire function then ends
-that run as incomplete (its text so far kept) and goes on.
+renders its prompt from: no second read); a run that took its thread as it started
+(:mod:`edgebundle.sync.runs`, ``take``) has all that in its ticket and makes no call.
+Otherwise it waits with ``BLPOP`` on the run's own wake-up list: the function that
+ends the run ahead pushes a token there the moment it ends (no sleep-polling). The wait
+is bounded by what is left of the holder's lease, so a holder that died is noticed
+when its lease runs out; the acquire function then ends that run as incomplete (its
+text so far kept) and goes on.
 
 :class:`RunLease` is the holder's side: a watchdog task renews the lease every
 ``renew_ms``; text is batched (``delta_batch_ms`` / ``delta_batch_chars``) into

@@ -292,6 +292,11 @@ local function fenced(run_id, token, fence)
     and redis.call('HGET', run_key(run_id), 'fence') == fence
 end
 
+-- The holder wrote: a run taken by its start is no longer only claimed (start_run).
+local function confirm(run_id)
+  redis.call('HDEL', run_key(run_id), 'claim')
+end
+
 local function append_delta(run_id, message_id, text)
   local seq = redis.call('HINCRBY', run_key(run_id), 'seq', 1)
   redis.call('APPEND', text_key(run_id), text)
@@ -537,7 +542,9 @@ START_RUN = r"""
 -- ARGV[8] input message JSON (position may be null); ARGV[9] a lock token, or '': with
 -- a token a run that finds the thread free and no one in line takes it at once (as
 -- acquire would, the caller generates it next): then the answer ends with what acquire
--- answers after its run JSON (take, taken), one round trip instead of two
+-- answers after its run JSON (take, taken), one round trip instead of two. Until the
+-- holder's first write the run is only claimed: a retry (same input id, a token) of a
+-- start whose answer was lost takes it over, so a lost answer strands no turn
 if redis.call('EXISTS', META) == 0 then return {'epoch', ''} end
 reap()
 local client_epoch, since = ARGV[4], tonumber(ARGV[5])
@@ -550,10 +557,28 @@ local input = cjson.decode(ARGV[8])
 local started = redis.call('HGET', INPUTS, input.id)
 local started_raw = started and redis.call('HGET', run_key(started), 'run')
 if started_raw then
+  local holder = nil
+  local again = cjson.decode(started_raw)
+  if ARGV[9] ~= '' and again.status == 'in_progress'
+      and redis.call('HGET', run_key(started), 'claim') == '1' then
+    -- Taken by a start (take) whose caller has not written since: its answer may have
+    -- been lost, so nobody generates it. This retry takes it over (a new fence: the
+    -- first caller's writes, if it lives, fail and it follows the run instead).
+    RUN, RUN_GO, RUN_TEXT = run_key(started), go_key(started), text_key(started)
+    again.status = 'queued'
+    local _, msg_raw, fence = take(again, ARGV[9])
+    redis.call('HSET', RUN, 'claim', '1')
+    keep_run(started)  -- its keys were not declared: touch() does not reach them
+    holder = taken(msg_raw, fence)
+    started_raw = redis.call('HGET', RUN, 'run')
+  end
   touch()
   local reply = snapshot(client_epoch, since)
   reply[1] = 'again'
   table.insert(reply, 2, started_raw)
+  if holder then
+    for _, part in ipairs(holder) do reply[#reply + 1] = part end
+  end
   return reply
 end
 local epoch = redis.call('HGET', META, 'epoch')
@@ -600,6 +625,7 @@ else
   if redis.call('EXISTS', LOCK) == 0 and redis.call('LLEN', QUEUE) == 1 then
     if ARGV[9] ~= '' then
       local _, msg_raw, fence = take(run, ARGV[9])
+      redis.call('HSET', RUN, 'claim', '1')  -- until its first write (confirm)
       holder = taken(msg_raw, fence)
     else
       wake_next()
@@ -677,6 +703,7 @@ DELTA = r"""
 -- these; ARGV[9..] texts, in order: one message.delta event each (pieces that arrived
 -- while the previous write was in flight travel in one call)
 if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
+confirm(ARGV[4])
 return {'ok', append_deltas(ARGV[4], ARGV[7], tonumber(ARGV[8]), 9)}
 """
 
@@ -685,6 +712,7 @@ RENEW = r"""
 -- KEYS[1..9] fixed thread keys; KEYS[10..13] the run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token; ARGV[6] fence
 if not fenced(ARGV[4], ARGV[5], ARGV[6]) then return {'lost'} end
+confirm(ARGV[4])
 redis.call('PEXPIRE', LOCK, LEASE)
 touch()
 return {'ok'}

@@ -30,6 +30,13 @@ own (chat completions with ``thread_id``) starts its run with ``CURRENT_EPOCH``:
 thread as it is now, whatever its epoch, with no sync beforehand (one round trip less
 before the first token); its ticket's diff is then the run's own writes.
 
+A caller that generates the run next starts it with ``take``: a thread that is free
+with no one in line is taken in the same step (``RunTicket.holding``; acquire then
+needs no call). Until the holder's first write the run is only claimed: a retry of the
+start (same input id, with take) whose answer was lost takes it over with a new fence,
+so no turn is stranded with a lock nobody holds; the first starter, if it lives after
+all, finds its lease gone at its first write.
+
 Turns are idempotent by their input id: starting a run whose input id already started
 one (a retry after the answer was lost, on any device) starts nothing and returns
 that run's ticket (``again``), whatever became of it. An input id that names a message
