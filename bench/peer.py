@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=usable_cpus(),
                         help="llama.cpp threads on both sides (default: usable CPUs)")
     args = parser.parse_args()
-    rounds = 3 if args.quick else 10
+    rounds = 3 if args.quick else 20  # single turns: a run-to-run spread of ~10% at 10
     with tempfile.TemporaryDirectory(prefix="eb-peer-") as tmp:
         root = Path(tmp)
         reply = " ".join(f"w{n}" for n in range(REPLY_WORDS))
