@@ -20,9 +20,11 @@ import httpx
 import pytest
 
 from edgebundle.sse import aiter_events
+from edgebundle.sync.runs import CURRENT_EPOCH
 from tests.support.devices import Device, endless_model, new_thread, read_sse, sync_devices
 from tests.support.redis_server import RedisServer
 from tests.support.serving import wait_for
+from tests.support.sync import sync_service
 
 
 @pytest.fixture(scope="module")
@@ -405,14 +407,24 @@ def test_150_readers_and_queued_runs_leave_every_other_route_answering(
 ) -> None:
     """Each reader waits in XREAD BLOCK, each queued run in BLPOP: once on the one pool
     of 100 connections, ~100 of them made every route answer 503 Too many connections.
-    Now they have a pool of their own, and caps answer 429 past them."""
+    Now they have a pool of their own, and caps answer 429 past them.
+
+    Another device (a lease taken here) holds each thread, so the device's runs all
+    wait in line and none of them ends during the test: a reader of an ended run would
+    leave fewer than 150 streams open (the endless model writes 4000 tokens in ~2 s)."""
     env = {"EDGEBUNDLE_MAX_STREAMS": "150"}
 
     async def main(base_url: str) -> None:
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client, \
+                sync_service(redis.url) as elsewhere:
             threads = [(await client.post("/v1/threads", json={})).json()["id"]
                        for _ in range(10)]
+            holders = []
+            for tid in threads:
+                held = await elsewhere.start_run(tid, "holder", epoch=CURRENT_EPOCH, since=0,
+                                                 content=f"held, {tid}")
+                holders.append(await elsewhere.acquire(held))
             runs = {tid: [await start_turn(client, tid, f"go on, {tid}")] for tid in threads}
             for index in range(7):  # thread 0: one generating or waiting, 7 in line
                 runs[threads[0]].append(await start_turn(client, threads[0], f"q{index}"))
@@ -439,7 +451,9 @@ def test_150_readers_and_queued_runs_leave_every_other_route_answering(
                         assert (await anext(turn.aiter_lines())) == "event: sync"
                     assert time.monotonic() - started < 5
                 # Past the cap: a 429 that says when to try again, for this reader only.
-                refused = await client.get(f"/v1/threads/{threads[1]}/watch")
+                # (bounded: a watch that is let in streams for ever)
+                refused = await asyncio.wait_for(
+                    client.get(f"/v1/threads/{threads[1]}/watch"), 10)
                 assert refused.status_code == 429, refused.text
                 assert refused.json()["error"] == "too_many_streams"
                 assert int(refused.headers["Retry-After"]) > 0
@@ -447,7 +461,8 @@ def test_150_readers_and_queued_runs_leave_every_other_route_answering(
                     await reader.aclose()
                 more = [await open_stream(client, f"/v1/threads/{threads[0]}/watch")]
                 assert more[0].status_code == 200  # thread 0: its 16th reader
-                per_thread = await client.get(f"/v1/threads/{threads[0]}/watch")
+                per_thread = await asyncio.wait_for(
+                    client.get(f"/v1/threads/{threads[0]}/watch"), 10)
                 assert per_thread.status_code == 429, per_thread.text
                 assert "thread" in per_thread.json()["message"]
                 readers += more
@@ -457,6 +472,8 @@ def test_150_readers_and_queued_runs_leave_every_other_route_answering(
                 for tid, ids in runs.items():
                     for run_id in reversed(ids):
                         await client.post(f"/v1/threads/{tid}/runs/{run_id}/cancel", json={})
+                for lease in holders:
+                    await lease.finish("eos", {})
 
     with sync_devices(redis.url, model, [tmp_path / "home"], env=env) as [started]:
         asyncio.run(main(started.run.base_url))
