@@ -133,17 +133,19 @@ def test_a_run_started_with_take_on_a_free_thread_holds_it_at_once(
             tid = (await sync.create_thread(new_thread_id())).id
             first = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
                                          content="one", take=True)
-            assert first.holding is not None and first.run.status == "in_progress"
-            assert first.run.fence == first.holding.fence
+            assert first.holding is not None and first.holding.run.status == "in_progress"
+            assert first.run.status == "queued"  # as the turn found it, as for any start
+            assert first.holding.run.fence == first.holding.fence
+            assert first.sync.messages[-1].content == "one"  # its reply not there yet
             assert [(m.role, m.status) for m in first.holding.thread.messages] == [
                 ("user", "completed"), ("assistant", "in_progress")]
-            assert first.holding.thread.active_run == first.run
+            assert first.holding.thread.active_run == first.holding.run
             second = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
                                           content="two", take=True)
             assert second.holding is None and second.run.status == "queued"
 
             lease = await asyncio.wait_for(sync.acquire(first), 1)
-            assert (lease.run.id, lease.fence) == (first.run.id, first.run.fence)
+            assert (lease.run.id, lease.fence) == (first.run.id, first.holding.fence)
             assert lease.message.id == first.run.message_id
             waiting = asyncio.create_task(sync.acquire(second))
             await asyncio.sleep(0.1)
@@ -177,7 +179,8 @@ def test_a_retry_takes_over_a_claimed_run_whose_starter_never_wrote(
             retry = await sync.start_run(tid, "kiosk", epoch=CURRENT_EPOCH, since=0,
                                          content="hello?", input_id="turn-1", take=True)
             assert retry.again and retry.holding is not None
-            assert retry.run.id == lost.run.id and retry.holding.fence > lost.run.fence
+            assert lost.holding is not None
+            assert retry.run.id == lost.run.id and retry.holding.fence > lost.holding.fence
             stale = await sync.acquire(lost)  # the starter that lost its answer, had it lived
             async with await sync.acquire(retry) as lease:
                 await lease.delta("hi")

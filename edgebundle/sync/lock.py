@@ -87,7 +87,7 @@ async def acquire(backend: Backend, ticket: RunTicket, timeout: float | None = N
     token = ticket.token
     if ticket.holding is not None:  # it took the thread as it started
         held = ticket.holding
-        return RunLease(backend, run, held.message, held.fence, token, held.thread)
+        return RunLease(backend, held.run, held.message, held.fence, token, held.thread)
     deadline = None if timeout is None else time.monotonic() + timeout
     wakeup = keys.run_wakeup(thread_id, run.id)
     while True:

@@ -379,11 +379,12 @@ local function take(run, token)
   return run_raw, msg_raw, fence
 end
 
--- What the holder of a run that took the thread gets: the assistant message's JSON,
--- the fence, and the whole thread as a sync object (epoch, version, full, active,
--- queued, messages), from which it renders the prompt without a second read.
-local function taken(msg_raw, fence)
-  local reply = {msg_raw, fence}
+-- What the holder of a run that took the thread gets: the run's and the assistant
+-- message's JSON, the fence, and the whole thread as a sync object (epoch, version,
+-- full, active, queued, messages), from which it renders the prompt without a second
+-- read.
+local function taken(run_raw, msg_raw, fence)
+  local reply = {run_raw, msg_raw, fence}
   local whole = snapshot('', 0)
   for i = 2, #whole do reply[#reply + 1] = whole[i] end
   return reply
@@ -566,11 +567,11 @@ if started_raw then
     -- first caller's writes, if it lives, fail and it follows the run instead).
     RUN, RUN_GO, RUN_TEXT = run_key(started), go_key(started), text_key(started)
     again.status = 'queued'
-    local _, msg_raw, fence = take(again, ARGV[9])
+    local run_raw, msg_raw, fence = take(again, ARGV[9])
     redis.call('HSET', RUN, 'claim', '1')
     keep_run(started)  -- its keys were not declared: touch() does not reach them
-    holder = taken(msg_raw, fence)
-    started_raw = redis.call('HGET', RUN, 'run')
+    holder = taken(run_raw, msg_raw, fence)
+    started_raw = run_raw
   end
   touch()
   local reply = snapshot(client_epoch, since)
@@ -586,7 +587,7 @@ if epoch ~= client_epoch then return {'epoch', epoch} end
 if redis.call('HEXISTS', MSGS, input.id) == 1 then return {'duplicate', input.id} end
 local active = redis.call('HGET', META, 'active_run')
 local policy = ARGV[6]
-local holder = nil
+local take_now = false
 if policy == 'reject' then
   local blocker = active
   if blocker == '' then blocker = redis.call('LINDEX', QUEUE, 0) end
@@ -623,21 +624,19 @@ if policy == 'interrupt' then
 else
   redis.call('RPUSH', QUEUE, run.id)
   if redis.call('EXISTS', LOCK) == 0 and redis.call('LLEN', QUEUE) == 1 then
-    if ARGV[9] ~= '' then
-      local _, msg_raw, fence = take(run, ARGV[9])
-      redis.call('HSET', RUN, 'claim', '1')  -- until its first write (confirm)
-      holder = taken(msg_raw, fence)
-    else
-      wake_next()
-    end
+    if ARGV[9] ~= '' then take_now = true else wake_next() end
   end
 end
-touch()
+-- The diff and the run as the turn found them (queued, its reply not there yet), as
+-- for any start; what taking the thread added reaches readers as the run's events.
 local reply = snapshot(client_epoch, since)
 table.insert(reply, 2, redis.call('HGET', run_key(run.id), 'run'))
-if holder then
-  for _, part in ipairs(holder) do reply[#reply + 1] = part end
+if take_now then
+  local run_raw, msg_raw, fence = take(run, ARGV[9])
+  redis.call('HSET', RUN, 'claim', '1')  -- until its first write (confirm)
+  for _, part in ipairs(taken(run_raw, msg_raw, fence)) do reply[#reply + 1] = part end
 end
+touch()
 return reply
 """
 
@@ -655,8 +654,7 @@ ACQUIRE = r"""
 -- KEYS[1..9] fixed thread keys; KEYS[10..13] this run's keys
 -- ARGV[1..3] now, ttl ms, lease ms; ARGV[4] run id; ARGV[5] token
 local function ok(run_raw, msg_raw, fence)
-  local reply = taken(msg_raw, fence)
-  table.insert(reply, 1, run_raw)
+  local reply = taken(run_raw, msg_raw, fence)
   table.insert(reply, 1, 'ok')
   return reply
 end

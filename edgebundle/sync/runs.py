@@ -73,9 +73,11 @@ _SYNC_PARTS = 6  # a sync object's parts in a function's answer (backend.parse_s
 
 @dataclass(frozen=True)
 class Holding:
-    """What a run gets when it takes its thread: its assistant message (created
-    in_progress), the fence of its writes, and the whole thread as it took it."""
+    """What a run gets when it takes its thread: the run (in_progress), its assistant
+    message (created in_progress), the fence of its writes, and the whole thread as it
+    took it."""
 
+    run: Run
     message: ThreadMessage
     fence: int
     thread: SyncState
@@ -142,8 +144,8 @@ class RunStore:
         holding = None
         if len(reply) > 2 + _SYNC_PARTS:  # it took the thread: acquire's answer follows
             rest = reply[2 + _SYNC_PARTS:]
-            holding = Holding(parse_message(rest[0]), int(rest[1]),
-                              parse_state(thread_id, rest[2:]))
+            holding = Holding(parse_run(rest[0]), parse_message(rest[1]), int(rest[2]),
+                              parse_state(thread_id, rest[3:]))
         return RunTicket(run=parse_run(reply[1]),
                          sync=parse_state(thread_id, reply[2:2 + _SYNC_PARTS]),
                          again=reply[0] == "again", token=token, holding=holding)
