@@ -14,7 +14,8 @@ background load hits both alike. Prints one JSON object per line (docs/api.md
   to the first chunk with content. Goal <= 1.1.
 - ``peer.thread_ttft_extra_ms``: edgebundle's first-token time with ``thread_id`` (a
   new synced thread each time, so the prompt is the same) minus without, in the same
-  rounds: what sync adds before the first token. Goal <= 5 ms.
+  rounds, the one right after the other (both after edgebundle's own requests, not one
+  of them after the peer's): what sync adds before the first token. Goal <= 5 ms.
 - ``peer.concurrent_4_s``: wall time of 4 turns sent at once. Goal <= 1.0.
 - ``peer.rss_mib``: resident memory of each side's whole process tree after the turns
   (edgebundle: the gateway, its guest and its private redis-server); ``.extra_mib``
@@ -237,11 +238,12 @@ async def single_turns(ours: Server, peer: Server, rounds: int) -> None:
                                                      chat_body(ask(f"s{n:03}")))
                 firsts[side.name].append(seconds)
                 texts.append(text)
-            thread_id = await new_thread(http, ours.base_url)
-            seconds, text, _ = await first_token(http, ours.base_url,
-                                                 chat_body(ask(f"x{n:03}"), thread_id=thread_id))
-            firsts["thread"].append(seconds)
-            texts.append(text)
+                if side is ours:  # right after the one without: the same conditions
+                    thread_id = await new_thread(http, ours.base_url)
+                    seconds, text, _ = await first_token(
+                        http, ours.base_url, chat_body(ask(f"x{n:03}"), thread_id=thread_id))
+                    firsts["thread"].append(seconds)
+                    texts.append(text)
             if len(set(texts)) != 1:
                 same = False
                 print(f"replies differ: {texts}", file=sys.stderr)
