@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import redis
 
 from edgebundle.errors import RedisAccessError
 from edgebundle.sync.leftover_server import owner_of
-from edgebundle.sync.local_server import LocalRedis
+from edgebundle.sync.local_server import LocalRedis, _private
 from tests.support.processes import children, exited, free_port
 from tests.support.redis_server import RedisServer
 from tests.support.serving import RunProcess, wait_for
@@ -273,3 +274,35 @@ def test_the_private_redis_wants_a_password_and_keeps_its_files_to_its_owner(
         assert not (state / "redis.url").exists()  # only while it runs
     finally:
         run.close()
+
+
+def test_making_the_store_private_ignores_files_the_running_server_removes_meanwhile(
+        tmp_path: Path) -> None:
+    """The running redis-server creates and removes temporary files (an AOF rewrite's)
+    while `run` walks its directory to close its files: one gone between the listing
+    and its chmod once crashed `run` at start (FileNotFoundError)."""
+    store = LocalRedis(tmp_path / "redis")
+    store.directory.mkdir(parents=True)
+    churn = store.directory / "appendonlydir"
+    churn.mkdir()
+    stop = threading.Event()
+
+    def rewrite_forever() -> None:  # what the server does with temp-rewriteaof-*.aof
+        n = 0
+        while not stop.is_set():
+            temp = churn / f"temp-rewriteaof-{n}.aof"
+            temp.write_bytes(b"*")
+            temp.unlink()
+            n += 1
+
+    writer = threading.Thread(target=rewrite_forever, daemon=True)
+    writer.start()
+    try:
+        for _ in range(300):
+            _private(store.directory)
+    finally:
+        stop.set()
+        writer.join()
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+    # Read once, then kept: asking for the URL again does not walk the directory.
+    assert store.password == store.password

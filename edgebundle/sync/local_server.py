@@ -51,6 +51,7 @@ else one generated on first use and kept in ``<home>/state/device-id``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -98,6 +99,7 @@ class LocalRedis:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.replaced: int | None = None  # the pid of a leftover server start() stopped
+        self._password: str | None = None  # once read or made (the directory is walked once)
 
     @property
     def url(self) -> str:
@@ -122,7 +124,9 @@ class LocalRedis:
     @property
     def password(self) -> str:
         """The server's password: made once, kept in :attr:`config_file`."""
-        return self._secure_config()
+        if self._password is None:
+            self._password = self._secure_config()
+        return self._password
 
     @property
     def pid(self) -> int | None:
@@ -256,7 +260,9 @@ def _private(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_symlink():
             continue
-        path.chmod(0o700 if path.is_dir() else 0o600)
+        # A running server's temporary files (an AOF rewrite's) come and go meanwhile.
+        with contextlib.suppress(FileNotFoundError):
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def _write_private(path: Path, text: str) -> None:
