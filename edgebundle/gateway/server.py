@@ -25,8 +25,7 @@ from edgebundle.engine import READY_TIMEOUT, Engine
 from edgebundle.errors import EdgebundleError, RedisAccessError, SupervisorError
 from edgebundle.gateway.app import GatewayState, create_app
 from edgebundle.gateway.guard import guard_settings
-from edgebundle.gateway.listen import bind as bind
-from edgebundle.gateway.listen import url_for
+from edgebundle.gateway.listen import bind, url_for
 from edgebundle.limits import Limits, blocking_connections
 from edgebundle.sync.client import connect
 from edgebundle.sync.replication import DeviceSync
